@@ -1,0 +1,743 @@
+//! Executes an ONNX detection graph on candle tensors.
+//!
+//! Loading turns the graph into a plan once: every operator is parsed into a typed [`Op`]
+//! (an operator or attribute we do not support is an error naming the node), `Conv → Sigmoid →
+//! Mul` chains become one convolution with a fused SiLU, convolution weights are laid out for
+//! the CPU kernel, everything that depends only on constants is folded, and each value gets a
+//! slot that is freed after its last use. Running the plan is a loop over steps.
+//!
+//! On the CPU, convolutions run on streamdet's own kernel (a candle `CustomOp`); on other devices
+//! they use candle's `conv2d`. Everything else uses candle's tensor operations.
+
+use std::collections::HashMap;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+
+use super::DetectError;
+use super::kernels::activation::{Activation, UnaryFn};
+use super::kernels::conv::Conv2d;
+use super::model::{Attribute, Node, OnnxModel, TensorData, TensorValues};
+
+type CResult<T> = candle_core::Result<T>;
+
+#[derive(Debug, Clone, Copy)]
+enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ReduceKind {
+    Max,
+    Sum,
+}
+
+/// A convolution, ready for the CPU kernel and for candle's `conv2d`.
+#[derive(Debug)]
+struct ConvOp {
+    conv: Conv2d,
+    /// `[out, in/groups, kh, kw]` on the execution device, for non-CPU devices.
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+}
+
+#[derive(Debug)]
+enum Op {
+    Conv(Box<ConvOp>),
+    Unary(UnaryFn),
+    Binary(BinaryOp),
+    Split { axis: i64, sizes: Option<Vec<i64>> },
+    Concat { axis: i64 },
+    MaxPool { kernel: (usize, usize), stride: (usize, usize), pads: (usize, usize, usize, usize) },
+    ResizeNearest,
+    Reshape,
+    Transpose { perm: Option<Vec<usize>> },
+    Softmax { axis: i64 },
+    Slice,
+    MatMul,
+    Reduce { kind: ReduceKind, axes: Option<Vec<i64>>, keepdims: bool },
+    Shape,
+    Gather { axis: i64 },
+    Unsqueeze { axes: Option<Vec<i64>> },
+    Range,
+    Cast { to: DType },
+    ConstantOfShape { value: TensorData },
+    Expand,
+    Constant(TensorData),
+    Identity,
+}
+
+#[derive(Debug)]
+struct Step {
+    node: String,
+    op_type: String,
+    op: Op,
+    /// Input slots; `None` for an omitted optional input.
+    inputs: Vec<Option<usize>>,
+    outputs: Vec<usize>,
+    /// Slots whose last use is this step.
+    release: Vec<usize>,
+}
+
+/// A planned graph, ready to run.
+#[derive(Debug)]
+pub struct Engine {
+    device: Device,
+    steps: Vec<Step>,
+    slot_count: usize,
+    constants: Vec<(usize, Tensor)>,
+    input_slot: usize,
+    output_slot: usize,
+}
+
+fn unsupported(node: &Node, what: impl std::fmt::Display) -> DetectError {
+    DetectError::Unsupported { node: node.name.clone(), op: node.op_type.clone(), message: what.to_string() }
+}
+
+fn attr_int(node: &Node, name: &str, default: i64) -> Result<i64, DetectError> {
+    match node.attributes.get(name) {
+        None => Ok(default),
+        Some(Attribute::Int(v)) => Ok(*v),
+        Some(_) => Err(unsupported(node, format!("attribute {name} is not an integer"))),
+    }
+}
+
+fn attr_ints(node: &Node, name: &str) -> Result<Option<Vec<i64>>, DetectError> {
+    match node.attributes.get(name) {
+        None => Ok(None),
+        Some(Attribute::Ints(v)) => Ok(Some(v.clone())),
+        Some(Attribute::Int(v)) => Ok(Some(vec![*v])),
+        Some(_) => Err(unsupported(node, format!("attribute {name} is not a list of integers"))),
+    }
+}
+
+fn attr_string<'a>(node: &'a Node, name: &str) -> Option<&'a str> {
+    match node.attributes.get(name) {
+        Some(Attribute::String(s)) => Some(s),
+        _ => None,
+    }
+}
+
+fn pair(node: &Node, values: Option<Vec<i64>>, default: usize) -> Result<(usize, usize), DetectError> {
+    match values.as_deref() {
+        None => Ok((default, default)),
+        Some(&[a, b]) if a >= 0 && b >= 0 => Ok((a as usize, b as usize)),
+        Some(v) => Err(unsupported(node, format!("expected two non-negative values, got {v:?}"))),
+    }
+}
+
+fn pads4(node: &Node) -> Result<(usize, usize, usize, usize), DetectError> {
+    if let Some(mode) = attr_string(node, "auto_pad") {
+        if mode != "NOTSET" {
+            return Err(unsupported(node, format!("auto_pad={mode}")));
+        }
+    }
+    match attr_ints(node, "pads")?.as_deref() {
+        None => Ok((0, 0, 0, 0)),
+        Some(&[t, l, b, r]) if t >= 0 && l >= 0 && b >= 0 && r >= 0 => Ok((t as usize, l as usize, b as usize, r as usize)),
+        Some(v) => Err(unsupported(node, format!("pads {v:?}"))),
+    }
+}
+
+fn tensor_from_data(data: &TensorData, device: &Device) -> CResult<Tensor> {
+    match &data.values {
+        TensorValues::F32(v) => Tensor::from_vec(v.clone(), data.shape.as_slice(), device),
+        TensorValues::I64(v) => Tensor::from_vec(v.clone(), data.shape.as_slice(), device),
+    }
+}
+
+impl Engine {
+    /// Plans `model` for `device`.
+    pub fn plan(model: &OnnxModel, device: &Device) -> Result<Self, DetectError> {
+        let input = model.inputs.first().ok_or_else(|| DetectError::BadModelText("the graph has no input".into()))?;
+        let output = model.outputs.first().ok_or_else(|| DetectError::BadModelText("the graph has no output".into()))?;
+        let nodes = fuse_conv_silu(&model.nodes);
+
+        let mut slots: HashMap<String, usize> = HashMap::new();
+        let slot_of = |name: &str, slots: &mut HashMap<String, usize>| {
+            let next = slots.len();
+            *slots.entry(name.to_string()).or_insert(next)
+        };
+        let mut constants: HashMap<usize, Tensor> = HashMap::new();
+        let cpu = Device::Cpu;
+        for (name, data) in &model.initializers {
+            let slot = slot_of(name, &mut slots);
+            let tensor = tensor_from_data(data, &cpu).map_err(|e| DetectError::BadModelText(format!("initializer {name:?}: {e}")))?;
+            constants.insert(slot, tensor);
+        }
+        let input_slot = slot_of(&input.name, &mut slots);
+
+        let mut steps = Vec::new();
+        for node in &nodes {
+            let op = parse_op(node, &model.initializers, device)?;
+            let inputs: Vec<Option<usize>> =
+                node.inputs.iter().map(|name| (!name.is_empty()).then(|| slot_of(name, &mut slots))).collect();
+            let outputs: Vec<usize> = node.outputs.iter().map(|name| slot_of(name, &mut slots)).collect();
+            let foldable = !matches!(op, Op::Conv(_)) && inputs.iter().flatten().all(|s| constants.contains_key(s));
+            let step = Step { node: node.name.clone(), op_type: node.op_type.clone(), op, inputs, outputs, release: Vec::new() };
+            if foldable {
+                // Everything this node reads is known now: compute it once, on the CPU.
+                let args: Vec<Option<&Tensor>> = step.inputs.iter().map(|s| s.map(|s| &constants[&s])).collect();
+                let results = eval(&step.op, &args, &cpu).map_err(|e| execution_error(&step, e))?;
+                for (slot, value) in step.outputs.iter().zip(results) {
+                    constants.insert(*slot, value);
+                }
+            } else {
+                steps.push(step);
+            }
+        }
+        let output_slot = *slots.get(output).ok_or_else(|| DetectError::BadModelText(format!("output {output:?} is never produced")))?;
+
+        // Keep only the constants that a step reads, moved to the device once.
+        let mut last_use: HashMap<usize, usize> = HashMap::new();
+        for (i, step) in steps.iter().enumerate() {
+            for slot in step.inputs.iter().flatten() {
+                last_use.insert(*slot, i);
+            }
+        }
+        let mut used_constants = Vec::new();
+        for (slot, tensor) in constants {
+            if last_use.contains_key(&slot) || slot == output_slot {
+                let on_device = tensor.to_device(device).map_err(DetectError::from_candle)?;
+                used_constants.push((slot, on_device));
+            }
+        }
+        let constant_slots: Vec<usize> = used_constants.iter().map(|(s, _)| *s).collect();
+        for (slot, i) in last_use {
+            if slot != output_slot && slot != input_slot && !constant_slots.contains(&slot) {
+                steps[i].release.push(slot);
+            }
+        }
+        Ok(Engine { device: device.clone(), steps, slot_count: slots.len(), constants: used_constants, input_slot, output_slot })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs the graph on `input` and returns its first output.
+    pub fn run(&self, input: Tensor) -> Result<Tensor, DetectError> {
+        let mut values: Vec<Option<Tensor>> = vec![None; self.slot_count];
+        for (slot, tensor) in &self.constants {
+            values[*slot] = Some(tensor.clone());
+        }
+        values[self.input_slot] = Some(input);
+        for step in &self.steps {
+            let args: Vec<Option<&Tensor>> = step.inputs.iter().map(|s| s.and_then(|s| values[s].as_ref())).collect();
+            let results = eval(&step.op, &args, &self.device).map_err(|e| execution_error(step, e))?;
+            for (slot, value) in step.outputs.iter().zip(results) {
+                values[*slot] = Some(value);
+            }
+            for slot in &step.release {
+                values[*slot] = None;
+            }
+        }
+        values[self.output_slot].take().ok_or_else(|| DetectError::BadModelText("the output was never computed".into()))
+    }
+}
+
+fn execution_error(step: &Step, err: candle_core::Error) -> DetectError {
+    DetectError::Execution { node: step.node.clone(), op: step.op_type.clone(), message: err.to_string() }
+}
+
+/// Rewrites `y = Conv(x); s = Sigmoid(y); z = Mul(y, s)` into one node `z = Conv(x)` marked with
+/// a SiLU activation, when `y` and `s` are used nowhere else.
+fn fuse_conv_silu(nodes: &[Node]) -> Vec<Node> {
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for node in nodes {
+        for input in &node.inputs {
+            *uses.entry(input.as_str()).or_default() += 1;
+        }
+    }
+    let producer: HashMap<&str, usize> =
+        nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i))).collect();
+    let mut fused = vec![false; nodes.len()];
+    let mut replacement: HashMap<usize, Node> = HashMap::new();
+    for (mi, mul) in nodes.iter().enumerate() {
+        if mul.op_type != "Mul" || mul.inputs.len() != 2 {
+            continue;
+        }
+        for (a, b) in [(0, 1), (1, 0)] {
+            let (y, s) = (mul.inputs[a].as_str(), mul.inputs[b].as_str());
+            let (Some(&ci), Some(&si)) = (producer.get(y), producer.get(s)) else { continue };
+            let (conv, sig) = (&nodes[ci], &nodes[si]);
+            if conv.op_type == "Conv"
+                && sig.op_type == "Sigmoid"
+                && sig.inputs.first().map(String::as_str) == Some(y)
+                && uses.get(y) == Some(&2)
+                && uses.get(s) == Some(&1)
+                && !fused[ci]
+                && !fused[si]
+            {
+                let mut node = conv.clone();
+                node.outputs = mul.outputs.clone();
+                node.attributes.insert("streamdet.activation".into(), Attribute::String("silu".into()));
+                fused[ci] = true;
+                fused[si] = true;
+                fused[mi] = true;
+                // The fused node takes the Mul's place, after everything the Mul waited for.
+                replacement.insert(mi, node);
+                break;
+            }
+        }
+    }
+    nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| match replacement.remove(&i) {
+            Some(node) => Some(node),
+            None if fused[i] => None,
+            None => Some(n.clone()),
+        })
+        .collect()
+}
+
+fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, device: &Device) -> Result<Op, DetectError> {
+    Ok(match node.op_type.as_str() {
+        "Conv" => Op::Conv(Box::new(parse_conv(node, initializers, device)?)),
+        "Sigmoid" => Op::Unary(UnaryFn::Sigmoid),
+        "Exp" => Op::Unary(UnaryFn::Exp),
+        "Add" => Op::Binary(BinaryOp::Add),
+        "Sub" => Op::Binary(BinaryOp::Sub),
+        "Mul" => Op::Binary(BinaryOp::Mul),
+        "Div" => Op::Binary(BinaryOp::Div),
+        "Split" => Op::Split { axis: attr_int(node, "axis", 0)?, sizes: attr_ints(node, "split")? },
+        "Concat" => Op::Concat { axis: attr_int(node, "axis", 0)? },
+        "MaxPool" => {
+            if attr_int(node, "ceil_mode", 0)? != 0 || node.outputs.len() > 1 {
+                return Err(unsupported(node, "ceil_mode or indices output"));
+            }
+            let dilations = pair(node, attr_ints(node, "dilations")?, 1)?;
+            if dilations != (1, 1) {
+                return Err(unsupported(node, "dilated pooling"));
+            }
+            let kernel = pair(node, attr_ints(node, "kernel_shape")?, 1)?;
+            Op::MaxPool { kernel, stride: pair(node, attr_ints(node, "strides")?, 1)?, pads: pads4(node)? }
+        }
+        "Resize" => {
+            let mode = attr_string(node, "mode").unwrap_or("nearest");
+            let transform = attr_string(node, "coordinate_transformation_mode").unwrap_or("half_pixel");
+            let nearest = attr_string(node, "nearest_mode").unwrap_or("round_prefer_floor");
+            if mode != "nearest" || transform != "asymmetric" || nearest != "floor" {
+                return Err(unsupported(node, format!("mode={mode} coordinate_transformation_mode={transform} nearest_mode={nearest}")));
+            }
+            Op::ResizeNearest
+        }
+        "Reshape" => {
+            if attr_int(node, "allowzero", 0)? != 0 {
+                return Err(unsupported(node, "allowzero=1"));
+            }
+            Op::Reshape
+        }
+        "Transpose" => Op::Transpose {
+            perm: attr_ints(node, "perm")?.map(|p| p.into_iter().map(|v| v as usize).collect()),
+        },
+        "Softmax" => Op::Softmax { axis: attr_int(node, "axis", -1)? },
+        "Slice" => Op::Slice,
+        "MatMul" => Op::MatMul,
+        "ReduceMax" | "ReduceSum" => {
+            if attr_int(node, "noop_with_empty_axes", 0)? != 0 {
+                return Err(unsupported(node, "noop_with_empty_axes=1"));
+            }
+            Op::Reduce {
+                kind: if node.op_type == "ReduceMax" { ReduceKind::Max } else { ReduceKind::Sum },
+                axes: attr_ints(node, "axes")?,
+                keepdims: attr_int(node, "keepdims", 1)? != 0,
+            }
+        }
+        "Shape" => {
+            if node.attributes.contains_key("start") || node.attributes.contains_key("end") {
+                return Err(unsupported(node, "start/end"));
+            }
+            Op::Shape
+        }
+        "Gather" => Op::Gather { axis: attr_int(node, "axis", 0)? },
+        "Unsqueeze" => Op::Unsqueeze { axes: attr_ints(node, "axes")? },
+        "Range" => Op::Range,
+        "Cast" => Op::Cast {
+            to: match attr_int(node, "to", 0)? {
+                1 | 11 => DType::F32,
+                6 | 7 | 9 => DType::I64,
+                other => return Err(unsupported(node, format!("cast to element type {other}"))),
+            },
+        },
+        "ConstantOfShape" => Op::ConstantOfShape {
+            value: match node.attributes.get("value") {
+                Some(Attribute::Tensor(t)) => t.clone(),
+                _ => TensorData { shape: vec![1], values: TensorValues::F32(vec![0.0]) },
+            },
+        },
+        "Expand" => Op::Expand,
+        "Constant" => match node.attributes.get("value") {
+            Some(Attribute::Tensor(t)) => Op::Constant(t.clone()),
+            Some(Attribute::Ints(v)) => Op::Constant(TensorData { shape: vec![v.len()], values: TensorValues::I64(v.clone()) }),
+            Some(Attribute::Int(v)) => Op::Constant(TensorData { shape: vec![], values: TensorValues::I64(vec![*v]) }),
+            Some(Attribute::Float(v)) => Op::Constant(TensorData { shape: vec![], values: TensorValues::F32(vec![*v]) }),
+            _ => return Err(unsupported(node, "a Constant without a value")),
+        },
+        "Identity" => Op::Identity,
+        _ => return Err(unsupported(node, "operator not supported")),
+    })
+}
+
+fn parse_conv(node: &Node, initializers: &HashMap<String, TensorData>, device: &Device) -> Result<ConvOp, DetectError> {
+    let constant = |i: usize| node.inputs.get(i).filter(|n| !n.is_empty()).map(|n| initializers.get(n));
+    let weight = match constant(1) {
+        Some(Some(TensorData { shape, values: TensorValues::F32(v) })) if shape.len() == 4 => (shape.clone(), v.clone()),
+        _ => return Err(unsupported(node, "weights must be a constant 4-D float tensor")),
+    };
+    let (wshape, weights) = weight;
+    let (out_channels, cin_g, kh, kw) = (wshape[0], wshape[1], wshape[2], wshape[3]);
+    let groups = usize::try_from(attr_int(node, "group", 1)?).map_err(|_| unsupported(node, "negative group"))?;
+    if groups == 0 || out_channels % groups != 0 {
+        return Err(unsupported(node, format!("group={groups} with {out_channels} output channels")));
+    }
+    let bias = match constant(2) {
+        None => vec![0.0; out_channels],
+        Some(Some(TensorData { values: TensorValues::F32(v), .. })) if v.len() == out_channels => v.clone(),
+        Some(_) => return Err(unsupported(node, "bias must be a constant float vector")),
+    };
+    if let Some(k) = attr_ints(node, "kernel_shape")? {
+        if k != [kh as i64, kw as i64] {
+            return Err(unsupported(node, "kernel_shape disagrees with the weights"));
+        }
+    }
+    let activation = match attr_string(node, "streamdet.activation") {
+        Some("silu") => Activation::Silu,
+        _ => Activation::Identity,
+    };
+    let conv = Conv2d {
+        in_channels: cin_g * groups,
+        out_channels,
+        groups,
+        kernel: (kh, kw),
+        stride: pair(node, attr_ints(node, "strides")?, 1)?,
+        dilation: pair(node, attr_ints(node, "dilations")?, 1)?,
+        pads: pads4(node)?,
+        weights,
+        bias,
+        activation,
+    };
+    if conv.stride.0 == 0 || conv.stride.1 == 0 || conv.dilation.0 == 0 || conv.dilation.1 == 0 {
+        return Err(unsupported(node, "zero stride or dilation"));
+    }
+    let (weight, bias) = if device.is_cpu() {
+        (None, None)
+    } else {
+        let w = Tensor::from_vec(conv.weights.clone(), (out_channels, cin_g, kh, kw), device).map_err(DetectError::from_candle)?;
+        let b = Tensor::from_vec(conv.bias.clone(), (1, out_channels, 1, 1), device).map_err(DetectError::from_candle)?;
+        (Some(w), Some(b))
+    };
+    Ok(ConvOp { conv, weight, bias })
+}
+
+impl CustomOp1 for Conv2d {
+    fn name(&self) -> &'static str {
+        "streamdet-conv2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let &[n, c, h, w] = layout.dims() else {
+            candle_core::bail!("conv input must be 4-D, got {:?}", layout.dims());
+        };
+        if c != self.in_channels {
+            candle_core::bail!("conv expects {} input channels, got {c}", self.in_channels);
+        }
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("conv input must be contiguous");
+        };
+        let input = &storage.as_slice::<f32>()?[start..end];
+        let Some((oh, ow)) = self.output_size(h, w) else {
+            candle_core::bail!("conv input {h}x{w} is smaller than the kernel");
+        };
+        let mut out = vec![0.0f32; n * self.out_channels * oh * ow];
+        self.run(input, n, h, w, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((n, self.out_channels, oh, ow))))
+    }
+}
+
+fn normalize_axis(axis: i64, rank: usize) -> CResult<usize> {
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    if a < 0 || a as usize >= rank.max(1) {
+        candle_core::bail!("axis {axis} out of range for rank {rank}");
+    }
+    Ok(a as usize)
+}
+
+fn input<'a>(args: &[Option<&'a Tensor>], i: usize) -> CResult<&'a Tensor> {
+    args.get(i).copied().flatten().ok_or_else(|| candle_core::Error::Msg(format!("missing input {i}")))
+}
+
+fn ints(t: &Tensor) -> CResult<Vec<i64>> {
+    t.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()
+}
+
+fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tensor>> {
+    let x = || input(args, 0);
+    let one = |t: Tensor| Ok(vec![t]);
+    match op {
+        Op::Conv(c) => one(conv(c, x()?)?),
+        Op::Unary(f) => one(match f {
+            UnaryFn::Sigmoid => candle_nn::ops::sigmoid(x()?)?,
+            UnaryFn::Exp => x()?.exp()?,
+            UnaryFn::Silu => x()?.silu()?,
+        }),
+        Op::Binary(b) => {
+            let (l, r) = (x()?, input(args, 1)?);
+            one(match b {
+                BinaryOp::Add => l.broadcast_add(r)?,
+                BinaryOp::Sub => l.broadcast_sub(r)?,
+                BinaryOp::Mul => l.broadcast_mul(r)?,
+                BinaryOp::Div => l.broadcast_div(r)?,
+            })
+        }
+        Op::Split { axis, sizes } => {
+            let t = x()?;
+            let axis = normalize_axis(*axis, t.rank())?;
+            let dim = t.dim(axis)?;
+            let sizes: Vec<usize> = match (args.get(1).copied().flatten(), sizes) {
+                (Some(s), _) => ints(s)?.into_iter().map(|v| v as usize).collect(),
+                (None, Some(s)) => s.iter().map(|&v| v as usize).collect(),
+                (None, None) => candle_core::bail!("Split without sizes is not supported"),
+            };
+            if sizes.iter().sum::<usize>() != dim {
+                candle_core::bail!("split sizes {sizes:?} do not add up to {dim}");
+            }
+            let mut start = 0;
+            let mut parts = Vec::with_capacity(sizes.len());
+            for s in sizes {
+                parts.push(t.narrow(axis, start, s)?);
+                start += s;
+            }
+            Ok(parts)
+        }
+        Op::Concat { axis } => {
+            let parts: Vec<&Tensor> = args.iter().flatten().copied().collect();
+            let first = parts.first().ok_or_else(|| candle_core::Error::Msg("Concat of nothing".into()))?;
+            let axis = normalize_axis(*axis, first.rank())?;
+            one(Tensor::cat(&parts, axis)?)
+        }
+        Op::MaxPool { kernel, stride, pads } => one(max_pool(x()?, *kernel, *stride, *pads)?),
+        Op::ResizeNearest => {
+            let t = x()?;
+            let (h, w) = (t.dim(2)?, t.dim(3)?);
+            let (oh, ow) = match (args.get(3).copied().flatten(), args.get(2).copied().flatten()) {
+                (Some(sizes), _) => {
+                    let s = ints(sizes)?;
+                    (s[2] as usize, s[3] as usize)
+                }
+                (None, Some(scales)) => {
+                    let s = scales.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    if s.len() != 4 || s[0] != 1.0 || s[1] != 1.0 {
+                        candle_core::bail!("only spatial resize is supported, scales {s:?}");
+                    }
+                    ((h as f32 * s[2]).floor() as usize, (w as f32 * s[3]).floor() as usize)
+                }
+                _ => candle_core::bail!("Resize needs scales or sizes"),
+            };
+            if oh % h != 0 || ow % w != 0 {
+                candle_core::bail!("only integer upsampling is supported ({h}x{w} to {oh}x{ow})");
+            }
+            one(t.upsample_nearest2d(oh, ow)?)
+        }
+        Op::Reshape => {
+            let t = x()?;
+            let spec = ints(input(args, 1)?)?;
+            let mut dims = Vec::with_capacity(spec.len());
+            let mut infer = None;
+            for (i, &d) in spec.iter().enumerate() {
+                match d {
+                    0 => dims.push(t.dim(i)?),
+                    -1 => {
+                        infer = Some(i);
+                        dims.push(1);
+                    }
+                    d if d > 0 => dims.push(d as usize),
+                    d => candle_core::bail!("bad reshape dimension {d}"),
+                }
+            }
+            if let Some(i) = infer {
+                let known: usize = dims.iter().product();
+                if known == 0 || t.elem_count() % known != 0 {
+                    candle_core::bail!("cannot reshape {:?} to {spec:?}", t.dims());
+                }
+                dims[i] = t.elem_count() / known;
+            }
+            one(t.reshape(dims)?)
+        }
+        Op::Transpose { perm } => {
+            let t = x()?;
+            let perm = perm.clone().unwrap_or_else(|| (0..t.rank()).rev().collect());
+            one(t.permute(perm)?.contiguous()?)
+        }
+        Op::Softmax { axis } => {
+            let t = x()?;
+            let axis = normalize_axis(*axis, t.rank())?;
+            if axis + 1 == t.rank() {
+                one(candle_nn::ops::softmax_last_dim(&t.contiguous()?)?)
+            } else {
+                one(candle_nn::ops::softmax(t, axis)?)
+            }
+        }
+        Op::Slice => {
+            let t = x()?;
+            let starts = ints(input(args, 1)?)?;
+            let ends = ints(input(args, 2)?)?;
+            let axes = match args.get(3).copied().flatten() {
+                Some(a) => ints(a)?,
+                None => (0..starts.len() as i64).collect(),
+            };
+            if let Some(steps) = args.get(4).copied().flatten() {
+                if ints(steps)?.iter().any(|&s| s != 1) {
+                    candle_core::bail!("Slice with steps other than 1 is not supported");
+                }
+            }
+            let mut out = t.clone();
+            for ((&s, &e), &a) in starts.iter().zip(&ends).zip(&axes) {
+                let axis = normalize_axis(a, t.rank())?;
+                let dim = t.dim(axis)? as i64;
+                let clamp = |v: i64| if v < 0 { (v + dim).max(0) } else { v.min(dim) };
+                let (s, e) = (clamp(s), clamp(e));
+                out = out.narrow(axis, s as usize, (e - s).max(0) as usize)?;
+            }
+            one(out)
+        }
+        Op::MatMul => one(x()?.contiguous()?.broadcast_matmul(&input(args, 1)?.contiguous()?)?),
+        Op::Reduce { kind, axes, keepdims } => {
+            let t = x()?;
+            let axes: Vec<i64> = match (args.get(1).copied().flatten(), axes) {
+                (Some(a), _) => ints(a)?,
+                (None, Some(a)) => a.clone(),
+                (None, None) => (0..t.rank() as i64).collect(),
+            };
+            let mut axes: Vec<usize> = axes.iter().map(|&a| normalize_axis(a, t.rank())).collect::<CResult<_>>()?;
+            axes.sort_unstable();
+            let mut out = t.clone();
+            for &a in axes.iter().rev() {
+                out = match kind {
+                    ReduceKind::Max => out.max_keepdim(a)?,
+                    ReduceKind::Sum => out.sum_keepdim(a)?,
+                };
+                if !keepdims {
+                    out = out.squeeze(a)?;
+                }
+            }
+            one(out)
+        }
+        Op::Shape => {
+            let dims: Vec<i64> = x()?.dims().iter().map(|&d| d as i64).collect();
+            let len = dims.len();
+            one(Tensor::from_vec(dims, len, &Device::Cpu)?)
+        }
+        Op::Gather { axis } => {
+            let t = x()?;
+            let indices = input(args, 1)?;
+            let axis = normalize_axis(*axis, t.rank())?;
+            let dim = t.dim(axis)? as i64;
+            let idx: Vec<i64> = ints(indices)?.into_iter().map(|i| if i < 0 { i + dim } else { i }).collect();
+            if idx.iter().any(|&i| i < 0 || i >= dim) {
+                candle_core::bail!("Gather index out of range");
+            }
+            let flat = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), t.device())?;
+            let picked = t.index_select(&flat, axis)?;
+            let mut dims: Vec<usize> = t.dims()[..axis].to_vec();
+            dims.extend_from_slice(indices.dims());
+            dims.extend_from_slice(&t.dims()[axis + 1..]);
+            one(picked.reshape(dims)?)
+        }
+        Op::Unsqueeze { axes } => {
+            let t = x()?;
+            let axes = match (args.get(1).copied().flatten(), axes) {
+                (Some(a), _) => ints(a)?,
+                (None, Some(a)) => a.clone(),
+                (None, None) => candle_core::bail!("Unsqueeze without axes"),
+            };
+            let rank = t.rank() + axes.len();
+            let mut axes: Vec<usize> = axes.iter().map(|&a| normalize_axis(a, rank)).collect::<CResult<_>>()?;
+            axes.sort_unstable();
+            let mut dims = t.dims().to_vec();
+            for a in axes {
+                dims.insert(a, 1);
+            }
+            one(t.reshape(dims)?)
+        }
+        Op::Range => {
+            let scalar = |i| -> CResult<Tensor> { input(args, i)?.flatten_all() };
+            let (s, l, d) = (scalar(0)?, scalar(1)?, scalar(2)?);
+            if s.dtype() == DType::F32 {
+                let v = |t: &Tensor| -> CResult<f32> { Ok(t.to_vec1::<f32>()?[0]) };
+                one(Tensor::arange_step(v(&s)?, v(&l)?, v(&d)?, &Device::Cpu)?)
+            } else {
+                let v = |t: &Tensor| -> CResult<i64> { Ok(ints(t)?[0]) };
+                one(Tensor::arange_step(v(&s)?, v(&l)?, v(&d)?, &Device::Cpu)?)
+            }
+        }
+        Op::Cast { to } => one(x()?.to_dtype(*to)?),
+        Op::ConstantOfShape { value } => {
+            let dims: Vec<usize> = ints(x()?)?.into_iter().map(|d| d.max(0) as usize).collect();
+            one(match &value.values {
+                TensorValues::F32(v) => Tensor::full(v.first().copied().unwrap_or(0.0), dims, &Device::Cpu)?,
+                TensorValues::I64(v) => Tensor::full(v.first().copied().unwrap_or(0), dims, &Device::Cpu)?,
+            })
+        }
+        Op::Expand => {
+            let t = x()?;
+            let shape: Vec<usize> = ints(input(args, 1)?)?.into_iter().map(|d| d.max(0) as usize).collect();
+            let target = broadcast_shape(t.dims(), &shape)?;
+            one(t.broadcast_as(target)?.contiguous()?)
+        }
+        Op::Constant(data) => one(tensor_from_data(data, device)?),
+        Op::Identity => one(x()?.clone()),
+    }
+}
+
+fn broadcast_shape(a: &[usize], b: &[usize]) -> CResult<Vec<usize>> {
+    let rank = a.len().max(b.len());
+    let dim = |s: &[usize], i: usize| if i + s.len() >= rank { s[i + s.len() - rank] } else { 1 };
+    (0..rank)
+        .map(|i| match (dim(a, i), dim(b, i)) {
+            (x, y) if x == y || y == 1 => Ok(x),
+            (1, y) => Ok(y),
+            (x, y) => Err(candle_core::Error::Msg(format!("cannot broadcast {x} with {y}"))),
+        })
+        .collect()
+}
+
+fn conv(c: &ConvOp, x: &Tensor) -> CResult<Tensor> {
+    match (&c.weight, &c.bias) {
+        (Some(weight), Some(bias)) => {
+            let conv = &c.conv;
+            let (t, l, b, r) = conv.pads;
+            let (x, pad) = if t == b && l == r && t == l {
+                (x.clone(), t)
+            } else {
+                (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, 0)
+            };
+            if conv.stride.0 != conv.stride.1 || conv.dilation.0 != conv.dilation.1 {
+                candle_core::bail!("anisotropic stride or dilation needs the CPU kernel");
+            }
+            let y = x.conv2d(weight, pad, conv.stride.0, conv.dilation.0, conv.groups)?.broadcast_add(bias)?;
+            match conv.activation {
+                Activation::Identity => Ok(y),
+                Activation::Silu => y.silu(),
+            }
+        }
+        _ => x.contiguous()?.to_dtype(DType::F32)?.apply_op1_no_bwd(&c.conv),
+    }
+}
+
+fn max_pool(x: &Tensor, kernel: (usize, usize), stride: (usize, usize), pads: (usize, usize, usize, usize)) -> CResult<Tensor> {
+    if kernel.0 != kernel.1 || stride.0 != stride.1 {
+        candle_core::bail!("only square pooling is supported");
+    }
+    let (t, l, b, r) = pads;
+    if t >= kernel.0 || l >= kernel.1 || b >= kernel.0 || r >= kernel.1 {
+        candle_core::bail!("pooling padding must be smaller than the kernel");
+    }
+    // Padding by repeating the edge equals padding with -inf for a max: every window that covers
+    // padding also covers the edge value it repeats.
+    let padded = x.pad_with_same(2, t, b)?.pad_with_same(3, l, r)?;
+    padded.max_pool2d_with_stride(kernel.0, stride.0)
+}

@@ -1,0 +1,329 @@
+//! 2-D convolution over NCHW `f32`, with the bias and activation fused into the epilogue.
+//!
+//! A convolution is a matrix product `out[Cout x P] = W[Cout x K] * cols[K x P]` per group, where
+//! `P` is the number of output pixels and `K = Cin/groups x kh x kw`. The output pixels are cut
+//! into column tiles small enough that a tile's columns, the product and the epilogue stay in
+//! cache; tiles run in parallel on the current rayon pool, each with a single-threaded `gemm`.
+//! A 1x1 convolution with stride 1 reads its input in place (no column matrix); other shapes fill
+//! a per-tile column buffer. Depthwise convolutions (one input channel per group) use a direct
+//! kernel instead.
+
+use rayon::prelude::*;
+
+use super::activation::{Activation, bias_activation};
+
+/// A convolution's fixed parameters and weights, laid out once at load time.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub groups: usize,
+    pub kernel: (usize, usize),
+    pub stride: (usize, usize),
+    pub dilation: (usize, usize),
+    /// Padding (top, left, bottom, right).
+    pub pads: (usize, usize, usize, usize),
+    /// `[out_channels][in_channels / groups * kh * kw]`, ONNX's OIHW order.
+    pub weights: Vec<f32>,
+    /// One per output channel (zeros when the model has none).
+    pub bias: Vec<f32>,
+    pub activation: Activation,
+}
+
+/// Output pixels per tile: a tile's column matrix (`K x TILE` floats) should fit in L2.
+fn tile_width(k: usize, pixels: usize, tasks_wanted: usize) -> usize {
+    const L2_FLOATS: usize = 256 * 1024 / 4;
+    let by_cache = (L2_FLOATS / k.max(1)).clamp(64, 4096);
+    let by_parallelism = pixels.div_ceil(tasks_wanted.max(1));
+    by_cache.min(by_parallelism).max(16).div_ceil(16) * 16
+}
+
+/// A raw pointer that may cross threads; every use writes a region no other task touches.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the tasks that share a `SendPtr` write disjoint ranges of one live allocation (see each
+// use), so sending the pointer to another thread cannot create a data race.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Taking `self` makes closures capture the whole wrapper, not its raw-pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl Conv2d {
+    pub fn output_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let (kh, kw) = self.kernel;
+        let span_h = self.dilation.0 * (kh - 1) + 1;
+        let span_w = self.dilation.1 * (kw - 1) + 1;
+        let ph = h + self.pads.0 + self.pads.2;
+        let pw = w + self.pads.1 + self.pads.3;
+        if ph < span_h || pw < span_w {
+            return None;
+        }
+        Some(((ph - span_h) / self.stride.0 + 1, (pw - span_w) / self.stride.1 + 1))
+    }
+
+    fn is_pointwise(&self) -> bool {
+        self.kernel == (1, 1) && self.stride == (1, 1) && self.pads == (0, 0, 0, 0)
+    }
+
+    fn is_depthwise(&self) -> bool {
+        self.groups == self.in_channels && self.groups == self.out_channels && self.groups > 1
+    }
+
+    /// Runs the convolution on `input` (`[n][in_channels][h][w]`), writing `out`
+    /// (`[n][out_channels][oh][ow]`, `oh, ow` from [`output_size`](Self::output_size)).
+    pub fn run(&self, input: &[f32], n: usize, h: usize, w: usize, out: &mut [f32]) {
+        let (oh, ow) = self.output_size(h, w).expect("caller checked the output size");
+        assert_eq!(input.len(), n * self.in_channels * h * w, "input length");
+        assert_eq!(out.len(), n * self.out_channels * oh * ow, "output length");
+        if self.is_depthwise() {
+            self.run_depthwise(input, h, w, oh, ow, out);
+        } else {
+            self.run_gemm(input, n, h, w, oh, ow, out);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_gemm(&self, input: &[f32], n: usize, h: usize, w: usize, oh: usize, ow: usize, out: &mut [f32]) {
+        let g = self.groups;
+        let cin_g = self.in_channels / g;
+        let m_g = self.out_channels / g;
+        let (kh, kw) = self.kernel;
+        let k = cin_g * kh * kw;
+        let pixels = oh * ow;
+        let threads = rayon::current_num_threads();
+        let tile = tile_width(k, pixels, 4 * threads / (n * g).max(1));
+        let tiles = pixels.div_ceil(tile);
+        // Small late layers have few pixels: split the output channels too, so both cores work.
+        let m_blocks = if n * g * tiles >= 2 * threads { 1 } else { (2 * threads).div_ceil(n * g * tiles).min(m_g.div_ceil(16)) }.max(1);
+        let m_block = m_g.div_ceil(m_blocks);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let pointwise = self.is_pointwise();
+        (0..n * g * tiles * m_blocks).into_par_iter().for_each_init(Vec::new, |cols: &mut Vec<f32>, task| {
+            let mb = task % m_blocks;
+            let tile_index = (task / m_blocks) % tiles;
+            let group = (task / m_blocks / tiles) % g;
+            let batch = task / m_blocks / tiles / g;
+            let m0 = mb * m_block;
+            let rows = m_block.min(m_g - m0);
+            let p0 = tile_index * tile;
+            let width = tile.min(pixels - p0);
+            let image = &input[(batch * self.in_channels + group * cin_g) * h * w..][..cin_g * h * w];
+            let (rhs, rhs_rs) = if pointwise {
+                (image[p0..].as_ptr(), (h * w) as isize)
+            } else {
+                cols.resize(k * width, 0.0);
+                self.im2col(image, h, w, ow, p0, width, cols);
+                (cols.as_ptr(), width as isize)
+            };
+            let channel0 = group * m_g + m0;
+            let lhs = &self.weights[channel0 * k..][..rows * k];
+            // SAFETY: this task writes rows `channel0..channel0+rows` of image `batch`, columns
+            // `p0..p0+width` — a region no other task writes (tasks differ in batch, group, tile
+            // or channel block) and inside `out`, whose length `run` checked. `lhs` and `rhs`
+            // cover `rows x k` and `k x width` elements with the strides given.
+            unsafe {
+                let dst = out_ptr.get().add((batch * self.out_channels + channel0) * pixels + p0);
+                gemm::gemm(
+                    rows, width, k,
+                    dst, 1, pixels as isize,
+                    false,
+                    lhs.as_ptr(), 1, k as isize,
+                    rhs, 1, rhs_rs,
+                    0.0, 1.0,
+                    false, false, false,
+                    gemm::Parallelism::None,
+                );
+                for r in 0..rows {
+                    let row = std::slice::from_raw_parts_mut(dst.add(r * pixels), width);
+                    bias_activation(row, self.bias[channel0 + r], self.activation);
+                }
+            }
+        });
+    }
+
+    /// Fills `cols` (`[K][width]`) with the input patches of output pixels `p0..p0+width`.
+    #[allow(clippy::too_many_arguments)]
+    fn im2col(&self, image: &[f32], h: usize, w: usize, ow: usize, p0: usize, width: usize, cols: &mut [f32]) {
+        let (kh, kw) = self.kernel;
+        let (sh, sw) = self.stride;
+        let (dh, dw) = self.dilation;
+        let (pt, pl) = (self.pads.0 as isize, self.pads.1 as isize);
+        let cin_g = self.in_channels / self.groups;
+        for c in 0..cin_g {
+            let plane = &image[c * h * w..][..h * w];
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let row = &mut cols[((c * kh + ky) * kw + kx) * width..][..width];
+                    let mut p = p0;
+                    let mut filled = 0;
+                    while filled < width {
+                        let (oy, ox) = (p / ow, p % ow);
+                        let run = (ow - ox).min(width - filled);
+                        let iy = (oy * sh) as isize - pt + (ky * dh) as isize;
+                        let dst = &mut row[filled..filled + run];
+                        if iy < 0 || iy >= h as isize {
+                            dst.fill(0.0);
+                        } else {
+                            let src = &plane[iy as usize * w..][..w];
+                            let ix0 = (ox * sw) as isize - pl + (kx * dw) as isize;
+                            if sw == 1 && ix0 >= 0 && ix0 as usize + run <= w {
+                                dst.copy_from_slice(&src[ix0 as usize..ix0 as usize + run]);
+                            } else {
+                                for (j, d) in dst.iter_mut().enumerate() {
+                                    let ix = ix0 + (j * sw) as isize;
+                                    *d = if ix >= 0 && ix < w as isize { src[ix as usize] } else { 0.0 };
+                                }
+                            }
+                        }
+                        filled += run;
+                        p += run;
+                    }
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_depthwise(&self, input: &[f32], h: usize, w: usize, oh: usize, ow: usize, out: &mut [f32]) {
+        let (kh, kw) = self.kernel;
+        let (sh, sw) = self.stride;
+        let (dh, dw) = self.dilation;
+        let (pt, pl) = (self.pads.0 as isize, self.pads.1 as isize);
+        let channels = self.out_channels;
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane_index, dst)| {
+            let c = plane_index % channels;
+            let src = &input[plane_index * h * w..][..h * w];
+            let weights = &self.weights[c * kh * kw..][..kh * kw];
+            dst.fill(0.0);
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let wv = weights[ky * kw + kx];
+                    // Output columns whose input column stays inside the image.
+                    let off_x = (kx * dw) as isize - pl;
+                    let x_lo = if off_x >= 0 { 0 } else { ((-off_x) as usize).div_ceil(sw) };
+                    let x_hi = if (w as isize) <= off_x { 0 } else { (((w as isize - off_x) as usize).div_ceil(sw)).min(ow) };
+                    if x_lo >= x_hi {
+                        continue;
+                    }
+                    for oy in 0..oh {
+                        let iy = (oy * sh) as isize - pt + (ky * dh) as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        let srow = &src[iy as usize * w..][..w];
+                        let drow = &mut dst[oy * ow..][..ow];
+                        if sw == 1 {
+                            let start = (x_lo as isize + off_x) as usize;
+                            let s = &srow[start..start + (x_hi - x_lo)];
+                            for (d, &v) in drow[x_lo..x_hi].iter_mut().zip(s) {
+                                *d += wv * v;
+                            }
+                        } else {
+                            for ox in x_lo..x_hi {
+                                drow[ox] += wv * srow[(ox as isize * sw as isize + off_x) as usize];
+                            }
+                        }
+                    }
+                }
+            }
+            bias_activation(dst, self.bias[c], self.activation);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition, one output at a time.
+    fn reference(conv: &Conv2d, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+        let (oh, ow) = conv.output_size(h, w).unwrap();
+        let cin_g = conv.in_channels / conv.groups;
+        let m_g = conv.out_channels / conv.groups;
+        let (kh, kw) = conv.kernel;
+        let mut out = vec![0.0; n * conv.out_channels * oh * ow];
+        for b in 0..n {
+            for co in 0..conv.out_channels {
+                let g = co / m_g;
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = conv.bias[co] as f64;
+                        for ci in 0..cin_g {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let iy = (oy * conv.stride.0 + ky * conv.dilation.0) as isize - conv.pads.0 as isize;
+                                    let ix = (ox * conv.stride.1 + kx * conv.dilation.1) as isize - conv.pads.1 as isize;
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    let x = input[((b * conv.in_channels + g * cin_g + ci) * h + iy as usize) * w + ix as usize];
+                                    let wt = conv.weights[((co * cin_g + ci) * kh + ky) * kw + kx];
+                                    acc += (x * wt) as f64;
+                                }
+                            }
+                        }
+                        let v = acc as f32;
+                        out[((b * conv.out_channels + co) * oh + oy) * ow + ox] = match conv.activation {
+                            Activation::Identity => v,
+                            Activation::Silu => v / (1.0 + (-v).exp()),
+                        };
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).max(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2000) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check(cin: usize, cout: usize, groups: usize, k: usize, stride: usize, pad: usize, n: usize, h: usize, w: usize) {
+        let conv = Conv2d {
+            in_channels: cin,
+            out_channels: cout,
+            groups,
+            kernel: (k, k),
+            stride: (stride, stride),
+            dilation: (1, 1),
+            pads: (pad, pad, pad, pad),
+            weights: values(cout * cin / groups * k * k, 1),
+            bias: values(cout, 2),
+            activation: Activation::Silu,
+        };
+        let input = values(n * cin * h * w, 3);
+        let (oh, ow) = conv.output_size(h, w).unwrap();
+        let mut out = vec![f32::NAN; n * cout * oh * ow];
+        conv.run(&input, n, h, w, &mut out);
+        let want = reference(&conv, &input, n, h, w);
+        for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "cin={cin} cout={cout} g={groups} k={k} s={stride}: [{i}] {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn matches_the_definition() {
+        check(3, 16, 1, 3, 2, 1, 1, 37, 29); // first layer shape
+        check(16, 32, 1, 1, 1, 0, 2, 9, 11); // pointwise, batch 2
+        check(8, 12, 1, 3, 1, 1, 1, 64, 40); // many tiles
+        check(32, 32, 32, 3, 1, 1, 1, 13, 9); // depthwise
+        check(16, 16, 16, 7, 1, 3, 2, 10, 12); // depthwise 7x7
+        check(16, 16, 16, 3, 2, 1, 1, 11, 11); // depthwise strided
+        check(8, 8, 2, 3, 1, 1, 1, 6, 6); // grouped
+        check(64, 128, 1, 3, 2, 1, 1, 5, 5); // small late layer: split channels
+    }
+}

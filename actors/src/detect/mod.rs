@@ -1,0 +1,226 @@
+//! Object detection with ultralytics ONNX exports (YOLOv8, YOLO11, YOLOv12) on candle tensors.
+//!
+//! [`Detector::load`] reads and plans a model once; [`Detector::detect`] takes letterboxed RGB
+//! frames (see [`letterbox`]) and returns detections in frame pixels.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+mod engine;
+pub mod kernels;
+pub mod letterbox;
+pub mod model;
+mod onnx_proto;
+pub mod postprocess;
+
+pub use engine::Engine;
+pub use letterbox::{Letterbox, letterbox_rgb};
+pub use model::ModelInfo;
+pub use postprocess::{DetectParams, Detection};
+
+/// Everything that can go wrong loading or running a model, or reading an image.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a usable model: {message}")]
+    BadModel { path: PathBuf, message: String },
+    #[error("the model is not usable: {0}")]
+    BadModelText(String),
+    #[error("node {node:?} ({op}) is not supported: {message}")]
+    Unsupported { node: String, op: String, message: String },
+    #[error("node {node:?} ({op}) failed: {message}")]
+    Execution { node: String, op: String, message: String },
+    #[error("tensor error: {0}")]
+    Tensor(String),
+    #[error("bad input: {0}")]
+    BadInput(String),
+    #[error("{path} is not a readable image: {message}")]
+    BadImage { path: PathBuf, message: String },
+}
+
+impl DetectError {
+    pub(crate) fn from_candle(err: candle_core::Error) -> Self {
+        DetectError::Tensor(err.to_string())
+    }
+}
+
+/// Whether the model takes any batch size or a fixed one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchMode {
+    /// The batch dimension is symbolic: N frames run as one call.
+    Dynamic,
+    /// The export fixed the batch size (the default model: 1): N frames run as N calls.
+    Fixed(usize),
+}
+
+/// A frame ready for the model: RGB at the model's input size, and where the original frame
+/// sits inside it.
+#[derive(Debug, Clone)]
+pub struct ModelFrame {
+    /// Packed RGB, `input width x input height x 3`.
+    pub rgb: Vec<u8>,
+    pub letterbox: Letterbox,
+}
+
+/// A loaded, planned model and the threads it runs on.
+#[derive(Debug)]
+pub struct Detector {
+    engine: Engine,
+    info: ModelInfo,
+    batch: BatchMode,
+    classes: usize,
+    pool: rayon::ThreadPool,
+}
+
+impl Detector {
+    /// Loads `path` for `device`, running CPU work on all cores.
+    pub fn load(path: &Path, device: Device) -> Result<Self, DetectError> {
+        Self::load_with_threads(path, device, 0)
+    }
+
+    /// Loads `path` for `device`; CPU kernels use `threads` threads (0: one per core).
+    pub fn load_with_threads(path: &Path, device: Device, threads: usize) -> Result<Self, DetectError> {
+        let model = model::OnnxModel::load(path)?;
+        let bad = |message: String| DetectError::BadModel { path: path.to_path_buf(), message };
+        let input = model.inputs.first().ok_or_else(|| bad("the graph has no input".into()))?;
+        if input.shape.len() != 4 || input.shape[1].is_some_and(|c| c != 3) {
+            return Err(bad(format!("expected a [batch, 3, height, width] input, got {:?}", input.shape)));
+        }
+        let batch = match input.shape[0] {
+            Some(n) => BatchMode::Fixed(n),
+            None => BatchMode::Dynamic,
+        };
+        let classes_hint = model.metadata.get("names").map_or(0, |n| n.matches(':').count());
+        let info = ModelInfo::from_metadata(&model.metadata, input, classes_hint).map_err(bad)?;
+        let engine = Engine::plan(&model, &device)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("streamdet-infer-{i}"))
+            .build()
+            .map_err(|e| DetectError::BadInput(format!("cannot start inference threads: {e}")))?;
+        let classes = info.class_names.len();
+        Ok(Detector { engine, info, batch, classes, pool })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn class_names(&self) -> &[String] {
+        &self.info.class_names
+    }
+
+    /// Model input width and height.
+    pub fn input_size(&self) -> (usize, usize) {
+        (self.info.input_size.1, self.info.input_size.0)
+    }
+
+    pub fn batch_mode(&self) -> BatchMode {
+        self.batch
+    }
+
+    pub fn device(&self) -> &Device {
+        self.engine.device()
+    }
+
+    /// Runs the model on a `[n, 3, h, w]` f32 tensor and returns its raw output
+    /// (`[n, 4 + classes, anchors]`), splitting the batch into calls for fixed-batch models.
+    pub fn run_raw(&self, input: &Tensor) -> Result<Tensor, DetectError> {
+        let n = input.dim(0).map_err(DetectError::from_candle)?;
+        let input = input.to_device(self.engine.device()).map_err(DetectError::from_candle)?;
+        self.pool.install(|| match self.batch {
+            BatchMode::Fixed(size) if size != n => {
+                if size == 0 || n % size != 0 {
+                    return Err(DetectError::BadInput(format!("the model takes batches of {size}, got {n}")));
+                }
+                let parts = (0..n / size)
+                    .map(|i| self.engine.run(input.narrow(0, i * size, size).map_err(DetectError::from_candle)?))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Tensor::cat(&parts, 0).map_err(DetectError::from_candle)
+            }
+            _ => self.engine.run(input),
+        })
+    }
+
+    /// Turns letterboxed frames into the model's input: f32 NCHW scaled to 0..1, in one pass.
+    pub fn input_tensor(&self, frames: &[ModelFrame]) -> Result<Tensor, DetectError> {
+        let (w, h) = self.input_size();
+        let plane = w * h;
+        let mut data = vec![0f32; frames.len() * 3 * plane];
+        for (frame, dst) in frames.iter().zip(data.chunks_exact_mut(3 * plane)) {
+            if frame.rgb.len() != plane * 3 {
+                return Err(DetectError::BadInput(format!(
+                    "a frame has {} bytes, the model takes {w}x{h} RGB ({} bytes)",
+                    frame.rgb.len(),
+                    plane * 3
+                )));
+            }
+            let (r, rest) = dst.split_at_mut(plane);
+            let (g, b) = rest.split_at_mut(plane);
+            for (i, px) in frame.rgb.chunks_exact(3).enumerate() {
+                r[i] = px[0] as f32 * (1.0 / 255.0);
+                g[i] = px[1] as f32 * (1.0 / 255.0);
+                b[i] = px[2] as f32 * (1.0 / 255.0);
+            }
+        }
+        Tensor::from_vec(data, (frames.len(), 3, h, w), &Device::Cpu).map_err(DetectError::from_candle)
+    }
+
+    /// Detects objects in each frame.
+    pub fn detect(&self, frames: &[ModelFrame], params: &DetectParams) -> Result<Vec<Vec<Detection>>, DetectError> {
+        if frames.is_empty() {
+            return Ok(Vec::new());
+        }
+        let input = self.input_tensor(frames)?;
+        let output = self.run_raw(&input)?;
+        self.decode(&output, frames, params)
+    }
+
+    /// Post-processes a raw output tensor for `frames`.
+    pub fn decode(&self, output: &Tensor, frames: &[ModelFrame], params: &DetectParams) -> Result<Vec<Vec<Detection>>, DetectError> {
+        let (n, rows, anchors) = output.dims3().map_err(DetectError::from_candle)?;
+        if n != frames.len() || rows != 4 + self.classes {
+            return Err(DetectError::BadModelText(format!(
+                "output shape [{n}, {rows}, {anchors}] does not fit {} frames and {} classes",
+                frames.len(),
+                self.classes
+            )));
+        }
+        let flat = output
+            .to_device(&Device::Cpu)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(DetectError::from_candle)?;
+        Ok(frames
+            .iter()
+            .zip(flat.chunks_exact(rows * anchors))
+            .map(|(frame, out)| postprocess::decode(out, anchors, &self.info.class_names, &frame.letterbox, params))
+            .collect())
+    }
+}
+
+/// Reads an image file (JPEG, PNG, WebP), applies its EXIF orientation, and returns packed RGB
+/// with its displayed width and height.
+pub fn read_image(path: &Path) -> Result<(Vec<u8>, usize, usize), DetectError> {
+    let bad = |message: String| DetectError::BadImage { path: path.to_path_buf(), message };
+    let bytes = std::fs::read(path).map_err(|source| DetectError::Io { path: path.to_path_buf(), source })?;
+    decode_image(&bytes).map_err(bad)
+}
+
+/// Decodes image bytes (JPEG, PNG, WebP) with EXIF orientation applied.
+pub fn decode_image(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize), String> {
+    use image::ImageDecoder;
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
+    if reader.format().is_none() {
+        return Err("not a JPEG, PNG or WebP image".into());
+    }
+    let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
+    img.apply_orientation(orientation);
+    let rgb = img.into_rgb8();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    Ok((rgb.into_raw(), w, h))
+}

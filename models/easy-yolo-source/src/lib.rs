@@ -1,0 +1,1 @@
+// Never built: this manifest exists so that cargo fetches the model's crate.

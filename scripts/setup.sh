@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs everything streamdet needs on a Debian machine with a Rust toolchain: FFmpeg's
+# development libraries, clang for bindgen, the ffmpeg CLI (test fixtures), a Python venv with
+# ONNX Runtime and the photo packages (the tests' oracle and fixtures), and the default model.
+# Idempotent, and quiet when everything is already there.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+say() { echo "setup: $*" >&2; }
+
+# --- Debian packages -------------------------------------------------------------------------
+packages=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev
+  libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev ffmpeg)
+python3 -c 'import ensurepip' 2>/dev/null || packages+=(python3-venv)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || { say "cargo not found: install a Rust toolchain (rustup) first"; exit 1; }
+
+# --- Python venv (ONNX Runtime oracle, photo fixtures, benchmark peers) -----------------------
+requirements="onnxruntime numpy onnx scikit-image matplotlib"
+stamp=".venv/.streamdet-requirements"
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$requirements" ]; then
+  say "making the Python venv (.venv): $requirements"
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check $requirements
+  echo "$requirements" > "$stamp"
+fi
+
+# --- The default model -----------------------------------------------------------------------
+bash scripts/fetch-model.sh

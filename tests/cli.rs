@@ -1,0 +1,55 @@
+//! The `streamdet` command line, run as a user runs it.
+
+use std::process::Command;
+
+use crate::support;
+
+fn streamdet() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_streamdet"));
+    cmd.current_dir(support::root());
+    cmd
+}
+
+#[test]
+fn detect_image_prints_one_line_per_image() {
+    let photos = support::photos();
+    let hopper = photos.iter().find(|p| p.ends_with("grace_hopper.jpg")).unwrap();
+    let chelsea = photos.iter().find(|p| p.ends_with("chelsea.png")).unwrap();
+    let out = streamdet().arg("detect-image").arg(hopper).arg(chelsea).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["type"], "image");
+    assert_eq!((lines[0]["width"].as_u64(), lines[0]["height"].as_u64()), (Some(512), Some(600)));
+    let classes = |v: &serde_json::Value| -> Vec<String> {
+        v["detections"].as_array().unwrap().iter().map(|d| d["class"].as_str().unwrap().to_string()).collect()
+    };
+    assert!(classes(&lines[0]).contains(&"person".to_string()), "{:?}", lines[0]);
+    assert!(classes(&lines[1]).contains(&"cat".to_string()), "{:?}", lines[1]);
+    let b = &lines[0]["detections"][0]["box"];
+    assert!(b[2].as_f64().unwrap() <= 512.0 && b[3].as_f64().unwrap() <= 600.0, "boxes are clamped to the image");
+}
+
+#[test]
+fn detect_image_class_filter_and_bad_input() {
+    let photos = support::photos();
+    let hopper = photos.iter().find(|p| p.ends_with("grace_hopper.jpg")).unwrap();
+    let out = streamdet().args(["detect-image", "--classes", "cat"]).arg(hopper).output().unwrap();
+    assert!(out.status.success());
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(line["detections"].as_array().unwrap().iter().all(|d| d["class"] == "cat"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.png");
+    std::fs::write(&junk, b"not an image at all").unwrap();
+    let out = streamdet().arg("detect-image").arg(&junk).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["type"], "error");
+
+    let out = streamdet().args(["detect-image", "--conf", "7"]).arg(hopper).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "a bad parameter is a usage error");
+    let out = streamdet().args(["detect-image", "--classes", "unicorn"]).arg(hopper).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "an unknown class is a usage error");
+}

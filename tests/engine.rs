@@ -1,0 +1,183 @@
+//! The detection engine against ONNX Runtime, the oracle: raw output tensors on fresh random
+//! inputs for every architecture, and detections on real photos.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use candle_core::{Device, Tensor};
+use streamdet_actors::detect::{self, DetectError, DetectParams, Detector, ModelFrame};
+
+use crate::support::{self, python, read_f32, run_ok, write_f32};
+
+/// Runs ONNX Runtime on `input` (NCHW) and returns its output and output shape.
+fn onnx_runtime(model: &Path, input: &[f32], shape: [usize; 4]) -> (Vec<f32>, Vec<usize>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (inp, out) = (dir.path().join("in.f32"), dir.path().join("out.f32"));
+    write_f32(&inp, input);
+    let dims = shape.map(|d| d.to_string()).join(",");
+    let printed = run_ok(
+        Command::new(python()).arg(support::root().join("scripts/ort_oracle.py")).arg(model).arg(&inp).arg(dims).arg(&out),
+    );
+    let out_shape = printed.trim().split(',').map(|d| d.parse().unwrap()).collect();
+    (read_f32(&out), out_shape)
+}
+
+fn random_input(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect()
+}
+
+fn fresh_seed() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+/// Compares our raw output with ONNX Runtime's: box rows within 0.05 px, scores within 1e-3.
+fn check_raw_parity(model: &Path, batch: usize) {
+    let detector = Detector::load(model, Device::Cpu).unwrap();
+    let (w, h) = detector.input_size();
+    let seed = fresh_seed();
+    let input = random_input(batch * 3 * h * w, seed);
+    let tensor = Tensor::from_vec(input.clone(), (batch, 3, h, w), &Device::Cpu).unwrap();
+    let ours_tensor = detector.run_raw(&tensor).unwrap();
+    let ours: Vec<f32> = ours_tensor.flatten_all().unwrap().to_vec1().unwrap();
+    let (theirs, shape) = onnx_runtime(model, &input, [batch, 3, h, w]);
+    assert_eq!(ours_tensor.dims(), shape.as_slice(), "output shape");
+    let anchors = shape[2];
+    let (mut box_diff, mut score_diff) = (0f32, 0f32);
+    for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        let row = (i / anchors) % shape[1];
+        let d = (a - b).abs();
+        assert!(d.is_finite(), "non-finite output at {i}: {a} vs {b}");
+        if row < 4 { box_diff = box_diff.max(d) } else { score_diff = score_diff.max(d) }
+    }
+    eprintln!(
+        "parity {} (batch {batch}, seed {seed}): max |box diff| {box_diff:.5} px, max |score diff| {score_diff:.2e}",
+        model.file_name().unwrap().to_string_lossy()
+    );
+    assert!(box_diff <= 0.05, "boxes differ by {box_diff} px");
+    assert!(score_diff <= 1e-3, "scores differ by {score_diff}");
+}
+
+#[test]
+fn raw_output_matches_onnx_runtime_default_model() {
+    check_raw_parity(&support::default_model(), 1);
+}
+
+#[test]
+fn raw_output_matches_onnx_runtime_yolov8n() {
+    if let Some(model) = support::shared_model("yolov8n-random-640.onnx") {
+        check_raw_parity(&model, 1);
+    }
+}
+
+#[test]
+fn raw_output_matches_onnx_runtime_yolo11n() {
+    if let Some(model) = support::shared_model("yolo11n-random-640.onnx") {
+        check_raw_parity(&model, 1);
+    }
+}
+
+#[test]
+fn raw_output_matches_onnx_runtime_yolo11n_dynamic_batch() {
+    if let Some(model) = support::shared_model("yolo11n-random-dynamic.onnx") {
+        let detector = Detector::load(&model, Device::Cpu).unwrap();
+        assert_eq!(detector.batch_mode(), detect::BatchMode::Dynamic);
+        check_raw_parity(&model, 2);
+    }
+}
+
+fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let area = |r: &[f32; 4]| (r[2] - r[0]) * (r[3] - r[1]);
+    w * h / (area(a) + area(b) - w * h)
+}
+
+#[test]
+fn photo_detections_match_onnx_runtime() {
+    let model = support::default_model();
+    let detector = Detector::load(&model, Device::Cpu).unwrap();
+    let params = DetectParams::default();
+    let mut classes_seen = Vec::new();
+    for photo in support::photos() {
+        let (rgb, w, h) = detect::read_image(&photo).unwrap();
+        let (model_rgb, letterbox) = detect::letterbox_rgb(&rgb, w, h, detector.input_size());
+        let frames = [ModelFrame { rgb: model_rgb, letterbox }];
+        let ours = detector.detect(&frames, &params).unwrap().remove(0);
+        // ONNX Runtime on the very same input tensor, through the same post-processing.
+        let input = detector.input_tensor(&frames).unwrap();
+        let (iw, ih) = detector.input_size();
+        let (raw, shape) = onnx_runtime(&model, &input.flatten_all().unwrap().to_vec1().unwrap(), [1, 3, ih, iw]);
+        let raw = Tensor::from_vec(raw, shape, &Device::Cpu).unwrap();
+        let theirs = detector.decode(&raw, &frames, &params).unwrap().remove(0);
+        let name = photo.file_name().unwrap().to_string_lossy();
+        eprintln!("{name}: ours {:?}", ours.iter().map(|d| (&d.class_name, d.confidence)).collect::<Vec<_>>());
+        assert_eq!(ours.len(), theirs.len(), "{name}: {ours:?} vs {theirs:?}");
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert_eq!(a.class_id, b.class_id, "{name}");
+            assert!((a.confidence - b.confidence).abs() <= 0.01, "{name}: {a:?} vs {b:?}");
+            assert!(iou(&a.bbox, &b.bbox) >= 0.95, "{name}: {a:?} vs {b:?}");
+        }
+        classes_seen.extend(ours.into_iter().map(|d| (name.to_string(), d.class_name)));
+    }
+    let saw = |photo: &str, class: &str| classes_seen.iter().any(|(p, c)| p == photo && c == class);
+    assert!(saw("grace_hopper.jpg", "person"), "{classes_seen:?}");
+    assert!(saw("chelsea.png", "cat"), "{classes_seen:?}");
+    assert!(saw("astronaut.png", "person"), "{classes_seen:?}");
+}
+
+#[test]
+fn truncated_and_foreign_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(support::default_model()).unwrap();
+    let truncated = dir.path().join("truncated.onnx");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let err = Detector::load(&truncated, Device::Cpu).unwrap_err();
+    assert!(matches!(err, DetectError::BadModel { .. }), "{err}");
+
+    let text = dir.path().join("notes.onnx");
+    std::fs::write(&text, "this is a text file, not a model\n".repeat(50)).unwrap();
+    let err = Detector::load(&text, Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("not"), "{err}");
+
+    let missing = Detector::load(&dir.path().join("missing.onnx"), Device::Cpu).unwrap_err();
+    assert!(matches!(missing, DetectError::Io { .. }), "{missing}");
+}
+
+#[test]
+fn an_operator_we_lack_is_named_in_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("einsum.onnx");
+    let script = r#"
+import sys, onnx
+from onnx import helper, TensorProto
+x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])
+y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 3, 64, 64])
+node = helper.make_node("Einsum", ["images"], ["output0"], name="the_einsum", equation="ij->ij")
+model = helper.make_model(helper.make_graph([node], "g", [x], [y]))
+onnx.save(model, sys.argv[1])
+"#;
+    run_ok(Command::new(python()).arg("-c").arg(script).arg(&path));
+    let err = Detector::load(&path, Device::Cpu).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, DetectError::Unsupported { .. }), "{message}");
+    assert!(message.contains("the_einsum") && message.contains("Einsum"), "{message}");
+}
+
+#[test]
+fn an_image_that_is_not_an_image_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("photo.jpg");
+    std::fs::write(&path, b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
+    assert!(matches!(detect::read_image(&path), Err(DetectError::BadImage { .. })));
+    std::fs::write(&path, b"plain text").unwrap();
+    assert!(matches!(detect::read_image(&path), Err(DetectError::BadImage { .. })));
+}

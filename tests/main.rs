@@ -1,0 +1,7 @@
+//! End-to-end tests of the `streamdet` binary and its actors, one test crate with a module per
+//! concern (one binary keeps link times down).
+
+mod support;
+
+mod cli;
+mod engine;
