@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod cli;
+mod commands;
 
 fn main() -> ExitCode {
     let args = match cli::Args::try_parse() {

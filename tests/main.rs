@@ -4,4 +4,5 @@
 mod support;
 
 mod cli;
+mod decode;
 mod engine;

@@ -81,6 +81,9 @@ struct Step {
     release: Vec<usize>,
 }
 
+/// Milliseconds and step count per operator type, from [`Engine::run_profiled`].
+pub type OpProfile = std::collections::BTreeMap<String, (f64, usize)>;
+
 /// A planned graph, ready to run.
 #[derive(Debug)]
 pub struct Engine {
@@ -219,6 +222,12 @@ impl Engine {
 
     /// Runs the graph on `input` and returns its first output.
     pub fn run(&self, input: Tensor) -> Result<Tensor, DetectError> {
+        self.run_profiled(input, None)
+    }
+
+    /// Like [`run`](Self::run); when `profile` is given, adds each step's wall time to the
+    /// entry of its operator type (fused convolutions count as `Conv`).
+    pub fn run_profiled(&self, input: Tensor, mut profile: Option<&mut OpProfile>) -> Result<Tensor, DetectError> {
         let mut values: Vec<Option<Tensor>> = vec![None; self.slot_count];
         for (slot, tensor) in &self.constants {
             values[*slot] = Some(tensor.clone());
@@ -226,7 +235,13 @@ impl Engine {
         values[self.input_slot] = Some(input);
         for step in &self.steps {
             let args: Vec<Option<&Tensor>> = step.inputs.iter().map(|s| s.and_then(|s| values[s].as_ref())).collect();
+            let started = profile.is_some().then(std::time::Instant::now);
             let results = eval(&step.op, &args, &self.device).map_err(|e| execution_error(step, e))?;
+            if let (Some(profile), Some(started)) = (profile.as_deref_mut(), started) {
+                let entry = profile.entry(step.op_type.clone()).or_default();
+                entry.0 += started.elapsed().as_secs_f64() * 1000.0;
+                entry.1 += 1;
+            }
             for (slot, value) in step.outputs.iter().zip(results) {
                 values[*slot] = Some(value);
             }

@@ -14,7 +14,7 @@ pub mod model;
 mod onnx_proto;
 pub mod postprocess;
 
-pub use engine::Engine;
+pub use engine::{Engine, OpProfile};
 pub use letterbox::{Letterbox, letterbox_rgb};
 pub use model::ModelInfo;
 pub use postprocess::{DetectParams, Detection};
@@ -128,6 +128,17 @@ impl Detector {
     /// Runs the model on a `[n, 3, h, w]` f32 tensor and returns its raw output
     /// (`[n, 4 + classes, anchors]`), splitting the batch into calls for fixed-batch models.
     pub fn run_raw(&self, input: &Tensor) -> Result<Tensor, DetectError> {
+        self.run_batches(input, None)
+    }
+
+    /// Runs like [`run_raw`](Self::run_raw) and returns the time spent per operator type.
+    pub fn profile(&self, input: &Tensor) -> Result<OpProfile, DetectError> {
+        let mut profile = OpProfile::new();
+        self.run_batches(input, Some(&mut profile))?;
+        Ok(profile)
+    }
+
+    fn run_batches(&self, input: &Tensor, mut profile: Option<&mut OpProfile>) -> Result<Tensor, DetectError> {
         let n = input.dim(0).map_err(DetectError::from_candle)?;
         let input = input.to_device(self.engine.device()).map_err(DetectError::from_candle)?;
         self.pool.install(|| match self.batch {
@@ -136,11 +147,14 @@ impl Detector {
                     return Err(DetectError::BadInput(format!("the model takes batches of {size}, got {n}")));
                 }
                 let parts = (0..n / size)
-                    .map(|i| self.engine.run(input.narrow(0, i * size, size).map_err(DetectError::from_candle)?))
+                    .map(|i| {
+                        let part = input.narrow(0, i * size, size).map_err(DetectError::from_candle)?;
+                        self.engine.run_profiled(part, profile.as_deref_mut())
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 Tensor::cat(&parts, 0).map_err(DetectError::from_candle)
             }
-            _ => self.engine.run(input),
+            _ => self.engine.run_profiled(input, profile),
         })
     }
 

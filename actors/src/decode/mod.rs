@@ -1,0 +1,430 @@
+//! Demuxing and decoding a video with FFmpeg while its bytes are still arriving.
+//!
+//! [`Decoder::open`] reads a [`BufferReader`] through custom I/O ([`avio`]) — the demuxer can
+//! open nothing else: formats are whitelisted and the protocol whitelist is empty. Frames come
+//! out of [`Decoder::next_frame`] in presentation order with their index and time; the selected
+//! ones are converted once, by swscale, straight to the model's letterboxed input ([`convert`]).
+//! Every call blocks on the buffer when bytes are missing; aborting the buffer wakes it.
+
+use std::ffi::CString;
+
+use ffmpeg_next::{self as ff, ffi};
+
+use crate::buffer::{Buffer, BufferReader};
+use crate::detect::ModelFrame;
+
+mod avio;
+pub mod convert;
+
+use avio::BufferIo;
+use convert::{FrameConverter, Rotation};
+
+/// Containers the demuxer may recognise (libavformat demuxer names).
+const FORMAT_WHITELIST: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,mpegts,h264,hevc,m4v,ivf";
+
+/// Which decoded frames are reported and converted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FrameSelection {
+    All,
+    /// Frames whose index is a multiple of N.
+    Stride(u64),
+    /// At most this many frames per second of presentation time.
+    Fps(f64),
+}
+
+#[derive(Debug, Clone)]
+pub struct DecodeOptions {
+    /// Model input width and height; selected frames are letterboxed to it.
+    pub target: (usize, usize),
+    pub selection: FrameSelection,
+    /// Largest accepted coded width and height.
+    pub max_dimensions: (u32, u32),
+    /// Decoder threads (0: FFmpeg's choice).
+    pub threads: usize,
+    /// The input is unbounded (a pipe, a live encode): free the buffer's disk blocks behind the
+    /// demuxer when its container never seeks back, so disk use stays bounded.
+    pub live: bool,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions { target: (640, 640), selection: FrameSelection::All, max_dimensions: (8192, 8192), threads: 0, live: false }
+    }
+}
+
+/// What the container and stream say, with dimensions as displayed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MediaInfo {
+    pub container: String,
+    pub codec: String,
+    pub width: u32,
+    pub height: u32,
+    pub fps: f64,
+}
+
+/// Why decoding stopped, in words a user understands.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a video this service can read ({0})")]
+    UnsupportedMedia(String),
+    #[error("the file has no video stream")]
+    NoVideoStream,
+    #[error("the video codec {0} is not supported")]
+    UnsupportedCodec(String),
+    #[error("the video is {width}x{height}, larger than the allowed {max_width}x{max_height}")]
+    TooLarge { width: u32, height: u32, max_width: u32, max_height: u32 },
+    #[error("the file ends early: {0}")]
+    Truncated(String),
+    #[error("decoding was cancelled")]
+    Cancelled,
+    #[error("decoder failure: {0}")]
+    Internal(String),
+}
+
+impl DecodeError {
+    /// The error code of the event protocol.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DecodeError::UnsupportedMedia(_) => "unsupported_media",
+            DecodeError::NoVideoStream => "no_video_stream",
+            DecodeError::UnsupportedCodec(_) => "unsupported_codec",
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::Truncated(_) => "truncated",
+            DecodeError::Cancelled => "internal",
+            DecodeError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// One decoded frame that the selection kept.
+#[derive(Debug, Clone)]
+pub struct SelectedFrame {
+    /// Position in presentation order among all decoded frames, from 0.
+    pub index: u64,
+    /// Seconds from the stream's first frame.
+    pub pts: f64,
+    pub keyframe: bool,
+    /// The frame letterboxed to the model input.
+    pub model_frame: ModelFrame,
+}
+
+/// Counters for the end of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DecodeStats {
+    /// Every decoded frame.
+    pub frames: u64,
+    /// Frames the selection kept.
+    pub selected: u64,
+    /// Packets the decoder rejected (skipped; decoding went on).
+    pub corrupt_packets: u64,
+}
+
+/// A video being decoded from a buffer. Field order is drop order: the codec, then the format
+/// context, then the I/O it reads through.
+pub struct Decoder {
+    decoder: ff::decoder::Video,
+    input: ff::format::context::Input,
+    _io: BufferIo,
+    buffer: Buffer,
+    stream_index: usize,
+    time_base: f64,
+    start_pts: Option<i64>,
+    media: MediaInfo,
+    converter: FrameConverter,
+    options: DecodeOptions,
+    stats: DecodeStats,
+    /// Frames the container declares (0: unknown), to recognise a file cut short.
+    declared_frames: u64,
+    last_fps_bucket: Option<i64>,
+    demux_done: bool,
+    flushed: bool,
+    pending_error: Option<DecodeError>,
+    /// Whether consumed bytes are discarded (live input over a forward-only container).
+    discard_consumed: bool,
+}
+
+/// Bytes kept behind the demuxer's furthest read when discarding: FFmpeg may re-read within its
+/// own I/O buffer and probe window.
+const DISCARD_MARGIN: u64 = 4 << 20;
+
+fn ff_error_text(err: ff::Error) -> String {
+    err.to_string()
+}
+
+impl Decoder {
+    /// Probes the container and opens the best video stream. Blocks while the bytes it needs
+    /// have not arrived; fails with [`DecodeError::Cancelled`] if the buffer is aborted.
+    pub fn open(reader: BufferReader, options: DecodeOptions) -> Result<Self, DecodeError> {
+        ff::init().map_err(|e| DecodeError::Internal(ff_error_text(e)))?;
+        // FFmpeg's own log lines would go to stderr for every damaged packet; errors reach the
+        // caller as values instead.
+        ff::util::log::set_level(ff::util::log::Level::Fatal);
+        let buffer = reader.buffer();
+        let io = BufferIo::new(reader).ok_or_else(|| DecodeError::Internal("out of memory".into()))?;
+        let input = open_input(&io, &buffer, options.max_dimensions)?;
+        let stream = input.streams().best(ff::media::Type::Video).ok_or(DecodeError::NoVideoStream)?;
+        let stream_index = stream.index();
+        let parameters = stream.parameters();
+        let codec_id = parameters.id();
+        // SAFETY: `parameters` wraps the stream's live AVCodecParameters.
+        let (width, height) = unsafe { ((*parameters.as_ptr()).width, (*parameters.as_ptr()).height) };
+        if width <= 0 || height <= 0 {
+            return Err(DecodeError::UnsupportedMedia("the video stream states no dimensions".into()));
+        }
+        let (width, height) = (width as u32, height as u32);
+        let codec_name = format!("{codec_id:?}").to_lowercase();
+        if ff::decoder::find(codec_id).is_none() {
+            return Err(DecodeError::UnsupportedCodec(codec_name));
+        }
+        let mut context = ff::codec::context::Context::from_parameters(parameters)
+            .map_err(|e| DecodeError::Internal(ff_error_text(e)))?;
+        context.set_threading(ff::threading::Config { kind: ff::threading::Type::Frame, count: options.threads, ..Default::default() });
+        let decoder = context.decoder().video().map_err(|e| DecodeError::UnsupportedCodec(format!("{codec_name} ({e})")))?;
+        let rotation = Rotation::of_stream(&stream);
+        let (display_w, display_h) = rotation.displayed(width, height);
+        let rate = stream.avg_frame_rate();
+        let fps = if rate.denominator() != 0 { f64::from(rate) } else { 0.0 };
+        let time_base = f64::from(stream.time_base());
+        let declared_frames = u64::try_from(stream.frames()).unwrap_or(0);
+        let start = stream.start_time();
+        let start_pts = (start != ffi::AV_NOPTS_VALUE).then_some(start);
+        let media = MediaInfo {
+            container: input.format().name().to_string(),
+            codec: decoder.codec().map_or(codec_name, |c| c.name().to_string()),
+            width: display_w,
+            height: display_h,
+            fps: (fps * 1000.0).round() / 1000.0,
+        };
+        let converter = FrameConverter::new(options.target, rotation);
+        // The mov demuxer reads samples by offset and may go back; the others read forward.
+        let discard_consumed = options.live && !media.container.starts_with("mov");
+        Ok(Decoder {
+            decoder,
+            input,
+            _io: io,
+            buffer,
+            stream_index,
+            time_base,
+            start_pts,
+            media,
+            converter,
+            options,
+            stats: DecodeStats::default(),
+            declared_frames,
+            last_fps_bucket: None,
+            demux_done: false,
+            flushed: false,
+            pending_error: None,
+            discard_consumed,
+        })
+    }
+
+    pub fn media(&self) -> &MediaInfo {
+        &self.media
+    }
+
+    pub fn stats(&self) -> DecodeStats {
+        self.stats
+    }
+
+    /// The buffer this decoder reads; aborting it cancels a blocked call.
+    pub fn buffer(&self) -> &Buffer {
+        &self.buffer
+    }
+
+    /// The next selected frame, `None` at the end. Frames before damage are returned first;
+    /// the damage is the error of the call after them.
+    pub fn next_frame(&mut self) -> Result<Option<SelectedFrame>, DecodeError> {
+        let mut frame = ff::frame::Video::empty();
+        loop {
+            match self.decoder.receive_frame(&mut frame) {
+                Ok(()) => {
+                    if let Some(selected) = self.on_frame(&frame)? {
+                        return Ok(Some(selected));
+                    }
+                    continue;
+                }
+                Err(ff::Error::Eof) => return self.finish(),
+                Err(ff::Error::Other { errno }) if errno == libc::EAGAIN => {}
+                Err(ff::Error::InvalidData) => {
+                    self.stats.corrupt_packets += 1;
+                    continue;
+                }
+                Err(e) => return Err(DecodeError::Internal(ff_error_text(e))),
+            }
+            if self.demux_done {
+                if self.flushed {
+                    return self.finish();
+                }
+                self.flushed = true;
+                self.decoder.send_eof().map_err(|e| DecodeError::Internal(ff_error_text(e)))?;
+                continue;
+            }
+            self.feed_packet()?;
+        }
+    }
+
+    /// The end of the frames: a pending error, or a file that holds fewer frames than its
+    /// header declared, is reported once.
+    fn finish(&mut self) -> Result<Option<SelectedFrame>, DecodeError> {
+        if let Some(err) = self.pending_error.take() {
+            return Err(err);
+        }
+        let seen = self.stats.frames + self.stats.corrupt_packets;
+        if self.declared_frames > 0 && seen < self.declared_frames {
+            let declared = std::mem::take(&mut self.declared_frames);
+            return Err(DecodeError::Truncated(format!(
+                "the container declares {declared} frames, the data holds {}",
+                self.stats.frames
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Reads one packet of our stream (or finds the end) and gives it to the decoder.
+    fn feed_packet(&mut self) -> Result<(), DecodeError> {
+        let mut packet = ff::Packet::empty();
+        loop {
+            match packet.read(&mut self.input) {
+                Ok(()) => {
+                    if self.discard_consumed {
+                        let behind = self.buffer.furthest_read().saturating_sub(DISCARD_MARGIN);
+                        if behind >= self.buffer.discarded_before() + DISCARD_MARGIN {
+                            // Disk space is an optimisation here: a failed punch costs nothing else.
+                            let _ = self.buffer.discard_before(behind);
+                        }
+                    }
+                    if packet.stream() != self.stream_index {
+                        continue;
+                    }
+                    match self.decoder.send_packet(&packet) {
+                        Ok(()) => {}
+                        Err(ff::Error::InvalidData) => self.stats.corrupt_packets += 1,
+                        Err(ff::Error::Other { errno }) if errno == libc::EAGAIN => {
+                            // The decoder is full; it must be drained first. Not expected, as we
+                            // drain after every packet, but never lose the packet silently.
+                            self.stats.corrupt_packets += 1;
+                        }
+                        Err(e) => return Err(DecodeError::Internal(ff_error_text(e))),
+                    }
+                    return Ok(());
+                }
+                Err(ff::Error::Eof) => {
+                    self.demux_done = true;
+                    return Ok(());
+                }
+                Err(ff::Error::Exit) => return Err(DecodeError::Cancelled),
+                Err(err) => {
+                    if self.buffer.write_state() == crate::buffer::WriteState::Aborted {
+                        return Err(DecodeError::Cancelled);
+                    }
+                    // The container is damaged or cut short: deliver what the decoder holds,
+                    // then report it.
+                    self.demux_done = true;
+                    self.pending_error = Some(DecodeError::Truncated(ff_error_text(err)));
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: &ff::frame::Video) -> Result<Option<SelectedFrame>, DecodeError> {
+        let index = self.stats.frames;
+        self.stats.frames += 1;
+        let pts = match frame.timestamp() {
+            Some(ts) => (ts - self.start_pts.unwrap_or(0)) as f64 * self.time_base,
+            None if self.media.fps > 0.0 => index as f64 / self.media.fps,
+            None => 0.0,
+        };
+        let pts = pts.max(0.0);
+        let keep = match self.options.selection {
+            FrameSelection::All => true,
+            FrameSelection::Stride(n) => index % n.max(1) == 0,
+            FrameSelection::Fps(fps) => {
+                // One frame per 1/fps slot of presentation time (a small tolerance absorbs
+                // timestamp rounding).
+                let bucket = ((pts + 1e-6) * fps).floor() as i64;
+                if self.last_fps_bucket.is_some_and(|b| b >= bucket) {
+                    false
+                } else {
+                    self.last_fps_bucket = Some(bucket);
+                    true
+                }
+            }
+        };
+        if !keep {
+            return Ok(None);
+        }
+        self.stats.selected += 1;
+        let model_frame = self.converter.convert(frame)?;
+        Ok(Some(SelectedFrame { index, pts: (pts * 1e6).round() / 1e6, keyframe: frame.is_key(), model_frame }))
+    }
+}
+
+/// Refuses any video stream larger than `max`, before a decoder allocates frames for it.
+fn check_dimensions(input: &ff::format::context::Input, max: (u32, u32)) -> Result<(), DecodeError> {
+    for stream in input.streams() {
+        let parameters = stream.parameters();
+        if parameters.medium() != ff::media::Type::Video {
+            continue;
+        }
+        // SAFETY: `parameters` wraps the stream's live AVCodecParameters.
+        let (w, h) = unsafe { ((*parameters.as_ptr()).width, (*parameters.as_ptr()).height) };
+        let (w, h) = (w.max(0) as u32, h.max(0) as u32);
+        if w > max.0 || h > max.1 {
+            return Err(DecodeError::TooLarge { width: w, height: h, max_width: max.0, max_height: max.1 });
+        }
+    }
+    Ok(())
+}
+
+/// Opens the format context over our I/O with the whitelists set, and reads stream information
+/// unless a declared size is over the limit.
+fn open_input(io: &BufferIo, buffer: &Buffer, max_dimensions: (u32, u32)) -> Result<ff::format::context::Input, DecodeError> {
+    let mut options = ff::Dictionary::new();
+    options.set("format_whitelist", FORMAT_WHITELIST);
+    // Nothing may be opened by name: no file, no URL, whatever a playlist says.
+    options.set("protocol_whitelist", "");
+    // Probing reads frames until it has estimated a frame rate and analysed 5 s of media —
+    // for a raw H.264/HEVC stream or a short clip, most of the upload before the first frame.
+    // Containers state their timing; a second of analysis finds every codec's parameters.
+    options.set("fpsprobesize", "0");
+    options.set("analyzeduration", "1000000");
+    // SAFETY: plain FFI construction of a format context that reads only through `io`. On
+    // failure avformat_open_input frees the context (not the custom I/O, which `io` owns).
+    unsafe {
+        let mut ctx = ffi::avformat_alloc_context();
+        if ctx.is_null() {
+            return Err(DecodeError::Internal("out of memory".into()));
+        }
+        (*ctx).pb = io.as_ptr();
+        (*ctx).flags |= ffi::AVFMT_FLAG_CUSTOM_IO;
+        let mut dict = options.disown();
+        let empty = CString::default();
+        let rc = ffi::avformat_open_input(&mut ctx, empty.as_ptr(), std::ptr::null_mut(), &mut dict);
+        ff::Dictionary::own(dict);
+        if rc < 0 {
+            return Err(open_error(rc, buffer));
+        }
+        let input = ff::format::context::Input::wrap(ctx);
+        // Headers declare sizes before any frame exists: refuse absurd ones before probing
+        // decodes anything, then again for streams whose size only probing reveals.
+        check_dimensions(&input, max_dimensions)?;
+        let rc = ffi::avformat_find_stream_info(ctx, std::ptr::null_mut());
+        if rc < 0 {
+            return Err(open_error(rc, buffer));
+        }
+        check_dimensions(&input, max_dimensions)?;
+        Ok(input)
+    }
+}
+
+fn open_error(rc: i32, buffer: &Buffer) -> DecodeError {
+    if rc == ffi::AVERROR_EXIT || buffer.write_state() == crate::buffer::WriteState::Aborted {
+        return DecodeError::Cancelled;
+    }
+    DecodeError::UnsupportedMedia(format!(
+        "expected MP4, Matroska, WebM, MPEG-TS or raw H.264/HEVC; FFmpeg says: {}",
+        ff_error_text(ff::Error::from(rc))
+    ))
+}

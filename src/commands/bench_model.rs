@@ -1,0 +1,83 @@
+//! `streamdet bench-model`: model latency on random input, one JSON line, comparable with
+//! `../shared/peers/ort_bench.py` for ONNX Runtime.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde_json::json;
+use streamdet_actors::detect::OpProfile;
+
+use super::ModelArgs;
+use crate::cli::Failure;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Frames per call.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Timed runs (after warm-up runs).
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Also print where the time goes: a `profile` line with milliseconds per operator type,
+    /// averaged over the timed runs.
+    #[arg(long)]
+    profile: bool,
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 }
+}
+
+pub fn run(args: Args) -> Result<ExitCode, Failure> {
+    if args.batch == 0 || args.runs == 0 {
+        return Err(Failure::Usage("--batch and --runs must be at least 1".into()));
+    }
+    let detector = args.model.load()?;
+    let (w, h) = detector.input_size();
+    // The same kind of input as ort_bench.py: uniform random values in [0, 1).
+    let input = Tensor::rand(0f32, 1f32, (args.batch, 3, h, w), &Device::Cpu)?;
+    for _ in 0..args.warmup {
+        detector.run_raw(&input)?;
+    }
+    let mut times = Vec::with_capacity(args.runs);
+    for _ in 0..args.runs {
+        let start = Instant::now();
+        detector.run_raw(&input)?;
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    let round2 = |v: f64| (v * 100.0).round() / 100.0;
+    let threads = match args.model.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    println!(
+        "{}",
+        json!({
+            "type": "bench", "runtime": "streamdet", "version": env!("CARGO_PKG_VERSION"),
+            "model": args.model.model, "threads": threads, "batch": args.batch,
+            "median_ms": round2(median(&times)), "min_ms": round2(times[0]),
+            "max_ms": round2(times[times.len() - 1]), "runs": args.runs,
+        })
+    );
+    if args.profile {
+        let mut total = OpProfile::new();
+        for _ in 0..args.runs {
+            for (op, (ms, steps)) in detector.profile(&input)? {
+                let entry = total.entry(op).or_default();
+                entry.0 += ms / args.runs as f64;
+                entry.1 = steps;
+            }
+        }
+        let ops: serde_json::Map<String, serde_json::Value> =
+            total.into_iter().map(|(op, (ms, steps))| (op, json!({"ms": round2(ms), "steps": steps}))).collect();
+        println!("{}", json!({"type": "profile", "batch": args.batch, "ops": ops}));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,119 @@
+//! `streamdet decode FILE|-`: decodes a video through the growing buffer, as the service does,
+//! and prints one JSON line per selected frame and an `end` line.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::thread;
+
+use serde_json::json;
+use streamdet_actors::buffer::{self, BufferOptions, BufferWriter};
+use streamdet_actors::decode::{DecodeOptions, Decoder, FrameSelection};
+
+use crate::cli::Failure;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A video file, or `-` to read standard input as it arrives.
+    input: String,
+    /// Report frames whose index is a multiple of N.
+    #[arg(long, conflicts_with = "fps")]
+    stride: Option<u64>,
+    /// Report at most F frames per second of video time.
+    #[arg(long)]
+    fps: Option<f64>,
+}
+
+/// Appends everything `source` yields to `writer`; a read error aborts the buffer (dropping
+/// the writer unfinished), which the decoder sees as a cancelled upload.
+fn feed(mut source: impl Read, mut writer: BufferWriter) -> std::io::Result<()> {
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let n = match source.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        writer.append(&chunk[..n])?;
+    }
+    writer.finish();
+    Ok(())
+}
+
+pub fn run(args: Args) -> Result<ExitCode, Failure> {
+    let selection = match (args.stride, args.fps) {
+        (Some(0), _) => return Err(Failure::Usage("--stride must be at least 1".into())),
+        (Some(n), _) => FrameSelection::Stride(n),
+        (None, Some(f)) if !(f > 0.0 && f.is_finite()) => return Err(Failure::Usage("--fps must be positive".into())),
+        (None, Some(f)) => FrameSelection::Fps(f),
+        (None, None) => FrameSelection::All,
+    };
+    let live = args.input == "-";
+    let source: Box<dyn Read + Send> = if live {
+        Box::new(std::io::stdin())
+    } else {
+        match std::fs::File::open(&args.input) {
+            Ok(file) => Box::new(file),
+            Err(err) => return Err(Failure::Runtime(anyhow::anyhow!("cannot open {}: {err}", args.input))),
+        }
+    };
+    let writer = buffer::create(&BufferOptions::default())?;
+    let reader = writer.buffer().reader();
+    let buffer = writer.buffer().clone();
+    let feeder = thread::spawn(move || feed(source, writer));
+    let options = DecodeOptions { selection, live, ..Default::default() };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let result = (|| -> Result<serde_json::Value, streamdet_actors::decode::DecodeError> {
+        let mut decoder = Decoder::open(reader, options)?;
+        let mut failure = None;
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(f)) => {
+                    let line = json!({"type": "frame", "index": f.index, "pts": f.pts, "keyframe": f.keyframe});
+                    // A closed stdout (`| head`) ends the run like an abort.
+                    if writeln!(out, "{line}").is_err() {
+                        decoder.buffer().abort();
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    failure = Some(err);
+                    break;
+                }
+            }
+        }
+        match failure {
+            Some(err) => Err(err),
+            None => {
+                let media = decoder.media();
+                let stats = decoder.stats();
+                Ok(json!({
+                    "type": "end", "container": media.container, "codec": media.codec,
+                    "width": media.width, "height": media.height,
+                    "frames": stats.frames, "selected": stats.selected, "corrupt_packets": stats.corrupt_packets,
+                }))
+            }
+        }
+    })();
+    let code = match result {
+        Ok(end) => {
+            writeln!(out, "{end}")?;
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            // Stop the feeder: nothing more will be read.
+            buffer.abort();
+            writeln!(out, "{}", json!({"type": "error", "code": err.code(), "message": err.to_string()}))?;
+            eprintln!("streamdet: {err}");
+            ExitCode::from(1)
+        }
+    };
+    drop(out);
+    // The feeder ends by itself at EOF; after an early error its next append fails (aborted).
+    match feeder.join() {
+        Ok(Err(err)) if code == ExitCode::SUCCESS => Err(Failure::Runtime(anyhow::anyhow!("reading the input: {err}"))),
+        _ => Ok(code),
+    }
+}

@@ -1,0 +1,295 @@
+//! The decoder over a buffer that another thread is still writing, on every container and codec
+//! it must read, against `ffprobe` on the same files.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use streamdet_actors::buffer::{self, Buffer, BufferOptions, WriteState};
+use streamdet_actors::decode::{DecodeError, DecodeOptions, Decoder, FrameSelection, SelectedFrame};
+
+use crate::support::{self, run_ok};
+
+/// A generous guard against hangs; never a speed check.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+pub fn fixtures() -> PathBuf {
+    run_ok(Command::new("bash").arg(support::root().join("scripts/make-fixtures.sh")));
+    support::root().join("fixtures")
+}
+
+/// Writes `path` into a new buffer from another thread, in `chunk`-byte pieces with a pause
+/// after each, and returns the buffer while the upload goes on.
+fn upload_slowly(path: &Path, chunk: usize, pause: Duration) -> (Buffer, thread::JoinHandle<()>) {
+    let data = std::fs::read(path).unwrap();
+    let mut writer = buffer::create(&BufferOptions::default()).unwrap();
+    let buffer = writer.buffer().clone();
+    let handle = thread::spawn(move || {
+        for piece in data.chunks(chunk) {
+            if writer.append(piece).is_err() {
+                return; // aborted by the test
+            }
+            thread::sleep(pause);
+        }
+        writer.finish();
+    });
+    (buffer, handle)
+}
+
+struct Observed {
+    frames: Vec<SelectedFrame>,
+    /// Bytes written and the writer's state when the first frame came out.
+    at_first_frame: Option<(u64, WriteState)>,
+    result: Result<(), DecodeError>,
+    container: String,
+    codec: String,
+    size: (u32, u32),
+}
+
+fn decode_buffer(buffer: &Buffer, options: DecodeOptions) -> Observed {
+    let mut decoder = match Decoder::open(buffer.reader(), options) {
+        Ok(d) => d,
+        Err(err) => {
+            return Observed { frames: vec![], at_first_frame: None, result: Err(err), container: String::new(), codec: String::new(), size: (0, 0) };
+        }
+    };
+    let mut frames = Vec::new();
+    let mut at_first_frame = None;
+    let result = loop {
+        match decoder.next_frame() {
+            Ok(Some(frame)) => {
+                at_first_frame.get_or_insert((buffer.written(), buffer.write_state()));
+                frames.push(frame);
+            }
+            Ok(None) => break Ok(()),
+            Err(err) => break Err(err),
+        }
+    };
+    let media = decoder.media().clone();
+    Observed { frames, at_first_frame, result, container: media.container, codec: media.codec, size: (media.width, media.height) }
+}
+
+fn decode_while_uploading(name: &str, options: DecodeOptions) -> (Observed, u64) {
+    let path = fixtures().join(name);
+    let total = std::fs::metadata(&path).unwrap().len();
+    let (buffer, writer) = upload_slowly(&path, 4096, Duration::from_millis(3));
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || tx.send(decode_buffer(&buffer, options)).unwrap());
+    let observed = rx.recv_timeout(HANG_GUARD).unwrap_or_else(|_| panic!("{name}: decoding hung"));
+    writer.join().unwrap();
+    (observed, total)
+}
+
+/// Every frame's presentation time as ffprobe reports it, in presentation order, from the
+/// first frame; `None` for each frame of a stream without timestamps (raw H.264).
+fn ffprobe_pts(path: &Path) -> Vec<Option<f64>> {
+    let out = run_ok(Command::new("ffprobe").args(["-v", "error", "-select_streams", "v:0", "-show_entries", "frame=best_effort_timestamp_time", "-of", "csv=p=0"]).arg(path));
+    let parsed: Vec<Option<f64>> = out.lines().filter(|l| !l.trim().is_empty()).map(|l| l.trim().trim_end_matches(',').parse::<f64>().ok()).collect();
+    if parsed.iter().any(Option::is_none) {
+        return vec![None; parsed.len()];
+    }
+    let mut pts: Vec<f64> = parsed.into_iter().flatten().collect();
+    pts.sort_by(f64::total_cmp);
+    let first = pts.first().copied().unwrap_or(0.0);
+    pts.iter().map(|p| Some(p - first)).collect()
+}
+
+#[test]
+fn streamable_formats_give_frames_before_half_the_upload() {
+    for name in ["faststart.mp4", "fragmented.mp4", "clip.mkv", "vp9.webm", "vp8.webm", "clip.ts", "clip.h264", "hevc.mp4", "mpeg4.mp4"] {
+        let (observed, total) = decode_while_uploading(name, DecodeOptions::default());
+        observed.result.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (written, state) = observed.at_first_frame.unwrap_or_else(|| panic!("{name}: no frame"));
+        eprintln!("{name}: first frame with {written} of {total} bytes written; {} frames ({}, {})", observed.frames.len(), observed.container, observed.codec);
+        assert_eq!(state, WriteState::Open, "{name}: the first frame came only after the upload ended");
+        assert!(written < total / 2, "{name}: first frame only after {written} of {total} bytes");
+        let path = fixtures().join(name);
+        let want = ffprobe_pts(&path);
+        assert_eq!(observed.frames.len(), want.len(), "{name}: frame count differs from ffprobe");
+        for (i, (frame, pts)) in observed.frames.iter().zip(&want).enumerate() {
+            assert_eq!(frame.index, i as u64, "{name}");
+            if let Some(pts) = pts {
+                assert!((frame.pts - pts).abs() < 1e-3, "{name}: frame {i} at {} s, ffprobe says {pts}", frame.pts);
+            }
+        }
+        assert_eq!(observed.size, (640, 360), "{name}");
+    }
+}
+
+#[test]
+fn moov_at_the_end_decodes_every_frame_after_the_upload() {
+    let (observed, _) = decode_while_uploading("moov_end.mp4", DecodeOptions::default());
+    observed.result.unwrap();
+    let (_, state) = observed.at_first_frame.unwrap();
+    assert_eq!(state, WriteState::Finished, "frames cannot come before the moov atom");
+    assert_eq!(observed.frames.len(), ffprobe_pts(&fixtures().join("moov_end.mp4")).len());
+}
+
+#[test]
+fn stride_and_fps_select_frames() {
+    let options = |selection| DecodeOptions { selection, ..Default::default() };
+    let (stride, _) = decode_while_uploading("clip.mkv", options(FrameSelection::Stride(30)));
+    let indices: Vec<u64> = stride.frames.iter().map(|f| f.index).collect();
+    assert_eq!(indices, [0, 30, 60, 90]);
+    // 4 s at 25 fps, at most 2 per second: 8 frames, 12 or 13 apart.
+    let (fps, _) = decode_while_uploading("clip.mkv", options(FrameSelection::Fps(2.0)));
+    let pts: Vec<f64> = fps.frames.iter().map(|f| f.pts).collect();
+    assert_eq!(pts, [0.0, 0.52, 1.0, 1.52, 2.0, 2.52, 3.0, 3.52]);
+}
+
+/// The white 100x50 rectangle at (40, 30) in a 640x360 clip, as the model input shows it.
+fn white_extent(frame: &SelectedFrame) -> (usize, usize, usize, usize) {
+    let (tw, _) = frame.model_frame.letterbox.target;
+    let rgb = &frame.model_frame.rgb;
+    let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+    for (i, px) in rgb.chunks_exact(3).enumerate() {
+        if px.iter().all(|&v| v > 200) {
+            let (x, y) = (i % tw, i / tw);
+            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x + 1), y1.max(y + 1));
+        }
+    }
+    (x0, y0, x1, y1)
+}
+
+#[test]
+fn letterboxed_rectangle_maps_back_to_the_frame() {
+    let (observed, _) = decode_while_uploading("rect.mp4", DecodeOptions::default());
+    let frame = &observed.frames[0];
+    // 640x360 into 640x640: scale 1, 140 rows of padding on top.
+    assert_eq!(frame.model_frame.letterbox.pad, (0, 140));
+    let (x0, y0, x1, y1) = white_extent(frame);
+    let back = frame.model_frame.letterbox.to_source([x0 as f32, y0 as f32, x1 as f32, y1 as f32]);
+    for (got, want) in back.iter().zip([40.0, 30.0, 140.0, 80.0]) {
+        assert!((got - want).abs() <= 1.0, "rectangle maps back to {back:?}");
+    }
+    assert_eq!(frame.model_frame.rgb[0], 114, "padding is gray 114");
+}
+
+#[test]
+fn display_rotation_is_applied() {
+    let (observed, _) = decode_while_uploading("rect_rotated.mp4", DecodeOptions::default());
+    assert_eq!(observed.size, (360, 640), "display size of a clip tagged with a 90 degree rotation");
+    let frame = &observed.frames[0];
+    let (x0, y0, x1, y1) = white_extent(frame);
+    let back = frame.model_frame.letterbox.to_source([x0 as f32, y0 as f32, x1 as f32, y1 as f32]);
+    // Where `ffmpeg` itself (autorotate) shows the rectangle in the 360x640 picture.
+    for (got, want) in back.iter().zip([30.0, 500.0, 80.0, 600.0]) {
+        assert!((got - want).abs() <= 1.0, "rotated rectangle at {back:?}");
+    }
+}
+
+fn decode_file(name: &str) -> Observed {
+    let path = fixtures().join(name);
+    let mut writer = buffer::create(&BufferOptions::default()).unwrap();
+    writer.append(&std::fs::read(path).unwrap()).unwrap();
+    decode_buffer(&writer.finish(), DecodeOptions::default())
+}
+
+fn decode_bytes(bytes: &[u8]) -> Observed {
+    let mut writer = buffer::create(&BufferOptions::default()).unwrap();
+    writer.append(bytes).unwrap();
+    decode_buffer(&writer.finish(), DecodeOptions::default())
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let random: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    for (what, observed, code) in [
+        ("random bytes", decode_bytes(&random), "unsupported_media"),
+        ("zero bytes", decode_bytes(&[]), "unsupported_media"),
+        ("a JPEG", decode_file("image.jpg"), "unsupported_media"),
+        ("audio only", decode_file("audio.m4a"), "no_video_stream"),
+        ("65535x65535 declared", decode_file("huge.mkv"), "too_large"),
+    ] {
+        let err = observed.result.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {err}");
+    }
+    let truncated = decode_file("truncated.mp4");
+    assert!(truncated.frames.len() >= 50, "the frames before the damage are delivered");
+    assert_eq!(truncated.result.unwrap_err().code(), "truncated");
+}
+
+#[test]
+fn playlists_and_concat_scripts_cannot_open_files() {
+    // A FIFO blocks whoever opens it for reading until a writer comes, which never happens: if
+    // FFmpeg tried to open it, decoding would hang instead of failing.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("secret");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let fifo = fifo.display();
+    let playlist = format!("#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\nfile://{fifo}\n#EXTINF:2.0,\n{fifo}\n#EXT-X-ENDLIST\n");
+    let concat = format!("ffconcat version 1.0\nfile '{fifo}'\nfile '/etc/passwd'\n");
+    for text in [playlist, concat] {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || tx.send(decode_bytes(text.as_bytes()).result.map_err(|e| e.code())).unwrap());
+        let result = rx.recv_timeout(HANG_GUARD).expect("the demuxer tried to open a named file");
+        assert_eq!(result, Err("unsupported_media"));
+    }
+}
+
+#[test]
+fn cancelling_wakes_a_blocked_open_and_a_blocked_read() {
+    // During open: nothing written yet.
+    let writer = buffer::create(&BufferOptions::default()).unwrap();
+    let buffer = writer.buffer().clone();
+    let (tx, rx) = mpsc::channel();
+    let b = buffer.clone();
+    thread::spawn(move || tx.send(decode_buffer(&b, DecodeOptions::default()).result.map_err(|e| e.to_string())).unwrap());
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "open returned without data");
+    buffer.abort();
+    let result = rx.recv_timeout(HANG_GUARD).expect("abort did not wake the blocked open");
+    assert!(result.unwrap_err().contains("cancelled"));
+    drop(writer);
+
+    // During reading: half a file, then nothing.
+    let data = std::fs::read(fixtures().join("clip.mkv")).unwrap();
+    let mut writer = buffer::create(&BufferOptions::default()).unwrap();
+    writer.append(&data[..data.len() / 2]).unwrap();
+    let buffer = writer.buffer().clone();
+    let (tx, rx) = mpsc::channel();
+    let b = buffer.clone();
+    thread::spawn(move || {
+        let observed = decode_buffer(&b, DecodeOptions::default());
+        tx.send((observed.frames.len(), observed.result.map_err(|e| e.to_string()))).unwrap()
+    });
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "decoding finished without the rest of the file");
+    buffer.abort();
+    let (frames, result) = rx.recv_timeout(HANG_GUARD).expect("abort did not wake the blocked read");
+    assert!(frames > 0, "frames from the first half were delivered");
+    assert!(result.unwrap_err().contains("cancelled"));
+    drop(writer);
+}
+
+#[test]
+fn cli_decode_reports_frames_and_errors() {
+    let dir = fixtures();
+    let out = Command::new(env!("CARGO_BIN_EXE_streamdet")).args(["decode", "--stride", "25"]).arg(dir.join("clip.ts")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 5);
+    assert_eq!(lines[1]["index"], 25);
+    let end = &lines[4];
+    assert_eq!((end["type"].as_str(), end["frames"].as_u64(), end["selected"].as_u64()), (Some("end"), Some(100), Some(4)));
+    assert_eq!((end["container"].as_str(), end["codec"].as_str()), (Some("mpegts"), Some("h264")));
+
+    // `-` reads standard input as it arrives.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_streamdet"))
+        .args(["decode", "-", "--fps", "1"])
+        .stdin(std::fs::File::open(dir.join("clip.ts")).unwrap())
+        .output()
+        .unwrap();
+    assert!(child.status.success());
+    let last: serde_json::Value = serde_json::from_str(String::from_utf8(std::mem::take(&mut child.stdout)).unwrap().lines().last().unwrap()).unwrap();
+    assert_eq!(last["selected"], 4);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_streamdet")).arg("decode").arg(dir.join("image.jpg")).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["code"], "unsupported_media");
+    let out = Command::new(env!("CARGO_BIN_EXE_streamdet")).args(["decode", "--stride", "0", "x.mp4"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
