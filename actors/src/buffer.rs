@@ -27,6 +27,9 @@ use memmap2::{Mmap, MmapOptions};
 /// left behind.
 pub const TEMP_PREFIX: &str = "streamdet-upload-";
 
+/// How far behind its position a reader's window starts.
+const BACKWARD_SLACK: u64 = 64 << 10;
+
 /// Where buffers live and how much of them a reader maps at once.
 #[derive(Debug, Clone)]
 pub struct BufferOptions {
@@ -395,17 +398,16 @@ impl BufferReader {
         if !self.window.as_ref().is_some_and(covers) {
             self.window = None; // unmap first: never hold two windows at once
             let window = self.shared.window_bytes as u64;
-            // Start a quarter window behind `pos` (page-aligned) so small backward seeks, which
-            // demuxers make often, stay inside the mapping.
-            let quarter = window / 4;
-            let start = (pos / quarter * quarter).saturating_sub(quarter).min(pos);
-            let start = start / page_size() as u64 * page_size() as u64;
+            // Start a little behind `pos` so that the small backward seeks demuxers make stay
+            // inside the mapping, page-aligned as mmap requires.
+            let start = pos.saturating_sub(BACKWARD_SLACK) / page_size() as u64 * page_size() as u64;
             let len = (written - start).min(window) as usize;
             // SAFETY: the mapping covers only bytes already written, and the file is never
             // truncated while a handle exists, so no access through it can fault. The bytes are
             // never changed after they are written (append-only; a punched hole is only made
-            // below `discarded_before`, which reads refuse).
-            let map = unsafe { MmapOptions::new().offset(start).len(len).map(&self.shared.file)? };
+            // below `discarded_before`, which reads refuse). `populate` pre-faults the pages in
+            // one call instead of one fault per page.
+            let map = unsafe { MmapOptions::new().offset(start).len(len).populate().map(&self.shared.file)? };
             self.window = Some(Window { start, map });
         }
         Ok(self.window.as_ref().expect("window was just mapped"))
