@@ -400,7 +400,7 @@ impl BufferReader {
             let window = self.shared.window_bytes as u64;
             // Start a little behind `pos` so that the small backward seeks demuxers make stay
             // inside the mapping, page-aligned as mmap requires.
-            let start = pos.saturating_sub(BACKWARD_SLACK) / page_size() as u64 * page_size() as u64;
+            let start = pos.saturating_sub(BACKWARD_SLACK.min(window / 4)) / page_size() as u64 * page_size() as u64;
             let len = (written - start).min(window) as usize;
             // SAFETY: the mapping covers only bytes already written, and the file is never
             // truncated while a handle exists, so no access through it can fault. The bytes are
@@ -410,7 +410,9 @@ impl BufferReader {
             let map = unsafe { MmapOptions::new().offset(start).len(len).populate().map(&self.shared.file)? };
             self.window = Some(Window { start, map });
         }
-        Ok(self.window.as_ref().expect("window was just mapped"))
+        let window = self.window.as_ref().expect("window was just mapped");
+        debug_assert!(covers(window), "the window must cover the position");
+        Ok(window)
     }
 }
 
