@@ -11,11 +11,13 @@
 
 use std::collections::HashMap;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::DetectError;
 use super::kernels::activation::{Activation, UnaryFn};
 use super::kernels::conv::Conv2d;
+use super::kernels::{activation, packed_gemm, transpose};
 use super::model::{Attribute, Node, OnnxModel, TensorData, TensorValues};
 
 type CResult<T> = candle_core::Result<T>;
@@ -238,7 +240,7 @@ impl Engine {
             let started = profile.is_some().then(std::time::Instant::now);
             let results = eval(&step.op, &args, &self.device).map_err(|e| execution_error(step, e))?;
             if let (Some(profile), Some(started)) = (profile.as_deref_mut(), started) {
-                let entry = profile.entry(step.op_type.clone()).or_default();
+                let entry = profile.entry(profile_key(step)).or_default();
                 entry.0 += started.elapsed().as_secs_f64() * 1000.0;
                 entry.1 += 1;
             }
@@ -250,6 +252,25 @@ impl Engine {
             }
         }
         values[self.output_slot].take().ok_or_else(|| DetectError::BadModelText("the output was never computed".into()))
+    }
+}
+
+/// The profile entry of a step: its operator type, with convolutions split by kind since
+/// their kernels differ.
+fn profile_key(step: &Step) -> String {
+    match &step.op {
+        Op::Conv(c) => {
+            let conv = &c.conv;
+            let kind = if conv.groups > 1 && conv.groups == conv.in_channels {
+                "depthwise"
+            } else if conv.kernel == (1, 1) {
+                "1x1"
+            } else {
+                "kxk"
+            };
+            format!("Conv {kind}")
+        }
+        _ => step.op_type.clone(),
     }
 }
 
@@ -434,7 +455,9 @@ fn parse_conv(node: &Node, initializers: &HashMap<String, TensorData>, device: &
         weights,
         bias,
         activation,
-    };
+        packed: Vec::new(),
+    }
+    .with_packed_weights();
     if conv.stride.0 == 0 || conv.stride.1 == 0 || conv.dilation.0 == 0 || conv.dilation.1 == 0 {
         return Err(unsupported(node, "zero stride or dilation"));
     }
@@ -473,6 +496,77 @@ impl CustomOp1 for Conv2d {
     }
 }
 
+fn is_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> CResult<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous tensor");
+    };
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
+/// Element-wise functions on the CPU with streamdet's vectorised kernels.
+struct CpuUnary(UnaryFn);
+
+impl CustomOp1 for CpuUnary {
+    fn name(&self) -> &'static str {
+        "streamdet-unary"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        const CHUNK: usize = 1 << 14;
+        let input = contiguous_f32(storage, layout)?;
+        let mut out = input.to_vec();
+        out.par_chunks_mut(CHUNK).for_each(|chunk| activation::map_inplace(chunk, self.0));
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// Axis permutation on the CPU (blocked transposes and row copies).
+struct CpuPermute(Vec<usize>);
+
+impl CustomOp1 for CpuPermute {
+    fn name(&self) -> &'static str {
+        "streamdet-permute"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let dims = layout.dims();
+        let mut seen = vec![false; dims.len()];
+        if self.0.len() != dims.len() || self.0.iter().any(|&a| a >= dims.len() || std::mem::replace(&mut seen[a], true)) {
+            candle_core::bail!("permutation {:?} does not fit rank {}", self.0, dims.len());
+        }
+        let out = transpose::permute(contiguous_f32(storage, layout)?, dims, &self.0);
+        let out_dims: Vec<usize> = self.0.iter().map(|&a| dims[a]).collect();
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+}
+
+/// Batched matrix product with equal batch dimensions, on the packed microkernel.
+struct CpuMatMul;
+
+impl CustomOp2 for CpuMatMul {
+    fn name(&self) -> &'static str {
+        "streamdet-matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (da, db) = (l1.dims(), l2.dims());
+        let r = da.len();
+        let (m, k, n) = (da[r - 2], da[r - 1], db[r - 1]);
+        if db[r - 2] != k {
+            candle_core::bail!("matmul of {da:?} and {db:?}");
+        }
+        let batch: usize = da[..r - 2].iter().product();
+        let out = packed_gemm::batched_matmul(contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?, batch, m, k, n);
+        let mut dims = da.to_vec();
+        dims[r - 1] = n;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
 fn normalize_axis(axis: i64, rank: usize) -> CResult<usize> {
     let a = if axis < 0 { axis + rank as i64 } else { axis };
     if a < 0 || a as usize >= rank.max(1) {
@@ -494,6 +588,7 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
     let one = |t: Tensor| Ok(vec![t]);
     match op {
         Op::Conv(c) => one(conv(c, x()?)?),
+        Op::Unary(f) if is_cpu_f32(x()?) => one(x()?.contiguous()?.apply_op1_no_bwd(&CpuUnary(*f))?),
         Op::Unary(f) => one(match f {
             UnaryFn::Sigmoid => candle_nn::ops::sigmoid(x()?)?,
             UnaryFn::Exp => x()?.exp()?,
@@ -585,7 +680,11 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
         Op::Transpose { perm } => {
             let t = x()?;
             let perm = perm.clone().unwrap_or_else(|| (0..t.rank()).rev().collect());
-            one(t.permute(perm)?.contiguous()?)
+            if is_cpu_f32(t) {
+                one(t.contiguous()?.apply_op1_no_bwd(&CpuPermute(perm))?)
+            } else {
+                one(t.permute(perm)?.contiguous()?)
+            }
         }
         Op::Softmax { axis } => {
             let t = x()?;
@@ -619,7 +718,15 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
             }
             one(out)
         }
-        Op::MatMul => one(x()?.contiguous()?.broadcast_matmul(&input(args, 1)?.contiguous()?)?),
+        Op::MatMul => {
+            let (a, b) = (x()?.contiguous()?, input(args, 1)?.contiguous()?);
+            let same_batch = a.rank() >= 2 && a.rank() == b.rank() && a.dims()[..a.rank() - 2] == b.dims()[..b.rank() - 2];
+            if is_cpu_f32(&a) && is_cpu_f32(&b) && same_batch && packed_gemm::available() {
+                one(a.apply_op2_no_bwd(&b, &CpuMatMul)?)
+            } else {
+                one(a.broadcast_matmul(&b)?)
+            }
+        }
         Op::Reduce { kind, axes, keepdims } => {
             let t = x()?;
             let axes: Vec<i64> = match (args.get(1).copied().flatten(), axes) {

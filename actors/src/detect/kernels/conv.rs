@@ -11,6 +11,7 @@
 use rayon::prelude::*;
 
 use super::activation::{Activation, bias_activation};
+use super::packed_gemm::{self, MR, PackedA};
 
 /// A convolution's fixed parameters and weights, laid out once at load time.
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub struct Conv2d {
     /// One per output channel (zeros when the model has none).
     pub bias: Vec<f32>,
     pub activation: Activation,
+    /// The weights of each group packed for the microkernel (empty when the CPU lacks it).
+    pub packed: Vec<PackedA>,
 }
 
 /// Output pixels per tile: a tile's column matrix (`K x TILE` floats) should fit in L2.
@@ -54,6 +57,16 @@ impl SendPtr {
 }
 
 impl Conv2d {
+    /// Packs the weights for the microkernel, once, when this CPU can run it.
+    pub fn with_packed_weights(mut self) -> Self {
+        if packed_gemm::available() && !self.is_depthwise() {
+            let m_g = self.out_channels / self.groups;
+            let k = self.in_channels / self.groups * self.kernel.0 * self.kernel.1;
+            self.packed = (0..self.groups).map(|g| PackedA::new(&self.weights[g * m_g * k..][..m_g * k], m_g, k)).collect();
+        }
+        self
+    }
+
     pub fn output_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
         let (kh, kw) = self.kernel;
         let span_h = self.dilation.0 * (kh - 1) + 1;
@@ -100,10 +113,12 @@ impl Conv2d {
         let tiles = pixels.div_ceil(tile);
         // Small late layers have few pixels: split the output channels too, so both cores work.
         let m_blocks = if n * g * tiles >= 2 * threads { 1 } else { (2 * threads).div_ceil(n * g * tiles).min(m_g.div_ceil(16)) }.max(1);
-        let m_block = m_g.div_ceil(m_blocks);
+        // Channel blocks start on microkernel panels.
+        let m_block = m_g.div_ceil(m_blocks).div_ceil(MR) * MR;
+        let m_blocks = m_g.div_ceil(m_block);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let pointwise = self.is_pointwise();
-        (0..n * g * tiles * m_blocks).into_par_iter().for_each_init(Vec::new, |cols: &mut Vec<f32>, task| {
+        (0..n * g * tiles * m_blocks).into_par_iter().for_each_init(|| (Vec::new(), Vec::new()), |(cols, packed_b): &mut (Vec<f32>, Vec<f32>), task| {
             let mb = task % m_blocks;
             let tile_index = (task / m_blocks) % tiles;
             let group = (task / m_blocks / tiles) % g;
@@ -121,23 +136,28 @@ impl Conv2d {
                 (cols.as_ptr(), width as isize)
             };
             let channel0 = group * m_g + m0;
-            let lhs = &self.weights[channel0 * k..][..rows * k];
             // SAFETY: this task writes rows `channel0..channel0+rows` of image `batch`, columns
             // `p0..p0+width` — a region no other task writes (tasks differ in batch, group, tile
-            // or channel block) and inside `out`, whose length `run` checked. `lhs` and `rhs`
-            // cover `rows x k` and `k x width` elements with the strides given.
+            // or channel block) and inside `out`, whose length `run` checked. `rhs` covers
+            // `k x width` elements with row stride `rhs_rs`.
             unsafe {
                 let dst = out_ptr.get().add((batch * self.out_channels + channel0) * pixels + p0);
-                gemm::gemm(
-                    rows, width, k,
-                    dst, 1, pixels as isize,
-                    false,
-                    lhs.as_ptr(), 1, k as isize,
-                    rhs, 1, rhs_rs,
-                    0.0, 1.0,
-                    false, false, false,
-                    gemm::Parallelism::None,
-                );
+                if let Some(packed) = self.packed.get(group) {
+                    packed_gemm::pack_b(rhs, rhs_rs as usize, k, width, packed_b);
+                    packed_gemm::gemm(packed, m0..m0 + rows, packed_b, width, dst, pixels);
+                } else {
+                    let lhs = &self.weights[channel0 * k..][..rows * k];
+                    gemm::gemm(
+                        rows, width, k,
+                        dst, 1, pixels as isize,
+                        false,
+                        lhs.as_ptr(), 1, k as isize,
+                        rhs, 1, rhs_rs,
+                        0.0, 1.0,
+                        false, false, false,
+                        gemm::Parallelism::None,
+                    );
+                }
                 for r in 0..rows {
                     let row = std::slice::from_raw_parts_mut(dst.add(r * pixels), width);
                     bias_activation(row, self.bias[channel0 + r], self.activation);
@@ -171,12 +191,19 @@ impl Conv2d {
                         } else {
                             let src = &plane[iy as usize * w..][..w];
                             let ix0 = (ox * sw) as isize - pl + (kx * dw) as isize;
-                            if sw == 1 && ix0 >= 0 && ix0 as usize + run <= w {
-                                dst.copy_from_slice(&src[ix0 as usize..ix0 as usize + run]);
+                            // Columns j with 0 <= ix0 + j*sw < w read the image; the rest is padding.
+                            let j_lo = if ix0 >= 0 { 0 } else { ((-ix0) as usize).div_ceil(sw) }.min(run);
+                            let j_hi = if ix0 >= w as isize { 0 } else { ((w as isize - ix0) as usize).div_ceil(sw) };
+                            let j_hi = j_hi.clamp(j_lo, run);
+                            dst[..j_lo].fill(0.0);
+                            dst[j_hi..].fill(0.0);
+                            let first = (ix0 + (j_lo * sw) as isize) as usize;
+                            let inside = &mut dst[j_lo..j_hi];
+                            if sw == 1 {
+                                inside.copy_from_slice(&src[first..first + inside.len()]);
                             } else {
-                                for (j, d) in dst.iter_mut().enumerate() {
-                                    let ix = ix0 + (j * sw) as isize;
-                                    *d = if ix >= 0 && ix < w as isize { src[ix as usize] } else { 0.0 };
+                                for (d, &v) in inside.iter_mut().zip(src[first..].iter().step_by(sw)) {
+                                    *d = v;
                                 }
                             }
                         }
@@ -188,52 +215,74 @@ impl Conv2d {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn run_depthwise(&self, input: &[f32], h: usize, w: usize, oh: usize, ow: usize, out: &mut [f32]) {
-        let (kh, kw) = self.kernel;
-        let (sh, sw) = self.stride;
-        let (dh, dw) = self.dilation;
-        let (pt, pl) = (self.pads.0 as isize, self.pads.1 as isize);
         let channels = self.out_channels;
+        let fast = super::packed_gemm::available();
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane_index, dst)| {
             let c = plane_index % channels;
             let src = &input[plane_index * h * w..][..h * w];
-            let weights = &self.weights[c * kh * kw..][..kh * kw];
-            dst.fill(0.0);
-            for ky in 0..kh {
-                for kx in 0..kw {
-                    let wv = weights[ky * kw + kx];
-                    // Output columns whose input column stays inside the image.
-                    let off_x = (kx * dw) as isize - pl;
-                    let x_lo = if off_x >= 0 { 0 } else { ((-off_x) as usize).div_ceil(sw) };
-                    let x_hi = if (w as isize) <= off_x { 0 } else { (((w as isize - off_x) as usize).div_ceil(sw)).min(ow) };
-                    if x_lo >= x_hi {
-                        continue;
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: the CPU supports AVX2 and FMA (`available()` checked it).
+                unsafe { depthwise_plane_avx2(self, c, src, h, w, oh, ow, dst) };
+                return;
+            }
+            let _ = fast;
+            depthwise_plane(self, c, src, h, w, oh, ow, dst);
+        });
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_plane_avx2(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
+    depthwise_plane(conv, c, src, h, w, oh, ow, dst)
+}
+
+/// One channel of a depthwise convolution, tap by tap over whole output rows so that the inner
+/// loop is a vectorisable multiply-add.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_plane(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
+    let (kh, kw) = conv.kernel;
+    let (sh, sw) = conv.stride;
+    let (dh, dw) = conv.dilation;
+    let (pt, pl) = (conv.pads.0 as isize, conv.pads.1 as isize);
+    let weights = &conv.weights[c * kh * kw..][..kh * kw];
+    dst.fill(0.0);
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let wv = weights[ky * kw + kx];
+            // Output columns whose input column stays inside the image.
+            let off_x = (kx * dw) as isize - pl;
+            let x_lo = if off_x >= 0 { 0 } else { ((-off_x) as usize).div_ceil(sw) };
+            let x_hi = if (w as isize) <= off_x { 0 } else { ((w as isize - off_x) as usize).div_ceil(sw).min(ow) };
+            if x_lo >= x_hi {
+                continue;
+            }
+            for oy in 0..oh {
+                let iy = (oy * sh) as isize - pt + (ky * dh) as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                let srow = &src[iy as usize * w..][..w];
+                let drow = &mut dst[oy * ow..][..ow];
+                if sw == 1 {
+                    let start = (x_lo as isize + off_x) as usize;
+                    let s = &srow[start..start + (x_hi - x_lo)];
+                    for (d, &v) in drow[x_lo..x_hi].iter_mut().zip(s) {
+                        *d += wv * v;
                     }
-                    for oy in 0..oh {
-                        let iy = (oy * sh) as isize - pt + (ky * dh) as isize;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
-                        }
-                        let srow = &src[iy as usize * w..][..w];
-                        let drow = &mut dst[oy * ow..][..ow];
-                        if sw == 1 {
-                            let start = (x_lo as isize + off_x) as usize;
-                            let s = &srow[start..start + (x_hi - x_lo)];
-                            for (d, &v) in drow[x_lo..x_hi].iter_mut().zip(s) {
-                                *d += wv * v;
-                            }
-                        } else {
-                            for ox in x_lo..x_hi {
-                                drow[ox] += wv * srow[(ox as isize * sw as isize + off_x) as usize];
-                            }
-                        }
+                } else {
+                    for ox in x_lo..x_hi {
+                        drow[ox] += wv * srow[(ox as isize * sw as isize + off_x) as usize];
                     }
                 }
             }
-            bias_activation(dst, self.bias[c], self.activation);
-        });
+        }
     }
+    bias_activation(dst, conv.bias[c], conv.activation);
 }
 
 #[cfg(test)]
@@ -304,14 +353,18 @@ mod tests {
             weights: values(cout * cin / groups * k * k, 1),
             bias: values(cout, 2),
             activation: Activation::Silu,
+            packed: Vec::new(),
         };
         let input = values(n * cin * h * w, 3);
-        let (oh, ow) = conv.output_size(h, w).unwrap();
-        let mut out = vec![f32::NAN; n * cout * oh * ow];
-        conv.run(&input, n, h, w, &mut out);
-        let want = reference(&conv, &input, n, h, w);
-        for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "cin={cin} cout={cout} g={groups} k={k} s={stride}: [{i}] {a} vs {b}");
+        // Both the portable path and the packed microkernel.
+        for conv in [conv.clone(), conv.clone().with_packed_weights()] {
+            let (oh, ow) = conv.output_size(h, w).unwrap();
+            let mut out = vec![f32::NAN; n * cout * oh * ow];
+            conv.run(&input, n, h, w, &mut out);
+            let want = reference(&conv, &input, n, h, w);
+            for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "cin={cin} cout={cout} g={groups} k={k} s={stride}: [{i}] {a} vs {b}");
+            }
         }
     }
 

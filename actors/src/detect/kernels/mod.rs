@@ -3,3 +3,5 @@
 
 pub mod activation;
 pub mod conv;
+pub mod packed_gemm;
+pub mod transpose;

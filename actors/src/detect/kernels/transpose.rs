@@ -1,0 +1,160 @@
+//! Axis permutation of a contiguous `f32` tensor.
+//!
+//! Axes that stay neighbours are merged first; what remains in detection models is either a
+//! batched 2-D transpose (done in cache-sized blocks) or a permutation that keeps the innermost
+//! axis (done as row copies). Anything else falls back to a strided gather.
+
+use rayon::prelude::*;
+
+/// Below this many elements the work is not split across threads.
+const PARALLEL_MIN: usize = 1 << 15;
+const BLOCK: usize = 32;
+
+/// Merges output axes that are consecutive in the input. Returns the input dims and the
+/// permutation of the merged tensor.
+fn collapse(dims: &[usize], perm: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    // Groups of output axes whose input axes are consecutive.
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for &axis in perm {
+        match groups.last_mut() {
+            Some(g) if *g.last().expect("groups are never empty") + 1 == axis => g.push(axis),
+            _ => groups.push(vec![axis]),
+        }
+    }
+    // Input order of the groups gives the merged input dims.
+    let mut by_input: Vec<usize> = (0..groups.len()).collect();
+    by_input.sort_by_key(|&g| groups[g][0]);
+    let merged_dims: Vec<usize> = by_input.iter().map(|&g| groups[g].iter().map(|&a| dims[a]).product()).collect();
+    let mut position = vec![0; groups.len()];
+    for (i, &g) in by_input.iter().enumerate() {
+        position[g] = i;
+    }
+    (merged_dims, position)
+}
+
+/// Returns `input` (with `dims`) permuted so that output axis `i` is input axis `perm[i]`.
+pub fn permute(input: &[f32], dims: &[usize], perm: &[usize]) -> Vec<f32> {
+    assert_eq!(input.len(), dims.iter().product::<usize>());
+    let (dims, perm) = collapse(dims, perm);
+    let mut out = vec![0.0f32; input.len()];
+    if input.is_empty() {
+        return out;
+    }
+    match (dims.as_slice(), perm.as_slice()) {
+        (_, [0]) => out.copy_from_slice(input),
+        (&[rows, cols], [1, 0]) => transpose_2d_batched(input, 1, rows, cols, &mut out),
+        (&[batch, rows, cols], [0, 2, 1]) => transpose_2d_batched(input, batch, rows, cols, &mut out),
+        _ if perm.last() == Some(&(perm.len() - 1)) => permute_rows(input, &dims, &perm, &mut out),
+        _ => permute_gather(input, &dims, &perm, &mut out),
+    }
+    out
+}
+
+fn transpose_2d_batched(input: &[f32], batch: usize, rows: usize, cols: usize, out: &mut [f32]) {
+    let plane = rows * cols;
+    // Work items: (batch, block of output rows = input columns).
+    let col_blocks = cols.div_ceil(BLOCK);
+    let run = |b: usize, cb: usize, dst: &mut [f32]| {
+        // `dst` holds output rows c0..c1 of plane b (each `rows` long).
+        let src = &input[b * plane..][..plane];
+        let c0 = cb * BLOCK;
+        let c1 = (c0 + BLOCK).min(cols);
+        for r0 in (0..rows).step_by(BLOCK) {
+            let r1 = (r0 + BLOCK).min(rows);
+            for c in c0..c1 {
+                let d = &mut dst[(c - c0) * rows..][r0..r1];
+                for (r, v) in (r0..r1).zip(d.iter_mut()) {
+                    *v = src[r * cols + c];
+                }
+            }
+        }
+    };
+    let chunk = BLOCK * rows;
+    if input.len() < PARALLEL_MIN {
+        for b in 0..batch {
+            for (cb, dst) in out[b * plane..][..plane].chunks_mut(chunk).enumerate() {
+                run(b, cb, dst);
+            }
+        }
+    } else {
+        out.par_chunks_mut(plane).enumerate().for_each(|(b, plane_out)| {
+            plane_out.par_chunks_mut(chunk).enumerate().for_each(|(cb, dst)| run(b, cb, dst));
+        });
+    }
+    debug_assert!(col_blocks * chunk >= plane);
+}
+
+/// Input strides of the output axes.
+fn strides_for(dims: &[usize], perm: &[usize]) -> Vec<usize> {
+    let mut input_strides = vec![1; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        input_strides[i] = input_strides[i + 1] * dims[i + 1];
+    }
+    perm.iter().map(|&a| input_strides[a]).collect()
+}
+
+/// The innermost axis stays innermost: copy whole rows.
+fn permute_rows(input: &[f32], dims: &[usize], perm: &[usize], out: &mut [f32]) {
+    let out_dims: Vec<usize> = perm.iter().map(|&a| dims[a]).collect();
+    let strides = strides_for(dims, perm);
+    let row = *out_dims.last().expect("rank >= 1");
+    let outer = &out_dims[..out_dims.len() - 1];
+    let copy_row = |r: usize, dst: &mut [f32]| {
+        let mut rem = r;
+        let mut offset = 0;
+        for (d, s) in outer.iter().zip(&strides).rev() {
+            offset += (rem % d) * s;
+            rem /= d;
+        }
+        dst.copy_from_slice(&input[offset..offset + row]);
+    };
+    if input.len() < PARALLEL_MIN {
+        out.chunks_mut(row).enumerate().for_each(|(r, dst)| copy_row(r, dst));
+    } else {
+        out.par_chunks_mut(row).enumerate().for_each(|(r, dst)| copy_row(r, dst));
+    }
+}
+
+fn permute_gather(input: &[f32], dims: &[usize], perm: &[usize], out: &mut [f32]) {
+    let out_dims: Vec<usize> = perm.iter().map(|&a| dims[a]).collect();
+    let strides = strides_for(dims, perm);
+    for (i, v) in out.iter_mut().enumerate() {
+        let mut rem = i;
+        let mut offset = 0;
+        for (d, s) in out_dims.iter().zip(&strides).rev() {
+            offset += (rem % d) * s;
+            rem /= d;
+        }
+        *v = input[offset];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(input: &[f32], dims: &[usize], perm: &[usize]) -> Vec<f32> {
+        let mut out = vec![0.0; input.len()];
+        permute_gather(input, dims, perm, &mut out);
+        out
+    }
+
+    #[test]
+    fn matches_the_definition_for_model_shapes() {
+        for (dims, perm) in [
+            (vec![4, 40, 2, 32], vec![0, 2, 3, 1]),
+            (vec![1, 20, 20, 64], vec![0, 3, 1, 2]),
+            (vec![1, 192, 160], vec![0, 2, 1]),
+            (vec![4, 40, 2, 32], vec![0, 2, 1, 3]),
+            (vec![4, 2, 40, 40], vec![0, 1, 3, 2]),
+            (vec![1, 4, 16, 840], vec![0, 2, 1, 3]),
+            (vec![3, 5, 7], vec![2, 0, 1]),
+            (vec![2, 3, 4, 5], vec![3, 1, 0, 2]),
+            (vec![7], vec![0]),
+            (vec![64, 300], vec![1, 0]),
+        ] {
+            let input: Vec<f32> = (0..dims.iter().product::<usize>()).map(|i| i as f32).collect();
+            assert_eq!(permute(&input, &dims, &perm), reference(&input, &dims, &perm), "{dims:?} {perm:?}");
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Convolution kernel throughput on YOLOv12n's layer shapes: GFLOP/s of the packed AVX2
+//! microkernel and of the portable `gemm`-crate path, on the same pool of threads.
+//! `cargo bench --bench conv [-- THREADS]`
+
+use std::time::Instant;
+
+use streamdet_actors::detect::kernels::activation::Activation;
+use streamdet_actors::detect::kernels::conv::Conv2d;
+
+fn conv(cin: usize, cout: usize, k: usize, stride: usize, groups: usize) -> Conv2d {
+    let pad = k / 2;
+    Conv2d {
+        in_channels: cin,
+        out_channels: cout,
+        groups,
+        kernel: (k, k),
+        stride: (stride, stride),
+        dilation: (1, 1),
+        pads: (pad, pad, pad, pad),
+        weights: (0..cout * cin / groups * k * k).map(|i| (i % 7) as f32 * 0.01).collect(),
+        bias: vec![0.1; cout],
+        activation: Activation::Silu,
+        packed: Vec::new(),
+    }
+}
+
+fn main() {
+    let threads: usize = std::env::args().filter_map(|a| a.parse().ok()).next().unwrap_or(2);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    // (cin, cout, kernel, stride, groups, input size)
+    let shapes = [
+        (3, 16, 3, 2, 1, 640),
+        (16, 32, 3, 2, 1, 320),
+        (32, 64, 1, 1, 1, 160),
+        (64, 64, 3, 1, 1, 80),
+        (64, 128, 3, 2, 1, 80),
+        (128, 128, 1, 1, 1, 40),
+        (128, 256, 3, 2, 1, 40),
+        (256, 256, 1, 1, 1, 20),
+        (128, 128, 7, 1, 128, 40),
+    ];
+    println!("threads {threads}");
+    for (cin, cout, k, stride, groups, size) in shapes {
+        let input: Vec<f32> = (0..cin * size * size).map(|i| (i % 13) as f32 * 0.05).collect();
+        for (name, c) in [("portable", conv(cin, cout, k, stride, groups)), ("packed", conv(cin, cout, k, stride, groups).with_packed_weights())] {
+            let (oh, ow) = c.output_size(size, size).unwrap();
+            let mut out = vec![0.0; cout * oh * ow];
+            let flops = 2.0 * (cout * oh * ow * cin / groups * k * k) as f64;
+            pool.install(|| c.run(&input, 1, size, size, &mut out));
+            let reps = ((2e9 / flops) as usize).clamp(3, 200);
+            let start = Instant::now();
+            for _ in 0..reps {
+                pool.install(|| c.run(&input, 1, size, size, &mut out));
+            }
+            let secs = start.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "conv {cin:>3}->{cout:<3} k{k} s{stride} g{groups:<3} {size:>3}px  {name:<8} {:>7.3} ms  {:>6.1} GFLOP/s",
+                secs * 1e3,
+                flops / secs / 1e9
+            );
+        }
+    }
+}
