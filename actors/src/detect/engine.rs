@@ -158,7 +158,7 @@ impl Engine {
     pub fn plan(model: &OnnxModel, device: &Device) -> Result<Self, DetectError> {
         let input = model.inputs.first().ok_or_else(|| DetectError::BadModelText("the graph has no input".into()))?;
         let output = model.outputs.first().ok_or_else(|| DetectError::BadModelText("the graph has no output".into()))?;
-        let nodes = fuse_conv_silu(&model.nodes);
+        let nodes = fuse_softmax(&fuse_conv_silu(&model.nodes), &model.initializers);
 
         let mut slots: HashMap<String, usize> = HashMap::new();
         let slot_of = |name: &str, slots: &mut HashMap<String, usize>| {
@@ -325,6 +325,73 @@ fn fuse_conv_silu(nodes: &[Node]) -> Vec<Node> {
         .filter_map(|(i, n)| match replacement.remove(&i) {
             Some(node) => Some(node),
             None if fused[i] => None,
+            None => Some(n.clone()),
+        })
+        .collect()
+}
+
+/// Rewrites the softmax that attention blocks spell out —
+/// `e = Exp(x - ReduceMax(x, -1)); y = e / ReduceSum(e, -1)` — into one `Softmax(x, axis=-1)`,
+/// when the intermediate values are used nowhere else.
+fn fuse_softmax(nodes: &[Node], initializers: &HashMap<String, TensorData>) -> Vec<Node> {
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for node in nodes {
+        for input in &node.inputs {
+            *uses.entry(input.as_str()).or_default() += 1;
+        }
+    }
+    let producer: HashMap<&str, usize> =
+        nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i))).collect();
+    let last_axis_keepdims = |n: &Node| {
+        let axes = match (n.inputs.get(1), n.attributes.get("axes")) {
+            (Some(name), _) => initializers.get(name).map(|t| t.as_i64()),
+            (None, Some(Attribute::Ints(v))) => Some(v.clone()),
+            _ => None,
+        };
+        let keepdims = !matches!(n.attributes.get("keepdims"), Some(Attribute::Int(0)));
+        axes.as_deref() == Some(&[-1]) && keepdims
+    };
+    let by_output = |name: &str, op: &str| producer.get(name).copied().filter(|&i| nodes[i].op_type == op);
+    let mut drop = vec![false; nodes.len()];
+    let mut replacement: HashMap<usize, Node> = HashMap::new();
+    for (di, div) in nodes.iter().enumerate() {
+        if div.op_type != "Div" || div.inputs.len() != 2 {
+            continue;
+        }
+        let (e, s) = (div.inputs[0].as_str(), div.inputs[1].as_str());
+        let Some(ei) = by_output(e, "Exp") else { continue };
+        let Some(si) = by_output(s, "ReduceSum") else { continue };
+        let Some(subi) = by_output(&nodes[ei].inputs[0], "Sub") else { continue };
+        let sub = &nodes[subi];
+        let Some(mi) = by_output(&sub.inputs[1], "ReduceMax") else { continue };
+        let x = sub.inputs[0].as_str();
+        let fits = nodes[si].inputs[0] == e
+            && nodes[mi].inputs[0] == x
+            && last_axis_keepdims(&nodes[si])
+            && last_axis_keepdims(&nodes[mi])
+            && uses.get(e) == Some(&2)
+            && uses.get(s) == Some(&1)
+            && uses.get(sub.outputs[0].as_str()) == Some(&1)
+            && uses.get(sub.inputs[1].as_str()) == Some(&1);
+        if !fits || [ei, si, subi, mi].iter().any(|&i| drop[i]) {
+            continue;
+        }
+        for i in [ei, si, subi, mi] {
+            drop[i] = true;
+        }
+        let mut attributes = HashMap::new();
+        attributes.insert("axis".to_string(), Attribute::Int(-1));
+        replacement.insert(
+            di,
+            Node { name: div.name.clone(), op_type: "Softmax".into(), inputs: vec![x.to_string()], outputs: div.outputs.clone(), attributes },
+        );
+    }
+    nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| match replacement.remove(&i) {
+            Some(node) => Some(node),
+            None if drop[i] => None,
             None => Some(n.clone()),
         })
         .collect()
@@ -524,6 +591,24 @@ impl CustomOp1 for CpuUnary {
     }
 }
 
+/// Softmax over the last axis on the CPU, one row at a time in cache.
+struct CpuSoftmaxLastAxis;
+
+impl CustomOp1 for CpuSoftmaxLastAxis {
+    fn name(&self) -> &'static str {
+        "streamdet-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let row = *layout.dims().last().unwrap_or(&1);
+        let mut out = contiguous_f32(storage, layout)?.to_vec();
+        if row > 0 {
+            out.par_chunks_mut(row).for_each(activation::softmax_inplace);
+        }
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
 /// Axis permutation on the CPU (blocked transposes and row copies).
 struct CpuPermute(Vec<usize>);
 
@@ -689,7 +774,9 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
         Op::Softmax { axis } => {
             let t = x()?;
             let axis = normalize_axis(*axis, t.rank())?;
-            if axis + 1 == t.rank() {
+            if axis + 1 == t.rank() && is_cpu_f32(t) {
+                one(t.contiguous()?.apply_op1_no_bwd(&CpuSoftmaxLastAxis)?)
+            } else if axis + 1 == t.rank() {
                 one(candle_nn::ops::softmax_last_dim(&t.contiguous()?)?)
             } else {
                 one(candle_nn::ops::softmax(t, axis)?)

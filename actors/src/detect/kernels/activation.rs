@@ -55,6 +55,29 @@ fn map_body(xs: &mut [f32], f: UnaryFn) {
     }
 }
 
+/// Folds `xs` with 8 independent lanes, so that the compiler can vectorise a reduction whose
+/// operation is not associative in floating point.
+#[inline(always)]
+fn fold_lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = f(*lane, x);
+        }
+    }
+    let tail = chunks.remainder().iter().fold(init, |a, &x| f(a, x));
+    lanes.iter().fold(tail, |a, &x| f(a, x))
+}
+
+#[inline(always)]
+fn softmax_body(xs: &mut [f32]) {
+    let max = fold_lanes(xs, f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
+    xs.iter_mut().for_each(|x| *x = exp(*x - max));
+    let scale = 1.0 / fold_lanes(xs, 0.0, |a, b| a + b);
+    xs.iter_mut().for_each(|x| *x *= scale);
+}
+
 /// Element-wise functions the engine applies in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnaryFn {
@@ -75,6 +98,11 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub fn map(xs: &mut [f32], f: UnaryFn) {
         map_body(xs, f)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn softmax(xs: &mut [f32]) {
+        softmax_body(xs)
     }
 }
 
@@ -109,6 +137,16 @@ pub fn map_inplace(xs: &mut [f32], f: UnaryFn) {
     map_body(xs, f)
 }
 
+/// Replaces a row by its softmax, in place.
+pub fn softmax_inplace(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { avx2::softmax(xs) };
+    }
+    softmax_body(xs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +159,14 @@ mod tests {
             assert!(((got - want) / want).abs() < 2e-6, "exp({x}) = {got}, want {want}");
         }
         assert_eq!(exp(-1000.0), (-87.0f32).exp());
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one() {
+        let mut row = vec![1.0, 2.0, 3.0, -50.0, 1000.0];
+        softmax_inplace(&mut row);
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!((row[4] - 1.0).abs() < 1e-6 && row[3] < 1e-30);
     }
 
     #[test]
