@@ -5,7 +5,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$root/fixtures"
-stamp="$out/.complete-v2"
+stamp="$out/.complete-v4"
 [ -f "$stamp" ] && exit 0
 mkdir -p "$out"
 cd "$out"
@@ -22,6 +22,7 @@ x264=(-c:v libx264 -preset veryfast -pix_fmt yuv420p -g 25)
 "${ff[@]}" -i master.mkv -c copy -bsf:v h264_mp4toannexb -f h264 clip.h264
 "${ff[@]}" "${src[@]}" -c:v libvpx-vp9 -deadline realtime -cpu-used 8 -g 25 vp9.webm
 "${ff[@]}" "${src[@]}" -c:v libvpx -deadline realtime -cpu-used 8 -g 25 vp8.webm
+"${ff[@]}" "${src[@]}" -c:v libsvtav1 -preset 12 -g 25 av1.webm 2>/dev/null
 "${ff[@]}" "${src[@]}" -c:v libx265 -preset ultrafast -x265-params log-level=none -g 25 -movflags +faststart hevc.mp4
 "${ff[@]}" "${src[@]}" -c:v mpeg4 -q:v 5 -g 25 -movflags +faststart mpeg4.mp4
 "${ff[@]}" -i master.mkv -c copy -metadata:s:v:0 rotate=90 -movflags +faststart rotated.mp4
@@ -29,8 +30,18 @@ x264=(-c:v libx264 -preset veryfast -pix_fmt yuv420p -g 25)
 "${ff[@]}" -f lavfi -i "color=black:size=640x360:rate=25:duration=1,drawbox=x=40:y=30:w=100:h=50:color=white:t=fill" \
   "${x264[@]}" -movflags +faststart rect.mp4
 "${ff[@]}" -i rect.mp4 -c copy -metadata:s:v:0 rotate=90 -movflags +faststart rect_rotated.mp4
+# A longer, denser MPEG-TS (about 8 MB) for live-input tests that must outgrow the buffer's
+# discard margin.
+"${ff[@]}" -f lavfi -i "testsrc2=size=640x360:rate=25:duration=8,noise=alls=20:allf=t+u" "${x264[@]}" -b:v 8M -minrate 8M -maxrate 8M -bufsize 2M -f mpegts live.ts
 # Damaged and foreign inputs.
 head -c "$(( $(stat -c %s faststart.mp4) * 6 / 10 ))" faststart.mp4 > truncated.mp4
+python3 - <<'PY'
+# 16 KiB of garbage in the middle of the MPEG-TS clip: packets to skip, not a reason to stop.
+data = bytearray(open("clip.ts", "rb").read())
+middle = len(data) // 2
+data[middle:middle + 16384] = bytes((i * 151 + 7) % 256 for i in range(16384))
+open("corrupt.ts", "wb").write(data)
+PY
 "${ff[@]}" -f lavfi -i "testsrc2=size=320x240" -frames:v 1 image.jpg
 "${ff[@]}" -f lavfi -i "anullsrc=r=44100:cl=mono" -t 1 -c:a aac audio.m4a
 printf '#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n' > playlist.m3u8

@@ -98,7 +98,7 @@ fn ffprobe_pts(path: &Path) -> Vec<Option<f64>> {
 
 #[test]
 fn streamable_formats_give_frames_before_half_the_upload() {
-    for name in ["faststart.mp4", "fragmented.mp4", "clip.mkv", "vp9.webm", "vp8.webm", "clip.ts", "clip.h264", "hevc.mp4", "mpeg4.mp4"] {
+    for name in ["faststart.mp4", "fragmented.mp4", "clip.mkv", "vp9.webm", "vp8.webm", "clip.ts", "clip.h264", "hevc.mp4", "mpeg4.mp4", "av1.webm"] {
         let (observed, total) = decode_while_uploading(name, DecodeOptions::default());
         observed.result.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
         let (written, state) = observed.at_first_frame.unwrap_or_else(|| panic!("{name}: no frame"));
@@ -209,6 +209,38 @@ fn bad_inputs_are_clear_errors() {
     let truncated = decode_file("truncated.mp4");
     assert!(truncated.frames.len() >= 50, "the frames before the damage are delivered");
     assert_eq!(truncated.result.unwrap_err().code(), "truncated");
+}
+
+#[test]
+fn corrupt_packets_are_skipped_and_decoding_goes_on() {
+    let observed = decode_file("corrupt.ts");
+    observed.result.expect("damage in the middle is not fatal");
+    let frames = observed.frames.len();
+    assert!(frames >= 80 && frames <= 100, "{frames} frames");
+    assert!(observed.frames.last().unwrap().pts > 3.5, "decoding reached the end");
+}
+
+#[test]
+fn live_input_frees_what_the_demuxer_has_read() {
+    let path = fixtures().join("live.ts");
+    let total = std::fs::metadata(&path).unwrap().len();
+    assert!(total > 6 << 20, "the live fixture must outgrow the discard margin");
+    let (buffer, writer) = upload_slowly(&path, 64 << 10, Duration::from_millis(1));
+    let mut decoder = Decoder::open(buffer.reader(), DecodeOptions { live: true, ..Default::default() }).unwrap();
+    let mut frames = 0;
+    while decoder.next_frame().unwrap().is_some() {
+        frames += 1;
+    }
+    writer.join().unwrap();
+    assert_eq!(frames, 200);
+    let freed = buffer.discarded_before();
+    assert!(freed > 0 && freed < total, "discarded before {freed} of {total}");
+    // Without `live`, nothing is discarded.
+    let (buffer, writer) = upload_slowly(&path, 64 << 10, Duration::ZERO);
+    let mut decoder = Decoder::open(buffer.reader(), DecodeOptions::default()).unwrap();
+    while decoder.next_frame().unwrap().is_some() {}
+    writer.join().unwrap();
+    assert_eq!(buffer.discarded_before(), 0);
 }
 
 #[test]

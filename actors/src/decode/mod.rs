@@ -146,6 +146,8 @@ pub struct Decoder {
 /// Bytes kept behind the demuxer's furthest read when discarding: FFmpeg may re-read within its
 /// own I/O buffer and probe window.
 const DISCARD_MARGIN: u64 = 4 << 20;
+/// Discard in steps of at least this much, so each punch-hole call frees a useful range.
+const DISCARD_STEP: u64 = 1 << 20;
 
 fn ff_error_text(err: ff::Error) -> String {
     err.to_string()
@@ -172,7 +174,7 @@ impl Decoder {
             return Err(DecodeError::UnsupportedMedia("the video stream states no dimensions".into()));
         }
         let (width, height) = (width as u32, height as u32);
-        let codec_name = format!("{codec_id:?}").to_lowercase();
+        let codec_name = codec_id.name().to_string();
         if ff::decoder::find(codec_id).is_none() {
             return Err(DecodeError::UnsupportedCodec(codec_name));
         }
@@ -190,7 +192,7 @@ impl Decoder {
         let start_pts = (start != ffi::AV_NOPTS_VALUE).then_some(start);
         let media = MediaInfo {
             container: input.format().name().to_string(),
-            codec: decoder.codec().map_or(codec_name, |c| c.name().to_string()),
+            codec: codec_name,
             width: display_w,
             height: display_h,
             fps: (fps * 1000.0).round() / 1000.0,
@@ -289,7 +291,7 @@ impl Decoder {
                 Ok(()) => {
                     if self.discard_consumed {
                         let behind = self.buffer.furthest_read().saturating_sub(DISCARD_MARGIN);
-                        if behind >= self.buffer.discarded_before() + DISCARD_MARGIN {
+                        if behind >= self.buffer.discarded_before() + DISCARD_STEP {
                             // Disk space is an optimisation here: a failed punch costs nothing else.
                             let _ = self.buffer.discard_before(behind);
                         }
