@@ -8,10 +8,14 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use crate::commands;
+use crate::config::Config;
 
 #[derive(Debug, Parser)]
 #[command(name = "streamdet", version, about = "Object detection on a video while it is being uploaded")]
 pub struct Args {
+    /// Configuration file (default: ./config.toml when it exists).
+    #[arg(long, global = true)]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -20,6 +24,9 @@ pub struct Args {
 enum Command {
     /// Detect objects in images; prints one JSON line per image.
     DetectImage(commands::detect_image::Args),
+    /// Detect objects in a video file (or `-` for stdin, read as it arrives) with the streaming
+    /// pipeline; prints its events: `start`, one `frame` per processed frame, `end`.
+    Detect(commands::detect::Args),
     /// Decode a video file (or `-` for stdin, read as it arrives); prints one JSON line per
     /// selected frame and an `end` line.
     Decode(commands::decode::Args),
@@ -41,10 +48,18 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 }
 
 pub fn run(args: Args) -> ExitCode {
+    let config = match Config::load(args.config.as_deref(), std::env::vars()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("streamdet: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match args.command {
-        Command::DetectImage(a) => commands::detect_image::run(a),
-        Command::Decode(a) => commands::decode::run(a),
-        Command::BenchModel(a) => commands::bench_model::run(a),
+        Command::DetectImage(a) => commands::detect_image::run(a, &config),
+        Command::Detect(a) => commands::detect::run(a, &config),
+        Command::Decode(a) => commands::decode::run(a, &config),
+        Command::BenchModel(a) => commands::bench_model::run(a, &config),
     };
     match result {
         Ok(code) => code,

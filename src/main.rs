@@ -6,6 +6,7 @@ use clap::Parser;
 
 mod cli;
 mod commands;
+mod config;
 
 fn main() -> ExitCode {
     let args = match cli::Args::try_parse() {

@@ -4,7 +4,11 @@
 //! - [`buffer`]: the growing temp file the upload is appended to and the decoder reads from.
 //! - [`decode`]: FFmpeg demuxing and decoding over a growing buffer, frames letterboxed for the model.
 //! - [`detect`]: ultralytics ONNX detection models on candle, letterboxing and post-processing.
+//! - [`actors`]: the uploader, decoder, inference and session actors and their messages.
+//! - [`pipeline`]: one call builds a session out of the actors; a handle feeds it and reads events.
 
+pub mod actors;
 pub mod buffer;
 pub mod decode;
 pub mod detect;
+pub mod pipeline;

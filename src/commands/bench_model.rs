@@ -10,6 +10,7 @@ use streamdet_actors::detect::OpProfile;
 
 use super::ModelArgs;
 use crate::cli::Failure;
+use crate::config::Config;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -34,11 +35,11 @@ fn median(sorted: &[f64]) -> f64 {
     if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 }
 }
 
-pub fn run(args: Args) -> Result<ExitCode, Failure> {
+pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
     if args.batch == 0 || args.runs == 0 {
         return Err(Failure::Usage("--batch and --runs must be at least 1".into()));
     }
-    let detector = args.model.load()?;
+    let detector = args.model.load(config)?;
     let (w, h) = detector.input_size();
     // The same kind of input as ort_bench.py: uniform random values in [0, 1).
     let input = Tensor::rand(0f32, 1f32, (args.batch, 3, h, w), &Device::Cpu)?;
@@ -53,7 +54,7 @@ pub fn run(args: Args) -> Result<ExitCode, Failure> {
     }
     times.sort_by(f64::total_cmp);
     let round2 = |v: f64| (v * 100.0).round() / 100.0;
-    let threads = match args.model.threads {
+    let threads = match args.model.threads(config) {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
@@ -61,7 +62,7 @@ pub fn run(args: Args) -> Result<ExitCode, Failure> {
         "{}",
         json!({
             "type": "bench", "runtime": "streamdet", "version": env!("CARGO_PKG_VERSION"),
-            "model": args.model.model, "threads": threads, "batch": args.batch,
+            "model": args.model.path(config), "threads": threads, "batch": args.batch,
             "median_ms": round2(median(&times)), "min_ms": round2(times[0]),
             "max_ms": round2(times[times.len() - 1]), "runs": args.runs,
         })

@@ -10,6 +10,7 @@ use streamdet_actors::buffer::{self, BufferOptions, BufferWriter};
 use streamdet_actors::decode::{DecodeOptions, Decoder, FrameSelection};
 
 use crate::cli::Failure;
+use crate::config::Config;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -40,7 +41,7 @@ fn feed(mut source: impl Read, mut writer: BufferWriter) -> std::io::Result<()> 
     Ok(())
 }
 
-pub fn run(args: Args) -> Result<ExitCode, Failure> {
+pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
     let selection = match (args.stride, args.fps) {
         (Some(0), _) => return Err(Failure::Usage("--stride must be at least 1".into())),
         (Some(n), _) => FrameSelection::Stride(n),
@@ -57,11 +58,17 @@ pub fn run(args: Args) -> Result<ExitCode, Failure> {
             Err(err) => return Err(Failure::Runtime(anyhow::anyhow!("cannot open {}: {err}", args.input))),
         }
     };
-    let writer = buffer::create(&BufferOptions::default())?;
+    let writer = buffer::create(&BufferOptions { dir: config.temp_dir(), window_bytes: config.storage.window_bytes })?;
     let reader = writer.buffer().reader();
     let buffer = writer.buffer().clone();
     let feeder = thread::spawn(move || feed(source, writer));
-    let options = DecodeOptions { selection, live, ..Default::default() };
+    let options = DecodeOptions {
+        selection,
+        live,
+        max_dimensions: (config.limits.max_width, config.limits.max_height),
+        threads: config.decode.threads,
+        ..Default::default()
+    };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let result = (|| -> Result<serde_json::Value, streamdet_actors::decode::DecodeError> {

@@ -9,6 +9,7 @@ use streamdet_actors::detect::{self, DetectParams, Detector, ModelFrame};
 
 use super::ModelArgs;
 use crate::cli::Failure;
+use crate::config::Config;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -46,13 +47,13 @@ pub fn class_ids(detector: &Detector, names: &[String]) -> Result<Option<Vec<usi
         .map(Some)
 }
 
-pub fn run(args: Args) -> Result<ExitCode, Failure> {
+pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
     for (name, v) in [("--conf", args.conf), ("--iou", args.iou)] {
         if !(0.0..=1.0).contains(&v) {
             return Err(Failure::Usage(format!("{name} must be between 0 and 1")));
         }
     }
-    let detector = args.model.load()?;
+    let detector = args.model.load(config)?;
     let classes = class_ids(&detector, &args.classes)?;
     let params = DetectParams { conf: args.conf, iou: args.iou, classes, ..Default::default() };
     let mut failed = false;

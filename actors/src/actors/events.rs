@@ -1,0 +1,37 @@
+//! What a session reports, in order: `start`, then `frame`s, then one `end` — or an `error`,
+//! after which nothing follows.
+
+use serde::Serialize;
+
+use crate::decode::MediaInfo;
+use crate::detect::Detection;
+
+/// The model a session runs, as the `start` event shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModelSummary {
+    pub name: String,
+    /// Input width and height.
+    pub input: [usize; 2],
+    pub classes: usize,
+}
+
+/// One line of a session's NDJSON (or one SSE message).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Start { session: String, media: MediaInfo, model: ModelSummary },
+    Frame { index: u64, pts: f64, detections: Vec<Detection> },
+    End { frames_decoded: u64, frames_processed: u64, bytes: u64, sha256: String, upload_seconds: f64, seconds: f64 },
+    Error { code: String, message: String },
+}
+
+impl Event {
+    pub fn error(code: &str, message: impl Into<String>) -> Event {
+        Event::Error { code: code.to_string(), message: message.into() }
+    }
+
+    /// Whether nothing follows this event.
+    pub fn is_last(&self) -> bool {
+        matches!(self, Event::End { .. } | Event::Error { .. })
+    }
+}

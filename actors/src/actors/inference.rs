@@ -1,0 +1,201 @@
+//! The one inference actor that every session shares.
+//!
+//! It queues frames per session and forms batches round-robin across sessions, up to
+//! `batch_size` frames, waiting at most `batch_timeout` for a batch to fill. The model runs on a
+//! dedicated worker thread, one batch at a time, so the actor's mailbox stays responsive. A panic
+//! inside a batch fails that batch's frames; every other session goes on.
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use crate::detect::{DetectParams, Detection, Detector, ModelFrame};
+
+/// A frame of one session, to be detected.
+pub struct FrameJob {
+    pub session: u64,
+    pub index: u64,
+    pub pts: f64,
+    pub frame: ModelFrame,
+    pub params: Arc<DetectParams>,
+    /// Where the result goes.
+    pub reply: Recipient<FrameDone>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Infer(pub FrameJob);
+
+/// Drops the queued frames of a session that ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Forget(pub u64);
+
+/// The result for one frame.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct FrameDone {
+    pub index: u64,
+    pub pts: f64,
+    pub result: Result<Vec<Detection>, String>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct BatchDone {
+    frames: usize,
+}
+
+/// How frames are batched.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchPolicy {
+    pub batch_size: usize,
+    pub batch_timeout: Duration,
+}
+
+pub struct Inference {
+    detector: Arc<Detector>,
+    policy: BatchPolicy,
+    /// One queue per session with frames waiting, in round-robin order.
+    queues: VecDeque<(u64, VecDeque<FrameJob>)>,
+    in_flight: bool,
+    timer: Option<SpawnHandle>,
+    worker: Option<std_mpsc::Sender<(Vec<FrameJob>, Addr<Inference>)>>,
+    /// Frames processed and batches run, for metrics.
+    pub frames: u64,
+    pub batches: u64,
+}
+
+impl Inference {
+    pub fn new(detector: Arc<Detector>, policy: BatchPolicy) -> Self {
+        let policy = BatchPolicy { batch_size: policy.batch_size.max(1), ..policy };
+        Inference { detector, policy, queues: VecDeque::new(), in_flight: false, timer: None, worker: None, frames: 0, batches: 0 }
+    }
+
+    fn queued(&self) -> usize {
+        self.queues.iter().map(|(_, q)| q.len()).sum()
+    }
+
+    fn maybe_dispatch(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight || self.queues.is_empty() {
+            return;
+        }
+        if self.queued() >= self.policy.batch_size || self.policy.batch_timeout.is_zero() {
+            self.dispatch(ctx);
+        } else if self.timer.is_none() {
+            self.timer = Some(ctx.run_later(self.policy.batch_timeout, |act, ctx| {
+                act.timer = None;
+                if !act.in_flight {
+                    act.dispatch(ctx);
+                }
+            }));
+        }
+    }
+
+    /// Takes one frame per session in turn until the batch is full, and hands it to the worker.
+    fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.timer.take() {
+            ctx.cancel_future(timer);
+        }
+        let mut batch = Vec::with_capacity(self.policy.batch_size);
+        while batch.len() < self.policy.batch_size {
+            let Some((session, mut queue)) = self.queues.pop_front() else { break };
+            if let Some(job) = queue.pop_front() {
+                batch.push(job);
+            }
+            if !queue.is_empty() {
+                self.queues.push_back((session, queue));
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let Some(worker) = &self.worker else { return };
+        self.in_flight = true;
+        if let Err(std_mpsc::SendError((batch, _))) = worker.send((batch, ctx.address())) {
+            // The worker thread is gone: fail these frames rather than hold them forever.
+            self.in_flight = false;
+            for job in batch {
+                job.reply.do_send(FrameDone { index: job.index, pts: job.pts, result: Err("the inference worker stopped".into()) });
+            }
+        }
+    }
+}
+
+/// Runs batches until the actor goes away.
+fn worker_loop(detector: Arc<Detector>, batches: std_mpsc::Receiver<(Vec<FrameJob>, Addr<Inference>)>) {
+    while let Ok((jobs, actor)) = batches.recv() {
+        let frames: Vec<ModelFrame> = jobs.iter().map(|j| j.frame.clone()).collect();
+        let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<Detection>>, String> {
+            let input = detector.input_tensor(&frames).map_err(|e| e.to_string())?;
+            let output = detector.run_raw(&input).map_err(|e| e.to_string())?;
+            jobs.iter()
+                .enumerate()
+                .map(|(i, job)| {
+                    let one = output.narrow(0, i, 1).map_err(|e| e.to_string())?;
+                    let mut decoded = detector.decode(&one, &frames[i..i + 1], &job.params).map_err(|e| e.to_string())?;
+                    Ok(decoded.pop().unwrap_or_default())
+                })
+                .collect()
+        }));
+        let results: Vec<Result<Vec<Detection>, String>> = match outcome {
+            Ok(Ok(all)) => all.into_iter().map(Ok).collect(),
+            Ok(Err(message)) => vec![Err(message); jobs.len()],
+            Err(_) => vec![Err("the model panicked on this batch".into()); jobs.len()],
+        };
+        let count = jobs.len();
+        for (job, result) in jobs.into_iter().zip(results) {
+            job.reply.do_send(FrameDone { index: job.index, pts: job.pts, result });
+        }
+        actor.do_send(BatchDone { frames: count });
+    }
+}
+
+impl Actor for Inference {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _ctx: &mut Self::Context) {
+        let (tx, rx) = std_mpsc::channel();
+        let detector = Arc::clone(&self.detector);
+        let spawned = std::thread::Builder::new().name("streamdet-inference".into()).spawn(move || worker_loop(detector, rx));
+        match spawned {
+            Ok(_) => self.worker = Some(tx),
+            Err(err) => tracing::error!(%err, "cannot start the inference worker thread"),
+        }
+    }
+}
+
+impl Handler<Infer> for Inference {
+    type Result = ();
+
+    fn handle(&mut self, Infer(job): Infer, ctx: &mut Context<Self>) {
+        match self.queues.iter_mut().find(|(s, _)| *s == job.session) {
+            Some((_, queue)) => queue.push_back(job),
+            None => self.queues.push_back((job.session, VecDeque::from([job]))),
+        }
+        self.maybe_dispatch(ctx);
+    }
+}
+
+impl Handler<Forget> for Inference {
+    type Result = ();
+
+    fn handle(&mut self, Forget(session): Forget, _ctx: &mut Context<Self>) {
+        self.queues.retain(|(s, _)| *s != session);
+    }
+}
+
+impl Handler<BatchDone> for Inference {
+    type Result = ();
+
+    fn handle(&mut self, done: BatchDone, ctx: &mut Context<Self>) {
+        self.in_flight = false;
+        self.frames += done.frames as u64;
+        self.batches += 1;
+        self.maybe_dispatch(ctx);
+    }
+}

@@ -1,0 +1,13 @@
+//! The actors of one streaming detection: an [`uploader::Uploader`] appends the upload to a
+//! buffer, a [`decoder::DecoderActor`] decodes it on its own thread while it grows, the shared
+//! [`inference::Inference`] actor batches frames across sessions, and a [`session::Session`]
+//! turns it all into [`Event`]s. Back-pressure is by credits: the decoder sends a frame only
+//! against a credit, and each processed frame returns one.
+
+pub mod decoder;
+pub mod events;
+pub mod inference;
+pub mod session;
+pub mod uploader;
+
+pub use events::{Event, ModelSummary};

@@ -1,0 +1,226 @@
+//! One session: gathers what the uploader, the decoder and the inference actor report and turns
+//! it into [`Event`]s, in order. `end` comes once the upload is complete, the decoder is done and
+//! every frame it sent has come back — never before the last `frame`.
+
+use std::time::Instant;
+
+use actix::prelude::*;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::decoder::{Abort, Credit, DecoderActor};
+use super::events::{Event, ModelSummary};
+use super::inference::{FrameDone, Forget, Inference};
+use crate::decode::{DecodeError, DecodeStats, MediaInfo};
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DecoderOpened(pub MediaInfo);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DecodeFinished {
+    pub stats: DecodeStats,
+    /// Frames sent to inference (all selected frames, unless it stopped early).
+    pub sent: u64,
+    pub error: Option<DecodeError>,
+}
+
+/// The whole upload arrived.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UploadFinished {
+    pub bytes: u64,
+    pub sha256: String,
+    /// When the first byte arrived.
+    pub first_byte: Instant,
+    pub last_byte: Instant,
+}
+
+/// The upload failed or was abandoned.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UploadFailed {
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Ends the session with an error event (a timeout, a shutdown, a cancel).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Fail {
+    pub code: &'static str,
+    pub message: String,
+}
+
+pub struct Session {
+    pub id: String,
+    pub key: u64,
+    events: UnboundedSender<Event>,
+    model: ModelSummary,
+    decoder: Option<Addr<DecoderActor>>,
+    inference: Addr<Inference>,
+    upload: Option<UploadFinished>,
+    decoded: Option<DecodeStats>,
+    /// Frames the decoder sent to inference, known once it finished.
+    sent: u64,
+    /// Why decoding stopped early; reported once the frames sent before it are back.
+    decode_error: Option<DecodeError>,
+    processed: u64,
+    finished: bool,
+}
+
+impl Session {
+    pub fn new(
+        id: String,
+        key: u64,
+        events: UnboundedSender<Event>,
+        model: ModelSummary,
+        inference: Addr<Inference>,
+        decoder: Addr<DecoderActor>,
+    ) -> Self {
+        Session {
+            id,
+            key,
+            events,
+            model,
+            decoder: Some(decoder),
+            inference,
+            upload: None,
+            decoded: None,
+            sent: 0,
+            decode_error: None,
+            processed: 0,
+            finished: false,
+        }
+    }
+
+    fn emit(&mut self, event: Event) {
+        if self.finished {
+            return;
+        }
+        self.finished = event.is_last();
+        // A receiver that went away (client disconnected) just stops listening.
+        let _ = self.events.send(event);
+    }
+
+    fn fail(&mut self, ctx: &mut Context<Self>, code: &str, message: String) {
+        self.emit(Event::error(code, message));
+        ctx.stop();
+    }
+
+    fn maybe_end(&mut self, ctx: &mut Context<Self>) {
+        let Some(decoded) = &self.decoded else { return };
+        if self.processed < self.sent {
+            return; // frames are still in flight
+        }
+        if let Some(error) = self.decode_error.take() {
+            let code = match error {
+                DecodeError::Cancelled => "truncated",
+                _ => error.code(),
+            };
+            let message = match error {
+                DecodeError::Cancelled => "the upload ended before the video was complete".to_string(),
+                other => other.to_string(),
+            };
+            return self.fail(ctx, code, message);
+        }
+        let Some(upload) = &self.upload else { return };
+        let seconds = upload.first_byte.elapsed().as_secs_f64();
+        let event = Event::End {
+            frames_decoded: decoded.frames,
+            frames_processed: self.processed,
+            bytes: upload.bytes,
+            sha256: upload.sha256.clone(),
+            upload_seconds: round3((upload.last_byte - upload.first_byte).as_secs_f64()),
+            seconds: round3(seconds),
+        };
+        self.emit(event);
+        ctx.stop();
+    }
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        if !self.finished {
+            self.emit(Event::error("internal", "the session stopped"));
+        }
+        if let Some(decoder) = self.decoder.take() {
+            decoder.do_send(Abort);
+        }
+        self.inference.do_send(Forget(self.key));
+    }
+}
+
+impl Handler<DecoderOpened> for Session {
+    type Result = ();
+
+    fn handle(&mut self, DecoderOpened(media): DecoderOpened, _ctx: &mut Context<Self>) {
+        let event = Event::Start { session: self.id.clone(), media, model: self.model.clone() };
+        self.emit(event);
+    }
+}
+
+impl Handler<FrameDone> for Session {
+    type Result = ();
+
+    fn handle(&mut self, done: FrameDone, ctx: &mut Context<Self>) {
+        match done.result {
+            Ok(detections) => {
+                self.processed += 1;
+                self.emit(Event::Frame { index: done.index, pts: done.pts, detections });
+                if let Some(decoder) = &self.decoder {
+                    decoder.do_send(Credit(1));
+                }
+                self.maybe_end(ctx);
+            }
+            Err(message) => self.fail(ctx, "internal", message),
+        }
+    }
+}
+
+impl Handler<DecodeFinished> for Session {
+    type Result = ();
+
+    fn handle(&mut self, finished: DecodeFinished, ctx: &mut Context<Self>) {
+        if self.finished {
+            // An upload failure already ended the session; the decoder merely stopped after it.
+            ctx.stop();
+            return;
+        }
+        self.decoded = Some(finished.stats);
+        self.sent = finished.sent;
+        self.decode_error = finished.error;
+        self.maybe_end(ctx);
+    }
+}
+
+impl Handler<UploadFinished> for Session {
+    type Result = ();
+
+    fn handle(&mut self, upload: UploadFinished, ctx: &mut Context<Self>) {
+        self.upload = Some(upload);
+        self.maybe_end(ctx);
+    }
+}
+
+impl Handler<UploadFailed> for Session {
+    type Result = ();
+
+    fn handle(&mut self, failed: UploadFailed, ctx: &mut Context<Self>) {
+        self.fail(ctx, failed.code, failed.message);
+    }
+}
+
+impl Handler<Fail> for Session {
+    type Result = ();
+
+    fn handle(&mut self, failed: Fail, ctx: &mut Context<Self>) {
+        self.fail(ctx, failed.code, failed.message);
+    }
+}

@@ -1,0 +1,175 @@
+//! Wiring: one call builds a session out of the actors; a handle feeds it and reads its events.
+//!
+//! ```no_run
+//! # async fn run(detector: streamdet_actors::detect::Detector) {
+//! use std::sync::Arc;
+//! use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams};
+//!
+//! // Inside an actix system (an actix-web handler, `actix_rt::System::new().block_on`):
+//! let pipeline = Pipeline::start(Arc::new(detector), PipelineOptions::default());
+//! let session = pipeline.session(SessionParams::default()).unwrap();
+//! let (upload, mut events) = session.split();
+//! upload.feed(bytes::Bytes::from_static(b"...video bytes...")).await.ok();
+//! upload.finish();
+//! while let Some(event) = events.recv().await {
+//!     println!("{}", serde_json::to_string(&event).unwrap());
+//! }
+//! # }
+//! ```
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytes::Bytes;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use crate::actors::decoder::DecoderActor;
+use crate::actors::inference::{BatchPolicy, Inference};
+use crate::actors::session::{Fail, Session};
+use crate::actors::uploader::{AbortUpload, Chunk, Finish, UploadError, Uploader};
+use crate::actors::{Event, ModelSummary};
+use crate::buffer::{self, BufferOptions};
+use crate::decode::{DecodeOptions, FrameSelection};
+use crate::detect::{DetectParams, Detector};
+
+/// Settings shared by every session of a pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// The model's name in `start` events.
+    pub model_name: String,
+    pub buffer: BufferOptions,
+    /// Decoder limits and threads (the target size and selection are set per session).
+    pub decode: DecodeOptions,
+    pub batch: BatchPolicy,
+    /// Frames a session may have in flight between decoder and inference.
+    pub credits: usize,
+    pub max_upload_bytes: u64,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            model_name: "model".into(),
+            buffer: BufferOptions::default(),
+            decode: DecodeOptions::default(),
+            batch: BatchPolicy { batch_size: 1, batch_timeout: Duration::from_millis(5) },
+            credits: 4,
+            max_upload_bytes: 4 << 30,
+        }
+    }
+}
+
+/// What one session asks for.
+#[derive(Debug, Clone)]
+pub struct SessionParams {
+    /// A client-chosen id; a random one when `None`.
+    pub id: Option<String>,
+    pub selection: FrameSelection,
+    pub detect: DetectParams,
+    /// The input is unbounded (a pipe): free consumed bytes when the container allows.
+    pub live: bool,
+}
+
+impl Default for SessionParams {
+    fn default() -> Self {
+        SessionParams { id: None, selection: FrameSelection::All, detect: DetectParams::default(), live: false }
+    }
+}
+
+/// The shared part: the inference actor and the settings. Cheap to clone.
+#[derive(Clone)]
+pub struct Pipeline {
+    inference: Addr<Inference>,
+    detector: Arc<Detector>,
+    options: Arc<PipelineOptions>,
+    next_key: Arc<AtomicU64>,
+}
+
+fn random_id() -> String {
+    let a = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let b = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    format!("{a:016x}{b:016x}")
+}
+
+impl Pipeline {
+    /// Starts the inference actor. Must run inside an actix system.
+    pub fn start(detector: Arc<Detector>, options: PipelineOptions) -> Self {
+        let inference = Inference::new(Arc::clone(&detector), options.batch).start();
+        Pipeline { inference, detector, options: Arc::new(options), next_key: Arc::new(AtomicU64::new(1)) }
+    }
+
+    pub fn detector(&self) -> &Arc<Detector> {
+        &self.detector
+    }
+
+    /// Starts a session: a buffer, its uploader, decoder and session actors.
+    pub fn session(&self, params: SessionParams) -> std::io::Result<SessionHandle> {
+        let writer = buffer::create(&self.options.buffer)?;
+        let reader = writer.buffer().reader();
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let id = params.id.clone().unwrap_or_else(random_id);
+        let (tx, rx) = unbounded_channel();
+        let (w, h) = self.detector.input_size();
+        let model = ModelSummary { name: self.options.model_name.clone(), input: [w, h], classes: self.detector.class_names().len() };
+        let decode = DecodeOptions { target: (w, h), selection: params.selection, live: params.live, ..self.options.decode.clone() };
+        let detect = Arc::new(params.detect);
+        let (inference, credits) = (self.inference.clone(), self.options.credits);
+        let session_id = id.clone();
+        let session = Session::create(move |ctx| {
+            let decoder = DecoderActor::new(key, reader, decode, detect, credits, ctx.address(), inference.clone()).start();
+            Session::new(session_id, key, tx, model, inference, decoder)
+        });
+        let uploader = Uploader::new(writer, self.options.max_upload_bytes, session.clone()).start();
+        Ok(SessionHandle { id, upload: UploadHandle { uploader, session }, events: rx })
+    }
+}
+
+/// A running session: feed it, read its events.
+pub struct SessionHandle {
+    pub id: String,
+    upload: UploadHandle,
+    events: UnboundedReceiver<Event>,
+}
+
+impl SessionHandle {
+    /// Separates the feeding side from the events, for a task each.
+    pub fn split(self) -> (UploadHandle, UnboundedReceiver<Event>) {
+        (self.upload, self.events)
+    }
+}
+
+/// The feeding side of a session. Dropping it before [`finish`](Self::finish) abandons the
+/// upload.
+#[derive(Clone)]
+pub struct UploadHandle {
+    uploader: Addr<Uploader>,
+    session: Addr<Session>,
+}
+
+impl UploadHandle {
+    /// Appends a chunk; resolves once it is in the buffer.
+    pub async fn feed(&self, chunk: Bytes) -> Result<(), UploadError> {
+        match self.uploader.send(Chunk(chunk)).await {
+            Ok(result) => result,
+            Err(_) => Err(UploadError::Closed),
+        }
+    }
+
+    /// The upload is complete.
+    pub fn finish(&self) {
+        self.uploader.do_send(Finish);
+    }
+
+    /// The upload cannot complete: the session ends with this error.
+    pub fn abort(&self, code: &'static str, message: impl Into<String>) {
+        self.uploader.do_send(AbortUpload { code, message: message.into() });
+    }
+
+    /// Ends the session now with an error event.
+    pub fn cancel(&self, code: &'static str, message: impl Into<String>) {
+        self.session.do_send(Fail { code, message: message.into() });
+    }
+}

@@ -1,0 +1,144 @@
+//! `streamdet detect FILE|-`: the streaming pipeline run locally — the same actors as the
+//! service — printing its events as NDJSON. `-` reads stdin as it arrives, so
+//! `ffmpeg ... -f mpegts - | streamdet detect -` works on a live encode.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use streamdet_actors::actors::Event;
+use streamdet_actors::actors::inference::BatchPolicy;
+use streamdet_actors::buffer::BufferOptions;
+use streamdet_actors::decode::{DecodeOptions, FrameSelection};
+use streamdet_actors::detect::DetectParams;
+use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams};
+
+use super::ModelArgs;
+use super::detect_image::class_ids;
+use crate::cli::Failure;
+use crate::config::Config;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A video file, or `-` to read standard input as it arrives.
+    input: String,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Process frames whose index is a multiple of N.
+    #[arg(long, conflicts_with = "fps")]
+    stride: Option<u64>,
+    /// Process at most F frames per second of video time.
+    #[arg(long)]
+    fps: Option<f64>,
+    /// Minimum confidence.
+    #[arg(long, default_value_t = 0.25)]
+    conf: f32,
+    /// IoU threshold of non-maximum suppression.
+    #[arg(long, default_value_t = 0.45)]
+    iou: f32,
+    /// Only these classes, by name, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    classes: Vec<String>,
+}
+
+/// Reads `source` in chunks into a bounded channel (so a fast file waits for the pipeline).
+fn read_chunks(mut source: impl Read + Send + 'static) -> tokio::sync::mpsc::Receiver<std::io::Result<Bytes>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    std::thread::spawn(move || {
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            let item = match source.read(&mut chunk) {
+                Ok(0) => return,
+                Ok(n) => Ok(Bytes::copy_from_slice(&chunk[..n])),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(e),
+            };
+            let failed = item.is_err();
+            if tx.blocking_send(item).is_err() || failed {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
+    let selection = match (args.stride, args.fps) {
+        (Some(0), _) => return Err(Failure::Usage("--stride must be at least 1".into())),
+        (Some(n), _) => FrameSelection::Stride(n),
+        (None, Some(f)) if !(f > 0.0 && f.is_finite()) => return Err(Failure::Usage("--fps must be positive".into())),
+        (None, Some(f)) => FrameSelection::Fps(f),
+        (None, None) => FrameSelection::All,
+    };
+    for (name, v) in [("--conf", args.conf), ("--iou", args.iou)] {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(Failure::Usage(format!("{name} must be between 0 and 1")));
+        }
+    }
+    let live = args.input == "-";
+    let source: Box<dyn Read + Send> = if live {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(&args.input).map_err(|e| Failure::Runtime(anyhow::anyhow!("cannot open {}: {e}", args.input)))?)
+    };
+    let detector = args.model.load(config)?;
+    let classes = class_ids(&detector, &args.classes)?;
+    let model_path = args.model.path(config);
+    let options = PipelineOptions {
+        model_name: model_path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
+        buffer: BufferOptions { dir: config.temp_dir(), window_bytes: config.storage.window_bytes },
+        decode: DecodeOptions {
+            max_dimensions: (config.limits.max_width, config.limits.max_height),
+            threads: config.decode.threads,
+            ..Default::default()
+        },
+        batch: BatchPolicy { batch_size: 1, batch_timeout: Duration::ZERO },
+        credits: 4,
+        max_upload_bytes: u64::MAX,
+    };
+    let params = SessionParams {
+        id: None,
+        selection,
+        detect: DetectParams { conf: args.conf, iou: args.iou, classes, ..Default::default() },
+        live,
+    };
+    let system = actix_rt::System::new();
+    let code = system.block_on(async move {
+        let pipeline = Pipeline::start(Arc::new(detector), options);
+        let session = pipeline.session(params)?;
+        let (upload, mut events) = session.split();
+        let mut chunks = read_chunks(source);
+        actix_rt::spawn(async move {
+            while let Some(chunk) = chunks.recv().await {
+                match chunk {
+                    Ok(bytes) => {
+                        if upload.feed(bytes).await.is_err() {
+                            return; // the session ended; its events say why
+                        }
+                    }
+                    Err(err) => {
+                        upload.abort("internal", format!("reading the input: {err}"));
+                        return;
+                    }
+                }
+            }
+            upload.finish();
+        });
+        let stdout = std::io::stdout();
+        let mut code = ExitCode::SUCCESS;
+        while let Some(event) = events.recv().await {
+            if let Event::Error { message, .. } = &event {
+                eprintln!("streamdet: {message}");
+                code = ExitCode::from(1);
+            }
+            let line = serde_json::to_string(&event)?;
+            if writeln!(stdout.lock(), "{line}").is_err() || event.is_last() {
+                break;
+            }
+        }
+        Ok::<_, anyhow::Error>(code)
+    })?;
+    Ok(code)
+}
