@@ -9,6 +9,10 @@ stamp="$out/.complete-v4"
 [ -f "$stamp" ] && exit 0
 mkdir -p "$out"
 cd "$out"
+# One maker at a time: concurrent test processes wait for the first one.
+exec 9>"$out/.lock"
+flock 9
+[ -f "$stamp" ] && exit 0
 ff=(ffmpeg -hide_banner -loglevel error -y)
 src=(-f lavfi -i "testsrc2=size=640x360:rate=25:duration=4")
 x264=(-c:v libx264 -preset veryfast -pix_fmt yuv420p -g 25)
@@ -60,7 +64,8 @@ PY
 rm raw.mkv
 
 # Detection clip: the real photos, one second each at 5 fps, 1280x720, faststart MP4.
-if [ -x "$root/.venv/bin/python" ]; then
+[ -x "$root/.venv/bin/python" ] || { echo "make-fixtures: no .venv; run scripts/setup.sh first" >&2; exit 1; }
+{
   mapfile -t photos < <("$root/.venv/bin/python" "$root/scripts/photos.py")
   inputs=(); chain=""; labels=""
   for i in "${!photos[@]}"; do
@@ -70,6 +75,6 @@ if [ -x "$root/.venv/bin/python" ]; then
   done
   chain+="${labels}concat=n=${#photos[@]}:v=1:a=0[out]"
   "${ff[@]}" "${inputs[@]}" -filter_complex "$chain" -map "[out]" "${x264[@]}" -r 5 -movflags +faststart photos.mp4
-fi
+}
 rm master.mkv
 touch "$stamp"

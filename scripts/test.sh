@@ -4,4 +4,5 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
+bash scripts/make-fixtures.sh
 cargo test --workspace --locked "$@"

@@ -15,8 +15,12 @@ use crate::support::{self, run_ok};
 /// A generous guard against hangs; never a speed check.
 const HANG_GUARD: Duration = Duration::from_secs(60);
 
+/// The generated test videos (made once per test run; the script itself is idempotent).
 pub fn fixtures() -> PathBuf {
-    run_ok(Command::new("bash").arg(support::root().join("scripts/make-fixtures.sh")));
+    static MADE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    MADE.get_or_init(|| {
+        run_ok(Command::new("bash").arg(support::root().join("scripts/make-fixtures.sh")));
+    });
     support::root().join("fixtures")
 }
 

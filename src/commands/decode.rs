@@ -7,8 +7,9 @@ use std::thread;
 
 use serde_json::json;
 use streamdet_actors::buffer::{self, BufferOptions, BufferWriter};
-use streamdet_actors::decode::{DecodeOptions, Decoder, FrameSelection};
+use streamdet_actors::decode::{DecodeOptions, Decoder};
 
+use super::SelectionArgs;
 use crate::cli::Failure;
 use crate::config::Config;
 
@@ -16,12 +17,8 @@ use crate::config::Config;
 pub struct Args {
     /// A video file, or `-` to read standard input as it arrives.
     input: String,
-    /// Report frames whose index is a multiple of N.
-    #[arg(long, conflicts_with = "fps")]
-    stride: Option<u64>,
-    /// Report at most F frames per second of video time.
-    #[arg(long)]
-    fps: Option<f64>,
+    #[command(flatten)]
+    selection: SelectionArgs,
 }
 
 /// Appends everything `source` yields to `writer`; a read error aborts the buffer (dropping
@@ -42,13 +39,7 @@ fn feed(mut source: impl Read, mut writer: BufferWriter) -> std::io::Result<()> 
 }
 
 pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
-    let selection = match (args.stride, args.fps) {
-        (Some(0), _) => return Err(Failure::Usage("--stride must be at least 1".into())),
-        (Some(n), _) => FrameSelection::Stride(n),
-        (None, Some(f)) if !(f > 0.0 && f.is_finite()) => return Err(Failure::Usage("--fps must be positive".into())),
-        (None, Some(f)) => FrameSelection::Fps(f),
-        (None, None) => FrameSelection::All,
-    };
+    let selection = args.selection.selection()?;
     let live = args.input == "-";
     let source: Box<dyn Read + Send> = if live {
         Box::new(std::io::stdin())

@@ -11,12 +11,10 @@ use bytes::Bytes;
 use streamdet_actors::actors::Event;
 use streamdet_actors::actors::inference::BatchPolicy;
 use streamdet_actors::buffer::BufferOptions;
-use streamdet_actors::decode::{DecodeOptions, FrameSelection};
-use streamdet_actors::detect::DetectParams;
+use streamdet_actors::decode::DecodeOptions;
 use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams};
 
-use super::ModelArgs;
-use super::detect_image::class_ids;
+use super::{DetectArgs, ModelArgs, SelectionArgs};
 use crate::cli::Failure;
 use crate::config::Config;
 
@@ -26,21 +24,10 @@ pub struct Args {
     input: String,
     #[command(flatten)]
     model: ModelArgs,
-    /// Process frames whose index is a multiple of N.
-    #[arg(long, conflicts_with = "fps")]
-    stride: Option<u64>,
-    /// Process at most F frames per second of video time.
-    #[arg(long)]
-    fps: Option<f64>,
-    /// Minimum confidence.
-    #[arg(long, default_value_t = 0.25)]
-    conf: f32,
-    /// IoU threshold of non-maximum suppression.
-    #[arg(long, default_value_t = 0.45)]
-    iou: f32,
-    /// Only these classes, by name, comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    classes: Vec<String>,
+    #[command(flatten)]
+    selection: SelectionArgs,
+    #[command(flatten)]
+    detect: DetectArgs,
 }
 
 /// Reads `source` in chunks into a bounded channel (so a fast file waits for the pipeline).
@@ -65,18 +52,8 @@ fn read_chunks(mut source: impl Read + Send + 'static) -> tokio::sync::mpsc::Rec
 }
 
 pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
-    let selection = match (args.stride, args.fps) {
-        (Some(0), _) => return Err(Failure::Usage("--stride must be at least 1".into())),
-        (Some(n), _) => FrameSelection::Stride(n),
-        (None, Some(f)) if !(f > 0.0 && f.is_finite()) => return Err(Failure::Usage("--fps must be positive".into())),
-        (None, Some(f)) => FrameSelection::Fps(f),
-        (None, None) => FrameSelection::All,
-    };
-    for (name, v) in [("--conf", args.conf), ("--iou", args.iou)] {
-        if !(0.0..=1.0).contains(&v) {
-            return Err(Failure::Usage(format!("{name} must be between 0 and 1")));
-        }
-    }
+    let selection = args.selection.selection()?;
+    args.detect.validate()?;
     let live = args.input == "-";
     let source: Box<dyn Read + Send> = if live {
         Box::new(std::io::stdin())
@@ -84,7 +61,7 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         Box::new(std::fs::File::open(&args.input).map_err(|e| Failure::Runtime(anyhow::anyhow!("cannot open {}: {e}", args.input)))?)
     };
     let detector = args.model.load(config)?;
-    let classes = class_ids(&detector, &args.classes)?;
+    let detect = args.detect.params(&detector)?;
     let model_path = args.model.path(config);
     let options = PipelineOptions {
         model_name: model_path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
@@ -101,7 +78,7 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
     let params = SessionParams {
         id: None,
         selection,
-        detect: DetectParams { conf: args.conf, iou: args.iou, classes, ..Default::default() },
+        detect,
         live,
     };
     let system = actix_rt::System::new();

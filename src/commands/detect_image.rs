@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use serde_json::json;
 use streamdet_actors::detect::{self, DetectParams, Detector, ModelFrame};
 
-use super::ModelArgs;
+use super::{DetectArgs, ModelArgs};
 use crate::cli::Failure;
 use crate::config::Config;
 
@@ -18,44 +18,14 @@ pub struct Args {
     images: Vec<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
-    /// Minimum confidence.
-    #[arg(long, default_value_t = 0.25)]
-    conf: f32,
-    /// IoU threshold of non-maximum suppression.
-    #[arg(long, default_value_t = 0.45)]
-    iou: f32,
-    /// Only these classes, by name, comma-separated (e.g. `person,cat`).
-    #[arg(long, value_delimiter = ',')]
-    classes: Vec<String>,
-}
-
-/// Class ids for class names, or a usage error naming the unknown one.
-pub fn class_ids(detector: &Detector, names: &[String]) -> Result<Option<Vec<usize>>, Failure> {
-    if names.is_empty() {
-        return Ok(None);
-    }
-    names
-        .iter()
-        .map(|name| {
-            detector
-                .class_names()
-                .iter()
-                .position(|c| c == name.trim())
-                .ok_or_else(|| Failure::Usage(format!("the model has no class {name:?}")))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
+    #[command(flatten)]
+    detect: DetectArgs,
 }
 
 pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
-    for (name, v) in [("--conf", args.conf), ("--iou", args.iou)] {
-        if !(0.0..=1.0).contains(&v) {
-            return Err(Failure::Usage(format!("{name} must be between 0 and 1")));
-        }
-    }
+    args.detect.validate()?;
     let detector = args.model.load(config)?;
-    let classes = class_ids(&detector, &args.classes)?;
-    let params = DetectParams { conf: args.conf, iou: args.iou, classes, ..Default::default() };
+    let params = args.detect.params(&detector)?;
     let mut failed = false;
     let stdout = std::io::stdout();
     for path in &args.images {

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::Device;
 use clap::Args as ClapArgs;
-use streamdet_actors::detect::Detector;
+use streamdet_actors::decode::FrameSelection;
+use streamdet_actors::detect::{DetectParams, Detector};
+
+use crate::cli::Failure;
 
 use crate::config::Config;
 
@@ -41,5 +44,76 @@ impl ModelArgs {
             _ => Device::Cpu,
         };
         Detector::load_with_threads(&path, device, self.threads(config)).with_context(|| format!("loading {}", path.display()))
+    }
+}
+
+/// Which decoded frames to process.
+#[derive(Debug, ClapArgs)]
+pub struct SelectionArgs {
+    /// Only frames whose index is a multiple of N.
+    #[arg(long, conflicts_with = "fps")]
+    stride: Option<u64>,
+    /// At most F frames per second of video time.
+    #[arg(long)]
+    fps: Option<f64>,
+}
+
+impl SelectionArgs {
+    pub fn selection(&self) -> Result<FrameSelection, Failure> {
+        match (self.stride, self.fps) {
+            (Some(0), _) => Err(Failure::Usage("--stride must be at least 1".into())),
+            (Some(n), _) => Ok(FrameSelection::Stride(n)),
+            (None, Some(f)) if !(f > 0.0 && f.is_finite()) => Err(Failure::Usage("--fps must be positive".into())),
+            (None, Some(f)) => Ok(FrameSelection::Fps(f)),
+            (None, None) => Ok(FrameSelection::All),
+        }
+    }
+}
+
+/// Thresholds and class filter of detection.
+#[derive(Debug, ClapArgs)]
+pub struct DetectArgs {
+    /// Minimum confidence.
+    #[arg(long, default_value_t = 0.25)]
+    conf: f32,
+    /// IoU threshold of non-maximum suppression.
+    #[arg(long, default_value_t = 0.45)]
+    iou: f32,
+    /// Only these classes, by name, comma-separated (e.g. `person,cat`).
+    #[arg(long, value_delimiter = ',')]
+    classes: Vec<String>,
+}
+
+impl DetectArgs {
+    /// Checks the thresholds (before the model loads, so a typo fails fast).
+    pub fn validate(&self) -> Result<(), Failure> {
+        for (name, v) in [("--conf", self.conf), ("--iou", self.iou)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Failure::Usage(format!("{name} must be between 0 and 1")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The parameters, with class names resolved against the model (an unknown one is a usage
+    /// error).
+    pub fn params(&self, detector: &Detector) -> Result<DetectParams, Failure> {
+        let classes = if self.classes.is_empty() {
+            None
+        } else {
+            let ids = self
+                .classes
+                .iter()
+                .map(|name| {
+                    detector
+                        .class_names()
+                        .iter()
+                        .position(|c| c == name.trim())
+                        .ok_or_else(|| Failure::Usage(format!("the model has no class {name:?}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(ids)
+        };
+        Ok(DetectParams { conf: self.conf, iou: self.iou, classes, ..Default::default() })
     }
 }

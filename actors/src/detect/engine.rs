@@ -493,6 +493,9 @@ fn parse_conv(node: &Node, initializers: &HashMap<String, TensorData>, device: &
     };
     let (wshape, weights) = weight;
     let (out_channels, cin_g, kh, kw) = (wshape[0], wshape[1], wshape[2], wshape[3]);
+    if [out_channels, cin_g, kh, kw].contains(&0) {
+        return Err(unsupported(node, format!("empty weights {wshape:?}")));
+    }
     let groups = usize::try_from(attr_int(node, "group", 1)?).map_err(|_| unsupported(node, "negative group"))?;
     if groups == 0 || out_channels % groups != 0 {
         return Err(unsupported(node, format!("group={groups} with {out_channels} output channels")));
