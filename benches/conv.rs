@@ -25,6 +25,7 @@ fn conv(cin: usize, cout: usize, k: usize, stride: usize, groups: usize) -> Conv
 }
 
 fn main() {
+    elementwise();
     let threads: usize = std::env::args().filter_map(|a| a.parse().ok()).next().unwrap_or(2);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     // (cin, cout, kernel, stride, groups, input size)
@@ -60,4 +61,24 @@ fn main() {
             );
         }
     }
+}
+
+/// Element-wise kernels: nanoseconds per element on one thread.
+#[allow(dead_code)]
+fn elementwise() {
+    use streamdet_actors::detect::kernels::activation::{UnaryFn, map_inplace, softmax_inplace};
+    let mut data: Vec<f32> = (0..1 << 20).map(|i| (i % 1000) as f32 / 100.0 - 5.0).collect();
+    for (name, f) in [("exp", UnaryFn::Exp), ("sigmoid", UnaryFn::Sigmoid)] {
+        let start = Instant::now();
+        for _ in 0..20 {
+            map_inplace(&mut data, f);
+            map_inplace(&mut data, UnaryFn::Sigmoid);
+        }
+        println!("{name}+sigmoid: {:.3} ns/element", start.elapsed().as_secs_f64() * 1e9 / (40 << 20) as f64);
+    }
+    let start = Instant::now();
+    for _ in 0..20 {
+        data.chunks_mut(400).for_each(softmax_inplace);
+    }
+    println!("softmax rows of 400: {:.3} ns/element", start.elapsed().as_secs_f64() * 1e9 / (20 << 20) as f64);
 }

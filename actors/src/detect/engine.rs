@@ -594,19 +594,28 @@ impl CustomOp1 for CpuUnary {
     }
 }
 
-/// Softmax over the last axis on the CPU, one row at a time in cache.
-struct CpuSoftmaxLastAxis;
+/// Softmax over one axis on the CPU: rows in cache for the last axis, column-wise passes
+/// (vectorised across the contiguous inner axes) for any other.
+struct CpuSoftmax {
+    axis: usize,
+}
 
-impl CustomOp1 for CpuSoftmaxLastAxis {
+impl CustomOp1 for CpuSoftmax {
     fn name(&self) -> &'static str {
         "streamdet-softmax"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let row = *layout.dims().last().unwrap_or(&1);
+        let dims = layout.dims();
+        let len = dims[self.axis];
+        let inner: usize = dims[self.axis + 1..].iter().product();
         let mut out = contiguous_f32(storage, layout)?.to_vec();
-        if row > 0 {
-            out.par_chunks_mut(row).for_each(activation::softmax_inplace);
+        if len > 0 && inner > 0 {
+            if inner == 1 {
+                out.par_chunks_mut(len).for_each(activation::softmax_inplace);
+            } else {
+                out.par_chunks_mut(len * inner).for_each(|block| activation::softmax_columns_inplace(block, len, inner));
+            }
         }
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -777,8 +786,8 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
         Op::Softmax { axis } => {
             let t = x()?;
             let axis = normalize_axis(*axis, t.rank())?;
-            if axis + 1 == t.rank() && is_cpu_f32(t) {
-                one(t.contiguous()?.apply_op1_no_bwd(&CpuSoftmaxLastAxis)?)
+            if is_cpu_f32(t) {
+                one(t.contiguous()?.apply_op1_no_bwd(&CpuSoftmax { axis })?)
             } else if axis + 1 == t.rank() {
                 one(candle_nn::ops::softmax_last_dim(&t.contiguous()?)?)
             } else {
