@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs the tests that exercise the FFmpeg FFI (custom I/O callbacks, cancellation, bad and
+# damaged inputs) under valgrind: invalid reads/writes or definite leaks fail the run.
+# Needs `bash scripts/setup.sh` and valgrind (apt-get install valgrind).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+bash scripts/make-fixtures.sh
+binary="$(cargo test --locked --no-run --message-format=json --test streamdet-tests 2>/dev/null |
+  .venv/bin/python -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "streamdet-tests":
+        print(m["executable"])')"
+exec valgrind --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite -q \
+  "$binary" decode::bad_inputs decode::cancelling decode::playlists decode::display_rotation \
+  decode::corrupt_packets decode::letterboxed --test-threads 1
