@@ -58,7 +58,9 @@ enum Op {
     Transpose { perm: Option<Vec<usize>> },
     Softmax { axis: i64 },
     Slice,
-    MatMul,
+    /// A matrix product; a flag means that operand arrives with its last two axes swapped (a
+    /// transpose folded into the product's packing).
+    MatMul { a_transposed: bool, b_transposed: bool },
     Reduce { kind: ReduceKind, axes: Option<Vec<i64>>, keepdims: bool },
     Shape,
     Gather { axis: i64 },
@@ -158,7 +160,7 @@ impl Engine {
     pub fn plan(model: &OnnxModel, device: &Device) -> Result<Self, DetectError> {
         let input = model.inputs.first().ok_or_else(|| DetectError::BadModelText("the graph has no input".into()))?;
         let output = model.outputs.first().ok_or_else(|| DetectError::BadModelText("the graph has no output".into()))?;
-        let nodes = fuse_softmax(&fuse_conv_silu(&model.nodes), &model.initializers);
+        let nodes = fuse_transposed_matmul_operands(&fuse_softmax(&fuse_conv_silu(&model.nodes), &model.initializers));
 
         let mut slots: HashMap<String, usize> = HashMap::new();
         let slot_of = |name: &str, slots: &mut HashMap<String, usize>| {
@@ -397,6 +399,44 @@ fn fuse_softmax(nodes: &[Node], initializers: &HashMap<String, TensorData>) -> V
         .collect()
 }
 
+/// Folds a `Transpose` that only swaps the last two axes into the `MatMul` it feeds (when it
+/// feeds nothing else): the product packs its operands anyway, and can read them transposed.
+fn fuse_transposed_matmul_operands(nodes: &[Node]) -> Vec<Node> {
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for node in nodes {
+        for input in &node.inputs {
+            *uses.entry(input.as_str()).or_default() += 1;
+        }
+    }
+    let producer: HashMap<&str, usize> =
+        nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i))).collect();
+    let swaps_last_two = |n: &Node| match n.attributes.get("perm") {
+        Some(Attribute::Ints(p)) if p.len() >= 2 => {
+            let r = p.len();
+            p[..r - 2].iter().enumerate().all(|(i, &v)| v == i as i64) && p[r - 2] == r as i64 - 1 && p[r - 1] == r as i64 - 2
+        }
+        _ => false,
+    };
+    let mut drop = vec![false; nodes.len()];
+    let mut out: Vec<Node> = nodes.to_vec();
+    for (mi, node) in nodes.iter().enumerate() {
+        if node.op_type != "MatMul" || node.inputs.len() != 2 {
+            continue;
+        }
+        for (slot, flag) in [(0, "streamdet.transpose_a"), (1, "streamdet.transpose_b")] {
+            let name = node.inputs[slot].as_str();
+            let Some(&ti) = producer.get(name) else { continue };
+            let t = &nodes[ti];
+            if t.op_type == "Transpose" && swaps_last_two(t) && uses.get(name) == Some(&1) && !drop[ti] {
+                drop[ti] = true;
+                out[mi].inputs[slot] = t.inputs[0].clone();
+                out[mi].attributes.insert(flag.into(), Attribute::Int(1));
+            }
+        }
+    }
+    out.into_iter().enumerate().filter(|(i, _)| !drop[*i]).map(|(_, n)| n).collect()
+}
+
 fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, device: &Device) -> Result<Op, DetectError> {
     Ok(match node.op_type.as_str() {
         "Conv" => Op::Conv(Box::new(parse_conv(node, initializers, device)?)),
@@ -439,7 +479,10 @@ fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, device: &De
         },
         "Softmax" => Op::Softmax { axis: attr_int(node, "axis", -1)? },
         "Slice" => Op::Slice,
-        "MatMul" => Op::MatMul,
+        "MatMul" => Op::MatMul {
+            a_transposed: attr_int(node, "streamdet.transpose_a", 0)? != 0,
+            b_transposed: attr_int(node, "streamdet.transpose_b", 0)? != 0,
+        },
         "ReduceMax" | "ReduceSum" => {
             if attr_int(node, "noop_with_empty_axes", 0)? != 0 {
                 return Err(unsupported(node, "noop_with_empty_axes=1"));
@@ -642,7 +685,10 @@ impl CustomOp1 for CpuPermute {
 }
 
 /// Batched matrix product with equal batch dimensions, on the packed microkernel.
-struct CpuMatMul;
+struct CpuMatMul {
+    a_transposed: bool,
+    b_transposed: bool,
+}
 
 impl CustomOp2 for CpuMatMul {
     fn name(&self) -> &'static str {
@@ -652,13 +698,16 @@ impl CustomOp2 for CpuMatMul {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (da, db) = (l1.dims(), l2.dims());
         let r = da.len();
-        let (m, k, n) = (da[r - 2], da[r - 1], db[r - 1]);
-        if db[r - 2] != k {
+        let (m, k) = if self.a_transposed { (da[r - 1], da[r - 2]) } else { (da[r - 2], da[r - 1]) };
+        let (kb, n) = if self.b_transposed { (db[r - 1], db[r - 2]) } else { (db[r - 2], db[r - 1]) };
+        if kb != k {
             candle_core::bail!("matmul of {da:?} and {db:?}");
         }
         let batch: usize = da[..r - 2].iter().product();
-        let out = packed_gemm::batched_matmul(contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?, batch, m, k, n);
+        let (a, b) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let out = packed_gemm::batched_matmul(a, b, batch, m, k, n, self.a_transposed, self.b_transposed);
         let mut dims = da.to_vec();
+        dims[r - 2] = m;
         dims[r - 1] = n;
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
@@ -817,13 +866,14 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
             }
             one(out)
         }
-        Op::MatMul => {
+        Op::MatMul { a_transposed, b_transposed } => {
             let (a, b) = (x()?.contiguous()?, input(args, 1)?.contiguous()?);
             let same_batch = a.rank() >= 2 && a.rank() == b.rank() && a.dims()[..a.rank() - 2] == b.dims()[..b.rank() - 2];
             if is_cpu_f32(&a) && is_cpu_f32(&b) && same_batch && packed_gemm::available() {
-                one(a.apply_op2_no_bwd(&b, &CpuMatMul)?)
+                one(a.apply_op2_no_bwd(&b, &CpuMatMul { a_transposed: *a_transposed, b_transposed: *b_transposed })?)
             } else {
-                one(a.broadcast_matmul(&b)?)
+                let swap = |t: Tensor, swapped: bool| if swapped { t.transpose(t.rank() - 2, t.rank() - 1)?.contiguous() } else { Ok(t) };
+                one(swap(a, *a_transposed)?.broadcast_matmul(&swap(b, *b_transposed)?)?)
             }
         }
         Op::Reduce { kind, axes, keepdims } => {

@@ -36,15 +36,23 @@ pub struct PackedA {
 impl PackedA {
     /// Packs row-major `a` (`m x k`).
     pub fn new(a: &[f32], m: usize, k: usize) -> Self {
-        assert_eq!(a.len(), m * k);
+        Self::strided(a, m, k, k, 1)
+    }
+
+    /// Packs `m x k` whose element `(i, j)` is `a[i * row_stride + j * col_stride]` (a stored
+    /// transposed has `row_stride = 1, col_stride = m`).
+    pub fn strided(a: &[f32], m: usize, k: usize, row_stride: usize, col_stride: usize) -> Self {
+        if m > 0 && k > 0 {
+            assert!((m - 1) * row_stride + (k - 1) * col_stride < a.len(), "A is smaller than its strides say");
+        }
         let panels = m.div_ceil(MR);
         let mut data = vec![0.0; panels * k * MR];
         for p in 0..panels {
             let panel = &mut data[p * k * MR..][..k * MR];
             for r in 0..MR.min(m - p * MR) {
-                let row = &a[(p * MR + r) * k..][..k];
-                for (kk, &v) in row.iter().enumerate() {
-                    panel[kk * MR + r] = v;
+                let row = (p * MR + r) * row_stride;
+                for kk in 0..k {
+                    panel[kk * MR + r] = a[row + kk * col_stride];
                 }
             }
         }
@@ -122,9 +130,11 @@ pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: &[f32], width: 
     }
 }
 
-/// Batched `C[b] = A[b] * B[b]` for contiguous row-major `a` (`batch x m x k`) and `b`
-/// (`batch x k x n`), in parallel over the batch. Needs [`available`].
-pub fn batched_matmul(a: &[f32], b: &[f32], batch: usize, m: usize, k: usize, n: usize) -> Vec<f32> {
+/// Batched `C[b] = A[b] * B[b]` (`m x k` times `k x n`) for contiguous `a` and `b`, each stored
+/// row-major or, when its flag is set, transposed (`k x m`, `n x k`) — so that a transpose
+/// feeding a product costs nothing. In parallel over the batch. Needs [`available`].
+#[allow(clippy::too_many_arguments)]
+pub fn batched_matmul(a: &[f32], b: &[f32], batch: usize, m: usize, k: usize, n: usize, a_transposed: bool, b_transposed: bool) -> Vec<f32> {
     use rayon::prelude::*;
     assert!(available(), "callers check `available()` first");
     assert!(a.len() == batch * m * k && b.len() == batch * k * n);
@@ -133,15 +143,35 @@ pub fn batched_matmul(a: &[f32], b: &[f32], batch: usize, m: usize, k: usize, n:
         return out;
     }
     out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
-        let packed = PackedA::new(&a[i * m * k..][..m * k], m, k);
+        let ai = &a[i * m * k..][..m * k];
+        let packed = if a_transposed { PackedA::strided(ai, m, k, 1, m) } else { PackedA::new(ai, m, k) };
+        let bi = &b[i * k * n..][..k * n];
         let mut packed_b = Vec::new();
-        // SAFETY: `b[i]` is `k x n` row-major; `c` is `m x n`; the microkernel is available.
-        unsafe {
-            pack_b(b[i * k * n..].as_ptr(), n, k, n, &mut packed_b);
-            gemm(&packed, 0..m, &packed_b, n, c.as_mut_ptr(), n);
+        if b_transposed {
+            pack_b_transposed(bi, k, n, &mut packed_b);
+        } else {
+            // SAFETY: `bi` is `k x n` row-major.
+            unsafe { pack_b(bi.as_ptr(), n, k, n, &mut packed_b) };
         }
+        // SAFETY: `c` is `m x n`; the microkernel is available (asserted above).
+        unsafe { gemm(&packed, 0..m, &packed_b, n, c.as_mut_ptr(), n) };
     });
     out
+}
+
+/// Like [`pack_b`] for `B` stored transposed: `bt` is `n x k` row-major.
+pub fn pack_b_transposed(bt: &[f32], k: usize, n: usize, out: &mut Vec<f32>) {
+    assert_eq!(bt.len(), n * k);
+    let panels = n.div_ceil(NR);
+    out.clear();
+    out.resize(panels * k * NR, 0.0);
+    for (j, column) in bt.chunks_exact(k.max(1)).enumerate().take(n) {
+        let (q, lane) = (j / NR, j % NR);
+        let panel = &mut out[q * k * NR..][..k * NR];
+        for (kk, &v) in column.iter().enumerate() {
+            panel[kk * NR + lane] = v;
+        }
+    }
 }
 
 /// `C[6 x 16] (+)= A_panel[kc x 6] * B_panel[kc x 16]`.
@@ -187,6 +217,28 @@ unsafe fn kernel_6x16(_: usize, _: *const f32, _: *const f32, _: *mut f32, _: us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transposed_operands_give_the_same_product() {
+        if !available() {
+            eprintln!("SKIPPED: no AVX2/FMA on this CPU; the engine uses the portable path");
+            return;
+        }
+        let (batch, m, k, n) = (2, 7, 19, 21);
+        let a: Vec<f32> = (0..batch * m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
+        let b: Vec<f32> = (0..batch * k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 5.0).collect();
+        let transpose = |x: &[f32], rows: usize, cols: usize| -> Vec<f32> {
+            x.chunks(rows * cols).flat_map(|m| (0..cols).flat_map(move |c| (0..rows).map(move |r| m[r * cols + c]))).collect()
+        };
+        let plain = batched_matmul(&a, &b, batch, m, k, n, false, false);
+        let (at, bt) = (transpose(&a, m, k), transpose(&b, k, n));
+        for (ta, tb) in [(true, false), (false, true), (true, true)] {
+            let got = batched_matmul(if ta { &at } else { &a }, if tb { &bt } else { &b }, batch, m, k, n, ta, tb);
+            for (x, y) in got.iter().zip(&plain) {
+                assert!((x - y).abs() < 1e-4, "transposed ({ta}, {tb})");
+            }
+        }
+    }
 
     #[test]
     fn matches_a_naive_product_on_every_edge_shape() {
