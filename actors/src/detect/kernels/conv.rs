@@ -131,8 +131,11 @@ impl Conv2d {
             let (rhs, rhs_rs) = if pointwise {
                 (image[p0..].as_ptr(), (h * w) as isize)
             } else {
-                cols.resize(k * width, 0.0);
-                self.im2col(image, h, w, ow, p0, width, cols);
+                // Grown, never cleared: im2col writes every element, padding included.
+                if cols.len() < k * width {
+                    cols.resize(k * width, 0.0);
+                }
+                self.im2col(image, h, w, ow, p0, width, &mut cols[..k * width]);
                 (cols.as_ptr(), width as isize)
             };
             let channel0 = group * m_g + m0;

@@ -75,19 +75,27 @@ impl PackedA {
 /// `src` must be valid for reads of `k` rows of `width` elements, `row_stride` apart.
 pub unsafe fn pack_b(src: *const f32, row_stride: usize, k: usize, width: usize, out: &mut Vec<f32>) {
     let panels = width.div_ceil(NR);
-    out.clear();
-    out.resize(panels * k * NR, 0.0);
+    // The buffer is reused across calls: grow it, never clear it, since every element below is
+    // written (zero-filling it each time costs as much as packing).
+    if out.len() < panels * k * NR {
+        out.resize(panels * k * NR, 0.0);
+    }
+    let tail = width % NR;
     for kk in 0..k {
         // SAFETY: row `kk` of the source holds `width` readable elements (the caller's contract).
         let row = unsafe { std::slice::from_raw_parts(src.add(kk * row_stride), width) };
         for (q, chunk) in row.chunks(NR).enumerate() {
-            out[(q * k + kk) * NR..][..chunk.len()].copy_from_slice(chunk);
+            let dst = &mut out[(q * k + kk) * NR..][..NR];
+            dst[..chunk.len()].copy_from_slice(chunk);
+            if chunk.len() < NR {
+                dst[tail..].fill(0.0);
+            }
         }
     }
 }
 
 /// `C[rows, 0..width] = A[rows] * B` for panel-aligned `rows` of `a` and `b` packed by
-/// [`pack_b`] with the same `k`. `C` is row-major with `ldc` elements per row.
+/// [`pack_b`] with the same `k` (`b` may be longer than the packed panels). `C` is row-major with `ldc` elements per row.
 ///
 /// # Safety
 /// [`available`] must be true; `c` must be valid for writes of `rows.len()` rows of `width`
@@ -163,6 +171,7 @@ pub fn batched_matmul(a: &[f32], b: &[f32], batch: usize, m: usize, k: usize, n:
 pub fn pack_b_transposed(bt: &[f32], k: usize, n: usize, out: &mut Vec<f32>) {
     assert_eq!(bt.len(), n * k);
     let panels = n.div_ceil(NR);
+    // Zero first: the last panel's missing columns must read as zero.
     out.clear();
     out.resize(panels * k * NR, 0.0);
     for (j, column) in bt.chunks_exact(k.max(1)).enumerate().take(n) {
