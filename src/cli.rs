@@ -22,6 +22,8 @@ pub struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve the HTTP API (POST /detect/video streams detections while the upload arrives).
+    Serve(commands::serve::Args),
     /// Detect objects in images; prints one JSON line per image.
     DetectImage(commands::detect_image::Args),
     /// Detect objects in a video file (or `-` for stdin, read as it arrives) with the streaming
@@ -56,6 +58,7 @@ pub fn run(args: Args) -> ExitCode {
         }
     };
     let result = match args.command {
+        Command::Serve(a) => commands::serve::run(a, &config),
         Command::DetectImage(a) => commands::detect_image::run(a, &config),
         Command::Detect(a) => commands::detect::run(a, &config),
         Command::Decode(a) => commands::decode::run(a, &config),

@@ -9,10 +9,22 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    pub server: ServerConfig,
     pub model: ModelConfig,
     pub storage: StorageConfig,
     pub limits: LimitsConfig,
     pub decode: DecodeConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub max_sessions: usize,
+    pub max_upload_bytes: u64,
+    pub batch_size: usize,
+    pub batch_timeout_ms: u64,
+    pub credits: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -46,10 +58,24 @@ pub struct DecodeConfig {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            server: ServerConfig::default(),
             model: ModelConfig::default(),
             storage: StorageConfig::default(),
             limits: LimitsConfig::default(),
             decode: DecodeConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".into(),
+            max_sessions: 4,
+            max_upload_bytes: 2 << 30,
+            batch_size: 1,
+            batch_timeout_ms: 5,
+            credits: 4,
         }
     }
 }
@@ -101,6 +127,9 @@ impl Config {
         }
         if self.storage.window_bytes < 1 << 16 {
             bail!("storage.window_bytes must be at least 65536");
+        }
+        if self.server.max_sessions == 0 || self.server.batch_size == 0 || self.server.credits == 0 {
+            bail!("server.max_sessions, server.batch_size and server.credits must be positive");
         }
         if self.limits.max_width == 0 || self.limits.max_height == 0 {
             bail!("limits.max_width and limits.max_height must be positive");

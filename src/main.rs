@@ -7,6 +7,7 @@ use clap::Parser;
 mod cli;
 mod commands;
 mod config;
+mod server;
 
 fn main() -> ExitCode {
     let args = match cli::Args::try_parse() {

@@ -7,3 +7,4 @@ mod cli;
 mod decode;
 mod engine;
 mod pipeline;
+mod server;

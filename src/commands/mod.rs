@@ -16,6 +16,7 @@ pub mod bench_model;
 pub mod decode;
 pub mod detect;
 pub mod detect_image;
+pub mod serve;
 
 /// Which model to load and how many threads it may use; unset flags take the configuration's.
 #[derive(Debug, ClapArgs)]

@@ -1,0 +1,185 @@
+//! The HTTP service: actix-web routes over the actor pipeline.
+//!
+//! `POST /detect/video` reads the body as it arrives and streams the session's events back as
+//! NDJSON while the upload is still going (a client must be full-duplex to see them early);
+//! `GET /health` says what is loaded and what the defaults are.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::CONTENT_LENGTH;
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::json;
+use streamdet_actors::actors::inference::BatchPolicy;
+use streamdet_actors::buffer::BufferOptions;
+use streamdet_actors::decode::{DecodeOptions, FrameSelection};
+use streamdet_actors::detect::{DetectParams, Detector};
+use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams};
+
+use crate::config::Config;
+
+struct AppState {
+    pipeline: Pipeline,
+    config: Config,
+    model_name: String,
+    active_sessions: Arc<AtomicUsize>,
+}
+
+/// A session slot, released when the response stream that holds it is dropped.
+struct SessionSlot(Arc<AtomicUsize>);
+
+impl SessionSlot {
+    fn acquire(counter: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(SessionSlot(Arc::clone(counter)))
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> HttpResponse {
+    HttpResponse::build(status).json(json!({"code": code, "message": message.into()}))
+}
+
+/// Query parameters of the detect routes, checked with messages a user understands.
+fn detect_params(query: &HashMap<String, String>, detector: &Detector) -> Result<DetectParams, String> {
+    let unit = |name: &str, default: f32| -> Result<f32, String> {
+        match query.get(name) {
+            None => Ok(default),
+            Some(v) => v.parse::<f32>().ok().filter(|x| (0.0..=1.0).contains(x)).ok_or(format!("{name} must be a number between 0 and 1")),
+        }
+    };
+    let classes = match query.get("classes").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(list) => Some(
+            list.split(',')
+                .map(|name| {
+                    detector.class_names().iter().position(|c| c == name.trim()).ok_or(format!("the model has no class {name:?}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    Ok(DetectParams { conf: unit("conf", 0.25)?, iou: unit("iou", 0.45)?, classes, ..Default::default() })
+}
+
+fn video_params(query: &HashMap<String, String>, detector: &Detector) -> Result<SessionParams, String> {
+    const KNOWN: [&str; 6] = ["conf", "iou", "classes", "stride", "fps", "session"];
+    if let Some(unknown) = query.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(format!("unknown parameter {unknown:?} (known: {})", KNOWN.join(", ")));
+    }
+    let selection = match (query.get("stride"), query.get("fps")) {
+        (Some(_), Some(_)) => return Err("give at most one of stride and fps".into()),
+        (Some(s), None) => FrameSelection::Stride(s.parse().ok().filter(|&n: &u64| n > 0).ok_or("stride must be a positive integer")?),
+        (None, Some(f)) => FrameSelection::Fps(f.parse().ok().filter(|&x: &f64| x > 0.0 && x.is_finite()).ok_or("fps must be a positive number")?),
+        (None, None) => FrameSelection::All,
+    };
+    let id = match query.get("session") {
+        None => None,
+        Some(id) if (8..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => Some(id.clone()),
+        Some(_) => return Err("session must be 8 to 64 characters of A-Z, a-z, 0-9, - and _".into()),
+    };
+    Ok(SessionParams { id, selection, detect: detect_params(query, detector)?, live: false })
+}
+
+async fn detect_video(
+    req: HttpRequest,
+    query: web::Query<HashMap<String, String>>,
+    mut payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let params = match video_params(&query, state.pipeline.detector()) {
+        Ok(params) => params,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, "bad_parameter", message),
+    };
+    let limit = state.config.server.max_upload_bytes;
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return error_response(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the upload is larger than the limit of {limit} bytes"));
+    }
+    let Some(slot) = SessionSlot::acquire(&state.active_sessions, state.config.server.max_sessions) else {
+        return error_response(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", "the server is busy with other uploads; try again shortly");
+    };
+    let session = match state.pipeline.session(params) {
+        Ok(session) => session,
+        Err(err) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("cannot start a session: {err}")),
+    };
+    let (upload, events) = session.split();
+    // The body is read in its own task, so the response streams while the upload goes on.
+    actix_web::rt::spawn(async move {
+        while let Some(chunk) = payload.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    if upload.feed(bytes).await.is_err() {
+                        return; // the session ended; its events say why
+                    }
+                }
+                Err(err) => {
+                    upload.abort("truncated", format!("the upload broke off: {err}"));
+                    return;
+                }
+            }
+        }
+        upload.finish();
+    });
+    let lines = futures_util::stream::unfold((events, slot), |(mut events, slot)| async move {
+        let event = events.recv().await?;
+        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<_, actix_web::Error>(Bytes::from(line)), (events, slot)))
+    });
+    HttpResponse::Ok().content_type("application/x-ndjson").streaming(lines)
+}
+
+async fn health(state: web::Data<AppState>) -> HttpResponse {
+    let detector = state.pipeline.detector();
+    let (w, h) = detector.input_size();
+    HttpResponse::Ok().json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "model": {"name": state.model_name, "input": [w, h], "classes": detector.class_names().len()},
+        "device": state.config.model.device,
+        "sessions_active": state.active_sessions.load(Ordering::Acquire),
+        "max_sessions": state.config.server.max_sessions,
+        "defaults": {"conf": 0.25, "iou": 0.45, "stride": 1},
+    }))
+}
+
+/// Runs the service until it is stopped. Prints `{"type":"listening","addr":…}` once bound.
+pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow::Result<()> {
+    let model_name = config.model.path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    let options = PipelineOptions {
+        model_name: model_name.clone(),
+        buffer: BufferOptions { dir: config.temp_dir(), window_bytes: config.storage.window_bytes },
+        decode: DecodeOptions {
+            max_dimensions: (config.limits.max_width, config.limits.max_height),
+            threads: config.decode.threads,
+            ..Default::default()
+        },
+        batch: BatchPolicy { batch_size: config.server.batch_size, batch_timeout: Duration::from_millis(config.server.batch_timeout_ms) },
+        credits: config.server.credits,
+        max_upload_bytes: config.server.max_upload_bytes,
+    };
+    let pipeline = Pipeline::start(Arc::new(detector), options);
+    let state = web::Data::new(AppState { pipeline, config, model_name, active_sessions: Arc::new(AtomicUsize::new(0)) });
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .route("/detect/video", web::post().to(detect_video))
+            .route("/health", web::get().to(health))
+    })
+    .bind(&listen)?;
+    for addr in server.addrs() {
+        println!("{}", json!({"type": "listening", "addr": addr.to_string()}));
+    }
+    server.run().await?;
+    Ok(())
+}

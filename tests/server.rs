@@ -1,0 +1,170 @@
+//! The HTTP service over real HTTP on loopback, with a full-duplex client: it reads the response
+//! while it is still sending the upload, as a streaming client must.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use crate::decode::fixtures;
+
+/// A `streamdet serve` on a free loopback port, stopped when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_streamdet"));
+        cmd.current_dir(crate::support::root()).args(["serve", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        let line: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|_| panic!("no listening line: {first:?}"));
+        Server { child, addr: line["addr"].as_str().unwrap().to_string() }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads an HTTP/1.1 response head; returns the status code.
+fn read_head(reader: &mut BufReader<TcpStream>) -> u16 {
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    status.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// Reads one chunk of a chunked body; `None` at the end.
+fn read_chunk(reader: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
+    let mut size = String::new();
+    reader.read_line(&mut size).ok()?;
+    let size = usize::from_str_radix(size.trim(), 16).ok()?;
+    let mut data = vec![0u8; size + 2];
+    reader.read_exact(&mut data).ok()?;
+    data.truncate(size);
+    (size > 0).then_some(data)
+}
+
+/// Starts a chunked upload of `body` to `path`: a thread sends `piece`-byte chunks with `pause`
+/// between them and sets the returned flag after the last one.
+fn upload(addr: &str, path: &str, body: Vec<u8>, piece: usize, pause: Duration) -> (BufReader<TcpStream>, Arc<AtomicBool>) {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&done);
+    let head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+    thread::spawn(move || {
+        if writer.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        for chunk in body.chunks(piece) {
+            let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), chunk, b"\r\n"].concat();
+            if writer.write_all(&framed).is_err() {
+                return;
+            }
+            thread::sleep(pause);
+        }
+        let _ = writer.write_all(b"0\r\n\r\n");
+        flag.store(true, Ordering::SeqCst);
+    });
+    (BufReader::new(stream), done)
+}
+
+#[test]
+fn detections_stream_back_while_the_upload_is_still_going() {
+    let server = Server::start(&[]);
+    let clip = std::fs::read(fixtures().join("photos.mp4")).unwrap();
+    let (mut reader, upload_done) = upload(&server.addr, "/detect/video?stride=5", clip.clone(), 8 << 10, Duration::from_millis(25));
+    assert_eq!(read_head(&mut reader), 200);
+    let mut pending = Vec::new();
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    let mut frame_before_upload_end = None;
+    while let Some(chunk) = read_chunk(&mut reader) {
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let event: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            if event["type"] == "frame" && frame_before_upload_end.is_none() {
+                frame_before_upload_end = Some(!upload_done.load(Ordering::SeqCst));
+            }
+            events.push(event);
+        }
+    }
+    assert_eq!(frame_before_upload_end, Some(true), "the first frame event came only after the whole upload");
+    assert_eq!(events[0]["type"], "start");
+    let frames: Vec<&serde_json::Value> = events.iter().filter(|e| e["type"] == "frame").collect();
+    assert_eq!(frames.iter().map(|f| f["index"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 5, 10, 15, 20, 25]);
+    let has = |i: usize, class: &str| frames[i]["detections"].as_array().unwrap().iter().any(|d| d["class"] == class);
+    assert!(has(1, "cat") && has(5, "person"), "{frames:?}");
+    let end = events.last().unwrap();
+    assert_eq!(end["type"], "end");
+    assert_eq!(end["bytes"].as_u64(), Some(clip.len() as u64));
+}
+
+fn request(addr: &str, head: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut reader = BufReader::new(stream);
+    let status = read_head(&mut reader);
+    let mut rest = Vec::new();
+    let _ = reader.read_to_end(&mut rest);
+    let json = serde_json::from_slice(&rest).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+#[test]
+fn limits_and_bad_parameters_are_http_errors() {
+    let server = Server::start(&[("STREAMDET_SERVER_MAX_SESSIONS", "1"), ("STREAMDET_SERVER_MAX_UPLOAD_BYTES", "1000000")]);
+    let addr = &server.addr;
+    let (status, body) = request(addr, &format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"), b"");
+    assert_eq!(status, 200);
+    assert_eq!(body["model"]["name"], "yolov12n");
+
+    let (status, body) = request(addr, &format!("POST /detect/video?conf=7 HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"), b"");
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_parameter")));
+    let (status, _) = request(addr, &format!("POST /detect/video?strid=3 HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"), b"");
+    assert_eq!(status, 400, "unknown parameters are refused");
+
+    let (status, body) = request(addr, &format!("POST /detect/video HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 5000000\r\nConnection: close\r\n\r\n"), b"");
+    assert_eq!((status, body["code"].as_str()), (413, Some("too_large")));
+
+    // One session is running (an upload that has not finished); a second one is refused.
+    let clip = std::fs::read(fixtures().join("clip.ts")).unwrap();
+    let (mut first, _) = upload(addr, "/detect/video", clip, 4 << 10, Duration::from_millis(200));
+    assert_eq!(read_head(&mut first), 200);
+    let (status, body) = request(addr, &format!("POST /detect/video HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"), b"");
+    assert_eq!((status, body["code"].as_str()), (429, Some("too_many_sessions")));
+}
+
+#[test]
+fn media_that_is_not_video_is_an_error_event() {
+    let server = Server::start(&[]);
+    let image = std::fs::read(fixtures().join("image.jpg")).unwrap();
+    let (mut reader, _) = upload(&server.addr, "/detect/video", image, 4 << 10, Duration::ZERO);
+    assert_eq!(read_head(&mut reader), 200);
+    let body = read_chunk(&mut reader).unwrap();
+    let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((event["type"].as_str(), event["code"].as_str()), (Some("error"), Some("unsupported_media")));
+}
