@@ -13,7 +13,6 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::CONTENT_LENGTH;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use serde_json::json;
 use streamdet_actors::actors::inference::BatchPolicy;
 use streamdet_actors::buffer::BufferOptions;
@@ -93,7 +92,7 @@ fn video_params(query: &HashMap<String, String>, detector: &Detector) -> Result<
 async fn detect_video(
     req: HttpRequest,
     query: web::Query<HashMap<String, String>>,
-    mut payload: web::Payload,
+    payload: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
     let params = match video_params(&query, state.pipeline.detector()) {
@@ -114,22 +113,7 @@ async fn detect_video(
     };
     let (upload, events) = session.split();
     // The body is read in its own task, so the response streams while the upload goes on.
-    actix_web::rt::spawn(async move {
-        while let Some(chunk) = payload.next().await {
-            match chunk {
-                Ok(bytes) => {
-                    if upload.feed(bytes).await.is_err() {
-                        return; // the session ended; its events say why
-                    }
-                }
-                Err(err) => {
-                    upload.abort("truncated", format!("the upload broke off: {err}"));
-                    return;
-                }
-            }
-        }
-        upload.finish();
-    });
+    actix_web::rt::spawn(upload.feed_all(payload));
     let lines = futures_util::stream::unfold((events, slot), |(mut events, slot)| async move {
         let event = events.recv().await?;
         let mut line = serde_json::to_vec(&event).unwrap_or_default();

@@ -158,6 +158,30 @@ impl UploadHandle {
         }
     }
 
+    /// Feeds every chunk of `chunks` as it arrives, then finishes the upload; an error item
+    /// abandons it (the session ends with a `truncated` error). Stops early if the session ends.
+    pub async fn feed_all<S, E>(self, mut chunks: S)
+    where
+        S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        use futures_util::StreamExt;
+        while let Some(chunk) = chunks.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    if self.feed(bytes).await.is_err() {
+                        return; // the session ended; its events say why
+                    }
+                }
+                Err(err) => {
+                    self.abort("truncated", format!("the upload broke off: {err}"));
+                    return;
+                }
+            }
+        }
+        self.finish();
+    }
+
     /// The upload is complete.
     pub fn finish(&self) {
         self.uploader.do_send(Finish);

@@ -86,23 +86,9 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         let pipeline = Pipeline::start(Arc::new(detector), options);
         let session = pipeline.session(params)?;
         let (upload, mut events) = session.split();
-        let mut chunks = read_chunks(source);
-        actix_rt::spawn(async move {
-            while let Some(chunk) = chunks.recv().await {
-                match chunk {
-                    Ok(bytes) => {
-                        if upload.feed(bytes).await.is_err() {
-                            return; // the session ended; its events say why
-                        }
-                    }
-                    Err(err) => {
-                        upload.abort("internal", format!("reading the input: {err}"));
-                        return;
-                    }
-                }
-            }
-            upload.finish();
-        });
+        let chunks = read_chunks(source);
+        let chunks = futures_util::stream::unfold(chunks, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        actix_rt::spawn(upload.feed_all(Box::pin(chunks)));
         let stdout = std::io::stdout();
         let mut code = ExitCode::SUCCESS;
         while let Some(event) = events.recv().await {
