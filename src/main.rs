@@ -10,6 +10,11 @@ mod config;
 mod server;
 
 fn main() -> ExitCode {
+    // Logs for people go to stderr; RUST_LOG chooses how much (warnings by default).
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
     let args = match cli::Args::try_parse() {
         Ok(args) => args,
         Err(err) => {

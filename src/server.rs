@@ -1,8 +1,9 @@
 //! The HTTP service: actix-web routes over the actor pipeline.
 //!
 //! `POST /detect/video` reads the body as it arrives and streams the session's events back as
-//! NDJSON while the upload is still going (a client must be full-duplex to see them early);
-//! `GET /health` says what is loaded and what the defaults are.
+//! NDJSON (or SSE with `Accept: text/event-stream`) while the upload is still going (a client
+//! must be full-duplex to see them early); `POST /detect` answers for one image; `GET /health`
+//! says what is loaded and what the defaults are.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,14 +11,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::CONTENT_LENGTH;
+use actix_web::http::header::{ACCEPT, CONTENT_LENGTH};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use bytes::Bytes;
 use serde_json::json;
 use streamdet_actors::actors::inference::BatchPolicy;
 use streamdet_actors::buffer::BufferOptions;
 use streamdet_actors::decode::{DecodeOptions, FrameSelection};
-use streamdet_actors::detect::{DetectParams, Detector};
+use futures_util::StreamExt;
+use streamdet_actors::actors::Event;
+use streamdet_actors::detect::{self, DetectParams, Detector, ModelFrame};
 use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams};
 
 use crate::config::Config;
@@ -114,13 +117,69 @@ async fn detect_video(
     let (upload, events) = session.split();
     // The body is read in its own task, so the response streams while the upload goes on.
     actix_web::rt::spawn(upload.feed_all(payload));
-    let lines = futures_util::stream::unfold((events, slot), |(mut events, slot)| async move {
+    let sse = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
+    let messages = futures_util::stream::unfold((events, slot, 0u64), move |(mut events, slot, sequence)| async move {
         let event = events.recv().await?;
-        let mut line = serde_json::to_vec(&event).unwrap_or_default();
-        line.push(b'\n');
-        Some((Ok::<_, actix_web::Error>(Bytes::from(line)), (events, slot)))
+        let bytes = if sse { sse_message(&event, sequence) } else { ndjson_line(&event) };
+        Some((Ok::<_, actix_web::Error>(bytes), (events, slot, sequence + 1)))
     });
-    HttpResponse::Ok().content_type("application/x-ndjson").streaming(lines)
+    let content_type = if sse { "text/event-stream" } else { "application/x-ndjson" };
+    HttpResponse::Ok().content_type(content_type).insert_header(("Cache-Control", "no-cache")).streaming(messages)
+}
+
+fn ndjson_line(event: &Event) -> Bytes {
+    let mut line = serde_json::to_vec(event).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// `event: <type>`, `id: <sequence>`, `data: <json>`.
+fn sse_message(event: &Event, sequence: u64) -> Bytes {
+    let data = serde_json::to_string(event).unwrap_or_default();
+    let kind = match event {
+        Event::Start { .. } => "start",
+        Event::Frame { .. } => "frame",
+        Event::End { .. } => "end",
+        Event::Error { .. } => "error",
+    };
+    Bytes::from(format!("event: {kind}\nid: {sequence}\ndata: {data}\n\n"))
+}
+
+/// `POST /detect`: one image (JPEG, PNG, WebP) in the body, EXIF orientation applied.
+async fn detect_image(query: web::Query<HashMap<String, String>>, mut payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    if let Some(unknown) = query.keys().find(|k| !["conf", "iou", "classes"].contains(&k.as_str())) {
+        return error_response(StatusCode::BAD_REQUEST, "bad_parameter", format!("unknown parameter {unknown:?} (known: conf, iou, classes)"));
+    }
+    let detector = Arc::clone(state.pipeline.detector());
+    let params = match detect_params(&query, &detector) {
+        Ok(params) => params,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, "bad_parameter", message),
+    };
+    let limit = state.config.server.max_upload_bytes;
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        match chunk {
+            Ok(bytes) if (body.len() + bytes.len()) as u64 <= limit => body.extend_from_slice(&bytes),
+            Ok(_) => return error_response(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the image is larger than the limit of {limit} bytes")),
+            Err(err) => return error_response(StatusCode::BAD_REQUEST, "truncated", format!("the upload broke off: {err}")),
+        }
+    }
+    // Decoding and the model block: run them off the server's threads.
+    let result = web::block(move || -> Result<serde_json::Value, (StatusCode, &'static str, String)> {
+        let (rgb, width, height) = detect::decode_image(&body).map_err(|e| (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media", e))?;
+        let (model_rgb, letterbox) = detect::letterbox_rgb(&rgb, width, height, detector.input_size());
+        let frame = ModelFrame { rgb: model_rgb, letterbox };
+        let mut found = detector
+            .detect(std::slice::from_ref(&frame), &params)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+        Ok(json!({"detections": found.pop().unwrap_or_default(), "width": width, "height": height}))
+    })
+    .await;
+    match result {
+        Ok(Ok(body)) => HttpResponse::Ok().json(body),
+        Ok(Err((status, code, message))) => error_response(status, code, message),
+        Err(err) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", err.to_string()),
+    }
 }
 
 async fn health(state: web::Data<AppState>) -> HttpResponse {
@@ -152,12 +211,19 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
         credits: config.server.credits,
         max_upload_bytes: config.server.max_upload_bytes,
     };
+    let temp_dir = config.temp_dir();
+    match streamdet_actors::buffer::sweep_stale(&temp_dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(removed = n, dir = %temp_dir.display(), "removed upload files left by an earlier run"),
+        Err(err) => tracing::warn!(%err, dir = %temp_dir.display(), "could not sweep the temp directory"),
+    }
     let pipeline = Pipeline::start(Arc::new(detector), options);
     let state = web::Data::new(AppState { pipeline, config, model_name, active_sessions: Arc::new(AtomicUsize::new(0)) });
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .route("/detect/video", web::post().to(detect_video))
+            .route("/detect", web::post().to(detect_image))
             .route("/health", web::get().to(health))
     })
     .bind(&listen)?;

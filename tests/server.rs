@@ -67,12 +67,16 @@ fn read_chunk(reader: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
 /// Starts a chunked upload of `body` to `path`: a thread sends `piece`-byte chunks with `pause`
 /// between them and sets the returned flag after the last one.
 fn upload(addr: &str, path: &str, body: Vec<u8>, piece: usize, pause: Duration) -> (BufReader<TcpStream>, Arc<AtomicBool>) {
+    upload_with(addr, path, "", body, piece, pause)
+}
+
+fn upload_with(addr: &str, path: &str, headers: &str, body: Vec<u8>, piece: usize, pause: Duration) -> (BufReader<TcpStream>, Arc<AtomicBool>) {
     let stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let mut writer = stream.try_clone().unwrap();
     let done = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&done);
-    let head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+    let head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
     thread::spawn(move || {
         if writer.write_all(head.as_bytes()).is_err() {
             return;
@@ -167,4 +171,69 @@ fn media_that_is_not_video_is_an_error_event() {
     let body = read_chunk(&mut reader).unwrap();
     let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!((event["type"].as_str(), event["code"].as_str()), (Some("error"), Some("unsupported_media")));
+}
+
+/// The whole chunked body of a response.
+fn read_body(reader: &mut BufReader<TcpStream>) -> String {
+    let mut body = Vec::new();
+    while let Some(chunk) = read_chunk(reader) {
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).unwrap()
+}
+
+fn ndjson(body: &str) -> Vec<serde_json::Value> {
+    body.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn server_sent_events_when_asked() {
+    let server = Server::start(&[]);
+    let clip = std::fs::read(fixtures().join("clip.ts")).unwrap();
+    let (mut reader, _) = upload_with(&server.addr, "/detect/video?stride=50", "Accept: text/event-stream\r\n", clip, 32 << 10, Duration::ZERO);
+    assert_eq!(read_head(&mut reader), 200);
+    let body = read_body(&mut reader);
+    let messages: Vec<&str> = body.split("\n\n").filter(|m| !m.is_empty()).collect();
+    assert_eq!(messages.len(), 4, "start, two frames, end: {body}");
+    assert!(messages[0].starts_with("event: start\nid: 0\ndata: {"), "{}", messages[0]);
+    assert!(messages[1].starts_with("event: frame\nid: 1\ndata: "), "{}", messages[1]);
+    assert!(messages[3].starts_with("event: end\nid: 3\n"), "{}", messages[3]);
+}
+
+#[test]
+fn four_uploads_at_once_and_a_fifth_is_refused() {
+    let server = Server::start(&[("STREAMDET_SERVER_MAX_SESSIONS", "4")]);
+    let clip = std::fs::read(fixtures().join("clip.ts")).unwrap();
+    let uploads: Vec<_> = (0..4)
+        .map(|_| upload(&server.addr, "/detect/video?stride=25", clip.clone(), 16 << 10, Duration::from_millis(40)))
+        .collect();
+    let mut readers: Vec<_> = uploads.into_iter().map(|(mut r, _)| {
+        assert_eq!(read_head(&mut r), 200);
+        r
+    }).collect();
+    let addr = &server.addr;
+    let (status, body) = request(addr, &format!("POST /detect/video HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"), b"");
+    assert_eq!((status, body["code"].as_str()), (429, Some("too_many_sessions")));
+    for reader in &mut readers {
+        let events = ndjson(&read_body(reader));
+        let frames: Vec<u64> = events.iter().filter(|e| e["type"] == "frame").map(|e| e["index"].as_u64().unwrap()).collect();
+        assert_eq!(frames, [0, 25, 50, 75], "each session gets its own frames");
+        assert_eq!(events.last().unwrap()["frames_decoded"], 100);
+    }
+}
+
+#[test]
+fn an_image_gets_its_detections() {
+    let server = Server::start(&[]);
+    let addr = &server.addr;
+    let hopper = crate::support::photos().into_iter().find(|p| p.ends_with("grace_hopper.jpg")).unwrap();
+    let jpeg = std::fs::read(hopper).unwrap();
+    let head = format!("POST /detect HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", jpeg.len());
+    let (status, body) = request(addr, &head, &jpeg);
+    assert_eq!(status, 200);
+    assert_eq!((body["width"].as_u64(), body["height"].as_u64()), (Some(512), Some(600)));
+    assert!(body["detections"].as_array().unwrap().iter().any(|d| d["class"] == "person"), "{body}");
+    let head = format!("POST /detect HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 11\r\nConnection: close\r\n\r\n");
+    let (status, body) = request(addr, &head, b"not a photo");
+    assert_eq!((status, body["code"].as_str()), (415, Some("unsupported_media")));
 }

@@ -150,6 +150,8 @@ pub fn create(options: &BufferOptions) -> io::Result<BufferWriter> {
     // We own deletion from here on (see `Shared::drop`): `persist` must be able to rename the
     // file while readers keep using it.
     let (file, path) = temp.keep().map_err(|err| err.error)?;
+    // A shared lock for the file's lifetime tells `sweep_stale` (in any process) that it is in use.
+    lock(&file, libc::LOCK_SH)?;
     let page = page_size();
     let window_bytes = options.window_bytes.max(page).div_ceil(page) * page;
     let shared = Arc::new(Shared {
@@ -315,6 +317,32 @@ impl Buffer {
     pub fn discarded_before(&self) -> u64 {
         self.shared.lock().discarded_before
     }
+}
+
+fn lock(file: &File, operation: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the lifetime of `file`; flock only reads its arguments.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), operation) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Removes buffer files in `dir` that no live buffer holds — the ones a crashed process left
+/// behind. Files of running buffers (in this or another process) are locked and stay. Returns
+/// how many were removed.
+pub fn sweep_stale(dir: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(TEMP_PREFIX) || !entry.file_type()?.is_file() {
+            continue;
+        }
+        let Ok(file) = File::open(entry.path()) else { continue };
+        if lock(&file, libc::LOCK_EX | libc::LOCK_NB).is_ok() && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 fn copy_prefix(file: &File, len: u64, to: &Path) -> io::Result<()> {

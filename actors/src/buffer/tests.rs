@@ -396,3 +396,20 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn sweep_removes_only_files_no_buffer_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = BufferOptions { dir: dir.path().to_path_buf(), ..Default::default() };
+    let mut live = create(&options).unwrap();
+    live.append(b"in use").unwrap();
+    let stale = dir.path().join(format!("{TEMP_PREFIX}left-by-a-crash"));
+    std::fs::write(&stale, b"old upload").unwrap();
+    let unrelated = dir.path().join("someone-elses.tmp");
+    std::fs::write(&unrelated, b"keep").unwrap();
+    assert_eq!(sweep_stale(dir.path()).unwrap(), 1);
+    assert!(!stale.exists());
+    assert!(live.buffer().path().exists(), "a live buffer's file stays");
+    assert!(unrelated.exists(), "files without the prefix stay");
+    live.append(b" still works").unwrap();
+}
