@@ -8,6 +8,7 @@ mod cli;
 mod commands;
 mod config;
 mod server;
+mod sessions;
 
 fn main() -> ExitCode {
     // Logs for people go to stderr; RUST_LOG chooses how much (warnings by default).

@@ -21,15 +21,17 @@ use streamdet_actors::decode::{DecodeOptions, FrameSelection};
 use futures_util::StreamExt;
 use streamdet_actors::actors::Event;
 use streamdet_actors::detect::{self, DetectParams, Detector, ModelFrame};
-use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams};
+use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams, new_session_id};
 
 use crate::config::Config;
+use crate::sessions::{Registry, SessionLog};
 
 struct AppState {
     pipeline: Pipeline,
     config: Config,
     model_name: String,
     active_sessions: Arc<AtomicUsize>,
+    sessions: Registry,
 }
 
 /// A session slot, released when the response stream that holds it is dropped.
@@ -73,6 +75,12 @@ fn detect_params(query: &HashMap<String, String>, detector: &Detector) -> Result
     Ok(DetectParams { conf: unit("conf", 0.25)?, iou: unit("iou", 0.45)?, classes, ..Default::default() })
 }
 
+const SESSION_ID_RULE: &str = "session must be 8 to 64 characters of A-Z, a-z, 0-9, - and _";
+
+fn valid_session_id(id: &str) -> bool {
+    (8..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 fn video_params(query: &HashMap<String, String>, detector: &Detector) -> Result<SessionParams, String> {
     const KNOWN: [&str; 6] = ["conf", "iou", "classes", "stride", "fps", "session"];
     if let Some(unknown) = query.keys().find(|k| !KNOWN.contains(&k.as_str())) {
@@ -86,8 +94,8 @@ fn video_params(query: &HashMap<String, String>, detector: &Detector) -> Result<
     };
     let id = match query.get("session") {
         None => None,
-        Some(id) if (8..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => Some(id.clone()),
-        Some(_) => return Err("session must be 8 to 64 characters of A-Z, a-z, 0-9, - and _".into()),
+        Some(id) if valid_session_id(id) => Some(id.clone()),
+        Some(_) => return Err(SESSION_ID_RULE.into()),
     };
     Ok(SessionParams { id, selection, detect: detect_params(query, detector)?, live: false })
 }
@@ -98,10 +106,11 @@ async fn detect_video(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
-    let params = match video_params(&query, state.pipeline.detector()) {
+    let mut params = match video_params(&query, state.pipeline.detector()) {
         Ok(params) => params,
         Err(message) => return error_response(StatusCode::BAD_REQUEST, "bad_parameter", message),
     };
+    let id = params.id.get_or_insert_with(new_session_id).clone();
     let limit = state.config.server.max_upload_bytes;
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit) {
@@ -110,21 +119,52 @@ async fn detect_video(
     let Some(slot) = SessionSlot::acquire(&state.active_sessions, state.config.server.max_sessions) else {
         return error_response(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", "the server is busy with other uploads; try again shortly");
     };
+    let Ok(log) = state.sessions.start(&id) else {
+        return error_response(StatusCode::CONFLICT, "conflict", format!("a session with id {id:?} is already running"));
+    };
     let session = match state.pipeline.session(params) {
         Ok(session) => session,
-        Err(err) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("cannot start a session: {err}")),
+        Err(err) => {
+            log.close("internal", "the session could not start");
+            return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("cannot start a session: {err}"));
+        }
     };
-    let (upload, events) = session.split();
+    let (upload, mut events) = session.split();
     // The body is read in its own task, so the response streams while the upload goes on.
     actix_web::rt::spawn(upload.feed_all(payload));
+    // The session's events go to its log, which every listener follows; the slot is held
+    // until the session ends, whoever listens.
+    let pump_log = Arc::clone(&log);
+    actix_web::rt::spawn(async move {
+        let _slot = slot;
+        while let Some(event) = events.recv().await {
+            pump_log.push(event);
+        }
+        pump_log.close("internal", "the session stopped");
+    });
     let sse = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
-    let messages = futures_util::stream::unfold((events, slot, 0u64), move |(mut events, slot, sequence)| async move {
-        let event = events.recv().await?;
-        let bytes = if sse { sse_message(&event, sequence) } else { ndjson_line(&event) };
-        Some((Ok::<_, actix_web::Error>(bytes), (events, slot, sequence + 1)))
+    follow(log, 0, sse)
+}
+
+/// A response that follows `log` from event `from`, as SSE or NDJSON.
+fn follow(log: Arc<SessionLog>, from: usize, sse: bool) -> HttpResponse {
+    let messages = futures_util::stream::unfold((log, from), move |(log, index)| async move {
+        let event = log.next(index).await?;
+        let bytes = if sse { sse_message(&event, index as u64) } else { ndjson_line(&event) };
+        Some((Ok::<_, actix_web::Error>(bytes), (log, index + 1)))
     });
     let content_type = if sse { "text/event-stream" } else { "application/x-ndjson" };
     HttpResponse::Ok().content_type(content_type).insert_header(("Cache-Control", "no-cache")).streaming(messages)
+}
+
+/// `GET /sessions/{id}/events`: the session's events as SSE; may come before the upload (it
+/// waits) and after it (for a while); `Last-Event-ID` resumes after that event.
+async fn session_events(req: HttpRequest, id: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+    if !valid_session_id(&id) {
+        return error_response(StatusCode::BAD_REQUEST, "bad_parameter", SESSION_ID_RULE);
+    }
+    let from = req.headers().get("Last-Event-ID").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<usize>().ok()).map_or(0, |last| last + 1);
+    follow(state.sessions.watch(&id), from, true)
 }
 
 fn ndjson_line(event: &Event) -> Bytes {
@@ -218,12 +258,19 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
         Err(err) => tracing::warn!(%err, dir = %temp_dir.display(), "could not sweep the temp directory"),
     }
     let pipeline = Pipeline::start(Arc::new(detector), options);
-    let state = web::Data::new(AppState { pipeline, config, model_name, active_sessions: Arc::new(AtomicUsize::new(0)) });
+    let state = web::Data::new(AppState {
+        pipeline,
+        config,
+        model_name,
+        active_sessions: Arc::new(AtomicUsize::new(0)),
+        sessions: Registry::default(),
+    });
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .route("/detect/video", web::post().to(detect_video))
             .route("/detect", web::post().to(detect_image))
+            .route("/sessions/{id}/events", web::get().to(session_events))
             .route("/health", web::get().to(health))
     })
     .bind(&listen)?;

@@ -237,3 +237,39 @@ fn an_image_gets_its_detections() {
     let (status, body) = request(addr, &head, b"not a photo");
     assert_eq!((status, body["code"].as_str()), (415, Some("unsupported_media")));
 }
+
+fn get(addr: &str, path: &str, headers: &str) -> BufReader<TcpStream> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n").as_bytes()).unwrap();
+    BufReader::new(stream)
+}
+
+#[test]
+fn a_watcher_can_arrive_before_the_upload_and_replay_after_it() {
+    let server = Server::start(&[]);
+    let addr = &server.addr;
+    let id = "page-upload-0001";
+    // The page's watcher connects first and waits.
+    let mut watcher = get(addr, &format!("/sessions/{id}/events"), "");
+    thread::sleep(Duration::from_millis(200));
+    let clip = std::fs::read(fixtures().join("clip.ts")).unwrap();
+    let (mut uploader, _) = upload(addr, &format!("/detect/video?stride=50&session={id}"), clip.clone(), 16 << 10, Duration::from_millis(20));
+    assert_eq!(read_head(&mut uploader), 200);
+    let (status, body) = request(addr, &format!("POST /detect/video?session={id} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"), b"");
+    assert_eq!((status, body["code"].as_str()), (409, Some("conflict")), "the id is in use while the upload runs");
+    assert_eq!(read_head(&mut watcher), 200);
+    let watched = read_body(&mut watcher);
+    let uploaded = ndjson(&read_body(&mut uploader));
+    assert_eq!(uploaded.len(), 4, "start, two frames, end");
+    for (i, kind) in ["start", "frame", "frame", "end"].iter().enumerate() {
+        assert!(watched.contains(&format!("event: {kind}\nid: {i}\n")), "{watched}");
+    }
+    // After the end, Last-Event-ID replays what came after it.
+    let mut late = get(addr, &format!("/sessions/{id}/events"), "Last-Event-ID: 1\r\n");
+    assert_eq!(read_head(&mut late), 200);
+    let replay = read_body(&mut late);
+    assert!(replay.starts_with("event: frame\nid: 2\n") && replay.contains("event: end\nid: 3\n"), "{replay}");
+    let mut bad = get(addr, "/sessions/short/events", "");
+    assert_eq!(read_head(&mut bad), 400);
+}

@@ -88,7 +88,8 @@ pub struct Pipeline {
     next_key: Arc<AtomicU64>,
 }
 
-fn random_id() -> String {
+/// A fresh random session id (32 hex digits).
+pub fn new_session_id() -> String {
     let a = std::collections::hash_map::RandomState::new().build_hasher().finish();
     let b = std::collections::hash_map::RandomState::new().build_hasher().finish();
     format!("{a:016x}{b:016x}")
@@ -110,7 +111,7 @@ impl Pipeline {
         let writer = buffer::create(&self.options.buffer)?;
         let reader = writer.buffer().reader();
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let id = params.id.clone().unwrap_or_else(random_id);
+        let id = params.id.clone().unwrap_or_else(new_session_id);
         let (tx, rx) = unbounded_channel();
         let (w, h) = self.detector.input_size();
         let model = ModelSummary { name: self.options.model_name.clone(), input: [w, h], classes: self.detector.class_names().len() };
