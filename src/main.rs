@@ -7,6 +7,7 @@ use clap::Parser;
 mod cli;
 mod commands;
 mod config;
+mod metrics;
 mod server;
 mod sessions;
 

@@ -24,6 +24,7 @@ use streamdet_actors::detect::{self, DetectParams, Detector, ModelFrame};
 use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams, new_session_id};
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::sessions::{Registry, SessionLog};
 
 struct AppState {
@@ -32,6 +33,7 @@ struct AppState {
     model_name: String,
     active_sessions: Arc<AtomicUsize>,
     sessions: Registry,
+    metrics: Arc<Metrics>,
 }
 
 /// A session slot, released when the response stream that holds it is dropped.
@@ -135,12 +137,17 @@ async fn detect_video(
     // The session's events go to its log, which every listener follows; the slot is held
     // until the session ends, whoever listens.
     let pump_log = Arc::clone(&log);
+    let metrics = Arc::clone(&state.metrics);
+    metrics.sessions_total.inc();
+    metrics.sessions_active.inc();
     actix_web::rt::spawn(async move {
         let _slot = slot;
         while let Some(event) = events.recv().await {
+            metrics.observe_event(&event);
             pump_log.push(event);
         }
         pump_log.close("internal", "the session stopped");
+        metrics.sessions_active.dec();
     });
     let sse = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
     follow(log, 0, sse)
@@ -222,6 +229,10 @@ async fn detect_image(query: web::Query<HashMap<String, String>>, mut payload: w
     }
 }
 
+async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+}
+
 async fn health(state: web::Data<AppState>) -> HttpResponse {
     let detector = state.pipeline.detector();
     let (w, h) = detector.input_size();
@@ -239,6 +250,7 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
 /// Runs the service until it is stopped. Prints `{"type":"listening","addr":…}` once bound.
 pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow::Result<()> {
     let model_name = config.model.path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    let metrics = Arc::new(Metrics::new());
     let options = PipelineOptions {
         model_name: model_name.clone(),
         buffer: BufferOptions { dir: config.temp_dir(), window_bytes: config.storage.window_bytes },
@@ -250,6 +262,7 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
         batch: BatchPolicy { batch_size: config.server.batch_size, batch_timeout: Duration::from_millis(config.server.batch_timeout_ms) },
         credits: config.server.credits,
         max_upload_bytes: config.server.max_upload_bytes,
+        observer: Some(Arc::clone(&metrics) as Arc<dyn streamdet_actors::actors::inference::InferenceObserver>),
     };
     let temp_dir = config.temp_dir();
     match streamdet_actors::buffer::sweep_stale(&temp_dir) {
@@ -264,6 +277,7 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
         model_name,
         active_sessions: Arc::new(AtomicUsize::new(0)),
         sessions: Registry::default(),
+        metrics,
     });
     let server = HttpServer::new(move || {
         App::new()
@@ -272,6 +286,7 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
             .route("/detect", web::post().to(detect_image))
             .route("/sessions/{id}/events", web::get().to(session_events))
             .route("/health", web::get().to(health))
+            .route("/metrics", web::get().to(metrics_text))
     })
     .bind(&listen)?;
     for addr in server.addrs() {

@@ -123,6 +123,28 @@ fn detections_stream_back_while_the_upload_is_still_going() {
     let end = events.last().unwrap();
     assert_eq!(end["type"], "end");
     assert_eq!(end["bytes"].as_u64(), Some(clip.len() as u64));
+
+    // What the session did shows in the metrics.
+    let mut metrics = get(&server.addr, "/metrics", "");
+    assert_eq!(read_head(&mut metrics), 200);
+    let mut text = String::new();
+    metrics.read_to_string(&mut text).unwrap();
+    for expected in ["streamdet_frames_inferred_total 6", "streamdet_frames_decoded_total 30", "streamdet_sessions_total 1", "streamdet_inference_batch_seconds_count 6"] {
+        assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn moov_at_the_end_reports_every_frame_after_the_upload() {
+    let server = Server::start(&[]);
+    let clip = std::fs::read(fixtures().join("moov_end.mp4")).unwrap();
+    let (mut reader, upload_done) = upload(&server.addr, "/detect/video?stride=50", clip, 16 << 10, Duration::from_millis(10));
+    assert_eq!(read_head(&mut reader), 200);
+    let events = ndjson(&read_body(&mut reader));
+    assert!(upload_done.load(Ordering::SeqCst));
+    let frames: Vec<u64> = events.iter().filter(|e| e["type"] == "frame").map(|e| e["index"].as_u64().unwrap()).collect();
+    assert_eq!(frames, [0, 50]);
+    assert_eq!(events.last().unwrap()["frames_decoded"], 100);
 }
 
 fn request(addr: &str, head: &str, body: &[u8]) -> (u16, serde_json::Value) {

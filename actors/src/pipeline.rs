@@ -27,7 +27,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::actors::decoder::DecoderActor;
-use crate::actors::inference::{BatchPolicy, Inference};
+use crate::actors::inference::{BatchPolicy, Inference, InferenceObserver};
 use crate::actors::session::{Fail, Session};
 use crate::actors::uploader::{AbortUpload, Chunk, Finish, UploadError, Uploader};
 use crate::actors::{Event, ModelSummary};
@@ -47,6 +47,14 @@ pub struct PipelineOptions {
     /// Frames a session may have in flight between decoder and inference.
     pub credits: usize,
     pub max_upload_bytes: u64,
+    /// Receives batch timings and queue depths, for metrics.
+    pub observer: Option<Arc<dyn InferenceObserver>>,
+}
+
+impl std::fmt::Debug for dyn InferenceObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InferenceObserver")
+    }
 }
 
 impl Default for PipelineOptions {
@@ -58,6 +66,7 @@ impl Default for PipelineOptions {
             batch: BatchPolicy { batch_size: 1, batch_timeout: Duration::from_millis(5) },
             credits: 4,
             max_upload_bytes: 4 << 30,
+            observer: None,
         }
     }
 }
@@ -98,7 +107,7 @@ pub fn new_session_id() -> String {
 impl Pipeline {
     /// Starts the inference actor. Must run inside an actix system.
     pub fn start(detector: Arc<Detector>, options: PipelineOptions) -> Self {
-        let inference = Inference::new(Arc::clone(&detector), options.batch).start();
+        let inference = Inference::new(Arc::clone(&detector), options.batch, options.observer.clone()).start();
         Pipeline { inference, detector, options: Arc::new(options), next_key: Arc::new(AtomicU64::new(1)) }
     }
 

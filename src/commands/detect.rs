@@ -74,6 +74,7 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         batch: BatchPolicy { batch_size: 1, batch_timeout: Duration::ZERO },
         credits: 4,
         max_upload_bytes: u64::MAX,
+        observer: None,
     };
     let params = SessionParams {
         id: None,

@@ -48,6 +48,7 @@ pub struct FrameDone {
 #[rtype(result = "()")]
 struct BatchDone {
     frames: usize,
+    seconds: f64,
 }
 
 /// How frames are batched.
@@ -55,6 +56,14 @@ struct BatchDone {
 pub struct BatchPolicy {
     pub batch_size: usize,
     pub batch_timeout: Duration,
+}
+
+/// Receives the inference actor's measurements (a host service turns them into metrics).
+pub trait InferenceObserver: Send + Sync {
+    /// A batch of `frames` frames ran in `seconds`.
+    fn batch_done(&self, frames: usize, seconds: f64);
+    /// Frames waiting for the model, after a change.
+    fn queue_depth(&self, frames: usize);
 }
 
 pub struct Inference {
@@ -65,15 +74,22 @@ pub struct Inference {
     in_flight: bool,
     timer: Option<SpawnHandle>,
     worker: Option<std_mpsc::Sender<(Vec<FrameJob>, Addr<Inference>)>>,
+    observer: Option<Arc<dyn InferenceObserver>>,
     /// Frames processed and batches run, for metrics.
     pub frames: u64,
     pub batches: u64,
 }
 
 impl Inference {
-    pub fn new(detector: Arc<Detector>, policy: BatchPolicy) -> Self {
+    pub fn new(detector: Arc<Detector>, policy: BatchPolicy, observer: Option<Arc<dyn InferenceObserver>>) -> Self {
         let policy = BatchPolicy { batch_size: policy.batch_size.max(1), ..policy };
-        Inference { detector, policy, queues: VecDeque::new(), in_flight: false, timer: None, worker: None, frames: 0, batches: 0 }
+        Inference { detector, policy, queues: VecDeque::new(), in_flight: false, timer: None, worker: None, observer, frames: 0, batches: 0 }
+    }
+
+    fn report_queue(&self) {
+        if let Some(observer) = &self.observer {
+            observer.queue_depth(self.queued());
+        }
     }
 
     fn queued(&self) -> usize {
@@ -129,6 +145,7 @@ impl Inference {
 /// Runs batches until the actor goes away.
 fn worker_loop(detector: Arc<Detector>, batches: std_mpsc::Receiver<(Vec<FrameJob>, Addr<Inference>)>) {
     while let Ok((jobs, actor)) = batches.recv() {
+        let started = std::time::Instant::now();
         let frames: Vec<ModelFrame> = jobs.iter().map(|j| j.frame.clone()).collect();
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<Detection>>, String> {
             let input = detector.input_tensor(&frames).map_err(|e| e.to_string())?;
@@ -151,7 +168,7 @@ fn worker_loop(detector: Arc<Detector>, batches: std_mpsc::Receiver<(Vec<FrameJo
         for (job, result) in jobs.into_iter().zip(results) {
             job.reply.do_send(FrameDone { index: job.index, pts: job.pts, result });
         }
-        actor.do_send(BatchDone { frames: count });
+        actor.do_send(BatchDone { frames: count, seconds: started.elapsed().as_secs_f64() });
     }
 }
 
@@ -178,6 +195,7 @@ impl Handler<Infer> for Inference {
             None => self.queues.push_back((job.session, VecDeque::from([job]))),
         }
         self.maybe_dispatch(ctx);
+        self.report_queue();
     }
 }
 
@@ -186,6 +204,7 @@ impl Handler<Forget> for Inference {
 
     fn handle(&mut self, Forget(session): Forget, _ctx: &mut Context<Self>) {
         self.queues.retain(|(s, _)| *s != session);
+        self.report_queue();
     }
 }
 
@@ -196,6 +215,10 @@ impl Handler<BatchDone> for Inference {
         self.in_flight = false;
         self.frames += done.frames as u64;
         self.batches += 1;
+        if let Some(observer) = &self.observer {
+            observer.batch_done(done.frames, done.seconds);
+        }
         self.maybe_dispatch(ctx);
+        self.report_queue();
     }
 }
