@@ -48,7 +48,6 @@ pub struct FrameDone {
 #[rtype(result = "()")]
 struct BatchDone {
     frames: usize,
-    seconds: f64,
 }
 
 /// How frames are batched.
@@ -143,7 +142,11 @@ impl Inference {
 }
 
 /// Runs batches until the actor goes away.
-fn worker_loop(detector: Arc<Detector>, batches: std_mpsc::Receiver<(Vec<FrameJob>, Addr<Inference>)>) {
+fn worker_loop(
+    detector: Arc<Detector>,
+    observer: Option<Arc<dyn InferenceObserver>>,
+    batches: std_mpsc::Receiver<(Vec<FrameJob>, Addr<Inference>)>,
+) {
     while let Ok((jobs, actor)) = batches.recv() {
         let started = std::time::Instant::now();
         let frames: Vec<ModelFrame> = jobs.iter().map(|j| j.frame.clone()).collect();
@@ -165,10 +168,15 @@ fn worker_loop(detector: Arc<Detector>, batches: std_mpsc::Receiver<(Vec<FrameJo
             Err(_) => vec![Err("the model panicked on this batch".into()); jobs.len()],
         };
         let count = jobs.len();
+        let seconds = started.elapsed().as_secs_f64();
+        // Measured before the results go out, so that whoever sees a result sees its batch counted.
+        if let Some(observer) = &observer {
+            observer.batch_done(count, seconds);
+        }
         for (job, result) in jobs.into_iter().zip(results) {
             job.reply.do_send(FrameDone { index: job.index, pts: job.pts, result });
         }
-        actor.do_send(BatchDone { frames: count, seconds: started.elapsed().as_secs_f64() });
+        actor.do_send(BatchDone { frames: count });
     }
 }
 
@@ -177,8 +185,8 @@ impl Actor for Inference {
 
     fn started(&mut self, _ctx: &mut Self::Context) {
         let (tx, rx) = std_mpsc::channel();
-        let detector = Arc::clone(&self.detector);
-        let spawned = std::thread::Builder::new().name("streamdet-inference".into()).spawn(move || worker_loop(detector, rx));
+        let (detector, observer) = (Arc::clone(&self.detector), self.observer.clone());
+        let spawned = std::thread::Builder::new().name("streamdet-inference".into()).spawn(move || worker_loop(detector, observer, rx));
         match spawned {
             Ok(_) => self.worker = Some(tx),
             Err(err) => tracing::error!(%err, "cannot start the inference worker thread"),
@@ -215,9 +223,6 @@ impl Handler<BatchDone> for Inference {
         self.in_flight = false;
         self.frames += done.frames as u64;
         self.batches += 1;
-        if let Some(observer) = &self.observer {
-            observer.batch_done(done.frames, done.seconds);
-        }
         self.maybe_dispatch(ctx);
         self.report_queue();
     }
