@@ -1,6 +1,7 @@
 //! The HTTP service: actix-web routes over the actor pipeline.
 //!
-//! `POST /detect/video` reads the body as it arrives and streams the session's events back as
+//! `POST /detect/video` reads the body as it arrives, answers once the first bytes identify the
+//! container (an unsupported upload gets a 415), and streams the session's events back as
 //! NDJSON (or SSE with `Accept: text/event-stream`) while the upload is still going (a client
 //! must be full-duplex to see them early); `POST /detect` answers for one image; `GET /health`
 //! says what is loaded and what the defaults are.
@@ -149,6 +150,18 @@ async fn detect_video(
         pump_log.close("internal", "the session stopped");
         metrics.sessions_active.dec();
     });
+    // The status line waits for the first event: `start` once the container is identified
+    // (a few KiB into the upload), or an error that a plain HTTP status says better.
+    if let Some(Event::Error { code, message }) = log.next(0).await {
+        let status = match code.as_str() {
+            "unsupported_media" | "no_video_stream" | "unsupported_codec" => Some(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            "too_large" => Some(StatusCode::PAYLOAD_TOO_LARGE),
+            _ => None,
+        };
+        if let Some(status) = status {
+            return error_response(status, &code, message);
+        }
+    }
     let sse = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
     follow(log, 0, sse)
 }

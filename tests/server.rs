@@ -185,14 +185,16 @@ fn limits_and_bad_parameters_are_http_errors() {
 }
 
 #[test]
-fn media_that_is_not_video_is_an_error_event() {
+fn media_that_is_not_video_gets_415_before_the_stream() {
     let server = Server::start(&[]);
-    let image = std::fs::read(fixtures().join("image.jpg")).unwrap();
-    let (mut reader, _) = upload(&server.addr, "/detect/video", image, 4 << 10, Duration::ZERO);
-    assert_eq!(read_head(&mut reader), 200);
-    let body = read_chunk(&mut reader).unwrap();
-    let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!((event["type"].as_str(), event["code"].as_str()), (Some("error"), Some("unsupported_media")));
+    for (name, code) in [("image.jpg", "unsupported_media"), ("audio.m4a", "no_video_stream")] {
+        let body = std::fs::read(fixtures().join(name)).unwrap();
+        let (mut reader, _) = upload(&server.addr, "/detect/video", body, 4 << 10, Duration::ZERO);
+        assert_eq!(read_head(&mut reader), 415, "{name}");
+        let mut rest = String::new();
+        let _ = reader.read_to_string(&mut rest);
+        assert!(rest.contains(code), "{name}: {rest}");
+    }
 }
 
 /// The whole chunked body of a response.
