@@ -25,6 +25,8 @@ pub struct ServerConfig {
     pub batch_size: usize,
     pub batch_timeout_ms: u64,
     pub credits: usize,
+    pub auth_token: String,
+    pub cors_origins: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -76,6 +78,8 @@ impl Default for ServerConfig {
             batch_size: 1,
             batch_timeout_ms: 5,
             credits: 4,
+            auth_token: String::new(),
+            cors_origins: String::new(),
         }
     }
 }
@@ -135,6 +139,11 @@ impl Config {
             bail!("limits.max_width and limits.max_height must be positive");
         }
         Ok(())
+    }
+
+    /// Origins allowed to call the API from a browser page.
+    pub fn cors_origins(&self) -> Vec<String> {
+        self.server.cors_origins.split(',').map(str::trim).filter(|o| !o.is_empty()).map(String::from).collect()
     }
 
     /// The temp directory to use: the configured one, or the system's.

@@ -12,7 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{ACCEPT, CONTENT_LENGTH};
+use actix_web::body::BoxBody;
+use actix_web::dev::ServiceRequest;
+use actix_web::http::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderName};
+use actix_web::middleware::Next;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use bytes::Bytes;
 use serde_json::json;
@@ -292,9 +295,31 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
         sessions: Registry::default(),
         metrics,
     });
+    let token = state.config.server.auth_token.clone();
+    let origins = state.config.cors_origins();
     let server = HttpServer::new(move || {
+        let cors = origins.iter().fold(actix_cors::Cors::default(), |cors, origin| cors.allowed_origin(origin))
+            .allowed_methods(["GET", "POST"])
+            .allowed_headers([AUTHORIZATION, CONTENT_TYPE, ACCEPT, HeaderName::from_static("last-event-id")])
+            .max_age(3600);
+        let token = token.clone();
         App::new()
             .app_data(state.clone())
+            .wrap(actix_web::middleware::from_fn(move |req: ServiceRequest, next: Next<BoxBody>| {
+                let allowed = token.is_empty()
+                    || req.path() == "/health"
+                    || req.method() == actix_web::http::Method::OPTIONS
+                    || req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()) == Some(format!("Bearer {token}").as_str());
+                async move {
+                    if allowed {
+                        next.call(req).await
+                    } else {
+                        let response = error_response(StatusCode::UNAUTHORIZED, "unauthorized", "this server requires a bearer token");
+                        Ok(req.into_response(response))
+                    }
+                }
+            }))
+            .wrap(cors)
             .route("/detect/video", web::post().to(detect_video))
             .route("/detect", web::post().to(detect_image))
             .route("/sessions/{id}/events", web::get().to(session_events))

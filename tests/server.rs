@@ -297,3 +297,24 @@ fn a_watcher_can_arrive_before_the_upload_and_replay_after_it() {
     let mut bad = get(addr, "/sessions/short/events", "");
     assert_eq!(read_head(&mut bad), 400);
 }
+
+#[test]
+fn bearer_token_and_cors_origins() {
+    let server = Server::start(&[("STREAMDET_SERVER_AUTH_TOKEN", "s3cret"), ("STREAMDET_SERVER_CORS_ORIGINS", "https://app.example")]);
+    let addr = &server.addr;
+    let (status, _) = request(addr, &format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"), b"");
+    assert_eq!(status, 200, "health needs no token");
+    let (status, body) = request(addr, &format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"), b"");
+    assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")));
+    let mut with_token = get(addr, "/metrics", "Authorization: Bearer s3cret\r\n");
+    assert_eq!(read_head(&mut with_token), 200);
+    let preflight = format!(
+        "OPTIONS /detect/video HTTP/1.1\r\nHost: {addr}\r\nOrigin: https://app.example\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n"
+    );
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(preflight.as_bytes()).unwrap();
+    let mut response = String::new();
+    let _ = BufReader::new(stream).read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.to_lowercase().contains("access-control-allow-origin: https://app.example"), "{response}");
+}
