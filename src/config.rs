@@ -27,6 +27,9 @@ pub struct ServerConfig {
     pub credits: usize,
     pub auth_token: String,
     pub cors_origins: String,
+    pub idle_upload_timeout_s: u64,
+    pub max_session_seconds: u64,
+    pub shutdown_grace_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -80,6 +83,9 @@ impl Default for ServerConfig {
             credits: 4,
             auth_token: String::new(),
             cors_origins: String::new(),
+            idle_upload_timeout_s: 30,
+            max_session_seconds: 3600,
+            shutdown_grace_s: 10,
         }
     }
 }

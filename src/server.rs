@@ -136,8 +136,11 @@ async fn detect_video(
         }
     };
     let (upload, mut events) = session.split();
+    let canceller = upload.clone();
+    log.set_cancel(move || canceller.cancel("internal", "the server is shutting down"));
     // The body is read in its own task, so the response streams while the upload goes on.
-    actix_web::rt::spawn(upload.feed_all(payload));
+    let idle = Duration::from_secs(state.config.server.idle_upload_timeout_s);
+    actix_web::rt::spawn(upload.feed_all(payload, Some(idle)));
     // The session's events go to its log, which every listener follows; the slot is held
     // until the session ends, whoever listens.
     let pump_log = Arc::clone(&log);
@@ -279,6 +282,7 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
         credits: config.server.credits,
         max_upload_bytes: config.server.max_upload_bytes,
         observer: Some(Arc::clone(&metrics) as Arc<dyn streamdet_actors::actors::inference::InferenceObserver>),
+        max_session_duration: Some(Duration::from_secs(config.server.max_session_seconds)),
     };
     let temp_dir = config.temp_dir();
     match streamdet_actors::buffer::sweep_stale(&temp_dir) {
@@ -295,6 +299,7 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
         sessions: Registry::default(),
         metrics,
     });
+    let shutdown_state = state.clone();
     let token = state.config.server.auth_token.clone();
     let origins = state.config.cors_origins();
     let server = HttpServer::new(move || {
@@ -326,10 +331,44 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
             .route("/health", web::get().to(health))
             .route("/metrics", web::get().to(metrics_text))
     })
+    .disable_signals()
+    .shutdown_timeout(1)
     .bind(&listen)?;
     for addr in server.addrs() {
         println!("{}", json!({"type": "listening", "addr": addr.to_string()}));
     }
-    server.run().await?;
+    let running = server.run();
+    actix_web::rt::spawn(shut_down_on_signal(running.handle(), shutdown_state));
+    running.await?;
     Ok(())
+}
+
+/// On SIGTERM or Ctrl-C: stop accepting connections, give running sessions the grace period,
+/// end the rest (each reports an error event and frees its temp file), then stop.
+async fn shut_down_on_signal(server: actix_web::dev::ServerHandle, state: web::Data<AppState>) {
+    let Ok(mut terminate) = actix_web::rt::signal::unix::signal(actix_web::rt::signal::unix::SignalKind::terminate()) else {
+        tracing::warn!("cannot listen for SIGTERM; stop the server with SIGKILL");
+        return;
+    };
+    tokio_select(terminate.recv(), actix_web::rt::signal::ctrl_c()).await;
+    tracing::info!("shutting down");
+    server.pause().await;
+    let grace = Duration::from_secs(state.config.server.shutdown_grace_s);
+    let deadline = std::time::Instant::now() + grace;
+    while state.active_sessions.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    state.sessions.cancel_live();
+    // Let the error events reach their listeners and the sessions release their files.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while state.active_sessions.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+    server.stop(true).await;
+}
+
+/// Waits for whichever of two futures finishes first.
+async fn tokio_select<A: std::future::Future, B: std::future::Future>(a: A, b: B) {
+    futures_util::future::select(std::pin::pin!(a), std::pin::pin!(b)).await;
 }

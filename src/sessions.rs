@@ -25,6 +25,8 @@ enum Stage {
 pub struct SessionLog {
     state: Mutex<LogState>,
     changed: Notify,
+    /// Ends the running session (set by whoever started it).
+    cancel: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 struct LogState {
@@ -35,7 +37,11 @@ struct LogState {
 
 impl SessionLog {
     fn new(stage: Stage) -> Arc<Self> {
-        Arc::new(SessionLog { state: Mutex::new(LogState { stage, events: Vec::new(), since: Instant::now() }), changed: Notify::new() })
+        Arc::new(SessionLog {
+            state: Mutex::new(LogState { stage, events: Vec::new(), since: Instant::now() }),
+            changed: Notify::new(),
+            cancel: Mutex::new(None),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, LogState> {
@@ -55,6 +61,11 @@ impl SessionLog {
         state.events.push(event);
         drop(state);
         self.changed.notify_waiters();
+    }
+
+    /// How to end the session this log records (used at shutdown).
+    pub fn set_cancel(&self, cancel: impl Fn() + Send + Sync + 'static) {
+        *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(cancel));
     }
 
     /// Ends the log with an error event unless it already ended.
@@ -121,6 +132,18 @@ impl Registry {
         let log = SessionLog::new(Stage::Live);
         logs.insert(id.to_string(), Arc::clone(&log));
         Ok(log)
+    }
+
+    /// Ends every running session (each then reports its own error event).
+    pub fn cancel_live(&self) {
+        for log in self.lock().values() {
+            let live = log.lock().stage == Stage::Live;
+            if live {
+                if let Some(cancel) = log.cancel.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    cancel();
+                }
+            }
+        }
     }
 
     /// The log to follow for `id`, waiting for an upload if none has started.

@@ -318,3 +318,35 @@ fn bearer_token_and_cors_origins() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.to_lowercase().contains("access-control-allow-origin: https://app.example"), "{response}");
 }
+
+#[test]
+fn an_idle_upload_times_out() {
+    let server = Server::start(&[("STREAMDET_SERVER_IDLE_UPLOAD_TIMEOUT_S", "1")]);
+    let clip = std::fs::read(fixtures().join("clip.ts")).unwrap();
+    // One 64 KiB chunk, then nothing for a long while.
+    let (mut reader, _) = upload(&server.addr, "/detect/video", clip, 64 << 10, Duration::from_secs(30));
+    assert_eq!(read_head(&mut reader), 200);
+    let events = ndjson(&read_body(&mut reader));
+    let last = events.last().unwrap();
+    assert_eq!((last["type"].as_str(), last["code"].as_str()), (Some("error"), Some("timeout")), "{events:?}");
+}
+
+#[test]
+fn sigterm_ends_running_sessions_with_an_error_and_removes_their_files() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&[("STREAMDET_STORAGE_TEMP_DIR", temp.path().to_str().unwrap()), ("STREAMDET_SERVER_SHUTDOWN_GRACE_S", "1")]);
+    let clip = std::fs::read(fixtures().join("clip.ts")).unwrap();
+    let (mut reader, _) = upload(&server.addr, "/detect/video?stride=25", clip, 8 << 10, Duration::from_millis(300));
+    assert_eq!(read_head(&mut reader), 200);
+    let files = || std::fs::read_dir(temp.path()).unwrap().count();
+    assert_eq!(files(), 1, "the running upload has its temp file");
+    // SAFETY: kill sends a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) }, 0);
+    let events = ndjson(&read_body(&mut reader));
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "error", "{events:?}");
+    assert!(last["message"].as_str().unwrap().contains("shutting down"), "{last}");
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(files(), 0, "temp files are removed at shutdown");
+}

@@ -49,6 +49,8 @@ pub struct PipelineOptions {
     pub max_upload_bytes: u64,
     /// Receives batch timings and queue depths, for metrics.
     pub observer: Option<Arc<dyn InferenceObserver>>,
+    /// A session still running after this long ends with a `timeout` error.
+    pub max_session_duration: Option<Duration>,
 }
 
 impl std::fmt::Debug for dyn InferenceObserver {
@@ -67,6 +69,7 @@ impl Default for PipelineOptions {
             credits: 4,
             max_upload_bytes: 4 << 30,
             observer: None,
+            max_session_duration: None,
         }
     }
 }
@@ -128,8 +131,15 @@ impl Pipeline {
         let detect = Arc::new(params.detect);
         let (inference, credits) = (self.inference.clone(), self.options.credits);
         let session_id = id.clone();
+        let max_duration = self.options.max_session_duration;
         let session = Session::create(move |ctx| {
             let decoder = DecoderActor::new(key, reader, decode, detect, credits, ctx.address(), inference.clone()).start();
+            if let Some(limit) = max_duration {
+                ctx.notify_later(
+                    Fail { code: "timeout", message: format!("the session ran longer than {} s", limit.as_secs_f64()) },
+                    limit,
+                );
+            }
             Session::new(session_id, key, tx, model, inference, decoder)
         });
         let uploader = Uploader::new(writer, self.options.max_upload_bytes, session.clone()).start();
@@ -169,21 +179,33 @@ impl UploadHandle {
     }
 
     /// Feeds every chunk of `chunks` as it arrives, then finishes the upload; an error item
-    /// abandons it (the session ends with a `truncated` error). Stops early if the session ends.
-    pub async fn feed_all<S, E>(self, mut chunks: S)
+    /// abandons it (the session ends with a `truncated` error), and so does a pause longer than
+    /// `idle` (a `timeout` error). Stops early if the session ends.
+    pub async fn feed_all<S, E>(self, mut chunks: S, idle: Option<Duration>)
     where
         S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         use futures_util::StreamExt;
-        while let Some(chunk) = chunks.next().await {
-            match chunk {
-                Ok(bytes) => {
+        loop {
+            let next = match idle {
+                Some(limit) => match actix::clock::timeout(limit, chunks.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        self.abort("timeout", format!("no upload data arrived for {} s", limit.as_secs_f64()));
+                        return;
+                    }
+                },
+                None => chunks.next().await,
+            };
+            match next {
+                None => break,
+                Some(Ok(bytes)) => {
                     if self.feed(bytes).await.is_err() {
                         return; // the session ended; its events say why
                     }
                 }
-                Err(err) => {
+                Some(Err(err)) => {
                     self.abort("truncated", format!("the upload broke off: {err}"));
                     return;
                 }

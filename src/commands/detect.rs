@@ -75,6 +75,7 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         credits: 4,
         max_upload_bytes: u64::MAX,
         observer: None,
+        max_session_duration: None,
     };
     let params = SessionParams {
         id: None,
@@ -89,7 +90,7 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         let (upload, mut events) = session.split();
         let chunks = read_chunks(source);
         let chunks = futures_util::stream::unfold(chunks, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-        actix_rt::spawn(upload.feed_all(Box::pin(chunks)));
+        actix_rt::spawn(upload.feed_all(Box::pin(chunks), None));
         let stdout = std::io::stdout();
         let mut code = ExitCode::SUCCESS;
         while let Some(event) = events.recv().await {
