@@ -248,6 +248,13 @@ async fn detect_image(query: web::Query<HashMap<String, String>>, mut payload: w
     }
 }
 
+/// The API description, served as written (a test keeps it and the routes in step).
+pub const OPENAPI: &str = include_str!("web/openapi.json");
+
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(OPENAPI)
+}
+
 async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
 }
@@ -313,6 +320,7 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
             .wrap(actix_web::middleware::from_fn(move |req: ServiceRequest, next: Next<BoxBody>| {
                 let allowed = token.is_empty()
                     || req.path() == "/health"
+                    || req.path() == "/openapi.json"
                     || req.method() == actix_web::http::Method::OPTIONS
                     || req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()) == Some(format!("Bearer {token}").as_str());
                 async move {
@@ -330,6 +338,7 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
             .route("/sessions/{id}/events", web::get().to(session_events))
             .route("/health", web::get().to(health))
             .route("/metrics", web::get().to(metrics_text))
+            .route("/openapi.json", web::get().to(openapi))
     })
     .disable_signals()
     .shutdown_timeout(1)
@@ -372,4 +381,35 @@ async fn wait_for_sessions(state: &AppState, limit: Duration) {
 /// Waits for whichever of two futures finishes first.
 async fn first_of<A: std::future::Future, B: std::future::Future>(a: A, b: B) {
     futures_util::future::select(std::pin::pin!(a), std::pin::pin!(b)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every route `serve` registers, as (method, path) in OpenAPI's spelling; the HTTP test
+    /// checks the other direction (every documented route answers).
+    const ROUTES: [(&str, &str); 6] = [
+        ("post", "/detect/video"),
+        ("get", "/sessions/{id}/events"),
+        ("post", "/detect"),
+        ("get", "/health"),
+        ("get", "/metrics"),
+        ("get", "/openapi.json"),
+    ];
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes() {
+        let spec: serde_json::Value = serde_json::from_str(OPENAPI).expect("valid JSON");
+        let mut documented: Vec<(String, String)> = spec["paths"]
+            .as_object()
+            .expect("paths")
+            .iter()
+            .flat_map(|(path, ops)| ops.as_object().expect("operations").keys().map(move |m| (m.clone(), path.clone())))
+            .collect();
+        documented.sort();
+        let mut served: Vec<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        served.sort();
+        assert_eq!(documented, served);
+    }
 }
