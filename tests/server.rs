@@ -321,7 +321,8 @@ fn bearer_token_and_cors_origins() {
 
 #[test]
 fn an_idle_upload_times_out() {
-    let server = Server::start(&[("STREAMDET_SERVER_IDLE_UPLOAD_TIMEOUT_S", "1")]);
+    let temp = tempfile::tempdir().unwrap();
+    let server = Server::start(&[("STREAMDET_SERVER_IDLE_UPLOAD_TIMEOUT_S", "1"), ("STREAMDET_STORAGE_TEMP_DIR", temp.path().to_str().unwrap())]);
     let clip = std::fs::read(fixtures().join("clip.ts")).unwrap();
     // One 64 KiB chunk, then nothing for a long while.
     let (mut reader, _) = upload(&server.addr, "/detect/video", clip, 64 << 10, Duration::from_secs(30));
@@ -329,6 +330,11 @@ fn an_idle_upload_times_out() {
     let events = ndjson(&read_body(&mut reader));
     let last = events.last().unwrap();
     assert_eq!((last["type"].as_str(), last["code"].as_str()), (Some("error"), Some("timeout")), "{events:?}");
+    let left = (0..50).map(|_| {
+        thread::sleep(Duration::from_millis(100));
+        std::fs::read_dir(temp.path()).unwrap().count()
+    }).find(|&n| n == 0);
+    assert_eq!(left, Some(0), "the stalled upload's temp file is removed");
 }
 
 #[test]
@@ -373,4 +379,62 @@ fn every_documented_route_is_served() {
             assert!(status != 404 && status != 405 && status != 0, "{method} {path}: {status}");
         }
     }
+}
+
+#[test]
+fn disconnects_oversize_streams_and_damage_end_sessions_without_leftovers() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().to_str().unwrap();
+    let server = Server::start(&[("STREAMDET_STORAGE_TEMP_DIR", dir), ("STREAMDET_SERVER_MAX_UPLOAD_BYTES", "300000")]);
+    let addr = &server.addr;
+    let files = || std::fs::read_dir(temp.path()).unwrap().count();
+    let wait_until_no_files = || {
+        for _ in 0..100 {
+            if files() == 0 {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        false
+    };
+
+    // A client that goes away mid-upload.
+    let clip = std::fs::read(fixtures().join("clip.ts")).unwrap();
+    let (mut reader, _) = upload(addr, "/detect/video?stride=25", clip.clone(), 8 << 10, Duration::from_millis(300));
+    assert_eq!(read_head(&mut reader), 200);
+    assert_eq!(files(), 1);
+    reader.get_ref().shutdown(std::net::Shutdown::Both).unwrap();
+    drop(reader);
+    assert!(wait_until_no_files(), "the temp file of a disconnected client stays");
+
+    // A chunked upload that grows past max_upload_bytes (no declared length).
+    let (mut reader, _) = upload(addr, "/detect/video?stride=50", clip, 32 << 10, Duration::ZERO);
+    // 413 when the limit is crossed before the container is identified, else an error event.
+    match read_head(&mut reader) {
+        413 => {}
+        200 => {
+            let events = ndjson(&read_body(&mut reader));
+            assert_eq!(events.last().unwrap()["code"], "too_large", "{events:?}");
+        }
+        other => panic!("status {other} for an oversize upload"),
+    }
+    assert!(wait_until_no_files(), "an oversize upload leaves its temp file");
+
+    // A truncated MP4: frames first, then the error.
+    let truncated = std::fs::read(fixtures().join("truncated.mp4")).unwrap();
+    let (mut reader, _) = upload(addr, "/detect/video?stride=20", truncated, 16 << 10, Duration::ZERO);
+    assert_eq!(read_head(&mut reader), 200);
+    let events = ndjson(&read_body(&mut reader));
+    assert!(events.iter().filter(|e| e["type"] == "frame").count() >= 2, "{events:?}");
+    assert_eq!(events.last().unwrap()["code"], "truncated");
+
+    // Random bytes: 415. And the server still serves normally after all that.
+    let random: Vec<u8> = (0..50_000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let (mut reader, _) = upload(addr, "/detect/video", random, 8 << 10, Duration::ZERO);
+    assert_eq!(read_head(&mut reader), 415);
+    let (status, _) = request(addr, &format!("POST /detect/video?stride=0 HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"), b"");
+    assert_eq!(status, 400);
+    assert!(wait_until_no_files(), "no temp file is left behind");
+    let (status, _) = request(addr, &format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"), b"");
+    assert_eq!(status, 200);
 }
