@@ -184,8 +184,10 @@ impl Decoder {
         let decoder = context.decoder().video().map_err(|e| DecodeError::UnsupportedCodec(format!("{codec_name} ({e})")))?;
         let rotation = Rotation::of_stream(&stream);
         let (display_w, display_h) = rotation.displayed(width, height);
-        let rate = stream.avg_frame_rate();
-        let fps = if rate.denominator() != 0 { f64::from(rate) } else { 0.0 };
+        // The average rate when the container states it (MP4, Matroska), else the stream's base
+        // rate (MPEG-TS, raw streams).
+        let rate = [stream.avg_frame_rate(), stream.rate()].into_iter().find(|r| r.numerator() > 0 && r.denominator() > 0);
+        let fps = rate.map_or(0.0, f64::from);
         let time_base = f64::from(stream.time_base());
         let declared_frames = u64::try_from(stream.frames()).unwrap_or(0);
         let start = stream.start_time();
