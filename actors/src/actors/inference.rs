@@ -141,6 +141,14 @@ impl Inference {
     }
 }
 
+/// What a job needs once its frame went into the model.
+struct Reply {
+    index: u64,
+    pts: f64,
+    params: Arc<DetectParams>,
+    to: Recipient<FrameDone>,
+}
+
 /// Runs batches until the actor goes away.
 fn worker_loop(
     detector: Arc<Detector>,
@@ -149,7 +157,11 @@ fn worker_loop(
 ) {
     while let Ok((jobs, actor)) = batches.recv() {
         let started = std::time::Instant::now();
-        let frames: Vec<ModelFrame> = jobs.iter().map(|j| j.frame.clone()).collect();
+        // The frames move into the model's input; the rest of each job stays for the reply.
+        let (frames, jobs): (Vec<ModelFrame>, Vec<Reply>) = jobs
+            .into_iter()
+            .map(|j| (j.frame, Reply { index: j.index, pts: j.pts, params: j.params, to: j.reply }))
+            .unzip();
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<Detection>>, String> {
             let input = detector.input_tensor(&frames).map_err(|e| e.to_string())?;
             let output = detector.run_raw(&input).map_err(|e| e.to_string())?;
@@ -174,7 +186,7 @@ fn worker_loop(
             observer.batch_done(count, seconds);
         }
         for (job, result) in jobs.into_iter().zip(results) {
-            job.reply.do_send(FrameDone { index: job.index, pts: job.pts, result });
+            job.to.do_send(FrameDone { index: job.index, pts: job.pts, result });
         }
         actor.do_send(BatchDone { frames: count });
     }
