@@ -780,10 +780,10 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
             let t = x()?;
             let (h, w) = (t.dim(2)?, t.dim(3)?);
             let (oh, ow) = match (args.get(3).copied().flatten(), args.get(2).copied().flatten()) {
-                (Some(sizes), _) => {
-                    let s = ints(sizes)?;
-                    (s[2] as usize, s[3] as usize)
-                }
+                (Some(sizes), _) => match ints(sizes)?.as_slice() {
+                    &[_, _, oh, ow] if oh > 0 && ow > 0 => (oh as usize, ow as usize),
+                    other => candle_core::bail!("Resize sizes {other:?} are not [n, c, h, w]"),
+                },
                 (None, Some(scales)) => {
                     let s = scales.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                     if s.len() != 4 || s[0] != 1.0 || s[1] != 1.0 {
@@ -793,7 +793,7 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
                 }
                 _ => candle_core::bail!("Resize needs scales or sizes"),
             };
-            if oh % h != 0 || ow % w != 0 {
+            if h == 0 || w == 0 || oh % h != 0 || ow % w != 0 {
                 candle_core::bail!("only integer upsampling is supported ({h}x{w} to {oh}x{ow})");
             }
             one(t.upsample_nearest2d(oh, ow)?)
