@@ -14,6 +14,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub limits: LimitsConfig,
     pub decode: DecodeConfig,
+    pub detect: DetectConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -22,6 +23,7 @@ pub struct ServerConfig {
     pub listen: String,
     pub max_sessions: usize,
     pub max_upload_bytes: u64,
+    pub max_lag_bytes: u64,
     pub batch_size: usize,
     pub batch_timeout_ms: u64,
     pub credits: usize,
@@ -45,6 +47,8 @@ pub struct ModelConfig {
 pub struct StorageConfig {
     pub temp_dir: PathBuf,
     pub window_bytes: usize,
+    pub persist_media: bool,
+    pub media_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -60,6 +64,17 @@ pub struct DecodeConfig {
     pub threads: usize,
 }
 
+/// Defaults of the detect routes' query parameters.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectConfig {
+    pub conf: f32,
+    pub iou: f32,
+    pub stride: u64,
+    /// 0: no frame-rate cap.
+    pub fps: f64,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -68,6 +83,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             limits: LimitsConfig::default(),
             decode: DecodeConfig::default(),
+            detect: DetectConfig::default(),
         }
     }
 }
@@ -78,6 +94,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".into(),
             max_sessions: 4,
             max_upload_bytes: 2 << 30,
+            max_lag_bytes: 256 << 20,
             batch_size: 1,
             batch_timeout_ms: 5,
             credits: 4,
@@ -98,7 +115,13 @@ impl Default for ModelConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { temp_dir: PathBuf::new(), window_bytes: 32 << 20 }
+        StorageConfig { temp_dir: PathBuf::new(), window_bytes: 32 << 20, persist_media: false, media_dir: PathBuf::from("media") }
+    }
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig { conf: 0.25, iou: 0.45, stride: 1, fps: 0.0 }
     }
 }
 
@@ -143,6 +166,16 @@ impl Config {
         }
         if self.limits.max_width == 0 || self.limits.max_height == 0 {
             bail!("limits.max_width and limits.max_height must be positive");
+        }
+        let d = &self.detect;
+        if !(0.0..=1.0).contains(&d.conf) || !(0.0..=1.0).contains(&d.iou) {
+            bail!("detect.conf and detect.iou must be between 0 and 1");
+        }
+        if d.stride == 0 || !d.fps.is_finite() || d.fps < 0.0 {
+            bail!("detect.stride must be positive and detect.fps 0 or positive");
+        }
+        if d.stride > 1 && d.fps > 0.0 {
+            bail!("set at most one of detect.stride (above 1) and detect.fps (above 0)");
         }
         Ok(())
     }

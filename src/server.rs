@@ -27,7 +27,7 @@ use streamdet_actors::actors::Event;
 use streamdet_actors::detect::{self, DetectParams, Detector, ModelFrame};
 use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams, new_session_id};
 
-use crate::config::Config;
+use crate::config::{Config, DetectConfig};
 use crate::metrics::Metrics;
 use crate::sessions::{Registry, SessionLog};
 
@@ -61,7 +61,7 @@ fn error_response(status: StatusCode, code: &str, message: impl Into<String>) ->
 }
 
 /// Query parameters of the detect routes, checked with messages a user understands.
-fn detect_params(query: &HashMap<String, String>, detector: &Detector) -> Result<DetectParams, String> {
+fn detect_params(query: &HashMap<String, String>, detector: &Detector, defaults: &DetectConfig) -> Result<DetectParams, String> {
     let unit = |name: &str, default: f32| -> Result<f32, String> {
         match query.get(name) {
             None => Ok(default),
@@ -78,7 +78,7 @@ fn detect_params(query: &HashMap<String, String>, detector: &Detector) -> Result
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
-    Ok(DetectParams { conf: unit("conf", 0.25)?, iou: unit("iou", 0.45)?, classes, ..Default::default() })
+    Ok(DetectParams { conf: unit("conf", defaults.conf)?, iou: unit("iou", defaults.iou)?, classes, ..Default::default() })
 }
 
 const SESSION_ID_RULE: &str = "session must be 8 to 64 characters of A-Z, a-z, 0-9, - and _";
@@ -87,8 +87,8 @@ fn valid_session_id(id: &str) -> bool {
     (8..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-fn video_params(query: &HashMap<String, String>, detector: &Detector) -> Result<SessionParams, String> {
-    const KNOWN: [&str; 6] = ["conf", "iou", "classes", "stride", "fps", "session"];
+fn video_params(query: &HashMap<String, String>, detector: &Detector, defaults: &DetectConfig) -> Result<SessionParams, String> {
+    const KNOWN: [&str; 7] = ["conf", "iou", "classes", "stride", "fps", "max_frames", "session"];
     if let Some(unknown) = query.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(format!("unknown parameter {unknown:?} (known: {})", KNOWN.join(", ")));
     }
@@ -96,14 +96,20 @@ fn video_params(query: &HashMap<String, String>, detector: &Detector) -> Result<
         (Some(_), Some(_)) => return Err("give at most one of stride and fps".into()),
         (Some(s), None) => FrameSelection::Stride(s.parse().ok().filter(|&n: &u64| n > 0).ok_or("stride must be a positive integer")?),
         (None, Some(f)) => FrameSelection::Fps(f.parse().ok().filter(|&x: &f64| x > 0.0 && x.is_finite()).ok_or("fps must be a positive number")?),
+        (None, None) if defaults.fps > 0.0 => FrameSelection::Fps(defaults.fps),
+        (None, None) if defaults.stride > 1 => FrameSelection::Stride(defaults.stride),
         (None, None) => FrameSelection::All,
+    };
+    let max_frames = match query.get("max_frames") {
+        None => None,
+        Some(n) => Some(n.parse().ok().filter(|&n: &u64| n > 0).ok_or("max_frames must be a positive integer")?),
     };
     let id = match query.get("session") {
         None => None,
         Some(id) if valid_session_id(id) => Some(id.clone()),
         Some(_) => return Err(SESSION_ID_RULE.into()),
     };
-    Ok(SessionParams { id, selection, detect: detect_params(query, detector)?, live: false })
+    Ok(SessionParams { id, selection, detect: detect_params(query, detector, defaults)?, live: false, max_frames })
 }
 
 async fn detect_video(
@@ -112,7 +118,7 @@ async fn detect_video(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
-    let mut params = match video_params(&query, state.pipeline.detector()) {
+    let mut params = match video_params(&query, state.pipeline.detector(), &state.config.detect) {
         Ok(params) => params,
         Err(message) => return error_response(StatusCode::BAD_REQUEST, "bad_parameter", message),
     };
@@ -139,8 +145,12 @@ async fn detect_video(
     let canceller = upload.clone();
     log.set_cancel(move || canceller.cancel("internal", "the server is shutting down"));
     // The body is read in its own task, so the response streams while the upload goes on.
-    let idle = Duration::from_secs(state.config.server.idle_upload_timeout_s);
-    actix_web::rt::spawn(upload.feed_all(payload, Some(idle)));
+    let idle = Some(Duration::from_secs(state.config.server.idle_upload_timeout_s));
+    if is_multipart(&req) {
+        actix_web::rt::spawn(upload.feed_all(multipart_file(&req, payload), idle));
+    } else {
+        actix_web::rt::spawn(upload.feed_all(payload, idle));
+    }
     // The session's events go to its log, which every listener follows; the slot is held
     // until the session ends, whoever listens.
     let pump_log = Arc::clone(&log);
@@ -170,6 +180,48 @@ async fn detect_video(
     }
     let sse = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
     follow(log, 0, sse)
+}
+
+fn is_multipart(req: &HttpRequest) -> bool {
+    req.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("multipart/form-data"))
+}
+
+/// The bytes of the first file part (a part with a file name; else the first part) of a
+/// `multipart/form-data` body, as they arrive. Parts before it are skipped.
+fn multipart_file(req: &HttpRequest, payload: web::Payload) -> std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, String>>>> {
+    use actix_multipart::{Field, Multipart};
+    // The multipart reader must outlive the part: the part reads through it.
+    type State = (Multipart, Option<Field>);
+    let multipart = Multipart::new(req.headers(), payload);
+    let chunks = futures_util::stream::unfold(Some((multipart, None)), |state: Option<State>| async move {
+        let (mut multipart, mut field) = state?;
+        loop {
+            if let Some(part) = field.as_mut() {
+                return match part.next().await {
+                    Some(Ok(bytes)) => Some((Ok(bytes), Some((multipart, field)))),
+                    Some(Err(err)) => Some((Err(format!("bad multipart body: {err}")), None)),
+                    None => None,
+                };
+            }
+            match multipart.next().await {
+                Some(Ok(mut part)) => {
+                    let is_file = part.content_disposition().and_then(|d| d.get_filename()).is_some();
+                    if is_file || part.name() == Some("file") {
+                        field = Some(part);
+                    } else {
+                        // A text field before the file: read past it.
+                        while let Some(Ok(_)) = part.next().await {}
+                    }
+                }
+                Some(Err(err)) => return Some((Err(format!("bad multipart body: {err}")), None)),
+                None => return Some((Err("the multipart body has no file part".to_string()), None)),
+            }
+        }
+    });
+    Box::pin(chunks)
 }
 
 /// A response that follows `log` from event `from`, as SSE or NDJSON.
@@ -217,7 +269,7 @@ async fn detect_image(query: web::Query<HashMap<String, String>>, mut payload: w
         return error_response(StatusCode::BAD_REQUEST, "bad_parameter", format!("unknown parameter {unknown:?} (known: conf, iou, classes)"));
     }
     let detector = Arc::clone(state.pipeline.detector());
-    let params = match detect_params(&query, &detector) {
+    let params = match detect_params(&query, &detector, &state.config.detect) {
         Ok(params) => params,
         Err(message) => return error_response(StatusCode::BAD_REQUEST, "bad_parameter", message),
     };
@@ -265,11 +317,17 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
-        "model": {"name": state.model_name, "input": [w, h], "classes": detector.class_names().len()},
+        "model": {"name": state.model_name, "input": [w, h], "classes": detector.class_names().len(), "class_names": detector.class_names()},
         "device": state.config.model.device,
         "sessions_active": state.active_sessions.load(Ordering::Acquire),
         "max_sessions": state.config.server.max_sessions,
-        "defaults": {"conf": 0.25, "iou": 0.45, "stride": 1},
+        "defaults": {
+            "conf": state.config.detect.conf,
+            "iou": state.config.detect.iou,
+            "stride": state.config.detect.stride,
+            "fps": (state.config.detect.fps > 0.0).then_some(state.config.detect.fps),
+        },
+        "max_upload_bytes": state.config.server.max_upload_bytes,
     }))
 }
 
@@ -288,6 +346,8 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
         batch: BatchPolicy { batch_size: config.server.batch_size, batch_timeout: Duration::from_millis(config.server.batch_timeout_ms) },
         credits: config.server.credits,
         max_upload_bytes: config.server.max_upload_bytes,
+        max_lag_bytes: (config.server.max_lag_bytes > 0).then_some(config.server.max_lag_bytes),
+        media_dir: config.storage.persist_media.then(|| config.storage.media_dir.clone()),
         observer: Some(Arc::clone(&metrics) as Arc<dyn streamdet_actors::actors::inference::InferenceObserver>),
         max_session_duration: Some(Duration::from_secs(config.server.max_session_seconds)),
     };

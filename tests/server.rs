@@ -123,6 +123,7 @@ fn detections_stream_back_while_the_upload_is_still_going() {
     let end = events.last().unwrap();
     assert_eq!(end["type"], "end");
     assert_eq!(end["bytes"].as_u64(), Some(clip.len() as u64));
+    assert_eq!(end["sha256"], sha256_hex(&clip));
 
     // What the session did shows in the metrics.
     let mut metrics = get(&server.addr, "/metrics", "");
@@ -136,7 +137,9 @@ fn detections_stream_back_while_the_upload_is_still_going() {
 
 #[test]
 fn moov_at_the_end_reports_every_frame_after_the_upload() {
-    let server = Server::start(&[]);
+    // A lag bound far below the clip's size must not stall it: the decoder waits for the index
+    // at the end, ahead of the upload.
+    let server = Server::start(&[("STREAMDET_SERVER_MAX_LAG_BYTES", "65536")]);
     let clip = std::fs::read(fixtures().join("moov_end.mp4")).unwrap();
     let (mut reader, upload_done) = upload(&server.addr, "/detect/video?stride=50", clip, 16 << 10, Duration::from_millis(10));
     assert_eq!(read_head(&mut reader), 200);
@@ -437,4 +440,81 @@ fn disconnects_oversize_streams_and_damage_end_sessions_without_leftovers() {
     assert!(wait_until_no_files(), "no temp file is left behind");
     let (status, _) = request(addr, &format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"), b"");
     assert_eq!(status, 200);
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn multipart_uploads_are_stored_by_hash_and_max_frames_stops_early() {
+    let media = tempfile::tempdir().unwrap();
+    let server = Server::start(&[("STREAMDET_STORAGE_PERSIST_MEDIA", "true"), ("STREAMDET_STORAGE_MEDIA_DIR", media.path().to_str().unwrap())]);
+    let clip = std::fs::read(fixtures().join("faststart.mp4")).unwrap();
+
+    // A browser form: a text field, then the file.
+    let boundary = "----streamdet-test-boundary";
+    let mut body = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n").into_bytes();
+    body.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"clip.mp4\"\r\nContent-Type: video/mp4\r\n\r\n").bytes());
+    body.extend_from_slice(&clip);
+    body.extend(format!("\r\n--{boundary}--\r\n").bytes());
+    let headers = format!("Content-Type: multipart/form-data; boundary={boundary}\r\n");
+    let (mut reader, _) = upload_with(&server.addr, "/detect/video?stride=50", &headers, body, 16 << 10, Duration::from_millis(5));
+    assert_eq!(read_head(&mut reader), 200);
+    let events = ndjson(&read_body(&mut reader));
+    let frames: Vec<u64> = events.iter().filter(|e| e["type"] == "frame").map(|e| e["index"].as_u64().unwrap()).collect();
+    assert_eq!(frames, [0, 50], "{events:?}");
+    let end = events.last().unwrap();
+    assert_eq!(end["sha256"], sha256_hex(&clip), "the hash covers the file part only");
+    assert_eq!(end["bytes"].as_u64(), Some(clip.len() as u64));
+    let stored = media.path().join(format!("{}.mp4", sha256_hex(&clip)));
+    assert_eq!(end["media_file"].as_str(), Some(stored.to_str().unwrap()));
+    assert_eq!(std::fs::read(&stored).unwrap(), clip, "the stored upload is the file");
+
+    // max_frames: two frames, then `end` while the rest of the upload is read and dropped.
+    let (mut reader, upload_done) = upload(&server.addr, "/detect/video?max_frames=2", clip.clone(), 4 << 10, Duration::from_millis(10));
+    assert_eq!(read_head(&mut reader), 200);
+    let events = ndjson(&read_body(&mut reader));
+    let frames: Vec<u64> = events.iter().filter(|e| e["type"] == "frame").map(|e| e["index"].as_u64().unwrap()).collect();
+    assert_eq!(frames, [0, 1], "{events:?}");
+    let end = events.last().unwrap();
+    assert_eq!(end["type"], "end", "{events:?}");
+    assert_eq!(end["frames_processed"], 2);
+    assert!(end.get("media_file").is_none(), "a partly read upload is not stored: {end}");
+    for _ in 0..200 {
+        if upload_done.load(Ordering::SeqCst) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(upload_done.load(Ordering::SeqCst), "the server stopped reading the rest of the upload");
+    assert_eq!(std::fs::read_dir(media.path()).unwrap().count(), 1, "only the complete upload is stored");
+    let (status, _) = request(&server.addr, &format!("POST /detect/video?max_frames=0 HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", server.addr), b"");
+    assert_eq!(status, 400);
+}
+
+#[test]
+fn a_decoder_that_falls_behind_holds_the_upload_back() {
+    let temp = tempfile::tempdir().unwrap();
+    let lag = 512 << 10;
+    let server = Server::start(&[
+        ("STREAMDET_STORAGE_TEMP_DIR", temp.path().to_str().unwrap()),
+        ("STREAMDET_SERVER_MAX_LAG_BYTES", &lag.to_string()),
+        ("STREAMDET_SERVER_CREDITS", "1"),
+    ]);
+    // 8 MB of MPEG-TS, every frame to the model: inference is far slower than loopback.
+    let clip = std::fs::read(fixtures().join("live.ts")).unwrap();
+    // (The client may well finish sending: the kernel's socket buffers hold megabytes.)
+    let (mut reader, _) = upload(&server.addr, "/detect/video", clip.clone(), 64 << 10, Duration::ZERO);
+    assert_eq!(read_head(&mut reader), 200);
+    let mut frames = 0;
+    let mut pending = Vec::new();
+    while frames < 4 {
+        pending.extend(read_chunk(&mut reader).expect("events"));
+        frames = pending.split(|&b| b == b'\n').filter(|l| l.windows(7).any(|w| w == b"\"frame\"")).count();
+    }
+    let buffered: u64 = std::fs::read_dir(temp.path()).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert!(buffered < clip.len() as u64 / 2, "{buffered} bytes buffered for a lag bound of {lag}");
+    reader.get_ref().shutdown(std::net::Shutdown::Both).unwrap();
 }

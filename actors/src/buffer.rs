@@ -18,7 +18,7 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use memmap2::{Mmap, MmapOptions};
@@ -72,8 +72,14 @@ struct Shared {
     state: Mutex<State>,
     changed: Condvar,
     window_bytes: usize,
-    /// The furthest offset any reader has read up to; lets an uploader measure the decoder's lag.
+    /// The furthest offset any reader has read up to or waits at; lets an uploader measure the
+    /// decoder's lag.
     furthest_read: AtomicU64,
+    /// Live readers; with none, nobody can fall behind.
+    readers: AtomicUsize,
+    /// Signalled when a reader moves on or goes away, for a writer waiting in
+    /// [`Buffer::wait_lag_at_most`].
+    progress: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -126,6 +132,7 @@ impl Shared {
         }
         drop(state);
         self.changed.notify_all();
+        self.progress.notify_waiters();
     }
 }
 
@@ -166,6 +173,8 @@ pub fn create(options: &BufferOptions) -> io::Result<BufferWriter> {
         changed: Condvar::new(),
         window_bytes,
         furthest_read: AtomicU64::new(0),
+        readers: AtomicUsize::new(0),
+        progress: tokio::sync::Notify::new(),
     });
     Ok(BufferWriter { buffer: Buffer { shared }, len: 0, done: false })
 }
@@ -232,6 +241,7 @@ pub struct Buffer {
 impl Buffer {
     /// A new reader at offset 0.
     pub fn reader(&self) -> BufferReader {
+        self.shared.readers.fetch_add(1, Ordering::AcqRel);
         BufferReader { shared: Arc::clone(&self.shared), pos: 0, window: None }
     }
 
@@ -250,9 +260,34 @@ impl Buffer {
         self.shared.wait_final_len()
     }
 
-    /// The furthest offset any reader has read up to.
+    /// The furthest offset any reader has read up to, or is waiting at.
     pub fn furthest_read(&self) -> u64 {
         self.shared.furthest_read.load(Ordering::Relaxed)
+    }
+
+    /// Bytes written beyond the furthest reader; 0 while a reader waits for bytes ahead of the
+    /// writer (an MP4 whose index comes last), and `None` when no reader is left.
+    pub fn lag(&self) -> Option<u64> {
+        if self.shared.readers.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        Some(self.written().saturating_sub(self.furthest_read()))
+    }
+
+    /// Waits until the readers are at most `max_lag` bytes behind the writer, no reader is left,
+    /// or the buffer is aborted. A writer that awaits this before taking more input makes a slow
+    /// reader push back on its source (for an HTTP body: TCP flow control on the client).
+    pub async fn wait_lag_at_most(&self, max_lag: u64) {
+        loop {
+            // Registered before the check, so a reader moving on in between still wakes us.
+            let notified = self.shared.progress.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.write_state() == WriteState::Aborted || self.lag().is_none_or(|lag| lag <= max_lag) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Where the file is now (changes after [`persist`](Self::persist)).
@@ -450,6 +485,11 @@ impl Read for BufferReader {
             return Ok(0);
         }
         let pos = self.pos;
+        if pos > self.shared.furthest_read.fetch_max(pos, Ordering::Relaxed) {
+            // A reader asking beyond the others (waiting for the upload, perhaps) releases a
+            // writer held back by the lag limit.
+            self.shared.progress.notify_waiters();
+        }
         let written = self.shared.wait_readable(pos)?;
         if pos >= written {
             return Ok(0); // finished, and we are at or past the end
@@ -460,7 +500,15 @@ impl Read for BufferReader {
         buf[..n].copy_from_slice(&window.map[from..from + n]);
         self.pos += n as u64;
         self.shared.furthest_read.fetch_max(self.pos, Ordering::Relaxed);
+        self.shared.progress.notify_waiters();
         Ok(n)
+    }
+}
+
+impl Drop for BufferReader {
+    fn drop(&mut self) {
+        self.shared.readers.fetch_sub(1, Ordering::AcqRel);
+        self.shared.progress.notify_waiters();
     }
 }
 

@@ -18,6 +18,7 @@
 //! ```
 
 use std::hash::{BuildHasher, Hasher};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,7 +29,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::actors::decoder::DecoderActor;
 use crate::actors::inference::{BatchPolicy, Inference, InferenceObserver};
-use crate::actors::session::{Fail, Session};
+use crate::actors::session::{Fail, Session, SessionParts};
 use crate::actors::uploader::{AbortUpload, Chunk, Finish, UploadError, Uploader};
 use crate::actors::{Event, ModelSummary};
 use crate::buffer::{self, BufferOptions};
@@ -47,6 +48,11 @@ pub struct PipelineOptions {
     /// Frames a session may have in flight between decoder and inference.
     pub credits: usize,
     pub max_upload_bytes: u64,
+    /// How far (bytes) the upload may run ahead of the decoder before the body is read no
+    /// further, so a slow decoder pushes back on the client; `None`: the disk absorbs it all.
+    pub max_lag_bytes: Option<u64>,
+    /// Keep each complete upload as `<media_dir>/<sha256>.<ext>`; `None`: uploads are deleted.
+    pub media_dir: Option<PathBuf>,
     /// Receives batch timings and queue depths, for metrics.
     pub observer: Option<Arc<dyn InferenceObserver>>,
     /// A session still running after this long ends with a `timeout` error.
@@ -68,6 +74,8 @@ impl Default for PipelineOptions {
             batch: BatchPolicy { batch_size: 1, batch_timeout: Duration::from_millis(5) },
             credits: 4,
             max_upload_bytes: 4 << 30,
+            max_lag_bytes: None,
+            media_dir: None,
             observer: None,
             max_session_duration: None,
         }
@@ -83,11 +91,14 @@ pub struct SessionParams {
     pub detect: DetectParams,
     /// The input is unbounded (a pipe): free consumed bytes when the container allows.
     pub live: bool,
+    /// Stop after this many processed frames: `end` comes then, and the rest of the upload is
+    /// read and dropped.
+    pub max_frames: Option<u64>,
 }
 
 impl Default for SessionParams {
     fn default() -> Self {
-        SessionParams { id: None, selection: FrameSelection::All, detect: DetectParams::default(), live: false }
+        SessionParams { id: None, selection: FrameSelection::All, detect: DetectParams::default(), live: false, max_frames: None }
     }
 }
 
@@ -127,11 +138,23 @@ impl Pipeline {
         let (tx, rx) = unbounded_channel();
         let (w, h) = self.detector.input_size();
         let model = ModelSummary { name: self.options.model_name.clone(), input: [w, h], classes: self.detector.class_names().len() };
-        let decode = DecodeOptions { target: (w, h), selection: params.selection, live: params.live, ..self.options.decode.clone() };
+        let decode = DecodeOptions {
+            target: (w, h),
+            selection: params.selection,
+            live: params.live,
+            max_frames: params.max_frames,
+            ..self.options.decode.clone()
+        };
         let detect = Arc::new(params.detect);
         let (inference, credits) = (self.inference.clone(), self.options.credits);
         let session_id = id.clone();
         let max_duration = self.options.max_session_duration;
+        // The uploader and the session address each other: make the uploader's mailbox first.
+        let uploader_context = Context::<Uploader>::new();
+        let uploader = uploader_context.address();
+        let buffer = writer.buffer().clone();
+        let media_dir = self.options.media_dir.clone();
+        let session_uploader = uploader.clone();
         let session = Session::create(move |ctx| {
             let decoder = DecoderActor::new(key, reader, decode, detect, credits, ctx.address(), inference.clone()).start();
             if let Some(limit) = max_duration {
@@ -140,9 +163,10 @@ impl Pipeline {
                     limit,
                 );
             }
-            Session::new(session_id, key, tx, model, inference, decoder)
+            let parts = SessionParts { inference, decoder, uploader: session_uploader, buffer, media_dir };
+            Session::new(session_id, key, tx, model, parts)
         });
-        let uploader = Uploader::new(writer, self.options.max_upload_bytes, session.clone()).start();
+        uploader_context.run(Uploader::new(writer, self.options.max_upload_bytes, self.options.max_lag_bytes, session.clone()));
         Ok(SessionHandle { id, upload: UploadHandle { uploader, session }, events: rx })
     }
 }

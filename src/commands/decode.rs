@@ -39,7 +39,7 @@ fn feed(mut source: impl Read, mut writer: BufferWriter) -> std::io::Result<()> 
 }
 
 pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
-    let selection = args.selection.selection()?;
+    let selection = args.selection.selection(config)?;
     let live = args.input == "-";
     let source: Box<dyn Read + Send> = if live {
         Box::new(std::io::stdin())

@@ -28,6 +28,9 @@ pub struct Args {
     selection: SelectionArgs,
     #[command(flatten)]
     detect: DetectArgs,
+    /// Stop after N processed frames.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_frames: Option<u64>,
 }
 
 /// Reads `source` in chunks into a bounded channel (so a fast file waits for the pipeline).
@@ -52,7 +55,7 @@ fn read_chunks(mut source: impl Read + Send + 'static) -> tokio::sync::mpsc::Rec
 }
 
 pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
-    let selection = args.selection.selection()?;
+    let selection = args.selection.selection(config)?;
     args.detect.validate()?;
     let live = args.input == "-";
     let source: Box<dyn Read + Send> = if live {
@@ -61,7 +64,7 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         Box::new(std::fs::File::open(&args.input).map_err(|e| Failure::Runtime(anyhow::anyhow!("cannot open {}: {e}", args.input)))?)
     };
     let detector = args.model.load(config)?;
-    let detect = args.detect.params(&detector)?;
+    let detect = args.detect.params(&detector, config)?;
     let model_path = args.model.path(config);
     let options = PipelineOptions {
         model_name: model_path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
@@ -74,6 +77,9 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         batch: BatchPolicy { batch_size: 1, batch_timeout: Duration::ZERO },
         credits: 4,
         max_upload_bytes: u64::MAX,
+        // Reading a pipe no faster than the decoder keeps a live encode from filling the disk.
+        max_lag_bytes: (config.server.max_lag_bytes > 0).then_some(config.server.max_lag_bytes),
+        media_dir: None,
         observer: None,
         max_session_duration: None,
     };
@@ -82,6 +88,7 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         selection,
         detect,
         live,
+        max_frames: args.max_frames,
     };
     let system = actix_rt::System::new();
     let code = system.block_on(async move {

@@ -25,7 +25,7 @@ pub struct Args {
 pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
     args.detect.validate()?;
     let detector = args.model.load(config)?;
-    let params = args.detect.params(&detector)?;
+    let params = args.detect.params(&detector, config)?;
     let mut failed = false;
     let stdout = std::io::stdout();
     for path in &args.images {

@@ -60,12 +60,15 @@ pub struct SelectionArgs {
 }
 
 impl SelectionArgs {
-    pub fn selection(&self) -> Result<FrameSelection, Failure> {
+    /// The flags' selection, or the configuration's (`[detect]`) when neither flag is given.
+    pub fn selection(&self, config: &Config) -> Result<FrameSelection, Failure> {
         match (self.stride, self.fps) {
             (Some(0), _) => Err(Failure::Usage("--stride must be at least 1".into())),
             (Some(n), _) => Ok(FrameSelection::Stride(n)),
             (None, Some(f)) if !(f > 0.0 && f.is_finite()) => Err(Failure::Usage("--fps must be positive".into())),
             (None, Some(f)) => Ok(FrameSelection::Fps(f)),
+            (None, None) if config.detect.fps > 0.0 => Ok(FrameSelection::Fps(config.detect.fps)),
+            (None, None) if config.detect.stride > 1 => Ok(FrameSelection::Stride(config.detect.stride)),
             (None, None) => Ok(FrameSelection::All),
         }
     }
@@ -74,12 +77,12 @@ impl SelectionArgs {
 /// Thresholds and class filter of detection.
 #[derive(Debug, ClapArgs)]
 pub struct DetectArgs {
-    /// Minimum confidence.
-    #[arg(long, default_value_t = 0.25)]
-    conf: f32,
-    /// IoU threshold of non-maximum suppression.
-    #[arg(long, default_value_t = 0.45)]
-    iou: f32,
+    /// Minimum confidence [default: detect.conf of the configuration, 0.25].
+    #[arg(long)]
+    conf: Option<f32>,
+    /// IoU threshold of non-maximum suppression [default: detect.iou, 0.45].
+    #[arg(long)]
+    iou: Option<f32>,
     /// Only these classes, by name, comma-separated (e.g. `person,cat`).
     #[arg(long, value_delimiter = ',')]
     classes: Vec<String>,
@@ -89,7 +92,7 @@ impl DetectArgs {
     /// Checks the thresholds (before the model loads, so a typo fails fast).
     pub fn validate(&self) -> Result<(), Failure> {
         for (name, v) in [("--conf", self.conf), ("--iou", self.iou)] {
-            if !(0.0..=1.0).contains(&v) {
+            if v.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
                 return Err(Failure::Usage(format!("{name} must be between 0 and 1")));
             }
         }
@@ -98,7 +101,7 @@ impl DetectArgs {
 
     /// The parameters, with class names resolved against the model (an unknown one is a usage
     /// error).
-    pub fn params(&self, detector: &Detector) -> Result<DetectParams, Failure> {
+    pub fn params(&self, detector: &Detector, config: &Config) -> Result<DetectParams, Failure> {
         let classes = if self.classes.is_empty() {
             None
         } else {
@@ -115,6 +118,8 @@ impl DetectArgs {
                 .collect::<Result<Vec<_>, _>>()?;
             Some(ids)
         };
-        Ok(DetectParams { conf: self.conf, iou: self.iou, classes, ..Default::default() })
+        let conf = self.conf.unwrap_or(config.detect.conf);
+        let iou = self.iou.unwrap_or(config.detect.iou);
+        Ok(DetectParams { conf, iou, classes, ..Default::default() })
     }
 }

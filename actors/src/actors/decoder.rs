@@ -104,10 +104,11 @@ impl Actor for DecoderActor {
         let (options, params, key) = (self.options.clone(), Arc::clone(&self.params), self.session_key);
         let (session, inference) = (self.session.clone(), self.inference.clone());
         let spawned = std::thread::Builder::new().name(format!("streamdet-decode-{key}")).spawn(move || {
+            let max_frames = options.max_frames.unwrap_or(u64::MAX);
             let mut decoder = match Decoder::open(reader, options) {
                 Ok(decoder) => decoder,
                 Err(error) => {
-                    session.do_send(DecodeFinished { stats: Default::default(), sent: 0, error: Some(error) });
+                    session.do_send(DecodeFinished { stats: Default::default(), sent: 0, limit_reached: false, error: Some(error) });
                     return;
                 }
             };
@@ -115,6 +116,9 @@ impl Actor for DecoderActor {
             let reply = session.clone().recipient();
             let mut sent = 0;
             let error = loop {
+                if sent >= max_frames {
+                    break None;
+                }
                 match decoder.next_frame() {
                     Ok(Some(frame)) => {
                         if !credits.take() {
@@ -135,12 +139,16 @@ impl Actor for DecoderActor {
                     Err(error) => break Some(error),
                 }
             };
-            session.do_send(DecodeFinished { stats: decoder.stats(), sent, error });
+            let stats = decoder.stats();
+            // Dropping the decoder drops its reader: the uploader is no longer held back by it.
+            drop(decoder);
+            session.do_send(DecodeFinished { stats, sent, limit_reached: sent >= max_frames, error });
         });
         if let Err(err) = spawned {
             self.session.do_send(DecodeFinished {
                 stats: Default::default(),
                 sent: 0,
+                limit_reached: false,
                 error: Some(DecodeError::Internal(format!("cannot start a decoder thread: {err}"))),
             });
         }

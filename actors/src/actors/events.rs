@@ -21,7 +21,17 @@ pub struct ModelSummary {
 pub enum Event {
     Start { session: String, media: MediaInfo, model: ModelSummary },
     Frame { index: u64, pts: f64, detections: Vec<Detection> },
-    End { frames_decoded: u64, frames_processed: u64, bytes: u64, sha256: String, upload_seconds: f64, seconds: f64 },
+    End {
+        frames_decoded: u64,
+        frames_processed: u64,
+        bytes: u64,
+        sha256: String,
+        upload_seconds: f64,
+        seconds: f64,
+        /// Where the upload was kept, when the service stores uploads.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        media_file: Option<String>,
+    },
     Error { code: String, message: String },
 }
 

@@ -2,6 +2,7 @@
 //! it into [`Event`]s, in order. `end` comes once the upload is complete, the decoder is done and
 //! every frame it sent has come back — never before the last `frame`.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -10,6 +11,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::decoder::{Abort, Credit, DecoderActor};
 use super::events::{Event, ModelSummary};
 use super::inference::{FrameDone, Forget, Inference};
+use super::uploader::{Drain, Uploader};
+use crate::buffer::Buffer;
 use crate::decode::{DecodeError, DecodeStats, MediaInfo};
 
 #[derive(Message)]
@@ -22,10 +25,12 @@ pub struct DecodeFinished {
     pub stats: DecodeStats,
     /// Frames sent to inference (all selected frames, unless it stopped early).
     pub sent: u64,
+    /// It stopped because the session's `max_frames` were sent.
+    pub limit_reached: bool,
     pub error: Option<DecodeError>,
 }
 
-/// The whole upload arrived.
+/// The whole upload arrived (or, after a [`Drain`], the part the session used).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct UploadFinished {
@@ -52,6 +57,31 @@ pub struct Fail {
     pub message: String,
 }
 
+/// Whether and where a finished upload is kept.
+enum Storage {
+    Off,
+    /// Keep it in this directory as `<sha256>.<ext>`, once the upload and its container are known.
+    Wanted(PathBuf),
+    /// The file is being moved.
+    Moving,
+    Stored(PathBuf),
+}
+
+/// The file moved (or could not be).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Stored(std::io::Result<PathBuf>);
+
+/// The actors and the buffer a session talks to.
+pub struct SessionParts {
+    pub inference: Addr<Inference>,
+    pub decoder: Addr<DecoderActor>,
+    pub uploader: Addr<Uploader>,
+    pub buffer: Buffer,
+    /// Keep finished uploads in this directory.
+    pub media_dir: Option<PathBuf>,
+}
+
 pub struct Session {
     pub id: String,
     pub key: u64,
@@ -59,7 +89,15 @@ pub struct Session {
     model: ModelSummary,
     decoder: Option<Addr<DecoderActor>>,
     inference: Addr<Inference>,
+    uploader: Addr<Uploader>,
+    buffer: Buffer,
+    media: Option<MediaInfo>,
+    storage: Storage,
     upload: Option<UploadFinished>,
+    /// The decoder stopped at `max_frames`; the rest of the upload is not needed.
+    limit_reached: bool,
+    /// The uploader was asked to drop the rest of the upload.
+    draining: bool,
     decoded: Option<DecodeStats>,
     /// Frames the decoder sent to inference, known once it finished.
     sent: u64,
@@ -70,22 +108,21 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(
-        id: String,
-        key: u64,
-        events: UnboundedSender<Event>,
-        model: ModelSummary,
-        inference: Addr<Inference>,
-        decoder: Addr<DecoderActor>,
-    ) -> Self {
+    pub fn new(id: String, key: u64, events: UnboundedSender<Event>, model: ModelSummary, parts: SessionParts) -> Self {
         Session {
             id,
             key,
             events,
             model,
-            decoder: Some(decoder),
-            inference,
+            decoder: Some(parts.decoder),
+            inference: parts.inference,
+            uploader: parts.uploader,
+            buffer: parts.buffer,
+            media: None,
+            storage: parts.media_dir.map_or(Storage::Off, Storage::Wanted),
             upload: None,
+            limit_reached: false,
+            draining: false,
             decoded: None,
             sent: 0,
             decode_error: None,
@@ -124,7 +161,19 @@ impl Session {
             };
             return self.fail(ctx, code, message);
         }
-        let Some(upload) = &self.upload else { return };
+        let Some(upload) = &self.upload else {
+            if self.limit_reached && !self.draining {
+                self.drain_upload(ctx);
+            }
+            return;
+        };
+        if matches!(self.storage, Storage::Moving) {
+            return; // `end` names the stored file
+        }
+        let media_file = match &self.storage {
+            Storage::Stored(path) => Some(path.display().to_string()),
+            _ => None,
+        };
         let seconds = upload.first_byte.elapsed().as_secs_f64();
         let event = Event::End {
             frames_decoded: decoded.frames,
@@ -133,9 +182,76 @@ impl Session {
             sha256: upload.sha256.clone(),
             upload_seconds: round3((upload.last_byte - upload.first_byte).as_secs_f64()),
             seconds: round3(seconds),
+            media_file,
         };
         self.emit(event);
         ctx.stop();
+    }
+
+    /// Every frame asked for is done: the rest of the upload is read and dropped, and `end`
+    /// reports the part that arrived so far.
+    fn drain_upload(&mut self, ctx: &mut Context<Self>) {
+        self.draining = true;
+        self.storage = Storage::Off; // only complete uploads are kept
+        let drained = self.uploader.send(Drain).into_actor(self).map(|result, session, ctx| match result {
+            Ok(upload) => {
+                session.upload = Some(upload);
+                session.maybe_end(ctx);
+            }
+            Err(_) => session.fail(ctx, "internal", "the uploader stopped".into()),
+        });
+        ctx.spawn(drained);
+    }
+
+    /// Moves a complete upload to the media directory, once its hash and container are known.
+    /// The decoder may still be reading it: it holds the open file, not the name.
+    fn store_upload(&mut self, ctx: &mut Context<Self>) {
+        let (Storage::Wanted(dir), Some(upload), Some(media)) = (&self.storage, &self.upload, &self.media) else { return };
+        if self.draining {
+            return;
+        }
+        let target = dir.join(format!("{}.{}", upload.sha256, media.file_extension()));
+        let (buffer, dir) = (self.buffer.clone(), dir.clone());
+        self.storage = Storage::Moving;
+        let (done, ready) = tokio::sync::oneshot::channel();
+        // Renaming is instant, but a copy to another filesystem is not: keep it off the actor's
+        // thread.
+        let spawned = std::thread::Builder::new().name("streamdet-store".into()).spawn(move || {
+            let result = std::fs::create_dir_all(&dir).and_then(|()| buffer.persist(&target)).map(|()| target);
+            let _ = done.send(result);
+        });
+        if let Err(err) = spawned {
+            ctx.notify(Stored(Err(err)));
+            return;
+        }
+        let address = ctx.address();
+        ctx.spawn(
+            async move {
+                let result = ready.await.unwrap_or_else(|_| Err(std::io::Error::other("the storing thread stopped")));
+                address.do_send(Stored(result));
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+impl Handler<Stored> for Session {
+    type Result = ();
+
+    fn handle(&mut self, Stored(result): Stored, ctx: &mut Context<Self>) {
+        self.storage = match result {
+            Ok(path) => {
+                tracing::info!(session = %self.id, path = %path.display(), "upload stored");
+                Storage::Stored(path)
+            }
+            Err(err) => {
+                // The detections are what the client came for; a storage problem is the
+                // operator's to see.
+                tracing::error!(session = %self.id, %err, "could not store the upload");
+                Storage::Off
+            }
+        };
+        self.maybe_end(ctx);
     }
 }
 
@@ -160,9 +276,11 @@ impl Actor for Session {
 impl Handler<DecoderOpened> for Session {
     type Result = ();
 
-    fn handle(&mut self, DecoderOpened(media): DecoderOpened, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, DecoderOpened(media): DecoderOpened, ctx: &mut Context<Self>) {
+        self.media = Some(media.clone());
         let event = Event::Start { session: self.id.clone(), media, model: self.model.clone() };
         self.emit(event);
+        self.store_upload(ctx);
     }
 }
 
@@ -195,6 +313,7 @@ impl Handler<DecodeFinished> for Session {
         }
         self.decoded = Some(finished.stats);
         self.sent = finished.sent;
+        self.limit_reached = finished.limit_reached;
         self.decode_error = finished.error;
         self.maybe_end(ctx);
     }
@@ -205,6 +324,7 @@ impl Handler<UploadFinished> for Session {
 
     fn handle(&mut self, upload: UploadFinished, ctx: &mut Context<Self>) {
         self.upload = Some(upload);
+        self.store_upload(ctx);
         self.maybe_end(ctx);
     }
 }

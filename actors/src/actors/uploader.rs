@@ -1,5 +1,6 @@
 //! The uploader of one session: appends body chunks to the buffer, hashes them as they pass
-//! (no second read), enforces the size limit, and tells the session when the upload is complete.
+//! (no second read), enforces the size limit, holds the body back while the decoder lags too far
+//! behind, and tells the session when the upload is complete.
 
 use std::time::Instant;
 
@@ -36,18 +37,48 @@ pub struct AbortUpload {
     pub message: String,
 }
 
+/// The session needs no more bytes (it processed all the frames it was asked for): stop writing,
+/// accept and drop the rest of the body, and report what arrived so far.
+#[derive(Message)]
+#[rtype(result = "UploadFinished")]
+pub struct Drain;
+
+/// Where chunks go.
+enum Sink {
+    /// Into the buffer the decoder reads.
+    Buffer(BufferWriter),
+    /// Nowhere: the session has what it needs; the rest of the body is read and dropped so the
+    /// client sees a complete response instead of a reset.
+    Drain,
+    /// The upload finished or failed; more chunks are refused.
+    Closed,
+}
+
 pub struct Uploader {
-    writer: Option<BufferWriter>,
+    sink: Sink,
     hasher: Sha256,
     bytes: u64,
     first_byte: Option<Instant>,
     max_bytes: u64,
+    /// Bytes the writer may be ahead of the decoder before chunks are held back.
+    max_lag: Option<u64>,
     session: Addr<Session>,
 }
 
 impl Uploader {
-    pub fn new(writer: BufferWriter, max_bytes: u64, session: Addr<Session>) -> Self {
-        Uploader { writer: Some(writer), hasher: Sha256::new(), bytes: 0, first_byte: None, max_bytes, session }
+    pub fn new(writer: BufferWriter, max_bytes: u64, max_lag: Option<u64>, session: Addr<Session>) -> Self {
+        Uploader { sink: Sink::Buffer(writer), hasher: Sha256::new(), bytes: 0, first_byte: None, max_bytes, max_lag, session }
+    }
+
+    /// What arrived so far, as the session reports it.
+    fn summary(&self) -> UploadFinished {
+        let now = Instant::now();
+        UploadFinished {
+            bytes: self.bytes,
+            sha256: self.hasher.clone().finalize().iter().map(|b| format!("{b:02x}")).collect(),
+            first_byte: self.first_byte.unwrap_or(now),
+            last_byte: now,
+        }
     }
 }
 
@@ -56,26 +87,49 @@ impl Actor for Uploader {
 }
 
 impl Handler<Chunk> for Uploader {
-    type Result = Result<(), UploadError>;
+    type Result = ResponseFuture<Result<(), UploadError>>;
 
     fn handle(&mut self, Chunk(data): Chunk, _ctx: &mut Context<Self>) -> Self::Result {
-        let Some(writer) = self.writer.as_mut() else { return Err(UploadError::Closed) };
         self.first_byte.get_or_insert_with(Instant::now);
-        if self.bytes + data.len() as u64 > self.max_bytes {
-            // Dropping the writer unfinished aborts the buffer: the decoder stops too.
-            self.writer = None;
-            let error = UploadError::TooLarge { limit: self.max_bytes };
-            self.session.do_send(UploadFailed { code: "too_large", message: error.to_string() });
-            return Err(error);
-        }
-        if writer.append(&data).is_err() {
-            // The session aborted the buffer (the decoder failed, a cancel).
-            self.writer = None;
-            return Err(UploadError::Closed);
-        }
-        self.hasher.update(&data);
-        self.bytes += data.len() as u64;
-        Ok(())
+        let over_limit = self.bytes + data.len() as u64 > self.max_bytes;
+        let result = match &mut self.sink {
+            Sink::Closed => Err(UploadError::Closed),
+            _ if over_limit => {
+                // Dropping the writer unfinished aborts the buffer: the decoder stops too.
+                if matches!(self.sink, Sink::Buffer(_)) {
+                    let error = UploadError::TooLarge { limit: self.max_bytes };
+                    self.session.do_send(UploadFailed { code: "too_large", message: error.to_string() });
+                }
+                self.sink = Sink::Closed;
+                Err(UploadError::TooLarge { limit: self.max_bytes })
+            }
+            Sink::Drain => {
+                self.bytes += data.len() as u64;
+                Ok(())
+            }
+            Sink::Buffer(writer) => match writer.append(&data) {
+                Ok(()) => {
+                    self.hasher.update(&data);
+                    self.bytes += data.len() as u64;
+                    if let Some(max_lag) = self.max_lag {
+                        // The reply waits until the decoder catches up, so the caller reads no
+                        // more of the body meanwhile.
+                        let buffer = writer.buffer().clone();
+                        return Box::pin(async move {
+                            buffer.wait_lag_at_most(max_lag).await;
+                            Ok(())
+                        });
+                    }
+                    Ok(())
+                }
+                Err(_) => {
+                    // The session aborted the buffer (the decoder failed, a cancel).
+                    self.sink = Sink::Closed;
+                    Err(UploadError::Closed)
+                }
+            },
+        };
+        Box::pin(std::future::ready(result))
     }
 }
 
@@ -83,16 +137,9 @@ impl Handler<Finish> for Uploader {
     type Result = ();
 
     fn handle(&mut self, _: Finish, _ctx: &mut Context<Self>) {
-        let Some(writer) = self.writer.take() else { return };
+        let Sink::Buffer(writer) = std::mem::replace(&mut self.sink, Sink::Closed) else { return };
         writer.finish();
-        let now = Instant::now();
-        let hasher = std::mem::replace(&mut self.hasher, Sha256::new());
-        self.session.do_send(UploadFinished {
-            bytes: self.bytes,
-            sha256: hasher.finalize().iter().map(|b| format!("{b:02x}")).collect(),
-            first_byte: self.first_byte.unwrap_or(now),
-            last_byte: now,
-        });
+        self.session.do_send(self.summary());
     }
 }
 
@@ -100,8 +147,21 @@ impl Handler<AbortUpload> for Uploader {
     type Result = ();
 
     fn handle(&mut self, abort: AbortUpload, _ctx: &mut Context<Self>) {
-        if self.writer.take().is_some() {
+        if let Sink::Buffer(_) = std::mem::replace(&mut self.sink, Sink::Closed) {
             self.session.do_send(UploadFailed { code: abort.code, message: abort.message });
         }
+    }
+}
+
+impl Handler<Drain> for Uploader {
+    type Result = MessageResult<Drain>;
+
+    fn handle(&mut self, _: Drain, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Sink::Buffer(_) = self.sink {
+            // The writer drops unfinished: the buffer is abandoned, its file removed once the
+            // decoder's reader is gone.
+            self.sink = Sink::Drain;
+        }
+        MessageResult(self.summary())
     }
 }

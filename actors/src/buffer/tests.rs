@@ -413,3 +413,48 @@ fn sweep_removes_only_files_no_buffer_holds() {
     assert!(unrelated.exists(), "files without the prefix stay");
     live.append(b" still works").unwrap();
 }
+
+#[test]
+fn lag_is_measured_from_the_furthest_reader_and_its_wait_ends_when_readers_move_on() {
+    let runtime = actix::System::new();
+    let mut writer = create(&small_window()).unwrap();
+    let buffer = writer.buffer().clone();
+    assert_eq!(buffer.lag(), None, "no reader: nobody can fall behind");
+    let mut reader = buffer.reader();
+    writer.append(&pattern(10_000, 1)).unwrap();
+    assert_eq!(buffer.lag(), Some(10_000));
+
+    // Behind by more than the limit: the wait goes on until the reader reads.
+    let still_waiting = runtime.block_on(async { actix::clock::timeout(SETTLE, buffer.wait_lag_at_most(2_000)).await });
+    assert!(still_waiting.is_err(), "a writer 10 000 bytes ahead must wait for a limit of 2 000");
+    let catch_up = thread::spawn(move || {
+        thread::sleep(SETTLE);
+        let mut first = vec![0; 9_000];
+        reader.read_exact(&mut first).unwrap();
+        reader
+    });
+    runtime.block_on(async { actix::clock::timeout(HANG_GUARD, buffer.wait_lag_at_most(2_000)).await }).expect("the reader caught up");
+    let mut reader = catch_up.join().unwrap();
+    assert_eq!(buffer.lag(), Some(1_000));
+
+    // A reader waiting beyond the written end (an index at the end of the file) is never behind.
+    let (waiting_tx, waiting_rx) = mpsc::channel();
+    let ahead = thread::spawn(move || {
+        reader.seek(SeekFrom::Start(1 << 20)).unwrap();
+        waiting_tx.send(()).unwrap();
+        let mut byte = [0u8; 1];
+        let n = reader.read(&mut byte).unwrap();
+        (reader, n)
+    });
+    waiting_rx.recv_timeout(HANG_GUARD).unwrap();
+    runtime.block_on(async { actix::clock::timeout(HANG_GUARD, buffer.wait_lag_at_most(0)).await }).expect("a reader ahead releases the writer");
+    writer.append(&pattern(50_000, 2)).unwrap();
+    assert_eq!(buffer.lag(), Some(0), "still short of the reader's position");
+    writer.finish();
+    let (reader, n) = ahead.join().unwrap();
+    assert_eq!(n, 0, "EOF before the position the reader waited at");
+
+    drop(reader);
+    assert_eq!(buffer.lag(), None, "a dropped reader holds nobody back");
+    runtime.block_on(async { actix::clock::timeout(HANG_GUARD, buffer.wait_lag_at_most(0)).await }).expect("no reader, no wait");
+}

@@ -44,11 +44,21 @@ pub struct DecodeOptions {
     /// The input is unbounded (a pipe, a live encode): free the buffer's disk blocks behind the
     /// demuxer when its container never seeks back, so disk use stays bounded.
     pub live: bool,
+    /// Stop after this many selected frames (the session's `max_frames`); enforced by whoever
+    /// drives [`Decoder::next_frame`].
+    pub max_frames: Option<u64>,
 }
 
 impl Default for DecodeOptions {
     fn default() -> Self {
-        DecodeOptions { target: (640, 640), selection: FrameSelection::All, max_dimensions: (8192, 8192), threads: 0, live: false }
+        DecodeOptions {
+            target: (640, 640),
+            selection: FrameSelection::All,
+            max_dimensions: (8192, 8192),
+            threads: 0,
+            live: false,
+            max_frames: None,
+        }
     }
 }
 
@@ -60,6 +70,25 @@ pub struct MediaInfo {
     pub width: u32,
     pub height: u32,
     pub fps: f64,
+}
+
+impl MediaInfo {
+    /// The usual file extension for this container (and codec, for Matroska/WebM), without the
+    /// dot: the name a stored upload gets.
+    pub fn file_extension(&self) -> &'static str {
+        let format = self.container.split(',').next().unwrap_or_default();
+        match format {
+            "mov" => "mp4",
+            "matroska" if matches!(self.codec.as_str(), "vp8" | "vp9" | "av1") => "webm",
+            "matroska" => "mkv",
+            "mpegts" => "ts",
+            "h264" => "h264",
+            "hevc" => "hevc",
+            "m4v" => "m4v",
+            "ivf" => "ivf",
+            _ => "bin",
+        }
+    }
 }
 
 /// Why decoding stopped, in words a user understands.
@@ -431,4 +460,19 @@ fn open_error(rc: i32, buffer: &Buffer) -> DecodeError {
         "expected MP4, Matroska, WebM, MPEG-TS or raw H.264/HEVC; FFmpeg says: {}",
         ff_error_text(ff::Error::from(rc))
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MediaInfo;
+
+    #[test]
+    fn stored_uploads_get_the_extension_of_their_container() {
+        let media = |container: &str, codec: &str| MediaInfo { container: container.into(), codec: codec.into(), width: 1, height: 1, fps: 1.0 };
+        assert_eq!(media("mov,mp4,m4a,3gp,3g2,mj2", "h264").file_extension(), "mp4");
+        assert_eq!(media("matroska,webm", "vp9").file_extension(), "webm");
+        assert_eq!(media("matroska,webm", "h264").file_extension(), "mkv");
+        assert_eq!(media("mpegts", "h264").file_extension(), "ts");
+        assert_eq!(media("h264", "h264").file_extension(), "h264");
+    }
 }

@@ -1,0 +1,907 @@
+// The streamdet page: a user chooses or drops a video (or an image); the page plays it locally,
+// uploads it to the server and draws the server's detections over it while the upload goes on.
+//
+// Video: `GET sessions/ID/events` (SSE) is opened first, then `POST detect/video?session=ID`
+// uploads the file with XMLHttpRequest (for upload progress). The detections of the frame whose
+// `pts` is the latest at or before the video's current time are drawn on #overlay.
+// Image: `POST detect` with the file; the boxes are drawn over an <img>.
+//
+// Elements a test can rely on: #file, #status[data-state], #error, #progress, #frames[data-count],
+// #ttfd, #class-counts (li[data-class][data-count]), #summary (dd[data-key]), #detections (rows with
+// data-pts, data-class, data-confidence), #overlay[data-drawn] (boxes drawn now), #notice (the
+// "cannot play" message), #video, #image; body[data-health] is "ok" once /health answered.
+'use strict';
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    modelInfo: $('model-info'),
+    drop: $('drop'),
+    file: $('file'),
+    cancel: $('cancel'),
+    notice: $('notice'),
+    stage: $('stage'),
+    video: $('video'),
+    image: $('image'),
+    overlay: $('overlay'),
+    conf: $('conf'),
+    iou: $('iou'),
+    classes: $('classes'),
+    classNames: $('class-names'),
+    stride: $('stride'),
+    fps: $('fps'),
+    status: $('status'),
+    error: $('error'),
+    progress: $('progress'),
+    progressText: $('progress-text'),
+    frames: $('frames'),
+    ttfd: $('ttfd'),
+    classCounts: $('class-counts'),
+    summary: $('summary'),
+    summaryList: $('summary-list'),
+    detections: $('detections').tBodies[0],
+    detectionsScroll: $('detections-scroll'),
+    detectionsNote: $('detections-note'),
+  };
+
+  // Rows kept in the detections table; older ones are dropped first.
+  const MAX_ROWS = 500;
+  // How long a failed upload request waits for the event stream to say why, before blaming the network.
+  const GRACE_MS = 2500;
+  // How long the upload waits for the event stream to open before it starts anyway.
+  const EVENTS_OPEN_WAIT_MS = 3000;
+  // Box colours, dark enough for white label text (contrast at least 4.5:1).
+  const PALETTE = ['#c62828', '#1565c0', '#2e7d32', '#6a1b9a', '#ad1457', '#00695c', '#4e342e', '#283593', '#37474f', '#8a4b00'];
+
+  // --- The API's address -------------------------------------------------------------------
+
+  // `?api=http://host:port` points the page at a server on another origin (development);
+  // otherwise requests are relative to the page, so the page works wherever the server mounts it.
+  const API_BASE = (() => {
+    const raw = new URLSearchParams(location.search).get('api');
+    if (!raw) return '';
+    try {
+      const url = new URL(raw);
+      if (url.protocol === 'http:' || url.protocol === 'https:') return url.href.replace(/\/+$/, '') + '/';
+    } catch (_) { /* not a URL: fall back to the page's own origin */ }
+    return '';
+  })();
+  const api = (path) => API_BASE + path;
+
+  // --- Formatting --------------------------------------------------------------------------
+
+  const fmtBytes = (n) => {
+    if (!Number.isFinite(n)) return '?';
+    const units = ['bytes', 'KB', 'MB', 'GB', 'TB'];
+    let i = 0;
+    while (n >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
+    return (i === 0 ? String(n) : n.toFixed(n < 10 ? 2 : 1)) + ' ' + units[i];
+  };
+  const fmtSeconds = (s) => (Number.isFinite(s) ? s.toFixed(2) + ' s' : '—');
+  const fmtPercent = (x) => Math.round(x * 100) + '%';
+
+  // A session id the server accepts: [A-Za-z0-9_-]{8,64}.
+  const ID_ALPHABET = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_';
+  function randomId() {
+    const bytes = new Uint8Array(22);
+    crypto.getRandomValues(bytes);
+    return Array.from(bytes, (b) => ID_ALPHABET[b & 63]).join('');
+  }
+
+  // --- What the server says, in words ------------------------------------------------------
+
+  const CODE_WORDS = {
+    unsupported_media: 'The server cannot read this file: it is not a supported video or image.',
+    no_video_stream: 'This file has no video stream.',
+    unsupported_codec: "The server does not support this video's codec.",
+    truncated: 'The video ended early: the file is cut short or damaged, or the upload broke off.',
+    too_large: 'The file is too large for this server.',
+    too_many_sessions: 'The server is busy with other uploads. Try again in a moment.',
+    bad_parameter: 'The server refused a setting.',
+    conflict: 'Another upload is using the same session id. Try again.',
+    timeout: 'The server gave up waiting: the upload stalled or took longer than it allows.',
+    internal: 'The server failed while working on this file.',
+    unauthorized: 'This server requires an access token, which this page does not send.',
+  };
+
+  function statusWords(status, code) {
+    switch (status) {
+      case 400: return 'The server refused a setting.';
+      case 401: return CODE_WORDS.unauthorized;
+      case 409: return CODE_WORDS.conflict;
+      case 413: return CODE_WORDS.too_large;
+      case 415: return code === 'no_video_stream' ? CODE_WORDS.no_video_stream
+        : code === 'unsupported_codec' ? CODE_WORDS.unsupported_codec
+          : 'This file is not a video or image the server supports.';
+      case 429:
+      case 503: return CODE_WORDS.too_many_sessions;
+      default:
+        if (code && CODE_WORDS[code]) return CODE_WORDS[code];
+        return status >= 500 ? `The server failed (HTTP ${status}).` : `The server refused the upload (HTTP ${status}).`;
+    }
+  }
+
+  // Reads `{code, message}` from an error response body, if it is one.
+  function parseErrorBody(text) {
+    try {
+      const body = JSON.parse(text);
+      if (body && typeof body === 'object') return { code: String(body.code || ''), message: String(body.message || '') };
+    } catch (_) { /* not JSON */ }
+    return { code: '', message: '' };
+  }
+
+  // --- State of the current file -----------------------------------------------------------
+
+  let run = null;
+
+  function newRun(file, kind) {
+    return {
+      file,
+      kind, // 'video' or 'image'
+      id: '',
+      url: '',
+      xhr: null,
+      events: null,
+      timers: [],
+      finished: false,
+      lastSeq: -1,
+      frames: [], // {index, pts, detections}, ordered by pts
+      framesProcessed: 0,
+      counts: new Map(),
+      startedAt: 0,
+      firstDetectionMs: null,
+      canPlay: null, // null: not known yet
+      media: null,
+      image: null, // the /detect response for an image
+    };
+  }
+
+  // Ends whatever the page was doing and clears what it showed, ready for the next file.
+  function reset() {
+    if (run) stopRun(run);
+    run = null;
+    ui.video.pause();
+    ui.video.removeAttribute('src');
+    ui.video.load();
+    ui.video.hidden = true;
+    ui.image.removeAttribute('src');
+    ui.image.hidden = true;
+    ui.stage.hidden = true;
+    clearOverlay();
+    hideNotice();
+    clearError();
+    setProgress(0, 0);
+    ui.progressText.textContent = 'Nothing uploaded yet.';
+    ui.frames.textContent = '0';
+    ui.frames.dataset.count = '0';
+    ui.ttfd.textContent = '—';
+    renderCounts(new Map());
+    ui.summary.hidden = true;
+    ui.summaryList.replaceChildren();
+    ui.detections.replaceChildren();
+    ui.detectionsNote.textContent = 'Each row is one box. Select a time to show that frame.';
+    ui.cancel.hidden = true;
+  }
+
+  // Stops the network work of `r` (upload, event stream, timers) and frees its object URL.
+  function stopRun(r) {
+    r.finished = true;
+    r.timers.forEach(clearTimeout);
+    r.timers = [];
+    if (r.events) r.events.close();
+    if (r.xhr && r.xhr.readyState !== XMLHttpRequest.DONE) r.xhr.abort();
+    if (r.url) URL.revokeObjectURL(r.url);
+    r.url = '';
+  }
+
+  // The run ends (state: done, error or stopped); what it showed stays on the page.
+  function finish(r, state, text) {
+    if (r.finished) return;
+    r.finished = true;
+    r.timers.forEach(clearTimeout);
+    r.timers = [];
+    if (r.events) r.events.close();
+    // After an error the rest of the upload is of no use; after `end` the server has it all.
+    if (state !== 'done' && r.xhr && r.xhr.readyState !== XMLHttpRequest.DONE) r.xhr.abort();
+    setStatus(state, text);
+    ui.cancel.hidden = true;
+  }
+
+  function setStatus(state, text) {
+    ui.status.dataset.state = state;
+    document.body.dataset.state = state;
+    if (text) ui.status.textContent = text;
+  }
+
+  function showError(headline, detail) {
+    ui.error.replaceChildren();
+    const strong = document.createElement('strong');
+    strong.textContent = headline;
+    ui.error.append(strong);
+    if (detail && detail !== headline) {
+      const p = document.createElement('span');
+      p.className = 'detail';
+      p.textContent = 'Server says: ' + detail;
+      ui.error.append(p);
+    }
+    ui.error.hidden = false;
+  }
+
+  function clearError() {
+    ui.error.hidden = true;
+    ui.error.replaceChildren();
+  }
+
+  function showNotice(text) {
+    ui.notice.textContent = text;
+    ui.notice.hidden = false;
+  }
+
+  function hideNotice() {
+    ui.notice.hidden = true;
+    ui.notice.textContent = '';
+  }
+
+  function setProgress(loaded, total) {
+    ui.progress.max = 1;
+    ui.progress.value = total > 0 ? loaded / total : 0;
+    ui.progress.textContent = total > 0 ? fmtPercent(loaded / total) : '0%';
+    if (total > 0) ui.progressText.textContent = `${fmtPercent(loaded / total)} of ${fmtBytes(total)} sent`;
+  }
+
+  // --- Settings ----------------------------------------------------------------------------
+
+  class SettingsError extends Error {}
+
+  // The query for a detect route from the settings form; only non-empty fields are sent.
+  function settingsQuery(kind) {
+    const query = new URLSearchParams();
+    const fields = kind === 'video' ? [ui.conf, ui.iou, ui.stride, ui.fps] : [ui.conf, ui.iou];
+    for (const input of fields) {
+      const label = document.querySelector(`label[for="${input.id}"]`).textContent;
+      if (input.validity.badInput || !input.checkValidity()) {
+        throw new SettingsError(`${label}: ${input.validationMessage || 'not a valid number'}`);
+      }
+      const value = input.value.trim();
+      if (value !== '') query.set(input.name, value);
+    }
+    if (query.has('stride') && query.has('fps')) {
+      throw new SettingsError('Give either a stride or an fps limit, not both.');
+    }
+    const classes = ui.classes.value.split(',').map((s) => s.trim()).filter(Boolean);
+    if (classes.length) query.set('classes', classes.join(','));
+    return query;
+  }
+
+  let classNames = [];
+
+  // Suggests class names for the part of the classes field after its last comma.
+  function suggestClasses() {
+    if (!classNames.length) return;
+    const value = ui.classes.value;
+    const cut = value.lastIndexOf(',');
+    const head = cut >= 0 ? value.slice(0, cut + 1) + ' ' : '';
+    const chosen = new Set(value.split(',').map((s) => s.trim()));
+    const options = classNames.filter((name) => !chosen.has(name) || cut < 0).map((name) => {
+      const option = document.createElement('option');
+      option.value = head + name;
+      return option;
+    });
+    ui.classNames.replaceChildren(...options);
+  }
+
+  async function loadHealth() {
+    try {
+      const response = await fetch(api('health'), { cache: 'no-store' });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      const health = await response.json();
+      const model = health.model || {};
+      const defaults = health.defaults || {};
+      const parts = [`Model ${model.name || 'unknown'}`];
+      if (Array.isArray(model.input)) parts.push(`input ${model.input.join('×')}`);
+      if (model.classes) parts.push(`${model.classes} classes`);
+      parts.push(`on ${health.device || 'unknown device'}`);
+      if (Number.isFinite(health.max_sessions)) parts.push(`${health.sessions_active ?? 0} of ${health.max_sessions} sessions busy`);
+      if (health.version) parts.push(`streamdet ${health.version}`);
+      ui.modelInfo.textContent = parts.join(' · ');
+      // Server defaults fill the fields the user has not touched.
+      const fill = (input, value) => {
+        if (value === null || value === undefined) return;
+        if (input.value === '' && !input.dataset.touched) input.value = String(value);
+      };
+      fill(ui.conf, defaults.conf);
+      fill(ui.iou, defaults.iou);
+      ui.stride.placeholder = `default ${defaults.stride ?? 1} (every frame)`;
+      ui.fps.placeholder = defaults.fps ? `default ${defaults.fps}` : 'no limit';
+      if (Array.isArray(model.class_names) && model.class_names.length) {
+        classNames = model.class_names.map(String);
+        ui.classes.placeholder = `all classes, e.g. ${classNames.slice(0, 2).join(', ')}`;
+        suggestClasses();
+      }
+      document.body.dataset.health = 'ok';
+    } catch (err) {
+      ui.modelInfo.textContent = `The server did not answer (${err.message}); uploads will fail until it does.`;
+      ui.conf.placeholder = '0.25';
+      ui.iou.placeholder = '0.45';
+      document.body.dataset.health = 'error';
+    }
+  }
+
+  // --- Results -----------------------------------------------------------------------------
+
+  function renderCounts(counts) {
+    const items = [...counts.entries()].sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]));
+    if (!items.length) {
+      const li = document.createElement('li');
+      li.className = 'empty';
+      li.textContent = 'None yet.';
+      ui.classCounts.replaceChildren(li);
+      return;
+    }
+    ui.classCounts.replaceChildren(...items.map(([name, count]) => {
+      const li = document.createElement('li');
+      li.dataset.class = name;
+      li.dataset.count = String(count);
+      const label = document.createElement('span');
+      label.textContent = name;
+      const value = document.createElement('span');
+      value.className = 'count';
+      value.textContent = String(count);
+      li.append(label, value);
+      return li;
+    }));
+  }
+
+  // Adds one table row per detection; `pts` is null for an image.
+  function addRows(r, pts, index, detections) {
+    if (!detections.length) return;
+    const scroller = ui.detectionsScroll;
+    const atBottom = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 24;
+    const fragment = document.createDocumentFragment();
+    for (const d of detections) {
+      const tr = document.createElement('tr');
+      tr.dataset.class = d.class;
+      tr.dataset.confidence = String(d.confidence);
+      const time = document.createElement('td');
+      if (pts === null) {
+        time.textContent = 'image';
+      } else {
+        tr.dataset.pts = String(pts);
+        const button = document.createElement('button');
+        button.type = 'button';
+        button.className = 'seek';
+        button.textContent = pts.toFixed(2);
+        button.dataset.pts = String(pts);
+        button.setAttribute('aria-label', `Show the frame at ${pts.toFixed(2)} seconds`);
+        time.append(button);
+      }
+      const frame = document.createElement('td');
+      frame.textContent = index === null ? '—' : String(index);
+      const cls = document.createElement('td');
+      cls.textContent = d.class;
+      const conf = document.createElement('td');
+      conf.textContent = d.confidence.toFixed(2);
+      tr.append(time, frame, cls, conf);
+      fragment.append(tr);
+    }
+    ui.detections.append(fragment);
+    let dropped = false;
+    while (ui.detections.rows.length > MAX_ROWS) {
+      ui.detections.deleteRow(0);
+      dropped = true;
+    }
+    if (dropped) ui.detectionsNote.textContent = `Showing the latest ${MAX_ROWS} boxes. Select a time to show that frame.`;
+    if (atBottom) scroller.scrollTop = scroller.scrollHeight;
+  }
+
+  function countDetections(r, detections) {
+    for (const d of detections) r.counts.set(d.class, (r.counts.get(d.class) || 0) + 1);
+    if (detections.length) renderCounts(r.counts);
+    if (detections.length && r.firstDetectionMs === null) {
+      r.firstDetectionMs = performance.now() - r.startedAt;
+      ui.ttfd.textContent = fmtSeconds(r.firstDetectionMs / 1000);
+    }
+  }
+
+  function showSummary(rows) {
+    ui.summaryList.replaceChildren(...rows.flatMap(([key, label, value]) => {
+      const dt = document.createElement('dt');
+      dt.textContent = label;
+      const dd = document.createElement('dd');
+      dd.dataset.key = key;
+      dd.textContent = value;
+      if (key === 'sha256') dd.className = 'hash';
+      return [dt, dd];
+    }));
+    ui.summary.hidden = false;
+  }
+
+  // --- Video -------------------------------------------------------------------------------
+
+  function startVideo(file) {
+    const r = newRun(file, 'video');
+    run = r;
+    let query;
+    try {
+      query = settingsQuery('video');
+    } catch (err) {
+      showError(err.message);
+      finish(r, 'error', 'Nothing was sent: fix the settings and choose the file again.');
+      return;
+    }
+    r.id = randomId();
+    query.set('session', r.id);
+    r.url = URL.createObjectURL(file);
+    setStatus('uploading', `Starting: ${file.name} (${fmtBytes(file.size)}).`);
+    ui.cancel.hidden = false;
+    playLocally(r);
+
+    // The event stream first (the server holds it until the upload starts), then the upload.
+    const events = new EventSource(api(`sessions/${encodeURIComponent(r.id)}/events`));
+    r.events = events;
+    for (const type of ['start', 'frame', 'end']) events.addEventListener(type, (e) => onMessage(r, e));
+    events.addEventListener('error', (e) => {
+      if (r !== run || r.finished) return;
+      // An SSE message named `error` is the server's; a plain event is the connection's.
+      if (typeof e.data === 'string') onMessage(r, e);
+      else onStreamTrouble(r);
+    });
+    let uploading = false;
+    const go = () => {
+      if (uploading || r !== run || r.finished) return;
+      uploading = true;
+      uploadVideo(r, query);
+    };
+    events.addEventListener('open', () => {
+      go();
+      if (r === run && !r.finished && ui.status.dataset.state === 'reconnecting') setStatus('processing', 'Event stream back; processing.');
+    });
+    r.timers.push(setTimeout(go, EVENTS_OPEN_WAIT_MS));
+  }
+
+  function playLocally(r) {
+    ui.stage.hidden = false;
+    ui.video.hidden = false;
+    ui.image.hidden = true;
+    const type = r.file.type;
+    if (type && ui.video.canPlayType(type) === '') {
+      cannotPlay(r, `it reports that it cannot play ${type} files`);
+    }
+    ui.video.muted = true;
+    ui.video.src = r.url;
+    const playing = ui.video.play();
+    if (playing) playing.catch(() => { /* autoplay refused or not playable: the controls remain */ });
+  }
+
+  function cannotPlay(r, reason) {
+    r.canPlay = false;
+    ui.stage.hidden = true;
+    showNotice(`This browser cannot play this video (${reason}), so the picture is not shown. ` +
+      'The server still reads it: the detections are listed below by time as they arrive.');
+    ui.detectionsNote.textContent = 'Each row is one box.';
+  }
+
+  ui.video.addEventListener('error', () => {
+    if (!run || run.kind !== 'video' || !ui.video.getAttribute('src')) return;
+    const codes = { 1: 'loading was aborted', 2: 'a network error', 3: 'it could not decode the video', 4: 'the format or codec is not supported' };
+    const error = ui.video.error;
+    cannotPlay(run, (error && codes[error.code]) || 'unknown media error');
+  });
+
+  ui.video.addEventListener('loadedmetadata', () => {
+    if (!run || run.kind !== 'video') return;
+    if (ui.video.videoWidth === 0) {
+      cannotPlay(run, 'it found no picture it can show');
+      return;
+    }
+    run.canPlay = true;
+    ui.stage.hidden = false;
+    hideNotice();
+    ui.detectionsNote.textContent = 'Each row is one box. Select a time to show that frame.';
+  });
+
+  function uploadVideo(r, query) {
+    const xhr = new XMLHttpRequest();
+    r.xhr = xhr;
+    xhr.open('POST', api('detect/video?' + query.toString()));
+    xhr.upload.addEventListener('progress', (e) => {
+      if (r === run && e.lengthComputable) setProgress(e.loaded, e.total);
+    });
+    xhr.upload.addEventListener('load', () => {
+      if (r !== run) return;
+      setProgress(r.file.size, r.file.size);
+      ui.progressText.textContent = `Upload complete: ${fmtBytes(r.file.size)}.`;
+      if (!r.finished) setStatus('processing', 'Upload complete; the server is finishing the last frames.');
+    });
+    xhr.addEventListener('load', () => {
+      if (r !== run || r.finished) return;
+      if (xhr.status >= 400) {
+        const { code, message } = parseErrorBody(xhr.responseText);
+        showError(statusWords(xhr.status, code), message);
+        finish(r, 'error', 'Stopped: the server refused the upload.');
+        return;
+      }
+      // The response carries the same events as the stream (NDJSON, line n = event n): it fills
+      // in whatever the event stream missed.
+      xhr.responseText.split('\n').forEach((line, seq) => {
+        if (!line.trim() || r.finished) return;
+        try {
+          accept(r, seq, JSON.parse(line));
+        } catch (_) { /* a partial line */ }
+      });
+      r.timers.push(setTimeout(() => {
+        if (r !== run || r.finished) return;
+        showError('The server closed the connection before it sent a summary.');
+        finish(r, 'error', 'Stopped early.');
+      }, GRACE_MS));
+    });
+    xhr.addEventListener('error', () => {
+      if (r !== run || r.finished) return;
+      // A server that refuses the file early may close the connection mid-upload; its reason
+      // usually comes on the event stream, so wait a moment for it.
+      setStatus('processing', 'The upload connection closed; waiting for the server to say why…');
+      r.timers.push(setTimeout(() => {
+        if (r !== run || r.finished) return;
+        showError('The upload failed: the connection to the server broke off. The server may be down or unreachable, or it refused the file (for example, because it is too large).');
+        finish(r, 'error', 'Stopped: network failure.');
+      }, GRACE_MS));
+    });
+    r.startedAt = performance.now();
+    setStatus('uploading', `Uploading ${r.file.name} (${fmtBytes(r.file.size)}); detections appear as frames are processed.`);
+    xhr.send(r.file);
+  }
+
+  function onMessage(r, e) {
+    if (r !== run || r.finished) return;
+    let event;
+    try {
+      event = JSON.parse(e.data);
+    } catch (_) {
+      return;
+    }
+    const seq = e.lastEventId === '' ? NaN : Number(e.lastEventId);
+    accept(r, seq, event);
+  }
+
+  function onStreamTrouble(r) {
+    if (r.events.readyState === EventSource.CLOSED) {
+      // The browser gave up on the stream; the upload's own response still brings the events
+      // (if the upload has not started, its timer starts it).
+      if (r.xhr) setStatus('processing', 'Lost the live event stream; the results will come when the upload finishes.');
+    } else {
+      setStatus('reconnecting', 'The event stream dropped; reconnecting…');
+    }
+  }
+
+  // One event of the session, numbered `seq` (its position in the session; NaN if unknown).
+  function accept(r, seq, event) {
+    if (r.finished || !event || typeof event !== 'object') return;
+    if (Number.isFinite(seq)) {
+      if (seq <= r.lastSeq) return;
+      r.lastSeq = seq;
+    }
+    switch (event.type) {
+      case 'start': {
+        r.media = event.media || null;
+        const m = r.media || {};
+        const bits = [m.codec, m.width && m.height ? `${m.width}×${m.height}` : '', m.fps ? `${Number(m.fps).toFixed(2).replace(/\.?0+$/, '')} fps` : ''].filter(Boolean);
+        setStatus('processing', `Processing ${r.file.name}${bits.length ? ' (' + bits.join(', ') + ')' : ''}; detections appear as frames are processed.`);
+        break;
+      }
+      case 'frame': {
+        const detections = Array.isArray(event.detections) ? event.detections : [];
+        const frame = { index: event.index, pts: Number(event.pts) || 0, detections };
+        // Frames come in presentation order; keep the list sorted even if one does not.
+        let at = r.frames.length;
+        while (at > 0 && r.frames[at - 1].pts > frame.pts) at -= 1;
+        r.frames.splice(at, 0, frame);
+        r.framesProcessed += 1;
+        ui.frames.textContent = `${r.framesProcessed} (up to ${frame.pts.toFixed(2)} s)`;
+        ui.frames.dataset.count = String(r.framesProcessed);
+        countDetections(r, detections);
+        addRows(r, frame.pts, Number.isFinite(event.index) ? event.index : null, detections);
+        break;
+      }
+      case 'end': {
+        ui.frames.textContent = `${event.frames_processed} of ${event.frames_decoded} decoded`;
+        ui.frames.dataset.count = String(event.frames_processed);
+        if (r.firstDetectionMs === null) ui.ttfd.textContent = 'no detections';
+        showSummary([
+          ['frames_decoded', 'Frames decoded', String(event.frames_decoded)],
+          ['frames_processed', 'Frames processed', String(event.frames_processed)],
+          ['bytes', 'Bytes received', `${fmtBytes(event.bytes)} (${event.bytes})`],
+          ['upload_seconds', 'Upload time', fmtSeconds(event.upload_seconds)],
+          ['seconds', 'Total time', fmtSeconds(event.seconds)],
+          ['sha256', 'SHA-256', String(event.sha256 || '')],
+        ]);
+        finish(r, 'done', `Done: ${event.frames_processed} frames processed in ${fmtSeconds(event.seconds)}.`);
+        break;
+      }
+      case 'error': {
+        const code = String(event.code || '');
+        showError(CODE_WORDS[code] || `The server reported an error (${code || 'unknown'}).`, String(event.message || ''));
+        finish(r, 'error', r.framesProcessed ? 'Stopped: the detections so far are kept below.' : 'Stopped.');
+        break;
+      }
+      default:
+        break;
+    }
+  }
+
+  // --- Image -------------------------------------------------------------------------------
+
+  function startImage(file) {
+    const r = newRun(file, 'image');
+    run = r;
+    let query;
+    try {
+      query = settingsQuery('image');
+    } catch (err) {
+      showError(err.message);
+      finish(r, 'error', 'Nothing was sent: fix the settings and choose the file again.');
+      return;
+    }
+    r.url = URL.createObjectURL(file);
+    ui.stage.hidden = false;
+    ui.video.hidden = true;
+    ui.image.hidden = false;
+    ui.image.src = r.url;
+    ui.cancel.hidden = false;
+    ui.detectionsNote.textContent = 'Each row is one box.';
+
+    const xhr = new XMLHttpRequest();
+    r.xhr = xhr;
+    xhr.open('POST', api('detect?' + query.toString()));
+    xhr.upload.addEventListener('progress', (e) => {
+      if (r === run && e.lengthComputable) setProgress(e.loaded, e.total);
+    });
+    xhr.upload.addEventListener('load', () => {
+      if (r !== run) return;
+      setProgress(file.size, file.size);
+      if (!r.finished) setStatus('processing', `Uploaded ${file.name}; the server is detecting…`);
+    });
+    xhr.addEventListener('load', () => {
+      if (r !== run || r.finished) return;
+      if (xhr.status >= 400) {
+        const { code, message } = parseErrorBody(xhr.responseText);
+        showError(statusWords(xhr.status, code), message);
+        finish(r, 'error', 'Stopped: the server refused the image.');
+        return;
+      }
+      let result;
+      try {
+        result = JSON.parse(xhr.responseText);
+      } catch (_) {
+        showError('The server sent an answer this page cannot read.');
+        finish(r, 'error', 'Stopped.');
+        return;
+      }
+      const detections = Array.isArray(result.detections) ? result.detections : [];
+      r.image = { width: Number(result.width) || 0, height: Number(result.height) || 0, detections };
+      setProgress(file.size, file.size);
+      ui.frames.textContent = '1 image';
+      ui.frames.dataset.count = '1';
+      countDetections(r, detections);
+      if (!detections.length) ui.ttfd.textContent = 'no detections';
+      addRows(r, null, null, detections);
+      const seconds = (performance.now() - r.startedAt) / 1000;
+      showSummary([
+        ['size', 'Image size', `${r.image.width}×${r.image.height}`],
+        ['detections', 'Boxes', String(detections.length)],
+        ['seconds', 'Total time', fmtSeconds(seconds)],
+      ]);
+      finish(r, 'done', `Done: ${detections.length} ${detections.length === 1 ? 'box' : 'boxes'} in ${file.name}.`);
+    });
+    xhr.addEventListener('error', () => {
+      if (r !== run || r.finished) return;
+      showError('The upload failed: the connection to the server broke off. The server may be down or unreachable, or it refused the file (for example, because it is too large).');
+      finish(r, 'error', 'Stopped: network failure.');
+    });
+    r.startedAt = performance.now();
+    setStatus('uploading', `Uploading ${file.name} (${fmtBytes(file.size)})…`);
+    xhr.send(file);
+  }
+
+  ui.image.addEventListener('error', () => {
+    if (!run || run.kind !== 'image' || !ui.image.getAttribute('src')) return;
+    ui.stage.hidden = true;
+    showNotice('This browser cannot show this image, so the boxes are not drawn; the detections are listed below.');
+  });
+
+  // --- Drawing -----------------------------------------------------------------------------
+
+  const ctx = ui.overlay.getContext('2d');
+  let lastDrawKey = '';
+
+  function clearOverlay() {
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.clearRect(0, 0, ui.overlay.width, ui.overlay.height);
+    ui.overlay.dataset.drawn = '0';
+    delete ui.overlay.dataset.pts;
+    lastDrawKey = '';
+  }
+
+  // The latest frame whose pts is at or before `t` (a millisecond of slack for rounding).
+  function frameAt(frames, t) {
+    let lo = 0;
+    let hi = frames.length - 1;
+    let found = null;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      if (frames[mid].pts <= t + 0.001) {
+        found = frames[mid];
+        lo = mid + 1;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return found;
+  }
+
+  // What to draw now: the media element, the picture's own size, the boxes' pixel space, the boxes.
+  function currentScene() {
+    if (!run || ui.stage.hidden) return null;
+    if (run.kind === 'video') {
+      if (run.canPlay === false || ui.video.hidden || !ui.video.videoWidth) return null;
+      const frame = frameAt(run.frames, ui.video.currentTime);
+      // Boxes are in pixels of the displayed frame, which is what videoWidth x videoHeight measure.
+      const w = ui.video.videoWidth;
+      const h = ui.video.videoHeight;
+      return { element: ui.video, naturalW: w, naturalH: h, boxW: w, boxH: h, frame };
+    }
+    if (!ui.image.complete || !ui.image.naturalWidth || !run.image) return null;
+    return {
+      element: ui.image,
+      naturalW: ui.image.naturalWidth,
+      naturalH: ui.image.naturalHeight,
+      boxW: run.image.width || ui.image.naturalWidth,
+      boxH: run.image.height || ui.image.naturalHeight,
+      frame: { pts: null, index: null, detections: run.image.detections },
+    };
+  }
+
+  function draw() {
+    const scene = currentScene();
+    if (!scene) {
+      if (ui.overlay.dataset.drawn !== '0' || lastDrawKey) clearOverlay();
+      return;
+    }
+    const el = scene.element;
+    const cssW = el.clientWidth;
+    const cssH = el.clientHeight;
+    if (!cssW || !cssH) {
+      if (lastDrawKey) clearOverlay();
+      return;
+    }
+    const dpr = window.devicePixelRatio || 1;
+    const key = [cssW, cssH, el.offsetLeft, el.offsetTop, dpr, scene.naturalW, scene.naturalH, scene.boxW, scene.boxH,
+      scene.frame ? `${scene.frame.pts}/${scene.frame.index}/${scene.frame.detections.length}` : 'none'].join(',');
+    if (key === lastDrawKey) return;
+    lastDrawKey = key;
+
+    // The canvas covers the media element's box, at device pixels.
+    const canvas = ui.overlay;
+    canvas.style.left = el.offsetLeft + 'px';
+    canvas.style.top = el.offsetTop + 'px';
+    canvas.style.width = cssW + 'px';
+    canvas.style.height = cssH + 'px';
+    const pxW = Math.max(1, Math.round(cssW * dpr));
+    const pxH = Math.max(1, Math.round(cssH * dpr));
+    if (canvas.width !== pxW) canvas.width = pxW;
+    if (canvas.height !== pxH) canvas.height = pxH;
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    ctx.clearRect(0, 0, pxW, pxH);
+    ctx.setTransform(pxW / cssW || dpr, 0, 0, pxH / cssH || dpr, 0, 0);
+
+    // object-fit: contain, centred: the picture's rectangle inside the element's box.
+    const scale = Math.min(cssW / scene.naturalW, cssH / scene.naturalH);
+    const shownW = scene.naturalW * scale;
+    const shownH = scene.naturalH * scale;
+    const offsetX = (cssW - shownW) / 2;
+    const offsetY = (cssH - shownH) / 2;
+    const sx = shownW / scene.boxW;
+    const sy = shownH / scene.boxH;
+
+    const detections = scene.frame ? scene.frame.detections : [];
+    ctx.font = '600 13px system-ui, sans-serif';
+    ctx.textBaseline = 'top';
+    ctx.lineWidth = 2;
+    for (const d of detections) {
+      if (!Array.isArray(d.box) || d.box.length !== 4) continue;
+      const [x1, y1, x2, y2] = d.box.map(Number);
+      const x = offsetX + x1 * sx;
+      const y = offsetY + y1 * sy;
+      const w = (x2 - x1) * sx;
+      const h = (y2 - y1) * sy;
+      const colour = PALETTE[Math.abs(Number(d.class_id) || 0) % PALETTE.length];
+      ctx.strokeStyle = colour;
+      ctx.strokeRect(x, y, w, h);
+      const label = `${d.class} ${Math.round(Number(d.confidence) * 100)}%`;
+      const textW = ctx.measureText(label).width + 8;
+      const textH = 18;
+      const labelY = y - textH >= 0 ? y - textH : y;
+      const labelX = Math.min(Math.max(0, x - 1), Math.max(0, cssW - textW));
+      ctx.fillStyle = colour;
+      ctx.fillRect(labelX, labelY, textW, textH);
+      ctx.fillStyle = '#ffffff';
+      ctx.fillText(label, labelX + 4, labelY + 3);
+    }
+    canvas.dataset.drawn = String(detections.length);
+    if (scene.frame && scene.frame.pts !== null) canvas.dataset.pts = String(scene.frame.pts);
+    else delete canvas.dataset.pts;
+  }
+
+  function tick() {
+    draw();
+    requestAnimationFrame(tick);
+  }
+
+  // --- Choosing a file ---------------------------------------------------------------------
+
+  const IMAGE_NAME = /\.(jpe?g|png|webp)$/i;
+
+  function chooseFile(file) {
+    reset();
+    if (!file) return;
+    if (file.type.startsWith('image/') || IMAGE_NAME.test(file.name)) startImage(file);
+    else startVideo(file);
+  }
+
+  ui.file.addEventListener('change', () => {
+    const file = ui.file.files && ui.file.files[0];
+    if (file) chooseFile(file);
+    // Cleared so that choosing the same file again starts again.
+    ui.file.value = '';
+  });
+
+  ui.cancel.addEventListener('click', () => {
+    if (!run || run.finished) return;
+    const r = run;
+    finish(r, 'stopped', 'Stopped by you. The detections so far are kept.');
+    ui.file.focus();
+  });
+
+  // A file dropped anywhere on the page is taken; the browser would otherwise open it.
+  const carriesFiles = (e) => e.dataTransfer && Array.from(e.dataTransfer.types || []).includes('Files');
+  let dragDepth = 0;
+  document.addEventListener('dragenter', (e) => {
+    if (!carriesFiles(e)) return;
+    dragDepth += 1;
+    ui.drop.classList.add('active');
+  });
+  document.addEventListener('dragleave', (e) => {
+    if (!carriesFiles(e)) return;
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (dragDepth === 0) ui.drop.classList.remove('active');
+  });
+  document.addEventListener('dragover', (e) => {
+    if (!carriesFiles(e)) return;
+    e.preventDefault();
+    e.dataTransfer.dropEffect = 'copy';
+  });
+  document.addEventListener('drop', (e) => {
+    if (!carriesFiles(e)) return;
+    e.preventDefault();
+    dragDepth = 0;
+    ui.drop.classList.remove('active');
+    const file = e.dataTransfer.files[0];
+    if (file) chooseFile(file);
+  });
+
+  // A time in the list shows that frame (when the browser can play the video).
+  ui.detections.addEventListener('click', (e) => {
+    const button = e.target.closest('button.seek');
+    if (!button || !run || run.kind !== 'video' || !run.canPlay) return;
+    ui.video.pause();
+    ui.video.currentTime = Number(button.dataset.pts);
+  });
+
+  for (const input of [ui.conf, ui.iou, ui.stride, ui.fps, ui.classes]) {
+    input.addEventListener('input', () => { input.dataset.touched = '1'; });
+  }
+  ui.classes.addEventListener('input', suggestClasses);
+
+  setStatus('idle');
+  loadHealth();
+  requestAnimationFrame(tick);
+})();
