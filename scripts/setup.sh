@@ -10,8 +10,9 @@ cd "$root"
 say() { echo "setup: $*" >&2; }
 
 # --- Debian packages -------------------------------------------------------------------------
+# chromium and chromium-driver: the browser tests of the web page.
 packages=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev
-  libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev ffmpeg)
+  libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev ffmpeg chromium chromium-driver)
 python3 -c 'import ensurepip' 2>/dev/null || packages+=(python3-venv)
 missing=()
 for p in "${packages[@]}"; do
@@ -28,8 +29,11 @@ fi
 
 command -v cargo >/dev/null || { say "cargo not found: install a Rust toolchain (rustup) first"; exit 1; }
 
-# --- Python venv (ONNX Runtime oracle, photo fixtures, benchmark peers) -----------------------
-requirements="onnxruntime numpy onnx scikit-image matplotlib"
+# --- Python venv ------------------------------------------------------------------------------
+# onnxruntime, numpy, onnx: the engine's oracle and benchmark peer; scikit-image, matplotlib: the
+# photos the fixtures are made of; fastapi, uvicorn, av, pillow: the Python seed service, a
+# benchmark peer; selenium: drives chromium in the page's tests.
+requirements="onnxruntime numpy onnx scikit-image matplotlib fastapi uvicorn av pillow selenium"
 stamp=".venv/.streamdet-requirements"
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$requirements" ]; then
   say "making the Python venv (.venv): $requirements"

@@ -34,6 +34,8 @@ enum Command {
     Decode(commands::decode::Args),
     /// Time the model on random input; prints one JSON line (like ONNX Runtime's ort_bench.py).
     BenchModel(commands::bench_model::Args),
+    /// Run every benchmark next to its peers; writes REPORT.md, results.json and SVG charts.
+    Bench(crate::bench::Args),
 }
 
 /// What a command reports besides success: a usage error (exit 2) or a runtime error (exit 1).
@@ -63,6 +65,7 @@ pub fn run(args: Args) -> ExitCode {
         Command::Detect(a) => commands::detect::run(a, &config),
         Command::Decode(a) => commands::decode::run(a, &config),
         Command::BenchModel(a) => commands::bench_model::run(a, &config),
+        Command::Bench(a) => crate::bench::run(a, &config),
     };
     match result {
         Ok(code) => code,

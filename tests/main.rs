@@ -3,6 +3,7 @@
 
 mod support;
 
+mod bench;
 mod cli;
 mod decode;
 mod engine;
