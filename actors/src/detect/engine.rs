@@ -60,7 +60,8 @@ enum Op {
     Slice,
     /// A matrix product; a flag means that operand arrives with its last two axes swapped (a
     /// transpose folded into the product's packing).
-    MatMul { a_transposed: bool, b_transposed: bool },
+    /// `alpha * A x B`, each operand possibly read transposed.
+    MatMul { a_transposed: bool, b_transposed: bool, alpha: f32 },
     Reduce { kind: ReduceKind, axes: Option<Vec<i64>>, keepdims: bool },
     Shape,
     Gather { axis: i64 },
@@ -160,7 +161,11 @@ impl Engine {
     pub fn plan(model: &OnnxModel, device: &Device) -> Result<Self, DetectError> {
         let input = model.inputs.first().ok_or_else(|| DetectError::BadModelText("the graph has no input".into()))?;
         let output = model.outputs.first().ok_or_else(|| DetectError::BadModelText("the graph has no output".into()))?;
-        let nodes = fuse_transposed_matmul_operands(&fuse_softmax(&fuse_conv_silu(&model.nodes), &model.initializers));
+        let nodes = fuse_conv_silu(&model.nodes);
+        let nodes = fuse_conv_residual(&nodes, &model.initializers);
+        let nodes = fuse_softmax(&nodes, &model.initializers);
+        let nodes = fuse_matmul_scale(&nodes, &model.initializers);
+        let nodes = fuse_transposed_matmul_operands(&nodes);
 
         let mut slots: HashMap<String, usize> = HashMap::new();
         let slot_of = |name: &str, slots: &mut HashMap<String, usize>| {
@@ -332,6 +337,116 @@ fn fuse_conv_silu(nodes: &[Node]) -> Vec<Node> {
         .collect()
 }
 
+/// How often each value is read, and which node produces it.
+fn uses_and_producers(nodes: &[Node]) -> (HashMap<&str, usize>, HashMap<&str, usize>) {
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for node in nodes {
+        for input in &node.inputs {
+            *uses.entry(input.as_str()).or_default() += 1;
+        }
+    }
+    let producer = nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i))).collect();
+    (uses, producer)
+}
+
+/// Keeps `nodes` in order with `replacement[i]` in place of node `i` and the `dropped` ones left
+/// out.
+fn rewrite(nodes: &[Node], mut replacement: HashMap<usize, Node>, dropped: &[bool]) -> Vec<Node> {
+    nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| match replacement.remove(&i) {
+            Some(node) => Some(node),
+            None if dropped[i] => None,
+            None => Some(n.clone()),
+        })
+        .collect()
+}
+
+/// Rewrites `y = Conv(x); z = Add(y, r)` (either order) into one convolution that adds `r` in
+/// its epilogue — a residual connection — when `y` is used nowhere else and `r` is computed (a
+/// constant would be a broadcast bias, not a residual). The shapes are checked when it runs.
+fn fuse_conv_residual(nodes: &[Node], initializers: &HashMap<String, TensorData>) -> Vec<Node> {
+    let (uses, producer) = uses_and_producers(nodes);
+    let mut dropped = vec![false; nodes.len()];
+    let mut replacement: HashMap<usize, Node> = HashMap::new();
+    for (ai, add) in nodes.iter().enumerate() {
+        if add.op_type != "Add" || add.inputs.len() != 2 {
+            continue;
+        }
+        for (a, b) in [(0, 1), (1, 0)] {
+            let (y, r) = (add.inputs[a].as_str(), add.inputs[b].as_str());
+            let Some(&ci) = producer.get(y) else { continue };
+            let conv = &nodes[ci];
+            let fits = conv.op_type == "Conv"
+                && conv.inputs.len() <= 3
+                && uses.get(y) == Some(&1)
+                && y != r
+                && !initializers.contains_key(r)
+                && producer.get(r).is_none_or(|&ri| nodes[ri].op_type != "Constant")
+                && !dropped[ci];
+            if !fits {
+                continue;
+            }
+            let mut node = conv.clone();
+            node.inputs.resize(3, String::new());
+            node.inputs.push(r.to_string());
+            node.outputs = add.outputs.clone();
+            dropped[ci] = true;
+            dropped[ai] = true;
+            // In the Add's place: after both the convolution's input and the residual exist.
+            replacement.insert(ai, node);
+            break;
+        }
+    }
+    rewrite(nodes, replacement, &dropped)
+}
+
+/// Rewrites `y = MatMul(a, b); z = Mul(y, s)` with a constant scalar `s` (attention's scale)
+/// into one product `z = s * a x b`, when `y` is used nowhere else.
+fn fuse_matmul_scale(nodes: &[Node], initializers: &HashMap<String, TensorData>) -> Vec<Node> {
+    let (uses, producer) = uses_and_producers(nodes);
+    let scalar = |name: &str| -> Option<f32> {
+        let data = match initializers.get(name) {
+            Some(data) => data.clone(),
+            None => match producer.get(name).map(|&i| &nodes[i]) {
+                Some(n) if n.op_type == "Constant" => match n.attributes.get("value") {
+                    Some(Attribute::Tensor(t)) => t.clone(),
+                    Some(Attribute::Float(v)) => return Some(*v),
+                    _ => return None,
+                },
+                _ => return None,
+            },
+        };
+        match data.values {
+            TensorValues::F32(v) if v.len() == 1 => Some(v[0]),
+            _ => None,
+        }
+    };
+    let mut dropped = vec![false; nodes.len()];
+    let mut replacement: HashMap<usize, Node> = HashMap::new();
+    for (mi, mul) in nodes.iter().enumerate() {
+        if mul.op_type != "Mul" || mul.inputs.len() != 2 {
+            continue;
+        }
+        for (a, b) in [(0, 1), (1, 0)] {
+            let (y, s) = (mul.inputs[a].as_str(), mul.inputs[b].as_str());
+            let (Some(&pi), Some(alpha)) = (producer.get(y), scalar(s)) else { continue };
+            if nodes[pi].op_type != "MatMul" || uses.get(y) != Some(&1) || dropped[pi] || nodes[pi].attributes.contains_key("streamdet.alpha") {
+                continue;
+            }
+            let mut node = nodes[pi].clone();
+            node.outputs = mul.outputs.clone();
+            node.attributes.insert("streamdet.alpha".into(), Attribute::Float(alpha));
+            dropped[pi] = true;
+            dropped[mi] = true;
+            replacement.insert(mi, node);
+            break;
+        }
+    }
+    rewrite(nodes, replacement, &dropped)
+}
+
 /// Rewrites the softmax that attention blocks spell out —
 /// `e = Exp(x - ReduceMax(x, -1)); y = e / ReduceSum(e, -1)` — into one `Softmax(x, axis=-1)`,
 /// when the intermediate values are used nowhere else.
@@ -482,6 +597,10 @@ fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, device: &De
         "MatMul" => Op::MatMul {
             a_transposed: attr_int(node, "streamdet.transpose_a", 0)? != 0,
             b_transposed: attr_int(node, "streamdet.transpose_b", 0)? != 0,
+            alpha: match node.attributes.get("streamdet.alpha") {
+                Some(Attribute::Float(v)) => *v,
+                _ => 1.0,
+            },
         },
         "ReduceMax" | "ReduceSum" => {
             if attr_int(node, "noop_with_empty_axes", 0)? != 0 {
@@ -603,9 +722,63 @@ impl CustomOp1 for Conv2d {
         let Some((oh, ow)) = self.output_size(h, w) else {
             candle_core::bail!("conv input {h}x{w} is smaller than the kernel");
         };
-        let mut out = vec![0.0f32; n * self.out_channels * oh * ow];
-        self.run(input, n, h, w, &mut out);
+        let out = self.run(input, n, h, w, None);
         Ok((CpuStorage::F32(out), Shape::from((n, self.out_channels, oh, ow))))
+    }
+}
+
+/// A convolution whose output gets a residual of its own shape added in the epilogue.
+struct ConvWithResidual<'a>(&'a Conv2d);
+
+impl CustomOp2 for ConvWithResidual<'_> {
+    fn name(&self) -> &'static str {
+        "streamdet-conv2d-residual"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let conv = self.0;
+        let &[n, c, h, w] = l1.dims() else {
+            candle_core::bail!("conv input must be 4-D, got {:?}", l1.dims());
+        };
+        let Some((oh, ow)) = conv.output_size(h, w) else {
+            candle_core::bail!("conv input {h}x{w} is smaller than the kernel");
+        };
+        if c != conv.in_channels || l2.dims() != [n, conv.out_channels, oh, ow] {
+            candle_core::bail!("conv of {:?} cannot take a residual of {:?}", l1.dims(), l2.dims());
+        }
+        let (input, residual) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let out = conv.run(input, n, h, w, Some(residual));
+        Ok((CpuStorage::F32(out), l2.shape().clone()))
+    }
+}
+
+/// Element-wise arithmetic on the CPU, in parallel: two tensors of one shape, or a tensor and a
+/// scalar.
+struct CpuBinary(BinaryOp);
+
+impl CustomOp2 for CpuBinary {
+    fn name(&self) -> &'static str {
+        "streamdet-binary"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        const CHUNK: usize = 1 << 14;
+        let (a, b) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let f: fn(f32, f32) -> f32 = match self.0 {
+            BinaryOp::Add => |x, y| x + y,
+            BinaryOp::Sub => |x, y| x - y,
+            BinaryOp::Mul => |x, y| x * y,
+            BinaryOp::Div => |x, y| x / y,
+        };
+        let mut out = a.to_vec();
+        match b {
+            &[scalar] => out.par_chunks_mut(CHUNK).for_each(|chunk| chunk.iter_mut().for_each(|x| *x = f(*x, scalar))),
+            _ if b.len() == a.len() => out.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(chunk, other)| {
+                chunk.iter_mut().zip(other).for_each(|(x, &y)| *x = f(*x, y));
+            }),
+            _ => candle_core::bail!("element-wise operands {:?} and {:?}", l1.dims(), l2.dims()),
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
@@ -688,6 +861,7 @@ impl CustomOp1 for CpuPermute {
 struct CpuMatMul {
     a_transposed: bool,
     b_transposed: bool,
+    alpha: f32,
 }
 
 impl CustomOp2 for CpuMatMul {
@@ -705,7 +879,7 @@ impl CustomOp2 for CpuMatMul {
         }
         let batch: usize = da[..r - 2].iter().product();
         let (a, b) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
-        let out = packed_gemm::batched_matmul(a, b, batch, m, k, n, self.a_transposed, self.b_transposed);
+        let out = packed_gemm::batched_matmul(a, b, batch, m, k, n, self.a_transposed, self.b_transposed, self.alpha);
         let mut dims = da.to_vec();
         dims[r - 2] = m;
         dims[r - 1] = n;
@@ -733,7 +907,7 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
     let x = || input(args, 0);
     let one = |t: Tensor| Ok(vec![t]);
     match op {
-        Op::Conv(c) => one(conv(c, x()?)?),
+        Op::Conv(c) => one(conv(c, x()?, args.get(3).copied().flatten())?),
         Op::Unary(f) if is_cpu_f32(x()?) => one(x()?.contiguous()?.apply_op1_no_bwd(&CpuUnary(*f))?),
         Op::Unary(f) => one(match f {
             UnaryFn::Sigmoid => candle_nn::ops::sigmoid(x()?)?,
@@ -742,6 +916,9 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
         }),
         Op::Binary(b) => {
             let (l, r) = (x()?, input(args, 1)?);
+            if is_cpu_f32(l) && is_cpu_f32(r) && (l.dims() == r.dims() || r.elem_count() == 1) {
+                return one(l.contiguous()?.apply_op2_no_bwd(&r.contiguous()?, &CpuBinary(*b))?);
+            }
             one(match b {
                 BinaryOp::Add => l.broadcast_add(r)?,
                 BinaryOp::Sub => l.broadcast_sub(r)?,
@@ -866,14 +1043,16 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
             }
             one(out)
         }
-        Op::MatMul { a_transposed, b_transposed } => {
+        Op::MatMul { a_transposed, b_transposed, alpha } => {
             let (a, b) = (x()?.contiguous()?, input(args, 1)?.contiguous()?);
             let same_batch = a.rank() >= 2 && a.rank() == b.rank() && a.dims()[..a.rank() - 2] == b.dims()[..b.rank() - 2];
             if is_cpu_f32(&a) && is_cpu_f32(&b) && same_batch && packed_gemm::available() {
-                one(a.apply_op2_no_bwd(&b, &CpuMatMul { a_transposed: *a_transposed, b_transposed: *b_transposed })?)
+                let op = CpuMatMul { a_transposed: *a_transposed, b_transposed: *b_transposed, alpha: *alpha };
+                one(a.apply_op2_no_bwd(&b, &op)?)
             } else {
                 let swap = |t: Tensor, swapped: bool| if swapped { t.transpose(t.rank() - 2, t.rank() - 1)?.contiguous() } else { Ok(t) };
-                one(swap(a, *a_transposed)?.broadcast_matmul(&swap(b, *b_transposed)?)?)
+                let product = swap(a, *a_transposed)?.broadcast_matmul(&swap(b, *b_transposed)?)?;
+                one(if *alpha == 1.0 { product } else { product.affine(f64::from(*alpha), 0.0)? })
             }
         }
         Op::Reduce { kind, axes, keepdims } => {
@@ -976,7 +1155,24 @@ fn broadcast_shape(a: &[usize], b: &[usize]) -> CResult<Vec<usize>> {
         .collect()
 }
 
-fn conv(c: &ConvOp, x: &Tensor) -> CResult<Tensor> {
+/// A convolution, plus `residual` when the graph adds one to its output.
+fn conv(c: &ConvOp, x: &Tensor, residual: Option<&Tensor>) -> CResult<Tensor> {
+    let Some(residual) = residual else { return conv_alone(c, x) };
+    let fits = match (x.dims(), residual.dims()) {
+        (&[n, _, h, w], &[rn, rc, rh, rw]) => {
+            c.weight.is_none() && is_cpu_f32(residual) && c.conv.output_size(h, w) == Some((rh, rw)) && (n, c.conv.out_channels) == (rn, rc)
+        }
+        _ => false,
+    };
+    if fits {
+        let x = x.contiguous()?.to_dtype(DType::F32)?;
+        x.apply_op2_no_bwd(&residual.contiguous()?, &ConvWithResidual(&c.conv))
+    } else {
+        conv_alone(c, x)?.broadcast_add(residual)
+    }
+}
+
+fn conv_alone(c: &ConvOp, x: &Tensor) -> CResult<Tensor> {
     match (&c.weight, &c.bias) {
         (Some(weight), Some(bias)) => {
             let conv = &c.conv;

@@ -8,6 +8,8 @@
 //! a per-tile column buffer. Depthwise convolutions (one input channel per group) use a direct
 //! kernel instead.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::activation::{Activation, bias_activation};
@@ -39,6 +41,12 @@ fn tile_width(k: usize, pixels: usize, tasks_wanted: usize) -> usize {
     let by_cache = (L2_FLOATS / k.max(1)).clamp(64, 4096);
     let by_parallelism = pixels.div_ceil(tasks_wanted.max(1));
     by_cache.min(by_parallelism).max(16).div_ceil(16) * 16
+}
+
+thread_local! {
+    /// Each rayon worker's reusable buffers: a row (or matrix) of patches and packed panels.
+    /// Kept across tasks and calls so no tile allocates or zero-fills memory.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// A raw pointer that may cross threads; every use writes a region no other task touches.
@@ -87,21 +95,34 @@ impl Conv2d {
         self.groups == self.in_channels && self.groups == self.out_channels && self.groups > 1
     }
 
-    /// Runs the convolution on `input` (`[n][in_channels][h][w]`), writing `out`
+    /// Runs the convolution on `input` (`[n][in_channels][h][w]`) and returns the output
     /// (`[n][out_channels][oh][ow]`, `oh, ow` from [`output_size`](Self::output_size)).
-    pub fn run(&self, input: &[f32], n: usize, h: usize, w: usize, out: &mut [f32]) {
+    /// A `residual` of the output's shape is added last (after the activation), in the same
+    /// pass: a network's skip connection costs no extra trip through memory.
+    pub fn run(&self, input: &[f32], n: usize, h: usize, w: usize, residual: Option<&[f32]>) -> Vec<f32> {
         let (oh, ow) = self.output_size(h, w).expect("caller checked the output size");
+        let len = n * self.out_channels * oh * ow;
         assert_eq!(input.len(), n * self.in_channels * h * w, "input length");
-        assert_eq!(out.len(), n * self.out_channels * oh * ow, "output length");
-        if self.is_depthwise() {
-            self.run_depthwise(input, h, w, oh, ow, out);
-        } else {
-            self.run_gemm(input, n, h, w, oh, ow, out);
+        if let Some(residual) = residual {
+            assert_eq!(residual.len(), len, "residual length");
         }
+        // Not zero-filled first: every element is written below, and zeroing a layer's output
+        // is a pass through memory of its own.
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        let spare = &mut out.spare_capacity_mut()[..len];
+        if self.is_depthwise() {
+            self.run_depthwise(input, h, w, oh, ow, residual, spare);
+        } else {
+            self.run_gemm(input, n, h, w, oh, ow, residual, spare);
+        }
+        // SAFETY: both paths initialise all `len` elements (the GEMM tiles cover every output
+        // channel and pixel; the depthwise planes are zeroed, then accumulated).
+        unsafe { out.set_len(len) };
+        out
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run_gemm(&self, input: &[f32], n: usize, h: usize, w: usize, oh: usize, ow: usize, out: &mut [f32]) {
+    fn run_gemm(&self, input: &[f32], n: usize, h: usize, w: usize, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let g = self.groups;
         let cin_g = self.in_channels / g;
         let m_g = self.out_channels / g;
@@ -116,9 +137,9 @@ impl Conv2d {
         // Channel blocks start on microkernel panels.
         let m_block = m_g.div_ceil(m_blocks).div_ceil(MR) * MR;
         let m_blocks = m_g.div_ceil(m_block);
-        let out_ptr = SendPtr(out.as_mut_ptr());
+        let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
         let pointwise = self.is_pointwise();
-        (0..n * g * tiles * m_blocks).into_par_iter().for_each_init(|| (Vec::new(), Vec::new()), |(cols, packed_b): &mut (Vec<f32>, Vec<f32>), task| {
+        (0..n * g * tiles * m_blocks).into_par_iter().for_each(|task| SCRATCH.with_borrow_mut(|(cols, packed_b)| {
             let mb = task % m_blocks;
             let tile_index = (task / m_blocks) % tiles;
             let group = (task / m_blocks / tiles) % g;
@@ -128,14 +149,21 @@ impl Conv2d {
             let p0 = tile_index * tile;
             let width = tile.min(pixels - p0);
             let image = &input[(batch * self.in_channels + group * cin_g) * h * w..][..cin_g * h * w];
+            let packed = self.packed.get(group);
             let (rhs, rhs_rs) = if pointwise {
                 (image[p0..].as_ptr(), (h * w) as isize)
+            } else if packed.is_some() {
+                // Patches go straight into the microkernel's panels, a row at a time.
+                self.im2col_packed(image, h, w, ow, p0, width, cols, packed_b);
+                (cols.as_ptr(), 0)
             } else {
                 // Grown, never cleared: im2col writes every element, padding included.
                 if cols.len() < k * width {
                     cols.resize(k * width, 0.0);
                 }
-                self.im2col(image, h, w, ow, p0, width, &mut cols[..k * width]);
+                for kk in 0..k {
+                    self.im2col_row(image, h, w, ow, p0, kk, &mut cols[kk * width..][..width]);
+                }
                 (cols.as_ptr(), width as isize)
             };
             let channel0 = group * m_g + m0;
@@ -145,8 +173,10 @@ impl Conv2d {
             // `k x width` elements with row stride `rhs_rs`.
             unsafe {
                 let dst = out_ptr.get().add((batch * self.out_channels + channel0) * pixels + p0);
-                if let Some(packed) = self.packed.get(group) {
-                    packed_gemm::pack_b(rhs, rhs_rs as usize, k, width, packed_b);
+                if let Some(packed) = packed {
+                    if pointwise {
+                        packed_gemm::pack_b(rhs, rhs_rs as usize, k, width, packed_b);
+                    }
                     packed_gemm::gemm(packed, m0..m0 + rows, packed_b, width, dst, pixels);
                 } else {
                     let lhs = &self.weights[channel0 * k..][..rows * k];
@@ -161,78 +191,114 @@ impl Conv2d {
                         gemm::Parallelism::None,
                     );
                 }
+                let first = (batch * self.out_channels + channel0) * pixels + p0;
                 for r in 0..rows {
                     let row = std::slice::from_raw_parts_mut(dst.add(r * pixels), width);
                     bias_activation(row, self.bias[channel0 + r], self.activation);
+                    if let Some(residual) = residual {
+                        add_assign(row, &residual[first + r * pixels..][..width]);
+                    }
                 }
             }
-        });
+        }));
     }
 
-    /// Fills `cols` (`[K][width]`) with the input patches of output pixels `p0..p0+width`.
+    /// Packs the input patches of output pixels `p0..p0+width` (`[K][width]`) into the
+    /// microkernel's column panels in `packed`, one row of patches at a time through `row`.
     #[allow(clippy::too_many_arguments)]
-    fn im2col(&self, image: &[f32], h: usize, w: usize, ow: usize, p0: usize, width: usize, cols: &mut [f32]) {
+    fn im2col_packed(&self, image: &[f32], h: usize, w: usize, ow: usize, p0: usize, width: usize, row: &mut Vec<f32>, packed: &mut Vec<f32>) {
+        let (kh, kw) = self.kernel;
+        let k = self.in_channels / self.groups * kh * kw;
+        packed_gemm::grow_packed_b(packed, k, width);
+        if row.len() < width {
+            row.resize(width, 0.0);
+        }
+        for kk in 0..k {
+            self.im2col_row(image, h, w, ow, p0, kk, &mut row[..width]);
+            packed_gemm::pack_b_row(&row[..width], kk, k, packed);
+        }
+    }
+
+    /// Fills `dst` with row `kk` (input channel, kernel row, kernel column) of the patches of
+    /// output pixels `p0..p0 + dst.len()`, zero where the kernel reads padding.
+    #[allow(clippy::too_many_arguments)]
+    fn im2col_row(&self, image: &[f32], h: usize, w: usize, ow: usize, p0: usize, kk: usize, dst: &mut [f32]) {
         let (kh, kw) = self.kernel;
         let (sh, sw) = self.stride;
         let (dh, dw) = self.dilation;
         let (pt, pl) = (self.pads.0 as isize, self.pads.1 as isize);
-        let cin_g = self.in_channels / self.groups;
-        for c in 0..cin_g {
-            let plane = &image[c * h * w..][..h * w];
-            for ky in 0..kh {
-                for kx in 0..kw {
-                    let row = &mut cols[((c * kh + ky) * kw + kx) * width..][..width];
-                    let mut p = p0;
-                    let mut filled = 0;
-                    while filled < width {
-                        let (oy, ox) = (p / ow, p % ow);
-                        let run = (ow - ox).min(width - filled);
-                        let iy = (oy * sh) as isize - pt + (ky * dh) as isize;
-                        let dst = &mut row[filled..filled + run];
-                        if iy < 0 || iy >= h as isize {
-                            dst.fill(0.0);
-                        } else {
-                            let src = &plane[iy as usize * w..][..w];
-                            let ix0 = (ox * sw) as isize - pl + (kx * dw) as isize;
-                            // Columns j with 0 <= ix0 + j*sw < w read the image; the rest is padding.
-                            let j_lo = if ix0 >= 0 { 0 } else { ((-ix0) as usize).div_ceil(sw) }.min(run);
-                            let j_hi = if ix0 >= w as isize { 0 } else { ((w as isize - ix0) as usize).div_ceil(sw) };
-                            let j_hi = j_hi.clamp(j_lo, run);
-                            dst[..j_lo].fill(0.0);
-                            dst[j_hi..].fill(0.0);
-                            let first = (ix0 + (j_lo * sw) as isize) as usize;
-                            let inside = &mut dst[j_lo..j_hi];
-                            if sw == 1 {
-                                inside.copy_from_slice(&src[first..first + inside.len()]);
-                            } else {
-                                for (d, &v) in inside.iter_mut().zip(src[first..].iter().step_by(sw)) {
-                                    *d = v;
-                                }
-                            }
-                        }
-                        filled += run;
-                        p += run;
+        let (c, ky, kx) = (kk / (kh * kw), kk / kw % kh, kk % kw);
+        let plane = &image[c * h * w..][..h * w];
+        let width = dst.len();
+        let mut p = p0;
+        let mut filled = 0;
+        while filled < width {
+            let (oy, ox) = (p / ow, p % ow);
+            let run = (ow - ox).min(width - filled);
+            let iy = (oy * sh) as isize - pt + (ky * dh) as isize;
+            let dst = &mut dst[filled..filled + run];
+            if iy < 0 || iy >= h as isize {
+                dst.fill(0.0);
+            } else {
+                let src = &plane[iy as usize * w..][..w];
+                let ix0 = (ox * sw) as isize - pl + (kx * dw) as isize;
+                // Columns j with 0 <= ix0 + j*sw < w read the image; the rest is padding.
+                let j_lo = if ix0 >= 0 { 0 } else { ((-ix0) as usize).div_ceil(sw) }.min(run);
+                let j_hi = if ix0 >= w as isize { 0 } else { ((w as isize - ix0) as usize).div_ceil(sw) };
+                let j_hi = j_hi.clamp(j_lo, run);
+                dst[..j_lo].fill(0.0);
+                dst[j_hi..].fill(0.0);
+                let first = (ix0 + (j_lo * sw) as isize) as usize;
+                let inside = &mut dst[j_lo..j_hi];
+                if sw == 1 {
+                    inside.copy_from_slice(&src[first..first + inside.len()]);
+                } else {
+                    for (d, &v) in inside.iter_mut().zip(src[first..].iter().step_by(sw)) {
+                        *d = v;
                     }
                 }
             }
+            filled += run;
+            p += run;
         }
     }
 
-    fn run_depthwise(&self, input: &[f32], h: usize, w: usize, oh: usize, ow: usize, out: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)]
+    fn run_depthwise(&self, input: &[f32], h: usize, w: usize, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let channels = self.out_channels;
         let fast = super::packed_gemm::available();
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane_index, dst)| {
+            dst.iter_mut().for_each(|v| {
+                v.write(0.0);
+            });
+            // SAFETY: every element of `dst` was initialised just above, and `MaybeUninit<f32>`
+            // has the layout of `f32`.
+            let dst = unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) };
             let c = plane_index % channels;
             let src = &input[plane_index * h * w..][..h * w];
             #[cfg(target_arch = "x86_64")]
             if fast {
                 // SAFETY: the CPU supports AVX2 and FMA (`available()` checked it).
                 unsafe { depthwise_plane_avx2(self, c, src, h, w, oh, ow, dst) };
-                return;
+            } else {
+                depthwise_plane(self, c, src, h, w, oh, ow, dst);
             }
-            let _ = fast;
-            depthwise_plane(self, c, src, h, w, oh, ow, dst);
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = fast;
+                depthwise_plane(self, c, src, h, w, oh, ow, dst);
+            }
+            if let Some(residual) = residual {
+                add_assign(dst, &residual[plane_index * oh * ow..][..oh * ow]);
+            }
         });
+    }
+}
+
+/// `dst += src`, element-wise (the compiler vectorises it).
+fn add_assign(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += s;
     }
 }
 
@@ -243,8 +309,8 @@ fn depthwise_plane_avx2(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize
     depthwise_plane(conv, c, src, h, w, oh, ow, dst)
 }
 
-/// One channel of a depthwise convolution, tap by tap over whole output rows so that the inner
-/// loop is a vectorisable multiply-add.
+/// One channel of a depthwise convolution into a zeroed `dst`, tap by tap over whole output
+/// rows so that the inner loop is a vectorisable multiply-add.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn depthwise_plane(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
@@ -253,7 +319,6 @@ fn depthwise_plane(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh:
     let (dh, dw) = conv.dilation;
     let (pt, pl) = (conv.pads.0 as isize, conv.pads.1 as isize);
     let weights = &conv.weights[c * kh * kw..][..kh * kw];
-    dst.fill(0.0);
     for ky in 0..kh {
         for kx in 0..kw {
             let wv = weights[ky * kw + kx];
@@ -359,14 +424,20 @@ mod tests {
             packed: Vec::new(),
         };
         let input = values(n * cin * h * w, 3);
-        // Both the portable path and the packed microkernel.
+        // Both the portable path and the packed microkernel, with and without a residual.
         for conv in [conv.clone(), conv.clone().with_packed_weights()] {
             let (oh, ow) = conv.output_size(h, w).unwrap();
-            let mut out = vec![f32::NAN; n * cout * oh * ow];
-            conv.run(&input, n, h, w, &mut out);
-            let want = reference(&conv, &input, n, h, w);
-            for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "cin={cin} cout={cout} g={groups} k={k} s={stride}: [{i}] {a} vs {b}");
+            let residual = values(n * cout * oh * ow, 4);
+            for with_residual in [false, true] {
+                let out = conv.run(&input, n, h, w, with_residual.then_some(residual.as_slice()));
+                assert_eq!(out.len(), n * cout * oh * ow);
+                let mut want = reference(&conv, &input, n, h, w);
+                if with_residual {
+                    want.iter_mut().zip(&residual).for_each(|(w, r)| *w += r);
+                }
+                for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "cin={cin} cout={cout} g={groups} k={k} s={stride} residual={with_residual}: [{i}] {a} vs {b}");
+                }
             }
         }
     }

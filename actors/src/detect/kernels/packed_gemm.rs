@@ -74,23 +74,31 @@ impl PackedA {
 /// # Safety
 /// `src` must be valid for reads of `k` rows of `width` elements, `row_stride` apart.
 pub unsafe fn pack_b(src: *const f32, row_stride: usize, k: usize, width: usize, out: &mut Vec<f32>) {
-    let panels = width.div_ceil(NR);
-    // The buffer is reused across calls: grow it, never clear it, since every element below is
-    // written (zero-filling it each time costs as much as packing).
-    if out.len() < panels * k * NR {
-        out.resize(panels * k * NR, 0.0);
-    }
-    let tail = width % NR;
+    grow_packed_b(out, k, width);
     for kk in 0..k {
         // SAFETY: row `kk` of the source holds `width` readable elements (the caller's contract).
         let row = unsafe { std::slice::from_raw_parts(src.add(kk * row_stride), width) };
-        for (q, chunk) in row.chunks(NR).enumerate() {
-            let dst = &mut out[(q * k + kk) * NR..][..NR];
-            dst[..chunk.len()].copy_from_slice(chunk);
-            if chunk.len() < NR {
-                dst[tail..].fill(0.0);
-            }
-        }
+        pack_b_row(row, kk, k, out);
+    }
+}
+
+/// Makes `out` large enough for `k x width` packed by [`pack_b_row`]. The buffer is reused
+/// across calls: grown, never cleared, since packing writes every element (zero-filling it each
+/// time would cost as much as packing).
+pub fn grow_packed_b(out: &mut Vec<f32>, k: usize, width: usize) {
+    let len = width.div_ceil(NR) * k * NR;
+    if out.len() < len {
+        out.resize(len, 0.0);
+    }
+}
+
+/// Writes row `kk` (of `k`) of a `k x row.len()` matrix into its [`NR`]-column panels in `out`
+/// (sized by [`grow_packed_b`]), zero past the row's end.
+pub fn pack_b_row(row: &[f32], kk: usize, k: usize, out: &mut [f32]) {
+    for (q, chunk) in row.chunks(NR).enumerate() {
+        let dst = &mut out[(q * k + kk) * NR..][..NR];
+        dst[..chunk.len()].copy_from_slice(chunk);
+        dst[chunk.len()..].fill(0.0);
     }
 }
 
@@ -138,21 +146,26 @@ pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: &[f32], width: 
     }
 }
 
-/// Batched `C[b] = A[b] * B[b]` (`m x k` times `k x n`) for contiguous `a` and `b`, each stored
-/// row-major or, when its flag is set, transposed (`k x m`, `n x k`) — so that a transpose
-/// feeding a product costs nothing. In parallel over the batch. Needs [`available`].
+/// Batched `C[b] = alpha * A[b] * B[b]` (`m x k` times `k x n`) for contiguous `a` and `b`,
+/// each stored row-major or, when its flag is set, transposed (`k x m`, `n x k`) — so that a
+/// transpose feeding a product costs nothing, and a scale costs nothing either (it is applied
+/// to the packed `A`). In parallel over the batch. Needs [`available`].
 #[allow(clippy::too_many_arguments)]
-pub fn batched_matmul(a: &[f32], b: &[f32], batch: usize, m: usize, k: usize, n: usize, a_transposed: bool, b_transposed: bool) -> Vec<f32> {
+pub fn batched_matmul(a: &[f32], b: &[f32], batch: usize, m: usize, k: usize, n: usize, a_transposed: bool, b_transposed: bool, alpha: f32) -> Vec<f32> {
     use rayon::prelude::*;
     assert!(available(), "callers check `available()` first");
     assert!(a.len() == batch * m * k && b.len() == batch * k * n);
-    let mut out = vec![0.0f32; batch * m * n];
-    if m * n == 0 {
-        return out;
+    if m * n == 0 || k == 0 {
+        return vec![0.0; batch * m * n];
     }
-    out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+    // Not zero-filled first: the first pass over `k` writes every element.
+    let mut out: Vec<f32> = Vec::with_capacity(batch * m * n);
+    out.spare_capacity_mut()[..batch * m * n].par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
         let ai = &a[i * m * k..][..m * k];
-        let packed = if a_transposed { PackedA::strided(ai, m, k, 1, m) } else { PackedA::new(ai, m, k) };
+        let mut packed = if a_transposed { PackedA::strided(ai, m, k, 1, m) } else { PackedA::new(ai, m, k) };
+        if alpha != 1.0 {
+            packed.data.iter_mut().for_each(|v| *v *= alpha);
+        }
         let bi = &b[i * k * n..][..k * n];
         let mut packed_b = Vec::new();
         if b_transposed {
@@ -161,9 +174,12 @@ pub fn batched_matmul(a: &[f32], b: &[f32], batch: usize, m: usize, k: usize, n:
             // SAFETY: `bi` is `k x n` row-major.
             unsafe { pack_b(bi.as_ptr(), n, k, n, &mut packed_b) };
         }
-        // SAFETY: `c` is `m x n`; the microkernel is available (asserted above).
-        unsafe { gemm(&packed, 0..m, &packed_b, n, c.as_mut_ptr(), n) };
+        // SAFETY: `c` is `m x n`; the microkernel is available (asserted above). `gemm` only
+        // writes through the pointer until its first pass over `k` has initialised the tile.
+        unsafe { gemm(&packed, 0..m, &packed_b, n, c.as_mut_ptr().cast::<f32>(), n) };
     });
+    // SAFETY: with `k > 0`, `gemm` wrote every element of every `m x n` product.
+    unsafe { out.set_len(batch * m * n) };
     out
 }
 
@@ -239,13 +255,17 @@ mod tests {
         let transpose = |x: &[f32], rows: usize, cols: usize| -> Vec<f32> {
             x.chunks(rows * cols).flat_map(|m| (0..cols).flat_map(move |c| (0..rows).map(move |r| m[r * cols + c]))).collect()
         };
-        let plain = batched_matmul(&a, &b, batch, m, k, n, false, false);
+        let plain = batched_matmul(&a, &b, batch, m, k, n, false, false, 1.0);
         let (at, bt) = (transpose(&a, m, k), transpose(&b, k, n));
         for (ta, tb) in [(true, false), (false, true), (true, true)] {
-            let got = batched_matmul(if ta { &at } else { &a }, if tb { &bt } else { &b }, batch, m, k, n, ta, tb);
+            let got = batched_matmul(if ta { &at } else { &a }, if tb { &bt } else { &b }, batch, m, k, n, ta, tb, 1.0);
             for (x, y) in got.iter().zip(&plain) {
                 assert!((x - y).abs() < 1e-4, "transposed ({ta}, {tb})");
             }
+        }
+        let scaled = batched_matmul(&at, &b, batch, m, k, n, true, false, 0.25);
+        for (x, y) in scaled.iter().zip(&plain) {
+            assert!((x - 0.25 * y).abs() < 1e-4, "scaled by alpha");
         }
     }
 
