@@ -303,6 +303,26 @@ async fn detect_image(query: web::Query<HashMap<String, String>>, mut payload: w
 /// The API description, served as written (a test keeps it and the routes in step).
 pub const OPENAPI: &str = include_str!("web/openapi.json");
 
+/// The page at `/` (watch detections arrive during an upload), built into the binary.
+const PAGE_ASSETS: [(&str, &str, &str); 3] = [
+    ("/", "text/html; charset=utf-8", include_str!("web/index.html")),
+    ("/app.js", "text/javascript; charset=utf-8", include_str!("web/app.js")),
+    ("/style.css", "text/css; charset=utf-8", include_str!("web/style.css")),
+];
+
+async fn page_asset(req: HttpRequest) -> HttpResponse {
+    let Some((_, content_type, body)) = PAGE_ASSETS.iter().find(|(path, _, _)| *path == req.path()) else {
+        return error_response(StatusCode::NOT_FOUND, "not_found", "no such page");
+    };
+    HttpResponse::Ok()
+        .content_type(*content_type)
+        // The page talks to this server only; videos and images are shown from local blobs.
+        .insert_header(("Content-Security-Policy", "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"))
+        .insert_header(("X-Content-Type-Options", "nosniff"))
+        .insert_header(("Cache-Control", "no-cache"))
+        .body(*body)
+}
+
 async fn openapi() -> HttpResponse {
     HttpResponse::Ok().content_type("application/json").body(OPENAPI)
 }
@@ -378,9 +398,11 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
         App::new()
             .app_data(state.clone())
             .wrap(actix_web::middleware::from_fn(move |req: ServiceRequest, next: Next<BoxBody>| {
+                // The page's own files carry no secret; its API calls need the token like any other.
                 let allowed = token.is_empty()
                     || req.path() == "/health"
                     || req.path() == "/openapi.json"
+                    || PAGE_ASSETS.iter().any(|(path, _, _)| *path == req.path())
                     || req.method() == actix_web::http::Method::OPTIONS
                     || req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()) == Some(format!("Bearer {token}").as_str());
                 async move {
@@ -399,6 +421,9 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
             .route("/health", web::get().to(health))
             .route("/metrics", web::get().to(metrics_text))
             .route("/openapi.json", web::get().to(openapi))
+            .route("/", web::get().to(page_asset))
+            .route("/app.js", web::get().to(page_asset))
+            .route("/style.css", web::get().to(page_asset))
     })
     .disable_signals()
     .shutdown_timeout(1)
@@ -447,8 +472,9 @@ async fn first_of<A: std::future::Future, B: std::future::Future>(a: A, b: B) {
 mod tests {
     use super::*;
 
-    /// Every route `serve` registers, as (method, path) in OpenAPI's spelling; the HTTP test
-    /// checks the other direction (every documented route answers).
+    /// Every API route `serve` registers, as (method, path) in OpenAPI's spelling (the page's
+    /// files are not API); the HTTP test checks the other direction (every documented route
+    /// answers).
     const ROUTES: [(&str, &str); 6] = [
         ("post", "/detect/video"),
         ("get", "/sessions/{id}/events"),

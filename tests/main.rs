@@ -7,5 +7,6 @@ mod bench;
 mod cli;
 mod decode;
 mod engine;
+mod page;
 mod pipeline;
 mod server;

@@ -12,13 +12,13 @@ use std::time::Duration;
 use crate::decode::fixtures;
 
 /// A `streamdet serve` on a free loopback port, stopped when dropped.
-struct Server {
+pub struct Server {
     child: Child,
-    addr: String,
+    pub addr: String,
 }
 
 impl Server {
-    fn start(env: &[(&str, &str)]) -> Server {
+    pub fn start(env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_streamdet"));
         cmd.current_dir(crate::support::root()).args(["serve", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped());
         for (k, v) in env {

@@ -24,6 +24,8 @@
     video: $('video'),
     image: $('image'),
     overlay: $('overlay'),
+    holdLine: $('hold-line'),
+    hold: $('hold'),
     conf: $('conf'),
     iou: $('iou'),
     classes: $('classes'),
@@ -42,6 +44,7 @@
     detections: $('detections').tBodies[0],
     detectionsScroll: $('detections-scroll'),
     detectionsNote: $('detections-note'),
+    detectionsEmpty: $('detections-empty'),
   };
 
   // Rows kept in the detections table; older ones are dropped first.
@@ -144,6 +147,7 @@
       events: null,
       timers: [],
       finished: false,
+      complete: false, // the `end` event came: every frame's detections are known
       lastSeq: -1,
       frames: [], // {index, pts, detections}, ordered by pts
       framesProcessed: 0,
@@ -151,6 +155,9 @@
       startedAt: 0,
       firstDetectionMs: null,
       canPlay: null, // null: not known yet
+      held: false, // the page paused playback to wait for detections
+      stride: 1,
+      fpsLimit: 0,
       media: null,
       image: null, // the /detect response for an image
     };
@@ -167,6 +174,7 @@
     ui.image.removeAttribute('src');
     ui.image.hidden = true;
     ui.stage.hidden = true;
+    ui.holdLine.hidden = true;
     clearOverlay();
     hideNotice();
     clearError();
@@ -179,6 +187,7 @@
     ui.summary.hidden = true;
     ui.summaryList.replaceChildren();
     ui.detections.replaceChildren();
+    ui.detectionsEmpty.hidden = false;
     ui.detectionsNote.textContent = 'Each row is one box. Select a time to show that frame.';
     ui.cancel.hidden = true;
   }
@@ -205,6 +214,8 @@
     if (state !== 'done' && r.xhr && r.xhr.readyState !== XMLHttpRequest.DONE) r.xhr.abort();
     setStatus(state, text);
     ui.cancel.hidden = true;
+    // A file the server refused outright: the "cannot play" notice would only add noise.
+    if (state === 'error' && r.kind === 'video' && r.framesProcessed === 0) hideNotice();
   }
 
   function setStatus(state, text) {
@@ -218,7 +229,9 @@
     const strong = document.createElement('strong');
     strong.textContent = headline;
     ui.error.append(strong);
-    if (detail && detail !== headline) {
+    // The server's own words, unless they only repeat the headline.
+    const gist = (text) => String(text || '').toLowerCase().replace(/[^a-z]+/g, '').slice(0, 28);
+    if (detail && gist(detail) !== gist(headline)) {
       const p = document.createElement('span');
       p.className = 'detail';
       p.textContent = 'Server says: ' + detail;
@@ -274,6 +287,8 @@
   }
 
   let classNames = [];
+  // The server's upload limit, when /health tells it.
+  let maxUploadBytes = null;
 
   // Suggests class names for the part of the classes field after its last comma.
   function suggestClasses() {
@@ -303,16 +318,18 @@
       parts.push(`on ${health.device || 'unknown device'}`);
       if (Number.isFinite(health.max_sessions)) parts.push(`${health.sessions_active ?? 0} of ${health.max_sessions} sessions busy`);
       if (health.version) parts.push(`streamdet ${health.version}`);
+      maxUploadBytes = Number.isFinite(health.max_upload_bytes) ? health.max_upload_bytes : null;
       ui.modelInfo.textContent = parts.join(' · ');
       // Server defaults fill the fields the user has not touched.
       const fill = (input, value) => {
         if (value === null || value === undefined) return;
-        if (input.value === '' && !input.dataset.touched) input.value = String(value);
+        // Rounded: the server's single-precision numbers print as e.g. 0.44999998807907104.
+        if (input.value === '' && !input.dataset.touched) input.value = String(Number(Number(value).toPrecision(6)));
       };
       fill(ui.conf, defaults.conf);
       fill(ui.iou, defaults.iou);
-      ui.stride.placeholder = `default ${defaults.stride ?? 1} (every frame)`;
-      ui.fps.placeholder = defaults.fps ? `default ${defaults.fps}` : 'no limit';
+      ui.stride.placeholder = `${defaults.stride ?? 1} (default)`;
+      ui.fps.placeholder = defaults.fps ? `${defaults.fps} (default)` : 'no limit (default)';
       if (Array.isArray(model.class_names) && model.class_names.length) {
         classNames = model.class_names.map(String);
         ui.classes.placeholder = `all classes, e.g. ${classNames.slice(0, 2).join(', ')}`;
@@ -373,6 +390,7 @@
         button.textContent = pts.toFixed(2);
         button.dataset.pts = String(pts);
         button.setAttribute('aria-label', `Show the frame at ${pts.toFixed(2)} seconds`);
+        button.disabled = r.canPlay === false;
         time.append(button);
       }
       const frame = document.createElement('td');
@@ -385,6 +403,7 @@
       fragment.append(tr);
     }
     ui.detections.append(fragment);
+    ui.detectionsEmpty.hidden = true;
     let dropped = false;
     while (ui.detections.rows.length > MAX_ROWS) {
       ui.detections.deleteRow(0);
@@ -430,6 +449,8 @@
       return;
     }
     r.id = randomId();
+    r.stride = Number(query.get('stride')) || 1;
+    r.fpsLimit = Number(query.get('fps')) || 0;
     query.set('session', r.id);
     r.url = URL.createObjectURL(file);
     setStatus('uploading', `Starting: ${file.name} (${fmtBytes(file.size)}).`);
@@ -476,9 +497,17 @@
   function cannotPlay(r, reason) {
     r.canPlay = false;
     ui.stage.hidden = true;
+    ui.holdLine.hidden = true;
+    if (r.finished && r.framesProcessed === 0 && ui.status.dataset.state === 'error') return;
     showNotice(`This browser cannot play this video (${reason}), so the picture is not shown. ` +
       'The server still reads it: the detections are listed below by time as they arrive.');
     ui.detectionsNote.textContent = 'Each row is one box.';
+    setSeekable(false);
+  }
+
+  // Times in the list show their frame only while the video can play.
+  function setSeekable(on) {
+    for (const button of ui.detections.querySelectorAll('button.seek')) button.disabled = !on;
   }
 
   ui.video.addEventListener('error', () => {
@@ -496,8 +525,10 @@
     }
     run.canPlay = true;
     ui.stage.hidden = false;
+    ui.holdLine.hidden = false;
     hideNotice();
     ui.detectionsNote.textContent = 'Each row is one box. Select a time to show that frame.';
+    setSeekable(true);
   });
 
   function uploadVideo(r, query) {
@@ -542,7 +573,7 @@
       setStatus('processing', 'The upload connection closed; waiting for the server to say why…');
       r.timers.push(setTimeout(() => {
         if (r !== run || r.finished) return;
-        showError('The upload failed: the connection to the server broke off. The server may be down or unreachable, or it refused the file (for example, because it is too large).');
+        showError('The upload failed: the server could not be reached or the connection broke off. The server may be down, or it may have refused the file (for example, because it is too large).');
         finish(r, 'error', 'Stopped: network failure.');
       }, GRACE_MS));
     });
@@ -614,6 +645,7 @@
           ['seconds', 'Total time', fmtSeconds(event.seconds)],
           ['sha256', 'SHA-256', String(event.sha256 || '')],
         ]);
+        r.complete = true;
         finish(r, 'done', `Done: ${event.frames_processed} frames processed in ${fmtSeconds(event.seconds)}.`);
         break;
       }
@@ -694,7 +726,7 @@
     });
     xhr.addEventListener('error', () => {
       if (r !== run || r.finished) return;
-      showError('The upload failed: the connection to the server broke off. The server may be down or unreachable, or it refused the file (for example, because it is too large).');
+      showError('The upload failed: the server could not be reached or the connection broke off. The server may be down, or it may have refused the file (for example, because it is too large).');
       finish(r, 'error', 'Stopped: network failure.');
     });
     r.startedAt = performance.now();
@@ -738,12 +770,61 @@
     return found;
   }
 
+  // The expected time between processed frames: measured once two have come, else from the
+  // stream's frame rate and the stride or fps setting.
+  function frameGap(r) {
+    const n = r.frames.length;
+    if (n >= 2) {
+      const gap = r.frames[n - 1].pts - r.frames[n - 2].pts;
+      if (gap > 0) return gap;
+    }
+    const fps = r.media && Number(r.media.fps) > 0 ? Number(r.media.fps) : 25;
+    return Math.max(r.stride / fps, r.fpsLimit > 0 ? 1 / r.fpsLimit : 0);
+  }
+
+  // Up to where (seconds of video) the detections are known while the session still runs.
+  function knownUntil(r) {
+    if (!r.frames.length) return 0;
+    return r.frames[r.frames.length - 1].pts + frameGap(r);
+  }
+
+  // With "keep in step" on, playback pauses where the processed frames end and resumes as they come.
+  function holdPlayback() {
+    const r = run;
+    if (!r || r.kind !== 'video' || !r.canPlay) return;
+    const v = ui.video;
+    if (r.finished || !ui.hold.checked) {
+      if (r.held) {
+        r.held = false;
+        const playing = v.play();
+        if (playing) playing.catch(() => {});
+      }
+      return;
+    }
+    const edge = knownUntil(r);
+    if (!r.held && !v.paused && !v.seeking && v.currentTime >= edge - 0.001) {
+      r.held = true;
+      v.pause();
+    } else if (r.held && v.currentTime < edge - 0.001) {
+      r.held = false;
+      const playing = v.play();
+      if (playing) playing.catch(() => {});
+    }
+  }
+
+  ui.video.addEventListener('play', () => {
+    // The user pressed play: the page no longer counts the pause as its own.
+    if (run) run.held = false;
+  });
+
   // What to draw now: the media element, the picture's own size, the boxes' pixel space, the boxes.
   function currentScene() {
     if (!run || ui.stage.hidden) return null;
     if (run.kind === 'video') {
       if (run.canPlay === false || ui.video.hidden || !ui.video.videoWidth) return null;
-      const frame = frameAt(run.frames, ui.video.currentTime);
+      const t = ui.video.currentTime;
+      // Past the processed frames of an unfinished (or stopped) session nothing is known: draw no stale boxes.
+      const frame = !run.complete && t >= knownUntil(run) - 0.001 ? null : frameAt(run.frames, t);
       // Boxes are in pixels of the displayed frame, which is what videoWidth x videoHeight measure.
       const w = ui.video.videoWidth;
       const h = ui.video.videoHeight;
@@ -832,6 +913,7 @@
   }
 
   function tick() {
+    holdPlayback();
     draw();
     requestAnimationFrame(tick);
   }
@@ -843,6 +925,11 @@
   function chooseFile(file) {
     reset();
     if (!file) return;
+    if (maxUploadBytes !== null && file.size > maxUploadBytes) {
+      showError(`${CODE_WORDS.too_large} ${file.name} is ${fmtBytes(file.size)}; the limit is ${fmtBytes(maxUploadBytes)}.`);
+      setStatus('error', 'Nothing was sent.');
+      return;
+    }
     if (file.type.startsWith('image/') || IMAGE_NAME.test(file.name)) startImage(file);
     else startVideo(file);
   }
