@@ -284,7 +284,13 @@ pub fn concurrency_chart(rows: &[ConcurrencyRow], path: &Path) -> anyhow::Result
             .x_label_area_size(40)
             .y_label_area_size(60)
             .build_cartesian_2d(0.5..n_max + 0.5, 0.0..fps_max)?;
-        chart.configure_mesh().x_desc("simultaneous uploads").y_desc("frames/s, all sessions").draw()?;
+        chart
+            .configure_mesh()
+            .x_labels(n_max as usize)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .x_desc("simultaneous uploads")
+            .y_desc("frames/s, all sessions")
+            .draw()?;
         for (i, batching) in [false, true].into_iter().enumerate() {
             let colour = PALETTE[i];
             let points: Vec<(f64, f64)> = rows.iter().filter(|r| r.batching == batching).map(|r| (r.uploads as f64, r.aggregate_fps)).collect();

@@ -288,14 +288,7 @@ fn execution_error(step: &Step, err: candle_core::Error) -> DetectError {
 /// Rewrites `y = Conv(x); s = Sigmoid(y); z = Mul(y, s)` into one node `z = Conv(x)` marked with
 /// a SiLU activation, when `y` and `s` are used nowhere else.
 fn fuse_conv_silu(nodes: &[Node]) -> Vec<Node> {
-    let mut uses: HashMap<&str, usize> = HashMap::new();
-    for node in nodes {
-        for input in &node.inputs {
-            *uses.entry(input.as_str()).or_default() += 1;
-        }
-    }
-    let producer: HashMap<&str, usize> =
-        nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i))).collect();
+    let (uses, producer) = uses_and_producers(nodes);
     let mut fused = vec![false; nodes.len()];
     let mut replacement: HashMap<usize, Node> = HashMap::new();
     for (mi, mul) in nodes.iter().enumerate() {
@@ -326,15 +319,7 @@ fn fuse_conv_silu(nodes: &[Node]) -> Vec<Node> {
             }
         }
     }
-    nodes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, n)| match replacement.remove(&i) {
-            Some(node) => Some(node),
-            None if fused[i] => None,
-            None => Some(n.clone()),
-        })
-        .collect()
+    rewrite(nodes, replacement, &fused)
 }
 
 /// How often each value is read, and which node produces it.
@@ -451,14 +436,7 @@ fn fuse_matmul_scale(nodes: &[Node], initializers: &HashMap<String, TensorData>)
 /// `e = Exp(x - ReduceMax(x, -1)); y = e / ReduceSum(e, -1)` — into one `Softmax(x, axis=-1)`,
 /// when the intermediate values are used nowhere else.
 fn fuse_softmax(nodes: &[Node], initializers: &HashMap<String, TensorData>) -> Vec<Node> {
-    let mut uses: HashMap<&str, usize> = HashMap::new();
-    for node in nodes {
-        for input in &node.inputs {
-            *uses.entry(input.as_str()).or_default() += 1;
-        }
-    }
-    let producer: HashMap<&str, usize> =
-        nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i))).collect();
+    let (uses, producer) = uses_and_producers(nodes);
     let last_axis_keepdims = |n: &Node| {
         let axes = match (n.inputs.get(1), n.attributes.get("axes")) {
             (Some(name), _) => initializers.get(name).map(|t| t.as_i64()),
@@ -503,28 +481,13 @@ fn fuse_softmax(nodes: &[Node], initializers: &HashMap<String, TensorData>) -> V
             Node { name: div.name.clone(), op_type: "Softmax".into(), inputs: vec![x.to_string()], outputs: div.outputs.clone(), attributes },
         );
     }
-    nodes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, n)| match replacement.remove(&i) {
-            Some(node) => Some(node),
-            None if drop[i] => None,
-            None => Some(n.clone()),
-        })
-        .collect()
+    rewrite(nodes, replacement, &drop)
 }
 
 /// Folds a `Transpose` that only swaps the last two axes into the `MatMul` it feeds (when it
 /// feeds nothing else): the product packs its operands anyway, and can read them transposed.
 fn fuse_transposed_matmul_operands(nodes: &[Node]) -> Vec<Node> {
-    let mut uses: HashMap<&str, usize> = HashMap::new();
-    for node in nodes {
-        for input in &node.inputs {
-            *uses.entry(input.as_str()).or_default() += 1;
-        }
-    }
-    let producer: HashMap<&str, usize> =
-        nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i))).collect();
+    let (uses, producer) = uses_and_producers(nodes);
     let swaps_last_two = |n: &Node| match n.attributes.get("perm") {
         Some(Attribute::Ints(p)) if p.len() >= 2 => {
             let r = p.len();
