@@ -146,11 +146,12 @@ async fn detect_video(
     log.set_cancel(move || canceller.cancel("internal", "the server is shutting down"));
     // The body is read in its own task, so the response streams while the upload goes on.
     let idle = Some(Duration::from_secs(state.config.server.idle_upload_timeout_s));
-    if is_multipart(&req) {
-        actix_web::rt::spawn(upload.feed_all(multipart_file(&req, payload), idle));
-    } else {
-        actix_web::rt::spawn(upload.feed_all(payload, idle));
-    }
+    let (body_read, body_done) = tokio::sync::oneshot::channel::<()>();
+    let chunks = if is_multipart(&req) { multipart_file(&req, payload) } else { Box::pin(payload.map(|c| c.map_err(|e| e.to_string()))) };
+    actix_web::rt::spawn(async move {
+        upload.feed_all(chunks, idle).await;
+        let _ = body_read.send(());
+    });
     // The session's events go to its log, which every listener follows; the slot is held
     // until the session ends, whoever listens.
     let pump_log = Arc::clone(&log);
@@ -179,7 +180,10 @@ async fn detect_video(
         }
     }
     let sse = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
-    follow(log, 0, sse)
+    // After `max_frames`, `end` comes while the client is still sending: the response stays
+    // open until the rest of the body has been read (and dropped), or the connection would
+    // close under the client's feet.
+    follow(log, 0, sse, Some(body_done))
 }
 
 fn is_multipart(req: &HttpRequest) -> bool {
@@ -225,11 +229,17 @@ fn multipart_file(req: &HttpRequest, payload: web::Payload) -> std::pin::Pin<Box
 }
 
 /// A response that follows `log` from event `from`, as SSE or NDJSON.
-fn follow(log: Arc<SessionLog>, from: usize, sse: bool) -> HttpResponse {
-    let messages = futures_util::stream::unfold((log, from), move |(log, index)| async move {
-        let event = log.next(index).await?;
+/// The response ends after the last event and, when given, once `then` resolves.
+fn follow(log: Arc<SessionLog>, from: usize, sse: bool, then: Option<tokio::sync::oneshot::Receiver<()>>) -> HttpResponse {
+    let messages = futures_util::stream::unfold((log, from, then), move |(log, index, then)| async move {
+        let Some(event) = log.next(index).await else {
+            if let Some(then) = then {
+                let _ = then.await;
+            }
+            return None;
+        };
         let bytes = if sse { sse_message(&event, index as u64) } else { ndjson_line(&event) };
-        Some((Ok::<_, actix_web::Error>(bytes), (log, index + 1)))
+        Some((Ok::<_, actix_web::Error>(bytes), (log, index + 1, then)))
     });
     let content_type = if sse { "text/event-stream" } else { "application/x-ndjson" };
     HttpResponse::Ok().content_type(content_type).insert_header(("Cache-Control", "no-cache")).streaming(messages)
@@ -242,7 +252,7 @@ async fn session_events(req: HttpRequest, id: web::Path<String>, state: web::Dat
         return error_response(StatusCode::BAD_REQUEST, "bad_parameter", SESSION_ID_RULE);
     }
     let from = req.headers().get("Last-Event-ID").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<usize>().ok()).map_or(0, |last| last + 1);
-    follow(state.sessions.watch(&id), from, true)
+    follow(state.sessions.watch(&id), from, true, None)
 }
 
 fn ndjson_line(event: &Event) -> Bytes {

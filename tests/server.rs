@@ -473,7 +473,7 @@ fn multipart_uploads_are_stored_by_hash_and_max_frames_stops_early() {
     assert_eq!(std::fs::read(&stored).unwrap(), clip, "the stored upload is the file");
 
     // max_frames: two frames, then `end` while the rest of the upload is read and dropped.
-    let (mut reader, upload_done) = upload(&server.addr, "/detect/video?max_frames=2", clip.clone(), 4 << 10, Duration::from_millis(10));
+    let (mut reader, upload_done) = upload(&server.addr, "/detect/video?max_frames=2", clip.clone(), 4 << 10, Duration::from_millis(30));
     assert_eq!(read_head(&mut reader), 200);
     let events = ndjson(&read_body(&mut reader));
     let frames: Vec<u64> = events.iter().filter(|e| e["type"] == "frame").map(|e| e["index"].as_u64().unwrap()).collect();
@@ -481,7 +481,10 @@ fn multipart_uploads_are_stored_by_hash_and_max_frames_stops_early() {
     let end = events.last().unwrap();
     assert_eq!(end["type"], "end", "{events:?}");
     assert_eq!(end["frames_processed"], 2);
-    assert!(end.get("media_file").is_none(), "a partly read upload is not stored: {end}");
+    // Usually the two frames are done long before the upload; on a loaded machine the upload
+    // may win, and a complete upload is stored as usual (under the same name: same bytes).
+    let partial = end["bytes"].as_u64().unwrap() < clip.len() as u64;
+    assert_eq!(end.get("media_file").is_none(), partial, "only a complete upload is stored: {end}");
     for _ in 0..200 {
         if upload_done.load(Ordering::SeqCst) {
             break;
@@ -489,7 +492,7 @@ fn multipart_uploads_are_stored_by_hash_and_max_frames_stops_early() {
         thread::sleep(Duration::from_millis(50));
     }
     assert!(upload_done.load(Ordering::SeqCst), "the server stopped reading the rest of the upload");
-    assert_eq!(std::fs::read_dir(media.path()).unwrap().count(), 1, "only the complete upload is stored");
+    assert_eq!(std::fs::read_dir(media.path()).unwrap().count(), 1, "one stored file per distinct upload");
     let (status, _) = request(&server.addr, &format!("POST /detect/video?max_frames=0 HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", server.addr), b"");
     assert_eq!(status, 400);
 }

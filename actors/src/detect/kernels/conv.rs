@@ -1,12 +1,15 @@
-//! 2-D convolution over NCHW `f32`, with the bias and activation fused into the epilogue.
+//! 2-D convolution over NCHW `f32`, with the bias, the activation and an optional residual
+//! fused into the epilogue.
 //!
 //! A convolution is a matrix product `out[Cout x P] = W[Cout x K] * cols[K x P]` per group, where
-//! `P` is the number of output pixels and `K = Cin/groups x kh x kw`. The output pixels are cut
-//! into column tiles small enough that a tile's columns, the product and the epilogue stay in
-//! cache; tiles run in parallel on the current rayon pool, each with a single-threaded `gemm`.
-//! A 1x1 convolution with stride 1 reads its input in place (no column matrix); other shapes fill
-//! a per-tile column buffer. Depthwise convolutions (one input channel per group) use a direct
-//! kernel instead.
+//! `P` is the number of output pixels and `K = Cin/groups x kh x kw`; the weights are packed once
+//! for the AVX2 microkernel. With it, a 1x1 convolution packs tiles of its input's channel rows;
+//! any other shape never builds `cols`: the input is copied once into zero-padded planes split
+//! by stride phase, and the microkernel reads each patch row in place at a fixed offset
+//! (`run_direct`). Without AVX2, the portable path fills a per-tile column buffer (im2col) for
+//! the `gemm` crate. Depthwise convolutions (one input channel per group) use a direct kernel.
+//! Work runs in parallel on the current rayon pool: tiles of pixels or rows of the output, and
+//! blocks of output channels when a layer has few pixels.
 
 use std::mem::MaybeUninit;
 
@@ -44,7 +47,8 @@ fn tile_width(k: usize, pixels: usize, tasks_wanted: usize) -> usize {
 }
 
 thread_local! {
-    /// Each rayon worker's reusable buffers: a row (or matrix) of patches and packed panels.
+    /// Each rayon worker's reusable buffers: the patch matrix (portable path) and packed panels
+    /// (pointwise convolutions).
     /// Kept across tasks and calls so no tile allocates or zero-fills memory.
     static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
@@ -112,10 +116,12 @@ impl Conv2d {
         let spare = &mut out.spare_capacity_mut()[..len];
         if self.is_depthwise() {
             self.run_depthwise(input, h, w, oh, ow, residual, spare);
+        } else if !self.is_pointwise() && !self.packed.is_empty() {
+            self.run_direct(input, n, h, w, oh, ow, residual, spare);
         } else {
             self.run_gemm(input, n, h, w, oh, ow, residual, spare);
         }
-        // SAFETY: both paths initialise all `len` elements (the GEMM tiles cover every output
+        // SAFETY: every path initialises all `len` elements (the GEMM tiles cover every output
         // channel and pixel; the depthwise planes are zeroed, then accumulated).
         unsafe { out.set_len(len) };
         out
@@ -152,10 +158,6 @@ impl Conv2d {
             let packed = self.packed.get(group);
             let (rhs, rhs_rs) = if pointwise {
                 (image[p0..].as_ptr(), (h * w) as isize)
-            } else if packed.is_some() {
-                // Patches go straight into the microkernel's panels, a row at a time.
-                self.im2col_packed(image, h, w, ow, p0, width, cols, packed_b);
-                (cols.as_ptr(), 0)
             } else {
                 // Grown, never cleared: im2col writes every element, padding included.
                 if cols.len() < k * width {
@@ -174,9 +176,10 @@ impl Conv2d {
             unsafe {
                 let dst = out_ptr.get().add((batch * self.out_channels + channel0) * pixels + p0);
                 if let Some(packed) = packed {
-                    if pointwise {
-                        packed_gemm::pack_b(rhs, rhs_rs as usize, k, width, packed_b);
-                    }
+                    // Only pointwise convolutions come here with packed weights (the others run
+                    // in place, `run_direct`). Packing their scattered channel rows into panels
+                    // measured faster than reading them in place.
+                    packed_gemm::pack_b(rhs, rhs_rs as usize, k, width, packed_b);
                     packed_gemm::gemm(packed, m0..m0 + rows, packed_b, width, dst, pixels);
                 } else {
                     let lhs = &self.weights[channel0 * k..][..rows * k];
@@ -203,20 +206,87 @@ impl Conv2d {
         }));
     }
 
-    /// Packs the input patches of output pixels `p0..p0+width` (`[K][width]`) into the
-    /// microkernel's column panels in `packed`, one row of patches at a time through `row`.
+    /// A convolution without im2col. The input is copied once into zero-padded planes split by
+    /// stride phase (for stride 2: even and odd rows times even and odd columns), so that the
+    /// input a kernel tap sees for 16 consecutive output pixels is 16 consecutive floats of one
+    /// phase plane; for each output row the microkernel then reads every patch row in place, at
+    /// a fixed offset from the row's start (`gemm_offsets`). Output rows run in parallel.
     #[allow(clippy::too_many_arguments)]
-    fn im2col_packed(&self, image: &[f32], h: usize, w: usize, ow: usize, p0: usize, width: usize, row: &mut Vec<f32>, packed: &mut Vec<f32>) {
+    fn run_direct(&self, input: &[f32], n: usize, h: usize, w: usize, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+        let g = self.groups;
+        let cin_g = self.in_channels / g;
+        let m_g = self.out_channels / g;
         let (kh, kw) = self.kernel;
-        let k = self.in_channels / self.groups * kh * kw;
-        packed_gemm::grow_packed_b(packed, k, width);
-        if row.len() < width {
-            row.resize(width, 0.0);
-        }
-        for kk in 0..k {
-            self.im2col_row(image, h, w, ow, p0, kk, &mut row[..width]);
-            packed_gemm::pack_b_row(&row[..width], kk, k, packed);
-        }
+        let (dh, dw) = self.dilation;
+        let (sh, sw) = self.stride;
+        let (pt, pl, pb, pr) = self.pads;
+        // Each channel becomes `sh * sw` phase planes of `hp x wp`.
+        let (hp, wp) = ((h + pt + pb).div_ceil(sh), (w + pl + pr).div_ceil(sw));
+        let plane = hp * wp;
+        let channel_len = sh * sw * plane;
+        // The last tile of a row reads up to `NR - 1` columns past it: slack after the last plane.
+        let mut padded = vec![0.0f32; n * self.in_channels * channel_len + packed_gemm::NR];
+        padded[..n * self.in_channels * channel_len].par_chunks_mut(channel_len).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
+            for (y, row) in src.chunks(w).enumerate() {
+                let (py, y2) = ((y + pt) % sh, (y + pt) / sh);
+                if sw == 1 {
+                    dst[py * plane + y2 * wp + pl..][..w].copy_from_slice(row);
+                } else {
+                    for (x, &v) in row.iter().enumerate() {
+                        let (px, x2) = ((x + pl) % sw, (x + pl) / sw);
+                        dst[(py * sw + px) * plane + y2 * wp + x2] = v;
+                    }
+                }
+            }
+        });
+        // Tap (c, ky, kx) of output pixel (oy, ox) reads phase ((ky*dh) % sh, (kx*dw) % sw) of
+        // channel c at row oy + ky*dh/sh, column ox + kx*dw/sw.
+        let offsets: Vec<usize> = (0..cin_g * kh * kw)
+            .map(|kk| {
+                let (c, ky, kx) = (kk / (kh * kw), kk / kw % kh, kk % kw);
+                let phase = (ky * dh % sh) * sw + kx * dw % sw;
+                c * channel_len + phase * plane + (ky * dh / sh) * wp + kx * dw / sw
+            })
+            .collect();
+        let pixels = oh * ow;
+        let threads = rayon::current_num_threads();
+        let units = n * g;
+        let rows_per_task = oh.div_ceil((4 * threads).div_ceil(units).clamp(1, oh));
+        let row_tasks = oh.div_ceil(rows_per_task);
+        // Few rows (small late layers): split the output channels too, so both cores work.
+        let m_blocks = if units * row_tasks >= 2 * threads { 1 } else { (2 * threads).div_ceil(units * row_tasks).min(m_g.div_ceil(16)) }.max(1);
+        let m_block = m_g.div_ceil(m_blocks).div_ceil(MR) * MR;
+        let m_blocks = m_g.div_ceil(m_block);
+        let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
+        let padded = &padded;
+        (0..units * row_tasks * m_blocks).into_par_iter().for_each(|task| {
+            let mb = task % m_blocks;
+            let row_task = (task / m_blocks) % row_tasks;
+            let (batch, group) = (task / m_blocks / row_tasks / g, task / m_blocks / row_tasks % g);
+            let m0 = mb * m_block;
+            let rows = m_block.min(m_g - m0);
+            let channel0 = group * m_g + m0;
+            let image = &padded[(batch * self.in_channels + group * cin_g) * channel_len..];
+            for oy in row_task * rows_per_task..((row_task + 1) * rows_per_task).min(oh) {
+                let first = (batch * self.out_channels + channel0) * pixels + oy * ow;
+                // SAFETY: this task writes rows `channel0..channel0+rows` of output row `oy` of
+                // image `batch` — a region no other task writes — inside `out`. Each patch row
+                // starts at `image[oy * wp + offsets[kk]]` and the kernel reads at most
+                // `ow.div_ceil(NR) * NR` floats from there: within the padded planes, or the
+                // slack after the last one.
+                unsafe {
+                    let dst = out_ptr.get().add(first);
+                    packed_gemm::gemm_offsets(&self.packed[group], m0..m0 + rows, image.as_ptr().add(oy * wp), &offsets, ow, dst, pixels);
+                    for r in 0..rows {
+                        let row = std::slice::from_raw_parts_mut(dst.add(r * pixels), ow);
+                        bias_activation(row, self.bias[channel0 + r], self.activation);
+                        if let Some(residual) = residual {
+                            add_assign(row, &residual[first + r * pixels..][..ow]);
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// Fills `dst` with row `kk` (input channel, kernel row, kernel column) of the patches of
@@ -452,5 +522,8 @@ mod tests {
         check(16, 16, 16, 3, 2, 1, 1, 11, 11); // depthwise strided
         check(8, 8, 2, 3, 1, 1, 1, 6, 6); // grouped
         check(64, 128, 1, 3, 2, 1, 1, 5, 5); // small late layer: split channels
+        check(24, 40, 1, 3, 1, 1, 2, 7, 21); // stride 1 in place: rows not a multiple of 16, batch 2
+        check(70, 20, 1, 3, 1, 0, 1, 5, 19); // stride 1 without padding, k > one block of KC
+        check(6, 10, 2, 5, 1, 2, 1, 9, 17); // stride 1, grouped, 5x5
     }
 }

@@ -109,33 +109,68 @@ pub fn pack_b_row(row: &[f32], kk: usize, k: usize, out: &mut [f32]) {
 /// [`available`] must be true; `c` must be valid for writes of `rows.len()` rows of `width`
 /// elements, `ldc` apart; `rows.start` must be a multiple of [`MR`].
 pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: &[f32], width: usize, c: *mut f32, ldc: usize) {
+    let k = a.k;
+    debug_assert!(b.len() >= width.div_ceil(NR) * k * NR);
+    // SAFETY: the caller's contract, and each call reads `kc` rows of one packed `B` panel.
+    unsafe {
+        tiles(a, rows, width, c, ldc, |k0, kc, q, ap, dst, ldc, accumulate| {
+            let bq = b[(q * k + k0) * NR..][..kc * NR].as_ptr();
+            kernel_6x16(kc, ap, bq, dst, ldc, accumulate);
+        });
+    }
+}
+
+/// Like [`gemm`], with `B` read in place instead of packed: row `kk` of `B` is the `width`
+/// floats at `base + offsets[kk]`. A stride-1 convolution's patches are such rows of its
+/// (padded) input, so it needs no im2col and no packing.
+///
+/// # Safety
+/// As for [`gemm`]; `offsets.len()` must be `a`'s `k`, and `base + offsets[kk] + j` readable for
+/// every `kk` and every `j < width.div_ceil(NR) * NR` (columns past `width` are read, not used).
+pub unsafe fn gemm_offsets(a: &PackedA, rows: std::ops::Range<usize>, base: *const f32, offsets: &[usize], width: usize, c: *mut f32, ldc: usize) {
+    debug_assert_eq!(offsets.len(), a.k);
+    // SAFETY: the caller's contract covers every address the kernel reads.
+    unsafe {
+        tiles(a, rows, width, c, ldc, |k0, kc, q, ap, dst, ldc, accumulate| {
+            kernel_6x16_offsets(kc, ap, base.add(q * NR), offsets[k0..k0 + kc].as_ptr(), dst, ldc, accumulate);
+        });
+    }
+}
+
+/// The loops shared by [`gemm`] and [`gemm_offsets`]: `k` in blocks of [`KC`], then `B` panels,
+/// then `A` panels; `kernel(k0, kc, q, a_panel, c_tile, ldc, accumulate)` computes one 6x16
+/// tile. Tiles at the right and bottom edges go through a buffer so that only `C`'s own elements
+/// are written.
+///
+/// # Safety
+/// As for [`gemm`]; `kernel` must be safe to call with any tile of that range.
+#[allow(clippy::type_complexity)]
+unsafe fn tiles(a: &PackedA, rows: std::ops::Range<usize>, width: usize, c: *mut f32, ldc: usize, kernel: impl Fn(usize, usize, usize, *const f32, *mut f32, usize, bool)) {
     debug_assert!(rows.start % MR == 0 && rows.end <= a.m);
     let k = a.k;
     let panels = width.div_ceil(NR);
-    debug_assert!(b.len() >= panels * k * NR);
     let mut edge = [0f32; MR * NR];
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
         let accumulate = k0 > 0;
         for q in 0..panels {
-            let bq = &b[(q * k + k0) * NR..][..kc * NR];
             let cols = NR.min(width - q * NR);
             for row in (rows.start..rows.end).step_by(MR) {
-                let ap = &a.panel(row / MR)[k0 * MR..][..kc * MR];
+                let ap = a.panel(row / MR)[k0 * MR..][..kc * MR].as_ptr();
                 let valid = MR.min(rows.end - row);
                 // SAFETY: the caller guarantees `c` covers `rows` x `width`; `row` and `q * NR`
                 // stay inside. Full tiles are written in place, edge tiles through `edge`.
                 unsafe {
                     let dst = c.add((row - rows.start) * ldc + q * NR);
                     if valid == MR && cols == NR {
-                        kernel_6x16(kc, ap.as_ptr(), bq.as_ptr(), dst, ldc, accumulate);
+                        kernel(k0, kc, q, ap, dst, ldc, accumulate);
                     } else {
                         if accumulate {
                             for r in 0..valid {
                                 std::ptr::copy_nonoverlapping(dst.add(r * ldc), edge[r * NR..].as_mut_ptr(), cols);
                             }
                         }
-                        kernel_6x16(kc, ap.as_ptr(), bq.as_ptr(), edge.as_mut_ptr(), NR, accumulate);
+                        kernel(k0, kc, q, ap, edge.as_mut_ptr(), NR, accumulate);
                         for r in 0..valid {
                             std::ptr::copy_nonoverlapping(edge[r * NR..].as_ptr(), dst.add(r * ldc), cols);
                         }
@@ -207,6 +242,30 @@ pub fn pack_b_transposed(bt: &[f32], k: usize, n: usize, out: &mut Vec<f32>) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
+    // SAFETY: row `kk` of the packed panel is the 16 floats at `b + kk * NR` (the contract).
+    unsafe { kernel_6x16_with(kc, a, |kk| b.add(kk * NR), c, ldc, accumulate) }
+}
+
+/// Like [`kernel_6x16`] with row `kk` of `B` the 16 floats at `base + offsets[kk]`.
+///
+/// # Safety
+/// As for [`kernel_6x16`]; `offsets` holds `kc` entries and each `base + offsets[kk]` starts 16
+/// readable floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_6x16_offsets(kc: usize, a: *const f32, base: *const f32, offsets: *const usize, c: *mut f32, ldc: usize, accumulate: bool) {
+    // SAFETY: the contract makes every `base + offsets[kk]` a readable row of 16 floats.
+    unsafe { kernel_6x16_with(kc, a, |kk| base.add(*offsets.add(kk)), c, ldc, accumulate) }
+}
+
+/// The microkernel's body: 12 accumulators in registers, `B` row `kk` at `b_row(kk)`.
+///
+/// # Safety
+/// As for [`kernel_6x16`], with `b_row(kk)` pointing at 16 readable floats for `kk < kc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn kernel_6x16_with(kc: usize, a: *const f32, b_row: impl Fn(usize) -> *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
     use std::arch::x86_64::*;
     // SAFETY: every pointer access below stays within the bounds stated in the contract.
     unsafe {
@@ -218,8 +277,9 @@ unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc:
             }
         }
         for kk in 0..kc {
-            let b0 = _mm256_loadu_ps(b.add(kk * NR));
-            let b1 = _mm256_loadu_ps(b.add(kk * NR + 8));
+            let b = b_row(kk);
+            let b0 = _mm256_loadu_ps(b);
+            let b1 = _mm256_loadu_ps(b.add(8));
             let ak = a.add(kk * MR);
             for (r, row) in acc.iter_mut().enumerate() {
                 let av = _mm256_broadcast_ss(&*ak.add(r));
@@ -236,6 +296,11 @@ unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc:
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn kernel_6x16(_: usize, _: *const f32, _: *const f32, _: *mut f32, _: usize, _: bool) {
+    unreachable!("callers check `available()` first")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel_6x16_offsets(_: usize, _: *const f32, _: *const f32, _: *const usize, _: *mut f32, _: usize, _: bool) {
     unreachable!("callers check `available()` first")
 }
 
@@ -266,6 +331,32 @@ mod tests {
         let scaled = batched_matmul(&at, &b, batch, m, k, n, true, false, 0.25);
         for (x, y) in scaled.iter().zip(&plain) {
             assert!((x - 0.25 * y).abs() < 1e-4, "scaled by alpha");
+        }
+    }
+
+    #[test]
+    fn rows_read_in_place_at_offsets_match_packed_rows() {
+        if !available() {
+            eprintln!("SKIPPED: no AVX2/FMA on this CPU; the engine uses the portable path");
+            return;
+        }
+        for &(m, k, width) in &[(6, 5, 16), (13, 300, 37), (8, 9, 20)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
+            // Row kk of B sits at a scattered offset in a larger buffer, with slack after it.
+            let offsets: Vec<usize> = (0..k).map(|kk| (kk * 37) % 101 * (width + 3) + kk % 5).collect();
+            let source: Vec<f32> = (0..offsets.iter().max().unwrap() + width + 2 * NR).map(|i| ((i * 5 % 11) as f32 - 5.0) / 5.0).collect();
+            let rows: Vec<f32> = offsets.iter().flat_map(|&o| source[o..o + width].iter().copied()).collect();
+            let packed_a = PackedA::new(&a, m, k);
+            let mut packed_b = Vec::new();
+            let (mut want, mut got) = (vec![0.0; m * width], vec![0.0; m * width]);
+            // SAFETY: `rows` is `k x width`; `want` and `got` are `m x width`; the offsets leave
+            // `2 * NR` floats of slack at the end of `source`.
+            unsafe {
+                pack_b(rows.as_ptr(), width, k, width, &mut packed_b);
+                gemm(&packed_a, 0..m, &packed_b, width, want.as_mut_ptr(), width);
+                gemm_offsets(&packed_a, 0..m, source.as_ptr(), &offsets, width, got.as_mut_ptr(), width);
+            }
+            assert_eq!(got, want, "m={m} k={k} width={width}");
         }
     }
 
