@@ -229,12 +229,18 @@ impl Conv2d {
         padded[..n * self.in_channels * channel_len].par_chunks_mut(channel_len).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
             for (y, row) in src.chunks(w).enumerate() {
                 let (py, y2) = ((y + pt) % sh, (y + pt) / sh);
-                if sw == 1 {
-                    dst[py * plane + y2 * wp + pl..][..w].copy_from_slice(row);
-                } else {
-                    for (x, &v) in row.iter().enumerate() {
-                        let (px, x2) = ((x + pl) % sw, (x + pl) / sw);
-                        dst[(py * sw + px) * plane + y2 * wp + x2] = v;
+                // Column x lands in phase (x + pl) % sw at (x + pl) / sw: columns x0, x0 + sw,
+                // ... of one phase fill consecutive places of that phase's row.
+                for x0 in 0..sw.min(w) {
+                    let (px, first) = ((x0 + pl) % sw, (x0 + pl) / sw);
+                    let start = (py * sw + px) * plane + y2 * wp + first;
+                    if sw == 1 {
+                        dst[start..][..w].copy_from_slice(row);
+                    } else {
+                        let count = (w - x0).div_ceil(sw);
+                        for (d, &v) in dst[start..][..count].iter_mut().zip(row[x0..].iter().step_by(sw)) {
+                            *d = v;
+                        }
                     }
                 }
             }
