@@ -67,11 +67,6 @@ enum Storage {
     Stored(PathBuf),
 }
 
-/// The file moved (or could not be).
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Stored(std::io::Result<PathBuf>);
-
 /// The actors and the buffer a session talks to.
 pub struct SessionParts {
     pub inference: Addr<Inference>,
@@ -213,45 +208,25 @@ impl Session {
         let target = dir.join(format!("{}.{}", upload.sha256, media.file_extension()));
         let (buffer, dir) = (self.buffer.clone(), dir.clone());
         self.storage = Storage::Moving;
-        let (done, ready) = tokio::sync::oneshot::channel();
         // Renaming is instant, but a copy to another filesystem is not: keep it off the actor's
         // thread.
-        let spawned = std::thread::Builder::new().name("streamdet-store".into()).spawn(move || {
-            let result = std::fs::create_dir_all(&dir).and_then(|()| buffer.persist(&target)).map(|()| target);
-            let _ = done.send(result);
+        let moving = tokio::task::spawn_blocking(move || std::fs::create_dir_all(&dir).and_then(|()| buffer.persist(&target)).map(|()| target));
+        let stored = async move { moving.await.unwrap_or_else(|err| Err(std::io::Error::other(err))) }.into_actor(self).map(|result, session, ctx| {
+            session.storage = match result {
+                Ok(path) => {
+                    tracing::info!(session = %session.id, path = %path.display(), "upload stored");
+                    Storage::Stored(path)
+                }
+                Err(err) => {
+                    // The detections are what the client came for; a storage problem is the
+                    // operator's to see.
+                    tracing::error!(session = %session.id, %err, "could not store the upload");
+                    Storage::Off
+                }
+            };
+            session.maybe_end(ctx);
         });
-        if let Err(err) = spawned {
-            ctx.notify(Stored(Err(err)));
-            return;
-        }
-        let address = ctx.address();
-        ctx.spawn(
-            async move {
-                let result = ready.await.unwrap_or_else(|_| Err(std::io::Error::other("the storing thread stopped")));
-                address.do_send(Stored(result));
-            }
-            .into_actor(self),
-        );
-    }
-}
-
-impl Handler<Stored> for Session {
-    type Result = ();
-
-    fn handle(&mut self, Stored(result): Stored, ctx: &mut Context<Self>) {
-        self.storage = match result {
-            Ok(path) => {
-                tracing::info!(session = %self.id, path = %path.display(), "upload stored");
-                Storage::Stored(path)
-            }
-            Err(err) => {
-                // The detections are what the client came for; a storage problem is the
-                // operator's to see.
-                tracing::error!(session = %self.id, %err, "could not store the upload");
-                Storage::Off
-            }
-        };
-        self.maybe_end(ctx);
+        ctx.spawn(stored);
     }
 }
 

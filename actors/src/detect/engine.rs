@@ -733,14 +733,12 @@ impl CustomOp2 for CpuBinary {
             BinaryOp::Mul => |x, y| x * y,
             BinaryOp::Div => |x, y| x / y,
         };
-        let mut out = a.to_vec();
-        match b {
-            &[scalar] => out.par_chunks_mut(CHUNK).for_each(|chunk| chunk.iter_mut().for_each(|x| *x = f(*x, scalar))),
-            _ if b.len() == a.len() => out.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(chunk, other)| {
-                chunk.iter_mut().zip(other).for_each(|(x, &y)| *x = f(*x, y));
-            }),
+        // Written once, straight into the output (no copy of `a` to overwrite).
+        let out: Vec<f32> = match b {
+            &[scalar] => a.par_iter().with_min_len(CHUNK).map(|&x| f(x, scalar)).collect(),
+            _ if b.len() == a.len() => a.par_iter().zip(b.par_iter()).with_min_len(CHUNK).map(|(&x, &y)| f(x, y)).collect(),
             _ => candle_core::bail!("element-wise operands {:?} and {:?}", l1.dims(), l2.dims()),
-        }
+        };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

@@ -74,31 +74,20 @@ impl PackedA {
 /// # Safety
 /// `src` must be valid for reads of `k` rows of `width` elements, `row_stride` apart.
 pub unsafe fn pack_b(src: *const f32, row_stride: usize, k: usize, width: usize, out: &mut Vec<f32>) {
-    grow_packed_b(out, k, width);
-    for kk in 0..k {
-        // SAFETY: row `kk` of the source holds `width` readable elements (the caller's contract).
-        let row = unsafe { std::slice::from_raw_parts(src.add(kk * row_stride), width) };
-        pack_b_row(row, kk, k, out);
-    }
-}
-
-/// Makes `out` large enough for `k x width` packed by [`pack_b_row`]. The buffer is reused
-/// across calls: grown, never cleared, since packing writes every element (zero-filling it each
-/// time would cost as much as packing).
-pub fn grow_packed_b(out: &mut Vec<f32>, k: usize, width: usize) {
+    // The buffer is reused across calls: grow it, never clear it, since every element below is
+    // written (zero-filling it each time costs as much as packing).
     let len = width.div_ceil(NR) * k * NR;
     if out.len() < len {
         out.resize(len, 0.0);
     }
-}
-
-/// Writes row `kk` (of `k`) of a `k x row.len()` matrix into its [`NR`]-column panels in `out`
-/// (sized by [`grow_packed_b`]), zero past the row's end.
-pub fn pack_b_row(row: &[f32], kk: usize, k: usize, out: &mut [f32]) {
-    for (q, chunk) in row.chunks(NR).enumerate() {
-        let dst = &mut out[(q * k + kk) * NR..][..NR];
-        dst[..chunk.len()].copy_from_slice(chunk);
-        dst[chunk.len()..].fill(0.0);
+    for kk in 0..k {
+        // SAFETY: row `kk` of the source holds `width` readable elements (the caller's contract).
+        let row = unsafe { std::slice::from_raw_parts(src.add(kk * row_stride), width) };
+        for (q, chunk) in row.chunks(NR).enumerate() {
+            let dst = &mut out[(q * k + kk) * NR..][..NR];
+            dst[..chunk.len()].copy_from_slice(chunk);
+            dst[chunk.len()..].fill(0.0);
+        }
     }
 }
 
