@@ -16,7 +16,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::activation::{Activation, bias_activation};
-use super::packed_gemm::{self, MR, PackedA};
+use super::packed_gemm::{self, Isa, PackedA, PackedB};
 
 /// A convolution's fixed parameters and weights, laid out once at load time.
 #[derive(Debug, Clone)]
@@ -50,7 +50,7 @@ thread_local! {
     /// Each rayon worker's reusable buffers: the patch matrix (portable path) and packed panels
     /// (pointwise convolutions).
     /// Kept across tasks and calls so no tile allocates or zero-fills memory.
-    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, PackedB)> = const { std::cell::RefCell::new((Vec::new(), PackedB::new())) };
 }
 
 /// A raw pointer that may cross threads; every use writes a region no other task touches.
@@ -70,12 +70,18 @@ impl SendPtr {
 
 impl Conv2d {
     /// Packs the weights for the microkernel, once, when this CPU can run it.
-    pub fn with_packed_weights(mut self) -> Self {
-        if packed_gemm::available() && !self.is_depthwise() {
-            let m_g = self.out_channels / self.groups;
-            let k = self.in_channels / self.groups * self.kernel.0 * self.kernel.1;
-            self.packed = (0..self.groups).map(|g| PackedA::new(&self.weights[g * m_g * k..][..m_g * k], m_g, k)).collect();
+    pub fn with_packed_weights(self) -> Self {
+        match Isa::detect() {
+            Some(isa) if !self.is_depthwise() => self.with_weights_packed_for(isa),
+            _ => self,
         }
+    }
+
+    /// Packs the weights for `isa`'s microkernel (which must be supported).
+    pub fn with_weights_packed_for(mut self, isa: Isa) -> Self {
+        let m_g = self.out_channels / self.groups;
+        let k = self.in_channels / self.groups * self.kernel.0 * self.kernel.1;
+        self.packed = (0..self.groups).map(|g| PackedA::new(isa, &self.weights[g * m_g * k..][..m_g * k], m_g, k)).collect();
         self
     }
 
@@ -89,6 +95,11 @@ impl Conv2d {
             return None;
         }
         Some(((ph - span_h) / self.stride.0 + 1, (pw - span_w) / self.stride.1 + 1))
+    }
+
+    /// Output channels per microkernel panel (1 on the portable path, which has no panels).
+    fn panel_rows(&self) -> usize {
+        self.packed.first().map_or(1, |p| p.isa().mr())
     }
 
     fn is_pointwise(&self) -> bool {
@@ -141,7 +152,8 @@ impl Conv2d {
         // Small late layers have few pixels: split the output channels too, so both cores work.
         let m_blocks = if n * g * tiles >= 2 * threads { 1 } else { (2 * threads).div_ceil(n * g * tiles).min(m_g.div_ceil(16)) }.max(1);
         // Channel blocks start on microkernel panels.
-        let m_block = m_g.div_ceil(m_blocks).div_ceil(MR) * MR;
+        let mr = self.panel_rows();
+        let m_block = m_g.div_ceil(m_blocks).div_ceil(mr) * mr;
         let m_blocks = m_g.div_ceil(m_block);
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
         let pointwise = self.is_pointwise();
@@ -179,7 +191,7 @@ impl Conv2d {
                     // Only pointwise convolutions come here with packed weights (the others run
                     // in place, `run_direct`). Packing their scattered channel rows into panels
                     // measured faster than reading them in place.
-                    packed_gemm::pack_b(rhs, rhs_rs as usize, k, width, packed_b);
+                    packed_gemm::pack_b(packed.isa(), rhs, rhs_rs as usize, k, width, packed_b);
                     packed_gemm::gemm(packed, m0..m0 + rows, packed_b, width, dst, pixels);
                 } else {
                     let lhs = &self.weights[channel0 * k..][..rows * k];
@@ -224,8 +236,8 @@ impl Conv2d {
         let (hp, wp) = ((h + pt + pb).div_ceil(sh), (w + pl + pr).div_ceil(sw));
         let plane = hp * wp;
         let channel_len = sh * sw * plane;
-        // The last tile of a row reads up to `NR - 1` columns past it: slack after the last plane.
-        let mut padded = vec![0.0f32; n * self.in_channels * channel_len + packed_gemm::NR];
+        // The last tile of a row reads up to `nr - 1` columns past it: slack after the last plane.
+        let mut padded = vec![0.0f32; n * self.in_channels * channel_len + packed_gemm::MAX_NR];
         padded[..n * self.in_channels * channel_len].par_chunks_mut(channel_len).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
             for (y, row) in src.chunks(w).enumerate() {
                 let (py, y2) = ((y + pt) % sh, (y + pt) / sh);
@@ -261,7 +273,8 @@ impl Conv2d {
         let row_tasks = oh.div_ceil(rows_per_task);
         // Few rows (small late layers): split the output channels too, so both cores work.
         let m_blocks = if units * row_tasks >= 2 * threads { 1 } else { (2 * threads).div_ceil(units * row_tasks).min(m_g.div_ceil(16)) }.max(1);
-        let m_block = m_g.div_ceil(m_blocks).div_ceil(MR) * MR;
+        let mr = self.panel_rows();
+        let m_block = m_g.div_ceil(m_blocks).div_ceil(mr) * mr;
         let m_blocks = m_g.div_ceil(m_block);
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
         let padded = &padded;
@@ -278,7 +291,7 @@ impl Conv2d {
                 // SAFETY: this task writes rows `channel0..channel0+rows` of output row `oy` of
                 // image `batch` — a region no other task writes — inside `out`. Each patch row
                 // starts at `image[oy * wp + offsets[kk]]` and the kernel reads at most
-                // `ow.div_ceil(NR) * NR` floats from there: within the padded planes, or the
+                // `ow.div_ceil(nr) * nr` floats from there: within the padded planes, or the
                 // slack after the last one.
                 unsafe {
                     let dst = out_ptr.get().add(first);
@@ -342,7 +355,7 @@ impl Conv2d {
     #[allow(clippy::too_many_arguments)]
     fn run_depthwise(&self, input: &[f32], h: usize, w: usize, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let channels = self.out_channels;
-        let fast = super::packed_gemm::available();
+        let fast = Isa::Avx2.supported();
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane_index, dst)| {
             dst.iter_mut().for_each(|v| {
                 v.write(0.0);
@@ -500,8 +513,10 @@ mod tests {
             packed: Vec::new(),
         };
         let input = values(n * cin * h * w, 3);
-        // Both the portable path and the packed microkernel, with and without a residual.
-        for conv in [conv.clone(), conv.clone().with_packed_weights()] {
+        // The portable path and every microkernel this CPU runs, with and without a residual.
+        let packed = [Isa::Avx2, Isa::Avx512].into_iter().filter(|isa| isa.supported() && !conv.is_depthwise());
+        let variants: Vec<Conv2d> = std::iter::once(conv.clone()).chain(packed.map(|isa| conv.clone().with_weights_packed_for(isa))).collect();
+        for conv in variants {
             let (oh, ow) = conv.output_size(h, w).unwrap();
             let residual = values(n * cout * oh * ow, 4);
             for with_residual in [false, true] {
