@@ -41,6 +41,7 @@ fn main() {
         (128, 128, 7, 1, 128, 40),
     ];
     println!("threads {threads}");
+    matmuls(&pool);
     for (cin, cout, k, stride, groups, size) in shapes {
         let input: Vec<f32> = (0..cin * size * size).map(|i| (i % 13) as f32 * 0.05).collect();
         for (name, c) in [("portable", conv(cin, cout, k, stride, groups)), ("packed", conv(cin, cout, k, stride, groups).with_packed_weights())] {
@@ -59,6 +60,25 @@ fn main() {
                 flops / secs / 1e9
             );
         }
+    }
+}
+
+/// The attention products of YOLOv12n: `(batch, m, k, n, b transposed)`.
+fn matmuls(pool: &rayon::ThreadPool) {
+    use streamdet_actors::detect::kernels::packed_gemm::batched_matmul;
+    for (batch, m, k, n, tb) in [(4, 32, 400, 400, true), (4, 400, 32, 400, false), (8, 32, 400, 400, true)] {
+        let a: Vec<f32> = (0..batch * m * k).map(|i| (i % 13) as f32 * 0.05).collect();
+        let b: Vec<f32> = (0..batch * k * n).map(|i| (i % 7) as f32 * 0.05).collect();
+        let flops = 2.0 * (batch * m * k * n) as f64;
+        let run = || pool.install(|| batched_matmul(&a, &b, batch, m, k, n, false, tb, 1.0));
+        std::hint::black_box(run());
+        let reps = 50;
+        let start = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(run());
+        }
+        let secs = start.elapsed().as_secs_f64() / reps as f64;
+        println!("matmul {batch}x[{m}x{k}]x[{k}x{n}] b transposed {tb:<5}  {:>7.3} ms  {:>6.1} GFLOP/s", secs * 1e3, flops / secs / 1e9);
     }
 }
 

@@ -789,7 +789,9 @@ impl CustomOp1 for CpuSoftmax {
         let mut out = contiguous_f32(storage, layout)?.to_vec();
         if len > 0 && inner > 0 {
             if inner == 1 {
-                out.par_chunks_mut(len).for_each(activation::softmax_inplace);
+                // Rows are short (attention's are 400): a task takes many.
+                let rows_per_task = (16384 / len).max(1);
+                out.par_chunks_mut(len * rows_per_task).for_each(|rows| rows.chunks_exact_mut(len).for_each(activation::softmax_inplace));
             } else {
                 out.par_chunks_mut(len * inner).for_each(|block| activation::softmax_columns_inplace(block, len, inner));
             }

@@ -1,5 +1,6 @@
-//! Element-wise activations over `f32` slices, written so that LLVM vectorises them, and compiled
-//! twice: once for the baseline x86-64 target and once with AVX2+FMA, chosen at run time.
+//! Element-wise activations and the softmax over `f32` slices. Each is written twice: over
+//! [`Lanes`] (explicit AVX-512 or AVX2+FMA vectors, chosen at run time) and as a scalar body for
+//! other CPUs and for the tails shorter than a vector.
 
 /// What a convolution applies after adding its bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,7 +13,7 @@ pub enum Activation {
 /// `e^x` to within a few ulp for the range that matters (inputs are clamped so the result is
 /// finite and normal or zero). Branch-free so that it vectorises.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -81,27 +82,6 @@ fn softmax_body(xs: &mut [f32]) {
     xs.iter_mut().for_each(|x| *x *= scale);
 }
 
-/// Softmax over the rows of a `[len][inner]` block, for every one of its `inner` columns: the
-/// axis is strided, the columns are contiguous, so every pass vectorises across columns.
-#[inline(always)]
-fn softmax_columns_body(block: &mut [f32], len: usize, inner: usize) {
-    let mut acc = block[..inner].to_vec();
-    for row in block.chunks_exact(inner).skip(1) {
-        acc.iter_mut().zip(row).for_each(|(m, &x)| *m = if x > *m { x } else { *m });
-    }
-    for row in block.chunks_exact_mut(inner) {
-        row.iter_mut().zip(&acc).for_each(|(x, &m)| *x = exp(*x - m));
-    }
-    acc.fill(0.0);
-    for row in block.chunks_exact(inner) {
-        acc.iter_mut().zip(row).for_each(|(s, &x)| *s += x);
-    }
-    acc.iter_mut().for_each(|s| *s = 1.0 / *s);
-    for row in block.chunks_exact_mut(inner).take(len) {
-        row.iter_mut().zip(&acc).for_each(|(x, &r)| *x *= r);
-    }
-}
-
 /// Element-wise functions the engine applies in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnaryFn {
@@ -110,90 +90,309 @@ pub enum UnaryFn {
     Exp,
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
+/// The vector kernels, generic over the lanes.
+mod lanes {
+    use super::super::simd::Lanes;
     use super::*;
 
-    #[target_feature(enable = "avx2,fma")]
-    pub fn bias_activation(xs: &mut [f32], bias: f32, activation: Activation) {
-        bias_activation_body(xs, bias, activation)
+    /// Applies `f` to every whole vector of `xs` and `scalar` to the tail.
+    ///
+    /// # Safety
+    /// The CPU has `V`'s features.
+    #[inline(always)]
+    unsafe fn each<V: Lanes>(xs: &mut [f32], f: impl Fn(V) -> V, scalar: impl Fn(f32) -> f32) {
+        let mut chunks = xs.chunks_exact_mut(V::LEN);
+        for chunk in &mut chunks {
+            // SAFETY: `chunk` holds `V::LEN` floats; the features are the caller's contract.
+            unsafe { f(V::load(chunk.as_ptr())).store(chunk.as_mut_ptr()) }
+        }
+        chunks.into_remainder().iter_mut().for_each(|x| *x = scalar(*x));
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub fn map(xs: &mut [f32], f: UnaryFn) {
-        map_body(xs, f)
+    /// # Safety
+    /// The CPU has `V`'s features.
+    #[inline(always)]
+    pub unsafe fn bias_activation<V: Lanes>(xs: &mut [f32], bias: f32, activation: Activation) {
+        // SAFETY: the caller's contract, for every use of `V` below.
+        unsafe {
+            let b = V::splat(bias);
+            match activation {
+                Activation::Identity => each::<V>(xs, |v| v.add(b), |x| x + bias),
+                Activation::Silu => each::<V>(
+                    xs,
+                    |v| {
+                        let v = v.add(b);
+                        v.mul(v.sigmoid())
+                    },
+                    |x| {
+                        let v = x + bias;
+                        v * sigmoid(v)
+                    },
+                ),
+            }
+        }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub fn softmax(xs: &mut [f32]) {
-        softmax_body(xs)
+    /// # Safety
+    /// The CPU has `V`'s features.
+    #[inline(always)]
+    pub unsafe fn map<V: Lanes>(xs: &mut [f32], f: UnaryFn) {
+        // SAFETY: the caller's contract, for every use of `V` below.
+        unsafe {
+            match f {
+                UnaryFn::Sigmoid => each::<V>(xs, |v| v.sigmoid(), sigmoid),
+                UnaryFn::Silu => each::<V>(xs, |v| v.mul(v.sigmoid()), |x| x * sigmoid(x)),
+                UnaryFn::Exp => each::<V>(xs, |v| v.exp(), exp),
+            }
+        }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub fn softmax_columns(block: &mut [f32], len: usize, inner: usize) {
-        softmax_columns_body(block, len, inner)
+    /// # Safety
+    /// The CPU has `V`'s features.
+    #[inline(always)]
+    pub unsafe fn softmax<V: Lanes>(xs: &mut [f32]) {
+        // SAFETY: the caller's contract, for every use of `V` below; every pointer is a whole
+        // vector of `xs`.
+        unsafe {
+            let mut chunks = xs.chunks_exact(V::LEN);
+            let mut m = V::splat(f32::NEG_INFINITY);
+            for chunk in &mut chunks {
+                m = m.max(V::load(chunk.as_ptr()));
+            }
+            let max = chunks.remainder().iter().fold(m.reduce_max(), |a, &x| a.max(x));
+            let (vmax, mut sum) = (V::splat(max), V::splat(0.0));
+            let mut chunks = xs.chunks_exact_mut(V::LEN);
+            for chunk in &mut chunks {
+                let e = V::load(chunk.as_ptr()).sub(vmax).exp();
+                e.store(chunk.as_mut_ptr());
+                sum = sum.add(e);
+            }
+            let mut total = sum.reduce_sum();
+            for x in chunks.into_remainder() {
+                *x = exp(*x - max);
+                total += *x;
+            }
+            let scale = 1.0 / total;
+            each::<V>(xs, |v| v.mul(V::splat(scale)), |x| x * scale);
+        }
+    }
+
+    /// Softmax along the `len` rows of the `[len][stride]` block at `base`, for its columns
+    /// `columns`: whole vectors of them, then the rest one at a time.
+    ///
+    /// # Safety
+    /// The CPU has `V`'s features; `base` is valid for reads and writes of `len * stride`
+    /// floats, of which no other thread touches these columns meanwhile.
+    #[inline(always)]
+    pub unsafe fn softmax_columns<V: Lanes>(base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>) {
+        assert!(columns.end <= stride);
+        let split = columns.start + columns.len() / V::LEN * V::LEN;
+        // SAFETY: every pointer is a whole vector of columns `c..c + V::LEN <= split` of row
+        // `r < len`; the rest is the caller's contract.
+        unsafe {
+            for c in (columns.start..split).step_by(V::LEN) {
+                let at = |r: usize| base.add(r * stride + c);
+                let mut max = V::load(at(0));
+                for r in 1..len {
+                    max = max.max(V::load(at(r)));
+                }
+                let mut sum = V::splat(0.0);
+                for r in 0..len {
+                    let e = V::load(at(r)).sub(max).exp();
+                    e.store(at(r));
+                    sum = sum.add(e);
+                }
+                let scale = sum.recip();
+                for r in 0..len {
+                    V::load(at(r)).mul(scale).store(at(r));
+                }
+            }
+            softmax_columns_scalar(base, len, stride, split..columns.end);
+        }
     }
 }
 
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+/// Like [`lanes::softmax_columns`], one column at a time.
+///
+/// # Safety
+/// As for [`lanes::softmax_columns`], with no CPU features needed.
+unsafe fn softmax_columns_scalar(base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>) {
+    for c in columns {
+        // SAFETY: element `(r, c)` of the block, `r < len` (the caller's contract).
+        let at = |r: usize| unsafe { &mut *base.add(r * stride + c) };
+        let max = (0..len).map(|r| *at(r)).fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for r in 0..len {
+            let e = exp(*at(r) - max);
+            *at(r) = e;
+            sum += e;
+        }
+        let scale = 1.0 / sum;
+        for r in 0..len {
+            *at(r) *= scale;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Adds `bias` to every element, then applies `activation`, in place.
-pub fn bias_activation(xs: &mut [f32], bias: f32, activation: Activation) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        return unsafe { avx2::bias_activation(xs, bias, activation) };
-    }
-    bias_activation_body(xs, bias, activation)
-}
-
-/// Applies `f` to every element in place.
-pub fn map_inplace(xs: &mut [f32], f: UnaryFn) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        return unsafe { avx2::map(xs, f) };
-    }
-    map_body(xs, f)
-}
-
-/// Replaces a row by its softmax, in place.
-pub fn softmax_inplace(xs: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        return unsafe { avx2::softmax(xs) };
-    }
-    softmax_body(xs)
 }
 
 /// Softmax along the rows of a `[len][inner]` block (an axis that is not the innermost), in
-/// place.
+/// place. The columns are independent, so they are split among the current rayon pool's
+/// threads: the DFL head's softmax is a single block.
 pub fn softmax_columns_inplace(block: &mut [f32], len: usize, inner: usize) {
+    softmax_columns_with(vectors(), block, len, inner)
+}
+
+fn softmax_columns_with(vectors: Vectors, block: &mut [f32], len: usize, inner: usize) {
+    use rayon::prelude::*;
+    assert!(vectors.supported(), "this CPU lacks the chosen instructions");
+    const COLUMNS: usize = 1024;
     assert_eq!(block.len(), len * inner);
     if block.is_empty() {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        return unsafe { avx2::softmax_columns(block, len, inner) };
-    }
-    softmax_columns_body(block, len, inner)
+    let base = BlockPtr(block.as_mut_ptr());
+    (0..inner.div_ceil(COLUMNS)).into_par_iter().for_each(|chunk| {
+        let columns = chunk * COLUMNS..((chunk + 1) * COLUMNS).min(inner);
+        // SAFETY: `block` is borrowed for the whole loop, `len * inner` floats; each task
+        // touches only its own columns; the CPU has `vectors`' instructions (asserted above).
+        unsafe { softmax_columns_on(vectors, base.get(), len, inner, columns) }
+    });
 }
+
+/// The block's address, shared by the tasks that each own some of its columns.
+#[derive(Clone, Copy)]
+struct BlockPtr(*mut f32);
+// SAFETY: the tasks sharing a `BlockPtr` touch disjoint columns of a block that outlives them.
+unsafe impl Send for BlockPtr {}
+unsafe impl Sync for BlockPtr {}
+
+impl BlockPtr {
+    /// Taking `self` makes closures capture the whole wrapper, not its raw-pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// [`lanes::softmax_columns`] compiled for `vectors`.
+///
+/// # Safety
+/// As for [`lanes::softmax_columns`]; the CPU has `vectors`' features.
+unsafe fn softmax_columns_on(vectors: Vectors, base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>) {
+            // SAFETY: the caller's contract; compiled with AVX-512F.
+            unsafe { lanes::softmax_columns::<super::simd::Avx512>(base, len, stride, columns) }
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>) {
+            // SAFETY: the caller's contract; compiled with AVX2 and FMA.
+            unsafe { lanes::softmax_columns::<super::simd::Avx2>(base, len, stride, columns) }
+        }
+        match vectors {
+            // SAFETY: the caller's contract (the CPU has the chosen features).
+            Vectors::Avx512 => return unsafe { avx512(base, len, stride, columns) },
+            // SAFETY: as above.
+            Vectors::Avx2 => return unsafe { avx2(base, len, stride, columns) },
+            Vectors::Scalar => {}
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { softmax_columns_scalar(base, len, stride, columns) }
+}
+
+/// The instruction sets the vector kernels are compiled for, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Vectors {
+    Avx512,
+    Avx2,
+    Scalar,
+}
+
+fn vectors() -> Vectors {
+    use super::packed_gemm::Isa;
+    // The same choice as the matrix products (`STREAMDET_CPU_KERNEL` caps both).
+    match Isa::detect() {
+        Some(Isa::Avx512) => Vectors::Avx512,
+        Some(Isa::Avx2) => Vectors::Avx2,
+        None => Vectors::Scalar,
+    }
+}
+
+impl Vectors {
+    fn supported(self) -> bool {
+        use super::packed_gemm::Isa;
+        match self {
+            Vectors::Avx512 => Isa::Avx512.supported(),
+            Vectors::Avx2 => Isa::Avx2.supported(),
+            Vectors::Scalar => true,
+        }
+    }
+}
+
+/// Defines `pub fn $name(args)`: the vector kernel `lanes::$kernel` compiled with AVX-512 or
+/// AVX2+FMA, whichever [`vectors`] chose, else the scalar `$fallback`; and `$on(vectors, args)`
+/// for a given choice (which must be supported).
+macro_rules! dispatch {
+    ($(#[$doc:meta])* $name:ident / $on:ident ($($arg:ident: $ty:ty),*) => $kernel:ident, $fallback:expr) => {
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) {
+            $on(vectors(), $($arg),*)
+        }
+
+        fn $on(vectors: Vectors, $($arg: $ty),*) {
+            assert!(vectors.supported(), "this CPU lacks the chosen instructions");
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) {
+                    // SAFETY: compiled with, and only called on a CPU with, AVX-512F.
+                    unsafe { lanes::$kernel::<super::simd::Avx512>($($arg),*) }
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    // SAFETY: compiled with, and only called on a CPU with, AVX2 and FMA.
+                    unsafe { lanes::$kernel::<super::simd::Avx2>($($arg),*) }
+                }
+                match vectors {
+                    // SAFETY: the CPU has AVX-512F (asserted above).
+                    Vectors::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: the CPU has AVX2 and FMA (asserted above).
+                    Vectors::Avx2 => return unsafe { avx2($($arg),*) },
+                    Vectors::Scalar => {}
+                }
+            }
+            $fallback
+        }
+    };
+}
+
+dispatch!(
+    /// Adds `bias` to every element, then applies `activation`, in place.
+    bias_activation / bias_activation_on(xs: &mut [f32], bias: f32, activation: Activation) => bias_activation,
+    bias_activation_body(xs, bias, activation)
+);
+
+dispatch!(
+    /// Applies `f` to every element in place.
+    map_inplace / map_on(xs: &mut [f32], f: UnaryFn) => map,
+    map_body(xs, f)
+);
+
+dispatch!(
+    /// Replaces a row by its softmax, in place.
+    softmax_inplace / softmax_on(xs: &mut [f32]) => softmax,
+    softmax_body(xs)
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every kernel variant this CPU runs, scalar included.
+    fn variants() -> Vec<Vectors> {
+        [Vectors::Avx512, Vectors::Avx2, Vectors::Scalar].into_iter().filter(|v| v.supported()).collect()
+    }
 
     #[test]
     fn exp_is_accurate() {
@@ -206,39 +405,62 @@ mod tests {
     }
 
     #[test]
-    fn softmax_rows_sum_to_one() {
-        let mut row = vec![1.0, 2.0, 3.0, -50.0, 1000.0];
-        softmax_inplace(&mut row);
-        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!((row[4] - 1.0).abs() < 1e-6 && row[3] < 1e-30);
-    }
-
-    #[test]
-    fn softmax_over_a_strided_axis_matches_rows() {
-        let (len, inner) = (5, 7);
-        let data: Vec<f32> = (0..len * inner).map(|i| ((i * 37) % 11) as f32 / 3.0).collect();
-        let mut by_columns = data.clone();
-        softmax_columns_inplace(&mut by_columns, len, inner);
-        for c in 0..inner {
-            let mut column: Vec<f32> = (0..len).map(|r| data[r * inner + c]).collect();
-            softmax_inplace(&mut column);
-            for r in 0..len {
-                assert!((column[r] - by_columns[r * inner + c]).abs() < 1e-6);
+    fn vector_kernels_match_the_definitions() {
+        // Not a multiple of any vector length, so the scalar tails run too; extremes included.
+        let mut xs: Vec<f32> = (0..1003).map(|i| (i as f32 - 500.0) / 37.0).collect();
+        xs.extend([-1000.0, 1000.0, 87.5, -87.5, 0.0]);
+        for v in variants() {
+            let mut e = xs.clone();
+            map_on(v, &mut e, UnaryFn::Exp);
+            let mut sig = xs.clone();
+            map_on(v, &mut sig, UnaryFn::Sigmoid);
+            let mut silu = xs.clone();
+            map_on(v, &mut silu, UnaryFn::Silu);
+            let mut biased = xs.clone();
+            bias_activation_on(v, &mut biased, 0.5, Activation::Silu);
+            for (i, &x) in xs.iter().enumerate() {
+                let clamped = x.clamp(-87.0, 88.0) as f64;
+                let want_exp = clamped.exp();
+                assert!(((e[i] as f64 - want_exp) / want_exp).abs() < 3e-6, "{v:?} exp({x}) = {}", e[i]);
+                let s = |x: f64| 1.0 / (1.0 + (-x.clamp(-88.0, 87.0)).exp());
+                let x64 = x as f64;
+                assert!((sig[i] as f64 - s(x64)).abs() < 1e-6, "{v:?} sigmoid({x}) = {}", sig[i]);
+                assert!((silu[i] as f64 - x64 * s(x64)).abs() < 1e-6 * (1.0 + x64.abs()), "{v:?} silu({x}) = {}", silu[i]);
+                let b = x64 + 0.5;
+                assert!((biased[i] as f64 - b * s(b)).abs() < 1e-6 * (1.0 + b.abs()), "{v:?} bias+silu({x})");
             }
         }
     }
 
     #[test]
-    fn dispatched_kernels_match_scalar_definitions() {
-        let xs: Vec<f32> = (0..1003).map(|i| (i as f32 - 500.0) / 37.0).collect();
-        let mut silu = xs.clone();
-        bias_activation(&mut silu, 0.5, Activation::Silu);
-        let mut sig = xs.clone();
-        map_inplace(&mut sig, UnaryFn::Sigmoid);
-        for ((x, s), g) in xs.iter().zip(&silu).zip(&sig) {
-            let v = x + 0.5;
-            assert!((s - v / (1.0 + (-v).exp())).abs() < 1e-5);
-            assert!((g - 1.0 / (1.0 + (-x).exp())).abs() < 1e-6);
+    fn softmax_rows_sum_to_one() {
+        for v in variants() {
+            for len in [5, 33, 400] {
+                let mut row: Vec<f32> = (0..len).map(|i| ((i * 37) % 11) as f32 / 3.0).collect();
+                row[len - 1] = 1000.0;
+                row[0] = -50.0;
+                softmax_on(v, &mut row);
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{v:?} len {len}");
+                assert!((row[len - 1] - 1.0).abs() < 1e-6 && row[0] < 1e-30);
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_over_a_strided_axis_matches_rows() {
+        // More columns than one task takes, and not a multiple of a vector.
+        let (len, inner) = (16, 2 * 1024 + 37);
+        let data: Vec<f32> = (0..len * inner).map(|i| ((i * 37) % 101) as f32 / 9.0).collect();
+        for v in variants() {
+            let mut by_columns = data.clone();
+            softmax_columns_with(v, &mut by_columns, len, inner);
+            for c in 0..inner {
+                let mut column: Vec<f32> = (0..len).map(|r| data[r * inner + c]).collect();
+                softmax_on(Vectors::Scalar, &mut column);
+                for r in 0..len {
+                    assert!((column[r] - by_columns[r * inner + c]).abs() < 1e-6, "{v:?} column {c}");
+                }
+            }
         }
     }
 }

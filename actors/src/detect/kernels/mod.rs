@@ -4,4 +4,5 @@
 pub mod activation;
 pub mod conv;
 pub mod packed_gemm;
+mod simd;
 pub mod transpose;

@@ -182,15 +182,32 @@ impl PackedB {
 /// # Safety
 /// `src` must be valid for reads of `k` rows of `width` elements, `row_stride` apart.
 pub unsafe fn pack_b(isa: Isa, src: *const f32, row_stride: usize, k: usize, width: usize, out: &mut PackedB) {
-    let nr = isa.nr();
-    let out = out.floats_mut(width.div_ceil(nr) * k * nr);
+    match isa {
+        // SAFETY: the caller's contract.
+        Isa::Avx2 => unsafe { pack_b_panels::<16>(src, row_stride, k, width, out) },
+        // SAFETY: the caller's contract.
+        Isa::Avx512 => unsafe { pack_b_panels::<32>(src, row_stride, k, width, out) },
+    }
+}
+
+/// [`pack_b`] for panels of `NR` columns, a constant so that whole panels copy as vectors.
+///
+/// # Safety
+/// As for [`pack_b`].
+unsafe fn pack_b_panels<const NR: usize>(src: *const f32, row_stride: usize, k: usize, width: usize, out: &mut PackedB) {
+    let out = out.floats_mut(width.div_ceil(NR) * k * NR);
     for kk in 0..k {
         // SAFETY: row `kk` of the source holds `width` readable elements (the caller's contract).
         let row = unsafe { std::slice::from_raw_parts(src.add(kk * row_stride), width) };
-        for (q, chunk) in row.chunks(nr).enumerate() {
-            let dst = &mut out[(q * k + kk) * nr..][..nr];
-            dst[..chunk.len()].copy_from_slice(chunk);
-            dst[chunk.len()..].fill(0.0);
+        let mut chunks = row.chunks_exact(NR);
+        for (q, chunk) in (&mut chunks).enumerate() {
+            out[(q * k + kk) * NR..][..NR].copy_from_slice(chunk);
+        }
+        let tail = chunks.remainder();
+        if !tail.is_empty() {
+            let dst = &mut out[((width / NR) * k + kk) * NR..][..NR];
+            dst[..tail.len()].copy_from_slice(tail);
+            dst[tail.len()..].fill(0.0);
         }
     }
 }
@@ -200,13 +217,14 @@ pub fn pack_b_transposed(isa: Isa, bt: &[f32], k: usize, n: usize, out: &mut Pac
     assert_eq!(bt.len(), n * k);
     let nr = isa.nr();
     let out = out.floats_mut(n.div_ceil(nr) * k * nr);
-    // Zero first: the last panel's missing columns must read as zero.
-    out.fill(0.0);
-    for (j, column) in bt.chunks_exact(k.max(1)).enumerate().take(n) {
-        let (q, lane) = (j / nr, j % nr);
-        let panel = &mut out[q * k * nr..][..k * nr];
-        for (kk, &v) in column.iter().enumerate() {
-            panel[kk * nr + lane] = v;
+    // Panel by panel, writing each panel in order while reading its `nr` source rows side by
+    // side: the writes stream, and the rows being read stay in L1.
+    for (q, panel) in out.chunks_exact_mut(k * nr).enumerate() {
+        let columns = nr.min(n - q * nr);
+        for (kk, dst) in panel.chunks_exact_mut(nr).enumerate() {
+            for (lane, d) in dst.iter_mut().enumerate() {
+                *d = if lane < columns { bt[(q * nr + lane) * k + kk] } else { 0.0 };
+            }
         }
     }
 }
@@ -246,11 +264,26 @@ pub unsafe fn gemm_offsets(a: &PackedA, rows: std::ops::Range<usize>, base: *con
     unsafe {
         tiles(a, rows, width, c, ldc, |k0, kc, q| {
             let src = base.add(q * nr);
-            for (kk, &offset) in offsets[k0..k0 + kc].iter().enumerate() {
-                std::ptr::copy_nonoverlapping(src.add(offset), block.add(kk * nr), nr);
+            let offsets = &offsets[k0..k0 + kc];
+            match a.isa {
+                Isa::Avx2 => gather_rows::<16>(src, offsets, block),
+                Isa::Avx512 => gather_rows::<32>(src, offsets, block),
             }
             block.cast_const()
         })
+    }
+}
+
+/// Copies the `N` floats at `src + offsets[i]` to `dst + i * N`, for each `i`. `N` is a constant
+/// so that each copy is a few vector moves, not a call to `memcpy`.
+///
+/// # Safety
+/// Every source row must be readable and `dst` writable for `offsets.len() * N` floats.
+#[inline(always)]
+unsafe fn gather_rows<const N: usize>(src: *const f32, offsets: &[usize], dst: *mut f32) {
+    for (i, &offset) in offsets.iter().enumerate() {
+        // SAFETY: the caller's contract.
+        unsafe { dst.add(i * N).cast::<[f32; N]>().write(src.add(offset).cast::<[f32; N]>().read_unaligned()) }
     }
 }
 
@@ -327,20 +360,43 @@ fn batched_matmul_on(isa: Isa, a: &[f32], b: &[f32], batch: usize, m: usize, k: 
     // Not zero-filled first: the first pass over `k` writes every element.
     let mut out: Vec<f32> = Vec::with_capacity(batch * m * n);
     out.spare_capacity_mut()[..batch * m * n].par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
-        let ai = &a[i * m * k..][..m * k];
+        let (ai, bi) = (&a[i * m * k..][..m * k], &b[i * k * n..][..k * n]);
+        let mut packed_b = PackedB::new();
+        if b_transposed {
+            // `C = A x Bt^T` is computed as `C^T = Bt x A^T`, then transposed: `Bt` packs by rows
+            // (reading in order) and `A^T` is the small operand, whereas packing a large `Bt`
+            // into column panels would read it across rows.
+            let mut packed = PackedA::new(isa, bi, n, k);
+            if alpha != 1.0 {
+                packed.scale(alpha);
+            }
+            if a_transposed {
+                // SAFETY: `ai` is `k x m` row-major, which is `A^T`.
+                unsafe { pack_b(isa, ai.as_ptr(), m, k, m, &mut packed_b) };
+            } else {
+                pack_b_transposed(isa, ai, k, m, &mut packed_b);
+            }
+            let mut ct = Vec::<f32>::with_capacity(n * m);
+            // SAFETY: `ct` has room for `n x m`; the microkernel is supported (asserted above).
+            // With `k > 0`, the product writes every element, so `set_len` exposes no garbage.
+            unsafe {
+                gemm(&packed, 0..n, &packed_b, m, ct.as_mut_ptr(), m);
+                ct.set_len(n * m);
+            }
+            for (j, row) in c.chunks_exact_mut(n).enumerate() {
+                for (dst, src) in row.iter_mut().zip(ct.iter().skip(j).step_by(m)) {
+                    dst.write(*src);
+                }
+            }
+            return;
+        }
         let mut packed = if a_transposed { PackedA::strided(isa, ai, m, k, 1, m) } else { PackedA::new(isa, ai, m, k) };
         if alpha != 1.0 {
             packed.scale(alpha);
         }
-        let bi = &b[i * k * n..][..k * n];
-        let mut packed_b = PackedB::new();
-        if b_transposed {
-            pack_b_transposed(isa, bi, k, n, &mut packed_b);
-        } else {
-            // SAFETY: `bi` is `k x n` row-major.
-            unsafe { pack_b(isa, bi.as_ptr(), n, k, n, &mut packed_b) };
-        }
-        // SAFETY: `c` is `m x n`; the microkernel is supported (`detect` chose it). `gemm` only
+        // SAFETY: `bi` is `k x n` row-major.
+        unsafe { pack_b(isa, bi.as_ptr(), n, k, n, &mut packed_b) };
+        // SAFETY: `c` is `m x n`; the microkernel is supported (asserted above). `gemm` only
         // writes through the pointer until its first pass over `k` has initialised the tile.
         unsafe { gemm(&packed, 0..m, &packed_b, n, c.as_mut_ptr().cast::<f32>(), n) };
     });
