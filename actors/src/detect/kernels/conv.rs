@@ -237,8 +237,13 @@ impl Conv2d {
         let plane = hp * wp;
         let channel_len = sh * sw * plane;
         // The last tile of a row reads up to `nr - 1` columns past it: slack after the last plane.
-        let mut padded = vec![0.0f32; n * self.in_channels * channel_len + packed_gemm::MAX_NR];
-        padded[..n * self.in_channels * channel_len].par_chunks_mut(channel_len).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
+        let planes_len = n * self.in_channels * channel_len;
+        let mut padded: Vec<f32> = Vec::with_capacity(planes_len + packed_gemm::MAX_NR);
+        zeroed(&mut padded.spare_capacity_mut()[planes_len..planes_len + packed_gemm::MAX_NR]);
+        padded.spare_capacity_mut()[..planes_len].par_chunks_mut(channel_len).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
+            // Zeroed here rather than by the allocator: in parallel, and just before the copy
+            // that needs it in cache.
+            let dst = zeroed(dst);
             for (y, row) in src.chunks(w).enumerate() {
                 let (py, y2) = ((y + pt) % sh, (y + pt) / sh);
                 // Column x lands in phase (x + pl) % sw at (x + pl) / sw: columns x0, x0 + sw,
@@ -246,17 +251,26 @@ impl Conv2d {
                 for x0 in 0..sw.min(w) {
                     let (px, first) = ((x0 + pl) % sw, (x0 + pl) / sw);
                     let start = (py * sw + px) * plane + y2 * wp + first;
-                    if sw == 1 {
-                        dst[start..][..w].copy_from_slice(row);
-                    } else {
-                        let count = (w - x0).div_ceil(sw);
-                        for (d, &v) in dst[start..][..count].iter_mut().zip(row[x0..].iter().step_by(sw)) {
-                            *d = v;
+                    let count = (w - x0).div_ceil(sw);
+                    let dst = &mut dst[start..][..count];
+                    match sw {
+                        1 => dst.copy_from_slice(row),
+                        // Pairs rather than `step_by(2)`, which does not vectorise.
+                        2 => {
+                            let pairs = row[x0..].chunks_exact(2);
+                            let last = pairs.remainder().first().copied();
+                            let taken = dst.iter_mut().zip(pairs).map(|(d, pair)| *d = pair[0]).count();
+                            if let Some(v) = last {
+                                dst[taken] = v;
+                            }
                         }
+                        _ => dst.iter_mut().zip(row[x0..].iter().step_by(sw)).for_each(|(d, &v)| *d = v),
                     }
                 }
             }
         });
+        // SAFETY: every element was written: the planes by the loop above, the slack before it.
+        unsafe { padded.set_len(planes_len + packed_gemm::MAX_NR) };
         // Tap (c, ky, kx) of output pixel (oy, ox) reads phase ((ky*dh) % sh, (kx*dw) % sw) of
         // channel c at row oy + ky*dh/sh, column ox + kx*dw/sw.
         let offsets: Vec<usize> = (0..cin_g * kh * kw)
@@ -355,33 +369,33 @@ impl Conv2d {
     #[allow(clippy::too_many_arguments)]
     fn run_depthwise(&self, input: &[f32], h: usize, w: usize, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let channels = self.out_channels;
-        let fast = Isa::Avx2.supported();
+        let isa = Isa::detect();
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane_index, dst)| {
-            dst.iter_mut().for_each(|v| {
-                v.write(0.0);
-            });
-            // SAFETY: every element of `dst` was initialised just above, and `MaybeUninit<f32>`
-            // has the layout of `f32`.
-            let dst = unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            let dst = zeroed(dst);
             let c = plane_index % channels;
             let src = &input[plane_index * h * w..][..h * w];
-            #[cfg(target_arch = "x86_64")]
-            if fast {
-                // SAFETY: the CPU supports AVX2 and FMA (`available()` checked it).
-                unsafe { depthwise_plane_avx2(self, c, src, h, w, oh, ow, dst) };
-            } else {
-                depthwise_plane(self, c, src, h, w, oh, ow, dst);
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                let _ = fast;
-                depthwise_plane(self, c, src, h, w, oh, ow, dst);
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU supports AVX-512F (`Isa::detect` checked it).
+                Some(Isa::Avx512) => unsafe { depthwise_plane_avx512(self, c, src, h, w, oh, ow, dst) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU supports AVX2 and FMA (`Isa::detect` checked it).
+                Some(Isa::Avx2) => unsafe { depthwise_plane_avx2(self, c, src, h, w, oh, ow, dst) },
+                _ => depthwise_plane(self, c, src, h, w, oh, ow, dst),
             }
             if let Some(residual) = residual {
                 add_assign(dst, &residual[plane_index * oh * ow..][..oh * ow]);
             }
         });
     }
+}
+
+/// Fills `buf` with zeros and returns it as initialised floats.
+fn zeroed(buf: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    buf.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was initialised just above, and `MaybeUninit<f32>` has the layout
+    // of `f32`.
+    unsafe { &mut *(buf as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// `dst += src`, element-wise (the compiler vectorises it).
@@ -398,11 +412,63 @@ fn depthwise_plane_avx2(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize
     depthwise_plane(conv, c, src, h, w, oh, ow, dst)
 }
 
-/// One channel of a depthwise convolution into a zeroed `dst`, tap by tap over whole output
-/// rows so that the inner loop is a vectorisable multiply-add.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_plane_avx512(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
+    depthwise_plane(conv, c, src, h, w, oh, ow, dst)
+}
+
+/// One channel of a depthwise convolution into a zeroed `dst`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn depthwise_plane(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
+    if conv.stride == (1, 1) && conv.dilation == (1, 1) {
+        depthwise_plane_flat(conv, c, src, h, w, oh, ow, dst);
+    } else {
+        depthwise_plane_rows(conv, c, src, h, w, oh, ow, dst);
+    }
+    bias_activation(dst, conv.bias[c], conv.activation);
+}
+
+/// A stride-1 depthwise convolution of one channel as one long multiply-add per tap. The plane
+/// is copied once into a zero-padded buffer of width `wp`; output pixel `(oy, ox)` is then
+/// computed at `oy * wp + ox` of an accumulator laid out like the padded plane, where tap
+/// `(ky, kx)` reads the padded plane `ky * wp + kx` further on. Each tap is a single pass over
+/// `oh * wp` floats (the `wp - ow` columns past each row are computed and dropped), instead of
+/// `oh` short passes with their bounds.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_plane_flat(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
+    let (kh, kw) = conv.kernel;
+    let (pt, pl, pb, pr) = conv.pads;
+    let (hp, wp) = (h + pt + pb, w + pl + pr);
+    let weights = &conv.weights[c * kh * kw..][..kh * kw];
+    let mut padded = vec![0.0f32; hp * wp];
+    for (y, row) in src.chunks_exact(w).enumerate() {
+        padded[(y + pt) * wp + pl..][..w].copy_from_slice(row);
+    }
+    let mut acc = vec![0.0f32; oh * wp];
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let wv = weights[ky * kw + kx];
+            // The last tap ends at `(kh - 1 + oh) * wp + kw - 1 <= hp * wp`: inside the plane.
+            let taps = &padded[ky * wp + kx..][..oh * wp - (kw - 1)];
+            for (a, &p) in acc.iter_mut().zip(taps) {
+                *a += wv * p;
+            }
+        }
+    }
+    for (drow, arow) in dst.chunks_exact_mut(ow).zip(acc.chunks(wp)) {
+        drow.copy_from_slice(&arow[..ow]);
+    }
+}
+
+/// A depthwise convolution of one channel, tap by tap over whole output rows so that the inner
+/// loop is a vectorisable multiply-add; for any stride and dilation.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_plane_rows(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
     let (kh, kw) = conv.kernel;
     let (sh, sw) = conv.stride;
     let (dh, dw) = conv.dilation;
@@ -439,7 +505,6 @@ fn depthwise_plane(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh:
             }
         }
     }
-    bias_activation(dst, conv.bias[c], conv.activation);
 }
 
 #[cfg(test)]
@@ -541,6 +606,7 @@ mod tests {
         check(32, 32, 32, 3, 1, 1, 1, 13, 9); // depthwise
         check(16, 16, 16, 7, 1, 3, 2, 10, 12); // depthwise 7x7
         check(16, 16, 16, 3, 2, 1, 1, 11, 11); // depthwise strided
+        check(8, 8, 8, 5, 1, 0, 1, 9, 12); // depthwise without padding
         check(8, 8, 2, 3, 1, 1, 1, 6, 6); // grouped
         check(64, 128, 1, 3, 2, 1, 1, 5, 5); // small late layer: split channels
         check(24, 40, 1, 3, 1, 1, 2, 7, 21); // stride 1 in place: rows not a multiple of 16, batch 2
