@@ -754,6 +754,54 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> CResult<&'a [
     Ok(&storage.as_slice::<f32>()?[start..end])
 }
 
+/// Concatenation of contiguous CPU `f32` tensors along `axis`, copying in parallel (candle's
+/// `cat` copies on one thread); `None` for anything else, which candle then concatenates.
+fn concat_cpu(parts: &[&Tensor], axis: usize) -> CResult<Option<Tensor>> {
+    /// Floats per copy task: enough to amortise a task, few enough to share among threads.
+    const PIECE: usize = 1 << 15;
+    let guards: Vec<_> = parts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut sources = Vec::with_capacity(parts.len());
+    for (storage, layout) in &guards {
+        let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (&**storage, layout.contiguous_offsets()) else {
+            return Ok(None);
+        };
+        sources.push(&data[start..end]);
+    }
+    let dims = parts[0].dims();
+    if parts.iter().any(|p| p.rank() != dims.len() || p.dims()[..axis] != dims[..axis] || p.dims()[axis + 1..] != dims[axis + 1..]) {
+        candle_core::bail!("Concat of mismatched shapes {:?}", parts.iter().map(|p| p.dims()).collect::<Vec<_>>());
+    }
+    let outer: usize = dims[..axis].iter().product();
+    let inner: usize = dims[axis + 1..].iter().product();
+    let widths: Vec<usize> = parts.iter().map(|p| p.dims()[axis] * inner).collect();
+    let total = outer * widths.iter().sum::<usize>();
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    // The output in order is, for each outer index, each part's block: cut it into pieces
+    // paired with their sources, then copy the pieces in parallel.
+    let mut pieces = Vec::new();
+    let mut rest = &mut out.spare_capacity_mut()[..total];
+    for o in 0..outer {
+        for (source, &width) in sources.iter().zip(&widths) {
+            for chunk in source[o * width..][..width].chunks(PIECE) {
+                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(chunk.len());
+                pieces.push((dst, chunk));
+                rest = tail;
+            }
+        }
+    }
+    pieces.into_par_iter().for_each(|(dst, src)| {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            d.write(v);
+        }
+    });
+    // SAFETY: the pieces tile the first `total` elements exactly, and each was written.
+    unsafe { out.set_len(total) };
+    let mut shape = dims.to_vec();
+    shape[axis] = parts.iter().map(|p| p.dims()[axis]).sum();
+    drop(guards);
+    Ok(Some(Tensor::from_vec(out, shape, &Device::Cpu)?))
+}
+
 /// Element-wise functions on the CPU with streamdet's vectorised kernels.
 struct CpuUnary(UnaryFn);
 
@@ -913,7 +961,10 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
             let parts: Vec<&Tensor> = args.iter().flatten().copied().collect();
             let first = parts.first().ok_or_else(|| candle_core::Error::Msg("Concat of nothing".into()))?;
             let axis = normalize_axis(*axis, first.rank())?;
-            one(Tensor::cat(&parts, axis)?)
+            match concat_cpu(&parts, axis)? {
+                Some(t) => one(t),
+                None => one(Tensor::cat(&parts, axis)?),
+            }
         }
         Op::MaxPool { kernel, stride, pads } => one(max_pool(x()?, *kernel, *stride, *pads)?),
         Op::ResizeNearest => {
