@@ -62,6 +62,9 @@ enum Op {
     /// transpose folded into the product's packing).
     /// `alpha * A x B`, each operand possibly read transposed.
     MatMul { a_transposed: bool, b_transposed: bool, alpha: f32 },
+    /// `V x softmax(alpha * Q x K)^T` over the last two axes (attention, with `Q` rows as
+    /// queries): inputs `Q`, `K`, `V`, each possibly stored with its last two axes swapped.
+    Attention { q_transposed: bool, k_transposed: bool, v_transposed: bool, alpha: f32 },
     Reduce { kind: ReduceKind, axes: Option<Vec<i64>>, keepdims: bool },
     Shape,
     Gather { axis: i64 },
@@ -166,6 +169,7 @@ impl Engine {
         let nodes = fuse_softmax(&nodes, &model.initializers);
         let nodes = fuse_matmul_scale(&nodes, &model.initializers);
         let nodes = fuse_transposed_matmul_operands(&nodes);
+        let nodes = fuse_attention(&nodes);
 
         let mut slots: HashMap<String, usize> = HashMap::new();
         let slot_of = |name: &str, slots: &mut HashMap<String, usize>| {
@@ -515,6 +519,54 @@ fn fuse_transposed_matmul_operands(nodes: &[Node]) -> Vec<Node> {
     out.into_iter().enumerate().filter(|(i, _)| !drop[*i]).map(|(_, n)| n).collect()
 }
 
+/// Rewrites `s = MatMul(q, k); p = Softmax(s, axis=-1); o = MatMul(v, p^T)` — an attention
+/// head, after the passes above folded its scale and transposes into the products — into one
+/// `streamdet.Attention(q, k, v)` node, when `s` and `p` are used nowhere else. The fused kernel
+/// never writes the `queries x keys` matrices to memory.
+fn fuse_attention(nodes: &[Node]) -> Vec<Node> {
+    let (uses, producer) = uses_and_producers(nodes);
+    let flag = |n: &Node, name: &str| matches!(n.attributes.get(name), Some(Attribute::Int(v)) if *v != 0);
+    let mut dropped = vec![false; nodes.len()];
+    let mut replacement: HashMap<usize, Node> = HashMap::new();
+    for (oi, out) in nodes.iter().enumerate() {
+        if out.op_type != "MatMul" || out.inputs.len() != 2 || !flag(out, "streamdet.transpose_b") || out.attributes.contains_key("streamdet.alpha") {
+            continue;
+        }
+        let p = out.inputs[1].as_str();
+        let Some(&si) = producer.get(p) else { continue };
+        let softmax = &nodes[si];
+        let last_axis = matches!(softmax.attributes.get("axis"), Some(Attribute::Int(-1)));
+        if softmax.op_type != "Softmax" || !last_axis || uses.get(p) != Some(&1) {
+            continue;
+        }
+        let scores = softmax.inputs[0].as_str();
+        let Some(&mi) = producer.get(scores) else { continue };
+        let product = &nodes[mi];
+        if product.op_type != "MatMul" || product.inputs.len() != 2 || uses.get(scores) != Some(&1) || dropped[mi] || dropped[si] {
+            continue;
+        }
+        let mut attributes = HashMap::new();
+        for (from, to) in [(product, "streamdet.transpose_q"), (product, "streamdet.transpose_k"), (out, "streamdet.transpose_v")] {
+            let source = match to {
+                "streamdet.transpose_k" => "streamdet.transpose_b",
+                _ => "streamdet.transpose_a",
+            };
+            if flag(from, source) {
+                attributes.insert(to.to_string(), Attribute::Int(1));
+            }
+        }
+        if let Some(alpha) = product.attributes.get("streamdet.alpha") {
+            attributes.insert("streamdet.alpha".to_string(), alpha.clone());
+        }
+        let inputs = vec![product.inputs[0].clone(), product.inputs[1].clone(), out.inputs[0].clone()];
+        dropped[mi] = true;
+        dropped[si] = true;
+        dropped[oi] = true;
+        replacement.insert(oi, Node { name: out.name.clone(), op_type: "streamdet.Attention".into(), inputs, outputs: out.outputs.clone(), attributes });
+    }
+    rewrite(nodes, replacement, &dropped)
+}
+
 fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, device: &Device) -> Result<Op, DetectError> {
     Ok(match node.op_type.as_str() {
         "Conv" => Op::Conv(Box::new(parse_conv(node, initializers, device)?)),
@@ -560,6 +612,15 @@ fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, device: &De
         "MatMul" => Op::MatMul {
             a_transposed: attr_int(node, "streamdet.transpose_a", 0)? != 0,
             b_transposed: attr_int(node, "streamdet.transpose_b", 0)? != 0,
+            alpha: match node.attributes.get("streamdet.alpha") {
+                Some(Attribute::Float(v)) => *v,
+                _ => 1.0,
+            },
+        },
+        "streamdet.Attention" => Op::Attention {
+            q_transposed: attr_int(node, "streamdet.transpose_q", 0)? != 0,
+            k_transposed: attr_int(node, "streamdet.transpose_k", 0)? != 0,
+            v_transposed: attr_int(node, "streamdet.transpose_v", 0)? != 0,
             alpha: match node.attributes.get("streamdet.alpha") {
                 Some(Attribute::Float(v)) => *v,
                 _ => 1.0,
@@ -898,6 +959,41 @@ impl CustomOp2 for CpuMatMul {
     }
 }
 
+/// [`Op::Attention`] on the CPU: [`packed_gemm::attention`] over contiguous operands.
+struct CpuAttention {
+    q_transposed: bool,
+    k_transposed: bool,
+    v_transposed: bool,
+    alpha: f32,
+}
+
+impl candle_core::CustomOp3 for CpuAttention {
+    fn name(&self) -> &'static str {
+        "streamdet-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (dq, dk, dv) = (l1.dims(), l2.dims(), l3.dims());
+        let r = dq.len();
+        let last_two = |d: &[usize], swapped: bool| if swapped { (d[r - 1], d[r - 2]) } else { (d[r - 2], d[r - 1]) };
+        let (queries, depth) = last_two(dq, self.q_transposed);
+        let (depth_k, keys) = last_two(dk, self.k_transposed);
+        let (channels, keys_v) = last_two(dv, self.v_transposed);
+        if depth_k != depth || keys_v != keys || keys == 0 || depth == 0 {
+            candle_core::bail!("attention of {dq:?}, {dk:?} and {dv:?}");
+        }
+        let batch: usize = dq[..r - 2].iter().product();
+        let shape = packed_gemm::AttentionShape { batch, queries, keys, depth, channels };
+        let layout = packed_gemm::AttentionLayout { q_transposed: self.q_transposed, k_transposed: self.k_transposed, v_transposed: self.v_transposed };
+        let (q, k, v) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?, contiguous_f32(s3, l3)?);
+        let out = packed_gemm::attention(q, k, v, shape, layout, self.alpha);
+        let mut dims = dq.to_vec();
+        dims[r - 2] = channels;
+        dims[r - 1] = queries;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
 fn normalize_axis(axis: i64, rank: usize) -> CResult<usize> {
     let a = if axis < 0 { axis + rank as i64 } else { axis };
     if a < 0 || a as usize >= rank.max(1) {
@@ -1067,6 +1163,22 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
                 let swap = |t: Tensor, swapped: bool| if swapped { t.transpose(t.rank() - 2, t.rank() - 1)?.contiguous() } else { Ok(t) };
                 let product = swap(a, *a_transposed)?.broadcast_matmul(&swap(b, *b_transposed)?)?;
                 one(if *alpha == 1.0 { product } else { product.affine(f64::from(*alpha), 0.0)? })
+            }
+        }
+        Op::Attention { q_transposed, k_transposed, v_transposed, alpha } => {
+            let (q, k, v) = (x()?.contiguous()?, input(args, 1)?.contiguous()?, input(args, 2)?.contiguous()?);
+            let rank = q.rank();
+            let same_batch = rank >= 2 && [&k, &v].iter().all(|t| t.rank() == rank && t.dims()[..rank - 2] == q.dims()[..rank - 2]);
+            if [&q, &k, &v].iter().all(|t| is_cpu_f32(t)) && same_batch && packed_gemm::available() {
+                let op = CpuAttention { q_transposed: *q_transposed, k_transposed: *k_transposed, v_transposed: *v_transposed, alpha: *alpha };
+                one(q.apply_op3_no_bwd(&k, &v, &op)?)
+            } else {
+                // The three steps it fuses, on whatever device holds the tensors.
+                let product = Op::MatMul { a_transposed: *q_transposed, b_transposed: *k_transposed, alpha: *alpha };
+                let scores = eval(&product, &[Some(&q), Some(&k)], device)?.remove(0);
+                let weights = eval(&Op::Softmax { axis: -1 }, &[Some(&scores)], device)?.remove(0);
+                let mix = Op::MatMul { a_transposed: *v_transposed, b_transposed: true, alpha: 1.0 };
+                eval(&mix, &[Some(&v), Some(&weights)], device)
             }
         }
         Op::Reduce { kind, axes, keepdims } => {

@@ -249,27 +249,13 @@ fn softmax_columns_with(vectors: Vectors, block: &mut [f32], len: usize, inner: 
     if block.is_empty() {
         return;
     }
-    let base = BlockPtr(block.as_mut_ptr());
+    let base = super::SendPtr(block.as_mut_ptr());
     (0..inner.div_ceil(COLUMNS)).into_par_iter().for_each(|chunk| {
         let columns = chunk * COLUMNS..((chunk + 1) * COLUMNS).min(inner);
         // SAFETY: `block` is borrowed for the whole loop, `len * inner` floats; each task
         // touches only its own columns; the CPU has `vectors`' instructions (asserted above).
         unsafe { softmax_columns_on(vectors, base.get(), len, inner, columns) }
     });
-}
-
-/// The block's address, shared by the tasks that each own some of its columns.
-#[derive(Clone, Copy)]
-struct BlockPtr(*mut f32);
-// SAFETY: the tasks sharing a `BlockPtr` touch disjoint columns of a block that outlives them.
-unsafe impl Send for BlockPtr {}
-unsafe impl Sync for BlockPtr {}
-
-impl BlockPtr {
-    /// Taking `self` makes closures capture the whole wrapper, not its raw-pointer field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// [`lanes::softmax_columns`] compiled for `vectors`.

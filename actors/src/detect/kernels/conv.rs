@@ -16,6 +16,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::activation::{Activation, bias_activation};
+use super::SendPtr;
 use super::packed_gemm::{self, Isa, PackedA, PackedB};
 
 /// A convolution's fixed parameters and weights, laid out once at load time.
@@ -51,21 +52,6 @@ thread_local! {
     /// (pointwise convolutions).
     /// Kept across tasks and calls so no tile allocates or zero-fills memory.
     static SCRATCH: std::cell::RefCell<(Vec<f32>, PackedB)> = const { std::cell::RefCell::new((Vec::new(), PackedB::new())) };
-}
-
-/// A raw pointer that may cross threads; every use writes a region no other task touches.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: the tasks that share a `SendPtr` write disjoint ranges of one live allocation (see each
-// use), so sending the pointer to another thread cannot create a data race.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// Taking `self` makes closures capture the whole wrapper, not its raw-pointer field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 impl Conv2d {

@@ -6,3 +6,18 @@ pub mod conv;
 pub mod packed_gemm;
 mod simd;
 pub mod transpose;
+
+/// A raw pointer that may cross threads; every use writes a region no other task touches.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the tasks that share a `SendPtr` read and write disjoint elements of one live
+// allocation (see each use), so sending the pointer to another thread cannot create a data race.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Taking `self` makes closures capture the whole wrapper, not its raw-pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}

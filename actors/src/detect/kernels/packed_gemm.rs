@@ -405,6 +405,103 @@ fn batched_matmul_on(isa: Isa, a: &[f32], b: &[f32], batch: usize, m: usize, k: 
     out
 }
 
+/// Sizes of a batch of attention heads. Per batch item: queries `Q` (`queries x depth`), keys
+/// `K` (`depth x keys`) and values `V` (`channels x keys`).
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub queries: usize,
+    pub keys: usize,
+    pub depth: usize,
+    pub channels: usize,
+}
+
+/// Which attention operands are stored with their two axes swapped.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionLayout {
+    pub q_transposed: bool,
+    pub k_transposed: bool,
+    pub v_transposed: bool,
+}
+
+/// `out[b] = V[b] x softmax(alpha * Q[b] x K[b])^T` (`channels x queries`), the softmax over
+/// keys. Blocks of query rows run in parallel; each computes its scores, their softmax and its
+/// share of the output while the scores are in cache, so the `queries x keys` matrix never
+/// reaches memory. Needs [`available`]; `keys` and `depth` must be positive.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, layout: AttentionLayout, alpha: f32) -> Vec<f32> {
+    let isa = Isa::detect().expect("callers check `available()` first");
+    attention_on(isa, q, k, v, shape, layout, alpha)
+}
+
+fn attention_on(isa: Isa, q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, layout: AttentionLayout, alpha: f32) -> Vec<f32> {
+    use rayon::prelude::*;
+    /// Query rows per task: their scores (`BLOCK x keys`) stay in L2.
+    const BLOCK: usize = 64;
+    let AttentionShape { batch, queries, keys, depth, channels } = shape;
+    assert!(isa.supported() && keys > 0 && depth > 0);
+    assert!(q.len() == batch * queries * depth && k.len() == batch * depth * keys && v.len() == batch * channels * keys);
+    let total = batch * channels * queries;
+    // Per batch item, once: `K` packed as the right operand of the scores, `V^T` (`keys x
+    // channels`) as that of the output.
+    let operands: Vec<(PackedB, PackedB)> = (0..batch)
+        .into_par_iter()
+        .map(|b| {
+            let (kb, vb) = (&k[b * depth * keys..][..depth * keys], &v[b * channels * keys..][..channels * keys]);
+            let (mut keys_packed, mut values_packed) = (PackedB::new(), PackedB::new());
+            if layout.k_transposed {
+                pack_b_transposed(isa, kb, depth, keys, &mut keys_packed);
+            } else {
+                // SAFETY: `kb` is `depth x keys` row-major.
+                unsafe { pack_b(isa, kb.as_ptr(), keys, depth, keys, &mut keys_packed) };
+            }
+            if layout.v_transposed {
+                // SAFETY: `vb` is `keys x channels` row-major, which is `V^T`.
+                unsafe { pack_b(isa, vb.as_ptr(), channels, keys, channels, &mut values_packed) };
+            } else {
+                pack_b_transposed(isa, vb, keys, channels, &mut values_packed);
+            }
+            (keys_packed, values_packed)
+        })
+        .collect();
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    let out_ptr = super::SendPtr(out.as_mut_ptr());
+    let blocks = queries.div_ceil(BLOCK);
+    (0..batch * blocks).into_par_iter().for_each(|task| {
+        let (b, i0) = (task / blocks, task % blocks * BLOCK);
+        let rows = BLOCK.min(queries - i0);
+        let qb = &q[b * queries * depth..][..queries * depth];
+        let mut queries_packed = if layout.q_transposed {
+            PackedA::strided(isa, &qb[i0..], rows, depth, 1, queries)
+        } else {
+            PackedA::strided(isa, &qb[i0 * depth..], rows, depth, depth, 1)
+        };
+        if alpha != 1.0 {
+            queries_packed.scale(alpha);
+        }
+        let (keys_packed, values_packed) = &operands[b];
+        let mut scores = vec![0.0f32; rows * keys];
+        let mut mixed = vec![0.0f32; rows * channels];
+        // SAFETY: the microkernel is supported (asserted above); `scores` is `rows x keys` and
+        // `mixed` `rows x channels`, as the products write them.
+        unsafe { gemm(&queries_packed, 0..rows, keys_packed, keys, scores.as_mut_ptr(), keys) };
+        scores.chunks_exact_mut(keys).for_each(super::activation::softmax_inplace);
+        let weights = PackedA::new(isa, &scores, rows, keys);
+        // SAFETY: as above.
+        unsafe { gemm(&weights, 0..rows, values_packed, channels, mixed.as_mut_ptr(), channels) };
+        for c in 0..channels {
+            let row = out_ptr.get().wrapping_add((b * channels + c) * queries + i0);
+            for r in 0..rows {
+                // SAFETY: this task alone writes columns `i0..i0 + rows` of row `c` of item `b`
+                // of `out`, which has room for `total` floats.
+                unsafe { row.add(r).write(mixed[r * channels + c]) };
+            }
+        }
+    });
+    // SAFETY: the tasks cover every (item, channel, query): all `total` floats were written.
+    unsafe { out.set_len(total) };
+    out
+}
+
 /// `C[mr x nr] (+)= A_panel[kc x mr] * B_panel[kc x nr]` with `isa`'s microkernel.
 ///
 /// # Safety
@@ -542,6 +639,40 @@ mod tests {
             let scaled = batched_matmul_on(isa, &at, &b, batch, m, k, n, true, false, 0.25);
             for (x, y) in scaled.iter().zip(&plain) {
                 assert!((x - 0.25 * y).abs() < 1e-4, "{isa:?} scaled by alpha");
+            }
+        }
+    }
+
+    #[test]
+    fn attention_matches_its_three_steps() {
+        let (batch, queries, keys, depth, channels) = (3, 70, 45, 19, 11);
+        let shape = AttentionShape { batch, queries, keys, depth, channels };
+        let (q, k, v) = (matrix(batch * queries * depth, 7, 13), matrix(batch * depth * keys, 5, 11), matrix(batch * channels * keys, 3, 17));
+        let transpose = |x: &[f32], rows: usize, cols: usize| -> Vec<f32> {
+            x.chunks(rows * cols).flat_map(|m| (0..cols).flat_map(move |c| (0..rows).map(move |r| m[r * cols + c]))).collect()
+        };
+        let alpha = 0.3;
+        for isa in supported() {
+            // The definition: scores, a softmax per query row, then V x P^T.
+            let scores = batched_matmul_on(isa, &q, &k, batch, queries, depth, keys, false, false, alpha);
+            let mut weights = scores.clone();
+            weights.chunks_exact_mut(keys).for_each(|row| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                row.iter_mut().for_each(|x| *x = (*x - max).exp());
+                let sum: f32 = row.iter().sum();
+                row.iter_mut().for_each(|x| *x /= sum);
+            });
+            let want = batched_matmul_on(isa, &v, &weights, batch, channels, keys, queries, false, true, 1.0);
+            for (qt, kt, vt) in [(false, false, false), (true, true, true), (true, false, false), (false, true, true)] {
+                let q_in = if qt { transpose(&q, queries, depth) } else { q.clone() };
+                let k_in = if kt { transpose(&k, depth, keys) } else { k.clone() };
+                let v_in = if vt { transpose(&v, channels, keys) } else { v.clone() };
+                let layout = AttentionLayout { q_transposed: qt, k_transposed: kt, v_transposed: vt };
+                let got = attention_on(isa, &q_in, &k_in, &v_in, shape, layout, alpha);
+                assert_eq!(got.len(), want.len());
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()), "{isa:?} {layout:?} [{i}] {g} vs {w}");
+                }
             }
         }
     }
