@@ -1,6 +1,7 @@
 //! Convolution kernel throughput on YOLOv12n's layer shapes: GFLOP/s of the packed AVX2
 //! microkernel and of the portable `gemm`-crate path, on the same pool of threads.
-//! `cargo bench --bench conv [-- THREADS]`
+//! `cargo bench --bench conv [-- THREADS [SHAPE]]`, where SHAPE (such as `32->64`) keeps only
+//! the convolutions whose label contains it.
 
 use std::time::Instant;
 
@@ -25,8 +26,11 @@ fn conv(cin: usize, cout: usize, k: usize, stride: usize, groups: usize) -> Conv
 }
 
 fn main() {
-    elementwise();
+    if std::env::args().len() < 3 {
+        elementwise();
+    }
     let threads: usize = std::env::args().filter_map(|a| a.parse().ok()).next().unwrap_or(2);
+    let only = std::env::args().skip(1).find(|a| a.contains("->"));
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     // (cin, cout, kernel, stride, groups, input size)
     let shapes = [
@@ -41,8 +45,13 @@ fn main() {
         (128, 128, 7, 1, 128, 40),
     ];
     println!("threads {threads}");
-    matmuls(&pool);
+    if only.is_none() {
+        matmuls(&pool);
+    }
     for (cin, cout, k, stride, groups, size) in shapes {
+        if only.as_ref().is_some_and(|only| !format!("{cin}->{cout}").contains(only.as_str())) {
+            continue;
+        }
         let input: Vec<f32> = (0..cin * size * size).map(|i| (i % 13) as f32 * 0.05).collect();
         for (name, c) in [("portable", conv(cin, cout, k, stride, groups)), ("packed", conv(cin, cout, k, stride, groups).with_packed_weights())] {
             let (oh, ow) = c.output_size(size, size).unwrap();
