@@ -959,6 +959,57 @@ impl CustomOp2 for CpuMatMul {
     }
 }
 
+/// Max pooling of NCHW planes on the CPU, in parallel over planes: a pass along rows, then one
+/// along columns (`2k` comparisons per output instead of `k * k`). Padding never wins a max.
+struct CpuMaxPool {
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    pads: (usize, usize, usize, usize),
+}
+
+impl CustomOp1 for CpuMaxPool {
+    fn name(&self) -> &'static str {
+        "streamdet-maxpool"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let &[n, c, h, w] = layout.dims() else {
+            candle_core::bail!("max pooling needs a 4-D input, got {:?}", layout.dims());
+        };
+        let ((kh, kw), (sh, sw), (pt, pl, pb, pr)) = (self.kernel, self.stride, self.pads);
+        if kh == 0 || kw == 0 || sh == 0 || sw == 0 || h + pt + pb < kh || w + pl + pr < kw || pt >= kh || pb >= kh || pl >= kw || pr >= kw {
+            candle_core::bail!("max pooling {kh}x{kw} stride {sh}x{sw} pads {:?} does not fit {h}x{w}", self.pads);
+        }
+        let (oh, ow) = ((h + pt + pb - kh) / sh + 1, (w + pl + pr - kw) / sw + 1);
+        let input = contiguous_f32(storage, layout)?;
+        // The input columns `ox * sw - pl + kx` that exist, for each output column range.
+        let window = |o: usize, s: usize, pad: usize, k: usize, len: usize| -> std::ops::Range<usize> {
+            let start = (o * s).saturating_sub(pad);
+            let end = (o * s + k).saturating_sub(pad).min(len);
+            start..end
+        };
+        let mut out = vec![0.0f32; n * c * oh * ow];
+        out.par_chunks_mut(oh * ow).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
+            // Rows first: `rows[y][ox]` is the max of row `y` over output column `ox`'s window.
+            let mut rows = vec![f32::NEG_INFINITY; h * ow];
+            for (row_max, row) in rows.chunks_exact_mut(ow).zip(src.chunks_exact(w)) {
+                for (ox, m) in row_max.iter_mut().enumerate() {
+                    *m = row[window(ox, sw, pl, kw, w)].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                }
+            }
+            for (oy, out_row) in dst.chunks_exact_mut(ow).enumerate() {
+                out_row.fill(f32::NEG_INFINITY);
+                for y in window(oy, sh, pt, kh, h) {
+                    for (o, &m) in out_row.iter_mut().zip(&rows[y * ow..][..ow]) {
+                        *o = o.max(m);
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+    }
+}
+
 /// [`Op::Attention`] on the CPU: [`packed_gemm::attention`] over contiguous operands.
 struct CpuAttention {
     q_transposed: bool,
@@ -1062,7 +1113,15 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
                 None => one(Tensor::cat(&parts, axis)?),
             }
         }
-        Op::MaxPool { kernel, stride, pads } => one(max_pool(x()?, *kernel, *stride, *pads)?),
+        Op::MaxPool { kernel, stride, pads } => {
+            let t = x()?;
+            if is_cpu_f32(t) && t.rank() == 4 {
+                let pool = CpuMaxPool { kernel: *kernel, stride: *stride, pads: *pads };
+                one(t.contiguous()?.apply_op1_no_bwd(&pool)?)
+            } else {
+                one(max_pool(t, *kernel, *stride, *pads)?)
+            }
+        }
         Op::ResizeNearest => {
             let t = x()?;
             let (h, w) = (t.dim(2)?, t.dim(3)?);
@@ -1333,4 +1392,21 @@ fn max_pool(x: &Tensor, kernel: (usize, usize), stride: (usize, usize), pads: (u
     // padding also covers the edge value it repeats.
     let padded = x.pad_with_same(2, t, b)?.pad_with_same(3, l, r)?;
     padded.max_pool2d_with_stride(kernel.0, stride.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_max_pool_matches_candles() {
+        let input: Vec<f32> = (0..2 * 3 * 9 * 11).map(|i| ((i * 37) % 101) as f32 - 50.0).collect();
+        let x = Tensor::from_vec(input, (2, 3, 9, 11), &Device::Cpu).unwrap();
+        for (kernel, stride, pads) in [((5, 5), (1, 1), (2, 2, 2, 2)), ((3, 3), (2, 2), (1, 1, 1, 1)), ((2, 2), (2, 2), (0, 0, 0, 0)), ((3, 3), (1, 1), (0, 2, 1, 0))] {
+            let want = max_pool(&x, kernel, stride, pads).unwrap();
+            let got = x.apply_op1_no_bwd(&CpuMaxPool { kernel, stride, pads }).unwrap();
+            assert_eq!(got.dims(), want.dims(), "{kernel:?} {stride:?} {pads:?}");
+            assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{kernel:?} {stride:?} {pads:?}");
+        }
+    }
 }
