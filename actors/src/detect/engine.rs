@@ -546,12 +546,10 @@ fn fuse_attention(nodes: &[Node]) -> Vec<Node> {
             continue;
         }
         let mut attributes = HashMap::new();
-        for (from, to) in [(product, "streamdet.transpose_q"), (product, "streamdet.transpose_k"), (out, "streamdet.transpose_v")] {
-            let source = match to {
-                "streamdet.transpose_k" => "streamdet.transpose_b",
-                _ => "streamdet.transpose_a",
-            };
-            if flag(from, source) {
+        // Q and K are the first product's operands, V the second's left one.
+        let operand_flags = [(product, "streamdet.transpose_a", "streamdet.transpose_q"), (product, "streamdet.transpose_b", "streamdet.transpose_k"), (out, "streamdet.transpose_a", "streamdet.transpose_v")];
+        for (node, from, to) in operand_flags {
+            if flag(node, from) {
                 attributes.insert(to.to_string(), Attribute::Int(1));
             }
         }
