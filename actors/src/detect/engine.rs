@@ -957,6 +957,44 @@ impl CustomOp2 for CpuMatMul {
     }
 }
 
+/// Nearest-neighbour upsampling of NCHW planes by integer factors on the CPU, in parallel over
+/// planes: each input row is widened once, then copied to its output rows.
+struct CpuUpsample {
+    height: usize,
+    width: usize,
+}
+
+impl CustomOp1 for CpuUpsample {
+    fn name(&self) -> &'static str {
+        "streamdet-upsample"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let &[n, c, h, w] = layout.dims() else {
+            candle_core::bail!("upsampling needs a 4-D input, got {:?}", layout.dims());
+        };
+        let (oh, ow) = (self.height, self.width);
+        if h == 0 || w == 0 || oh % h != 0 || ow % w != 0 {
+            candle_core::bail!("only integer upsampling is supported ({h}x{w} to {oh}x{ow})");
+        }
+        let (fy, fx) = (oh / h, ow / w);
+        let input = contiguous_f32(storage, layout)?;
+        let mut out = vec![0.0f32; n * c * oh * ow];
+        out.par_chunks_mut(oh * ow).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
+            for (row, rows_out) in src.chunks_exact(w).zip(dst.chunks_exact_mut(fy * ow)) {
+                let (first, rest) = rows_out.split_at_mut(ow);
+                for (pixels, &v) in first.chunks_exact_mut(fx).zip(row) {
+                    pixels.fill(v);
+                }
+                for copy in rest.chunks_exact_mut(ow) {
+                    copy.copy_from_slice(first);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+    }
+}
+
 /// Max pooling of NCHW planes on the CPU, in parallel over planes: a pass along rows, then one
 /// along columns (`2k` comparisons per output instead of `k * k`). Padding never wins a max.
 struct CpuMaxPool {
@@ -1140,7 +1178,11 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
             if h == 0 || w == 0 || oh % h != 0 || ow % w != 0 {
                 candle_core::bail!("only integer upsampling is supported ({h}x{w} to {oh}x{ow})");
             }
-            one(t.upsample_nearest2d(oh, ow)?)
+            if is_cpu_f32(t) && t.rank() == 4 {
+                one(t.contiguous()?.apply_op1_no_bwd(&CpuUpsample { height: oh, width: ow })?)
+            } else {
+                one(t.upsample_nearest2d(oh, ow)?)
+            }
         }
         Op::Reshape => {
             let t = x()?;
@@ -1395,6 +1437,18 @@ fn max_pool(x: &Tensor, kernel: (usize, usize), stride: (usize, usize), pads: (u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_upsampling_matches_candles() {
+        let input: Vec<f32> = (0..2 * 3 * 5 * 7).map(|i| i as f32).collect();
+        let x = Tensor::from_vec(input, (2, 3, 5, 7), &Device::Cpu).unwrap();
+        for (height, width) in [(10, 14), (15, 7), (5, 21)] {
+            let want = x.upsample_nearest2d(height, width).unwrap();
+            let got = x.apply_op1_no_bwd(&CpuUpsample { height, width }).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{height}x{width}");
+        }
+    }
 
     #[test]
     fn cpu_max_pool_matches_candles() {
