@@ -131,6 +131,14 @@ fn attr_string<'a>(node: &'a Node, name: &str) -> Option<&'a str> {
     }
 }
 
+/// The scale a fusion pass folded into a product (`streamdet.alpha`), 1 when there is none.
+fn scale_attribute(node: &Node) -> f32 {
+    match node.attributes.get("streamdet.alpha") {
+        Some(Attribute::Float(v)) => *v,
+        _ => 1.0,
+    }
+}
+
 fn pair(node: &Node, values: Option<Vec<i64>>, default: usize) -> Result<(usize, usize), DetectError> {
     match values.as_deref() {
         None => Ok((default, default)),
@@ -610,19 +618,13 @@ fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, device: &De
         "MatMul" => Op::MatMul {
             a_transposed: attr_int(node, "streamdet.transpose_a", 0)? != 0,
             b_transposed: attr_int(node, "streamdet.transpose_b", 0)? != 0,
-            alpha: match node.attributes.get("streamdet.alpha") {
-                Some(Attribute::Float(v)) => *v,
-                _ => 1.0,
-            },
+            alpha: scale_attribute(node),
         },
         "streamdet.Attention" => Op::Attention {
             q_transposed: attr_int(node, "streamdet.transpose_q", 0)? != 0,
             k_transposed: attr_int(node, "streamdet.transpose_k", 0)? != 0,
             v_transposed: attr_int(node, "streamdet.transpose_v", 0)? != 0,
-            alpha: match node.attributes.get("streamdet.alpha") {
-                Some(Attribute::Float(v)) => *v,
-                _ => 1.0,
-            },
+            alpha: scale_attribute(node),
         },
         "ReduceMax" | "ReduceSum" => {
             if attr_int(node, "noop_with_empty_axes", 0)? != 0 {
