@@ -182,18 +182,49 @@ impl PackedB {
 /// # Safety
 /// `src` must be valid for reads of `k` rows of `width` elements, `row_stride` apart.
 pub unsafe fn pack_b(isa: Isa, src: *const f32, row_stride: usize, k: usize, width: usize, out: &mut PackedB) {
-    match isa {
-        // SAFETY: the caller's contract.
-        Isa::Avx2 => unsafe { pack_b_panels::<16>(src, row_stride, k, width, out) },
-        // SAFETY: the caller's contract.
-        Isa::Avx512 => unsafe { pack_b_panels::<32>(src, row_stride, k, width, out) },
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract; `isa` is supported, so the CPU has the features each
+    // instantiation is compiled for.
+    unsafe {
+        match isa {
+            Isa::Avx2 => pack_b_avx2(src, row_stride, k, width, out),
+            Isa::Avx512 => pack_b_avx512(src, row_stride, k, width, out),
+        }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (isa, src, row_stride, k, width, out);
+        unreachable!("no microkernel on this architecture; `Isa::detect` returns None")
+    }
+}
+
+/// [`pack_b_panels`] compiled for AVX2, whose 16-column panels then copy as two vector moves.
+///
+/// # Safety
+/// As for [`pack_b`]; the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pack_b_avx2(src: *const f32, row_stride: usize, k: usize, width: usize, out: &mut PackedB) {
+    // SAFETY: the caller's contract.
+    unsafe { pack_b_panels::<16>(src, row_stride, k, width, out) }
+}
+
+/// [`pack_b_panels`] compiled for AVX-512F: a 32-column panel row is two vector moves.
+///
+/// # Safety
+/// As for [`pack_b`]; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_b_avx512(src: *const f32, row_stride: usize, k: usize, width: usize, out: &mut PackedB) {
+    // SAFETY: the caller's contract.
+    unsafe { pack_b_panels::<32>(src, row_stride, k, width, out) }
 }
 
 /// [`pack_b`] for panels of `NR` columns, a constant so that whole panels copy as vectors.
 ///
 /// # Safety
 /// As for [`pack_b`].
+#[inline(always)]
 unsafe fn pack_b_panels<const NR: usize>(src: *const f32, row_stride: usize, k: usize, width: usize, out: &mut PackedB) {
     let out = out.floats_mut(width.div_ceil(NR) * k * NR);
     for kk in 0..k {
@@ -265,22 +296,65 @@ pub unsafe fn gemm_offsets(a: &PackedA, rows: std::ops::Range<usize>, base: *con
         tiles(a, rows, width, c, ldc, |k0, kc, q| {
             let src = base.add(q * nr);
             let offsets = &offsets[k0..k0 + kc];
-            match a.isa {
-                Isa::Avx2 => gather_rows::<16>(src, offsets, block),
-                Isa::Avx512 => gather_rows::<32>(src, offsets, block),
-            }
+            gather_rows(a.isa, src, offsets, block);
             block.cast_const()
         })
     }
 }
 
+/// Copies the `isa.nr()` floats at `src + offsets[i]` to `dst + i * nr`, for each `i`.
+///
+/// # Safety
+/// `isa` is supported; every source row must be readable and `dst` writable for
+/// `offsets.len() * nr` floats.
+#[inline]
+unsafe fn gather_rows(isa: Isa, src: *const f32, offsets: &[usize], dst: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract; `isa` is supported, so the CPU has the features each
+    // instantiation is compiled for.
+    unsafe {
+        match isa {
+            Isa::Avx2 => gather_rows_avx2(src, offsets, dst),
+            Isa::Avx512 => gather_rows_avx512(src, offsets, dst),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (isa, src, offsets, dst);
+        unreachable!("no microkernel on this architecture; `Isa::detect` returns None")
+    }
+}
+
+/// [`gather_rows_of`] for 16-float rows, each two AVX moves.
+///
+/// # Safety
+/// As for [`gather_rows`]; the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gather_rows_avx2(src: *const f32, offsets: &[usize], dst: *mut f32) {
+    // SAFETY: the caller's contract.
+    unsafe { gather_rows_of::<16>(src, offsets, dst) }
+}
+
+/// [`gather_rows_of`] for 32-float rows, each two AVX-512 moves.
+///
+/// # Safety
+/// As for [`gather_rows`]; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gather_rows_avx512(src: *const f32, offsets: &[usize], dst: *mut f32) {
+    // SAFETY: the caller's contract.
+    unsafe { gather_rows_of::<32>(src, offsets, dst) }
+}
+
 /// Copies the `N` floats at `src + offsets[i]` to `dst + i * N`, for each `i`. `N` is a constant
-/// so that each copy is a few vector moves, not a call to `memcpy`.
+/// so that each copy is a few vector moves, not a call to `memcpy`; the callers compile it for
+/// their vector width (without that, the moves are 16-byte SSE ones).
 ///
 /// # Safety
 /// Every source row must be readable and `dst` writable for `offsets.len() * N` floats.
 #[inline(always)]
-unsafe fn gather_rows<const N: usize>(src: *const f32, offsets: &[usize], dst: *mut f32) {
+unsafe fn gather_rows_of<const N: usize>(src: *const f32, offsets: &[usize], dst: *mut f32) {
     for (i, &offset) in offsets.iter().enumerate() {
         // SAFETY: the caller's contract.
         unsafe { dst.add(i * N).cast::<[f32; N]>().write(src.add(offset).cast::<[f32; N]>().read_unaligned()) }
