@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::DetectError;
 use super::kernels::activation::{Activation, UnaryFn};
 use super::kernels::conv::Conv2d;
-use super::kernels::{activation, packed_gemm, transpose};
+use super::kernels::{activation, attention, packed_gemm, transpose};
 use super::model::{Attribute, Node, OnnxModel, TensorData, TensorValues};
 
 type CResult<T> = candle_core::Result<T>;
@@ -1072,10 +1072,10 @@ impl candle_core::CustomOp3 for CpuAttention {
             candle_core::bail!("attention of {dq:?}, {dk:?} and {dv:?}");
         }
         let batch: usize = dq[..r - 2].iter().product();
-        let shape = packed_gemm::AttentionShape { batch, queries, keys, depth, channels };
-        let layout = packed_gemm::AttentionLayout { q_transposed: self.q_transposed, k_transposed: self.k_transposed, v_transposed: self.v_transposed };
+        let shape = attention::AttentionShape { batch, queries, keys, depth, channels };
+        let layout = attention::AttentionLayout { q_transposed: self.q_transposed, k_transposed: self.k_transposed, v_transposed: self.v_transposed };
         let (q, k, v) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?, contiguous_f32(s3, l3)?);
-        let out = packed_gemm::attention(q, k, v, shape, layout, self.alpha);
+        let out = attention::attention(q, k, v, shape, layout, self.alpha);
         let mut dims = dq.to_vec();
         dims[r - 2] = channels;
         dims[r - 1] = queries;

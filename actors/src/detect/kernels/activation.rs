@@ -258,6 +258,15 @@ fn softmax_columns_with(vectors: Vectors, block: &mut [f32], len: usize, inner: 
     });
 }
 
+/// Softmax down `columns` of a `[len][stride]` block, in place, on the calling thread (for
+/// callers that are themselves parallel tasks).
+pub fn softmax_columns_block(block: &mut [f32], len: usize, stride: usize, columns: std::ops::Range<usize>) {
+    assert!(block.len() >= len * stride && columns.end <= stride, "columns outside the block");
+    // SAFETY: the block is borrowed mutably and holds `len * stride` floats (asserted); the CPU
+    // has the instructions `vectors()` chose.
+    unsafe { softmax_columns_on(vectors(), block.as_mut_ptr(), len, stride, columns) }
+}
+
 /// [`lanes::softmax_columns`] compiled for `vectors`.
 ///
 /// # Safety

@@ -2,6 +2,7 @@
 //! over `f32` slices, vectorised by the compiler; the few `unsafe` blocks carry `SAFETY` notes.
 
 pub mod activation;
+pub mod attention;
 pub mod conv;
 pub mod packed_gemm;
 mod simd;

@@ -1,0 +1,289 @@
+//! Fused attention on the CPU: `out[b] = V[b] x softmax(alpha * Q[b] x K[b])^T`, the softmax
+//! over keys, without the `queries x keys` matrix ever reaching memory.
+//!
+//! Blocks of [`BLOCK`] queries run in parallel. A block computes its scores transposed,
+//! `S^T = (alpha K^T) x Q_block^T` (`keys x BLOCK`), takes the softmax down each column, and
+//! multiplies `V x S^T`: the weights are then the right operand, read in place row by row, and
+//! the product lands in the output's own rows (`channels x BLOCK`). So nothing is repacked or
+//! transposed per block: `K^T` and `V` are packed once per batch item, and a block packs only
+//! its `depth x BLOCK` queries.
+
+use rayon::prelude::*;
+
+use super::activation;
+use super::packed_gemm::{self, Isa, PackedA, PackedB};
+
+/// Queries per task: the block's scores (`keys x BLOCK`) stay in L2. A multiple of every
+/// microkernel's panel width, so that the panels of a row of scores never leave it.
+const BLOCK: usize = 64;
+
+/// A batch of matrices stored at fixed strides in one buffer: element `(i, j)` of item `b` is
+/// at `item_offset(b) + i * row_stride + j * col_stride`, where `item_offset` walks the batch
+/// axes (`batch_dims`, row-major) with `batch_strides`. A transpose or an axis permutation of a
+/// contiguous tensor is such a view of its buffer, so operands are read where they lie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MatrixBatch {
+    pub offset: usize,
+    pub batch_dims: Vec<usize>,
+    pub batch_strides: Vec<usize>,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl MatrixBatch {
+    /// `batch` row-major `rows x cols` matrices, one after another.
+    pub fn contiguous(batch: usize, rows: usize, cols: usize) -> Self {
+        MatrixBatch { offset: 0, batch_dims: vec![batch], batch_strides: vec![rows * cols], rows, cols, row_stride: cols, col_stride: 1 }
+    }
+
+    /// The same elements seen with rows and columns swapped.
+    pub fn transposed(self) -> Self {
+        MatrixBatch { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+    }
+
+    pub fn items(&self) -> usize {
+        self.batch_dims.iter().product()
+    }
+
+    /// Where item `b`'s element `(0, 0)` lies.
+    pub fn item_offset(&self, mut b: usize) -> usize {
+        let mut offset = self.offset;
+        for (&dim, &stride) in self.batch_dims.iter().zip(&self.batch_strides).rev() {
+            offset += b % dim * stride;
+            b /= dim;
+        }
+        offset
+    }
+
+    /// One past the furthest element the view reaches (0 when it has none).
+    pub fn extent(&self) -> usize {
+        if self.items() * self.rows * self.cols == 0 {
+            return 0;
+        }
+        let last_item: usize = self.batch_dims.iter().zip(&self.batch_strides).map(|(&d, &s)| (d - 1) * s).sum();
+        self.offset + last_item + (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride + 1
+    }
+}
+
+/// Sizes of a batch of attention heads. Per batch item: queries `Q` (`queries x depth`), keys
+/// `K` (`depth x keys`) and values `V` (`channels x keys`).
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub queries: usize,
+    pub keys: usize,
+    pub depth: usize,
+    pub channels: usize,
+}
+
+/// Which attention operands are stored (contiguously) with their two axes swapped.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionLayout {
+    pub q_transposed: bool,
+    pub k_transposed: bool,
+    pub v_transposed: bool,
+}
+
+/// Attention over contiguous operands, each stored as [`AttentionShape`] says or, when its
+/// [`AttentionLayout`] flag is set, transposed. Returns `[batch][channels][queries]`. Needs
+/// [`packed_gemm::available`]; `keys` and `depth` must be positive.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, layout: AttentionLayout, alpha: f32) -> Vec<f32> {
+    let isa = Isa::detect().expect("callers check `available()` first");
+    let views = contiguous_views(shape, layout);
+    attention_on(isa, (q, &views[0]), (k, &views[1]), (v, &views[2]), alpha)
+}
+
+/// The views of contiguous operands stored as `layout` says.
+fn contiguous_views(shape: AttentionShape, layout: AttentionLayout) -> [MatrixBatch; 3] {
+    let AttentionShape { batch, queries, keys, depth, channels } = shape;
+    let view = |rows: usize, cols: usize, transposed: bool| {
+        if transposed { MatrixBatch::contiguous(batch, cols, rows).transposed() } else { MatrixBatch::contiguous(batch, rows, cols) }
+    };
+    [view(queries, depth, layout.q_transposed), view(depth, keys, layout.k_transposed), view(channels, keys, layout.v_transposed)]
+}
+
+/// Attention over operands read in place through their views (`Q`: `queries x depth`, `K`:
+/// `depth x keys`, `V`: `channels x keys`, with the same number of items). Returns
+/// `[items][channels][queries]`. Needs [`packed_gemm::available`]; `keys` and `depth` must be
+/// positive.
+pub fn attention_strided(q: (&[f32], &MatrixBatch), k: (&[f32], &MatrixBatch), v: (&[f32], &MatrixBatch), alpha: f32) -> Vec<f32> {
+    let isa = Isa::detect().expect("callers check `available()` first");
+    attention_on(isa, q, k, v, alpha)
+}
+
+fn attention_on(isa: Isa, (q, qv): (&[f32], &MatrixBatch), (k, kv): (&[f32], &MatrixBatch), (v, vv): (&[f32], &MatrixBatch), alpha: f32) -> Vec<f32> {
+    let (batch, queries, depth, keys, channels) = (qv.items(), qv.rows, qv.cols, kv.cols, vv.rows);
+    assert!(isa.supported() && keys > 0 && depth > 0);
+    assert!(kv.items() == batch && vv.items() == batch && kv.rows == depth && vv.cols == keys, "attention operands disagree");
+    assert!(qv.extent() <= q.len() && kv.extent() <= k.len() && vv.extent() <= v.len(), "a view reaches past its buffer");
+    let total = batch * channels * queries;
+    // Per item, once: `alpha K^T` (`keys x depth`) and `V` as left operands.
+    let operands: Vec<(PackedA, PackedA)> = (0..batch)
+        .into_par_iter()
+        .map(|b| {
+            let mut keys_t = PackedA::strided(isa, &k[kv.item_offset(b)..], keys, depth, kv.col_stride, kv.row_stride);
+            if alpha != 1.0 {
+                keys_t.scale(alpha);
+            }
+            let values = PackedA::strided(isa, &v[vv.item_offset(b)..], channels, keys, vv.row_stride, vv.col_stride);
+            (keys_t, values)
+        })
+        .collect();
+    // Row `kk` of a block's weights (`S^T`) starts `kk * BLOCK` floats into its scores.
+    let weight_rows: Vec<usize> = (0..keys).map(|kk| kk * BLOCK).collect();
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    let out_ptr = super::SendPtr(out.as_mut_ptr());
+    let blocks = queries.div_ceil(BLOCK);
+    (0..batch * blocks).into_par_iter().for_each(|task| {
+        SCRATCH.with_borrow_mut(|(queries_packed, scores)| {
+            let (b, i0) = (task / blocks, task % blocks * BLOCK);
+            let rows = BLOCK.min(queries - i0);
+            pack_query_block(isa, q, qv, b, i0, rows, queries_packed);
+            // Zeroed once, when it grows: the product below reads whole panels of each row of
+            // scores, columns past `rows` included, so every float must be initialised.
+            if scores.len() < keys * BLOCK + packed_gemm::MAX_NR {
+                scores.resize(keys * BLOCK + packed_gemm::MAX_NR, 0.0);
+            }
+            let (keys_t, values) = &operands[b];
+            // SAFETY: the microkernel is supported (asserted above). `S^T` is `keys x rows` with
+            // rows `BLOCK` apart inside `scores`. The weights' rows `kk * BLOCK` hold `BLOCK`
+            // initialised floats each, a multiple of the panel width, so the panels read
+            // stay inside `scores`. This task alone writes columns `i0..i0 + rows` of rows
+            // `0..channels` of item `b` of `out`, which has room for `total` floats.
+            unsafe {
+                packed_gemm::gemm(keys_t, 0..keys, queries_packed, rows, scores.as_mut_ptr(), BLOCK);
+                activation::softmax_columns_block(&mut scores[..keys * BLOCK], keys, BLOCK, 0..rows);
+                let dst = out_ptr.get().add(b * channels * queries + i0);
+                packed_gemm::gemm_offsets(values, 0..channels, scores.as_ptr(), &weight_rows, rows, dst, queries);
+            }
+        })
+    });
+    // SAFETY: the tasks cover every (item, channel, query): all `total` floats were written.
+    unsafe { out.set_len(total) };
+    out
+}
+
+thread_local! {
+    /// Each rayon worker's packed query block and scores, reused across blocks and calls.
+    static SCRATCH: std::cell::RefCell<(PackedB, Vec<f32>)> = const { std::cell::RefCell::new((PackedB::new(), Vec::new())) };
+}
+
+/// Packs `Q_block^T` (`depth x rows`: queries `i0..i0 + rows` of item `b`) as a right operand.
+fn pack_query_block(isa: Isa, q: &[f32], qv: &MatrixBatch, b: usize, i0: usize, rows: usize, out: &mut PackedB) {
+    let first = qv.item_offset(b) + i0 * qv.row_stride;
+    if qv.row_stride == 1 {
+        // Each depth's queries are consecutive: rows of `Q^T` in place.
+        // SAFETY: `qv.extent() <= q.len()` (checked by the caller), so `depth` rows of `rows`
+        // floats, `col_stride` apart, from `first` lie inside `q`.
+        unsafe { packed_gemm::pack_b(isa, q[first..].as_ptr(), qv.col_stride, qv.cols, rows, out) };
+    } else {
+        let gathered: Vec<f32> = (0..qv.cols).flat_map(|d| (0..rows).map(move |i| q[first + i * qv.row_stride + d * qv.col_stride])).collect();
+        // SAFETY: `gathered` is `depth x rows` row-major.
+        unsafe { packed_gemm::pack_b(isa, gathered.as_ptr(), rows, qv.cols, rows, out) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(len: usize, mul: usize, modulus: usize) -> Vec<f32> {
+        (0..len).map(|i| ((i * mul % modulus) as f32 - (modulus / 2) as f32) / (modulus / 2) as f32).collect()
+    }
+
+    /// The definition in f64: scores, a softmax per query, then `V x P^T`.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, alpha: f32) -> Vec<f32> {
+        let AttentionShape { batch, queries, keys, depth, channels } = shape;
+        let mut out = vec![0.0; batch * channels * queries];
+        for b in 0..batch {
+            for i in 0..queries {
+                let scores: Vec<f64> = (0..keys)
+                    .map(|j| alpha as f64 * (0..depth).map(|d| q[(b * queries + i) * depth + d] as f64 * k[(b * depth + d) * keys + j] as f64).sum::<f64>())
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = exps.iter().sum();
+                for c in 0..channels {
+                    let mixed: f64 = (0..keys).map(|j| v[(b * channels + c) * keys + j] as f64 * exps[j] / sum).sum();
+                    out[(b * channels + c) * queries + i] = mixed as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        x.chunks(rows * cols).flat_map(|m| (0..cols).flat_map(move |c| (0..rows).map(move |r| m[r * cols + c]))).collect()
+    }
+
+    fn check(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()), "{what} [{i}] {g} vs {w}");
+        }
+    }
+
+    fn supported() -> Vec<Isa> {
+        let isas: Vec<Isa> = [Isa::Avx2, Isa::Avx512].into_iter().filter(|isa| isa.supported()).collect();
+        if isas.is_empty() {
+            eprintln!("SKIPPED: no AVX2/FMA or AVX-512 on this CPU; the engine runs attention as three candle steps");
+        }
+        isas
+    }
+
+    #[test]
+    fn matches_the_definition_in_every_layout() {
+        // Queries span two blocks and a partial one; keys are not a multiple of any panel.
+        for (batch, queries, keys, depth, channels) in [(3, 150, 45, 19, 11), (2, 64, 400, 32, 32), (1, 7, 1, 1, 40)] {
+            let shape = AttentionShape { batch, queries, keys, depth, channels };
+            let (q, k, v) = (matrix(batch * queries * depth, 7, 13), matrix(batch * depth * keys, 5, 11), matrix(batch * channels * keys, 3, 17));
+            let alpha = 0.3;
+            let want = reference(&q, &k, &v, shape, alpha);
+            for isa in supported() {
+                for (qt, kt, vt) in [(false, false, false), (true, true, true), (true, false, false), (false, true, true)] {
+                    let q_in = if qt { transpose(&q, queries, depth) } else { q.clone() };
+                    let k_in = if kt { transpose(&k, depth, keys) } else { k.clone() };
+                    let v_in = if vt { transpose(&v, channels, keys) } else { v.clone() };
+                    let layout = AttentionLayout { q_transposed: qt, k_transposed: kt, v_transposed: vt };
+                    let views = contiguous_views(shape, layout);
+                    let got = attention_on(isa, (&q_in, &views[0]), (&k_in, &views[1]), (&v_in, &views[2]), alpha);
+                    check(&got, &want, &format!("{isa:?} {shape:?} {layout:?}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reads_operands_through_batch_strides() {
+        // Two heads of two areas interleaved in one channel-major buffer, as a detection
+        // model's fused query/key/value convolution lays them out: item (area, head) has its
+        // rows `head * 3 * depth + part * depth + d` and its columns `area * tokens + t`.
+        let (areas, heads, tokens, depth) = (2, 2, 70, 8);
+        let pixels = areas * tokens;
+        let qkv = matrix(heads * 3 * depth * pixels, 7, 23);
+        let part = |p: usize| MatrixBatch {
+            offset: p * depth * pixels,
+            batch_dims: vec![areas, heads],
+            batch_strides: vec![tokens, 3 * depth * pixels],
+            rows: depth,
+            cols: tokens,
+            row_stride: pixels,
+            col_stride: 1,
+        };
+        let (qv, kv, vv) = (part(0).transposed(), part(1), part(2));
+        let gather = |view: &MatrixBatch| -> Vec<f32> {
+            (0..view.items())
+                .flat_map(|b| (0..view.rows).flat_map(move |i| (0..view.cols).map(move |j| (b, i, j))))
+                .map(|(b, i, j)| qkv[view.item_offset(b) + i * view.row_stride + j * view.col_stride])
+                .collect()
+        };
+        let shape = AttentionShape { batch: areas * heads, queries: tokens, keys: tokens, depth, channels: depth };
+        let want = reference(&gather(&qv), &gather(&kv), &gather(&vv), shape, 0.5);
+        for isa in supported() {
+            let got = attention_on(isa, (&qkv, &qv), (&qkv, &kv), (&qkv, &vv), 0.5);
+            check(&got, &want, &format!("{isa:?} strided"));
+        }
+    }
+}
