@@ -19,6 +19,7 @@ use super::kernels::activation::{Activation, UnaryFn};
 use super::kernels::conv::Conv2d;
 use super::kernels::{activation, attention, packed_gemm, transpose};
 use super::model::{Attribute, Node, OnnxModel, TensorData, TensorValues};
+use super::views::{self, ViewStep};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -64,7 +65,10 @@ enum Op {
     MatMul { a_transposed: bool, b_transposed: bool, alpha: f32 },
     /// `V x softmax(alpha * Q x K)^T` over the last two axes (attention, with `Q` rows as
     /// queries): inputs `Q`, `K`, `V`, each possibly stored with its last two axes swapped.
-    Attention { q_transposed: bool, k_transposed: bool, v_transposed: bool, alpha: f32 },
+    /// `views` holds the view chains folded into it (see [`fold_views`]).
+    Attention { q_transposed: bool, k_transposed: bool, v_transposed: bool, alpha: f32, views: Box<AttentionViews> },
+    /// The end of a chain of views, copied out of the tensor the chain starts from in one pass.
+    View(Vec<ViewStep>),
     Reduce { kind: ReduceKind, axes: Option<Vec<i64>>, keepdims: bool },
     Shape,
     Gather { axis: i64 },
@@ -91,6 +95,14 @@ struct Step {
 
 /// Milliseconds and step count per operator type, from [`Engine::run_profiled`].
 pub type OpProfile = std::collections::BTreeMap<String, (f64, usize)>;
+
+/// The view chains folded into an attention step: per operand, from the tensor the step reads
+/// to the operand; and from the step's result to the tensor it produces.
+#[derive(Debug, Default)]
+struct AttentionViews {
+    operands: [Vec<ViewStep>; 3],
+    result: Vec<ViewStep>,
+}
 
 /// A planned graph, ready to run.
 #[derive(Debug)]
@@ -213,6 +225,7 @@ impl Engine {
             }
         }
         let output_slot = *slots.get(output).ok_or_else(|| DetectError::BadModelText(format!("output {output:?} is never produced")))?;
+        let mut steps = fold_views(steps, &constants, output_slot, device);
 
         // Keep only the constants that a step reads, moved to the device once.
         let mut last_use: HashMap<usize, usize> = HashMap::new();
@@ -573,6 +586,132 @@ fn fuse_attention(nodes: &[Node]) -> Vec<Node> {
     rewrite(nodes, replacement, &dropped)
 }
 
+/// The view a step makes of its input, when it is one: a `Transpose`, a `Reshape` to a
+/// constant shape, or output `slot` of a `Split` with constant sizes.
+fn view_step(step: &Step, slot: usize, constants: &HashMap<usize, Tensor>) -> Option<ViewStep> {
+    step.inputs.first().copied().flatten()?;
+    let constant = |i: usize| step.inputs.get(i).copied().flatten().and_then(|s| constants.get(&s)).and_then(|t| ints(t).ok());
+    match &step.op {
+        Op::Transpose { perm } => Some(ViewStep::Permute(perm.clone())),
+        Op::Reshape => Some(ViewStep::Reshape(constant(1)?)),
+        Op::Split { axis, sizes } => {
+            let sizes = match sizes {
+                Some(s) => s.clone(),
+                None => constant(1)?,
+            };
+            let index = step.outputs.iter().position(|&o| o == slot)?;
+            let start: i64 = sizes.get(..index)?.iter().sum();
+            let len = *sizes.get(index)?;
+            (sizes.iter().all(|&s| s >= 0)).then(|| ViewStep::Narrow { axis: *axis, start: start as usize, len: len as usize })
+        }
+        _ => None,
+    }
+}
+
+/// Folds chains of views (`Reshape`, `Transpose`, `Split`; see [`views`]) into the steps at
+/// their ends, on the CPU:
+/// - an attention step reads each operand through the chain that leads to it, and writes its
+///   result through the reshapes and transposes that follow it, into the tensor at their end;
+/// - any other step reading the end of a chain of two or more views that moves or splits axes
+///   gets it from one [`Op::View`] copy instead of a copy per step.
+///
+/// Steps whose results nobody reads any more are dropped.
+fn fold_views(mut steps: Vec<Step>, constants: &HashMap<usize, Tensor>, output_slot: usize, device: &Device) -> Vec<Step> {
+    if !device.is_cpu() {
+        return steps;
+    }
+    let mut dead = vec![false; steps.len()];
+    // Results first: the steps after an attention step that only reshape or permute its result.
+    for i in 0..steps.len() {
+        if !matches!(steps[i].op, Op::Attention { .. }) || steps[i].outputs.len() != 1 {
+            continue;
+        }
+        let mut slot = steps[i].outputs[0];
+        let mut chain = Vec::new();
+        while slot != output_slot {
+            let readers: Vec<usize> = (0..steps.len()).filter(|&j| !dead[j] && steps[j].inputs.contains(&Some(slot))).collect();
+            let &[r] = readers.as_slice() else { break };
+            let reader = &steps[r];
+            let reads_once = reader.inputs.iter().filter(|&&s| s == Some(slot)).count() == 1 && reader.inputs[0] == Some(slot);
+            match view_step(reader, reader.outputs[0], constants) {
+                Some(step @ (ViewStep::Reshape(_) | ViewStep::Permute(_))) if reads_once && reader.outputs.len() == 1 => {
+                    chain.push(step);
+                    dead[r] = true;
+                    slot = reader.outputs[0];
+                }
+                _ => break,
+            }
+        }
+        steps[i].outputs[0] = slot;
+        if let Op::Attention { views, .. } = &mut steps[i].op {
+            views.result = chain;
+        }
+    }
+    let producer: HashMap<usize, usize> = steps.iter().enumerate().filter(|(i, _)| !dead[*i]).flat_map(|(i, s)| s.outputs.iter().map(move |&o| (o, i))).collect();
+    // The chain that ends in `slot`: the slot it starts from and its steps, in order.
+    let chain_to = |steps: &[Step], mut slot: usize| {
+        let mut chain = Vec::new();
+        while let Some(&p) = producer.get(&slot) {
+            let Some(view) = view_step(&steps[p], slot, constants) else { break };
+            chain.push(view);
+            slot = steps[p].inputs[0].expect("a view step has an input");
+        }
+        chain.reverse();
+        (slot, chain)
+    };
+    let mut views_made: Vec<(usize, usize, Vec<ViewStep>)> = Vec::new();
+    for i in (0..steps.len()).filter(|&i| !dead[i]) {
+        if matches!(steps[i].op, Op::Attention { .. }) {
+            let folded: Vec<(usize, Vec<ViewStep>)> = steps[i].inputs.iter().take(3).map(|s| s.map_or((usize::MAX, Vec::new()), |s| chain_to(&steps, s))).collect();
+            for (operand, (base, chain)) in folded.into_iter().enumerate() {
+                if chain.is_empty() {
+                    continue;
+                }
+                steps[i].inputs[operand] = Some(base);
+                if let Op::Attention { views, .. } = &mut steps[i].op {
+                    views.operands[operand] = chain;
+                }
+            }
+            continue;
+        }
+        if view_step(&steps[i], steps[i].outputs[0], constants).is_some() {
+            continue;
+        }
+        for slot in steps[i].inputs.iter().flatten() {
+            let (base, chain) = chain_to(&steps, *slot);
+            let moves_data = chain.iter().any(|v| !matches!(v, ViewStep::Reshape(_)));
+            let p = producer.get(slot).copied();
+            if let (true, Some(p)) = (chain.len() >= 2 && moves_data, p) {
+                if steps[p].outputs.len() == 1 {
+                    views_made.push((p, base, chain));
+                }
+            }
+        }
+    }
+    for (p, base, chain) in views_made {
+        let step = &mut steps[p];
+        step.op_type = "streamdet.View".into();
+        step.op = Op::View(chain);
+        step.inputs = vec![Some(base)];
+    }
+    // Drop what nobody reads any more, until nothing changes.
+    loop {
+        let mut read: std::collections::HashSet<usize> = steps.iter().zip(&dead).filter(|(_, d)| !**d).flat_map(|(s, _)| s.inputs.iter().flatten().copied()).collect();
+        read.insert(output_slot);
+        let mut changed = false;
+        for (step, dead) in steps.iter().zip(dead.iter_mut()) {
+            if !*dead && step.outputs.iter().all(|o| !read.contains(o)) {
+                *dead = true;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    steps.into_iter().zip(dead).filter(|(_, d)| !d).map(|(s, _)| s).collect()
+}
+
 fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, device: &Device) -> Result<Op, DetectError> {
     Ok(match node.op_type.as_str() {
         "Conv" => Op::Conv(Box::new(parse_conv(node, initializers, device)?)),
@@ -625,6 +764,7 @@ fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, device: &De
             k_transposed: attr_int(node, "streamdet.transpose_k", 0)? != 0,
             v_transposed: attr_int(node, "streamdet.transpose_v", 0)? != 0,
             alpha: scale_attribute(node),
+            views: Box::default(),
         },
         "ReduceMax" | "ReduceSum" => {
             if attr_int(node, "noop_with_empty_axes", 0)? != 0 {
@@ -1048,7 +1188,77 @@ impl CustomOp1 for CpuMaxPool {
     }
 }
 
-/// [`Op::Attention`] on the CPU: [`packed_gemm::attention`] over contiguous operands.
+/// Calls `f` with the elements of a contiguous CPU `f32` tensor.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("expected a contiguous CPU f32 tensor");
+    };
+    Ok(f(&data[start..end]))
+}
+
+/// Runs a chain of views one step at a time (transposes of CPU `f32` tensors on their own
+/// kernel), for when it cannot be read in place.
+fn run_chain(t: &Tensor, chain: &[ViewStep]) -> CResult<Tensor> {
+    chain.iter().try_fold(t.clone(), |t, step| match step {
+        ViewStep::Permute(perm) if is_cpu_f32(&t) => {
+            let perm = perm.clone().unwrap_or_else(|| (0..t.rank()).rev().collect());
+            t.contiguous()?.apply_op1_no_bwd(&CpuPermute(perm))
+        }
+        _ => step.apply(&t),
+    })
+}
+
+/// [`Op::Attention`] on the CPU with its view chains folded: the operands are read where they
+/// lie in the tensors the step reads, and the result is written where the chain after it
+/// would put it. `Ok(None)` when a chain cannot be seen as a view.
+fn attention_in_place(operands: [&Tensor; 3], transposed: [bool; 3], alpha: f32, views: &AttentionViews) -> CResult<Option<Tensor>> {
+    let bases = operands.map(|t| t.contiguous());
+    let [q, k, v] = bases;
+    let (q, k, v) = (q?, k?, v?);
+    let mut matrices = Vec::with_capacity(3);
+    let mut batch_dims = Vec::with_capacity(3);
+    for ((base, chain), transposed) in [&q, &k, &v].into_iter().zip(&views.operands).zip(transposed) {
+        let Some(view) = views::view_through(base.dims(), chain)? else { return Ok(None) };
+        let dims = view.dims();
+        if dims.len() < 2 {
+            candle_core::bail!("attention operand of {dims:?} has fewer than two axes");
+        }
+        let Some(m) = view.matrices() else { return Ok(None) };
+        batch_dims.push(dims[..dims.len() - 2].to_vec());
+        matrices.push(if transposed { m.transposed() } else { m });
+    }
+    let [qm, km, vm]: [attention::MatrixBatch; 3] = matrices.try_into().expect("three operands");
+    let (queries, depth, keys, channels) = (qm.rows, qm.cols, km.cols, vm.rows);
+    if km.rows != depth || vm.cols != keys || keys == 0 || depth == 0 || batch_dims[1] != batch_dims[0] || batch_dims[2] != batch_dims[0] {
+        candle_core::bail!("attention of {:?}, {:?} and {:?}", q.dims(), k.dims(), v.dims());
+    }
+    let mut result_dims = batch_dims.swap_remove(0);
+    result_dims.extend([channels, queries]);
+    let Some((end_dims, placed)) = views::placement_through(&result_dims, &views.result)? else { return Ok(None) };
+    let Some(out) = placed.matrices().filter(|m| m.col_stride == 1) else { return Ok(None) };
+    let result = with_cpu_f32(&q, |qd| with_cpu_f32(&k, |kd| with_cpu_f32(&v, |vd| attention::attention_strided((qd, &qm), (kd, &km), (vd, &vm), alpha, &out))))???;
+    Ok(Some(Tensor::from_vec(result, end_dims, &Device::Cpu)?))
+}
+
+/// [`Op::Attention`] on operands that are already what the step multiplies.
+fn attention_unfolded(q: &Tensor, k: &Tensor, v: &Tensor, [q_transposed, k_transposed, v_transposed]: [bool; 3], alpha: f32, device: &Device) -> CResult<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let rank = q.rank();
+    let same_batch = rank >= 2 && [&k, &v].iter().all(|t| t.rank() == rank && t.dims()[..rank - 2] == q.dims()[..rank - 2]);
+    if [&q, &k, &v].iter().all(|t| is_cpu_f32(t)) && same_batch && packed_gemm::available() {
+        let op = CpuAttention { q_transposed, k_transposed, v_transposed, alpha };
+        return q.apply_op3_no_bwd(&k, &v, &op);
+    }
+    // The three steps it fuses, on whatever device holds the tensors.
+    let product = Op::MatMul { a_transposed: q_transposed, b_transposed: k_transposed, alpha };
+    let scores = eval(&product, &[Some(&q), Some(&k)], device)?.remove(0);
+    let weights = eval(&Op::Softmax { axis: -1 }, &[Some(&scores)], device)?.remove(0);
+    let mix = Op::MatMul { a_transposed: v_transposed, b_transposed: true, alpha: 1.0 };
+    Ok(eval(&mix, &[Some(&v), Some(&weights)], device)?.remove(0))
+}
+
+/// [`Op::Attention`] on the CPU: [`attention::attention`] over contiguous operands.
 struct CpuAttention {
     q_transposed: bool,
     k_transposed: bool,
@@ -1188,28 +1398,7 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
         }
         Op::Reshape => {
             let t = x()?;
-            let spec = ints(input(args, 1)?)?;
-            let mut dims = Vec::with_capacity(spec.len());
-            let mut infer = None;
-            for (i, &d) in spec.iter().enumerate() {
-                match d {
-                    0 => dims.push(t.dim(i)?),
-                    -1 => {
-                        infer = Some(i);
-                        dims.push(1);
-                    }
-                    d if d > 0 => dims.push(d as usize),
-                    d => candle_core::bail!("bad reshape dimension {d}"),
-                }
-            }
-            if let Some(i) = infer {
-                let known: usize = dims.iter().product();
-                if known == 0 || t.elem_count() % known != 0 {
-                    candle_core::bail!("cannot reshape {:?} to {spec:?}", t.dims());
-                }
-                dims[i] = t.elem_count() / known;
-            }
-            one(t.reshape(dims)?)
+            one(t.reshape(views::reshape_dims(t.dims(), &ints(input(args, 1)?)?)?)?)
         }
         Op::Transpose { perm } => {
             let t = x()?;
@@ -1266,21 +1455,32 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
                 one(if *alpha == 1.0 { product } else { product.affine(f64::from(*alpha), 0.0)? })
             }
         }
-        Op::Attention { q_transposed, k_transposed, v_transposed, alpha } => {
-            let (q, k, v) = (x()?.contiguous()?, input(args, 1)?.contiguous()?, input(args, 2)?.contiguous()?);
-            let rank = q.rank();
-            let same_batch = rank >= 2 && [&k, &v].iter().all(|t| t.rank() == rank && t.dims()[..rank - 2] == q.dims()[..rank - 2]);
-            if [&q, &k, &v].iter().all(|t| is_cpu_f32(t)) && same_batch && packed_gemm::available() {
-                let op = CpuAttention { q_transposed: *q_transposed, k_transposed: *k_transposed, v_transposed: *v_transposed, alpha: *alpha };
-                one(q.apply_op3_no_bwd(&k, &v, &op)?)
-            } else {
-                // The three steps it fuses, on whatever device holds the tensors.
-                let product = Op::MatMul { a_transposed: *q_transposed, b_transposed: *k_transposed, alpha: *alpha };
-                let scores = eval(&product, &[Some(&q), Some(&k)], device)?.remove(0);
-                let weights = eval(&Op::Softmax { axis: -1 }, &[Some(&scores)], device)?.remove(0);
-                let mix = Op::MatMul { a_transposed: *v_transposed, b_transposed: true, alpha: 1.0 };
-                eval(&mix, &[Some(&v), Some(&weights)], device)
+        Op::View(chain) => {
+            let t = x()?;
+            if is_cpu_f32(t) {
+                let t = t.contiguous()?;
+                if let Some(view) = views::view_through(t.dims(), chain)? {
+                    // Rows that are runs of adjacent floats copy fast; anything else goes step by
+                    // step, where transposes have their own kernel.
+                    if view.rows_are_adjacent() {
+                        let out = with_cpu_f32(&t, |data| view.gather(data))?;
+                        return one(Tensor::from_vec(out, view.dims(), t.device())?);
+                    }
+                }
             }
+            one(run_chain(t, chain)?)
+        }
+        Op::Attention { q_transposed, k_transposed, v_transposed, alpha, views } => {
+            let operands = [x()?, input(args, 1)?, input(args, 2)?];
+            if operands.iter().all(|t| is_cpu_f32(t)) && packed_gemm::available() {
+                if let Some(result) = attention_in_place(operands, [*q_transposed, *k_transposed, *v_transposed], *alpha, views)? {
+                    return one(result);
+                }
+            }
+            let [q, k, v] = operands;
+            let (q, k, v) = (run_chain(q, &views.operands[0])?, run_chain(k, &views.operands[1])?, run_chain(v, &views.operands[2])?);
+            let result = attention_unfolded(&q, &k, &v, [*q_transposed, *k_transposed, *v_transposed], *alpha, device)?;
+            one(run_chain(&result, &views.result)?)
         }
         Op::Reduce { kind, axes, keepdims } => {
             let t = x()?;

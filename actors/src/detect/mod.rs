@@ -13,6 +13,7 @@ pub mod letterbox;
 pub mod model;
 mod onnx_proto;
 pub mod postprocess;
+mod views;
 
 pub use engine::{Engine, OpProfile};
 pub use letterbox::{Letterbox, letterbox_rgb};

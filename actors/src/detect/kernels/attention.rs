@@ -92,7 +92,8 @@ pub struct AttentionLayout {
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, layout: AttentionLayout, alpha: f32) -> Vec<f32> {
     let isa = Isa::detect().expect("callers check `available()` first");
     let views = contiguous_views(shape, layout);
-    attention_on(isa, (q, &views[0]), (k, &views[1]), (v, &views[2]), alpha)
+    let out = MatrixBatch::contiguous(shape.batch, shape.channels, shape.queries);
+    attention_on(isa, (q, &views[0]), (k, &views[1]), (v, &views[2]), alpha, &out)
 }
 
 /// The views of contiguous operands stored as `layout` says.
@@ -105,20 +106,26 @@ fn contiguous_views(shape: AttentionShape, layout: AttentionLayout) -> [MatrixBa
 }
 
 /// Attention over operands read in place through their views (`Q`: `queries x depth`, `K`:
-/// `depth x keys`, `V`: `channels x keys`, with the same number of items). Returns
-/// `[items][channels][queries]`. Needs [`packed_gemm::available`]; `keys` and `depth` must be
-/// positive.
-pub fn attention_strided(q: (&[f32], &MatrixBatch), k: (&[f32], &MatrixBatch), v: (&[f32], &MatrixBatch), alpha: f32) -> Vec<f32> {
+/// `depth x keys`, `V`: `channels x keys`, with the same number of items), written through
+/// `out` (`channels x queries` per item, queries adjacent: `col_stride` 1) into a new buffer of
+/// `out.extent()` floats; `out` must be a rearrangement of that whole buffer, as a chain of
+/// reshapes and permutations of a tensor is. Needs [`packed_gemm::available`]; `keys` and
+/// `depth` must be positive.
+pub fn attention_strided(q: (&[f32], &MatrixBatch), k: (&[f32], &MatrixBatch), v: (&[f32], &MatrixBatch), alpha: f32, out: &MatrixBatch) -> Vec<f32> {
     let isa = Isa::detect().expect("callers check `available()` first");
-    attention_on(isa, q, k, v, alpha)
+    attention_on(isa, q, k, v, alpha, out)
 }
 
-fn attention_on(isa: Isa, (q, qv): (&[f32], &MatrixBatch), (k, kv): (&[f32], &MatrixBatch), (v, vv): (&[f32], &MatrixBatch), alpha: f32) -> Vec<f32> {
+fn attention_on(isa: Isa, (q, qv): (&[f32], &MatrixBatch), (k, kv): (&[f32], &MatrixBatch), (v, vv): (&[f32], &MatrixBatch), alpha: f32, ov: &MatrixBatch) -> Vec<f32> {
     let (batch, queries, depth, keys, channels) = (qv.items(), qv.rows, qv.cols, kv.cols, vv.rows);
     assert!(isa.supported() && keys > 0 && depth > 0);
+    if batch * queries * channels == 0 {
+        return vec![0.0; ov.extent()];
+    }
     assert!(kv.items() == batch && vv.items() == batch && kv.rows == depth && vv.cols == keys, "attention operands disagree");
     assert!(qv.extent() <= q.len() && kv.extent() <= k.len() && vv.extent() <= v.len(), "a view reaches past its buffer");
     let total = batch * channels * queries;
+    assert!(ov.items() == batch && ov.rows == channels && ov.cols == queries && ov.col_stride == 1 && ov.extent() == total, "the output view does not fit");
     // Per item, once: `alpha K^T` (`keys x depth`) and `V` as left operands.
     let operands: Vec<(PackedA, PackedA)> = (0..batch)
         .into_par_iter()
@@ -133,7 +140,9 @@ fn attention_on(isa: Isa, (q, qv): (&[f32], &MatrixBatch), (k, kv): (&[f32], &Ma
         .collect();
     // Row `kk` of a block's weights (`S^T`) starts `kk * BLOCK` floats into its scores.
     let weight_rows: Vec<usize> = (0..keys).map(|kk| kk * BLOCK).collect();
-    let mut out: Vec<f32> = Vec::with_capacity(total);
+    // Zeroed first (a pass over the output, small beside the products) so that a view that
+    // missed an element could never expose uninitialised memory.
+    let mut out = vec![0.0f32; total];
     let out_ptr = super::SendPtr(out.as_mut_ptr());
     let blocks = queries.div_ceil(BLOCK);
     (0..batch * blocks).into_par_iter().for_each(|task| {
@@ -151,17 +160,16 @@ fn attention_on(isa: Isa, (q, qv): (&[f32], &MatrixBatch), (k, kv): (&[f32], &Ma
             // rows `BLOCK` apart inside `scores`. The weights' rows `kk * BLOCK` hold `BLOCK`
             // initialised floats each, a multiple of the panel width, so the panels read
             // stay inside `scores`. This task alone writes columns `i0..i0 + rows` of rows
-            // `0..channels` of item `b` of `out`, which has room for `total` floats.
+            // `0..channels` of item `b` of the output view, which lies inside `out` (its
+            // extent is `total`, asserted above).
             unsafe {
                 packed_gemm::gemm(keys_t, 0..keys, queries_packed, rows, scores.as_mut_ptr(), BLOCK);
                 activation::softmax_columns_block(&mut scores[..keys * BLOCK], keys, BLOCK, 0..rows);
-                let dst = out_ptr.get().add(b * channels * queries + i0);
-                packed_gemm::gemm_offsets(values, 0..channels, scores.as_ptr(), &weight_rows, rows, dst, queries);
+                let dst = out_ptr.get().add(ov.item_offset(b) + i0);
+                packed_gemm::gemm_offsets(values, 0..channels, scores.as_ptr(), &weight_rows, rows, dst, ov.row_stride);
             }
         })
     });
-    // SAFETY: the tasks cover every (item, channel, query): all `total` floats were written.
-    unsafe { out.set_len(total) };
     out
 }
 
@@ -248,7 +256,8 @@ mod tests {
                     let v_in = if vt { transpose(&v, channels, keys) } else { v.clone() };
                     let layout = AttentionLayout { q_transposed: qt, k_transposed: kt, v_transposed: vt };
                     let views = contiguous_views(shape, layout);
-                    let got = attention_on(isa, (&q_in, &views[0]), (&k_in, &views[1]), (&v_in, &views[2]), alpha);
+                    let out = MatrixBatch::contiguous(batch, channels, queries);
+                    let got = attention_on(isa, (&q_in, &views[0]), (&k_in, &views[1]), (&v_in, &views[2]), alpha, &out);
                     check(&got, &want, &format!("{isa:?} {shape:?} {layout:?}"));
                 }
             }
@@ -281,9 +290,17 @@ mod tests {
         };
         let shape = AttentionShape { batch: areas * heads, queries: tokens, keys: tokens, depth, channels: depth };
         let want = reference(&gather(&qv), &gather(&kv), &gather(&vv), shape, 0.5);
+        // The output goes back to the channel-major layout: item (area, head), channel d
+        // lands in row `head * depth + d`, column `area * tokens + t`.
+        let out = MatrixBatch { offset: 0, batch_dims: vec![areas, heads], batch_strides: vec![tokens, depth * pixels], rows: depth, cols: tokens, row_stride: pixels, col_stride: 1 };
+        let mut want_placed = vec![0.0; heads * depth * pixels];
+        for (i, w) in want.iter().enumerate() {
+            let (b, d, t) = (i / (depth * tokens), i / tokens % depth, i % tokens);
+            want_placed[out.item_offset(b) + d * pixels + t] = *w;
+        }
         for isa in supported() {
-            let got = attention_on(isa, (&qkv, &qv), (&qkv, &kv), (&qkv, &vv), 0.5);
-            check(&got, &want, &format!("{isa:?} strided"));
+            let got = attention_on(isa, (&qkv, &qv), (&qkv, &kv), (&qkv, &vv), 0.5, &out);
+            check(&got, &want_placed, &format!("{isa:?} strided"));
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod conv;
 pub mod packed_gemm;
 mod simd;
+pub mod strided;
 pub mod transpose;
 
 /// A raw pointer that may cross threads; every use writes a region no other task touches.
