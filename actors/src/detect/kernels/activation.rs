@@ -92,21 +92,64 @@ pub enum UnaryFn {
 
 /// The vector kernels, generic over the lanes.
 mod lanes {
-    use super::super::simd::Lanes;
+    use super::super::simd::{Lanes, MAX_LANES};
     use super::*;
 
-    /// Applies `f` to every whole vector of `xs` and `scalar` to the tail.
+    /// Replaces every vector `$v` of `$xs` by `$body`; the tail goes through a zero-padded
+    /// vector, so that short rows (a 40-pixel feature map row is 2.5 vectors) pay no scalar
+    /// `exp`. A macro rather than a function taking a closure: a closure is not always inlined
+    /// into the `#[target_feature]` function that calls it, and outside one every intrinsic in
+    /// it becomes a call. Expands to unsafe operations: the CPU must have `$lanes`' features.
+    macro_rules! each {
+        ($lanes:ty, $xs:expr, |$v:ident| $body:expr) => {{
+            let mut padded = [0.0f32; MAX_LANES];
+            for chunk in $xs.chunks_mut(<$lanes>::LEN) {
+                let whole = chunk.len() == <$lanes>::LEN;
+                if !whole {
+                    padded[..chunk.len()].copy_from_slice(chunk);
+                }
+                // `p` points at `LEN` floats: a whole chunk, or `padded` (`MAX_LANES >= LEN`).
+                let p = if whole { chunk.as_mut_ptr() } else { padded.as_mut_ptr() };
+                let $v = <$lanes>::load(p);
+                ($body).store(p);
+                if !whole {
+                    chunk.copy_from_slice(&padded[..chunk.len()]);
+                }
+            }
+        }};
+    }
+
+    /// # Safety
+    /// The CPU has `V`'s features; the rest is [`bias_activation_tile`](super::bias_activation_tile)'s
+    /// contract.
+    #[inline(always)]
+    pub unsafe fn bias_activation_tile<V: Lanes>(c: *mut f32, ldc: usize, width: usize, biases: &[f32], activation: Activation, residual: Option<(*const f32, usize)>) {
+        for (r, &bias) in biases.iter().enumerate() {
+            // SAFETY: row `r` of the tile and of the residual, inside the regions the caller
+            // vouches for; the features are the caller's contract.
+            unsafe {
+                let row = std::slice::from_raw_parts_mut(c.add(r * ldc), width);
+                bias_activation::<V>(row, bias, activation);
+                if let Some((res, ldr)) = residual {
+                    let res = std::slice::from_raw_parts(res.add(r * ldr), width);
+                    add_assign::<V>(row, res);
+                }
+            }
+        }
+    }
+
+    /// `xs += ys`, element-wise.
     ///
     /// # Safety
     /// The CPU has `V`'s features.
     #[inline(always)]
-    unsafe fn each<V: Lanes>(xs: &mut [f32], f: impl Fn(V) -> V, scalar: impl Fn(f32) -> f32) {
-        let mut chunks = xs.chunks_exact_mut(V::LEN);
-        for chunk in &mut chunks {
-            // SAFETY: `chunk` holds `V::LEN` floats; the features are the caller's contract.
-            unsafe { f(V::load(chunk.as_ptr())).store(chunk.as_mut_ptr()) }
+    unsafe fn add_assign<V: Lanes>(xs: &mut [f32], ys: &[f32]) {
+        let (mut x, mut y) = (xs.chunks_exact_mut(V::LEN), ys.chunks_exact(V::LEN));
+        for (a, b) in (&mut x).zip(&mut y) {
+            // SAFETY: whole vectors of both; the features are the caller's contract.
+            unsafe { V::load(a.as_ptr()).add(V::load(b.as_ptr())).store(a.as_mut_ptr()) }
         }
-        chunks.into_remainder().iter_mut().for_each(|x| *x = scalar(*x));
+        x.into_remainder().iter_mut().zip(y.remainder()).for_each(|(a, b)| *a += b);
     }
 
     /// # Safety
@@ -117,18 +160,11 @@ mod lanes {
         unsafe {
             let b = V::splat(bias);
             match activation {
-                Activation::Identity => each::<V>(xs, |v| v.add(b), |x| x + bias),
-                Activation::Silu => each::<V>(
-                    xs,
-                    |v| {
-                        let v = v.add(b);
-                        v.mul(v.sigmoid())
-                    },
-                    |x| {
-                        let v = x + bias;
-                        v * sigmoid(v)
-                    },
-                ),
+                Activation::Identity => each!(V, xs, |v| v.add(b)),
+                Activation::Silu => each!(V, xs, |v| {
+                    let v = v.add(b);
+                    v.mul(v.sigmoid())
+                }),
             }
         }
     }
@@ -140,9 +176,9 @@ mod lanes {
         // SAFETY: the caller's contract, for every use of `V` below.
         unsafe {
             match f {
-                UnaryFn::Sigmoid => each::<V>(xs, |v| v.sigmoid(), sigmoid),
-                UnaryFn::Silu => each::<V>(xs, |v| v.mul(v.sigmoid()), |x| x * sigmoid(x)),
-                UnaryFn::Exp => each::<V>(xs, |v| v.exp(), exp),
+                UnaryFn::Sigmoid => each!(V, xs, |v| v.sigmoid()),
+                UnaryFn::Silu => each!(V, xs, |v| v.mul(v.sigmoid())),
+                UnaryFn::Exp => each!(V, xs, |v| v.exp()),
             }
         }
     }
@@ -173,7 +209,7 @@ mod lanes {
                 total += *x;
             }
             let scale = 1.0 / total;
-            each::<V>(xs, |v| v.mul(V::splat(scale)), |x| x * scale);
+            each!(V, xs, |v| v.mul(V::splat(scale)));
         }
     }
 
@@ -368,6 +404,46 @@ dispatch!(
     bias_activation_body(xs, bias, activation)
 );
 
+/// A convolution's epilogue on one output tile in a single pass: adds `biases[r]` to row `r`
+/// of the `biases.len() x width` tile at `c` (rows `ldc` apart), applies `activation`, then adds
+/// the matching row of `residual` (`(start, row stride)`), when given.
+///
+/// # Safety
+/// `c` is valid for reads and writes of the tile and `residual` for reads of a tile of the same
+/// shape; no other thread touches either meanwhile.
+pub unsafe fn bias_activation_tile(c: *mut f32, ldc: usize, width: usize, biases: &[f32], activation: Activation, residual: Option<(*const f32, usize)>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(c: *mut f32, ldc: usize, width: usize, biases: &[f32], activation: Activation, residual: Option<(*const f32, usize)>) {
+            // SAFETY: the caller's contract; compiled with AVX-512F.
+            unsafe { lanes::bias_activation_tile::<super::simd::Avx512>(c, ldc, width, biases, activation, residual) }
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(c: *mut f32, ldc: usize, width: usize, biases: &[f32], activation: Activation, residual: Option<(*const f32, usize)>) {
+            // SAFETY: the caller's contract; compiled with AVX2 and FMA.
+            unsafe { lanes::bias_activation_tile::<super::simd::Avx2>(c, ldc, width, biases, activation, residual) }
+        }
+        match vectors() {
+            // SAFETY: the caller's contract; `vectors()` only chooses what the CPU has.
+            Vectors::Avx512 => return unsafe { avx512(c, ldc, width, biases, activation, residual) },
+            // SAFETY: as above.
+            Vectors::Avx2 => return unsafe { avx2(c, ldc, width, biases, activation, residual) },
+            Vectors::Scalar => {}
+        }
+    }
+    for (r, &bias) in biases.iter().enumerate() {
+        // SAFETY: row `r` of each tile (the caller's contract).
+        unsafe {
+            let row = std::slice::from_raw_parts_mut(c.add(r * ldc), width);
+            bias_activation_body(row, bias, activation);
+            if let Some((res, ldr)) = residual {
+                row.iter_mut().zip(std::slice::from_raw_parts(res.add(r * ldr), width)).for_each(|(a, b)| *a += b);
+            }
+        }
+    }
+}
+
 dispatch!(
     /// Applies `f` to every element in place.
     map_inplace / map_on(xs: &mut [f32], f: UnaryFn) => map,
@@ -401,8 +477,9 @@ mod tests {
 
     #[test]
     fn vector_kernels_match_the_definitions() {
-        // Not a multiple of any vector length, so the scalar tails run too; extremes included.
-        let mut xs: Vec<f32> = (0..1003).map(|i| (i as f32 - 500.0) / 37.0).collect();
+        // 1006 values: not a multiple of any vector length, so the padded tails run too, with the
+        // extremes in them.
+        let mut xs: Vec<f32> = (0..1001).map(|i| (i as f32 - 500.0) / 37.0).collect();
         xs.extend([-1000.0, 1000.0, 87.5, -87.5, 0.0]);
         for v in variants() {
             let mut e = xs.clone();

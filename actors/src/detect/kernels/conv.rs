@@ -15,7 +15,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::activation::{Activation, bias_activation};
+use super::activation::{Activation, bias_activation, bias_activation_tile};
 use super::SendPtr;
 use super::packed_gemm::{self, Isa, PackedA, PackedB};
 
@@ -193,13 +193,8 @@ impl Conv2d {
                     );
                 }
                 let first = (batch * self.out_channels + channel0) * pixels + p0;
-                for r in 0..rows {
-                    let row = std::slice::from_raw_parts_mut(dst.add(r * pixels), width);
-                    bias_activation(row, self.bias[channel0 + r], self.activation);
-                    if let Some(residual) = residual {
-                        add_assign(row, &residual[first + r * pixels..][..width]);
-                    }
-                }
+                let residual = residual.map(|r| (r[first..].as_ptr(), pixels));
+                bias_activation_tile(dst, pixels, width, &self.bias[channel0..channel0 + rows], self.activation, residual);
             }
         }));
     }
@@ -296,13 +291,8 @@ impl Conv2d {
                 unsafe {
                     let dst = out_ptr.get().add(first);
                     packed_gemm::gemm_offsets(&self.packed[group], m0..m0 + rows, image.as_ptr().add(oy * wp), &offsets, ow, dst, pixels);
-                    for r in 0..rows {
-                        let row = std::slice::from_raw_parts_mut(dst.add(r * pixels), ow);
-                        bias_activation(row, self.bias[channel0 + r], self.activation);
-                        if let Some(residual) = residual {
-                            add_assign(row, &residual[first + r * pixels..][..ow]);
-                        }
-                    }
+                    let residual = residual.map(|r| (r[first..].as_ptr(), pixels));
+                    bias_activation_tile(dst, pixels, ow, &self.bias[channel0..channel0 + rows], self.activation, residual);
                 }
             }
         });

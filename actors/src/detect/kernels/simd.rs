@@ -14,6 +14,9 @@ use std::arch::x86_64::*;
 /// # Safety
 /// Each method needs the CPU features of its implementation (see the type); pointers must be
 /// valid for `LEN` floats.
+/// The most lanes of any [`Lanes`] implementation.
+pub(super) const MAX_LANES: usize = 16;
+
 pub(super) trait Lanes: Copy {
     const LEN: usize;
     unsafe fn load(p: *const f32) -> Self;
