@@ -1,7 +1,7 @@
 //! Convolution kernel throughput on YOLOv12n's layer shapes: GFLOP/s of the packed AVX2
 //! microkernel and of the portable `gemm`-crate path, on the same pool of threads.
-//! `cargo bench --bench conv [-- THREADS [SHAPE]]`, where SHAPE (such as `32->64`) keeps only
-//! the convolutions whose label contains it.
+//! `cargo bench --bench conv [-- THREADS [SHAPE] [packed]]`, where SHAPE (such as `32->64`)
+//! keeps only the convolutions whose label contains it, and `packed` skips the portable path.
 
 use std::time::Instant;
 
@@ -31,6 +31,7 @@ fn main() {
     }
     let threads: usize = std::env::args().filter_map(|a| a.parse().ok()).next().unwrap_or(2);
     let only = std::env::args().skip(1).find(|a| a.contains("->"));
+    let packed_only = std::env::args().any(|a| a == "packed");
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     // (cin, cout, kernel, stride, groups, input size)
     let shapes = [
@@ -54,6 +55,9 @@ fn main() {
         }
         let input: Vec<f32> = (0..cin * size * size).map(|i| (i % 13) as f32 * 0.05).collect();
         for (name, c) in [("portable", conv(cin, cout, k, stride, groups)), ("packed", conv(cin, cout, k, stride, groups).with_packed_weights())] {
+            if packed_only && name == "portable" {
+                continue;
+            }
             let (oh, ow) = c.output_size(size, size).unwrap();
             let flops = 2.0 * (cout * oh * ow * cin / groups * k * k) as f64;
             std::hint::black_box(pool.install(|| c.run(&input, 1, size, size, None)));

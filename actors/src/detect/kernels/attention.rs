@@ -163,10 +163,10 @@ fn attention_on(isa: Isa, (q, qv): (&[f32], &MatrixBatch), (k, kv): (&[f32], &Ma
             // `0..channels` of item `b` of the output view, which lies inside `out` (its
             // extent is `total`, asserted above).
             unsafe {
-                packed_gemm::gemm(keys_t, 0..keys, queries_packed, rows, scores.as_mut_ptr(), BLOCK);
+                packed_gemm::gemm(keys_t, 0..keys, queries_packed, rows, scores.as_mut_ptr(), BLOCK, None);
                 activation::softmax_columns_block(&mut scores[..keys * BLOCK], keys, BLOCK, 0..rows);
                 let dst = out_ptr.get().add(ov.item_offset(b) + i0);
-                packed_gemm::gemm_offsets(values, 0..channels, scores.as_ptr(), &weight_rows, rows, dst, ov.row_stride);
+                packed_gemm::gemm_offsets(values, 0..channels, scores.as_ptr(), &weight_rows, rows, dst, ov.row_stride, None);
             }
         })
     });

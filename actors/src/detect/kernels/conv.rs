@@ -88,6 +88,12 @@ impl Conv2d {
         self.packed.first().map_or(1, |p| p.isa().mr())
     }
 
+    /// The microkernel's epilogue for output channels `channels`: their biases, the activation
+    /// and the residual's first element and row stride, if any.
+    fn epilogue(&self, channels: std::ops::Range<usize>, residual: Option<(*const f32, usize)>) -> packed_gemm::Epilogue<'_> {
+        packed_gemm::Epilogue { bias: &self.bias[channels], silu: self.activation == Activation::Silu, residual }
+    }
+
     fn is_pointwise(&self) -> bool {
         self.kernel == (1, 1) && self.stride == (1, 1) && self.pads == (0, 0, 0, 0)
     }
@@ -172,13 +178,16 @@ impl Conv2d {
             // or channel block) and inside `out`, whose length `run` checked. `rhs` covers
             // `k x width` elements with row stride `rhs_rs`.
             unsafe {
-                let dst = out_ptr.get().add((batch * self.out_channels + channel0) * pixels + p0);
+                let first = (batch * self.out_channels + channel0) * pixels + p0;
+                let dst = out_ptr.get().add(first);
+                let residual = residual.map(|r| (r[first..].as_ptr(), pixels));
                 if let Some(packed) = packed {
                     // Only pointwise convolutions come here with packed weights (the others run
                     // in place, `run_direct`). Packing their scattered channel rows into panels
                     // measured faster than reading them in place.
                     packed_gemm::pack_b(packed.isa(), rhs, rhs_rs as usize, k, width, packed_b);
-                    packed_gemm::gemm(packed, m0..m0 + rows, packed_b, width, dst, pixels);
+                    let epilogue = self.epilogue(channel0..channel0 + rows, residual);
+                    packed_gemm::gemm(packed, m0..m0 + rows, packed_b, width, dst, pixels, Some(&epilogue));
                 } else {
                     let lhs = &self.weights[channel0 * k..][..rows * k];
                     gemm::gemm(
@@ -191,10 +200,8 @@ impl Conv2d {
                         false, false, false,
                         gemm::Parallelism::None,
                     );
+                    bias_activation_tile(dst, pixels, width, &self.bias[channel0..channel0 + rows], self.activation, residual);
                 }
-                let first = (batch * self.out_channels + channel0) * pixels + p0;
-                let residual = residual.map(|r| (r[first..].as_ptr(), pixels));
-                bias_activation_tile(dst, pixels, width, &self.bias[channel0..channel0 + rows], self.activation, residual);
             }
         }));
     }
@@ -221,33 +228,20 @@ impl Conv2d {
         let planes_len = n * self.in_channels * channel_len;
         let mut padded: Vec<f32> = Vec::with_capacity(planes_len + packed_gemm::MAX_NR);
         zeroed(&mut padded.spare_capacity_mut()[planes_len..planes_len + packed_gemm::MAX_NR]);
+        let isa = self.packed.first().map(|p| p.isa());
+        let layout = PhaseLayout { w, pt, pl, sh, sw, plane, wp };
         padded.spare_capacity_mut()[..planes_len].par_chunks_mut(channel_len).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
             // Zeroed here rather than by the allocator: in parallel, and just before the copy
             // that needs it in cache.
             let dst = zeroed(dst);
-            for (y, row) in src.chunks(w).enumerate() {
-                let (py, y2) = ((y + pt) % sh, (y + pt) / sh);
-                // Column x lands in phase (x + pl) % sw at (x + pl) / sw: columns x0, x0 + sw,
-                // ... of one phase fill consecutive places of that phase's row.
-                for x0 in 0..sw.min(w) {
-                    let (px, first) = ((x0 + pl) % sw, (x0 + pl) / sw);
-                    let start = (py * sw + px) * plane + y2 * wp + first;
-                    let count = (w - x0).div_ceil(sw);
-                    let dst = &mut dst[start..][..count];
-                    match sw {
-                        1 => dst.copy_from_slice(row),
-                        // Pairs rather than `step_by(2)`, which does not vectorise.
-                        2 => {
-                            let pairs = row[x0..].chunks_exact(2);
-                            let last = pairs.remainder().first().copied();
-                            let taken = dst.iter_mut().zip(pairs).map(|(d, pair)| *d = pair[0]).count();
-                            if let Some(v) = last {
-                                dst[taken] = v;
-                            }
-                        }
-                        _ => dst.iter_mut().zip(row[x0..].iter().step_by(sw)).for_each(|(d, &v)| *d = v),
-                    }
-                }
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU supports AVX-512F (the weights were packed for it).
+                Some(Isa::Avx512) => unsafe { split_phases_avx512(dst, src, &layout) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU supports AVX2 (the weights were packed for it).
+                Some(Isa::Avx2) => unsafe { split_phases_avx2(dst, src, &layout) },
+                _ => split_phases(dst, src, &layout),
             }
         });
         // SAFETY: every element was written: the planes by the loop above, the slack before it.
@@ -290,9 +284,8 @@ impl Conv2d {
                 // slack after the last one.
                 unsafe {
                     let dst = out_ptr.get().add(first);
-                    packed_gemm::gemm_offsets(&self.packed[group], m0..m0 + rows, image.as_ptr().add(oy * wp), &offsets, ow, dst, pixels);
-                    let residual = residual.map(|r| (r[first..].as_ptr(), pixels));
-                    bias_activation_tile(dst, pixels, ow, &self.bias[channel0..channel0 + rows], self.activation, residual);
+                    let epilogue = self.epilogue(channel0..channel0 + rows, residual.map(|r| (r[first..].as_ptr(), pixels)));
+                    packed_gemm::gemm_offsets(&self.packed[group], m0..m0 + rows, image.as_ptr().add(oy * wp), &offsets, ow, dst, pixels, Some(&epilogue));
                 }
             }
         });
@@ -363,6 +356,77 @@ impl Conv2d {
                 add_assign(dst, &residual[plane_index * oh * ow..][..oh * ow]);
             }
         });
+    }
+}
+
+/// Where one input channel's pixels go among its zero-padded stride-phase planes (see
+/// [`Conv2d::run_direct`]).
+struct PhaseLayout {
+    w: usize,
+    pt: usize,
+    pl: usize,
+    sh: usize,
+    sw: usize,
+    /// Floats per phase plane, and per row of one.
+    plane: usize,
+    wp: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn split_phases_avx2(dst: &mut [f32], src: &[f32], layout: &PhaseLayout) {
+    split_phases(dst, src, layout)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn split_phases_avx512(dst: &mut [f32], src: &[f32], layout: &PhaseLayout) {
+    split_phases(dst, src, layout)
+}
+
+/// Copies one channel (`src`, rows of `w`) into its phase planes (`dst`, zeroed): pixel
+/// `(y, x)` goes to phase `((y + pt) % sh, (x + pl) % sw)` at row `(y + pt) / sh`, column
+/// `(x + pl) / sw`. Compiled for the CPU's vectors by the callers above: for stride 2 the
+/// compiler then splits even and odd columns with vector shuffles.
+#[inline(always)]
+fn split_phases(dst: &mut [f32], src: &[f32], layout: &PhaseLayout) {
+    let &PhaseLayout { w, pt, pl, sh, sw, plane, wp } = layout;
+    for (y, row) in src.chunks_exact(w).enumerate() {
+        let (py, y2) = ((y + pt) % sh, (y + pt) / sh);
+        // Column x0 + k*sw lands at place (x0 + pl) / sw + k of its phase's row.
+        let phase_row = |x0: usize| (py * sw + (x0 + pl) % sw) * plane + y2 * wp + (x0 + pl) / sw;
+        match sw {
+            1 => dst[phase_row(0)..][..w].copy_from_slice(row),
+            2 if w >= 2 => {
+                // Both phases in one pass over the row: pairs (even, odd).
+                let (even, odd) = (phase_row(0), phase_row(1));
+                let pairs = row.chunks_exact(2);
+                let last = pairs.remainder().first().copied();
+                let (even_len, odd_len) = (w.div_ceil(2), w / 2);
+                // The two rows lie in different planes: split `dst` between them.
+                let (even_row, odd_row) = if even < odd {
+                    let (head, tail) = dst.split_at_mut(odd);
+                    (&mut head[even..][..even_len], &mut tail[..odd_len])
+                } else {
+                    let (head, tail) = dst.split_at_mut(even);
+                    (&mut tail[..even_len], &mut head[odd..][..odd_len])
+                };
+                for ((e, o), pair) in even_row.iter_mut().zip(odd_row.iter_mut()).zip(pairs) {
+                    *e = pair[0];
+                    *o = pair[1];
+                }
+                if let Some(v) = last {
+                    even_row[odd_len] = v;
+                }
+            }
+            _ => {
+                for x0 in 0..sw.min(w) {
+                    let start = phase_row(x0);
+                    let count = (w - x0).div_ceil(sw);
+                    dst[start..][..count].iter_mut().zip(row[x0..].iter().step_by(sw)).for_each(|(d, &v)| *d = v);
+                }
+            }
+        }
     }
 }
 
@@ -588,5 +652,7 @@ mod tests {
         check(24, 40, 1, 3, 1, 1, 2, 7, 21); // stride 1 in place: rows not a multiple of 16, batch 2
         check(70, 20, 1, 3, 1, 0, 1, 5, 19); // stride 1 without padding, k > one block of KC
         check(6, 10, 2, 5, 1, 2, 1, 9, 17); // stride 1, grouped, 5x5
+        check(5, 9, 1, 3, 2, 0, 2, 12, 16); // stride 2 without padding: even columns in phase 0
+        check(4, 6, 1, 3, 3, 1, 1, 10, 11); // stride 3
     }
 }

@@ -9,6 +9,9 @@
 
 use std::sync::OnceLock;
 
+#[cfg(target_arch = "x86_64")]
+use super::simd::{Avx2, Avx512, Lanes};
+
 /// The widest `B` panel of any microkernel: callers leave this many floats of slack after data
 /// that the kernel reads in place.
 pub const MAX_NR: usize = 32;
@@ -16,6 +19,28 @@ pub const MAX_NR: usize = 32;
 const MAX_MR: usize = 8;
 /// Floats in one block of a `B` panel (16 KiB, half of L1).
 const BLOCK_FLOATS: usize = 4096;
+
+/// What the last pass over `k` does to a tile of `C` before it is stored, while the tile is in
+/// registers: a convolution's bias, SiLU and skip connection cost no trip through memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a> {
+    /// Added to each row of the product (`bias[i]` to row `rows.start + i`).
+    pub bias: &'a [f32],
+    /// SiLU after the bias.
+    pub silu: bool,
+    /// Added last: element `(i, j)` of the product gets `residual.0[i * residual.1 + j]`
+    /// (a pointer to the residual's element for the product's first row, and its row stride).
+    pub residual: Option<(*const f32, usize)>,
+}
+
+/// The epilogue of one microkernel tile: `mr` biases (zero past the product's rows) and the
+/// residual tile's start, when it can be read whole.
+#[derive(Clone, Copy)]
+struct TileEpilogue {
+    bias: [f32; MAX_MR],
+    silu: bool,
+    residual: Option<(*const f32, usize)>,
+}
 
 /// The microkernel a CPU runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,18 +286,20 @@ pub fn pack_b_transposed(isa: Isa, bt: &[f32], k: usize, n: usize, out: &mut Pac
 }
 
 /// `C[rows, 0..width] = A[rows] * B` for panel-aligned `rows` of `a` and `b` packed for `a`'s
-/// [`Isa`] with the same `k`. `C` is row-major with `ldc` elements per row.
+/// [`Isa`] with the same `k`, then the [`Epilogue`], if any. `C` is row-major with `ldc`
+/// elements per row.
 ///
 /// # Safety
 /// `a`'s [`Isa`] must be supported; `b` must hold the packed panels of `width` columns; `c`
 /// must be valid for writes of `rows.len()` rows of `width` elements, `ldc` apart;
-/// `rows.start` must be a multiple of `mr`.
-pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: &PackedB, width: usize, c: *mut f32, ldc: usize) {
+/// `rows.start` must be a multiple of `mr`. An epilogue's `bias` holds `rows.len()` values and
+/// its residual is readable over the same `rows.len() x width` shape.
+pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: &PackedB, width: usize, c: *mut f32, ldc: usize, epilogue: Option<&Epilogue>) {
     let (k, nr) = (a.k, a.isa.nr());
     assert!(b.len() >= width.div_ceil(nr) * k * nr, "B holds fewer panels than the width needs");
     let b = b.as_ptr();
     // SAFETY: the caller's contract; each block is `kc` rows of one packed `B` panel.
-    unsafe { tiles(a, rows, width, c, ldc, |k0, _kc, q| b.add((q * k + k0) * nr)) }
+    unsafe { tiles(a, rows, width, c, ldc, epilogue, |k0, _kc, q| b.add((q * k + k0) * nr)) }
 }
 
 /// Like [`gemm`], with row `kk` of `B` the `width` floats at `base + offsets[kk]`: a
@@ -281,7 +308,7 @@ pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: &PackedB, width
 /// # Safety
 /// As for [`gemm`]; `offsets.len()` must be `a`'s `k`, and `base + offsets[kk] + j` readable for
 /// every `kk` and every `j < width.div_ceil(nr) * nr` (columns past `width` are read, not used).
-pub unsafe fn gemm_offsets(a: &PackedA, rows: std::ops::Range<usize>, base: *const f32, offsets: &[usize], width: usize, c: *mut f32, ldc: usize) {
+pub unsafe fn gemm_offsets(a: &PackedA, rows: std::ops::Range<usize>, base: *const f32, offsets: &[usize], width: usize, c: *mut f32, ldc: usize, epilogue: Option<&Epilogue>) {
     assert_eq!(offsets.len(), a.k);
     let nr = a.isa.nr();
     // The block of `B` that every `A` panel multiplies is gathered once into an aligned buffer
@@ -293,7 +320,7 @@ pub unsafe fn gemm_offsets(a: &PackedA, rows: std::ops::Range<usize>, base: *con
     // SAFETY: the caller's contract covers every address read; `block` holds `kc * nr <=
     // BLOCK_FLOATS` floats.
     unsafe {
-        tiles(a, rows, width, c, ldc, |k0, kc, q| {
+        tiles(a, rows, width, c, ldc, epilogue, |k0, kc, q| {
             let src = base.add(q * nr);
             let offsets = &offsets[k0..k0 + kc];
             gather_rows(a.isa, src, offsets, block);
@@ -373,10 +400,13 @@ struct Block([f32; BLOCK_FLOATS]);
 /// # Safety
 /// As for [`gemm`]; the pointer `b_block` returns must hold `kc * nr` readable floats until its
 /// next call.
-unsafe fn tiles(a: &PackedA, rows: std::ops::Range<usize>, width: usize, c: *mut f32, ldc: usize, mut b_block: impl FnMut(usize, usize, usize) -> *const f32) {
+unsafe fn tiles(a: &PackedA, rows: std::ops::Range<usize>, width: usize, c: *mut f32, ldc: usize, epilogue: Option<&Epilogue>, mut b_block: impl FnMut(usize, usize, usize) -> *const f32) {
     let isa = a.isa;
     let (mr, nr, kc_max) = (isa.mr(), isa.nr(), isa.kc());
     assert!(rows.start % mr == 0 && rows.end <= a.m, "rows must start on a panel");
+    if let Some(e) = epilogue {
+        assert!(e.bias.len() >= rows.len(), "one bias per row");
+    }
     let k = a.k;
     let panels = width.div_ceil(nr);
     let mut edge = [0f32; MAX_MR * MAX_NR];
@@ -384,27 +414,46 @@ unsafe fn tiles(a: &PackedA, rows: std::ops::Range<usize>, width: usize, c: *mut
     for k0 in (0..k).step_by(kc_max) {
         let kc = kc_max.min(k - k0);
         let accumulate = k0 > 0;
+        let last = k0 + kc == k;
         for q in 0..panels {
             let cols = nr.min(width - q * nr);
             let bq = b_block(k0, kc, q);
             for row in (rows.start..rows.end).step_by(mr) {
                 let ap = a.panel(row / mr)[k0 * mr..][..kc * mr].as_ptr();
                 let valid = mr.min(rows.end - row);
+                let full = valid == mr && cols == nr;
+                let first = row - rows.start;
+                // The epilogue of this tile, on the last pass; an edge tile adds its residual
+                // while it is copied out, since the kernel would read past the residual's rows.
+                let tile_epilogue = epilogue.filter(|_| last).map(|e| {
+                    let mut bias = [0f32; MAX_MR];
+                    bias[..valid].copy_from_slice(&e.bias[first..first + valid]);
+                    // SAFETY: the residual covers the product's rows and columns (the caller's
+                    // contract); this is the tile's first element.
+                    let residual = e.residual.filter(|_| full).map(|(r, ld)| (unsafe { r.add(first * ld + q * nr) }, ld));
+                    TileEpilogue { bias, silu: e.silu, residual }
+                });
                 // SAFETY: the caller guarantees `c` covers `rows` x `width`; `row` and `q * nr`
                 // stay inside. Full tiles are written in place, edge tiles through `edge`.
                 unsafe {
-                    let dst = c.add((row - rows.start) * ldc + q * nr);
-                    if valid == mr && cols == nr {
-                        kernel(isa, kc, ap, bq, dst, ldc, accumulate);
+                    let dst = c.add(first * ldc + q * nr);
+                    if full {
+                        kernel(isa, kc, ap, bq, dst, ldc, accumulate, tile_epilogue.as_ref());
                     } else {
                         if accumulate {
                             for r in 0..valid {
                                 std::ptr::copy_nonoverlapping(dst.add(r * ldc), edge.add(r * nr), cols);
                             }
                         }
-                        kernel(isa, kc, ap, bq, edge, nr, accumulate);
+                        kernel(isa, kc, ap, bq, edge, nr, accumulate, tile_epilogue.as_ref());
+                        let residual = epilogue.filter(|_| last).and_then(|e| e.residual);
                         for r in 0..valid {
-                            std::ptr::copy_nonoverlapping(edge.add(r * nr), dst.add(r * ldc), cols);
+                            let out = std::slice::from_raw_parts_mut(dst.add(r * ldc), cols);
+                            out.copy_from_slice(std::slice::from_raw_parts(edge.add(r * nr), cols));
+                            if let Some((res, ld)) = residual {
+                                let res = std::slice::from_raw_parts(res.add((first + r) * ld + q * nr), cols);
+                                out.iter_mut().zip(res).for_each(|(o, x)| *o += x);
+                            }
                         }
                     }
                 }
@@ -454,7 +503,7 @@ fn batched_matmul_on(isa: Isa, a: &[f32], b: &[f32], batch: usize, m: usize, k: 
             // SAFETY: `ct` has room for `n x m`; the microkernel is supported (asserted above).
             // With `k > 0`, the product writes every element, so `set_len` exposes no garbage.
             unsafe {
-                gemm(&packed, 0..n, &packed_b, m, ct.as_mut_ptr(), m);
+                gemm(&packed, 0..n, &packed_b, m, ct.as_mut_ptr(), m, None);
                 ct.set_len(n * m);
             }
             for (j, row) in c.chunks_exact_mut(n).enumerate() {
@@ -472,33 +521,54 @@ fn batched_matmul_on(isa: Isa, a: &[f32], b: &[f32], batch: usize, m: usize, k: 
         unsafe { pack_b(isa, bi.as_ptr(), n, k, n, &mut packed_b) };
         // SAFETY: `c` is `m x n`; the microkernel is supported (asserted above). `gemm` only
         // writes through the pointer until its first pass over `k` has initialised the tile.
-        unsafe { gemm(&packed, 0..m, &packed_b, n, c.as_mut_ptr().cast::<f32>(), n) };
+        unsafe { gemm(&packed, 0..m, &packed_b, n, c.as_mut_ptr().cast::<f32>(), n, None) };
     });
     // SAFETY: with `k > 0`, `gemm` wrote every element of every `m x n` product.
     unsafe { out.set_len(batch * m * n) };
     out
 }
 
-/// `C[mr x nr] (+)= A_panel[kc x mr] * B_panel[kc x nr]` with `isa`'s microkernel.
+/// `C[mr x nr] (+)= A_panel[kc x mr] * B_panel[kc x nr]` with `isa`'s microkernel, then the
+/// tile's epilogue, if any.
 ///
 /// # Safety
 /// `isa` must be supported; `a` holds `kc * mr` and `b` `kc * nr` readable floats (`b` aligned
 /// to 64 bytes for AVX-512); `c` is valid for reads and writes of `mr` rows of `nr` floats,
-/// `ldc` apart.
+/// `ldc` apart; an epilogue's residual is readable over the same tile.
 #[inline]
-unsafe fn kernel(isa: Isa, kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
+unsafe fn kernel(isa: Isa, kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool, epilogue: Option<&TileEpilogue>) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller's contract.
     unsafe {
         match isa {
-            Isa::Avx2 => kernel_6x16(kc, a, b, c, ldc, accumulate),
-            Isa::Avx512 => kernel_8x32(kc, a, b, c, ldc, accumulate),
+            Isa::Avx2 => kernel_6x16(kc, a, b, c, ldc, accumulate, epilogue),
+            Isa::Avx512 => kernel_8x32(kc, a, b, c, ldc, accumulate, epilogue),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (isa, kc, a, b, c, ldc, accumulate);
+        let _ = (isa, kc, a, b, c, ldc, accumulate, epilogue);
         unreachable!("no microkernel on this architecture; `Isa::detect` returns None")
+    }
+}
+
+/// One register of a finished tile: `+ bias`, SiLU when asked, `+ residual` when given.
+///
+/// # Safety
+/// The CPU has `V`'s features; `residual`, if given, points at `V::LEN` readable floats.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn finish<V: Lanes>(v: V, bias: f32, silu: bool, residual: Option<*const f32>) -> V {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut v = v.add(V::splat(bias));
+        if silu {
+            v = v.mul(v.sigmoid());
+        }
+        if let Some(r) = residual {
+            v = v.add(V::load(r));
+        }
+        v
     }
 }
 
@@ -508,7 +578,7 @@ unsafe fn kernel(isa: Isa, kc: usize, a: *const f32, b: *const f32, c: *mut f32,
 /// As for [`kernel`], with `mr = 6`, `nr = 16`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
+unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool, epilogue: Option<&TileEpilogue>) {
     use std::arch::x86_64::*;
     const MR: usize = 6;
     // SAFETY: every pointer access below stays within the bounds stated in the contract.
@@ -530,6 +600,14 @@ unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc:
                 row[1] = _mm256_fmadd_ps(av, b1, row[1]);
             }
         }
+        if let Some(e) = epilogue {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    let residual = e.residual.map(|(p, ld)| p.add(r * ld + j * 8));
+                    *v = finish(Avx2(*v), e.bias[r], e.silu, residual).0;
+                }
+            }
+        }
         for (r, row) in acc.iter().enumerate() {
             _mm256_storeu_ps(c.add(r * ldc), row[0]);
             _mm256_storeu_ps(c.add(r * ldc + 8), row[1]);
@@ -544,7 +622,7 @@ unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc:
 /// As for [`kernel`], with `mr = 8`, `nr = 32`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel_8x32(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
+unsafe fn kernel_8x32(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool, epilogue: Option<&TileEpilogue>) {
     use std::arch::x86_64::*;
     const MR: usize = 8;
     // SAFETY: every pointer access below stays within the bounds stated in the contract; `b`
@@ -565,6 +643,14 @@ unsafe fn kernel_8x32(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc:
                 let av = _mm512_set1_ps(*ak.add(r));
                 row[0] = _mm512_fmadd_ps(av, b0, row[0]);
                 row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+            }
+        }
+        if let Some(e) = epilogue {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    let residual = e.residual.map(|(p, ld)| p.add(r * ld + j * 16));
+                    *v = finish(Avx512(*v), e.bias[r], e.silu, residual).0;
+                }
             }
         }
         for (r, row) in acc.iter().enumerate() {
@@ -636,8 +722,8 @@ mod tests {
                 // `m x width`; the offsets leave `2 * MAX_NR` floats of slack after `source`.
                 unsafe {
                     pack_b(isa, rows.as_ptr(), width, k, width, &mut packed_b);
-                    gemm(&packed_a, 0..m, &packed_b, width, want.as_mut_ptr(), width);
-                    gemm_offsets(&packed_a, 0..m, source.as_ptr(), &offsets, width, got.as_mut_ptr(), width);
+                    gemm(&packed_a, 0..m, &packed_b, width, want.as_mut_ptr(), width, None);
+                    gemm_offsets(&packed_a, 0..m, source.as_ptr(), &offsets, width, got.as_mut_ptr(), width, None);
                 }
                 assert_eq!(got, want, "{isa:?} m={m} k={k} width={width}");
             }
@@ -660,7 +746,7 @@ mod tests {
                 let mut c = vec![f32::NAN; m * ldc];
                 let start = if m > mr { mr } else { 0 };
                 // SAFETY: `isa` is supported; `c` covers the rows.
-                unsafe { gemm(&packed, start..m, &bp, n, c[start * ldc..].as_mut_ptr(), ldc) };
+                unsafe { gemm(&packed, start..m, &bp, n, c[start * ldc..].as_mut_ptr(), ldc, None) };
                 for i in start..m {
                     for j in 0..n {
                         let want: f32 = (0..k).map(|kk| a[i * k + kk] * b[kk * n + j]).sum();

@@ -68,7 +68,7 @@ pub(super) trait Lanes: Copy {
 /// AVX-512F lanes.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-pub(super) struct Avx512(__m512);
+pub(super) struct Avx512(pub(super) __m512);
 
 #[cfg(target_arch = "x86_64")]
 impl Lanes for Avx512 {
@@ -155,7 +155,7 @@ impl Lanes for Avx512 {
 /// AVX2+FMA lanes.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-pub(super) struct Avx2(__m256);
+pub(super) struct Avx2(pub(super) __m256);
 
 #[cfg(target_arch = "x86_64")]
 impl Lanes for Avx2 {
