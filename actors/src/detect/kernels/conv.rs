@@ -275,7 +275,16 @@ impl Conv2d {
             let rows = m_block.min(m_g - m0);
             let channel0 = group * m_g + m0;
             let image = &padded[(batch * self.in_channels + group * cin_g) * channel_len..];
-            for oy in row_task * rows_per_task..((row_task + 1) * rows_per_task).min(oh) {
+            let task_rows = row_task * rows_per_task..((row_task + 1) * rows_per_task).min(oh);
+            let packed = &self.packed[group];
+            if ow % packed.isa().nr() != 0 {
+                // Rows that end inside a panel would waste its last columns (a 40-pixel row is
+                // 1.25 panels of 32): the product runs over several rows at once instead.
+                // SAFETY: as below, for the rows of this task.
+                unsafe { self.direct_rows_flattened(group, m0..m0 + rows, image, &offsets, wp, (oh, ow), task_rows, batch, residual, out_ptr) };
+                return;
+            }
+            for oy in task_rows {
                 let first = (batch * self.out_channels + channel0) * pixels + oy * ow;
                 // SAFETY: this task writes rows `channel0..channel0+rows` of output row `oy` of
                 // image `batch` — a region no other task writes — inside `out`. Each patch row
@@ -287,6 +296,58 @@ impl Conv2d {
                     let epilogue = self.epilogue(channel0..channel0 + rows, residual.map(|r| (r[first..].as_ptr(), pixels)));
                     packed_gemm::gemm_offsets(&self.packed[group], m0..m0 + rows, image.as_ptr().add(oy * wp), &offsets, ow, dst, pixels, Some(&epilogue));
                 }
+            }
+        });
+    }
+
+    /// Output rows `out_rows` of channels `channels` (of image `batch`, relative to `group`'s
+    /// first) of a convolution run in place
+    /// ([`run_direct`](Self::run_direct)), as products over several rows at once: output pixel
+    /// `(oy, ox)` is column `(oy - oy0) * wp + ox` of a product whose `B` rows run along the
+    /// padded phase planes, `wp` floats per row, so one product covers `oy0..oy1` with the
+    /// `wp - ow` columns between rows computed and dropped. The product lands in a scratch
+    /// tile (bias and activation applied by the kernel); its rows are copied out, adding the
+    /// residual on the way.
+    ///
+    /// # Safety
+    /// As for the row-by-row loop in `run_direct`: this task alone writes these channels of
+    /// these rows of `out`; `image` has the padded planes of the group's channels and the
+    /// slack after them.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn direct_rows_flattened(&self, group: usize, channels: std::ops::Range<usize>, image: &[f32], offsets: &[usize], wp: usize, (oh, ow): (usize, usize), out_rows: std::ops::Range<usize>, batch: usize, residual: Option<&[f32]>, out: SendPtr) {
+        /// Columns per product: about 32 panels, so that the scratch tile stays in L2.
+        const COLUMNS: usize = 1024;
+        let pixels = oh * ow;
+        let packed = &self.packed[group];
+        let channel0 = group * (self.out_channels / self.groups) + channels.start;
+        let rows = channels.len();
+        let per_product = (COLUMNS / wp).max(1);
+        let epilogue = self.epilogue(channel0..channel0 + rows, None);
+        SCRATCH.with_borrow_mut(|(scratch, _)| {
+            let mut oy0 = out_rows.start;
+            while oy0 < out_rows.end {
+                let oy1 = (oy0 + per_product).min(out_rows.end);
+                let width = (oy1 - oy0 - 1) * wp + ow;
+                // Grown, never cleared: the product writes every element it covers.
+                if scratch.len() < rows * width {
+                    scratch.resize(rows * width, 0.0);
+                }
+                // SAFETY: the caller's contract; the `B` rows start at `oy0 * wp + offsets[kk]`
+                // and are read for at most `width.div_ceil(nr) * nr` floats, which ends where
+                // the row-by-row product of row `oy1 - 1` ends: inside the planes or the slack.
+                unsafe { packed_gemm::gemm_offsets(packed, channels.clone(), image.as_ptr().add(oy0 * wp), offsets, width, scratch.as_mut_ptr(), width, Some(&epilogue)) };
+                for r in 0..rows {
+                    for oy in oy0..oy1 {
+                        let first = (batch * self.out_channels + channel0 + r) * pixels + oy * ow;
+                        // SAFETY: row `oy` of output channel `channel0 + r`: this task's alone.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(first), ow) };
+                        dst.copy_from_slice(&scratch[r * width + (oy - oy0) * wp..][..ow]);
+                        if let Some(residual) = residual {
+                            add_assign(dst, &residual[first..][..ow]);
+                        }
+                    }
+                }
+                oy0 = oy1;
             }
         });
     }
@@ -654,5 +715,6 @@ mod tests {
         check(6, 10, 2, 5, 1, 2, 1, 9, 17); // stride 1, grouped, 5x5
         check(5, 9, 1, 3, 2, 0, 2, 12, 16); // stride 2 without padding: even columns in phase 0
         check(4, 6, 1, 3, 3, 1, 1, 10, 11); // stride 3
+        check(8, 16, 1, 3, 1, 1, 2, 5, 32); // rows of whole panels, one product per row
     }
 }
