@@ -229,11 +229,11 @@ impl Conv2d {
         let mut padded: Vec<f32> = Vec::with_capacity(planes_len + packed_gemm::MAX_NR);
         zeroed(&mut padded.spare_capacity_mut()[planes_len..planes_len + packed_gemm::MAX_NR]);
         let isa = self.packed.first().map(|p| p.isa());
-        let layout = PhaseLayout { w, pt, pl, sh, sw, plane, wp };
+        let layout = PhaseLayout { h, w, pt, pl, sh, sw, plane, hp, wp };
         padded.spare_capacity_mut()[..planes_len].par_chunks_mut(channel_len).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
-            // Zeroed here rather than by the allocator: in parallel, and just before the copy
-            // that needs it in cache.
-            let dst = zeroed(dst);
+            // Only the padding is zeroed (the pixels are written next), here rather than by the
+            // allocator: in parallel, and just before the copy.
+            zero_phase_padding(dst, &layout);
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the CPU supports AVX-512F (the weights were packed for it).
@@ -244,7 +244,8 @@ impl Conv2d {
                 _ => split_phases(dst, src, &layout),
             }
         });
-        // SAFETY: every element was written: the planes by the loop above, the slack before it.
+        // SAFETY: every element was written: the padding and the pixels of each plane (which
+        // partition it, see `zero_phase_padding`) by the loop above, the slack before it.
         unsafe { padded.set_len(planes_len + packed_gemm::MAX_NR) };
         // Tap (c, ky, kx) of output pixel (oy, ox) reads phase ((ky*dh) % sh, (kx*dw) % sw) of
         // channel c at row oy + ky*dh/sh, column ox + kx*dw/sw.
@@ -423,41 +424,71 @@ impl Conv2d {
 /// Where one input channel's pixels go among its zero-padded stride-phase planes (see
 /// [`Conv2d::run_direct`]).
 struct PhaseLayout {
+    h: usize,
     w: usize,
     pt: usize,
     pl: usize,
     sh: usize,
     sw: usize,
-    /// Floats per phase plane, and per row of one.
+    /// Floats per phase plane; its rows and their length.
     plane: usize,
+    hp: usize,
     wp: usize,
+}
+
+/// The rows (or columns) of a phase plane that hold pixels: place `i` of phase `phase` holds
+/// input index `i * stride + phase - pad`, which must lie in `0..len`; `places` in all.
+fn pixel_span(len: usize, pad: usize, stride: usize, phase: usize, places: usize) -> std::ops::Range<usize> {
+    let first = pad.saturating_sub(phase).div_ceil(stride);
+    let end = if len + pad > phase { ((len - 1 + pad - phase) / stride + 1).min(places) } else { 0 };
+    first.min(end)..end
+}
+
+/// Zeroes the padding of one channel's phase planes: every place that [`split_phases`] does
+/// not write.
+fn zero_phase_padding(dst: &mut [MaybeUninit<f32>], layout: &PhaseLayout) {
+    let &PhaseLayout { h, w, pt, pl, sh, sw, plane, hp, wp } = layout;
+    let zero = MaybeUninit::new(0.0f32);
+    for py in 0..sh {
+        let rows = pixel_span(h, pt, sh, py, hp);
+        for px in 0..sw {
+            let cols = pixel_span(w, pl, sw, px, wp);
+            let phase = &mut dst[(py * sw + px) * plane..][..hp * wp];
+            phase[..rows.start * wp].fill(zero);
+            phase[rows.end * wp..].fill(zero);
+            for row in phase[rows.start * wp..rows.end * wp].chunks_exact_mut(wp) {
+                row[..cols.start].fill(zero);
+                row[cols.end..].fill(zero);
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn split_phases_avx2(dst: &mut [f32], src: &[f32], layout: &PhaseLayout) {
+fn split_phases_avx2(dst: &mut [MaybeUninit<f32>], src: &[f32], layout: &PhaseLayout) {
     split_phases(dst, src, layout)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn split_phases_avx512(dst: &mut [f32], src: &[f32], layout: &PhaseLayout) {
+fn split_phases_avx512(dst: &mut [MaybeUninit<f32>], src: &[f32], layout: &PhaseLayout) {
     split_phases(dst, src, layout)
 }
 
-/// Copies one channel (`src`, rows of `w`) into its phase planes (`dst`, zeroed): pixel
+/// Copies one channel (`src`, rows of `w`) into its phase planes (`dst`): pixel
 /// `(y, x)` goes to phase `((y + pt) % sh, (x + pl) % sw)` at row `(y + pt) / sh`, column
 /// `(x + pl) / sw`. Compiled for the CPU's vectors by the callers above: for stride 2 the
 /// compiler then splits even and odd columns with vector shuffles.
 #[inline(always)]
-fn split_phases(dst: &mut [f32], src: &[f32], layout: &PhaseLayout) {
-    let &PhaseLayout { w, pt, pl, sh, sw, plane, wp } = layout;
+fn split_phases(dst: &mut [MaybeUninit<f32>], src: &[f32], layout: &PhaseLayout) {
+    let &PhaseLayout { w, pt, pl, sh, sw, plane, wp, .. } = layout;
     for (y, row) in src.chunks_exact(w).enumerate() {
         let (py, y2) = ((y + pt) % sh, (y + pt) / sh);
         // Column x0 + k*sw lands at place (x0 + pl) / sw + k of its phase's row.
         let phase_row = |x0: usize| (py * sw + (x0 + pl) % sw) * plane + y2 * wp + (x0 + pl) / sw;
         match sw {
-            1 => dst[phase_row(0)..][..w].copy_from_slice(row),
+            1 => dst[phase_row(0)..][..w].iter_mut().zip(row).for_each(|(d, &v)| _ = d.write(v)),
             2 if w >= 2 => {
                 // Both phases in one pass over the row: pairs (even, odd).
                 let (even, odd) = (phase_row(0), phase_row(1));
@@ -473,18 +504,18 @@ fn split_phases(dst: &mut [f32], src: &[f32], layout: &PhaseLayout) {
                     (&mut tail[..even_len], &mut head[odd..][..odd_len])
                 };
                 for ((e, o), pair) in even_row.iter_mut().zip(odd_row.iter_mut()).zip(pairs) {
-                    *e = pair[0];
-                    *o = pair[1];
+                    e.write(pair[0]);
+                    o.write(pair[1]);
                 }
                 if let Some(v) = last {
-                    even_row[odd_len] = v;
+                    even_row[odd_len].write(v);
                 }
             }
             _ => {
                 for x0 in 0..sw.min(w) {
                     let start = phase_row(x0);
                     let count = (w - x0).div_ceil(sw);
-                    dst[start..][..count].iter_mut().zip(row[x0..].iter().step_by(sw)).for_each(|(d, &v)| *d = v);
+                    dst[start..][..count].iter_mut().zip(row[x0..].iter().step_by(sw)).for_each(|(d, &v)| _ = d.write(v));
                 }
             }
         }
@@ -695,6 +726,28 @@ mod tests {
                 for (i, (a, b)) in out.iter().zip(&want).enumerate() {
                     assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "cin={cin} cout={cout} g={groups} k={k} s={stride} residual={with_residual}: [{i}] {a} vs {b}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn padding_and_pixels_fill_every_phase_plane() {
+        for (h, w, pad, stride) in [(7usize, 9usize, 1usize, 2usize), (8, 6, 0, 2), (5, 5, 2, 3), (6, 7, 1, 1), (4, 4, 3, 2)] {
+            let (hp, wp) = ((h + 2 * pad).div_ceil(stride), (w + 2 * pad).div_ceil(stride));
+            let layout = PhaseLayout { h, w, pt: pad, pl: pad, sh: stride, sw: stride, plane: hp * wp, hp, wp };
+            let src: Vec<f32> = (1..=h * w).map(|i| i as f32).collect();
+            // NaN stands for memory nobody wrote.
+            let mut dst = vec![MaybeUninit::new(f32::NAN); stride * stride * hp * wp];
+            zero_phase_padding(&mut dst, &layout);
+            split_phases(&mut dst, &src, &layout);
+            // SAFETY: every element was initialised (with NaN) when the vector was made.
+            let planes: Vec<f32> = dst.iter().map(|v| unsafe { v.assume_init() }).collect();
+            for (i, &v) in planes.iter().enumerate() {
+                let (phase, y2, x2) = (i / (hp * wp), i / wp % hp, i % wp);
+                let (y, x) = ((y2 * stride + phase / stride) as isize - pad as isize, (x2 * stride + phase % stride) as isize - pad as isize);
+                let inside = (0..h as isize).contains(&y) && (0..w as isize).contains(&x);
+                let want = if inside { src[y as usize * w + x as usize] } else { 0.0 };
+                assert_eq!(v, want, "{h}x{w} pad {pad} stride {stride}: phase {phase} ({y2}, {x2})");
             }
         }
     }
