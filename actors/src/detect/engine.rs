@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::DetectError;
 use super::kernels::activation::{Activation, UnaryFn};
 use super::kernels::conv::Conv2d;
-use super::kernels::{activation, attention, packed_gemm, transpose};
+use super::kernels::{self, activation, attention, packed_gemm, transpose};
 use super::model::{Attribute, Node, OnnxModel, TensorData, TensorValues};
 use super::views::{self, ViewStep};
 
@@ -41,6 +41,9 @@ enum ReduceKind {
 #[derive(Debug)]
 struct ConvOp {
     conv: Conv2d,
+    /// How many more parts of a channel concatenation follow the first (input 0), as inputs
+    /// `CONV_MORE_PARTS..`; see [`fold_concats_into_convs`].
+    concat_parts: usize,
     /// `[out, in/groups, kh, kw]` on the execution device, for non-CPU devices.
     weight: Option<Tensor>,
     bias: Option<Tensor>,
@@ -225,7 +228,8 @@ impl Engine {
             }
         }
         let output_slot = *slots.get(output).ok_or_else(|| DetectError::BadModelText(format!("output {output:?} is never produced")))?;
-        let mut steps = fold_views(steps, &constants, output_slot, device);
+        let steps = fold_views(steps, &constants, output_slot, device);
+        let mut steps = fold_concats_into_convs(steps, output_slot, device);
 
         // Keep only the constants that a step reads, moved to the device once.
         let mut last_use: HashMap<usize, usize> = HashMap::new();
@@ -712,6 +716,49 @@ fn fold_views(mut steps: Vec<Step>, constants: &HashMap<usize, Tensor>, output_s
     steps.into_iter().zip(dead).filter(|(_, d)| !d).map(|(s, _)| s).collect()
 }
 
+/// Where a convolution's inputs for the further parts of a concatenation start: after its
+/// input, weights, bias and residual.
+const CONV_MORE_PARTS: usize = 4;
+
+/// Lets convolutions read a concatenation along channels where its parts lie, on the CPU: a
+/// `Concat` over axis 1 whose result only convolutions read, as their input, goes away, and
+/// each of them takes the parts instead (the first as its input, the others from
+/// [`CONV_MORE_PARTS`] on).
+fn fold_concats_into_convs(mut steps: Vec<Step>, output_slot: usize, device: &Device) -> Vec<Step> {
+    if !device.is_cpu() {
+        return steps;
+    }
+    let mut dead = vec![false; steps.len()];
+    for i in 0..steps.len() {
+        let Op::Concat { axis: 1 | -3 } = steps[i].op else { continue };
+        let Some(parts) = steps[i].inputs.iter().copied().collect::<Option<Vec<usize>>>() else { continue };
+        let &[slot] = steps[i].outputs.as_slice() else { continue };
+        if slot == output_slot || parts.len() < 2 {
+            continue;
+        }
+        let readers: Vec<usize> = (0..steps.len()).filter(|&j| j != i && steps[j].inputs.contains(&Some(slot))).collect();
+        let convs_read_it = |j: &usize| {
+            let step = &steps[*j];
+            let as_input = step.inputs[0] == Some(slot) && step.inputs.iter().filter(|&&s| s == Some(slot)).count() == 1;
+            as_input && matches!(&step.op, Op::Conv(c) if c.concat_parts == 0)
+        };
+        if readers.is_empty() || !readers.iter().all(convs_read_it) {
+            continue;
+        }
+        for &j in &readers {
+            let step = &mut steps[j];
+            step.inputs[0] = Some(parts[0]);
+            step.inputs.resize(CONV_MORE_PARTS, None);
+            step.inputs.extend(parts[1..].iter().map(|&p| Some(p)));
+            if let Op::Conv(c) = &mut step.op {
+                c.concat_parts = parts.len() - 1;
+            }
+        }
+        dead[i] = true;
+    }
+    steps.into_iter().zip(dead).filter(|(_, d)| !d).map(|(s, _)| s).collect()
+}
+
 fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, device: &Device) -> Result<Op, DetectError> {
     Ok(match node.op_type.as_str() {
         "Conv" => Op::Conv(Box::new(parse_conv(node, initializers, device)?)),
@@ -864,7 +911,7 @@ fn parse_conv(node: &Node, initializers: &HashMap<String, TensorData>, device: &
         let b = Tensor::from_vec(conv.bias.clone(), (1, out_channels, 1, 1), device).map_err(DetectError::from_candle)?;
         (Some(w), Some(b))
     };
-    Ok(ConvOp { conv, weight, bias })
+    Ok(ConvOp { conv, concat_parts: 0, weight, bias })
 }
 
 impl CustomOp1 for Conv2d {
@@ -1313,6 +1360,11 @@ fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tenso
     let x = || input(args, 0);
     let one = |t: Tensor| Ok(vec![t]);
     match op {
+        Op::Conv(c) if c.concat_parts > 0 => {
+            let parts = std::iter::once(args.first()).chain(args.iter().skip(CONV_MORE_PARTS).map(Some));
+            let parts: Vec<&Tensor> = parts.map(|a| a.copied().flatten()).collect::<Option<_>>().ok_or_else(|| candle_core::Error::Msg("missing concatenation part".into()))?;
+            one(conv_of_parts(c, &parts, args.get(3).copied().flatten())?)
+        }
         Op::Conv(c) => one(conv(c, x()?, args.get(3).copied().flatten())?),
         Op::Unary(f) if is_cpu_f32(x()?) => one(x()?.contiguous()?.apply_op1_no_bwd(&CpuUnary(*f))?),
         Op::Unary(f) => one(match f {
@@ -1597,6 +1649,57 @@ fn conv(c: &ConvOp, x: &Tensor, residual: Option<&Tensor>) -> CResult<Tensor> {
     } else {
         conv_alone(c, x)?.broadcast_add(residual)
     }
+}
+
+/// A convolution of the concatenation of `parts` along channels. On the CPU it reads each part
+/// where it lies; otherwise the parts are concatenated first.
+fn conv_of_parts(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tensor>) -> CResult<Tensor> {
+    if let Some(out) = conv_of_parts_in_place(c, parts, residual)? {
+        return Ok(out);
+    }
+    let axis = 1;
+    let x = match concat_cpu(parts, axis)? {
+        Some(t) => t,
+        None => Tensor::cat(parts, axis)?,
+    };
+    conv(c, &x, residual)
+}
+
+/// [`conv_of_parts`] on the CPU kernel, when every part is a CPU `f32` tensor of the same
+/// `[n, _, h, w]` whose channel planes are contiguous; `Ok(None)` otherwise.
+fn conv_of_parts_in_place(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tensor>) -> CResult<Option<Tensor>> {
+    let conv = &c.conv;
+    let Some(&[n, _, h, w]) = parts.first().map(|p| p.dims()) else { return Ok(None) };
+    let Some((oh, ow)) = conv.output_size(h, w) else {
+        candle_core::bail!("conv input {h}x{w} is smaller than the kernel");
+    };
+    let out_dims = [n, conv.out_channels, oh, ow];
+    let usable = |t: &Tensor| {
+        let planes_contiguous = matches!(t.layout().stride(), &[_, s1, s2, 1] if s1 == h * w && s2 == w);
+        is_cpu_f32(t) && matches!(t.dims(), &[pn, _, ph, pw] if (pn, ph, pw) == (n, h, w)) && planes_contiguous
+    };
+    let residual_fits = residual.is_none_or(|r| is_cpu_f32(r) && r.dims() == out_dims);
+    if c.weight.is_some() || !parts.iter().all(|t| usable(t)) || !residual_fits {
+        return Ok(None);
+    }
+    let guards: Vec<_> = parts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut input_parts = Vec::with_capacity(parts.len());
+    for (storage, layout) in &guards {
+        let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &**storage else { return Ok(None) };
+        let (channels, image_stride) = (layout.dims()[1], layout.stride()[0]);
+        input_parts.push(kernels::conv::InputPart { data: &data[layout.start_offset()..], channels, image_stride });
+    }
+    let channels: usize = input_parts.iter().map(|p| p.channels).sum();
+    if channels != conv.in_channels {
+        candle_core::bail!("conv expects {} input channels, its parts have {channels}", conv.in_channels);
+    }
+    let Some(input) = kernels::conv::ConvInput::new(input_parts, n, h, w) else { return Ok(None) };
+    let residual = residual.map(|r| r.contiguous()).transpose()?;
+    let out = match &residual {
+        Some(r) => with_cpu_f32(r, |r| conv.run_input(&input, Some(r)))?,
+        None => conv.run_input(&input, None),
+    };
+    Ok(Some(Tensor::from_vec(out, &out_dims[..], &Device::Cpu)?))
 }
 
 fn conv_alone(c: &ConvOp, x: &Tensor) -> CResult<Tensor> {

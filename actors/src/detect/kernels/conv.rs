@@ -54,6 +54,66 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<(Vec<f32>, PackedB)> = const { std::cell::RefCell::new((Vec::new(), PackedB::new())) };
 }
 
+/// One tensor whose channels are part of a convolution's input: image `b`'s channel `c` is the
+/// `h * w` floats at `b * image_stride + c * h * w` of `data`.
+#[derive(Debug, Clone, Copy)]
+pub struct InputPart<'a> {
+    pub data: &'a [f32],
+    pub channels: usize,
+    pub image_stride: usize,
+}
+
+/// A convolution's input, `[n][channels][h][w]`, as the channels of one or more tensors one
+/// after another: a concatenation along channels that the convolution reads where its parts
+/// lie, instead of a copy made for it.
+#[derive(Debug, Clone)]
+pub struct ConvInput<'a> {
+    parts: Vec<InputPart<'a>>,
+    n: usize,
+    h: usize,
+    w: usize,
+}
+
+impl<'a> ConvInput<'a> {
+    /// The parts' channels, in order; `None` when a part is too short for `n` images of
+    /// `h x w`, or when there is no part.
+    pub fn new(parts: Vec<InputPart<'a>>, n: usize, h: usize, w: usize) -> Option<Self> {
+        let fits = |p: &InputPart| n == 0 || p.channels * h * w == 0 || (n - 1) * p.image_stride + p.channels * h * w <= p.data.len();
+        (!parts.is_empty() && parts.iter().all(fits)).then_some(ConvInput { parts, n, h, w })
+    }
+
+    /// One row-major tensor.
+    pub fn contiguous(data: &'a [f32], n: usize, channels: usize, h: usize, w: usize) -> Self {
+        ConvInput { parts: vec![InputPart { data, channels, image_stride: channels * h * w }], n, h, w }
+    }
+
+    pub fn channels(&self) -> usize {
+        self.parts.iter().map(|p| p.channels).sum()
+    }
+
+    /// Channel `c` of image `b`.
+    fn plane(&self, b: usize, mut c: usize) -> &'a [f32] {
+        let plane = self.h * self.w;
+        for part in &self.parts {
+            if c < part.channels {
+                return &part.data[b * part.image_stride + c * plane..][..plane];
+            }
+            c -= part.channels;
+        }
+        panic!("channel past the input's channels");
+    }
+
+    /// The input as one row-major buffer: borrowed when it is one, gathered otherwise.
+    fn to_contiguous(&self) -> std::borrow::Cow<'a, [f32]> {
+        let channels = self.channels();
+        let plane = self.h * self.w;
+        match self.parts.as_slice() {
+            [part] if part.image_stride == channels * plane => std::borrow::Cow::Borrowed(&part.data[..self.n * channels * plane]),
+            _ => std::borrow::Cow::Owned((0..self.n).flat_map(|b| (0..channels).flat_map(move |c| self.plane(b, c).iter().copied())).collect()),
+        }
+    }
+}
+
 impl Conv2d {
     /// Packs the weights for the microkernel, once, when this CPU can run it.
     pub fn with_packed_weights(self) -> Self {
@@ -107,9 +167,16 @@ impl Conv2d {
     /// A `residual` of the output's shape is added last (after the activation), in the same
     /// pass: a network's skip connection costs no extra trip through memory.
     pub fn run(&self, input: &[f32], n: usize, h: usize, w: usize, residual: Option<&[f32]>) -> Vec<f32> {
+        assert_eq!(input.len(), n * self.in_channels * h * w, "input length");
+        self.run_input(&ConvInput::contiguous(input, n, self.in_channels, h, w), residual)
+    }
+
+    /// Like [`run`](Self::run), on an input made of parts.
+    pub fn run_input(&self, input: &ConvInput, residual: Option<&[f32]>) -> Vec<f32> {
+        let (n, h, w) = (input.n, input.h, input.w);
         let (oh, ow) = self.output_size(h, w).expect("caller checked the output size");
         let len = n * self.out_channels * oh * ow;
-        assert_eq!(input.len(), n * self.in_channels * h * w, "input length");
+        assert_eq!(input.channels(), self.in_channels, "input channels");
         if let Some(residual) = residual {
             assert_eq!(residual.len(), len, "residual length");
         }
@@ -118,11 +185,15 @@ impl Conv2d {
         let mut out: Vec<f32> = Vec::with_capacity(len);
         let spare = &mut out.spare_capacity_mut()[..len];
         if self.is_depthwise() {
-            self.run_depthwise(input, h, w, oh, ow, residual, spare);
-        } else if !self.is_pointwise() && !self.packed.is_empty() {
-            self.run_direct(input, n, h, w, oh, ow, residual, spare);
+            self.run_depthwise(&input.to_contiguous(), h, w, oh, ow, residual, spare);
+        } else if !self.packed.is_empty() && !self.is_pointwise() {
+            self.run_direct(input, oh, ow, residual, spare);
+        } else if !self.packed.is_empty() {
+            self.run_gemm(input, oh, ow, residual, spare);
         } else {
-            self.run_gemm(input, n, h, w, oh, ow, residual, spare);
+            // The portable path reads its input as one buffer.
+            let whole = input.to_contiguous();
+            self.run_gemm(&ConvInput::contiguous(&whole, n, self.in_channels, h, w), oh, ow, residual, spare);
         }
         // SAFETY: every path initialises all `len` elements (the GEMM tiles cover every output
         // channel and pixel; the depthwise planes are zeroed, then accumulated).
@@ -131,7 +202,8 @@ impl Conv2d {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run_gemm(&self, input: &[f32], n: usize, h: usize, w: usize, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+    fn run_gemm(&self, input: &ConvInput, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+        let (n, h, w) = (input.n, input.h, input.w);
         let g = self.groups;
         let cin_g = self.in_channels / g;
         let m_g = self.out_channels / g;
@@ -158,17 +230,19 @@ impl Conv2d {
             let rows = m_block.min(m_g - m0);
             let p0 = tile_index * tile;
             let width = tile.min(pixels - p0);
-            let image = &input[(batch * self.in_channels + group * cin_g) * h * w..][..cin_g * h * w];
+            let plane = |c: usize| input.plane(batch, group * cin_g + c);
             let packed = self.packed.get(group);
             let (rhs, rhs_rs) = if pointwise {
-                (image[p0..].as_ptr(), (h * w) as isize)
+                // On the portable path the input is one buffer, so the group's channels follow
+                // each other `h * w` apart; the packed path reads each channel where it lies.
+                (plane(0)[p0..].as_ptr(), (h * w) as isize)
             } else {
                 // Grown, never cleared: im2col writes every element, padding included.
                 if cols.len() < k * width {
                     cols.resize(k * width, 0.0);
                 }
                 for kk in 0..k {
-                    self.im2col_row(image, h, w, ow, p0, kk, &mut cols[kk * width..][..width]);
+                    self.im2col_row(plane(kk / (kh * kw)), h, w, ow, p0, kk, &mut cols[kk * width..][..width]);
                 }
                 (cols.as_ptr(), width as isize)
             };
@@ -185,7 +259,8 @@ impl Conv2d {
                     // Only pointwise convolutions come here with packed weights (the others run
                     // in place, `run_direct`). Packing their scattered channel rows into panels
                     // measured faster than reading them in place.
-                    packed_gemm::pack_b(packed.isa(), rhs, rhs_rs as usize, k, width, packed_b);
+                    let row = |kk: usize| plane(kk)[p0..].as_ptr();
+                    packed_gemm::pack_b_rows(packed.isa(), &row, k, width, packed_b);
                     if rows_share_cache_sets(pixels) {
                         // Written to a compact tile, then copied out row by row.
                         if cols.len() < rows * width {
@@ -228,7 +303,8 @@ impl Conv2d {
     /// phase plane; for each output row the microkernel then reads every patch row in place, at
     /// a fixed offset from the row's start (`gemm_offsets`). Output rows run in parallel.
     #[allow(clippy::too_many_arguments)]
-    fn run_direct(&self, input: &[f32], n: usize, h: usize, w: usize, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+    fn run_direct(&self, input: &ConvInput, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+        let (n, h, w) = (input.n, input.h, input.w);
         let g = self.groups;
         let cin_g = self.in_channels / g;
         let m_g = self.out_channels / g;
@@ -246,7 +322,8 @@ impl Conv2d {
         zeroed(&mut padded.spare_capacity_mut()[planes_len..planes_len + packed_gemm::MAX_NR]);
         let isa = self.packed.first().map(|p| p.isa());
         let layout = PhaseLayout { h, w, pt, pl, sh, sw, plane, hp, wp };
-        padded.spare_capacity_mut()[..planes_len].par_chunks_mut(channel_len).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
+        padded.spare_capacity_mut()[..planes_len].par_chunks_mut(channel_len).enumerate().for_each(|(index, dst)| {
+            let src = input.plane(index / self.in_channels, index % self.in_channels);
             // Only the padding is zeroed (the pixels are written next), here rather than by the
             // allocator: in parallel, and just before the copy.
             zero_phase_padding(dst, &layout);
@@ -371,15 +448,15 @@ impl Conv2d {
     }
 
     /// Fills `dst` with row `kk` (input channel, kernel row, kernel column) of the patches of
-    /// output pixels `p0..p0 + dst.len()`, zero where the kernel reads padding.
+    /// output pixels `p0..p0 + dst.len()`, zero where the kernel reads padding; `plane` is that
+    /// input channel.
     #[allow(clippy::too_many_arguments)]
-    fn im2col_row(&self, image: &[f32], h: usize, w: usize, ow: usize, p0: usize, kk: usize, dst: &mut [f32]) {
+    fn im2col_row(&self, plane: &[f32], h: usize, w: usize, ow: usize, p0: usize, kk: usize, dst: &mut [f32]) {
         let (kh, kw) = self.kernel;
         let (sh, sw) = self.stride;
         let (dh, dw) = self.dilation;
         let (pt, pl) = (self.pads.0 as isize, self.pads.1 as isize);
-        let (c, ky, kx) = (kk / (kh * kw), kk / kw % kh, kk % kw);
-        let plane = &image[c * h * w..][..h * w];
+        let (ky, kx) = (kk / kw % kh, kk % kw);
         let width = dst.len();
         let mut p = p0;
         let mut filled = 0;
@@ -754,6 +831,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_input_in_parts_gives_the_same_output() {
+        // Batch 2; the second part is every other channel block of a larger tensor (a channel
+        // split of it), so its images lie further apart than its own channels.
+        let (n, h, w) = (2, 9, 11);
+        for (cin, cout, groups, k, stride) in [(12, 16, 1, 1, 1), (12, 16, 1, 3, 1), (12, 8, 1, 3, 2), (12, 12, 12, 3, 1), (12, 8, 2, 3, 1)] {
+            let first = values(n * 5 * h * w, 5);
+            let wide = values(n * 14 * h * w, 6);
+            let parts = vec![
+                InputPart { data: &first, channels: 5, image_stride: 5 * h * w },
+                InputPart { data: &wide[7 * h * w..], channels: 7, image_stride: 14 * h * w },
+            ];
+            let input = ConvInput::new(parts, n, h, w).unwrap();
+            let whole = input.to_contiguous().into_owned();
+            let conv = Conv2d {
+                in_channels: cin,
+                out_channels: cout,
+                groups,
+                kernel: (k, k),
+                stride: (stride, stride),
+                dilation: (1, 1),
+                pads: (k / 2, k / 2, k / 2, k / 2),
+                weights: values(cout * cin / groups * k * k, 1),
+                bias: values(cout, 2),
+                activation: Activation::Silu,
+                packed: Vec::new(),
+            };
+            let packed = [Isa::Avx2, Isa::Avx512].into_iter().filter(|isa| isa.supported() && !conv.is_depthwise());
+            let variants: Vec<Conv2d> = std::iter::once(conv.clone()).chain(packed.map(|isa| conv.clone().with_weights_packed_for(isa))).collect();
+            for conv in variants {
+                assert_eq!(conv.run_input(&input, None), conv.run(&whole, n, h, w, None), "{cin}->{cout} k{k} s{stride} g{groups}");
+            }
+        }
+        // A part shorter than its images is refused.
+        let short = values(10, 1);
+        assert!(ConvInput::new(vec![InputPart { data: &short, channels: 1, image_stride: 9 }], 2, 3, 3).is_none());
     }
 
     #[test]

@@ -207,18 +207,28 @@ impl PackedB {
 /// # Safety
 /// `src` must be valid for reads of `k` rows of `width` elements, `row_stride` apart.
 pub unsafe fn pack_b(isa: Isa, src: *const f32, row_stride: usize, k: usize, width: usize, out: &mut PackedB) {
+    // SAFETY: the caller's contract: row `kk` starts `kk * row_stride` floats after `src`.
+    unsafe { pack_b_rows(isa, &|kk| src.add(kk * row_stride), k, width, out) }
+}
+
+/// Like [`pack_b`], with row `kk` starting at `row(kk)`: rows that lie in different buffers,
+/// such as the channels of a concatenation read in place.
+///
+/// # Safety
+/// `row(kk)` must be valid for reads of `width` elements, for every `kk < k`.
+pub unsafe fn pack_b_rows(isa: Isa, row: &dyn Fn(usize) -> *const f32, k: usize, width: usize, out: &mut PackedB) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller's contract; `isa` is supported, so the CPU has the features each
     // instantiation is compiled for.
     unsafe {
         match isa {
-            Isa::Avx2 => pack_b_avx2(src, row_stride, k, width, out),
-            Isa::Avx512 => pack_b_avx512(src, row_stride, k, width, out),
+            Isa::Avx2 => pack_b_avx2(row, k, width, out),
+            Isa::Avx512 => pack_b_avx512(row, k, width, out),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (isa, src, row_stride, k, width, out);
+        let _ = (isa, row, k, width, out);
         unreachable!("no microkernel on this architecture; `Isa::detect` returns None")
     }
 }
@@ -226,35 +236,35 @@ pub unsafe fn pack_b(isa: Isa, src: *const f32, row_stride: usize, k: usize, wid
 /// [`pack_b_panels`] compiled for AVX2, whose 16-column panels then copy as two vector moves.
 ///
 /// # Safety
-/// As for [`pack_b`]; the CPU has AVX2.
+/// As for [`pack_b_rows`]; the CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn pack_b_avx2(src: *const f32, row_stride: usize, k: usize, width: usize, out: &mut PackedB) {
+unsafe fn pack_b_avx2(row: &dyn Fn(usize) -> *const f32, k: usize, width: usize, out: &mut PackedB) {
     // SAFETY: the caller's contract.
-    unsafe { pack_b_panels::<16>(src, row_stride, k, width, out) }
+    unsafe { pack_b_panels::<16>(row, k, width, out) }
 }
 
 /// [`pack_b_panels`] compiled for AVX-512F: a 32-column panel row is two vector moves.
 ///
 /// # Safety
-/// As for [`pack_b`]; the CPU has AVX-512F.
+/// As for [`pack_b_rows`]; the CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn pack_b_avx512(src: *const f32, row_stride: usize, k: usize, width: usize, out: &mut PackedB) {
+unsafe fn pack_b_avx512(row: &dyn Fn(usize) -> *const f32, k: usize, width: usize, out: &mut PackedB) {
     // SAFETY: the caller's contract.
-    unsafe { pack_b_panels::<32>(src, row_stride, k, width, out) }
+    unsafe { pack_b_panels::<32>(row, k, width, out) }
 }
 
-/// [`pack_b`] for panels of `NR` columns, a constant so that whole panels copy as vectors.
+/// [`pack_b_rows`] for panels of `NR` columns, a constant so that whole panels copy as vectors.
 ///
 /// # Safety
-/// As for [`pack_b`].
+/// As for [`pack_b_rows`].
 #[inline(always)]
-unsafe fn pack_b_panels<const NR: usize>(src: *const f32, row_stride: usize, k: usize, width: usize, out: &mut PackedB) {
+unsafe fn pack_b_panels<const NR: usize>(source_row: &dyn Fn(usize) -> *const f32, k: usize, width: usize, out: &mut PackedB) {
     let out = out.floats_mut(width.div_ceil(NR) * k * NR);
     for kk in 0..k {
         // SAFETY: row `kk` of the source holds `width` readable elements (the caller's contract).
-        let row = unsafe { std::slice::from_raw_parts(src.add(kk * row_stride), width) };
+        let row = unsafe { std::slice::from_raw_parts(source_row(kk), width) };
         let mut chunks = row.chunks_exact(NR);
         for (q, chunk) in (&mut chunks).enumerate() {
             out[(q * k + kk) * NR..][..NR].copy_from_slice(chunk);
