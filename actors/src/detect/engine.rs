@@ -2,12 +2,16 @@
 //!
 //! Loading turns the graph into a plan once: every operator is parsed into a typed [`Op`]
 //! (an operator or attribute we do not support is an error naming the node), `Conv → Sigmoid →
-//! Mul` chains become one convolution with a fused SiLU, convolution weights are laid out for
-//! the CPU kernel, everything that depends only on constants is folded, and each value gets a
-//! slot that is freed after its last use. Running the plan is a loop over steps.
+//! Mul` chains become one convolution with a fused SiLU (and skip connection), an attention
+//! head's `MatMul → Softmax → MatMul` one fused op, convolution weights are laid out for the CPU
+//! kernel, everything that depends only on constants is folded, and each value gets a slot that
+//! is freed after its last use. On the CPU the plan then moves less data: chains of reshapes,
+//! transposes and splits fold into the step that reads them ([`fold_views`]), and convolutions
+//! read a channel concatenation where its parts lie ([`fold_concats_into_convs`]). Running the
+//! plan is a loop over steps.
 //!
-//! On the CPU, convolutions run on streamdet's own kernel (a candle `CustomOp`); on other devices
-//! they use candle's `conv2d`. Everything else uses candle's tensor operations.
+//! On the CPU, convolutions, attention and most element-wise work run on streamdet's own
+//! kernels ([`super::kernels`]); on other devices they use candle's operations.
 
 use std::collections::HashMap;
 

@@ -3,13 +3,16 @@
 //!
 //! A convolution is a matrix product `out[Cout x P] = W[Cout x K] * cols[K x P]` per group, where
 //! `P` is the number of output pixels and `K = Cin/groups x kh x kw`; the weights are packed once
-//! for the AVX2 microkernel. With it, a 1x1 convolution packs tiles of its input's channel rows;
-//! any other shape never builds `cols`: the input is copied once into zero-padded planes split
-//! by stride phase, and the microkernel reads each patch row in place at a fixed offset
-//! (`run_direct`). Without AVX2, the portable path fills a per-tile column buffer (im2col) for
-//! the `gemm` crate. Depthwise convolutions (one input channel per group) use a direct kernel.
-//! Work runs in parallel on the current rayon pool: tiles of pixels or rows of the output, and
-//! blocks of output channels when a layer has few pixels.
+//! for the microkernel (AVX-512 or AVX2), which applies the bias, SiLU and residual to each tile
+//! before storing it. With it, a 1x1 convolution packs tiles of its input's channel rows; any
+//! other shape never builds `cols`: the input is copied once into zero-padded planes split by
+//! stride phase, and the microkernel reads each patch row in place at a fixed offset
+//! (`run_direct`), over several output rows at once when a row would end inside a panel. The
+//! input may be a concatenation read in place ([`ConvInput`]). Without AVX2, the portable path
+//! fills a per-tile column buffer (im2col) for the `gemm` crate. Depthwise convolutions (one
+//! input channel per group) use a direct kernel. Work runs in parallel on the current rayon
+//! pool: tiles of pixels or rows of the output, and blocks of output channels when a layer has
+//! few pixels.
 
 use std::mem::MaybeUninit;
 
@@ -797,8 +800,9 @@ mod tests {
             .collect()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn check(cin: usize, cout: usize, groups: usize, k: usize, stride: usize, pad: usize, n: usize, h: usize, w: usize) {
+    /// A square convolution with SiLU and test weights, on the portable path and on every
+    /// microkernel this CPU runs.
+    fn variants(cin: usize, cout: usize, groups: usize, k: usize, stride: usize, pad: usize) -> Vec<Conv2d> {
         let conv = Conv2d {
             in_channels: cin,
             out_channels: cout,
@@ -812,11 +816,15 @@ mod tests {
             activation: Activation::Silu,
             packed: Vec::new(),
         };
-        let input = values(n * cin * h * w, 3);
-        // The portable path and every microkernel this CPU runs, with and without a residual.
         let packed = [Isa::Avx2, Isa::Avx512].into_iter().filter(|isa| isa.supported() && !conv.is_depthwise());
-        let variants: Vec<Conv2d> = std::iter::once(conv.clone()).chain(packed.map(|isa| conv.clone().with_weights_packed_for(isa))).collect();
-        for conv in variants {
+        std::iter::once(conv.clone()).chain(packed.map(|isa| conv.clone().with_weights_packed_for(isa))).collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check(cin: usize, cout: usize, groups: usize, k: usize, stride: usize, pad: usize, n: usize, h: usize, w: usize) {
+        let input = values(n * cin * h * w, 3);
+        // Every variant, with and without a residual.
+        for conv in variants(cin, cout, groups, k, stride, pad) {
             let (oh, ow) = conv.output_size(h, w).unwrap();
             let residual = values(n * cout * oh * ow, 4);
             for with_residual in [false, true] {
@@ -847,22 +855,7 @@ mod tests {
             ];
             let input = ConvInput::new(parts, n, h, w).unwrap();
             let whole = input.to_contiguous().into_owned();
-            let conv = Conv2d {
-                in_channels: cin,
-                out_channels: cout,
-                groups,
-                kernel: (k, k),
-                stride: (stride, stride),
-                dilation: (1, 1),
-                pads: (k / 2, k / 2, k / 2, k / 2),
-                weights: values(cout * cin / groups * k * k, 1),
-                bias: values(cout, 2),
-                activation: Activation::Silu,
-                packed: Vec::new(),
-            };
-            let packed = [Isa::Avx2, Isa::Avx512].into_iter().filter(|isa| isa.supported() && !conv.is_depthwise());
-            let variants: Vec<Conv2d> = std::iter::once(conv.clone()).chain(packed.map(|isa| conv.clone().with_weights_packed_for(isa))).collect();
-            for conv in variants {
+            for conv in variants(cin, cout, groups, k, stride, k / 2) {
                 assert_eq!(conv.run_input(&input, None), conv.run(&whole, n, h, w, None), "{cin}->{cout} k{k} s{stride} g{groups}");
             }
         }

@@ -1,5 +1,6 @@
-//! CPU kernels where candle's own are too slow for detection models. Each kernel is plain Rust
-//! over `f32` slices, vectorised by the compiler; the few `unsafe` blocks carry `SAFETY` notes.
+//! CPU kernels where candle's own are too slow for detection models: plain Rust over `f32`
+//! slices, with explicit AVX-512 and AVX2 code where the compiler's vectorisation fell short
+//! (chosen at run time); the `unsafe` blocks carry `SAFETY` notes.
 
 pub mod activation;
 pub mod attention;
