@@ -12,12 +12,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use bytes::Bytes;
 use candle_core::Device;
+use futures_util::StreamExt;
 use streamdet_actors::detect::Detector;
-use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams};
+use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams, UploadPace};
 
 async fn video(body: web::Payload, pipeline: web::Data<Pipeline>) -> HttpResponse {
     let session = match pipeline.session(SessionParams::default()) {
@@ -26,7 +28,9 @@ async fn video(body: web::Payload, pipeline: web::Data<Pipeline>) -> HttpRespons
     };
     let (upload, events) = session.split();
     // Read the body in its own task so the response can stream while the upload goes on.
-    actix_web::rt::spawn(upload.feed_all(body, None));
+    // A client that pauses 30 s, or sends under 16 KiB/s over 30 s, loses its session.
+    let pace = UploadPace { idle: Some(Duration::from_secs(30)), min_rate: Some((16 << 10, Duration::from_secs(30))) };
+    actix_web::rt::spawn(upload.feed_all(body.map(|chunk| chunk.map_err(|e| e.to_string())), pace));
     let lines = futures_util::stream::unfold(events, |mut events| async move {
         let event = events.recv().await?;
         let line = format!("{}\n", serde_json::to_string(&event).ok()?);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -32,6 +32,29 @@ pub struct ServerConfig {
     pub idle_upload_timeout_s: u64,
     pub max_session_seconds: u64,
     pub shutdown_grace_s: u64,
+    /// Uploads one client may run at once (0: only `max_sessions` applies).
+    pub max_sessions_per_client: usize,
+    /// Bytes per second an upload must sustain over `min_upload_rate_window_s` (0: no minimum).
+    pub min_upload_rate: u64,
+    pub min_upload_rate_window_s: u64,
+    /// Addresses of reverse proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: String,
+    /// Largest body of `POST /detect`.
+    pub max_image_bytes: u64,
+    /// `POST /detect` requests decoded and run at once; one more gets HTTP 429.
+    pub max_image_requests: usize,
+    /// How long a watch waits for an upload to claim its id.
+    pub watch_wait_s: u64,
+    /// Seconds between SSE comment lines on an idle stream.
+    pub sse_keepalive_s: u64,
+    pub max_watchers_per_session: usize,
+    pub max_watchers: usize,
+    /// Session ids remembered at once: running, waited for, or finished and replayable.
+    pub max_registry_entries: usize,
+    /// How long a finished session's events stay available (and its id reserved).
+    pub replay_seconds: u64,
+    /// Bytes of events a session keeps for replay; beyond it the oldest frames are dropped.
+    pub replay_max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -56,6 +79,8 @@ pub struct StorageConfig {
 pub struct LimitsConfig {
     pub max_width: u32,
     pub max_height: u32,
+    /// Largest image (width x height) `POST /detect` and `detect-image` decode.
+    pub max_image_pixels: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -75,19 +100,6 @@ pub struct DetectConfig {
     pub fps: f64,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            model: ModelConfig::default(),
-            storage: StorageConfig::default(),
-            limits: LimitsConfig::default(),
-            decode: DecodeConfig::default(),
-            detect: DetectConfig::default(),
-        }
-    }
-}
-
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -103,6 +115,19 @@ impl Default for ServerConfig {
             idle_upload_timeout_s: 30,
             max_session_seconds: 3600,
             shutdown_grace_s: 10,
+            max_sessions_per_client: 2,
+            min_upload_rate: 16 << 10,
+            min_upload_rate_window_s: 30,
+            trusted_proxies: String::new(),
+            max_image_bytes: 32 << 20,
+            max_image_requests: 4,
+            watch_wait_s: 30,
+            sse_keepalive_s: 15,
+            max_watchers_per_session: 8,
+            max_watchers: 256,
+            max_registry_entries: 1024,
+            replay_seconds: 300,
+            replay_max_bytes: 8 << 20,
         }
     }
 }
@@ -127,7 +152,7 @@ impl Default for DetectConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { max_width: 8192, max_height: 8192 }
+        LimitsConfig { max_width: 8192, max_height: 8192, max_image_pixels: 40_000_000 }
     }
 }
 
@@ -144,10 +169,7 @@ impl Config {
         let mut table: toml::Table = text.parse().context("config.toml is not valid TOML")?;
         for (name, value) in env {
             let Some(key) = name.strip_prefix(ENV_PREFIX) else { continue };
-            if key == "MODEL" {
-                continue; // the --model flag's own variable, handled by the command line
-            }
-            set_override(&mut table, key, &value).with_context(|| format!("environment variable {name}"))?;
+            apply_env(&mut table, key, &value).with_context(|| format!("environment variable {name}"))?;
         }
         let config: Config = table.try_into().context("invalid configuration")?;
         config.validate()?;
@@ -161,11 +183,29 @@ impl Config {
         if self.storage.window_bytes < 1 << 16 {
             bail!("storage.window_bytes must be at least 65536");
         }
-        if self.server.max_sessions == 0 || self.server.batch_size == 0 || self.server.credits == 0 {
-            bail!("server.max_sessions, server.batch_size and server.credits must be positive");
+        let server = &self.server;
+        let positive = [
+            ("max_sessions", server.max_sessions),
+            ("batch_size", server.batch_size),
+            ("credits", server.credits),
+            ("max_image_requests", server.max_image_requests),
+            ("max_watchers_per_session", server.max_watchers_per_session),
+            ("max_watchers", server.max_watchers),
+            ("max_registry_entries", server.max_registry_entries),
+            ("replay_max_bytes", server.replay_max_bytes),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            bail!("server.{name} must be positive");
         }
-        if self.limits.max_width == 0 || self.limits.max_height == 0 {
-            bail!("limits.max_width and limits.max_height must be positive");
+        if server.min_upload_rate > 0 && server.min_upload_rate_window_s == 0 {
+            bail!("server.min_upload_rate_window_s must be positive when server.min_upload_rate is set");
+        }
+        if server.watch_wait_s == 0 || server.sse_keepalive_s == 0 || server.max_image_bytes == 0 {
+            bail!("server.watch_wait_s, server.sse_keepalive_s and server.max_image_bytes must be positive");
+        }
+        self.trusted_proxies()?;
+        if self.limits.max_width == 0 || self.limits.max_height == 0 || self.limits.max_image_pixels == 0 {
+            bail!("limits.max_width, limits.max_height and limits.max_image_pixels must be positive");
         }
         let d = &self.detect;
         if !(0.0..=1.0).contains(&d.conf) || !(0.0..=1.0).contains(&d.iou) {
@@ -185,34 +225,60 @@ impl Config {
         self.server.cors_origins.split(',').map(str::trim).filter(|o| !o.is_empty()).map(String::from).collect()
     }
 
+    /// The reverse proxies whose `X-Forwarded-For` header is believed.
+    pub fn trusted_proxies(&self) -> anyhow::Result<Vec<std::net::IpAddr>> {
+        self.server
+            .trusted_proxies
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| a.parse().with_context(|| format!("server.trusted_proxies: {a:?} is not an IP address")))
+            .collect()
+    }
+
     /// The temp directory to use: the configured one, or the system's.
     pub fn temp_dir(&self) -> PathBuf {
         if self.storage.temp_dir.as_os_str().is_empty() { std::env::temp_dir() } else { self.storage.temp_dir.clone() }
     }
 }
 
-/// Sets `SECTION_KEY` (matched case-insensitively against the known sections and keys of the
-/// defaults) to `value`, parsed as a TOML number or boolean when it is one, a string otherwise.
-fn set_override(table: &mut toml::Table, key: &str, value: &str) -> anyhow::Result<()> {
+/// Applies one `STREAMDET_*` variable (`key` is the part after the prefix). A variable whose
+/// name starts with a known section (`SERVER_`, `MODEL_`, ...) must name one of its keys; its
+/// value is parsed as that key's type (a token of digits stays a string where a string is
+/// expected). Variables of no known section are not configuration and are left alone.
+fn apply_env(table: &mut toml::Table, key: &str, value: &str) -> anyhow::Result<()> {
     let defaults = toml::Table::try_from(Config::default()).expect("the defaults serialise");
+    let upper = key.to_ascii_uppercase();
     for (section, fields) in &defaults {
         let Some(fields) = fields.as_table() else { continue };
-        for field in fields.keys() {
-            if format!("{section}_{field}").eq_ignore_ascii_case(key) {
-                let parsed = value
-                    .parse::<i64>()
-                    .map(toml::Value::Integer)
-                    .or_else(|_| value.parse::<f64>().map(toml::Value::Float))
-                    .or_else(|_| value.parse::<bool>().map(toml::Value::Boolean))
-                    .unwrap_or_else(|_| toml::Value::String(value.to_string()));
-                let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                let Some(section_table) = entry.as_table_mut() else { bail!("[{section}] is not a table") };
-                section_table.insert(field.clone(), parsed);
-                return Ok(());
+        let Some(field_name) = upper.strip_prefix(&format!("{}_", section.to_ascii_uppercase())) else { continue };
+        let Some((field, default)) = fields.iter().find(|(f, _)| f.eq_ignore_ascii_case(field_name)) else {
+            let known: Vec<&str> = fields.keys().map(String::as_str).collect();
+            bail!("[{section}] has no key {:?} (known: {})", field_name.to_ascii_lowercase(), known.join(", "));
+        };
+        let parsed = match default {
+            toml::Value::String(_) => toml::Value::String(value.to_string()),
+            toml::Value::Integer(_) => toml::Value::Integer(value.trim().parse().with_context(|| format!("{section}.{field} must be an integer, not {value:?}"))?),
+            toml::Value::Float(_) => {
+                let number: f64 = value.trim().parse().with_context(|| format!("{section}.{field} must be a number, not {value:?}"))?;
+                if !number.is_finite() {
+                    bail!("{section}.{field} must be a finite number, not {value:?}");
+                }
+                toml::Value::Float(number)
             }
-        }
+            toml::Value::Boolean(_) => toml::Value::Boolean(match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => bail!("{section}.{field} must be true or false, not {value:?}"),
+            }),
+            other => bail!("{section}.{field} cannot be set from the environment ({})", other.type_str()),
+        };
+        let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section_table) = entry.as_table_mut() else { bail!("[{section}] is not a table") };
+        section_table.insert(field.clone(), parsed);
+        return Ok(());
     }
-    bail!("no configuration key matches")
+    Ok(())
 }
 
 #[cfg(test)]
@@ -237,8 +303,20 @@ mod tests {
         let config = Config::load(Some(&path), env(&[("STREAMDET_MODEL_THREADS", "1"), ("STREAMDET_LIMITS_MAX_WIDTH", "4096"), ("OTHER", "x")])).unwrap();
         assert_eq!(config.model.threads, 1);
         assert_eq!(config.limits.max_width, 4096);
-        assert!(Config::load(Some(&path), env(&[("STREAMDET_NOPE", "1")])).is_err(), "unknown variables are errors");
+        let err = Config::load(Some(&path), env(&[("STREAMDET_SERVER_NOPE", "1")])).unwrap_err();
+        assert!(format!("{err:#}").contains("\"nope\""), "the error names the key: {err:#}");
+        for not_config in ["STREAMDET_CPU_KERNEL", "STREAMDET_MODEL", "STREAMDET_PYTHON", "STREAMDET_NOPE"] {
+            assert!(Config::load(Some(&path), env(&[(not_config, "portable")])).is_ok(), "{not_config} is not configuration");
+        }
         assert!(Config::load(Some(&path), env(&[("STREAMDET_MODEL_DEVICE", "tpu")])).is_err());
+        for token in ["31415926535897", "true", "nan", "1e3"] {
+            let config = Config::load(Some(&path), env(&[("STREAMDET_SERVER_AUTH_TOKEN", token)])).unwrap();
+            assert_eq!(config.server.auth_token, token, "a string key keeps its text");
+        }
+        assert!(Config::load(Some(&path), env(&[("STREAMDET_SERVER_MAX_SESSIONS", "many")])).is_err());
+        assert!(Config::load(Some(&path), env(&[("STREAMDET_DETECT_FPS", "nan")])).is_err());
+        let config = Config::load(Some(&path), env(&[("STREAMDET_DETECT_FPS", "5"), ("STREAMDET_STORAGE_PERSIST_MEDIA", "true")])).unwrap();
+        assert_eq!((config.detect.fps, config.storage.persist_media), (5.0, true), "an integer text fills a float key");
         std::fs::write(&path, "[model]\nthreds = 3\n").unwrap();
         assert!(Config::load(Some(&path), env(&[])).is_err(), "misspelt keys are errors");
     }

@@ -8,6 +8,7 @@ mod bench;
 mod cli;
 mod commands;
 mod config;
+mod guard;
 mod metrics;
 mod server;
 mod sessions;

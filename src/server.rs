@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use actix_web::body::BoxBody;
@@ -23,36 +24,59 @@ use streamdet_actors::actors::inference::BatchPolicy;
 use streamdet_actors::buffer::BufferOptions;
 use streamdet_actors::decode::{DecodeOptions, FrameSelection};
 use futures_util::StreamExt;
+use futures_util::future::Either;
+use tokio::sync::Semaphore;
 use streamdet_actors::actors::Event;
 use streamdet_actors::detect::{self, DetectParams, Detector, ModelFrame};
-use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams, new_session_id};
+use streamdet_actors::pipeline::{BodyError, Pipeline, PipelineOptions, SessionParams, UploadPace, new_session_id};
 
 use crate::config::{Config, DetectConfig};
 use crate::metrics::Metrics;
-use crate::sessions::{Registry, SessionLog};
+use crate::guard::{ClientCounts, ClientSlot, bearer_matches, client_address, forbidden_origin, origin_allowed};
+use crate::sessions::{Refused, Registry, RegistryLimits, SessionLog, WatchSlot};
 
 struct AppState {
     pipeline: Pipeline,
     config: Config,
     model_name: String,
     active_sessions: Arc<AtomicUsize>,
+    /// Uploads running per client address (`server.max_sessions_per_client`).
+    clients: ClientCounts,
+    trusted_proxies: Vec<IpAddr>,
+    /// `POST /detect` requests being read, decoded or run.
+    image_permits: Arc<Semaphore>,
     sessions: Registry,
     metrics: Arc<Metrics>,
 }
 
-/// A session slot, released when the response stream that holds it is dropped.
-struct SessionSlot(Arc<AtomicUsize>);
+/// A session slot, released when the session that holds it ends.
+struct SessionSlot {
+    counter: Arc<AtomicUsize>,
+    _client: Option<ClientSlot>,
+}
 
 impl SessionSlot {
-    fn acquire(counter: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
-        counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
-        Some(SessionSlot(Arc::clone(counter)))
+    /// A slot among `max_sessions`, and among the client's own when that has a bound.
+    fn acquire(state: &AppState, client: Option<IpAddr>) -> Result<Self, &'static str> {
+        let per_client = state.config.server.max_sessions_per_client;
+        let client = match client {
+            Some(address) if per_client > 0 => {
+                Some(state.clients.acquire(address, per_client).ok_or("this client already runs as many uploads as one client may")?)
+            }
+            _ => None,
+        };
+        let counter = &state.active_sessions;
+        let max = state.config.server.max_sessions;
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .map_err(|_| "the server is busy with other uploads; try again shortly")?;
+        Ok(SessionSlot { counter: Arc::clone(counter), _client: client })
     }
 }
 
 impl Drop for SessionSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.counter.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -81,10 +105,11 @@ fn detect_params(query: &HashMap<String, String>, detector: &Detector, defaults:
     Ok(DetectParams { conf: unit("conf", defaults.conf)?, iou: unit("iou", defaults.iou)?, classes, ..Default::default() })
 }
 
-const SESSION_ID_RULE: &str = "session must be 8 to 64 characters of A-Z, a-z, 0-9, - and _";
+const SESSION_ID_RULE: &str = "session must be 16 to 64 characters of A-Z, a-z, 0-9, - and _ (a UUID fits)";
 
+/// Client-chosen ids are long enough that nobody guesses another client's.
 fn valid_session_id(id: &str) -> bool {
-    (8..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    (16..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 fn video_params(query: &HashMap<String, String>, detector: &Detector, defaults: &DetectConfig) -> Result<SessionParams, String> {
@@ -122,17 +147,41 @@ async fn detect_video(
         Ok(params) => params,
         Err(message) => return error_response(StatusCode::BAD_REQUEST, "bad_parameter", message),
     };
-    let id = params.id.get_or_insert_with(new_session_id).clone();
+    let id = match params.id.clone() {
+        Some(id) => id,
+        None => match new_session_id() {
+            Ok(id) => id,
+            Err(err) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("cannot make a session id: {err}")),
+        },
+    };
+    params.id = Some(id.clone());
     let limit = state.config.server.max_upload_bytes;
-    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit) {
+    if declared_length(&req).is_some_and(|len| len > limit) {
         return error_response(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the upload is larger than the limit of {limit} bytes"));
     }
-    let Some(slot) = SessionSlot::acquire(&state.active_sessions, state.config.server.max_sessions) else {
-        return error_response(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", "the server is busy with other uploads; try again shortly");
+    let slot = match SessionSlot::acquire(&state, client_address(&req, &state.trusted_proxies)) {
+        Ok(slot) => slot,
+        Err(message) => return error_response(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", message),
     };
-    let Ok(log) = state.sessions.start(&id) else {
-        return error_response(StatusCode::CONFLICT, "conflict", format!("a session with id {id:?} is already running"));
+    let pace = upload_pace(&state.config);
+    // A form's parts before the file are read now, so that a body with no file part gets its
+    // 400 before any stream starts.
+    let chunks = if is_multipart(&req) {
+        match multipart_file(&req, payload, limit, pace.idle).await {
+            Ok(chunks) => chunks,
+            Err(response) => return response,
+        }
+    } else {
+        Box::pin(payload.map(|c| c.map_err(|e| BodyError::from(e.to_string())))) as BodyStream
+    };
+    let log = match state.sessions.start(&id) {
+        Ok(log) => log,
+        Err(Refused::InUse) => {
+            return error_response(StatusCode::CONFLICT, "conflict", format!("the session id {id:?} is in use or was used recently"));
+        }
+        Err(Refused::Full(what)) => {
+            return error_response(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", format!("the server tracks too many {what}; try again shortly"));
+        }
     };
     let session = match state.pipeline.session(params) {
         Ok(session) => session,
@@ -145,11 +194,9 @@ async fn detect_video(
     let canceller = upload.clone();
     log.set_cancel(move || canceller.cancel("internal", "the server is shutting down"));
     // The body is read in its own task, so the response streams while the upload goes on.
-    let idle = Some(Duration::from_secs(state.config.server.idle_upload_timeout_s));
     let (body_read, body_done) = tokio::sync::oneshot::channel::<()>();
-    let chunks = if is_multipart(&req) { multipart_file(&req, payload) } else { Box::pin(payload.map(|c| c.map_err(|e| e.to_string()))) };
     actix_web::rt::spawn(async move {
-        upload.feed_all(chunks, idle).await;
+        upload.feed_all(chunks, pace).await;
         let _ = body_read.send(());
     });
     // The session's events go to its log, which every listener follows; the slot is held
@@ -169,7 +216,7 @@ async fn detect_video(
     });
     // The status line waits for the first event: `start` once the container is identified
     // (a few KiB into the upload), or an error that a plain HTTP status says better.
-    if let Some(Event::Error { code, message }) = log.next(0).await {
+    if let Some((_, Event::Error { code, message })) = log.next(0).await {
         let status = match code.as_str() {
             "unsupported_media" | "no_video_stream" | "unsupported_codec" => Some(StatusCode::UNSUPPORTED_MEDIA_TYPE),
             "too_large" => Some(StatusCode::PAYLOAD_TOO_LARGE),
@@ -183,7 +230,22 @@ async fn detect_video(
     // After `max_frames`, `end` comes while the client is still sending: the response stays
     // open until the rest of the body has been read (and dropped), or the connection would
     // close under the client's feet.
-    follow(log, 0, sse, Some(body_done))
+    let keepalive = Duration::from_secs(state.config.server.sse_keepalive_s);
+    follow(Follow { log, next: 0, sse, keepalive, watch: None, then: Some(body_done) })
+}
+
+/// A request's `Content-Length`, when it states one.
+fn declared_length(req: &HttpRequest) -> Option<u64> {
+    req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// The pace an upload must keep (`idle_upload_timeout_s`, `min_upload_rate`).
+fn upload_pace(config: &Config) -> UploadPace {
+    let server = &config.server;
+    UploadPace {
+        idle: Some(Duration::from_secs(server.idle_upload_timeout_s)),
+        min_rate: (server.min_upload_rate > 0).then(|| (server.min_upload_rate, Duration::from_secs(server.min_upload_rate_window_s))),
+    }
 }
 
 fn is_multipart(req: &HttpRequest) -> bool {
@@ -193,66 +255,153 @@ fn is_multipart(req: &HttpRequest) -> bool {
         .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("multipart/form-data"))
 }
 
-/// The bytes of the first file part (a part with a file name; else the first part) of a
-/// `multipart/form-data` body, as they arrive. Parts before it are skipped.
-fn multipart_file(req: &HttpRequest, payload: web::Payload) -> std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, String>>>> {
+type BodyStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, BodyError>>>>;
+
+/// The bytes of the first file part (a part with a file name, or one named `file`) of a
+/// `multipart/form-data` body, as they arrive. The parts before it are read and dropped here,
+/// their bytes counted against `limit`; a body that is not a valid form, or has no file part,
+/// is a 400 response.
+async fn multipart_file(req: &HttpRequest, payload: web::Payload, limit: u64, idle: Option<Duration>) -> Result<BodyStream, HttpResponse> {
     use actix_multipart::{Field, Multipart};
-    // The multipart reader must outlive the part: the part reads through it.
-    type State = (Multipart, Option<Field>);
-    let multipart = Multipart::new(req.headers(), payload);
-    let chunks = futures_util::stream::unfold(Some((multipart, None)), |state: Option<State>| async move {
-        let (mut multipart, mut field) = state?;
+    let bad = |message: String| error_response(StatusCode::BAD_REQUEST, "bad_parameter", message);
+    let mut multipart = Multipart::new(req.headers(), payload);
+    let mut preamble: u64 = 0;
+    let idle = idle.unwrap_or(Duration::from_secs(30));
+    let file = loop {
+        let part = match actix_web::rt::time::timeout(idle, multipart.next()).await {
+            Err(_) => return Err(error_response(StatusCode::REQUEST_TIMEOUT, "timeout", "the form's first parts did not arrive in time")),
+            Ok(None) => return Err(bad("the multipart body has no file part".into())),
+            Ok(Some(Err(err))) => return Err(bad(format!("bad multipart body: {err}"))),
+            Ok(Some(Ok(part))) => part,
+        };
+        let is_file = part.content_disposition().and_then(|d| d.get_filename()).is_some();
+        if is_file || part.name() == Some("file") {
+            break part;
+        }
+        // A text field before the file: read past it.
+        let mut part = part;
         loop {
-            if let Some(part) = field.as_mut() {
-                return match part.next().await {
-                    Some(Ok(bytes)) => Some((Ok(bytes), Some((multipart, field)))),
-                    Some(Err(err)) => Some((Err(format!("bad multipart body: {err}")), None)),
-                    None => None,
-                };
-            }
-            match multipart.next().await {
-                Some(Ok(mut part)) => {
-                    let is_file = part.content_disposition().and_then(|d| d.get_filename()).is_some();
-                    if is_file || part.name() == Some("file") {
-                        field = Some(part);
-                    } else {
-                        // A text field before the file: read past it.
-                        while let Some(Ok(_)) = part.next().await {}
+            match actix_web::rt::time::timeout(idle, part.next()).await {
+                Err(_) => return Err(error_response(StatusCode::REQUEST_TIMEOUT, "timeout", "the form's first parts did not arrive in time")),
+                Ok(None) => break,
+                Ok(Some(Err(err))) => return Err(bad(format!("bad multipart body: {err}"))),
+                Ok(Some(Ok(bytes))) => {
+                    preamble += bytes.len() as u64;
+                    if preamble > limit {
+                        return Err(error_response(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the upload is larger than the limit of {limit} bytes")));
                     }
                 }
-                Some(Err(err)) => return Some((Err(format!("bad multipart body: {err}")), None)),
-                None => return Some((Err("the multipart body has no file part".to_string()), None)),
+            }
+        }
+    };
+    // The multipart reader must outlive the part: the part reads through it.
+    let chunks = futures_util::stream::unfold(Some((multipart, file, preamble)), move |state: Option<(Multipart, Field, u64)>| async move {
+        let (multipart, mut file, read) = state?;
+        match file.next().await {
+            Some(Ok(bytes)) => {
+                let read = read + bytes.len() as u64;
+                if read > limit {
+                    let message = format!("the upload is larger than the limit of {limit} bytes");
+                    return Some((Err(BodyError { code: "too_large", message }), None));
+                }
+                Some((Ok(bytes), Some((multipart, file, read))))
+            }
+            Some(Err(err)) => Some((Err(BodyError::from(format!("bad multipart body: {err}"))), None)),
+            None => None,
+        }
+    });
+    Ok(Box::pin(chunks))
+}
+
+/// What a response follows: a session's log from one event on.
+struct Follow {
+    log: Arc<SessionLog>,
+    /// The next event to send.
+    next: usize,
+    sse: bool,
+    /// Between SSE comment lines on an idle stream: they keep proxies from closing it and
+    /// find a client that left (a write to a closed connection fails).
+    keepalive: Duration,
+    /// For `GET /sessions/{id}/events`: the watcher's place, and until when an upload may claim
+    /// the id.
+    watch: Option<(WatchSlot, Instant)>,
+    /// The response ends only once this resolves (the upload's body read to its end).
+    then: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+/// A response that follows a session's log, as SSE or NDJSON.
+fn follow(follow: Follow) -> HttpResponse {
+    let sse = follow.sse;
+    let messages = futures_util::stream::unfold(Some(follow), |state| async move {
+        let mut state = state?;
+        loop {
+            let deadline = state.watch.as_ref().map(|(_, until)| *until).filter(|_| !state.log.claimed());
+            let tick = deadline.map_or(state.keepalive, |until| until.saturating_duration_since(Instant::now()).min(state.keepalive));
+            let woke = {
+                let next = std::pin::pin!(state.log.next(state.next));
+                let timer = std::pin::pin!(actix_web::rt::time::sleep(tick));
+                match futures_util::future::select(next, timer).await {
+                    Either::Left((event, _)) => Either::Left(event),
+                    Either::Right(_) => Either::Right(()),
+                }
+            };
+            match woke {
+                Either::Left(Some((index, event))) => {
+                    let bytes = if state.sse { sse_message(&event, index as u64) } else { ndjson_line(&event) };
+                    state.next = index + 1;
+                    return Some((Ok::<_, actix_web::Error>(bytes), Some(state)));
+                }
+                Either::Left(None) => {
+                    if let Some(then) = state.then.take() {
+                        let _ = then.await;
+                    }
+                    return None;
+                }
+                Either::Right(_) => {
+                    if deadline.is_some_and(|until| Instant::now() >= until) && !state.log.claimed() {
+                        let event = Event::error("timeout", "no upload claimed this session id in time (server.watch_wait_s)");
+                        let bytes = if state.sse { sse_message(&event, state.next as u64) } else { ndjson_line(&event) };
+                        return Some((Ok(bytes), None));
+                    }
+                    if state.sse {
+                        return Some((Ok(Bytes::from_static(b": keepalive\n\n")), Some(state)));
+                    }
+                }
             }
         }
     });
-    Box::pin(chunks)
-}
-
-/// A response that follows `log` from event `from`, as SSE or NDJSON.
-/// The response ends after the last event and, when given, once `then` resolves.
-fn follow(log: Arc<SessionLog>, from: usize, sse: bool, then: Option<tokio::sync::oneshot::Receiver<()>>) -> HttpResponse {
-    let messages = futures_util::stream::unfold((log, from, then), move |(log, index, then)| async move {
-        let Some(event) = log.next(index).await else {
-            if let Some(then) = then {
-                let _ = then.await;
-            }
-            return None;
-        };
-        let bytes = if sse { sse_message(&event, index as u64) } else { ndjson_line(&event) };
-        Some((Ok::<_, actix_web::Error>(bytes), (log, index + 1, then)))
-    });
     let content_type = if sse { "text/event-stream" } else { "application/x-ndjson" };
-    HttpResponse::Ok().content_type(content_type).insert_header(("Cache-Control", "no-cache")).streaming(messages)
+    HttpResponse::Ok()
+        .content_type(content_type)
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(messages)
 }
 
 /// `GET /sessions/{id}/events`: the session's events as SSE; may come before the upload (it
-/// waits) and after it (for a while); `Last-Event-ID` resumes after that event.
+/// waits `watch_wait_s`) and after it (for the replay window); `Last-Event-ID` resumes after
+/// that event.
 async fn session_events(req: HttpRequest, id: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
     if !valid_session_id(&id) {
         return error_response(StatusCode::BAD_REQUEST, "bad_parameter", SESSION_ID_RULE);
     }
-    let from = req.headers().get("Last-Event-ID").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<usize>().ok()).map_or(0, |last| last + 1);
-    follow(state.sessions.watch(&id), from, true, None)
+    let from = match req.headers().get("Last-Event-ID").map(|v| v.to_str().map(str::trim)) {
+        None => 0,
+        // The id of an event we sent: digits, nothing else. Past every event: nothing to replay.
+        Some(Ok(last)) if !last.is_empty() && last.len() <= 20 && last.bytes().all(|b| b.is_ascii_digit()) => {
+            last.parse::<u64>().ok().and_then(|n| usize::try_from(n).ok()).and_then(|n| n.checked_add(1)).unwrap_or(usize::MAX)
+        }
+        Some(_) => return error_response(StatusCode::BAD_REQUEST, "bad_parameter", "Last-Event-ID must be the id of an event (digits)"),
+    };
+    let slot = match state.sessions.watch(&id) {
+        Ok(slot) => slot,
+        Err(Refused::Full(what)) => return error_response(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", format!("too many {what}; try again shortly")),
+        Err(Refused::InUse) => return error_response(StatusCode::CONFLICT, "conflict", "the session id is in use"),
+    };
+    let log = Arc::clone(slot.log());
+    let until = Instant::now() + state.sessions.watch_wait();
+    let keepalive = Duration::from_secs(state.config.server.sse_keepalive_s);
+    follow(Follow { log, next: from, sse: true, keepalive, watch: Some((slot, until)), then: None })
 }
 
 fn ndjson_line(event: &Event) -> Bytes {
@@ -273,8 +422,10 @@ fn sse_message(event: &Event, sequence: u64) -> Bytes {
     Bytes::from(format!("event: {kind}\nid: {sequence}\ndata: {data}\n\n"))
 }
 
-/// `POST /detect`: one image (JPEG, PNG, WebP) in the body, EXIF orientation applied.
-async fn detect_image(query: web::Query<HashMap<String, String>>, mut payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+/// `POST /detect`: one image (JPEG, PNG, WebP) in the body, EXIF orientation applied. At most
+/// `max_image_requests` run at once, each reads at most `max_image_bytes`, and an image over
+/// `limits.max_image_pixels` is refused from its header, before any pixel is decoded.
+async fn detect_image(req: HttpRequest, query: web::Query<HashMap<String, String>>, mut payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
     if let Some(unknown) = query.keys().find(|k| !["conf", "iou", "classes"].contains(&k.as_str())) {
         return error_response(StatusCode::BAD_REQUEST, "bad_parameter", format!("unknown parameter {unknown:?} (known: conf, iou, classes)"));
     }
@@ -283,19 +434,35 @@ async fn detect_image(query: web::Query<HashMap<String, String>>, mut payload: w
         Ok(params) => params,
         Err(message) => return error_response(StatusCode::BAD_REQUEST, "bad_parameter", message),
     };
-    let limit = state.config.server.max_upload_bytes;
+    let limit = state.config.server.max_image_bytes;
+    let too_large = || error_response(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the image is larger than the limit of {limit} bytes"));
+    if declared_length(&req).is_some_and(|len| len > limit) {
+        return too_large();
+    }
+    // Taken before the body is read: the permits bound the memory of bodies as well as the
+    // decoding and model work.
+    let Ok(_permit) = Arc::clone(&state.image_permits).try_acquire_owned() else {
+        return error_response(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", "the server is busy with other images; try again shortly");
+    };
+    let idle = Duration::from_secs(state.config.server.idle_upload_timeout_s);
     let mut body = Vec::new();
-    while let Some(chunk) = payload.next().await {
-        match chunk {
-            Ok(bytes) if (body.len() + bytes.len()) as u64 <= limit => body.extend_from_slice(&bytes),
-            Ok(_) => return error_response(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the image is larger than the limit of {limit} bytes")),
-            Err(err) => return error_response(StatusCode::BAD_REQUEST, "truncated", format!("the upload broke off: {err}")),
+    loop {
+        match actix_web::rt::time::timeout(idle, payload.next()).await {
+            Err(_) => return error_response(StatusCode::REQUEST_TIMEOUT, "timeout", format!("no image data arrived for {} s", idle.as_secs())),
+            Ok(None) => break,
+            Ok(Some(Ok(bytes))) if (body.len() + bytes.len()) as u64 <= limit => body.extend_from_slice(&bytes),
+            Ok(Some(Ok(_))) => return too_large(),
+            Ok(Some(Err(err))) => return error_response(StatusCode::BAD_REQUEST, "truncated", format!("the upload broke off: {err}")),
         }
     }
+    let max_pixels = state.config.limits.max_image_pixels;
     // Decoding and the model block: run them off the server's threads.
     let result = web::block(move || -> Result<serde_json::Value, (StatusCode, &'static str, String)> {
+        let _ = max_pixels; // TEMP until decode_image takes the limit
         let (rgb, width, height) = detect::decode_image(&body).map_err(|e| (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media", e))?;
+        drop(body);
         let (model_rgb, letterbox) = detect::letterbox_rgb(&rgb, width, height, detector.input_size());
+        drop(rgb);
         let frame = ModelFrame { rgb: model_rgb, letterbox };
         let mut found = detector
             .detect(std::slice::from_ref(&frame), &params)
@@ -350,6 +517,7 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         "model": {"name": state.model_name, "input": [w, h], "classes": detector.class_names().len(), "class_names": detector.class_names()},
         "device": state.config.model.device,
         "sessions_active": state.active_sessions.load(Ordering::Acquire),
+        "watchers": state.sessions.watchers(),
         "max_sessions": state.config.server.max_sessions,
         "defaults": {
             "conf": state.config.detect.conf,
@@ -388,13 +556,25 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
         Err(err) => tracing::warn!(%err, dir = %temp_dir.display(), "could not sweep the temp directory"),
     }
     let pipeline = Pipeline::start(Arc::new(detector), options);
+    let server_config = &config.server;
+    let registry = Registry::new(RegistryLimits {
+        max_entries: server_config.max_registry_entries,
+        max_watchers_per_session: server_config.max_watchers_per_session,
+        max_watchers: server_config.max_watchers,
+        watch_wait: Duration::from_secs(server_config.watch_wait_s),
+        retention: Duration::from_secs(server_config.replay_seconds),
+        max_log_bytes: server_config.replay_max_bytes,
+    });
     let state = web::Data::new(AppState {
         pipeline,
+        active_sessions: Arc::new(AtomicUsize::new(0)),
+        clients: ClientCounts::default(),
+        trusted_proxies: config.trusted_proxies()?,
+        image_permits: Arc::new(Semaphore::new(server_config.max_image_requests)),
+        sessions: registry,
+        metrics,
         config,
         model_name,
-        active_sessions: Arc::new(AtomicUsize::new(0)),
-        sessions: Registry::default(),
-        metrics,
     });
     let shutdown_state = state.clone();
     let token = state.config.server.auth_token.clone();
@@ -405,6 +585,7 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
             .allowed_headers([AUTHORIZATION, CONTENT_TYPE, ACCEPT, HeaderName::from_static("last-event-id")])
             .max_age(3600);
         let token = token.clone();
+        let origins = origins.clone();
         App::new()
             .app_data(state.clone())
             .wrap(actix_web::middleware::from_fn(move |req: ServiceRequest, next: Next<BoxBody>| {
@@ -414,7 +595,7 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
                     || req.path() == "/openapi.json"
                     || PAGE_ASSETS.iter().any(|(path, _, _)| *path == req.path())
                     || req.method() == actix_web::http::Method::OPTIONS
-                    || req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()) == Some(format!("Bearer {token}").as_str());
+                    || bearer_matches(req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()), &token);
                 async move {
                     if allowed {
                         next.call(req).await
@@ -422,6 +603,15 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
                         let response = error_response(StatusCode::UNAUTHORIZED, "unauthorized", "this server requires a bearer token");
                         Ok(req.into_response(response))
                     }
+                }
+            }))
+            // A page of another site may not make a browser spend this server's sessions, even
+            // with requests whose answer it cannot read. (Inside the CORS layer, which answers
+            // preflights.)
+            .wrap(actix_web::middleware::from_fn(move |req: ServiceRequest, next: Next<BoxBody>| {
+                let allowed = origin_allowed(req.request(), &origins);
+                async move {
+                    if allowed { next.call(req).await } else { Ok(req.into_response(forbidden_origin())) }
                 }
             }))
             .wrap(cors)

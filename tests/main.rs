@@ -7,6 +7,7 @@ mod bench;
 mod cli;
 mod decode;
 mod engine;
+mod hardening;
 mod page;
 mod pipeline;
 mod server;

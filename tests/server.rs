@@ -13,7 +13,7 @@ use crate::decode::fixtures;
 
 /// A `streamdet serve` on a free loopback port, stopped when dropped.
 pub struct Server {
-    child: Child,
+    pub(crate) child: Child,
     pub addr: String,
 }
 
@@ -40,7 +40,7 @@ impl Drop for Server {
 }
 
 /// Reads an HTTP/1.1 response head; returns the status code.
-fn read_head(reader: &mut BufReader<TcpStream>) -> u16 {
+pub(crate) fn read_head(reader: &mut BufReader<TcpStream>) -> u16 {
     let mut status = String::new();
     reader.read_line(&mut status).unwrap();
     loop {
@@ -54,7 +54,7 @@ fn read_head(reader: &mut BufReader<TcpStream>) -> u16 {
 }
 
 /// Reads one chunk of a chunked body; `None` at the end.
-fn read_chunk(reader: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
+pub(crate) fn read_chunk(reader: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
     let mut size = String::new();
     reader.read_line(&mut size).ok()?;
     let size = usize::from_str_radix(size.trim(), 16).ok()?;
@@ -66,11 +66,11 @@ fn read_chunk(reader: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
 
 /// Starts a chunked upload of `body` to `path`: a thread sends `piece`-byte chunks with `pause`
 /// between them and sets the returned flag after the last one.
-fn upload(addr: &str, path: &str, body: Vec<u8>, piece: usize, pause: Duration) -> (BufReader<TcpStream>, Arc<AtomicBool>) {
+pub(crate) fn upload(addr: &str, path: &str, body: Vec<u8>, piece: usize, pause: Duration) -> (BufReader<TcpStream>, Arc<AtomicBool>) {
     upload_with(addr, path, "", body, piece, pause)
 }
 
-fn upload_with(addr: &str, path: &str, headers: &str, body: Vec<u8>, piece: usize, pause: Duration) -> (BufReader<TcpStream>, Arc<AtomicBool>) {
+pub(crate) fn upload_with(addr: &str, path: &str, headers: &str, body: Vec<u8>, piece: usize, pause: Duration) -> (BufReader<TcpStream>, Arc<AtomicBool>) {
     let stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let mut writer = stream.try_clone().unwrap();
@@ -150,7 +150,7 @@ fn moov_at_the_end_reports_every_frame_after_the_upload() {
     assert_eq!(events.last().unwrap()["frames_decoded"], 100);
 }
 
-fn request(addr: &str, head: &str, body: &[u8]) -> (u16, serde_json::Value) {
+pub(crate) fn request(addr: &str, head: &str, body: &[u8]) -> (u16, serde_json::Value) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     stream.write_all(head.as_bytes()).unwrap();
@@ -201,7 +201,7 @@ fn media_that_is_not_video_gets_415_before_the_stream() {
 }
 
 /// The whole chunked body of a response.
-fn read_body(reader: &mut BufReader<TcpStream>) -> String {
+pub(crate) fn read_body(reader: &mut BufReader<TcpStream>) -> String {
     let mut body = Vec::new();
     while let Some(chunk) = read_chunk(reader) {
         body.extend_from_slice(&chunk);
@@ -209,7 +209,7 @@ fn read_body(reader: &mut BufReader<TcpStream>) -> String {
     String::from_utf8(body).unwrap()
 }
 
-fn ndjson(body: &str) -> Vec<serde_json::Value> {
+pub(crate) fn ndjson(body: &str) -> Vec<serde_json::Value> {
     body.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
@@ -229,7 +229,7 @@ fn server_sent_events_when_asked() {
 
 #[test]
 fn four_uploads_at_once_and_a_fifth_is_refused() {
-    let server = Server::start(&[("STREAMDET_SERVER_MAX_SESSIONS", "4")]);
+    let server = Server::start(&[("STREAMDET_SERVER_MAX_SESSIONS", "4"), ("STREAMDET_SERVER_MAX_SESSIONS_PER_CLIENT", "0")]);
     let clip = std::fs::read(fixtures().join("clip.ts")).unwrap();
     let uploads: Vec<_> = (0..4)
         .map(|_| upload(&server.addr, "/detect/video?stride=25", clip.clone(), 16 << 10, Duration::from_millis(40)))
@@ -265,7 +265,7 @@ fn an_image_gets_its_detections() {
     assert_eq!((status, body["code"].as_str()), (415, Some("unsupported_media")));
 }
 
-fn get(addr: &str, path: &str, headers: &str) -> BufReader<TcpStream> {
+pub(crate) fn get(addr: &str, path: &str, headers: &str) -> BufReader<TcpStream> {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n").as_bytes()).unwrap();
@@ -442,7 +442,7 @@ fn disconnects_oversize_streams_and_damage_end_sessions_without_leftovers() {
     assert_eq!(status, 200);
 }
 
-fn sha256_hex(data: &[u8]) -> String {
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -469,7 +469,8 @@ fn multipart_uploads_are_stored_by_hash_and_max_frames_stops_early() {
     assert_eq!(end["sha256"], sha256_hex(&clip), "the hash covers the file part only");
     assert_eq!(end["bytes"].as_u64(), Some(clip.len() as u64));
     let stored = media.path().join(format!("{}.mp4", sha256_hex(&clip)));
-    assert_eq!(end["media_file"].as_str(), Some(stored.to_str().unwrap()));
+    let stored_name = stored.file_name().unwrap().to_str().unwrap();
+    assert_eq!(end["media_file"].as_str(), Some(stored_name), "the file's name under media_dir, never a server path");
     assert_eq!(std::fs::read(&stored).unwrap(), clip, "the stored upload is the file");
 
     // max_frames: two frames, then `end` while the rest of the upload is read and dropped.

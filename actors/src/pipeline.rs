@@ -17,7 +17,6 @@
 //! # }
 //! ```
 
-use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,11 +110,13 @@ pub struct Pipeline {
     next_key: Arc<AtomicU64>,
 }
 
-/// A fresh random session id (32 hex digits).
-pub fn new_session_id() -> String {
-    let a = std::collections::hash_map::RandomState::new().build_hasher().finish();
-    let b = std::collections::hash_map::RandomState::new().build_hasher().finish();
-    format!("{a:016x}{b:016x}")
+/// A fresh session id: 128 bits from the operating system's random generator, as 32 hex
+/// digits, so that nobody can guess another client's id.
+pub fn new_session_id() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl Pipeline {
@@ -134,7 +135,10 @@ impl Pipeline {
         let writer = buffer::create(&self.options.buffer)?;
         let reader = writer.buffer().reader();
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let id = params.id.clone().unwrap_or_else(new_session_id);
+        let id = match params.id.clone() {
+            Some(id) => id,
+            None => new_session_id()?,
+        };
         let (tx, rx) = unbounded_channel();
         let (w, h) = self.detector.input_size();
         let model = ModelSummary { name: self.options.model_name.clone(), input: [w, h], classes: self.detector.class_names().len() };
@@ -202,17 +206,20 @@ impl UploadHandle {
         }
     }
 
-    /// Feeds every chunk of `chunks` as it arrives, then finishes the upload; an error item
-    /// abandons it (the session ends with a `truncated` error), and so does a pause longer than
-    /// `idle` (a `timeout` error). Stops early if the session ends.
-    pub async fn feed_all<S, E>(self, mut chunks: S, idle: Option<Duration>)
+    /// Feeds every chunk of `chunks` as it arrives, then finishes the upload. An error item
+    /// abandons it (the session ends with the error's code, `truncated` for a plain message),
+    /// and so does a client slower than `pace` allows (a `timeout` error). Stops early if the
+    /// session ends.
+    pub async fn feed_all<S, E>(self, mut chunks: S, pace: UploadPace)
     where
         S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
-        E: std::fmt::Display,
+        E: Into<BodyError>,
     {
         use futures_util::StreamExt;
+        let mut rate = pace.min_rate.map(RateWindow::new);
         loop {
-            let next = match idle {
+            let waited = std::time::Instant::now();
+            let next = match pace.idle {
                 Some(limit) => match actix::clock::timeout(limit, chunks.next()).await {
                     Ok(next) => next,
                     Err(_) => {
@@ -222,17 +229,23 @@ impl UploadHandle {
                 },
                 None => chunks.next().await,
             };
-            match next {
+            let bytes = match next {
                 None => break,
-                Some(Ok(bytes)) => {
-                    if self.feed(bytes).await.is_err() {
-                        return; // the session ended; its events say why
-                    }
-                }
+                Some(Ok(bytes)) => bytes,
                 Some(Err(err)) => {
-                    self.abort("truncated", format!("the upload broke off: {err}"));
+                    let err = err.into();
+                    self.abort(err.code, err.message);
                     return;
                 }
+            };
+            // Only the time spent waiting for the client counts: while `feed` holds the body
+            // back for a lagging decoder, the slowness is ours.
+            if let Some(Err(message)) = rate.as_mut().map(|window| window.record(waited.elapsed(), bytes.len() as u64)) {
+                self.abort("timeout", message);
+                return;
+            }
+            if self.feed(bytes).await.is_err() {
+                return; // the session ended; its events say why
             }
         }
         self.finish();
@@ -251,5 +264,104 @@ impl UploadHandle {
     /// Ends the session now with an error event.
     pub fn cancel(&self, code: &'static str, message: impl Into<String>) {
         self.session.do_send(Fail { code, message: message.into() });
+    }
+}
+
+/// Why a request body could not be read to its end, as the session's error event says it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyError {
+    /// The event's error code (`truncated`, `too_large`, `bad_parameter`, ...).
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl From<String> for BodyError {
+    /// A body that broke off.
+    fn from(message: String) -> Self {
+        BodyError { code: "truncated", message: format!("the upload broke off: {message}") }
+    }
+}
+
+impl From<std::io::Error> for BodyError {
+    /// A source that failed to read.
+    fn from(err: std::io::Error) -> Self {
+        BodyError::from(err.to_string())
+    }
+}
+
+impl From<std::convert::Infallible> for BodyError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
+}
+
+/// How slow an upload may be before the session gives up on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct UploadPace {
+    /// The longest pause between two chunks.
+    pub idle: Option<Duration>,
+    /// The least data per window: `(bytes per second, window)`, so that a client trickling a
+    /// byte at a time cannot hold a session for long.
+    pub min_rate: Option<(u64, Duration)>,
+}
+
+/// Bytes received over windows of client time.
+struct RateWindow {
+    bytes_per_second: u64,
+    window: Duration,
+    elapsed: Duration,
+    bytes: u64,
+}
+
+impl RateWindow {
+    fn new((bytes_per_second, window): (u64, Duration)) -> Self {
+        RateWindow { bytes_per_second, window, elapsed: Duration::ZERO, bytes: 0 }
+    }
+
+    /// Counts a chunk that took `waited` to arrive; an error once a whole window stayed under
+    /// the rate.
+    fn record(&mut self, waited: Duration, bytes: u64) -> Result<(), String> {
+        self.elapsed += waited;
+        self.bytes += bytes;
+        if self.elapsed < self.window {
+            return Ok(());
+        }
+        let rate = self.bytes as f64 / self.elapsed.as_secs_f64();
+        if rate < self.bytes_per_second as f64 {
+            return Err(format!(
+                "the upload arrived at {rate:.0} bytes/s over {:.0} s, under the minimum of {} bytes/s",
+                self.elapsed.as_secs_f64(),
+                self.bytes_per_second
+            ));
+        }
+        *self = RateWindow::new((self.bytes_per_second, self.window));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_are_random_and_long() {
+        let a = new_session_id().unwrap();
+        let b = new_session_id().unwrap();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn a_trickle_fails_the_rate_window_and_a_steady_upload_passes() {
+        let mut window = RateWindow::new((1000, Duration::from_secs(30)));
+        for _ in 0..29 {
+            assert!(window.record(Duration::from_secs(1), 1).is_ok(), "judged only after a whole window");
+        }
+        assert!(window.record(Duration::from_secs(1), 1).is_err(), "one byte a second");
+        let mut window = RateWindow::new((1000, Duration::from_secs(30)));
+        for _ in 0..100 {
+            assert!(window.record(Duration::from_secs(1), 2000).is_ok());
+        }
     }
 }

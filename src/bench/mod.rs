@@ -22,7 +22,7 @@ use anyhow::{Context, bail};
 use streamdet_actors::buffer::{self, BufferOptions};
 use streamdet_actors::decode::{DecodeOptions, Decoder, FrameSelection};
 use streamdet_actors::detect::{DetectParams, Detector};
-use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams};
+use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams, UploadPace};
 
 use self::client::{Pacer, Upload, UploadOutcome};
 use self::media::{ClipSpec, Container};
@@ -378,7 +378,7 @@ impl Bench {
         }
         let rates = [("full speed", None), ("2 MB/s", Some(2e6))];
         let mut progress = self.progress.stage("end to end", (self.plan.reps * clips.len() * rates.len()) as u64);
-        let ours = ServerProcess::ours(&self.model, self.threads, &[("STREAMDET_SERVER_MAX_SESSIONS", "8".into())])?;
+        let ours = ServerProcess::ours(&self.model, self.threads, &[("STREAMDET_SERVER_MAX_SESSIONS", "8".into()), ("STREAMDET_SERVER_MAX_SESSIONS_PER_CLIENT", "0".into())])?;
         let seed = match seed_missing {
             None => Some(ServerProcess::seed(&self.peers, &self.model, self.threads)?),
             Some(_) => None,
@@ -472,6 +472,8 @@ impl Bench {
         for batching in [false, true] {
             let env = [
                 ("STREAMDET_SERVER_MAX_SESSIONS", counts.iter().max().copied().unwrap_or(1).to_string()),
+                // Every upload comes from this one client.
+                ("STREAMDET_SERVER_MAX_SESSIONS_PER_CLIENT", "0".to_string()),
                 ("STREAMDET_SERVER_BATCH_SIZE", if batching { "4" } else { "1" }.to_string()),
                 ("STREAMDET_SERVER_BATCH_TIMEOUT_MS", "10".to_string()),
             ];
@@ -630,7 +632,7 @@ fn run_pipeline(detector: Arc<Detector>, path: &Path, selection: FrameSelection,
         let session = pipeline.session(SessionParams { selection, ..Default::default() })?;
         let (upload, mut events) = session.split();
         let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = (0..bytes.len()).step_by(64 << 10).map(|at| Ok(bytes.slice(at..(at + (64 << 10)).min(bytes.len())))).collect();
-        actix_rt::spawn(upload.feed_all(futures_util::stream::iter(chunks), Some(Duration::from_secs(60))));
+        actix_rt::spawn(upload.feed_all(futures_util::stream::iter(chunks), UploadPace { idle: Some(Duration::from_secs(60)), min_rate: None }));
         while let Some(event) = events.recv().await {
             match event {
                 streamdet_actors::actors::Event::End { frames_processed, .. } => return Ok((frames_processed, start.elapsed().as_secs_f64())),

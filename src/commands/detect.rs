@@ -12,7 +12,7 @@ use streamdet_actors::actors::Event;
 use streamdet_actors::actors::inference::BatchPolicy;
 use streamdet_actors::buffer::BufferOptions;
 use streamdet_actors::decode::DecodeOptions;
-use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams};
+use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams, UploadPace};
 
 use super::{DetectArgs, ModelArgs, SelectionArgs};
 use crate::cli::Failure;
@@ -97,7 +97,7 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         let (upload, mut events) = session.split();
         let chunks = read_chunks(source);
         let chunks = futures_util::stream::unfold(chunks, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-        actix_rt::spawn(upload.feed_all(Box::pin(chunks), None));
+        actix_rt::spawn(upload.feed_all(Box::pin(chunks), UploadPace::default()));
         let stdout = std::io::stdout();
         let mut code = ExitCode::SUCCESS;
         while let Some(event) = events.recv().await {

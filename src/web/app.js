@@ -83,7 +83,7 @@
   const fmtSeconds = (s) => (Number.isFinite(s) ? s.toFixed(2) + ' s' : '—');
   const fmtPercent = (x) => Math.round(x * 100) + '%';
 
-  // A session id the server accepts: [A-Za-z0-9_-]{8,64}.
+  // A session id the server accepts: [A-Za-z0-9_-]{16,64}; 22 random characters are 132 bits.
   const ID_ALPHABET = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_';
   function randomId() {
     const bytes = new Uint8Array(22);

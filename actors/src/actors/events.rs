@@ -28,7 +28,8 @@ pub enum Event {
         sha256: String,
         upload_seconds: f64,
         seconds: f64,
-        /// Where the upload was kept, when the service stores uploads.
+        /// The file name (under the service's `media_dir`) the upload was kept as, when the
+        /// service stores uploads.
         #[serde(skip_serializing_if = "Option::is_none")]
         media_file: Option<String>,
     },

@@ -166,7 +166,9 @@ impl Session {
             return; // `end` names the stored file
         }
         let media_file = match &self.storage {
-            Storage::Stored(path) => Some(path.display().to_string()),
+            // The name under `media_dir`: where the server keeps files is not the client's
+            // business.
+            Storage::Stored(path) => path.file_name().map(|name| name.to_string_lossy().into_owned()),
             _ => None,
         };
         let seconds = upload.first_byte.elapsed().as_secs_f64();
