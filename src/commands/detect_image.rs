@@ -26,15 +26,16 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
     args.detect.validate()?;
     let detector = args.model.load(config)?;
     let params = args.detect.params(&detector, config)?;
+    let max_pixels = config.limits.max_image_pixels;
     let mut failed = false;
     let stdout = std::io::stdout();
     for path in &args.images {
-        let line = match detect_one(&detector, path, &params) {
+        let line = match detect_one(&detector, path, &params, max_pixels) {
             Ok(line) => line,
-            Err(err) => {
+            Err((code, message)) => {
                 failed = true;
-                eprintln!("streamdet: {err}");
-                json!({"type": "error", "image": path, "code": "unsupported_media", "message": err.to_string()})
+                eprintln!("streamdet: {}: {message}", path.display());
+                json!({"type": "error", "image": path, "code": code, "message": message})
             }
         };
         writeln!(stdout.lock(), "{line}")?;
@@ -42,10 +43,14 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
     Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
-fn detect_one(detector: &Detector, path: &Path, params: &DetectParams) -> Result<serde_json::Value, detect::DetectError> {
-    let (rgb, width, height) = detect::read_image(path)?;
+/// One image's line, or the error code and message of its error line.
+fn detect_one(detector: &Detector, path: &Path, params: &DetectParams, max_pixels: u64) -> Result<serde_json::Value, (&'static str, String)> {
+    let bytes = std::fs::read(path).map_err(|e| ("unsupported_media", format!("cannot read it: {e}")))?;
+    let (rgb, width, height) = detect::decode_image(&bytes, max_pixels).map_err(|e| (e.code(), e.to_string()))?;
+    drop(bytes);
     let (model_rgb, letterbox) = detect::letterbox_rgb(&rgb, width, height, detector.input_size());
+    drop(rgb);
     let frame = ModelFrame { rgb: model_rgb, letterbox };
-    let detections = detector.detect(std::slice::from_ref(&frame), params)?.pop().unwrap_or_default();
+    let detections = detector.detect(std::slice::from_ref(&frame), params).map_err(|e| ("internal", e.to_string()))?.pop().unwrap_or_default();
     Ok(json!({"type": "image", "image": path, "width": width, "height": height, "detections": detections}))
 }

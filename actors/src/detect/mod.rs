@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 mod engine;
+mod image;
 pub mod kernels;
 pub mod letterbox;
 pub mod model;
@@ -15,6 +16,7 @@ mod onnx_proto;
 pub mod postprocess;
 mod views;
 
+pub use self::image::{ImageError, decode_image};
 pub use engine::{Engine, OpProfile};
 pub use letterbox::{Letterbox, letterbox_rgb};
 pub use model::ModelInfo;
@@ -216,26 +218,13 @@ impl Detector {
     }
 }
 
-/// Reads an image file (JPEG, PNG, WebP), applies its EXIF orientation, and returns packed RGB
-/// with its displayed width and height.
-pub fn read_image(path: &Path) -> Result<(Vec<u8>, usize, usize), DetectError> {
-    let bad = |message: String| DetectError::BadImage { path: path.to_path_buf(), message };
-    let bytes = std::fs::read(path).map_err(|source| DetectError::Io { path: path.to_path_buf(), source })?;
-    decode_image(&bytes).map_err(bad)
-}
+/// The pixel limit of [`read_image`]: the default of `limits.max_image_pixels` in the service's
+/// configuration.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 40_000_000;
 
-/// Decodes image bytes (JPEG, PNG, WebP) with EXIF orientation applied.
-pub fn decode_image(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize), String> {
-    use image::ImageDecoder;
-    let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
-    if reader.format().is_none() {
-        return Err("not a JPEG, PNG or WebP image".into());
-    }
-    let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
-    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
-    img.apply_orientation(orientation);
-    let rgb = img.into_rgb8();
-    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-    Ok((rgb.into_raw(), w, h))
+/// Reads an image file (JPEG, PNG, WebP) of at most [`DEFAULT_MAX_IMAGE_PIXELS`] pixels, applies
+/// its EXIF orientation, and returns packed RGB with its displayed width and height.
+pub fn read_image(path: &Path) -> Result<(Vec<u8>, usize, usize), DetectError> {
+    let bytes = std::fs::read(path).map_err(|source| DetectError::Io { path: path.to_path_buf(), source })?;
+    decode_image(&bytes, DEFAULT_MAX_IMAGE_PIXELS).map_err(|e| DetectError::BadImage { path: path.to_path_buf(), message: e.to_string() })
 }
