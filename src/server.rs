@@ -458,8 +458,10 @@ async fn detect_image(req: HttpRequest, query: web::Query<HashMap<String, String
     let max_pixels = state.config.limits.max_image_pixels;
     // Decoding and the model block: run them off the server's threads.
     let result = web::block(move || -> Result<serde_json::Value, (StatusCode, &'static str, String)> {
-        let _ = max_pixels; // TEMP until decode_image takes the limit
-        let (rgb, width, height) = detect::decode_image(&body).map_err(|e| (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media", e))?;
+        let (rgb, width, height) = detect::decode_image(&body, max_pixels).map_err(|e| {
+            let status = if e.code() == "too_large" { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::UNSUPPORTED_MEDIA_TYPE };
+            (status, e.code(), e.to_string())
+        })?;
         drop(body);
         let (model_rgb, letterbox) = detect::letterbox_rgb(&rgb, width, height, detector.input_size());
         drop(rgb);

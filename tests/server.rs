@@ -18,8 +18,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// Starts this build's server, or the one `STREAMDET_TEST_SERVER` names (to run the same
+    /// HTTP tests against another build, such as the last release).
     pub fn start(env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_streamdet"));
+        let program = std::env::var_os("STREAMDET_TEST_SERVER").unwrap_or_else(|| env!("CARGO_BIN_EXE_streamdet").into());
+        let mut cmd = Command::new(program);
         cmd.current_dir(crate::support::root()).args(["serve", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
