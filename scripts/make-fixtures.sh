@@ -5,7 +5,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$root/fixtures"
-stamp="$out/.complete-v4"
+stamp="$out/.complete-v5"
 [ -f "$stamp" ] && exit 0
 mkdir -p "$out"
 cd "$out"
@@ -34,6 +34,41 @@ x264=(-c:v libx264 -preset veryfast -pix_fmt yuv420p -g 25)
 "${ff[@]}" -f lavfi -i "color=black:size=640x360:rate=25:duration=1,drawbox=x=40:y=30:w=100:h=50:color=white:t=fill" \
   "${x264[@]}" -movflags +faststart rect.mp4
 "${ff[@]}" -i rect.mp4 -c copy -metadata:s:v:0 rotate=90 -movflags +faststart rect_rotated.mp4
+# AVI and FLV at 320x240 with the audio such files usually carry: MPEG-4 Part 2 with MP3 and
+# MJPEG in AVI, H.264 with AAC in FLV.
+small=(-f lavfi -i "testsrc2=size=320x240:rate=25:duration=4")
+tone=(-f lavfi -i "sine=frequency=440:duration=4")
+"${ff[@]}" "${small[@]}" "${tone[@]}" -c:v mpeg4 -q:v 5 -g 25 -c:a libmp3lame -b:a 64k mpeg4.avi
+"${ff[@]}" "${small[@]}" -c:v mjpeg -q:v 5 -pix_fmt yuvj420p mjpeg.avi
+"${ff[@]}" "${small[@]}" "${tone[@]}" "${x264[@]}" -c:a aac -b:a 64k clip.flv
+# Codecs outside the allow-list: PNG pictures and raw RGB in Matroska.
+"${ff[@]}" "${small[@]}" -t 1 -c:v png png.mkv
+"${ff[@]}" -f lavfi -i "testsrc2=size=64x64:rate=5:duration=1" -c:v rawvideo -pix_fmt rgb24 -allow_raw_vfw 1 -f matroska rawvideo.mkv
+# Clips with the audio phones and browsers record: AAC in MP4, Opus in WebM.
+"${ff[@]}" -i master.mkv "${tone[@]}" -c:v copy -c:a aac -b:a 96k -movflags +faststart with_aac.mp4
+"${ff[@]}" "${src[@]}" "${tone[@]}" -c:v libvpx-vp9 -deadline realtime -cpu-used 8 -g 25 -c:a libopus -b:a 64k with_opus.webm
+# Raw H.264 that switches from 64x64 to 1024x1024 with a new SPS (two Annex-B streams, one
+# after the other), and raw H.264 whose first picture is 8192x8192 (making it takes ffmpeg
+# about 800 MB for a moment).
+for s in 64 1024; do
+  "${ff[@]}" -f lavfi -i "testsrc2=size=${s}x${s}:rate=25:duration=1" "${x264[@]}" -f h264 "switch_$s.h264"
+done
+cat switch_64.h264 switch_1024.h264 > switch.h264
+# The same switch in HEVC (raw), VP9 and AV1 (WebM, joined by the concat demuxer).
+for s in 64 1024; do
+  size=(-f lavfi -i "testsrc2=size=${s}x${s}:rate=25:duration=1")
+  "${ff[@]}" "${size[@]}" -c:v libx265 -preset ultrafast -x265-params log-level=none -g 25 -f hevc "switch_$s.hevc"
+  "${ff[@]}" "${size[@]}" -c:v libvpx-vp9 -deadline realtime -cpu-used 8 -g 25 "switch_vp9_$s.webm"
+  "${ff[@]}" "${size[@]}" -c:v libsvtav1 -preset 12 -g 25 "switch_av1_$s.webm" 2>/dev/null
+done
+cat switch_64.hevc switch_1024.hevc > switch.hevc
+for codec in vp9 av1; do
+  printf "file 'switch_%s_64.webm'\nfile 'switch_%s_1024.webm'\n" "$codec" "$codec" > "switch_$codec.txt"
+  "${ff[@]}" -f concat -safe 0 -i "switch_$codec.txt" -c copy "switch_$codec.webm"
+done
+rm switch_64.h264 switch_1024.h264 switch_64.hevc switch_1024.hevc switch_*_64.webm switch_*_1024.webm switch_*.txt
+"${ff[@]}" -f lavfi -i "color=black:size=8192x8192:rate=25:duration=0.08" -c:v libx264 -preset ultrafast -pix_fmt yuv420p -f h264 huge_first.h264
+"${ff[@]}" -i huge_first.h264 -c copy huge_first.flv
 # A longer, denser MPEG-TS (about 8 MB) for live-input tests that must outgrow the buffer's
 # discard margin.
 "${ff[@]}" -f lavfi -i "testsrc2=size=640x360:rate=25:duration=8,noise=alls=20:allf=t+u" "${x264[@]}" -b:v 8M -minrate 8M -maxrate 8M -bufsize 2M -f mpegts live.ts

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use streamdet_actors::buffer::{self, Buffer, BufferOptions, WriteState};
 use streamdet_actors::decode::{DecodeError, DecodeOptions, Decoder, FrameSelection, SelectedFrame};
@@ -46,6 +46,8 @@ struct Observed {
     frames: Vec<SelectedFrame>,
     /// Bytes written and the writer's state when the first frame came out.
     at_first_frame: Option<(u64, WriteState)>,
+    /// Time from the start of decoding (the start of the upload) to the first frame.
+    first_frame_after: Option<Duration>,
     result: Result<(), DecodeError>,
     container: String,
     codec: String,
@@ -53,18 +55,29 @@ struct Observed {
 }
 
 fn decode_buffer(buffer: &Buffer, options: DecodeOptions) -> Observed {
+    let start = Instant::now();
     let mut decoder = match Decoder::open(buffer.reader(), options) {
         Ok(d) => d,
         Err(err) => {
-            return Observed { frames: vec![], at_first_frame: None, result: Err(err), container: String::new(), codec: String::new(), size: (0, 0) };
+            return Observed {
+                frames: vec![],
+                at_first_frame: None,
+                first_frame_after: None,
+                result: Err(err),
+                container: String::new(),
+                codec: String::new(),
+                size: (0, 0),
+            };
         }
     };
     let mut frames = Vec::new();
     let mut at_first_frame = None;
+    let mut first_frame_after = None;
     let result = loop {
         match decoder.next_frame() {
             Ok(Some(frame)) => {
                 at_first_frame.get_or_insert((buffer.written(), buffer.write_state()));
+                first_frame_after.get_or_insert(start.elapsed());
                 frames.push(frame);
             }
             Ok(None) => break Ok(()),
@@ -72,13 +85,17 @@ fn decode_buffer(buffer: &Buffer, options: DecodeOptions) -> Observed {
         }
     };
     let media = decoder.media().clone();
-    Observed { frames, at_first_frame, result, container: media.container, codec: media.codec, size: (media.width, media.height) }
+    Observed { frames, at_first_frame, first_frame_after, result, container: media.container, codec: media.codec, size: (media.width, media.height) }
 }
 
 fn decode_while_uploading(name: &str, options: DecodeOptions) -> (Observed, u64) {
+    decode_during_upload(name, options, 4096, Duration::from_millis(3))
+}
+
+fn decode_during_upload(name: &str, options: DecodeOptions, chunk: usize, pause: Duration) -> (Observed, u64) {
     let path = fixtures().join(name);
     let total = std::fs::metadata(&path).unwrap().len();
-    let (buffer, writer) = upload_slowly(&path, 4096, Duration::from_millis(3));
+    let (buffer, writer) = upload_slowly(&path, chunk, pause);
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || tx.send(decode_buffer(&buffer, options)).unwrap());
     let observed = rx.recv_timeout(HANG_GUARD).unwrap_or_else(|_| panic!("{name}: decoding hung"));
@@ -222,7 +239,7 @@ fn corrupt_packets_are_skipped_and_decoding_goes_on() {
     let observed = decode_file("corrupt.ts");
     observed.result.expect("damage in the middle is not fatal");
     let frames = observed.frames.len();
-    assert!(frames >= 80 && frames <= 100, "{frames} frames");
+    assert!((80..=100).contains(&frames), "{frames} frames");
     assert!(observed.frames.last().unwrap().pts > 3.5, "decoding reached the end");
 }
 
@@ -330,4 +347,174 @@ fn cli_decode_reports_frames_and_errors() {
     assert_eq!(line["code"], "unsupported_media");
     let out = Command::new(env!("CARGO_BIN_EXE_streamdet")).args(["decode", "--stride", "0", "x.mp4"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Uploads `name` at the pace of its playback (`seconds` of video) while decoding it.
+fn decode_at_playback_pace(name: &str, seconds: f64) -> (Observed, u64) {
+    let total = std::fs::metadata(fixtures().join(name)).unwrap().len();
+    let chunk = 4096;
+    let pause = Duration::from_secs_f64(seconds * chunk as f64 / total as f64);
+    decode_during_upload(name, DecodeOptions::default(), chunk, pause)
+}
+
+#[test]
+fn avi_and_flv_give_frames_while_uploading() {
+    let clips = [("mpeg4.avi", "avi", "mpeg4"), ("mjpeg.avi", "avi", "mjpeg"), ("clip.flv", "flv", "h264")];
+    for (name, container, codec) in clips {
+        let (observed, total) = decode_while_uploading(name, DecodeOptions::default());
+        observed.result.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((observed.container.as_str(), observed.codec.as_str(), observed.size), (container, codec, (320, 240)), "{name}");
+        let (written, state) = observed.at_first_frame.unwrap_or_else(|| panic!("{name}: no frame"));
+        assert_eq!(state, WriteState::Open, "{name}: the first frame came only after the upload ended");
+        assert!(written < total / 2, "{name}: first frame only after {written} of {total} bytes");
+        let want = ffprobe_pts(&fixtures().join(name));
+        assert_eq!(observed.frames.len(), want.len(), "{name}: frame count differs from ffprobe");
+        for (i, (frame, pts)) in observed.frames.iter().zip(&want).enumerate() {
+            assert_eq!(frame.index, i as u64, "{name}");
+            let pts = pts.expect("AVI and FLV have timestamps");
+            assert!((frame.pts - pts).abs() < 1e-3, "{name}: frame {i} at {} s, ffprobe says {pts}", frame.pts);
+        }
+    }
+    // Uploaded as fast as the 4 s clips play, all three at once: detections can start within
+    // the first second of the upload.
+    thread::scope(|scope| {
+        let runs: Vec<_> = clips.iter().map(|(name, ..)| (name, scope.spawn(move || decode_at_playback_pace(name, 4.0)))).collect();
+        for (name, run) in runs {
+            let (observed, total) = run.join().unwrap();
+            observed.result.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
+            let after = observed.first_frame_after.unwrap();
+            let (written, _) = observed.at_first_frame.unwrap();
+            eprintln!("{name}: first frame {:.2} s into a 4 s upload, with {written} of {total} bytes written", after.as_secs_f64());
+            assert!(after < Duration::from_secs(1), "{name}: first frame {after:?} into the upload");
+        }
+    });
+}
+
+#[test]
+fn audio_tracks_do_not_delay_the_first_frame() {
+    // Probing opens the audio decoders it needs for a stream's parameters; without them it
+    // would analyse a whole second of media (a quarter of these clips) before the first frame.
+    for name in ["with_aac.mp4", "with_opus.webm"] {
+        let (observed, total) = decode_while_uploading(name, DecodeOptions::default());
+        observed.result.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (written, _) = observed.at_first_frame.unwrap_or_else(|| panic!("{name}: no frame"));
+        eprintln!("{name}: first frame with {written} of {total} bytes written");
+        assert!(written < total / 8, "{name}: first frame only after {written} of {total} bytes");
+        assert_eq!(observed.frames.len(), ffprobe_pts(&fixtures().join(name)).len(), "{name}");
+    }
+}
+
+#[test]
+fn codecs_outside_the_allow_list_are_refused() {
+    for (name, codec) in [("png.mkv", "png"), ("rawvideo.mkv", "rawvideo")] {
+        let observed = decode_file(name);
+        let err = observed.result.expect_err(name);
+        assert_eq!(err.code(), "unsupported_codec", "{name}: {err}");
+        assert!(err.to_string().contains(codec), "{name}: {err}");
+        assert!(observed.frames.is_empty());
+    }
+}
+
+fn with_limit(max: (u32, u32)) -> DecodeOptions {
+    DecodeOptions { max_dimensions: max, ..Default::default() }
+}
+
+#[test]
+fn a_stream_that_grows_past_the_limit_ends_after_its_small_frames() {
+    // 25 frames of 64x64, then 25 of 1024x1024 (a new SPS, a VP9 or AV1 keyframe of the new
+    // size), over a 512x512 limit, with one decoder thread and with frame threads.
+    for name in ["switch.h264", "switch.hevc", "switch_vp9.webm", "switch_av1.webm"] {
+        for threads in [1, 0] {
+            let options = DecodeOptions { threads, ..with_limit((512, 512)) };
+            let (observed, _) = decode_during_upload(name, options, 4096, Duration::from_millis(1));
+            let frames = observed.frames.len();
+            eprintln!("{name}, {threads} threads: {frames} frames, then {:?}", observed.result);
+            assert!(observed.frames.iter().all(|f| f.model_frame.letterbox.source == (64, 64)), "{name}");
+            match observed.result {
+                // H.264 and HEVC packets are refused from their parameter sets, with the size.
+                Err(DecodeError::TooLarge { width, height, max_width, max_height }) => {
+                    assert_eq!((width, height, max_width, max_height), (1024, 1024, 512, 512), "{name}");
+                }
+                // VP9 and AV1 frames are refused by the decoder's `max_pixels`, which does not say
+                // the size.
+                Err(DecodeError::FrameTooLarge { max_width: 512, max_height: 512 }) if name.ends_with(".webm") => {}
+                other => panic!("{name}: expected too_large, got {other:?}"),
+            }
+            assert_eq!(frames, 25, "{name}, {threads} threads: every small frame is delivered");
+        }
+    }
+    // A limit too narrow for 1024x1024 that FFmpeg's `max_pixels` (an area) lets through:
+    // every decoded frame is checked.
+    for name in ["switch_vp9.webm", "switch_av1.webm"] {
+        let (observed, _) = decode_during_upload(name, with_limit((1000, 4096)), 4096, Duration::from_millis(1));
+        assert_eq!(observed.frames.len(), 25, "{name}");
+        match observed.result {
+            Err(DecodeError::TooLarge { width: 1024, height: 1024, max_width: 1000, max_height: 4096 }) => {}
+            other => panic!("{name}: expected too_large for 1024x1024, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn size_changes_within_the_limit_are_converted_at_each_size() {
+    let (observed, _) = decode_while_uploading("switch.h264", DecodeOptions::default());
+    observed.result.unwrap();
+    assert_eq!(observed.frames.len(), 50);
+    assert_eq!(observed.size, (64, 64), "the size the stream starts with");
+    for (i, frame) in observed.frames.iter().enumerate() {
+        let want = if i < 25 { (64, 64) } else { (1024, 1024) };
+        assert_eq!(frame.model_frame.letterbox.source, want, "frame {i}");
+        assert_eq!(frame.model_frame.rgb.len(), 640 * 640 * 3);
+    }
+    // testsrc2's picture fills both sizes: the converted frames are not padding.
+    let last = &observed.frames[49].model_frame.rgb;
+    assert!(last.chunks_exact(3).filter(|p| p.iter().all(|&v| v == 114)).count() < last.len() / 3 / 2);
+}
+
+#[test]
+fn first_frame_over_the_limit_is_refused_before_allocation() {
+    for name in ["huge_first.h264", "huge_first.flv"] {
+        // In this process: the error a user gets.
+        let path = fixtures().join(name);
+        let mut writer = buffer::create(&BufferOptions::default()).unwrap();
+        writer.append(&std::fs::read(&path).unwrap()).unwrap();
+        let observed = decode_buffer(&writer.finish(), with_limit((512, 512)));
+        assert!(observed.frames.is_empty(), "{name}");
+        match observed.result {
+            Err(DecodeError::TooLarge { width: 8192, height: 8192, .. }) => {}
+            other => panic!("{name}: expected too_large for 8192x8192, got {other:?}"),
+        }
+        // In a process of its own: the peak memory. One 8192x8192 picture is 96 MiB, and
+        // FFmpeg's H.264 decoder allocates about 300 MiB of tables for that size while it only
+        // parses the headers; refused by `max_pixels`, none of it exists.
+        // This test binary (which cargo may replace on disk while it runs).
+        let out = Command::new("/proc/self/exe")
+            .args(["decode::child_decodes_with_a_small_limit", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .env("STREAMDET_CHILD_DECODE", name)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().find_map(|l| Some(l.split_once("child-decode ")?.1)).unwrap_or_else(|| panic!("{name}: no result from the child: {stdout}"));
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let peak_mib: u64 = fields[1].parse::<u64>().unwrap() / 1024;
+        eprintln!("{name}: refused as {}, peak memory of the decoding process {peak_mib} MiB", fields[0]);
+        assert_eq!(fields[0], "too_large", "{name}");
+        assert!(peak_mib < 150, "{name}: the decoding process peaked at {peak_mib} MiB");
+    }
+}
+
+/// Decodes the fixture named by `STREAMDET_CHILD_DECODE` with a 512x512 limit and prints the
+/// error code and this process's peak resident memory (KiB). Run in a child process by
+/// `first_frame_over_the_limit_is_refused_before_allocation`; does nothing otherwise.
+#[test]
+#[ignore = "runs in a child process of first_frame_over_the_limit_is_refused_before_allocation"]
+fn child_decodes_with_a_small_limit() {
+    let Ok(name) = std::env::var("STREAMDET_CHILD_DECODE") else { return };
+    let mut writer = buffer::create(&BufferOptions::default()).unwrap();
+    writer.append(&std::fs::read(fixtures().join(name)).unwrap()).unwrap();
+    let observed = decode_buffer(&writer.finish(), with_limit((512, 512)));
+    let code = observed.result.err().map_or("none", |e| e.code());
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let peak_kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches("kB").trim().to_string();
+    println!("child-decode {code} {peak_kib}");
 }

@@ -74,13 +74,13 @@ struct ScalerKey {
 /// (BT.709 for HD, BT.601 below).
 fn sws_colorspace(space: ff::color::Space, height: u32) -> i32 {
     match space {
-        ff::color::Space::BT709 => ffi::SWS_CS_ITU709 as i32,
-        ff::color::Space::BT2020NCL | ff::color::Space::BT2020CL => ffi::SWS_CS_BT2020 as i32,
-        ff::color::Space::SMPTE240M => ffi::SWS_CS_SMPTE240M as i32,
-        ff::color::Space::FCC => ffi::SWS_CS_FCC as i32,
-        ff::color::Space::BT470BG | ff::color::Space::SMPTE170M => ffi::SWS_CS_ITU601 as i32,
-        _ if height >= 720 => ffi::SWS_CS_ITU709 as i32,
-        _ => ffi::SWS_CS_ITU601 as i32,
+        ff::color::Space::BT709 => ffi::SWS_CS_ITU709,
+        ff::color::Space::BT2020NCL | ff::color::Space::BT2020CL => ffi::SWS_CS_BT2020,
+        ff::color::Space::SMPTE240M => ffi::SWS_CS_SMPTE240M,
+        ff::color::Space::FCC => ffi::SWS_CS_FCC,
+        ff::color::Space::BT470BG | ff::color::Space::SMPTE170M => ffi::SWS_CS_ITU601,
+        _ if height >= 720 => ffi::SWS_CS_ITU709,
+        _ => ffi::SWS_CS_ITU601,
     }
 }
 
@@ -113,7 +113,7 @@ impl FrameConverter {
             // SAFETY: the scaler is valid; the coefficient tables are static data of libswscale.
             unsafe {
                 let coefficients = ffi::sws_getCoefficients(sws_colorspace(key.space, h));
-                let rgb = ffi::sws_getCoefficients(ffi::SWS_CS_DEFAULT as i32);
+                let rgb = ffi::sws_getCoefficients(ffi::SWS_CS_DEFAULT);
                 ffi::sws_setColorspaceDetails(scaler.as_mut_ptr(), coefficients, i32::from(full_range), rgb, 1, 0, 1 << 16, 1 << 16);
             }
             self.scaled = ff::frame::Video::new(ff::format::Pixel::RGB24, cw, ch);

@@ -5,8 +5,12 @@
 //! out of [`Decoder::next_frame`] in presentation order with their index and time; the selected
 //! ones are converted once, by swscale, straight to the model's letterboxed input ([`convert`]).
 //! Every call blocks on the buffer when bytes are missing; aborting the buffer wakes it.
+//!
+//! Nothing an upload holds may exhaust the process: only the allowed codecs are decoded (by
+//! FFmpeg's probing too), FFmpeg's own `max_pixels` refuses pictures over the size limit before
+//! it allocates them (in probing and in the decoder), and every decoded frame is checked again.
 
-use std::ffi::CString;
+use std::ffi::{CString, c_void};
 
 use ffmpeg_next::{self as ff, ffi};
 
@@ -15,12 +19,57 @@ use crate::detect::ModelFrame;
 
 mod avio;
 pub mod convert;
+mod headers;
 
 use avio::BufferIo;
 use convert::{FrameConverter, Rotation};
+use headers::SizeParser;
 
 /// Containers the demuxer may recognise (libavformat demuxer names).
-const FORMAT_WHITELIST: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,mpegts,h264,hevc,m4v,ivf";
+const FORMAT_WHITELIST: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,mpegts,h264,hevc,m4v,ivf,avi,flv";
+
+/// The video decoders (FFmpeg decoder names, not codec names) of the README's codecs. AV1 is
+/// decoded by whichever of libdav1d (Debian's choice), libaom or the native decoder the FFmpeg
+/// build registers first.
+macro_rules! video_decoders {
+    () => {
+        "h264,hevc,vp8,vp9,libdav1d,libaom-av1,av1,mpeg4,mjpeg"
+    };
+}
+
+/// The decoders our own decoder may be.
+const DECODER_WHITELIST: &str = video_decoders!();
+
+/// The decoders FFmpeg's probing may open: the video ones, and the usual audio decoders of the
+/// accepted containers. Probing opens an audio decoder only to learn a stream's channel count
+/// or frame size; without it, it reads a whole `analyzeduration` (1 s of media) more before
+/// the first frame of any file with audio (measured: MP4 and WebM read 6-8 times the bytes).
+/// Audio is never decoded after that.
+const PROBE_DECODERS: &str = concat!(
+    video_decoders!(),
+    ",aac,mp3float,mp3,mp2float,mp2,opus,vorbis,ac3,eac3,flac,alac,amrnb,amrwb",
+    ",pcm_s16le,pcm_s16be,pcm_s24le,pcm_s24be,pcm_f32le,pcm_u8,pcm_mulaw,pcm_alaw"
+);
+
+/// A decoder whitelist that matches no decoder: probing of containers whose streams appear
+/// only while packets are read (see `open_input`).
+const NO_DECODER: &std::ffi::CStr = c"none";
+
+/// How much media (microseconds) probing analyses when it opens no decoder.
+const NO_DECODER_ANALYZE_US: i64 = 250_000;
+
+/// The codecs decoded: H.264, HEVC, VP8, VP9, AV1, MPEG-4 Part 2 and MJPEG.
+fn codec_allowed(id: ff::codec::Id) -> bool {
+    use ff::codec::Id;
+    matches!(id, Id::H264 | Id::HEVC | Id::VP8 | Id::VP9 | Id::AV1 | Id::MPEG4 | Id::MJPEG)
+}
+
+/// FFmpeg's `max_pixels` for a size limit. FFmpeg compares it with the width rounded up to its
+/// stride alignment (64 at most) in some places, so the width is rounded up too: a frame within
+/// the limit is never refused; the exact limit is checked on every decoded frame.
+fn max_pixels(max: (u32, u32)) -> i64 {
+    (u64::from(max.0).next_multiple_of(64) * u64::from(max.1)).min(i64::MAX as u64) as i64
+}
 
 /// Which decoded frames are reported and converted.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -86,6 +135,8 @@ impl MediaInfo {
             "hevc" => "hevc",
             "m4v" => "m4v",
             "ivf" => "ivf",
+            "avi" => "avi",
+            "flv" => "flv",
             _ => "bin",
         }
     }
@@ -102,6 +153,10 @@ pub enum DecodeError {
     UnsupportedCodec(String),
     #[error("the video is {width}x{height}, larger than the allowed {max_width}x{max_height}")]
     TooLarge { width: u32, height: u32, max_width: u32, max_height: u32 },
+    /// The decoder refused a picture over the limit without saying its size (VP8, VP9, MPEG-4,
+    /// MJPEG and AV1 decoders reset or keep their old size when they refuse one).
+    #[error("a frame of the video is larger than the allowed {max_width}x{max_height}")]
+    FrameTooLarge { max_width: u32, max_height: u32 },
     #[error("the file ends early: {0}")]
     Truncated(String),
     #[error("decoding was cancelled")]
@@ -117,7 +172,7 @@ impl DecodeError {
             DecodeError::UnsupportedMedia(_) => "unsupported_media",
             DecodeError::NoVideoStream => "no_video_stream",
             DecodeError::UnsupportedCodec(_) => "unsupported_codec",
-            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::TooLarge { .. } | DecodeError::FrameTooLarge { .. } => "too_large",
             DecodeError::Truncated(_) => "truncated",
             DecodeError::Cancelled => "internal",
             DecodeError::Internal(_) => "internal",
@@ -170,6 +225,10 @@ pub struct Decoder {
     pending_error: Option<DecodeError>,
     /// Whether consumed bytes are discarded (live input over a forward-only container).
     discard_consumed: bool,
+    /// A frame decoded while opening (to learn the size), not yet delivered.
+    primed: Option<ff::frame::Video>,
+    /// Reads the size each H.264/HEVC packet announces before the decoder sees it.
+    size_parser: Option<SizeParser>,
 }
 
 /// Bytes kept behind the demuxer's furthest read when discarding: FFmpeg may re-read within its
@@ -197,20 +256,39 @@ impl Decoder {
         let stream_index = stream.index();
         let parameters = stream.parameters();
         let codec_id = parameters.id();
-        // SAFETY: `parameters` wraps the stream's live AVCodecParameters.
-        let (width, height) = unsafe { ((*parameters.as_ptr()).width, (*parameters.as_ptr()).height) };
-        if width <= 0 || height <= 0 {
-            return Err(DecodeError::UnsupportedMedia("the video stream states no dimensions".into()));
-        }
-        let (width, height) = (width as u32, height as u32);
         let codec_name = codec_id.name().to_string();
-        if ff::decoder::find(codec_id).is_none() {
+        if !codec_allowed(codec_id) {
             return Err(DecodeError::UnsupportedCodec(codec_name));
         }
+        // The decoder this FFmpeg build picks for the codec must be an allowed one too.
+        let codec = ff::decoder::find(codec_id)
+            .filter(|codec| DECODER_WHITELIST.split(',').any(|name| name == codec.name()))
+            .ok_or_else(|| DecodeError::UnsupportedCodec(format!("{codec_name} (no allowed decoder in this FFmpeg)")))?;
+        // SAFETY: `parameters` wraps the stream's live AVCodecParameters, whose extradata holds
+        // `extradata_size` bytes when it is not null.
+        let (width, height, size_parser) = unsafe {
+            let par = &*parameters.as_ptr();
+            let extradata = match par.extradata.is_null() {
+                true => &[][..],
+                false => std::slice::from_raw_parts(par.extradata, par.extradata_size.max(0) as usize),
+            };
+            (par.width, par.height, SizeParser::new(codec_id, extradata))
+        };
+        // Zero when probing did not decode the stream (see `open_input`): the first frame tells.
+        let (width, height) = (width.max(0) as u32, height.max(0) as u32);
         let mut context = ff::codec::context::Context::from_parameters(parameters)
             .map_err(|e| DecodeError::Internal(ff_error_text(e)))?;
         context.set_threading(ff::threading::Config { kind: ff::threading::Type::Frame, count: options.threads, ..Default::default() });
-        let decoder = context.decoder().video().map_err(|e| DecodeError::UnsupportedCodec(format!("{codec_name} ({e})")))?;
+        // FFmpeg refuses a picture over `max_pixels` before it allocates it; the decoder then
+        // fails, which `refused_size` recognises.
+        let mut codec_options = ff::Dictionary::new();
+        codec_options.set("max_pixels", &max_pixels(options.max_dimensions).to_string());
+        codec_options.set("codec_whitelist", DECODER_WHITELIST);
+        let decoder = context
+            .decoder()
+            .open_as_with(codec, codec_options)
+            .and_then(|opened| opened.video())
+            .map_err(|e| DecodeError::UnsupportedCodec(format!("{codec_name} ({e})")))?;
         let rotation = Rotation::of_stream(&stream);
         let (display_w, display_h) = rotation.displayed(width, height);
         // The average rate when the container states it (MP4, Matroska), else the stream's base
@@ -218,7 +296,12 @@ impl Decoder {
         let rate = [stream.avg_frame_rate(), stream.rate()].into_iter().find(|r| r.numerator() > 0 && r.denominator() > 0);
         let fps = rate.map_or(0.0, f64::from);
         let time_base = f64::from(stream.time_base());
-        let declared_frames = u64::try_from(stream.frames()).unwrap_or(0);
+        // AVI counts empty chunks, which mark a dropped or repeated frame (ffmpeg writes them to
+        // keep audio in sync), among its frames: its count says nothing about truncation.
+        let declared_frames = match input.format().name() {
+            "avi" => 0,
+            _ => u64::try_from(stream.frames()).unwrap_or(0),
+        };
         let start = stream.start_time();
         let start_pts = (start != ffi::AV_NOPTS_VALUE).then_some(start);
         let media = MediaInfo {
@@ -231,7 +314,7 @@ impl Decoder {
         let converter = FrameConverter::new(options.target, rotation);
         // The mov demuxer reads samples by offset and may go back; the others read forward.
         let discard_consumed = options.live && !media.container.starts_with("mov");
-        Ok(Decoder {
+        let mut decoder = Decoder {
             decoder,
             input,
             _io: io,
@@ -249,7 +332,14 @@ impl Decoder {
             flushed: false,
             pending_error: None,
             discard_consumed,
-        })
+            primed: None,
+            size_parser,
+        };
+        if width == 0 || height == 0 {
+            let (w, h) = decoder.prime()?;
+            (decoder.media.width, decoder.media.height) = rotation.displayed(w, h);
+        }
+        Ok(decoder)
     }
 
     pub fn media(&self) -> &MediaInfo {
@@ -266,35 +356,122 @@ impl Decoder {
     }
 
     /// The next selected frame, `None` at the end. Frames before damage are returned first;
-    /// the damage is the error of the call after them.
+    /// the damage is the error of the call after them. A frame over the size limit ends
+    /// decoding with [`DecodeError::TooLarge`] (or [`DecodeError::FrameTooLarge`]).
     pub fn next_frame(&mut self) -> Result<Option<SelectedFrame>, DecodeError> {
+        loop {
+            let frame = match self.primed.take() {
+                Some(frame) => frame,
+                None => match self.next_decoded()? {
+                    Some(frame) => frame,
+                    None => return self.finish(),
+                },
+            };
+            if let Some(selected) = self.on_frame(&frame)? {
+                return Ok(Some(selected));
+            }
+        }
+    }
+
+    /// Decodes the first frame of a stream whose size only its frames tell; the first
+    /// `next_frame` delivers it.
+    fn prime(&mut self) -> Result<(u32, u32), DecodeError> {
+        match self.next_decoded()? {
+            Some(frame) => {
+                let size = (frame.width(), frame.height());
+                self.primed = Some(frame);
+                Ok(size)
+            }
+            None => {
+                self.finish()?;
+                Err(DecodeError::UnsupportedMedia("the video stream states no size and holds no decodable frame".into()))
+            }
+        }
+    }
+
+    /// The next decoded frame within the size limit, `None` at the end of the stream.
+    fn next_decoded(&mut self) -> Result<Option<ff::frame::Video>, DecodeError> {
         let mut frame = ff::frame::Video::empty();
         loop {
             match self.decoder.receive_frame(&mut frame) {
                 Ok(()) => {
-                    if let Some(selected) = self.on_frame(&frame)? {
-                        return Ok(Some(selected));
-                    }
-                    continue;
+                    self.check_frame_size(&frame)?;
+                    return Ok(Some(frame));
                 }
-                Err(ff::Error::Eof) => return self.finish(),
+                Err(ff::Error::Eof) => return Ok(None),
                 Err(ff::Error::Other { errno }) if errno == libc::EAGAIN => {}
-                Err(ff::Error::InvalidData) => {
-                    self.stats.corrupt_packets += 1;
+                Err(err) => {
+                    self.decoder_failed(err)?;
                     continue;
                 }
-                Err(e) => return Err(DecodeError::Internal(ff_error_text(e))),
             }
             if self.demux_done {
                 if self.flushed {
-                    return self.finish();
+                    return Ok(None);
                 }
                 self.flushed = true;
-                self.decoder.send_eof().map_err(|e| DecodeError::Internal(ff_error_text(e)))?;
+                // Draining may decode what the decoder still holds, and fail the same ways.
+                if let Err(err) = self.decoder.send_eof() {
+                    self.decoder_failed(err)?;
+                }
                 continue;
             }
             self.feed_packet()?;
         }
+    }
+
+    /// Every decoded frame is held to the limit: a stream may change its size at any
+    /// keyframe (a new SPS, a VP9 keyframe, each MJPEG picture), and the headers and probing
+    /// saw only the first one. Nothing over the limit reaches the converter or the model.
+    fn check_frame_size(&self, frame: &ff::frame::Video) -> Result<(), DecodeError> {
+        let (max_width, max_height) = self.options.max_dimensions;
+        let (width, height) = (frame.width(), frame.height());
+        if width > max_width || height > max_height {
+            return Err(DecodeError::TooLarge { width, height, max_width, max_height });
+        }
+        Ok(())
+    }
+
+    /// The decoder refused a packet or a frame: a picture over the size limit ends decoding
+    /// (after the frames decoded before it), damaged data is counted and skipped, anything
+    /// else is a failure.
+    fn decoder_failed(&mut self, err: ff::Error) -> Result<(), DecodeError> {
+        if let Some(too_large) = self.refused_size(err) {
+            self.pending_error.get_or_insert(too_large);
+            self.demux_done = true;
+            return Ok(());
+        }
+        match err {
+            ff::Error::InvalidData => {
+                self.stats.corrupt_packets += 1;
+                Ok(())
+            }
+            err => Err(DecodeError::Internal(ff_error_text(err))),
+        }
+    }
+
+    /// Whether the decoder's error is its `max_pixels` refusing a picture. Decoders report it
+    /// in their own ways (measured with FFmpeg 5.1): H.264 (invalid data) and HEVC (out of
+    /// memory) keep the refused size in the codec context; VP8, VP9, MPEG-4 and MJPEG reset
+    /// the context to 0x0 and return EINVAL (`ff_set_dimensions`); libdav1d returns ERANGE for
+    /// a frame over its frame size limit, which FFmpeg sets from `max_pixels`.
+    fn refused_size(&self, err: ff::Error) -> Option<DecodeError> {
+        let (max_width, max_height) = self.options.max_dimensions;
+        let (width, height) = (self.decoder.width(), self.decoder.height());
+        if width > max_width || height > max_height {
+            return Some(DecodeError::TooLarge { width, height, max_width, max_height });
+        }
+        let ff::Error::Other { errno } = err else { return None };
+        let refused = (errno == libc::EINVAL && (width == 0 || height == 0)) || errno == libc::ERANGE;
+        refused.then_some(DecodeError::FrameTooLarge { max_width, max_height })
+    }
+
+    /// A packet whose parameter sets announce pictures over the size limit (H.264 and HEVC,
+    /// see [`headers`]): it never reaches the decoder.
+    fn announced_too_large(&mut self, packet: &ff::Packet) -> Option<DecodeError> {
+        let (width, height) = self.size_parser.as_mut()?.size(packet)?;
+        let (max_width, max_height) = self.options.max_dimensions;
+        (width > max_width || height > max_height).then_some(DecodeError::TooLarge { width, height, max_width, max_height })
     }
 
     /// The end of the frames: a pending error, or a file that holds fewer frames than its
@@ -330,15 +507,20 @@ impl Decoder {
                     if packet.stream() != self.stream_index {
                         continue;
                     }
+                    if let Some(too_large) = self.announced_too_large(&packet) {
+                        // The frames decoded before it still come out; then the error.
+                        self.pending_error.get_or_insert(too_large);
+                        self.demux_done = true;
+                        return Ok(());
+                    }
                     match self.decoder.send_packet(&packet) {
                         Ok(()) => {}
-                        Err(ff::Error::InvalidData) => self.stats.corrupt_packets += 1,
                         Err(ff::Error::Other { errno }) if errno == libc::EAGAIN => {
                             // The decoder is full; it must be drained first. Not expected, as we
                             // drain after every packet, but never lose the packet silently.
                             self.stats.corrupt_packets += 1;
                         }
-                        Err(e) => return Err(DecodeError::Internal(ff_error_text(e))),
+                        Err(err) => self.decoder_failed(err)?,
                     }
                     return Ok(());
                 }
@@ -372,7 +554,7 @@ impl Decoder {
         let pts = pts.max(0.0);
         let keep = match self.options.selection {
             FrameSelection::All => true,
-            FrameSelection::Stride(n) => index % n.max(1) == 0,
+            FrameSelection::Stride(n) => index.is_multiple_of(n.max(1)),
             FrameSelection::Fps(fps) => {
                 // One frame per 1/fps slot of presentation time (a small tolerance absorbs
                 // timestamp rounding).
@@ -418,13 +600,17 @@ fn open_input(io: &BufferIo, buffer: &Buffer, max_dimensions: (u32, u32)) -> Res
     options.set("format_whitelist", FORMAT_WHITELIST);
     // Nothing may be opened by name: no file, no URL, whatever a playlist says.
     options.set("protocol_whitelist", "");
+    // Probing opens decoders to learn what headers do not say: only the allowed ones.
+    options.set("codec_whitelist", PROBE_DECODERS);
     // Probing reads frames until it has estimated a frame rate and analysed 5 s of media —
     // for a raw H.264/HEVC stream or a short clip, most of the upload before the first frame.
     // Containers state their timing; a second of analysis finds every codec's parameters.
     options.set("fpsprobesize", "0");
     options.set("analyzeduration", "1000000");
+    let limit = CString::new(max_pixels(max_dimensions).to_string()).expect("digits hold no NUL");
     // SAFETY: plain FFI construction of a format context that reads only through `io`. On
-    // failure avformat_open_input frees the context (not the custom I/O, which `io` owns).
+    // failure avformat_open_input frees the context (not the custom I/O, which `io` owns);
+    // once wrapped in `Input`, the context is closed when `input` drops, on every return.
     unsafe {
         let mut ctx = ffi::avformat_alloc_context();
         if ctx.is_null() {
@@ -443,7 +629,36 @@ fn open_input(io: &BufferIo, buffer: &Buffer, max_dimensions: (u32, u32)) -> Res
         // Headers declare sizes before any frame exists: refuse absurd ones before probing
         // decodes anything, then again for streams whose size only probing reveals.
         check_dimensions(&input, max_dimensions)?;
-        let rc = ffi::avformat_find_stream_info(ctx, std::ptr::null_mut());
+        // Probing's decoders get `max_pixels` through per-stream options, which FFmpeg applies
+        // only to the streams that exist now. FLV creates its streams while packets are read,
+        // and MPEG-TS may add streams or find a stream's codec by its content; for these
+        // formats probing opens no decoder at all, and `Decoder::open` learns the size from
+        // the first frame of its own decoder, which has the limit.
+        if (*ctx).ctx_flags & ffi::AVFMTCTX_NOHEADER != 0 {
+            let rc = ffi::av_opt_set(ctx as *mut c_void, c"codec_whitelist".as_ptr(), NO_DECODER.as_ptr(), 0);
+            if rc < 0 {
+                return Err(DecodeError::Internal(ff_error_text(ff::Error::from(rc))));
+            }
+            // Without decoders, probing never completes a video stream's parameters and would
+            // read the whole analysis window before the first frame; a short one still finds
+            // the streams, their start times and frame rates.
+            (*ctx).max_analyze_duration = NO_DECODER_ANALYZE_US;
+        }
+        let mut stream_options = vec![std::ptr::null_mut::<ffi::AVDictionary>(); (*ctx).nb_streams as usize];
+        let mut set = 0;
+        for dict in &mut stream_options {
+            set = set.min(ffi::av_dict_set(dict, c"max_pixels".as_ptr(), limit.as_ptr(), 0));
+        }
+        let rc = if set < 0 {
+            set
+        } else {
+            let array = if stream_options.is_empty() { std::ptr::null_mut() } else { stream_options.as_mut_ptr() };
+            ffi::avformat_find_stream_info(ctx, array)
+        };
+        // FFmpeg leaves in each dictionary what its decoder did not use.
+        for dict in &mut stream_options {
+            ffi::av_dict_free(dict);
+        }
         if rc < 0 {
             return Err(open_error(rc, buffer));
         }
@@ -457,7 +672,7 @@ fn open_error(rc: i32, buffer: &Buffer) -> DecodeError {
         return DecodeError::Cancelled;
     }
     DecodeError::UnsupportedMedia(format!(
-        "expected MP4, Matroska, WebM, MPEG-TS or raw H.264/HEVC; FFmpeg says: {}",
+        "expected MP4, Matroska, WebM, MPEG-TS, AVI, FLV, IVF or raw H.264/HEVC/MPEG-4; FFmpeg says: {}",
         ff_error_text(ff::Error::from(rc))
     ))
 }
@@ -474,5 +689,15 @@ mod tests {
         assert_eq!(media("matroska,webm", "h264").file_extension(), "mkv");
         assert_eq!(media("mpegts", "h264").file_extension(), "ts");
         assert_eq!(media("h264", "h264").file_extension(), "h264");
+        assert_eq!(media("avi", "mpeg4").file_extension(), "avi");
+        assert_eq!(media("flv", "h264").file_extension(), "flv");
+    }
+
+    #[test]
+    fn the_pixel_limit_admits_every_frame_within_the_dimensions() {
+        // FFmpeg compares the area with the width rounded up to its stride alignment.
+        assert_eq!(super::max_pixels((8192, 8192)), 8192 * 8192);
+        assert_eq!(super::max_pixels((1000, 1000)), 1024 * 1000);
+        assert_eq!(super::max_pixels((u32::MAX, u32::MAX)), i64::MAX);
     }
 }
