@@ -494,7 +494,10 @@ fn first_frame_over_the_limit_is_refused_before_allocation() {
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout.lines().find_map(|l| Some(l.split_once("child-decode ")?.1)).unwrap_or_else(|| panic!("{name}: no result from the child: {stdout}"));
+        let line = stdout
+            .lines()
+            .find_map(|l| Some(l.split_once("child-decode ")?.1))
+            .unwrap_or_else(|| panic!("{name}: no result from the child: {stdout}"));
         let fields: Vec<&str> = line.split_whitespace().collect();
         let peak_mib: u64 = fields[1].parse::<u64>().unwrap() / 1024;
         eprintln!("{name}: refused as {}, peak memory of the decoding process {peak_mib} MiB", fields[0]);

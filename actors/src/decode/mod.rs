@@ -452,9 +452,10 @@ impl Decoder {
 
     /// Whether the decoder's error is its `max_pixels` refusing a picture. Decoders report it
     /// in their own ways (measured with FFmpeg 5.1): H.264 (invalid data) and HEVC (out of
-    /// memory) keep the refused size in the codec context; VP8, VP9, MPEG-4 and MJPEG reset
-    /// the context to 0x0 and return EINVAL (`ff_set_dimensions`); libdav1d returns ERANGE for
-    /// a frame over its frame size limit, which FFmpeg sets from `max_pixels`.
+    /// memory) keep the refused size in the codec context (their packets are usually refused
+    /// before, by `announced_too_large`); VP8, VP9, MPEG-4 and MJPEG reset the context to 0x0
+    /// and return EINVAL (`ff_set_dimensions`); libdav1d returns ERANGE for a frame over its
+    /// frame size limit, which FFmpeg sets from `max_pixels`.
     fn refused_size(&self, err: ff::Error) -> Option<DecodeError> {
         let (max_width, max_height) = self.options.max_dimensions;
         let (width, height) = (self.decoder.width(), self.decoder.height());
