@@ -374,3 +374,51 @@ fn soak_two_hundred_uploads_leave_nothing_behind() {
     assert!(rss_after < rss_before + 150, "RSS grew from {rss_before} to {rss_after} MiB");
     health(&addr);
 }
+
+#[test]
+fn videos_that_grow_past_the_limits_or_use_other_codecs_are_refused() {
+    let server = Server::start(&[("STREAMDET_LIMITS_MAX_WIDTH", "512"), ("STREAMDET_LIMITS_MAX_HEIGHT", "512")]);
+    let addr = &server.addr;
+    // 64x64, then a new SPS says 1024x1024: the small frames, then `too_large`.
+    let switch = std::fs::read(fixtures().join("switch.h264")).unwrap();
+    let (mut reader, _) = upload(addr, "/detect/video?stride=10", switch, 16 << 10, Duration::ZERO);
+    assert_eq!(read_head(&mut reader), 200);
+    let events = ndjson(&read_body(&mut reader));
+    let frames: Vec<u64> = events.iter().filter(|e| e["type"] == "frame").map(|e| e["index"].as_u64().unwrap()).collect();
+    assert_eq!(frames, [0, 10, 20], "only the small frames reach the model: {events:?}");
+    assert_eq!(events.last().unwrap()["code"], "too_large", "{events:?}");
+    // A first frame over the limit, and codecs outside the allow-list, never start a stream.
+    for (name, status, code) in [("huge_first.h264", 413, "too_large"), ("png.mkv", 415, "unsupported_codec"), ("rawvideo.mkv", 415, "unsupported_codec")] {
+        let body = std::fs::read(fixtures().join(name)).unwrap();
+        let (mut reader, _) = upload(addr, "/detect/video", body, 64 << 10, Duration::ZERO);
+        let got = read_head(&mut reader);
+        let rest = String::from_utf8_lossy(&read_rest(&mut reader)).into_owned();
+        assert_eq!(got, status, "{name}: {rest}");
+        assert!(rest.contains(code), "{name}: {rest}");
+    }
+    health(addr);
+}
+
+#[test]
+fn avi_and_flv_uploads_stream_their_detections() {
+    let server = Server::start(&[]);
+    let addr = &server.addr;
+    for (name, container, codec) in [("mpeg4.avi", "avi", "mpeg4"), ("mjpeg.avi", "avi", "mjpeg"), ("clip.flv", "flv", "h264")] {
+        let body = std::fs::read(fixtures().join(name)).unwrap();
+        let (mut reader, _) = upload(addr, "/detect/video?stride=50", body, 16 << 10, Duration::from_millis(5));
+        assert_eq!(read_head(&mut reader), 200, "{name}");
+        let events = ndjson(&read_body(&mut reader));
+        assert_eq!(events[0]["media"]["container"], container, "{name}: {:?}", events[0]);
+        assert_eq!(events[0]["media"]["codec"], codec, "{name}");
+        let frames: Vec<u64> = events.iter().filter(|e| e["type"] == "frame").map(|e| e["index"].as_u64().unwrap()).collect();
+        assert_eq!(frames, [0, 50], "{name}: {events:?}");
+        assert_eq!(events.last().unwrap()["type"], "end", "{name}");
+    }
+}
+
+/// What is left of a response after its head.
+fn read_rest(reader: &mut std::io::BufReader<TcpStream>) -> Vec<u8> {
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(reader, &mut rest);
+    rest
+}
