@@ -8,6 +8,7 @@ mod cli;
 mod decode;
 mod engine;
 mod hardening;
+mod mutation;
 mod page;
 mod pipeline;
 mod server;

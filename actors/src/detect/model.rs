@@ -84,8 +84,10 @@ impl TensorData {
 }
 
 fn le_values<T, const N: usize>(bytes: &[u8], count: usize, from: fn([u8; N]) -> T) -> Result<Vec<T>, String> {
-    if bytes.len() != count * N {
-        return Err(format!("raw data has {} bytes, expected {}", bytes.len(), count * N));
+    // The shape comes from the file: its byte size may not even fit in a usize.
+    let expected = count.checked_mul(N).ok_or_else(|| format!("a tensor of {count} values is too large"))?;
+    if bytes.len() != expected {
+        return Err(format!("raw data has {} bytes, expected {expected}", bytes.len()));
     }
     Ok(bytes.chunks_exact(N).map(|c| from(c.try_into().expect("chunks_exact gives N bytes"))).collect())
 }
@@ -178,13 +180,9 @@ impl OnnxModel {
                 let value = attribute(a).map_err(|e| format!("node {name:?}, attribute {key:?}: {e}"))?;
                 attributes.insert(key, value);
             }
-            nodes.push(Node {
-                name,
-                op_type: n.op_type.clone().unwrap_or_default(),
-                inputs: n.input.clone(),
-                outputs: n.output.clone(),
-                attributes,
-            });
+            let node = Node { name, op_type: n.op_type.clone().unwrap_or_default(), inputs: n.input.clone(), outputs: n.output.clone(), attributes };
+            check_arity(&node)?;
+            nodes.push(node);
         }
         let metadata = model
             .metadata_props
@@ -194,6 +192,34 @@ impl OnnxModel {
         let outputs = graph.output.iter().map(|o| o.name.clone().unwrap_or_default()).collect();
         Ok(OnnxModel { nodes, initializers, inputs, outputs, metadata })
     }
+}
+
+/// The inputs an operator cannot do without, per the ONNX operator schemas (opset 11 and
+/// later); `None` for operators the engine does not run (it names them in its own error).
+fn required_inputs(op: &str) -> Option<usize> {
+    Some(match op {
+        "Constant" => 0,
+        "Sigmoid" | "Exp" | "Split" | "Concat" | "MaxPool" | "Resize" | "Transpose" | "Softmax" | "ReduceMax" | "ReduceSum" | "Shape"
+        | "Unsqueeze" | "Cast" | "ConstantOfShape" | "Identity" => 1,
+        "Conv" | "Add" | "Sub" | "Mul" | "Div" | "Reshape" | "MatMul" | "Gather" | "Expand" => 2,
+        "Slice" | "Range" => 3,
+        _ => return None,
+    })
+}
+
+/// Rejects a node that lacks an input its operator requires, or an output: a damaged file
+/// can say anything, and the planner reads the required operands and the first output by
+/// position.
+fn check_arity(node: &Node) -> Result<(), String> {
+    let Some(required) = required_inputs(&node.op_type) else { return Ok(()) };
+    let present = node.inputs.iter().take(required).filter(|name| !name.is_empty()).count();
+    if present < required {
+        return Err(format!("node {:?} ({}) has {present} of the {required} inputs its operator requires", node.name, node.op_type));
+    }
+    if node.outputs.first().is_none_or(|name| name.is_empty()) {
+        return Err(format!("node {:?} ({}) has no output", node.name, node.op_type));
+    }
+    Ok(())
 }
 
 fn attribute(a: &proto::AttributeProto) -> Result<Attribute, String> {
@@ -305,6 +331,45 @@ mod tests {
     fn int_lists() {
         assert_eq!(parse_int_list("[640, 480]").unwrap(), [640, 480]);
         assert!(parse_int_list("[a]").is_err());
+    }
+
+    #[test]
+    fn a_shape_whose_byte_size_overflows_is_an_error() {
+        // 2^62 floats: the value count fits in a usize, its byte size does not.
+        let tensor = proto::TensorProto {
+            dims: vec![1 << 62],
+            data_type: Some(data_type::FLOAT),
+            raw_data: Some(vec![0; 4]),
+            ..Default::default()
+        };
+        let err = TensorData::from_proto(&tensor).unwrap_err();
+        assert!(err.contains("too large"), "{err}");
+        let tensor = proto::TensorProto { dims: vec![1 << 32, 1 << 32], ..tensor };
+        assert!(TensorData::from_proto(&tensor).unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn a_node_without_its_required_inputs_or_output_is_an_error() {
+        // A Transpose whose input list a damaged file lost: planning read `inputs[0]` and panicked.
+        let model = |inputs: Vec<&str>, outputs: Vec<&str>| proto::ModelProto {
+            graph: Some(proto::GraphProto {
+                node: vec![proto::NodeProto {
+                    name: Some("t".into()),
+                    op_type: Some("Transpose".into()),
+                    input: inputs.into_iter().map(String::from).collect(),
+                    output: outputs.into_iter().map(String::from).collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert!(OnnxModel::parse(&model(vec!["x"], vec!["y"])).is_ok());
+        for (inputs, outputs) in [(vec![], vec!["y"]), (vec![""], vec!["y"]), (vec!["x"], vec![]), (vec!["x"], vec![""])] {
+            let err = OnnxModel::parse(&model(inputs.clone(), outputs.clone())).unwrap_err();
+            assert!(err.contains("node \"t\" (Transpose)"), "{inputs:?} {outputs:?}: {err}");
+        }
     }
 
     #[test]
