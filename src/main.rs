@@ -8,7 +8,6 @@ mod bench;
 mod cli;
 mod commands;
 mod config;
-mod guard;
 mod metrics;
 mod server;
 mod sessions;

@@ -5,9 +5,47 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use actix_web::http::header::{HOST, ORIGIN};
+use actix_web::body::BoxBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{AUTHORIZATION, HOST, ORIGIN};
 use actix_web::http::{Method, StatusCode};
-use actix_web::{HttpRequest, HttpResponse};
+use actix_web::middleware::Next;
+use actix_web::{HttpRequest, HttpResponse, web};
+
+use super::assets::PAGE_ASSETS;
+use super::error_response;
+
+/// Who may call: the bearer token (empty: anyone) and the foreign origins allowed.
+pub struct Access {
+    pub token: String,
+    pub origins: Vec<String>,
+}
+
+fn access(req: &ServiceRequest) -> Option<&Access> {
+    req.app_data::<web::Data<Access>>().map(|data| data.get_ref())
+}
+
+/// Middleware: every route but `/health`, `/openapi.json` and the page's own files (which carry
+/// no secret; the page's API calls need the token like any other) requires the token.
+pub async fn require_token(req: ServiceRequest, next: Next<BoxBody>) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let token = access(&req).map_or("", |a| a.token.as_str());
+    let public = req.path() == "/health" || req.path() == "/openapi.json" || PAGE_ASSETS.iter().any(|(path, _, _)| *path == req.path());
+    let allowed = token.is_empty()
+        || public
+        || req.method() == Method::OPTIONS
+        || bearer_matches(req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()), token);
+    if allowed {
+        next.call(req).await
+    } else {
+        Ok(req.into_response(error_response(StatusCode::UNAUTHORIZED, "unauthorized", "this server requires a bearer token")))
+    }
+}
+
+/// Middleware: a request from a foreign origin (see [`origin_allowed`]) gets 403.
+pub async fn require_known_origin(req: ServiceRequest, next: Next<BoxBody>) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let allowed = origin_allowed(req.request(), access(&req).map_or(&[], |a| a.origins.as_slice()));
+    if allowed { next.call(req).await } else { Ok(req.into_response(forbidden_origin())) }
+}
 
 /// Whether `Authorization` carries `token` (the scheme `Bearer` in any case, RFC 7235).
 pub fn bearer_matches(header: Option<&str>, token: &str) -> bool {
@@ -44,7 +82,7 @@ pub fn origin_allowed(req: &HttpRequest, allowed: &[String]) -> bool {
     matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
 }
 
-pub fn forbidden_origin() -> HttpResponse {
+fn forbidden_origin() -> HttpResponse {
     HttpResponse::build(StatusCode::FORBIDDEN)
         .json(serde_json::json!({"code": "forbidden", "message": "requests from this origin are not allowed (see server.cors_origins)"}))
 }
