@@ -2,9 +2,14 @@
 //! variables, overridden by command line flags (applied by the commands).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
+use streamdet_actors::actors::inference::BatchPolicy;
+use streamdet_actors::buffer::BufferOptions;
+use streamdet_actors::decode::{DecodeOptions, FrameSelection};
+use streamdet_actors::pipeline::PipelineOptions;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -144,6 +149,19 @@ impl Default for StorageConfig {
     }
 }
 
+impl DetectConfig {
+    /// The frames a video request processes when it names neither `stride` nor `fps`.
+    pub fn default_selection(&self) -> FrameSelection {
+        if self.fps > 0.0 {
+            FrameSelection::Fps(self.fps)
+        } else if self.stride > 1 {
+            FrameSelection::Stride(self.stride)
+        } else {
+            FrameSelection::All
+        }
+    }
+}
+
 impl Default for DetectConfig {
     fn default() -> Self {
         DetectConfig { conf: 0.25, iou: 0.45, stride: 1, fps: 0.0 }
@@ -234,6 +252,25 @@ impl Config {
             .filter(|a| !a.is_empty())
             .map(|a| a.parse().with_context(|| format!("server.trusted_proxies: {a:?} is not an IP address")))
             .collect()
+    }
+
+    /// The pipeline this configuration describes: buffers, decoder limits, batching, credits,
+    /// upload limits and storage as the service runs them. Commands override what differs for
+    /// them.
+    pub fn pipeline_options(&self, model_name: String) -> PipelineOptions {
+        let server = &self.server;
+        PipelineOptions {
+            model_name,
+            buffer: BufferOptions { dir: self.temp_dir(), window_bytes: self.storage.window_bytes },
+            decode: DecodeOptions { max_dimensions: (self.limits.max_width, self.limits.max_height), threads: self.decode.threads, ..Default::default() },
+            batch: BatchPolicy { batch_size: server.batch_size, batch_timeout: Duration::from_millis(server.batch_timeout_ms) },
+            credits: server.credits,
+            max_upload_bytes: server.max_upload_bytes,
+            max_lag_bytes: (server.max_lag_bytes > 0).then_some(server.max_lag_bytes),
+            media_dir: self.storage.persist_media.then(|| self.storage.media_dir.clone()),
+            observer: None,
+            max_session_duration: Some(Duration::from_secs(server.max_session_seconds)),
+        }
     }
 
     /// The temp directory to use: the configured one, or the system's.

@@ -8,6 +8,7 @@ mod bench;
 mod cli;
 mod commands;
 mod config;
+mod image_detections;
 mod metrics;
 mod server;
 mod sessions;

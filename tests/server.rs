@@ -263,6 +263,11 @@ fn an_image_gets_its_detections() {
     assert_eq!(status, 200);
     assert_eq!((body["width"].as_u64(), body["height"].as_u64()), (Some(512), Some(600)));
     assert!(body["detections"].as_array().unwrap().iter().any(|d| d["class"] == "person"), "{body}");
+    // Rounded as video events are: confidence to three decimals, boxes to one.
+    let rounded = |v: &serde_json::Value, scale: f64| v.as_f64().is_some_and(|x| (x * scale).round() / scale == x);
+    for d in body["detections"].as_array().unwrap() {
+        assert!(rounded(&d["confidence"], 1000.0) && d["box"].as_array().unwrap().iter().all(|v| rounded(v, 10.0)), "{d}");
+    }
     let head = format!("POST /detect HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 11\r\nConnection: close\r\n\r\n");
     let (status, body) = request(addr, &head, b"not a photo");
     assert_eq!((status, body["code"].as_str()), (415, Some("unsupported_media")));

@@ -621,11 +621,7 @@ fn decode_selected(path: &Path, selection: FrameSelection, target: (usize, usize
 /// The whole pipeline in this process, fed the file at full speed: (frames processed, seconds).
 fn run_pipeline(detector: Arc<Detector>, path: &Path, selection: FrameSelection, config: &Config) -> anyhow::Result<(u64, f64)> {
     let bytes = bytes::Bytes::from(std::fs::read(path)?);
-    let options = PipelineOptions {
-        buffer: BufferOptions { dir: config.temp_dir(), window_bytes: config.storage.window_bytes },
-        credits: config.server.credits,
-        ..Default::default()
-    };
+    let options = PipelineOptions { max_session_duration: None, ..config.pipeline_options("model".into()) };
     actix_rt::System::new().block_on(async move {
         let start = Instant::now();
         let pipeline = Pipeline::start(detector, options);

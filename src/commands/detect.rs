@@ -10,8 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use streamdet_actors::actors::Event;
 use streamdet_actors::actors::inference::BatchPolicy;
-use streamdet_actors::buffer::BufferOptions;
-use streamdet_actors::decode::DecodeOptions;
 use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams, UploadPace};
 
 use super::{DetectArgs, ModelArgs, SelectionArgs};
@@ -67,21 +65,14 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
     let detect = args.detect.params(&detector, config)?;
     let model_path = args.model.path(config);
     let options = PipelineOptions {
-        model_name: model_path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
-        buffer: BufferOptions { dir: config.temp_dir(), window_bytes: config.storage.window_bytes },
-        decode: DecodeOptions {
-            max_dimensions: (config.limits.max_width, config.limits.max_height),
-            threads: config.decode.threads,
-            ..Default::default()
-        },
+        // One local session: no batching across sessions to wait for, no upload limits.
         batch: BatchPolicy { batch_size: 1, batch_timeout: Duration::ZERO },
-        credits: 4,
         max_upload_bytes: u64::MAX,
-        // Reading a pipe no faster than the decoder keeps a live encode from filling the disk.
-        max_lag_bytes: (config.server.max_lag_bytes > 0).then_some(config.server.max_lag_bytes),
         media_dir: None,
-        observer: None,
         max_session_duration: None,
+        // (max_lag_bytes stays: reading a pipe no faster than the decoder keeps a live encode
+        // from filling the disk.)
+        ..config.pipeline_options(model_path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()))
     };
     let params = SessionParams {
         id: None,

@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use serde_json::json;
-use streamdet_actors::detect::{self, DetectParams, Detector, ModelFrame};
+use streamdet_actors::detect::{DetectParams, Detector};
 
 use super::{DetectArgs, ModelArgs};
 use crate::cli::Failure;
 use crate::config::Config;
+use crate::image_detections::detect_image;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -46,11 +47,6 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
 /// One image's line, or the error code and message of its error line.
 fn detect_one(detector: &Detector, path: &Path, params: &DetectParams, max_pixels: u64) -> Result<serde_json::Value, (&'static str, String)> {
     let bytes = std::fs::read(path).map_err(|e| ("unsupported_media", format!("cannot read it: {e}")))?;
-    let (rgb, width, height) = detect::decode_image(&bytes, max_pixels).map_err(|e| (e.code(), e.to_string()))?;
-    drop(bytes);
-    let (model_rgb, letterbox) = detect::letterbox_rgb(&rgb, width, height, detector.input_size());
-    drop(rgb);
-    let frame = ModelFrame { rgb: model_rgb, letterbox };
-    let detections = detector.detect(std::slice::from_ref(&frame), params).map_err(|e| ("internal", e.to_string()))?.pop().unwrap_or_default();
-    Ok(json!({"type": "image", "image": path, "width": width, "height": height, "detections": detections}))
+    let found = detect_image(detector, bytes, params, max_pixels).map_err(|f| (f.code, f.message))?;
+    Ok(json!({"type": "image", "image": path, "width": found.width, "height": found.height, "detections": found.detections}))
 }

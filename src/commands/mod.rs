@@ -67,9 +67,7 @@ impl SelectionArgs {
             (Some(n), _) => Ok(FrameSelection::Stride(n)),
             (None, Some(f)) if !(f > 0.0 && f.is_finite()) => Err(Failure::Usage("--fps must be positive".into())),
             (None, Some(f)) => Ok(FrameSelection::Fps(f)),
-            (None, None) if config.detect.fps > 0.0 => Ok(FrameSelection::Fps(config.detect.fps)),
-            (None, None) if config.detect.stride > 1 => Ok(FrameSelection::Stride(config.detect.stride)),
-            (None, None) => Ok(FrameSelection::All),
+            (None, None) => Ok(config.detect.default_selection()),
         }
     }
 }

@@ -7,12 +7,11 @@ use std::time::Duration;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
-use serde_json::json;
-use streamdet_actors::detect::{self, ModelFrame};
 
 use super::params::detect_params;
 use super::video::declared_length;
 use super::{AppState, error_response};
+use crate::image_detections::{self, ImageFailure};
 
 /// `POST /detect`: one image (JPEG, PNG, WebP) in the body, EXIF orientation applied. At most
 /// `max_image_requests` run at once, each reads at most `max_image_bytes`, and an image over
@@ -49,24 +48,17 @@ pub async fn detect_image(req: HttpRequest, query: web::Query<HashMap<String, St
     }
     let max_pixels = state.config.limits.max_image_pixels;
     // Decoding and the model block: run them off the server's threads.
-    let result = web::block(move || -> Result<serde_json::Value, (StatusCode, &'static str, String)> {
-        let (rgb, width, height) = detect::decode_image(&body, max_pixels).map_err(|e| {
-            let status = if e.code() == "too_large" { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::UNSUPPORTED_MEDIA_TYPE };
-            (status, e.code(), e.to_string())
-        })?;
-        drop(body);
-        let (model_rgb, letterbox) = detect::letterbox_rgb(&rgb, width, height, detector.input_size());
-        drop(rgb);
-        let frame = ModelFrame { rgb: model_rgb, letterbox };
-        let mut found = detector
-            .detect(std::slice::from_ref(&frame), &params)
-            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-        Ok(json!({"detections": found.pop().unwrap_or_default(), "width": width, "height": height}))
-    })
-    .await;
+    let result = web::block(move || image_detections::detect_image(&detector, body, &params, max_pixels)).await;
     match result {
-        Ok(Ok(body)) => HttpResponse::Ok().json(body),
-        Ok(Err((status, code, message))) => error_response(status, code, message),
+        Ok(Ok(found)) => HttpResponse::Ok().json(found),
+        Ok(Err(ImageFailure { code, message })) => {
+            let status = match code {
+                "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+                "unsupported_media" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            error_response(status, code, message)
+        }
         Err(err) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", err.to_string()),
     }
 }

@@ -24,9 +24,6 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderName};
 use actix_web::{App, HttpResponse, HttpServer, web};
 use serde_json::json;
-use streamdet_actors::actors::inference::BatchPolicy;
-use streamdet_actors::buffer::BufferOptions;
-use streamdet_actors::decode::DecodeOptions;
 use streamdet_actors::detect::Detector;
 use streamdet_actors::pipeline::{Pipeline, PipelineOptions};
 use tokio::sync::Semaphore;
@@ -74,20 +71,8 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
     let model_name = config.model.path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
     let metrics = Arc::new(Metrics::new());
     let options = PipelineOptions {
-        model_name: model_name.clone(),
-        buffer: BufferOptions { dir: config.temp_dir(), window_bytes: config.storage.window_bytes },
-        decode: DecodeOptions {
-            max_dimensions: (config.limits.max_width, config.limits.max_height),
-            threads: config.decode.threads,
-            ..Default::default()
-        },
-        batch: BatchPolicy { batch_size: config.server.batch_size, batch_timeout: Duration::from_millis(config.server.batch_timeout_ms) },
-        credits: config.server.credits,
-        max_upload_bytes: config.server.max_upload_bytes,
-        max_lag_bytes: (config.server.max_lag_bytes > 0).then_some(config.server.max_lag_bytes),
-        media_dir: config.storage.persist_media.then(|| config.storage.media_dir.clone()),
         observer: Some(Arc::clone(&metrics) as Arc<dyn streamdet_actors::actors::inference::InferenceObserver>),
-        max_session_duration: Some(Duration::from_secs(config.server.max_session_seconds)),
+        ..config.pipeline_options(model_name.clone())
     };
     let temp_dir = config.temp_dir();
     match streamdet_actors::buffer::sweep_stale(&temp_dir) {

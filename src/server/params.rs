@@ -45,9 +45,7 @@ pub fn video_params(query: &HashMap<String, String>, detector: &Detector, defaul
         (Some(_), Some(_)) => return Err("give at most one of stride and fps".into()),
         (Some(s), None) => FrameSelection::Stride(s.parse().ok().filter(|&n: &u64| n > 0).ok_or("stride must be a positive integer")?),
         (None, Some(f)) => FrameSelection::Fps(f.parse().ok().filter(|&x: &f64| x > 0.0 && x.is_finite()).ok_or("fps must be a positive number")?),
-        (None, None) if defaults.fps > 0.0 => FrameSelection::Fps(defaults.fps),
-        (None, None) if defaults.stride > 1 => FrameSelection::Stride(defaults.stride),
-        (None, None) => FrameSelection::All,
+        (None, None) => defaults.default_selection(),
     };
     let max_frames = match query.get("max_frames") {
         None => None,

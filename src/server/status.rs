@@ -24,8 +24,9 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         "watchers": state.sessions.watchers(),
         "max_sessions": state.config.server.max_sessions,
         "defaults": {
-            "conf": state.config.detect.conf,
-            "iou": state.config.detect.iou,
+            // As written in the configuration, not as their nearest f32.
+            "conf": (f64::from(state.config.detect.conf) * 1e6).round() / 1e6,
+            "iou": (f64::from(state.config.detect.iou) * 1e6).round() / 1e6,
             "stride": state.config.detect.stride,
             "fps": (state.config.detect.fps > 0.0).then_some(state.config.detect.fps),
         },

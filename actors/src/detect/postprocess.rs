@@ -1,20 +1,37 @@
 //! From the model's raw output to detections: confidence threshold, class filter, per-class
 //! non-maximum suppression, a top-k cap, and boxes mapped back to frame pixels.
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use super::letterbox::Letterbox;
 
-/// One detected object, in pixels of the frame as displayed.
+/// One detected object, in pixels of the frame as displayed. Serialised the same way wherever
+/// it goes (events, `POST /detect`, the CLI): confidence with three decimals, box with one.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Detection {
     pub class_id: usize,
     #[serde(rename = "class")]
     pub class_name: String,
+    #[serde(serialize_with = "three_decimals")]
     pub confidence: f32,
     /// `[x1, y1, x2, y2]`, clamped to the frame, one decimal.
-    #[serde(rename = "box")]
+    #[serde(rename = "box", serialize_with = "one_decimal_each")]
     pub bbox: [f32; 4],
+}
+
+/// An `f32` as the nearest `f64` with `places` decimals: what the value means, not its binary
+/// neighbour (`0.882`, not `0.8820000290870667`, once a JSON value holds it as `f64`).
+fn decimals(v: f32, places: i32) -> f64 {
+    let scale = 10f64.powi(places);
+    (f64::from(v) * scale).round() / scale
+}
+
+fn three_decimals<S: Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(decimals(*v, 3))
+}
+
+fn one_decimal_each<S: Serializer>(b: &[f32; 4], s: S) -> Result<S::Ok, S::Error> {
+    b.map(|v| decimals(v, 1)).serialize(s)
 }
 
 /// Thresholds and filters for turning raw output into detections.
@@ -112,6 +129,13 @@ pub fn decode(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detections_serialise_with_their_decimals_through_a_json_value() {
+        let d = Detection { class_id: 0, class_name: "person".into(), confidence: 0.882, bbox: [0.9, 10.2, 33.3, 640.0] };
+        let text = serde_json::to_value(&d).unwrap().to_string();
+        assert_eq!(text, r#"{"box":[0.9,10.2,33.3,640.0],"class":"person","class_id":0,"confidence":0.882}"#);
+    }
 
     fn output(boxes: &[([f32; 4], usize, f32)], classes: usize) -> (Vec<f32>, usize) {
         let anchors = boxes.len();
