@@ -38,6 +38,10 @@ const VIDEO_HOT_BYTES: usize = 48 << 10;
 const IMAGE_MAX_PIXELS: u64 = 4_000_000;
 /// The child's peak RSS must stay under this (the model alone is about 100 MB).
 const MAX_RSS_BYTES: u64 = 1 << 30;
+/// The child's address space (it peaks near 0.5 GiB): an allocation sized by a header's claim
+/// fails, and aborts the battery naming its case, even when it would be lazily zeroed memory
+/// that never shows in RSS (4 GiB for a WebP chunk claiming it, say).
+const ADDRESS_SPACE_LIMIT: u64 = 2 << 30;
 /// A case that runs longer than this is a hang.
 const CASE_GUARD: Duration = Duration::from_secs(30);
 /// The whole battery, as a last resort (it takes well under a minute).
@@ -113,6 +117,10 @@ fn battery_child() {
     let Some(work) = std::env::var_os(CHILD_ENV).map(PathBuf::from) else {
         return;
     };
+    let limit = libc::rlimit { rlim_cur: ADDRESS_SPACE_LIMIT, rlim_max: ADDRESS_SPACE_LIMIT };
+    // SAFETY: setrlimit only reads the struct passed by reference, and lowers this process's
+    // own limit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0, "setrlimit(RLIMIT_AS)");
     let seed = std::env::var("MUTATION_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_SEED);
     let scale: usize = std::env::var("MUTATION_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let only = std::env::var("MUTATION_ONLY").ok();
@@ -170,8 +178,9 @@ fn battery_child() {
         image_time.as_secs_f64(),
         model_time.as_secs_f64()
     );
-    let peak = peak_rss_bytes();
-    println!("mutation: peak RSS {:.0} MiB (bound {} MiB)", peak as f64 / (1 << 20) as f64, MAX_RSS_BYTES >> 20);
+    let peak = proc_status_bytes("VmHWM:");
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!("mutation: peak RSS {:.0} MiB (bound {} MiB), peak address space {:.0} MiB", mib(peak), MAX_RSS_BYTES >> 20, mib(proc_status_bytes("VmPeak:")));
     for (case, message) in &battery.panics {
         println!("mutation: PANIC in {case}: {message}");
     }
@@ -345,13 +354,34 @@ fn image_fixtures(jpeg: &Path, work: &Path) -> Vec<(String, Vec<u8>)> {
         run_ok(Command::new("ffmpeg").args(["-v", "error", "-y", "-i"]).arg(jpeg).args(args).args(["-frames:v", "1"]).arg(&out));
         images.push((name.to_string(), std::fs::read(&out).unwrap()));
     }
+    let lossless = images.last().unwrap().1.clone();
+    images.push(("exif.webp".to_string(), webp_with_exif(&lossless)));
     images
 }
 
-/// VmHWM of this process.
-fn peak_rss_bytes() -> u64 {
+/// A simple lossless WebP rewrapped as an extended one (VP8X) with an EXIF chunk saying "rotate
+/// 90 degrees": the orientation path, and a chunk whose declared size the decoder allocates.
+fn webp_with_exif(simple: &[u8]) -> Vec<u8> {
+    assert_eq!(&simple[12..16], b"VP8L", "a simple lossless WebP");
+    let bits = u32::from_le_bytes(simple[21..25].try_into().unwrap());
+    let (width_minus_1, height_minus_1) = (bits & 0x3FFF, (bits >> 14) & 0x3FFF);
+    let tiff: &[u8] = &[b'M', b'M', 0, 42, 0, 0, 0, 8, 0, 1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0];
+    let mut body = b"WEBPVP8X".to_vec();
+    body.extend_from_slice(&10u32.to_le_bytes());
+    body.extend_from_slice(&[0x08 | 0x10, 0, 0, 0]); // EXIF and alpha flags
+    body.extend_from_slice(&width_minus_1.to_le_bytes()[..3]);
+    body.extend_from_slice(&height_minus_1.to_le_bytes()[..3]);
+    body.extend_from_slice(&simple[12..]);
+    body.extend_from_slice(b"EXIF");
+    body.extend_from_slice(&(tiff.len() as u32).to_le_bytes());
+    body.extend_from_slice(tiff);
+    [b"RIFF".as_slice(), &(body.len() as u32).to_le_bytes(), &body].concat()
+}
+
+/// A line of /proc/self/status in bytes: `VmHWM` (peak RSS), `VmPeak` (peak address space).
+fn proc_status_bytes(key: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/self/status");
+    let line = status.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("{key} in /proc/self/status"));
     line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
 

@@ -59,7 +59,7 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<(Vec<u8>, usize, us
     // The PNG decoder takes its allocation limit when it is made (later limits do not reach
     // it); it then reads only up to the first image data chunk.
     let mut header_limits = Limits::default();
-    header_limits.max_alloc = Some(METADATA_BUDGET.min(pixel_budget));
+    header_limits.max_alloc = Some(METADATA_BUDGET);
     reader.limits(header_limits);
     let mut decoder = reader.into_decoder().map_err(ImageError::from_image)?;
 
@@ -83,7 +83,11 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<(Vec<u8>, usize, us
 
     // Orientation only swaps the sides, never changes the pixel count; unreadable EXIF is
     // ignored as other viewers do.
-    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let orientation = if webp_exif_overruns(bytes) {
+        Orientation::NoTransforms
+    } else {
+        decoder.orientation().unwrap_or(Orientation::NoTransforms)
+    };
     // RGB8 sources decode straight into the returned buffer; others (grey, alpha, 16-bit)
     // decode at their own type and are converted once.
     let rgb = DynamicImage::from_decoder(decoder).map_err(ImageError::from_image)?.into_rgb8();
@@ -95,6 +99,27 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<(Vec<u8>, usize, us
     };
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     Ok((rgb.into_raw(), w, h))
+}
+
+/// Whether `bytes` is a WebP whose EXIF chunk claims more bytes than the file holds. The WebP
+/// decoder allocates the EXIF chunk's declared size (up to 4 GiB) before it reads it: the
+/// allocation is virtual and freed when the read fails, but under an address-space limit it
+/// aborts the process. Such a chunk cannot be read anyway.
+fn webp_exif_overruns(bytes: &[u8]) -> bool {
+    if bytes.len() < 12 || &bytes[..4] != b"RIFF" || &bytes[8..12] != b"WEBP" {
+        return false;
+    }
+    let len = bytes.len() as u64;
+    let mut at = 12u64;
+    while at + 8 <= len {
+        let header = &bytes[at as usize..at as usize + 8];
+        let size = u64::from(u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")));
+        if &header[..4] == b"EXIF" {
+            return at + 8 + size > len;
+        }
+        at += 8 + size + (size & 1);
+    }
+    false
 }
 
 #[cfg(test)]
@@ -216,6 +241,24 @@ mod tests {
         let (rgb, w, h) = decode_image(&webp_lossless(7, 5), LIMIT).unwrap();
         assert_eq!((w, h), (7, 5));
         assert_eq!(rgb, vec![0; 7 * 5 * 3]);
+    }
+
+    #[test]
+    fn a_webp_exif_chunk_claiming_4_gib_is_not_read() {
+        // VP8X (EXIF flag, 7x5 canvas), the 7x5 lossless image, and an EXIF chunk of "4 GiB".
+        let simple = webp_lossless(7, 5);
+        let mut body = b"WEBPVP8X".to_vec();
+        body.extend_from_slice(&10u32.to_le_bytes());
+        body.extend_from_slice(&[0x08, 0, 0, 0, 6, 0, 0, 4, 0, 0]);
+        body.extend_from_slice(&simple[12..]);
+        body.extend_from_slice(b"EXIF");
+        body.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+        body.extend_from_slice(b"MM\0\x2a\0\0\0\x08");
+        let webp = [b"RIFF".as_slice(), &(body.len() as u32).to_le_bytes(), &body].concat();
+        assert!(webp_exif_overruns(&webp));
+        assert!(!webp_exif_overruns(&simple));
+        let (_, w, h) = decode_image(&webp, LIMIT).unwrap();
+        assert_eq!((w, h), (7, 5));
     }
 
     #[test]
