@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
-use crate::commands;
+use crate::commands::{self, Failure};
 use crate::config::Config;
 
 #[derive(Debug, Parser)]
@@ -36,19 +36,6 @@ enum Command {
     BenchModel(commands::bench_model::Args),
     /// Run every benchmark next to its peers; writes REPORT.md, results.json and SVG charts.
     Bench(crate::bench::Args),
-}
-
-/// What a command reports besides success: a usage error (exit 2) or a runtime error (exit 1).
-#[derive(Debug)]
-pub enum Failure {
-    Usage(String),
-    Runtime(anyhow::Error),
-}
-
-impl<E: Into<anyhow::Error>> From<E> for Failure {
-    fn from(err: E) -> Self {
-        Failure::Runtime(err.into())
-    }
 }
 
 pub fn run(args: Args) -> ExitCode {

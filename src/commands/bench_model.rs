@@ -9,7 +9,7 @@ use serde_json::json;
 use streamdet_actors::detect::OpProfile;
 
 use super::ModelArgs;
-use crate::cli::Failure;
+use super::Failure;
 use crate::config::Config;
 
 #[derive(Debug, clap::Args)]

@@ -10,7 +10,7 @@ use streamdet_actors::buffer::{self, BufferOptions, BufferWriter};
 use streamdet_actors::decode::{DecodeOptions, Decoder};
 
 use super::SelectionArgs;
-use crate::cli::Failure;
+use super::Failure;
 use crate::config::Config;
 
 #[derive(Debug, clap::Args)]

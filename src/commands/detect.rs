@@ -13,7 +13,7 @@ use streamdet_actors::actors::inference::BatchPolicy;
 use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams, UploadPace};
 
 use super::{DetectArgs, ModelArgs, SelectionArgs};
-use crate::cli::Failure;
+use super::Failure;
 use crate::config::Config;
 
 #[derive(Debug, clap::Args)]

@@ -8,7 +8,7 @@ use serde_json::json;
 use streamdet_actors::detect::{DetectParams, Detector};
 
 use super::{DetectArgs, ModelArgs};
-use crate::cli::Failure;
+use super::Failure;
 use crate::config::Config;
 use crate::image_detections::detect_image;
 

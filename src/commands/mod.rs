@@ -8,8 +8,6 @@ use clap::Args as ClapArgs;
 use streamdet_actors::decode::FrameSelection;
 use streamdet_actors::detect::{DetectParams, Detector};
 
-use crate::cli::Failure;
-
 use crate::config::Config;
 
 pub mod bench_model;
@@ -17,6 +15,19 @@ pub mod decode;
 pub mod detect;
 pub mod detect_image;
 pub mod serve;
+
+/// What a command reports besides success: a usage error (exit 2) or a runtime error (exit 1).
+#[derive(Debug)]
+pub enum Failure {
+    Usage(String),
+    Runtime(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(err: E) -> Self {
+        Failure::Runtime(err.into())
+    }
+}
 
 /// Which model to load and how many threads it may use; unset flags take the configuration's.
 #[derive(Debug, ClapArgs)]
@@ -103,18 +114,7 @@ impl DetectArgs {
         let classes = if self.classes.is_empty() {
             None
         } else {
-            let ids = self
-                .classes
-                .iter()
-                .map(|name| {
-                    detector
-                        .class_names()
-                        .iter()
-                        .position(|c| c == name.trim())
-                        .ok_or_else(|| Failure::Usage(format!("the model has no class {name:?}")))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Some(ids)
+            Some(detector.class_ids(self.classes.iter().map(String::as_str)).map_err(Failure::Usage)?)
         };
         let conf = self.conf.unwrap_or(config.detect.conf);
         let iou = self.iou.unwrap_or(config.detect.iou);

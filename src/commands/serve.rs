@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use super::ModelArgs;
-use crate::cli::Failure;
+use super::Failure;
 use crate::config::Config;
 use crate::server;
 

@@ -18,13 +18,7 @@ pub fn detect_params(query: &HashMap<String, String>, detector: &Detector, defau
     };
     let classes = match query.get("classes").filter(|s| !s.is_empty()) {
         None => None,
-        Some(list) => Some(
-            list.split(',')
-                .map(|name| {
-                    detector.class_names().iter().position(|c| c == name.trim()).ok_or(format!("the model has no class {name:?}"))
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
+        Some(list) => Some(detector.class_ids(list.split(','))?),
     };
     Ok(DetectParams { conf: unit("conf", defaults.conf)?, iou: unit("iou", defaults.iou)?, classes, ..Default::default() })
 }

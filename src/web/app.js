@@ -531,55 +531,75 @@
     setSeekable(true);
   });
 
-  function uploadVideo(r, query) {
+  // One upload with XMLHttpRequest, for its progress events, shared by videos and images: the
+  // progress bar follows the bytes sent; an HTTP error status shows the server's reason and ends
+  // the run with `refused`; otherwise the caller's handlers take the sent body, the answer and a
+  // broken connection.
+  function upload(r, path, file, refused, { onSent, onAnswer, onNetworkError }) {
     const xhr = new XMLHttpRequest();
     r.xhr = xhr;
-    xhr.open('POST', api('detect/video?' + query.toString()));
+    xhr.open('POST', api(path));
     xhr.upload.addEventListener('progress', (e) => {
       if (r === run && e.lengthComputable) setProgress(e.loaded, e.total);
     });
     xhr.upload.addEventListener('load', () => {
       if (r !== run) return;
-      setProgress(r.file.size, r.file.size);
-      ui.progressText.textContent = `Upload complete: ${fmtBytes(r.file.size)}.`;
-      if (!r.finished) setStatus('processing', 'Upload complete; the server is finishing the last frames.');
+      setProgress(file.size, file.size);
+      onSent();
     });
     xhr.addEventListener('load', () => {
       if (r !== run || r.finished) return;
       if (xhr.status >= 400) {
         const { code, message } = parseErrorBody(xhr.responseText);
         showError(statusWords(xhr.status, code), message);
-        finish(r, 'error', 'Stopped: the server refused the upload.');
+        finish(r, 'error', refused);
         return;
       }
-      // The response carries the same events as the stream (NDJSON, line n = event n): it fills
-      // in whatever the event stream missed.
-      xhr.responseText.split('\n').forEach((line, seq) => {
-        if (!line.trim() || r.finished) return;
-        try {
-          accept(r, seq, JSON.parse(line));
-        } catch (_) { /* a partial line */ }
-      });
-      r.timers.push(setTimeout(() => {
-        if (r !== run || r.finished) return;
-        showError('The server closed the connection before it sent a summary.');
-        finish(r, 'error', 'Stopped early.');
-      }, GRACE_MS));
+      onAnswer(xhr.responseText);
     });
     xhr.addEventListener('error', () => {
       if (r !== run || r.finished) return;
-      // A server that refuses the file early may close the connection mid-upload; its reason
-      // usually comes on the event stream, so wait a moment for it.
-      setStatus('processing', 'The upload connection closed; waiting for the server to say why…');
-      r.timers.push(setTimeout(() => {
-        if (r !== run || r.finished) return;
-        showError('The upload failed: the server could not be reached or the connection broke off. The server may be down, or it may have refused the file (for example, because it is too large).');
-        finish(r, 'error', 'Stopped: network failure.');
-      }, GRACE_MS));
+      onNetworkError();
     });
     r.startedAt = performance.now();
+    xhr.send(file);
+  }
+
+  const NETWORK_FAILURE = 'The upload failed: the server could not be reached or the connection broke off. The server may be down, or it may have refused the file (for example, because it is too large).';
+
+  function uploadVideo(r, query) {
     setStatus('uploading', `Uploading ${r.file.name} (${fmtBytes(r.file.size)}); detections appear as frames are processed.`);
-    xhr.send(r.file);
+    upload(r, 'detect/video?' + query.toString(), r.file, 'Stopped: the server refused the upload.', {
+      onSent: () => {
+        ui.progressText.textContent = `Upload complete: ${fmtBytes(r.file.size)}.`;
+        if (!r.finished) setStatus('processing', 'Upload complete; the server is finishing the last frames.');
+      },
+      onAnswer: (text) => {
+        // The response carries the same events as the stream (NDJSON, line n = event n): it
+        // fills in whatever the event stream missed.
+        text.split('\n').forEach((line, seq) => {
+          if (!line.trim() || r.finished) return;
+          try {
+            accept(r, seq, JSON.parse(line));
+          } catch (_) { /* a partial line */ }
+        });
+        r.timers.push(setTimeout(() => {
+          if (r !== run || r.finished) return;
+          showError('The server closed the connection before it sent a summary.');
+          finish(r, 'error', 'Stopped early.');
+        }, GRACE_MS));
+      },
+      onNetworkError: () => {
+        // A server that refuses the file early may close the connection mid-upload; its reason
+        // usually comes on the event stream, so wait a moment for it.
+        setStatus('processing', 'The upload connection closed; waiting for the server to say why…');
+        r.timers.push(setTimeout(() => {
+          if (r !== run || r.finished) return;
+          showError(NETWORK_FAILURE);
+          finish(r, 'error', 'Stopped: network failure.');
+        }, GRACE_MS));
+      },
+    });
   }
 
   function onMessage(r, e) {
@@ -681,57 +701,41 @@
     ui.cancel.hidden = false;
     ui.detectionsNote.textContent = 'Each row is one box.';
 
-    const xhr = new XMLHttpRequest();
-    r.xhr = xhr;
-    xhr.open('POST', api('detect?' + query.toString()));
-    xhr.upload.addEventListener('progress', (e) => {
-      if (r === run && e.lengthComputable) setProgress(e.loaded, e.total);
-    });
-    xhr.upload.addEventListener('load', () => {
-      if (r !== run) return;
-      setProgress(file.size, file.size);
-      if (!r.finished) setStatus('processing', `Uploaded ${file.name}; the server is detecting…`);
-    });
-    xhr.addEventListener('load', () => {
-      if (r !== run || r.finished) return;
-      if (xhr.status >= 400) {
-        const { code, message } = parseErrorBody(xhr.responseText);
-        showError(statusWords(xhr.status, code), message);
-        finish(r, 'error', 'Stopped: the server refused the image.');
-        return;
-      }
-      let result;
-      try {
-        result = JSON.parse(xhr.responseText);
-      } catch (_) {
-        showError('The server sent an answer this page cannot read.');
-        finish(r, 'error', 'Stopped.');
-        return;
-      }
-      const detections = Array.isArray(result.detections) ? result.detections : [];
-      r.image = { width: Number(result.width) || 0, height: Number(result.height) || 0, detections };
-      setProgress(file.size, file.size);
-      ui.frames.textContent = '1 image';
-      ui.frames.dataset.count = '1';
-      countDetections(r, detections);
-      if (!detections.length) ui.ttfd.textContent = 'no detections';
-      addRows(r, null, null, detections);
-      const seconds = (performance.now() - r.startedAt) / 1000;
-      showSummary([
-        ['size', 'Image size', `${r.image.width}×${r.image.height}`],
-        ['detections', 'Boxes', String(detections.length)],
-        ['seconds', 'Total time', fmtSeconds(seconds)],
-      ]);
-      finish(r, 'done', `Done: ${detections.length} ${detections.length === 1 ? 'box' : 'boxes'} in ${file.name}.`);
-    });
-    xhr.addEventListener('error', () => {
-      if (r !== run || r.finished) return;
-      showError('The upload failed: the server could not be reached or the connection broke off. The server may be down, or it may have refused the file (for example, because it is too large).');
-      finish(r, 'error', 'Stopped: network failure.');
-    });
-    r.startedAt = performance.now();
     setStatus('uploading', `Uploading ${file.name} (${fmtBytes(file.size)})…`);
-    xhr.send(file);
+    upload(r, 'detect?' + query.toString(), file, 'Stopped: the server refused the image.', {
+      onSent: () => {
+        if (!r.finished) setStatus('processing', `Uploaded ${file.name}; the server is detecting…`);
+      },
+      onAnswer: (text) => {
+        let result;
+        try {
+          result = JSON.parse(text);
+        } catch (_) {
+          showError('The server sent an answer this page cannot read.');
+          finish(r, 'error', 'Stopped.');
+          return;
+        }
+        const detections = Array.isArray(result.detections) ? result.detections : [];
+        r.image = { width: Number(result.width) || 0, height: Number(result.height) || 0, detections };
+        setProgress(file.size, file.size);
+        ui.frames.textContent = '1 image';
+        ui.frames.dataset.count = '1';
+        countDetections(r, detections);
+        if (!detections.length) ui.ttfd.textContent = 'no detections';
+        addRows(r, null, null, detections);
+        const seconds = (performance.now() - r.startedAt) / 1000;
+        showSummary([
+          ['size', 'Image size', `${r.image.width}×${r.image.height}`],
+          ['detections', 'Boxes', String(detections.length)],
+          ['seconds', 'Total time', fmtSeconds(seconds)],
+        ]);
+        finish(r, 'done', `Done: ${detections.length} ${detections.length === 1 ? 'box' : 'boxes'} in ${file.name}.`);
+      },
+      onNetworkError: () => {
+        showError(NETWORK_FAILURE);
+        finish(r, 'error', 'Stopped: network failure.');
+      },
+    });
   }
 
   ui.image.addEventListener('error', () => {

@@ -115,6 +115,15 @@ impl Detector {
         &self.info.class_names
     }
 
+    /// The ids of the classes named (surrounding spaces ignored); an error names the first
+    /// class the model does not have.
+    pub fn class_ids<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<Vec<usize>, String> {
+        names
+            .into_iter()
+            .map(|name| self.class_names().iter().position(|c| c == name.trim()).ok_or_else(|| format!("the model has no class {name:?}")))
+            .collect()
+    }
+
     /// Model input width and height.
     pub fn input_size(&self) -> (usize, usize) {
         (self.info.input_size.1, self.info.input_size.0)
