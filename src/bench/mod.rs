@@ -29,8 +29,7 @@ use self::media::{ClipSpec, Container};
 use self::peers::{PeerPaths, ServerProcess};
 use self::progress::Progress;
 use self::report::*;
-use crate::cli::Failure;
-use crate::commands::ModelArgs;
+use crate::commands::{Failure, ModelArgs};
 use crate::config::Config;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
