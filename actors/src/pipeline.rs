@@ -28,8 +28,9 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::actors::decoder::DecoderActor;
 use crate::actors::inference::{BatchPolicy, Inference, InferenceObserver};
-use crate::actors::session::{Fail, Session, SessionParts};
-use crate::actors::uploader::{AbortUpload, Chunk, Finish, UploadError, Uploader};
+use crate::actors::messages::{AbortUpload, Chunk, DecoderReports, Fail, Finish, UploadError, UploadReports};
+use crate::actors::session::{Session, SessionParts};
+use crate::actors::uploader::Uploader;
 use crate::actors::{Event, ModelSummary};
 use crate::buffer::{self, BufferOptions};
 use crate::decode::{DecodeOptions, FrameSelection};
@@ -160,7 +161,9 @@ impl Pipeline {
         let media_dir = self.options.media_dir.clone();
         let session_uploader = uploader.clone();
         let session = Session::create(move |ctx| {
-            let decoder = DecoderActor::new(key, reader, decode, detect, credits, ctx.address(), inference.clone()).start();
+            let session = ctx.address();
+            let reports = DecoderReports { opened: session.clone().recipient(), finished: session.clone().recipient(), frames: session.recipient() };
+            let decoder = DecoderActor::new(key, reader, decode, detect, credits, reports, inference.clone()).start();
             if let Some(limit) = max_duration {
                 ctx.notify_later(
                     Fail { code: "timeout", message: format!("the session ran longer than {} s", limit.as_secs_f64()) },
@@ -170,7 +173,8 @@ impl Pipeline {
             let parts = SessionParts { inference, decoder, uploader: session_uploader, buffer, media_dir };
             Session::new(session_id, key, tx, model, parts)
         });
-        uploader_context.run(Uploader::new(writer, self.options.max_upload_bytes, self.options.max_lag_bytes, session.clone()));
+        let reports = UploadReports { finished: session.clone().recipient(), failed: session.clone().recipient() };
+        uploader_context.run(Uploader::new(writer, self.options.max_upload_bytes, self.options.max_lag_bytes, reports));
         Ok(SessionHandle { id, upload: UploadHandle { uploader, session }, events: rx })
     }
 }

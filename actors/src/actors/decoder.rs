@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use actix::prelude::*;
 
 use super::inference::{FrameJob, Infer, Inference};
-use super::session::{DecodeFinished, DecoderOpened, Session};
+use super::messages::{Abort, Credit, DecodeFinished, DecoderOpened, DecoderReports};
 use crate::buffer::{Buffer, BufferReader};
 use crate::decode::{DecodeError, DecodeOptions, Decoder};
 use crate::detect::DetectParams;
@@ -47,16 +47,6 @@ impl Credits {
     }
 }
 
-/// More frames may be sent.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Credit(pub usize);
-
-/// Stop decoding now.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Abort;
-
 pub struct DecoderActor {
     session_key: u64,
     buffer: Buffer,
@@ -65,7 +55,7 @@ pub struct DecoderActor {
     params: Arc<DetectParams>,
     credits: Arc<Credits>,
     initial_credits: usize,
-    session: Addr<Session>,
+    reports: DecoderReports,
     inference: Addr<Inference>,
 }
 
@@ -77,7 +67,7 @@ impl DecoderActor {
         options: DecodeOptions,
         params: Arc<DetectParams>,
         credits: usize,
-        session: Addr<Session>,
+        reports: DecoderReports,
         inference: Addr<Inference>,
     ) -> Self {
         DecoderActor {
@@ -88,7 +78,7 @@ impl DecoderActor {
             params,
             credits: Arc::new(Credits::default()),
             initial_credits: credits.max(1),
-            session,
+            reports,
             inference,
         }
     }
@@ -102,18 +92,17 @@ impl Actor for DecoderActor {
         self.credits.add(self.initial_credits);
         let credits = Arc::clone(&self.credits);
         let (options, params, key) = (self.options.clone(), Arc::clone(&self.params), self.session_key);
-        let (session, inference) = (self.session.clone(), self.inference.clone());
+        let (reports, inference) = (self.reports.clone(), self.inference.clone());
         let spawned = std::thread::Builder::new().name(format!("streamdet-decode-{key}")).spawn(move || {
             let max_frames = options.max_frames.unwrap_or(u64::MAX);
             let mut decoder = match Decoder::open(reader, options) {
                 Ok(decoder) => decoder,
                 Err(error) => {
-                    session.do_send(DecodeFinished { stats: Default::default(), sent: 0, limit_reached: false, error: Some(error) });
+                    reports.finished.do_send(DecodeFinished { stats: Default::default(), sent: 0, limit_reached: false, error: Some(error) });
                     return;
                 }
             };
-            session.do_send(DecoderOpened(decoder.media().clone()));
-            let reply = session.clone().recipient();
+            reports.opened.do_send(DecoderOpened(decoder.media().clone()));
             let mut sent = 0;
             let error = loop {
                 if sent >= max_frames {
@@ -130,7 +119,7 @@ impl Actor for DecoderActor {
                             pts: frame.pts,
                             frame: frame.model_frame,
                             params: Arc::clone(&params),
-                            reply: reply.clone(),
+                            reply: reports.frames.clone(),
                         };
                         inference.do_send(Infer(job));
                         sent += 1;
@@ -142,10 +131,10 @@ impl Actor for DecoderActor {
             let stats = decoder.stats();
             // Dropping the decoder drops its reader: the uploader is no longer held back by it.
             drop(decoder);
-            session.do_send(DecodeFinished { stats, sent, limit_reached: sent >= max_frames, error });
+            reports.finished.do_send(DecodeFinished { stats, sent, limit_reached: sent >= max_frames, error });
         });
         if let Err(err) = spawned {
-            self.session.do_send(DecodeFinished {
+            self.reports.finished.do_send(DecodeFinished {
                 stats: Default::default(),
                 sent: 0,
                 limit_reached: false,

@@ -3,59 +3,17 @@
 //! every frame it sent has come back — never before the last `frame`.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use actix::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::decoder::{Abort, Credit, DecoderActor};
+use super::decoder::DecoderActor;
 use super::events::{Event, ModelSummary};
 use super::inference::{FrameDone, Forget, Inference};
-use super::uploader::{Drain, Uploader};
+use super::messages::{Abort, Credit, DecodeFinished, DecoderOpened, Drain, Fail, UploadFailed, UploadFinished};
+use super::uploader::Uploader;
 use crate::buffer::Buffer;
 use crate::decode::{DecodeError, DecodeStats, MediaInfo};
-
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct DecoderOpened(pub MediaInfo);
-
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct DecodeFinished {
-    pub stats: DecodeStats,
-    /// Frames sent to inference (all selected frames, unless it stopped early).
-    pub sent: u64,
-    /// It stopped because the session's `max_frames` were sent.
-    pub limit_reached: bool,
-    pub error: Option<DecodeError>,
-}
-
-/// The whole upload arrived (or, after a [`Drain`], the part the session used).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct UploadFinished {
-    pub bytes: u64,
-    pub sha256: String,
-    /// When the first byte arrived.
-    pub first_byte: Instant,
-    pub last_byte: Instant,
-}
-
-/// The upload failed or was abandoned.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct UploadFailed {
-    pub code: &'static str,
-    pub message: String,
-}
-
-/// Ends the session with an error event (a timeout, a shutdown, a cancel).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Fail {
-    pub code: &'static str,
-    pub message: String,
-}
 
 /// Whether and where a finished upload is kept.
 enum Storage {

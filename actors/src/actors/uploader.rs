@@ -5,43 +5,10 @@
 use std::time::Instant;
 
 use actix::prelude::*;
-use bytes::Bytes;
 
-use super::session::{Session, UploadFailed, UploadFinished};
+use super::messages::{AbortUpload, Chunk, Drain, Finish, UploadError, UploadFailed, UploadFinished, UploadReports};
 use crate::buffer::BufferWriter;
 use sha2::{Digest, Sha256};
-
-/// Why a chunk was not taken.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UploadError {
-    #[error("the upload is larger than the limit of {limit} bytes")]
-    TooLarge { limit: u64 },
-    #[error("the session has ended")]
-    Closed,
-}
-
-#[derive(Message)]
-#[rtype(result = "Result<(), UploadError>")]
-pub struct Chunk(pub Bytes);
-
-/// The last chunk was sent.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Finish;
-
-/// The upload cannot complete (the client went away, a timeout).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AbortUpload {
-    pub code: &'static str,
-    pub message: String,
-}
-
-/// The session needs no more bytes (it processed all the frames it was asked for): stop writing,
-/// accept and drop the rest of the body, and report what arrived so far.
-#[derive(Message)]
-#[rtype(result = "UploadFinished")]
-pub struct Drain;
 
 /// Where chunks go.
 enum Sink {
@@ -62,12 +29,12 @@ pub struct Uploader {
     max_bytes: u64,
     /// Bytes the writer may be ahead of the decoder before chunks are held back.
     max_lag: Option<u64>,
-    session: Addr<Session>,
+    reports: UploadReports,
 }
 
 impl Uploader {
-    pub fn new(writer: BufferWriter, max_bytes: u64, max_lag: Option<u64>, session: Addr<Session>) -> Self {
-        Uploader { sink: Sink::Buffer(writer), hasher: Sha256::new(), bytes: 0, first_byte: None, max_bytes, max_lag, session }
+    pub fn new(writer: BufferWriter, max_bytes: u64, max_lag: Option<u64>, reports: UploadReports) -> Self {
+        Uploader { sink: Sink::Buffer(writer), hasher: Sha256::new(), bytes: 0, first_byte: None, max_bytes, max_lag, reports }
     }
 
     /// What arrived so far, as the session reports it.
@@ -98,7 +65,7 @@ impl Handler<Chunk> for Uploader {
                 // Dropping the writer unfinished aborts the buffer: the decoder stops too.
                 if matches!(self.sink, Sink::Buffer(_)) {
                     let error = UploadError::TooLarge { limit: self.max_bytes };
-                    self.session.do_send(UploadFailed { code: "too_large", message: error.to_string() });
+                    self.reports.failed.do_send(UploadFailed { code: "too_large", message: error.to_string() });
                 }
                 self.sink = Sink::Closed;
                 Err(UploadError::TooLarge { limit: self.max_bytes })
@@ -139,7 +106,7 @@ impl Handler<Finish> for Uploader {
     fn handle(&mut self, _: Finish, _ctx: &mut Context<Self>) {
         let Sink::Buffer(writer) = std::mem::replace(&mut self.sink, Sink::Closed) else { return };
         writer.finish();
-        self.session.do_send(self.summary());
+        self.reports.finished.do_send(self.summary());
     }
 }
 
@@ -148,7 +115,7 @@ impl Handler<AbortUpload> for Uploader {
 
     fn handle(&mut self, abort: AbortUpload, _ctx: &mut Context<Self>) {
         if let Sink::Buffer(_) = std::mem::replace(&mut self.sink, Sink::Closed) {
-            self.session.do_send(UploadFailed { code: abort.code, message: abort.message });
+            self.reports.failed.do_send(UploadFailed { code: abort.code, message: abort.message });
         }
     }
 }
