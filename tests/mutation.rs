@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
+use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -164,8 +165,7 @@ fn battery_child() {
         let fields = size_fields("model.onnx", &model);
         println!("mutation: model.onnx has {} integer and length fields outside the weights", fields.len());
         battery.run("model.onnx (parse)", &model, &fields, 1000 * scale, 0, parse_model);
-        let model_path = battery.dir.join("mutant.onnx");
-        battery.run("model.onnx (load)", &model, &fields, 100 * scale, 0, |bytes| load_model(bytes, &model_path));
+        battery.run("model.onnx (load)", &model, &fields, 100 * scale, 0, |bytes| load_model(bytes, &dir));
     }
     let model_time = started.elapsed() - video_time - image_time;
 
@@ -318,11 +318,11 @@ fn parse_model(bytes: &[u8]) -> Outcome {
     }
 }
 
-fn load_model(bytes: &[u8], path: &Path) -> Outcome {
-    std::fs::write(path, bytes).unwrap();
-    let result = Detector::load_with_threads(path, Device::Cpu, 1);
-    std::fs::remove_file(path).unwrap();
-    match result {
+fn load_model(bytes: &[u8], dir: &Path) -> Outcome {
+    // Deleted when dropped, also while a panic unwinds.
+    let mut file = tempfile::Builder::new().suffix(".onnx").tempfile_in(dir).unwrap();
+    file.write_all(bytes).unwrap();
+    match Detector::load_with_threads(file.path(), Device::Cpu, 1) {
         Ok(_) => "ok".into(),
         Err(err) => match err {
             DetectError::Io { .. } => "io",
