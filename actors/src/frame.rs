@@ -1,6 +1,17 @@
-//! Letterboxing: fitting a frame into the model's input with its aspect ratio kept, padded with
-//! gray 114, exactly as ultralytics does it — so that boxes map back to the frame and detections
-//! agree with the reference pipeline.
+//! A frame as the model takes it, and its geometry: letterboxing fits a frame into the model's
+//! input with its aspect ratio kept, padded with gray 114, exactly as ultralytics does it — so
+//! that boxes map back to the frame and detections agree with the reference pipeline.
+//!
+//! Decoding produces these and detection consumes them; neither module owns them.
+
+/// A frame ready for the model: RGB at the model's input size, and where the original frame
+/// sits inside it.
+#[derive(Debug, Clone)]
+pub struct ModelFrame {
+    /// Packed RGB, `input width x input height x 3`.
+    pub rgb: Vec<u8>,
+    pub letterbox: Letterbox,
+}
 
 /// How a frame of `source` size was placed into the model input of `target` size.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -3,7 +3,8 @@
 //!
 //! - [`buffer`]: the growing temp file the upload is appended to and the decoder reads from.
 //! - [`decode`]: FFmpeg demuxing and decoding over a growing buffer, frames letterboxed for the model.
-//! - [`detect`]: ultralytics ONNX detection models on candle, letterboxing and post-processing.
+//! - [`frame`]: a frame letterboxed for the model, what decoding gives and detection takes.
+//! - [`detect`]: ultralytics ONNX detection models on candle, and post-processing.
 //! - [`actors`]: the uploader, decoder, inference and session actors and their messages.
 //! - [`pipeline`]: one call builds a session out of the actors; a handle feeds it and reads events.
 
@@ -11,4 +12,5 @@ pub mod actors;
 pub mod buffer;
 pub mod decode;
 pub mod detect;
+pub mod frame;
 pub mod pipeline;

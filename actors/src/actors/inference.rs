@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::detect::{DetectParams, Detection, Detector, ModelFrame};
+use crate::detect::{DetectParams, Detection, Detector};
+use crate::frame::ModelFrame;
 
 /// A frame of one session, to be detected.
 pub struct FrameJob {

@@ -5,7 +5,7 @@
 use ffmpeg_next::{self as ff, ffi};
 
 use super::DecodeError;
-use crate::detect::{Letterbox, ModelFrame, letterbox::PAD_VALUE};
+use crate::frame::{Letterbox, ModelFrame, PAD_VALUE};
 
 /// Clockwise rotation that displays the coded frame upright.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

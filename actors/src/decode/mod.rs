@@ -15,7 +15,7 @@ use std::ffi::{CString, c_void};
 use ffmpeg_next::{self as ff, ffi};
 
 use crate::buffer::{Buffer, BufferReader};
-use crate::detect::ModelFrame;
+use crate::frame::ModelFrame;
 
 mod avio;
 pub mod convert;

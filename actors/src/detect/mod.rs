@@ -10,7 +10,6 @@ use candle_core::{Device, Tensor};
 mod engine;
 mod image;
 pub mod kernels;
-pub mod letterbox;
 pub mod model;
 mod onnx_proto;
 pub mod postprocess;
@@ -18,7 +17,7 @@ mod views;
 
 pub use self::image::{ImageError, decode_image};
 pub use engine::{Engine, OpProfile};
-pub use letterbox::{Letterbox, letterbox_rgb};
+pub use crate::frame::{Letterbox, ModelFrame, letterbox_rgb};
 pub use model::ModelInfo;
 pub use postprocess::{DetectParams, Detection};
 
@@ -56,15 +55,6 @@ pub enum BatchMode {
     Dynamic,
     /// The export fixed the batch size (the default model: 1): N frames run as N calls.
     Fixed(usize),
-}
-
-/// A frame ready for the model: RGB at the model's input size, and where the original frame
-/// sits inside it.
-#[derive(Debug, Clone)]
-pub struct ModelFrame {
-    /// Packed RGB, `input width x input height x 3`.
-    pub rgb: Vec<u8>,
-    pub letterbox: Letterbox,
 }
 
 /// A loaded, planned model and the threads it runs on.

@@ -3,7 +3,7 @@
 
 use serde::{Serialize, Serializer};
 
-use super::letterbox::Letterbox;
+use crate::frame::Letterbox;
 
 /// One detected object, in pixels of the frame as displayed. Serialised the same way wherever
 /// it goes (events, `POST /detect`, the CLI): confidence with three decimals, box with one.
