@@ -301,12 +301,6 @@ impl Buffer {
         self.shared.set_write_state(WriteState::Aborted);
     }
 
-    /// Wakes every thread blocked on this buffer without changing its state, so that a waiter
-    /// that also watches something else (a cancel flag) can look at it.
-    pub fn wake_all(&self) {
-        self.shared.changed.notify_all();
-    }
-
     /// Renames the file to `to` and keeps it after the last handle drops. Readers (and the
     /// writer) go on working: they hold the open file, not the name. Fails if `to` is on
     /// another filesystem while the upload is still open (nothing complete to copy yet).
