@@ -1,16 +1,20 @@
-//! Convolution kernel throughput on YOLOv12n's layer shapes: GFLOP/s of the packed AVX2
-//! microkernel and of the portable `gemm`-crate path, on the same pool of threads.
+//! Convolution kernel throughput on YOLOv12n's layer shapes: GFLOP/s of the packed
+//! microkernel this CPU runs (AVX-512 or AVX2) and of the portable `gemm`-crate path, on the
+//! same pool of threads.
 //! `cargo bench --bench conv [-- THREADS [SHAPE] [packed]]`, where SHAPE (such as `32->64`)
 //! keeps only the convolutions whose label contains it, and `packed` skips the portable path.
+//! The kernels are crate-private; the `bench-internals` feature of `streamdet-actors`, enabled
+//! by this package's dev-dependency on it, makes them reachable from here.
 
 use std::time::Instant;
 
 use streamdet_actors::detect::kernels::activation::Activation;
-use streamdet_actors::detect::kernels::conv::Conv2d;
+use streamdet_actors::detect::kernels::conv::{Conv2d, ConvSpec};
 
+/// A square convolution with SiLU, "same" padding and test weights, on the portable path.
 fn conv(cin: usize, cout: usize, k: usize, stride: usize, groups: usize) -> Conv2d {
     let pad = k / 2;
-    Conv2d {
+    let spec = ConvSpec {
         in_channels: cin,
         out_channels: cout,
         groups,
@@ -18,11 +22,10 @@ fn conv(cin: usize, cout: usize, k: usize, stride: usize, groups: usize) -> Conv
         stride: (stride, stride),
         dilation: (1, 1),
         pads: (pad, pad, pad, pad),
-        weights: (0..cout * cin / groups * k * k).map(|i| (i % 7) as f32 * 0.01).collect(),
-        bias: vec![0.1; cout],
         activation: Activation::Silu,
-        packed: Vec::new(),
-    }
+    };
+    let weights = (0..cout * cin / groups * k * k).map(|i| (i % 7) as f32 * 0.01).collect();
+    Conv2d::new(spec, weights, vec![0.1; cout]).expect("a valid convolution")
 }
 
 fn main() {
@@ -56,7 +59,14 @@ fn main() {
             continue;
         }
         let input: Vec<f32> = (0..cin * size * size).map(|i| (i % 13) as f32 * 0.05).collect();
-        for (name, c) in [("portable", conv(cin, cout, k, stride, groups)), ("packed", conv(cin, cout, k, stride, groups).with_packed_weights())] {
+        let packed = conv(cin, cout, k, stride, groups).with_packed_weights();
+        let packed_name = match packed.isa() {
+            Some(isa) => format!("{isa:?}"),
+            // Depthwise convolutions have their own kernel; without a microkernel, the portable
+            // path runs twice.
+            None => "unpacked".to_string(),
+        };
+        for (name, c) in [("portable".to_string(), conv(cin, cout, k, stride, groups)), (packed_name, packed)] {
             if packed_only && name == "portable" {
                 continue;
             }
@@ -98,7 +108,6 @@ fn matmuls(pool: &rayon::ThreadPool) {
 }
 
 /// Element-wise kernels: nanoseconds per element on one thread.
-#[allow(dead_code)]
 fn elementwise() {
     use streamdet_actors::detect::kernels::activation::{UnaryFn, map_inplace, softmax_inplace};
     let mut data: Vec<f32> = (0..1 << 20).map(|i| (i % 1000) as f32 / 100.0 - 5.0).collect();

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use super::DetectError;
 use super::kernels::activation::{Activation, UnaryFn};
-use super::kernels::conv::Conv2d;
+use super::kernels::conv::{Conv2d, ConvSpec};
 use super::kernels::{self, activation, attention, packed_gemm, transpose};
 use super::model::{Attribute, Node, OnnxModel, TensorData, TensorValues};
 use super::views::{self, ViewStep};
@@ -300,7 +300,7 @@ impl Engine {
 fn profile_key(step: &Step) -> String {
     match &step.op {
         Op::Conv(c) => {
-            let conv = &c.conv;
+            let conv = c.conv.spec();
             let kind = if conv.groups > 1 && conv.groups == conv.in_channels {
                 "depthwise"
             } else if conv.kernel == (1, 1) {
@@ -891,7 +891,7 @@ fn parse_conv(node: &Node, initializers: &HashMap<String, TensorData>, device: &
         Some("silu") => Activation::Silu,
         _ => Activation::Identity,
     };
-    let conv = Conv2d {
+    let spec = ConvSpec {
         in_channels: cin_g * groups,
         out_channels,
         groups,
@@ -899,20 +899,14 @@ fn parse_conv(node: &Node, initializers: &HashMap<String, TensorData>, device: &
         stride: pair(node, attr_ints(node, "strides")?, 1)?,
         dilation: pair(node, attr_ints(node, "dilations")?, 1)?,
         pads: pads4(node)?,
-        weights,
-        bias,
         activation,
-        packed: Vec::new(),
-    }
-    .with_packed_weights();
-    if conv.stride.0 == 0 || conv.stride.1 == 0 || conv.dilation.0 == 0 || conv.dilation.1 == 0 {
-        return Err(unsupported(node, "zero stride or dilation"));
-    }
+    };
+    let conv = Conv2d::new(spec, weights, bias).map_err(|e| unsupported(node, e.to_string()))?.with_packed_weights();
     let (weight, bias) = if device.is_cpu() {
         (None, None)
     } else {
-        let w = Tensor::from_vec(conv.weights.clone(), (out_channels, cin_g, kh, kw), device).map_err(DetectError::from_candle)?;
-        let b = Tensor::from_vec(conv.bias.clone(), (1, out_channels, 1, 1), device).map_err(DetectError::from_candle)?;
+        let w = Tensor::from_vec(conv.weights().to_vec(), (out_channels, cin_g, kh, kw), device).map_err(DetectError::from_candle)?;
+        let b = Tensor::from_vec(conv.bias().to_vec(), (1, out_channels, 1, 1), device).map_err(DetectError::from_candle)?;
         (Some(w), Some(b))
     };
     Ok(ConvOp { conv, concat_parts: 0, weight, bias })
@@ -927,8 +921,8 @@ impl CustomOp1 for Conv2d {
         let &[n, c, h, w] = layout.dims() else {
             candle_core::bail!("conv input must be 4-D, got {:?}", layout.dims());
         };
-        if c != self.in_channels {
-            candle_core::bail!("conv expects {} input channels, got {c}", self.in_channels);
+        if c != self.spec().in_channels {
+            candle_core::bail!("conv expects {} input channels, got {c}", self.spec().in_channels);
         }
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("conv input must be contiguous");
@@ -938,7 +932,7 @@ impl CustomOp1 for Conv2d {
             candle_core::bail!("conv input {h}x{w} is smaller than the kernel");
         };
         let out = self.run(input, n, h, w, None);
-        Ok((CpuStorage::F32(out), Shape::from((n, self.out_channels, oh, ow))))
+        Ok((CpuStorage::F32(out), Shape::from((n, self.spec().out_channels, oh, ow))))
     }
 }
 
@@ -958,7 +952,7 @@ impl CustomOp2 for ConvWithResidual<'_> {
         let Some((oh, ow)) = conv.output_size(h, w) else {
             candle_core::bail!("conv input {h}x{w} is smaller than the kernel");
         };
-        if c != conv.in_channels || l2.dims() != [n, conv.out_channels, oh, ow] {
+        if c != conv.spec().in_channels || l2.dims() != [n, conv.spec().out_channels, oh, ow] {
             candle_core::bail!("conv of {:?} cannot take a residual of {:?}", l1.dims(), l2.dims());
         }
         let (input, residual) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
@@ -1248,6 +1242,31 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
     Ok(f(&data[start..end]))
 }
 
+/// Calls `f` with the CPU `f32` storage of each of `tensors` (the whole buffer, to be read
+/// through the tensor's layout); `Ok(None)` when one is not such a tensor. Holds one read guard
+/// per distinct storage: tensors that share one (the operands of a folded attention, the parts
+/// of a split that a convolution reads back together) share its guard, since a second read
+/// lock on a storage this thread already holds would deadlock once a writer waits for it.
+fn with_cpu_storages<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> CResult<Option<R>> {
+    // A storage's identity is its address, which the tensors keep alive; read with one lock
+    // held at a time.
+    let key = |t: &Tensor| std::ptr::from_ref::<candle_core::Storage>(&t.storage_and_layout().0).addr();
+    let keys: Vec<usize> = tensors.iter().map(|t| key(t)).collect();
+    let mut guards = Vec::with_capacity(tensors.len());
+    for (t, &k) in tensors.iter().zip(&keys) {
+        if !guards.iter().any(|(held, _)| *held == k) {
+            guards.push((k, t.storage_and_layout().0));
+        }
+    }
+    let mut buffers = Vec::with_capacity(tensors.len());
+    for k in &keys {
+        let (_, storage) = guards.iter().find(|(held, _)| held == k).expect("a guard per storage");
+        let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &**storage else { return Ok(None) };
+        buffers.push(data.as_slice());
+    }
+    Ok(Some(f(&buffers)))
+}
+
 /// Runs a chain of views one step at a time (transposes of CPU `f32` tensors on their own
 /// kernel), for when it cannot be read in place.
 fn run_chain(t: &Tensor, chain: &[ViewStep]) -> CResult<Tensor> {
@@ -1280,15 +1299,24 @@ fn attention_in_place(operands: [&Tensor; 3], transposed: [bool; 3], alpha: f32,
         matrices.push(if transposed { m.transposed() } else { m });
     }
     let [qm, km, vm]: [attention::MatrixBatch; 3] = matrices.try_into().expect("three operands");
-    let (queries, depth, keys, channels) = (qm.rows, qm.cols, km.cols, vm.rows);
-    if km.rows != depth || vm.cols != keys || keys == 0 || depth == 0 || batch_dims[1] != batch_dims[0] || batch_dims[2] != batch_dims[0] {
+    let (queries, depth, keys, channels) = (qm.rows(), qm.cols(), km.cols(), vm.rows());
+    if km.rows() != depth || vm.cols() != keys || keys == 0 || depth == 0 || batch_dims[1] != batch_dims[0] || batch_dims[2] != batch_dims[0] {
         candle_core::bail!("attention of {:?}, {:?} and {:?}", q.dims(), k.dims(), v.dims());
     }
     let mut result_dims = batch_dims.swap_remove(0);
     result_dims.extend([channels, queries]);
     let Some((end_dims, placed)) = views::placement_through(&result_dims, &views.result)? else { return Ok(None) };
-    let Some(out) = placed.matrices().filter(|m| m.col_stride == 1) else { return Ok(None) };
-    let result = with_cpu_f32(&q, |qd| with_cpu_f32(&k, |kd| with_cpu_f32(&v, |vd| attention::attention_strided((qd, &qm), (kd, &km), (vd, &vm), alpha, &out))))???;
+    let Some(out) = placed.matrices().and_then(attention::OutputView::new) else { return Ok(None) };
+    let operands = [&q, &k, &v];
+    let result = with_cpu_storages(&operands, |buffers| {
+        // Each base is contiguous: its view starts at the layout's offset.
+        let mut parts = operands.iter().zip(buffers).zip([qm, km, vm]).map(|((t, data), view)| attention::Operand::new(&data[t.layout().start_offset()..], view));
+        let (Some(q), Some(k), Some(v)) = (parts.next().flatten(), parts.next().flatten(), parts.next().flatten()) else {
+            candle_core::bail!("an attention operand's view reaches past its tensor");
+        };
+        Ok(attention::attention_strided(q, k, v, alpha, &out))
+    })?;
+    let Some(result) = result.transpose()? else { candle_core::bail!("expected CPU f32 attention operands") };
     Ok(Some(Tensor::from_vec(result, end_dims, &Device::Cpu)?))
 }
 
@@ -1643,7 +1671,7 @@ fn conv(c: &ConvOp, x: &Tensor, residual: Option<&Tensor>) -> CResult<Tensor> {
     let Some(residual) = residual else { return conv_alone(c, x) };
     let fits = match (x.dims(), residual.dims()) {
         (&[n, _, h, w], &[rn, rc, rh, rw]) => {
-            c.weight.is_none() && is_cpu_f32(residual) && c.conv.output_size(h, w) == Some((rh, rw)) && (n, c.conv.out_channels) == (rn, rc)
+            c.weight.is_none() && is_cpu_f32(residual) && c.conv.output_size(h, w) == Some((rh, rw)) && (n, c.conv.spec().out_channels) == (rn, rc)
         }
         _ => false,
     };
@@ -1677,7 +1705,7 @@ fn conv_of_parts_in_place(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tenso
     let Some((oh, ow)) = conv.output_size(h, w) else {
         candle_core::bail!("conv input {h}x{w} is smaller than the kernel");
     };
-    let out_dims = [n, conv.out_channels, oh, ow];
+    let out_dims = [n, conv.spec().out_channels, oh, ow];
     let usable = |t: &Tensor| {
         let planes_contiguous = matches!(t.layout().stride(), &[_, s1, s2, 1] if s1 == h * w && s2 == w);
         is_cpu_f32(t) && matches!(t.dims(), &[pn, _, ph, pw] if (pn, ph, pw) == (n, h, w)) && planes_contiguous
@@ -1686,30 +1714,36 @@ fn conv_of_parts_in_place(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tenso
     if c.weight.is_some() || !parts.iter().all(|t| usable(t)) || !residual_fits {
         return Ok(None);
     }
-    let guards: Vec<_> = parts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut input_parts = Vec::with_capacity(parts.len());
-    for (storage, layout) in &guards {
-        let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &**storage else { return Ok(None) };
-        let (channels, image_stride) = (layout.dims()[1], layout.stride()[0]);
-        input_parts.push(kernels::conv::InputPart { data: &data[layout.start_offset()..], channels, image_stride });
+    let channels: usize = parts.iter().map(|p| p.dims()[1]).sum();
+    if channels != conv.spec().in_channels {
+        candle_core::bail!("conv expects {} input channels, its parts have {channels}", conv.spec().in_channels);
     }
-    let channels: usize = input_parts.iter().map(|p| p.channels).sum();
-    if channels != conv.in_channels {
-        candle_core::bail!("conv expects {} input channels, its parts have {channels}", conv.in_channels);
-    }
-    let Some(input) = kernels::conv::ConvInput::new(input_parts, n, h, w) else { return Ok(None) };
     let residual = residual.map(|r| r.contiguous()).transpose()?;
-    let out = match &residual {
-        Some(r) => with_cpu_f32(r, |r| conv.run_input(&input, Some(r)))?,
-        None => conv.run_input(&input, None),
-    };
+    // The residual is a tensor of its own (made contiguous, it may share a part's storage):
+    // read under the same guards as the parts.
+    let mut tensors = parts.to_vec();
+    tensors.extend(residual.as_ref());
+    let out = with_cpu_storages(&tensors, |buffers| {
+        let input_parts = parts
+            .iter()
+            .zip(buffers)
+            .map(|(t, data)| kernels::conv::InputPart { data: &data[t.layout().start_offset()..], channels: t.dims()[1], image_stride: t.layout().stride()[0] })
+            .collect();
+        let input = kernels::conv::ConvInput::new(input_parts, n, h, w)?;
+        let residual = residual.as_ref().zip(buffers.last()).map(|(r, data)| {
+            let (start, end) = r.layout().contiguous_offsets().expect("made contiguous above");
+            &data[start..end]
+        });
+        Some(conv.run_input(&input, residual))
+    })?;
+    let Some(Some(out)) = out else { return Ok(None) };
     Ok(Some(Tensor::from_vec(out, &out_dims[..], &Device::Cpu)?))
 }
 
 fn conv_alone(c: &ConvOp, x: &Tensor) -> CResult<Tensor> {
     match (&c.weight, &c.bias) {
         (Some(weight), Some(bias)) => {
-            let conv = &c.conv;
+            let conv = c.conv.spec();
             let (t, l, b, r) = conv.pads;
             let (x, pad) = if t == b && l == r && t == l {
                 (x.clone(), t)

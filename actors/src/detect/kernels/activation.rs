@@ -86,6 +86,9 @@ fn softmax_body(xs: &mut [f32]) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnaryFn {
     Sigmoid,
+    /// No planned graph has a SiLU left on its own today (the planner fuses it into the
+    /// convolution before it); kept, with its tests, for one that it cannot fuse.
+    #[cfg_attr(not(feature = "bench-internals"), allow(dead_code))]
     Silu,
     Exp,
 }
@@ -310,11 +313,15 @@ pub fn softmax_columns_block(block: &mut [f32], len: usize, stride: usize, colum
 unsafe fn softmax_columns_on(vectors: Vectors, base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>) {
     #[cfg(target_arch = "x86_64")]
     {
+        /// # Safety
+        /// As for `softmax_columns_on`; the CPU has AVX-512F.
         #[target_feature(enable = "avx512f")]
         unsafe fn avx512(base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>) {
             // SAFETY: the caller's contract; compiled with AVX-512F.
             unsafe { lanes::softmax_columns::<super::simd::Avx512>(base, len, stride, columns) }
         }
+        /// # Safety
+        /// As for `softmax_columns_on`; the CPU has AVX2 and FMA.
         #[target_feature(enable = "avx2,fma")]
         unsafe fn avx2(base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>) {
             // SAFETY: the caller's contract; compiled with AVX2 and FMA.
@@ -414,11 +421,15 @@ dispatch!(
 pub unsafe fn bias_activation_tile(c: *mut f32, ldc: usize, width: usize, biases: &[f32], activation: Activation, residual: Option<(*const f32, usize)>) {
     #[cfg(target_arch = "x86_64")]
     {
+        /// # Safety
+        /// As for `bias_activation_tile`; the CPU has AVX-512F.
         #[target_feature(enable = "avx512f")]
         unsafe fn avx512(c: *mut f32, ldc: usize, width: usize, biases: &[f32], activation: Activation, residual: Option<(*const f32, usize)>) {
             // SAFETY: the caller's contract; compiled with AVX-512F.
             unsafe { lanes::bias_activation_tile::<super::simd::Avx512>(c, ldc, width, biases, activation, residual) }
         }
+        /// # Safety
+        /// As for `bias_activation_tile`; the CPU has AVX2 and FMA.
         #[target_feature(enable = "avx2,fma")]
         unsafe fn avx2(c: *mut f32, ldc: usize, width: usize, biases: &[f32], activation: Activation, residual: Option<(*const f32, usize)>) {
             // SAFETY: the caller's contract; compiled with AVX2 and FMA.

@@ -21,21 +21,48 @@ const BLOCK: usize = 64;
 /// at `item_offset(b) + i * row_stride + j * col_stride`, where `item_offset` walks the batch
 /// axes (`batch_dims`, row-major) with `batch_strides`. A transpose or an axis permutation of a
 /// contiguous tensor is such a view of its buffer, so operands are read where they lie.
+///
+/// Built by [`new`](Self::new), which checks that the strides agree with the axes and that the
+/// furthest element's offset fits in `usize`; the view is checked against a buffer when it
+/// becomes an [`Operand`] or an [`OutputView`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MatrixBatch {
-    pub offset: usize,
-    pub batch_dims: Vec<usize>,
-    pub batch_strides: Vec<usize>,
-    pub rows: usize,
-    pub cols: usize,
-    pub row_stride: usize,
-    pub col_stride: usize,
+    offset: usize,
+    batch_dims: Vec<usize>,
+    batch_strides: Vec<usize>,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+    /// One past the furthest element (0 when there is none), worked out once.
+    extent: usize,
 }
 
 impl MatrixBatch {
+    /// Items over `batch_dims` (row-major) at `batch_strides`, each `rows x cols` at
+    /// `(row_stride, col_stride)`, from `offset`; `None` when the batch axes and strides differ
+    /// in number or the furthest element's offset overflows.
+    pub fn new(offset: usize, batch_dims: Vec<usize>, batch_strides: Vec<usize>, (rows, cols): (usize, usize), (row_stride, col_stride): (usize, usize)) -> Option<Self> {
+        if batch_dims.len() != batch_strides.len() {
+            return None;
+        }
+        let empty = batch_dims.iter().chain([&rows, &cols]).any(|&d| d == 0);
+        let extent = if empty {
+            0
+        } else {
+            // The last element's offset, plus one.
+            let mut last = offset;
+            for (&dim, &stride) in batch_dims.iter().zip(&batch_strides).chain([(&rows, &row_stride), (&cols, &col_stride)]) {
+                last = last.checked_add((dim - 1).checked_mul(stride)?)?;
+            }
+            last.checked_add(1)?
+        };
+        Some(MatrixBatch { offset, batch_dims, batch_strides, rows, cols, row_stride, col_stride, extent })
+    }
+
     /// `batch` row-major `rows x cols` matrices, one after another.
     pub fn contiguous(batch: usize, rows: usize, cols: usize) -> Self {
-        MatrixBatch { offset: 0, batch_dims: vec![batch], batch_strides: vec![rows * cols], rows, cols, row_stride: cols, col_stride: 1 }
+        Self::new(0, vec![batch], vec![rows * cols], (rows, cols), (cols, 1)).expect("a contiguous batch fits in memory")
     }
 
     /// The same elements seen with rows and columns swapped.
@@ -45,6 +72,29 @@ impl MatrixBatch {
 
     pub fn items(&self) -> usize {
         self.batch_dims.iter().product()
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    #[cfg(test)]
+    pub fn row_stride(&self) -> usize {
+        self.row_stride
+    }
+
+    #[cfg(test)]
+    pub fn col_stride(&self) -> usize {
+        self.col_stride
+    }
+
+    #[cfg(test)]
+    pub fn batch_strides(&self) -> &[usize] {
+        &self.batch_strides
     }
 
     /// Where item `b`'s element `(0, 0)` lies.
@@ -59,11 +109,68 @@ impl MatrixBatch {
 
     /// One past the furthest element the view reaches (0 when it has none).
     pub fn extent(&self) -> usize {
-        if self.items() * self.rows * self.cols == 0 {
-            return 0;
+        self.extent
+    }
+
+    /// Whether no two elements of the view share an offset, by a sufficient test: the axes of
+    /// more than one element, sorted by stride, each step further than all the inner ones
+    /// reach together (`stride > sum of (size - 1) * stride` over the axes inside it). Then
+    /// two indices that differ first (from the outside) on an axis differ there by at least
+    /// its stride, which the inner axes cannot make up. The views of reshapes, permutations and
+    /// splits of a tensor pass; a zero stride, or two axes that overlap, fail.
+    pub fn is_injective(&self) -> bool {
+        if self.extent == 0 {
+            return true;
         }
-        let last_item: usize = self.batch_dims.iter().zip(&self.batch_strides).map(|(&d, &s)| (d - 1) * s).sum();
-        self.offset + last_item + (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride + 1
+        let mut axes: Vec<(usize, usize)> = self.batch_dims.iter().zip(&self.batch_strides).map(|(&d, &s)| (d, s)).chain([(self.rows, self.row_stride), (self.cols, self.col_stride)]).filter(|&(dim, _)| dim > 1).collect();
+        axes.sort_unstable_by_key(|&(_, stride)| stride);
+        // The inner axes' reach is at most the extent, which fits (checked in `new`).
+        let mut reach = 0;
+        for (dim, stride) in axes {
+            if stride <= reach {
+                return false;
+            }
+            reach += (dim - 1) * stride;
+        }
+        true
+    }
+}
+
+/// An attention operand read in place: a [`MatrixBatch`] checked, when it is made, to lie
+/// inside its buffer.
+#[derive(Debug, Clone)]
+pub struct Operand<'a> {
+    data: &'a [f32],
+    view: MatrixBatch,
+}
+
+impl<'a> Operand<'a> {
+    /// `None` when `view` reaches past the end of `data`.
+    pub fn new(data: &'a [f32], view: MatrixBatch) -> Option<Self> {
+        (view.extent() <= data.len()).then_some(Operand { data, view })
+    }
+
+    pub fn view(&self) -> &MatrixBatch {
+        &self.view
+    }
+}
+
+/// Where attention writes its result: a [`MatrixBatch`] whose columns are adjacent (a
+/// `col_stride` of one) and whose elements all lie at different offsets
+/// ([`MatrixBatch::is_injective`]), checked when it is made, so that the tasks that each write
+/// a part of it never write the same float. The output buffer is exactly
+/// [`extent`](MatrixBatch::extent) floats long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputView(MatrixBatch);
+
+impl OutputView {
+    /// `None` when columns are not adjacent or two elements share an offset.
+    pub fn new(view: MatrixBatch) -> Option<Self> {
+        (view.col_stride == 1 && view.is_injective()).then_some(OutputView(view))
+    }
+
+    pub fn view(&self) -> &MatrixBatch {
+        &self.0
     }
 }
 
@@ -91,9 +198,10 @@ pub struct AttentionLayout {
 /// [`packed_gemm::available`]; `keys` and `depth` must be positive.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, layout: AttentionLayout, alpha: f32) -> Vec<f32> {
     let isa = Isa::detect().expect("callers check `available()` first");
-    let views = contiguous_views(shape, layout);
-    let out = MatrixBatch::contiguous(shape.batch, shape.channels, shape.queries);
-    attention_on(isa, (q, &views[0]), (k, &views[1]), (v, &views[2]), alpha, &out)
+    let [qv, kv, vv] = contiguous_views(shape, layout);
+    let operand = |data, view| Operand::new(data, view).expect("an operand shorter than its shape");
+    let out = OutputView::new(MatrixBatch::contiguous(shape.batch, shape.channels, shape.queries)).expect("a contiguous view is injective");
+    attention_on(isa, operand(q, qv), operand(k, kv), operand(v, vv), alpha, &out)
 }
 
 /// The views of contiguous operands stored as `layout` says.
@@ -107,25 +215,28 @@ fn contiguous_views(shape: AttentionShape, layout: AttentionLayout) -> [MatrixBa
 
 /// Attention over operands read in place through their views (`Q`: `queries x depth`, `K`:
 /// `depth x keys`, `V`: `channels x keys`, with the same number of items), written through
-/// `out` (`channels x queries` per item, queries adjacent: `col_stride` 1) into a new buffer of
-/// `out.extent()` floats; `out` must be a rearrangement of that whole buffer, as a chain of
+/// `out` (`channels x queries` per item) into a new buffer of `out`'s extent, which must be the
+/// number of elements: `out` is then a rearrangement of that whole buffer, as a chain of
 /// reshapes and permutations of a tensor is. Needs [`packed_gemm::available`]; `keys` and
 /// `depth` must be positive.
-pub fn attention_strided(q: (&[f32], &MatrixBatch), k: (&[f32], &MatrixBatch), v: (&[f32], &MatrixBatch), alpha: f32, out: &MatrixBatch) -> Vec<f32> {
+pub fn attention_strided(q: Operand, k: Operand, v: Operand, alpha: f32, out: &OutputView) -> Vec<f32> {
     let isa = Isa::detect().expect("callers check `available()` first");
     attention_on(isa, q, k, v, alpha, out)
 }
 
-fn attention_on(isa: Isa, (q, qv): (&[f32], &MatrixBatch), (k, kv): (&[f32], &MatrixBatch), (v, vv): (&[f32], &MatrixBatch), alpha: f32, ov: &MatrixBatch) -> Vec<f32> {
+fn attention_on(isa: Isa, q: Operand, k: Operand, v: Operand, alpha: f32, out: &OutputView) -> Vec<f32> {
+    // The views lie inside their buffers (`Operand`) and the output's elements at different
+    // offsets (`OutputView`): checked when they were made. What is left is that they agree.
+    let (qv, kv, vv, ov) = (q.view(), k.view(), v.view(), out.view());
+    let (k, v) = (k.data, v.data);
     let (batch, queries, depth, keys, channels) = (qv.items(), qv.rows, qv.cols, kv.cols, vv.rows);
     assert!(isa.supported() && keys > 0 && depth > 0);
     if batch * queries * channels == 0 {
         return vec![0.0; ov.extent()];
     }
     assert!(kv.items() == batch && vv.items() == batch && kv.rows == depth && vv.cols == keys, "attention operands disagree");
-    assert!(qv.extent() <= q.len() && kv.extent() <= k.len() && vv.extent() <= v.len(), "a view reaches past its buffer");
     let total = batch * channels * queries;
-    assert!(ov.items() == batch && ov.rows == channels && ov.cols == queries && ov.col_stride == 1 && ov.extent() == total, "the output view does not fit");
+    assert!(ov.items() == batch && ov.rows == channels && ov.cols == queries && ov.extent() == total, "the output view does not fit");
     // Per item, once: `alpha K^T` (`keys x depth`) and `V` as left operands.
     let operands: Vec<(PackedA, PackedA)> = (0..batch)
         .into_par_iter()
@@ -149,7 +260,7 @@ fn attention_on(isa: Isa, (q, qv): (&[f32], &MatrixBatch), (k, kv): (&[f32], &Ma
         SCRATCH.with_borrow_mut(|(queries_packed, scores)| {
             let (b, i0) = (task / blocks, task % blocks * BLOCK);
             let rows = BLOCK.min(queries - i0);
-            pack_query_block(isa, q, qv, b, i0, rows, queries_packed);
+            pack_query_block(isa, &q, b, i0, rows, queries_packed);
             // Zeroed once, when it grows: the product below reads whole panels of each row of
             // scores, columns past `rows` included, so every float must be initialised.
             if scores.len() < keys * BLOCK + packed_gemm::MAX_NR {
@@ -160,8 +271,9 @@ fn attention_on(isa: Isa, (q, qv): (&[f32], &MatrixBatch), (k, kv): (&[f32], &Ma
             // rows `BLOCK` apart inside `scores`. The weights' rows `kk * BLOCK` hold `BLOCK`
             // initialised floats each, a multiple of the panel width, so the panels read
             // stay inside `scores`. This task alone writes columns `i0..i0 + rows` of rows
-            // `0..channels` of item `b` of the output view, which lies inside `out` (its
-            // extent is `total`, asserted above).
+            // `0..channels` of item `b` of the output view: the view is injective
+            // (`OutputView`), so no other task's elements share an offset with these, and it
+            // lies inside `out` (its extent is `total`, asserted above).
             unsafe {
                 packed_gemm::gemm(keys_t, 0..keys, queries_packed, rows, scores.as_mut_ptr(), BLOCK, None);
                 activation::softmax_columns_block(&mut scores[..keys * BLOCK], keys, BLOCK, 0..rows);
@@ -179,15 +291,17 @@ thread_local! {
 }
 
 /// Packs `Q_block^T` (`depth x rows`: queries `i0..i0 + rows` of item `b`) as a right operand.
-fn pack_query_block(isa: Isa, q: &[f32], qv: &MatrixBatch, b: usize, i0: usize, rows: usize, out: &mut PackedB) {
+fn pack_query_block(isa: Isa, q: &Operand, b: usize, i0: usize, rows: usize, out: &mut PackedB) {
+    let (data, qv) = (q.data, q.view());
+    assert!(b < qv.items() && i0 + rows <= qv.rows, "queries past the operand");
     let first = qv.item_offset(b) + i0 * qv.row_stride;
     if qv.row_stride == 1 {
         // Each depth's queries are consecutive: rows of `Q^T` in place.
-        // SAFETY: `qv.extent() <= q.len()` (checked by the caller), so `depth` rows of `rows`
-        // floats, `col_stride` apart, from `first` lie inside `q`.
-        unsafe { packed_gemm::pack_b(isa, q[first..].as_ptr(), qv.col_stride, qv.cols, rows, out) };
+        // SAFETY: the view lies inside `data` (an `Operand`), and these `depth` rows of `rows`
+        // floats, `col_stride` apart from `first`, are elements of it (asserted just above).
+        unsafe { packed_gemm::pack_b(isa, data[first..].as_ptr(), qv.col_stride, qv.cols, rows, out) };
     } else {
-        let gathered: Vec<f32> = (0..qv.cols).flat_map(|d| (0..rows).map(move |i| q[first + i * qv.row_stride + d * qv.col_stride])).collect();
+        let gathered: Vec<f32> = (0..qv.cols).flat_map(|d| (0..rows).map(move |i| data[first + i * qv.row_stride + d * qv.col_stride])).collect();
         // SAFETY: `gathered` is `depth x rows` row-major.
         unsafe { packed_gemm::pack_b(isa, gathered.as_ptr(), rows, qv.cols, rows, out) };
     }
@@ -255,9 +369,10 @@ mod tests {
                     let k_in = if kt { transpose(&k, depth, keys) } else { k.clone() };
                     let v_in = if vt { transpose(&v, channels, keys) } else { v.clone() };
                     let layout = AttentionLayout { q_transposed: qt, k_transposed: kt, v_transposed: vt };
-                    let views = contiguous_views(shape, layout);
-                    let out = MatrixBatch::contiguous(batch, channels, queries);
-                    let got = attention_on(isa, (&q_in, &views[0]), (&k_in, &views[1]), (&v_in, &views[2]), alpha, &out);
+                    let [qv, kv, vv] = contiguous_views(shape, layout);
+                    let out = OutputView::new(MatrixBatch::contiguous(batch, channels, queries)).unwrap();
+                    let (q_op, k_op, v_op) = (Operand::new(&q_in, qv).unwrap(), Operand::new(&k_in, kv).unwrap(), Operand::new(&v_in, vv).unwrap());
+                    let got = attention_on(isa, q_op, k_op, v_op, alpha, &out);
                     check(&got, &want, &format!("{isa:?} {shape:?} {layout:?}"));
                 }
             }
@@ -272,15 +387,7 @@ mod tests {
         let (areas, heads, tokens, depth) = (2, 2, 70, 8);
         let pixels = areas * tokens;
         let qkv = matrix(heads * 3 * depth * pixels, 7, 23);
-        let part = |p: usize| MatrixBatch {
-            offset: p * depth * pixels,
-            batch_dims: vec![areas, heads],
-            batch_strides: vec![tokens, 3 * depth * pixels],
-            rows: depth,
-            cols: tokens,
-            row_stride: pixels,
-            col_stride: 1,
-        };
+        let part = |p: usize| MatrixBatch::new(p * depth * pixels, vec![areas, heads], vec![tokens, 3 * depth * pixels], (depth, tokens), (pixels, 1)).unwrap();
         let (qv, kv, vv) = (part(0).transposed(), part(1), part(2));
         let gather = |view: &MatrixBatch| -> Vec<f32> {
             (0..view.items())
@@ -292,15 +399,68 @@ mod tests {
         let want = reference(&gather(&qv), &gather(&kv), &gather(&vv), shape, 0.5);
         // The output goes back to the channel-major layout: item (area, head), channel d
         // lands in row `head * depth + d`, column `area * tokens + t`.
-        let out = MatrixBatch { offset: 0, batch_dims: vec![areas, heads], batch_strides: vec![tokens, depth * pixels], rows: depth, cols: tokens, row_stride: pixels, col_stride: 1 };
+        let out = MatrixBatch::new(0, vec![areas, heads], vec![tokens, depth * pixels], (depth, tokens), (pixels, 1)).unwrap();
         let mut want_placed = vec![0.0; heads * depth * pixels];
         for (i, w) in want.iter().enumerate() {
             let (b, d, t) = (i / (depth * tokens), i / tokens % depth, i % tokens);
             want_placed[out.item_offset(b) + d * pixels + t] = *w;
         }
         for isa in supported() {
-            let got = attention_on(isa, (&qkv, &qv), (&qkv, &kv), (&qkv, &vv), 0.5, &out);
+            let operand = |view: &MatrixBatch| Operand::new(&qkv, view.clone()).unwrap();
+            let got = attention_on(isa, operand(&qv), operand(&kv), operand(&vv), 0.5, &OutputView::new(out.clone()).unwrap());
             check(&got, &want_placed, &format!("{isa:?} strided"));
         }
+    }
+
+    #[test]
+    fn an_output_view_that_writes_a_float_twice_is_refused() {
+        // Two items of 3 x 8 written over one another: a zero batch stride. Its extent is
+        // 24, not the 48 elements, but a wrong state must not be buildable at all.
+        let zero_batch = MatrixBatch::new(0, vec![2], vec![0], (3, 8), (8, 1)).unwrap();
+        assert!(!zero_batch.is_injective());
+        assert_eq!(OutputView::new(zero_batch), None);
+        // Items that overlap each other's rows.
+        let overlapping = MatrixBatch::new(0, vec![2], vec![4], (3, 8), (12, 1)).unwrap();
+        assert_eq!(OutputView::new(overlapping), None);
+        // As many elements as the buffer it spans (2 x 2 x 2 = 8 = its extent), so the old
+        // extent check passed it, yet item 1's row 0 (offsets 3, 4) is item 0's row 1.
+        let exact_size_overlap = MatrixBatch::new(0, vec![2], vec![3], (2, 2), (3, 1)).unwrap();
+        assert_eq!((exact_size_overlap.extent(), exact_size_overlap.items() * 2 * 2), (8, 8));
+        assert_eq!(OutputView::new(exact_size_overlap), None);
+        // Rows that are not adjacent in a row's direction, or a row stride of zero, are refused
+        // too; the layouts the engine writes (contiguous, heads interleaved) pass.
+        assert_eq!(OutputView::new(MatrixBatch::contiguous(2, 3, 8).transposed()), None);
+        assert_eq!(OutputView::new(MatrixBatch::new(0, vec![2], vec![24], (3, 8), (0, 1)).unwrap()), None);
+        assert!(OutputView::new(MatrixBatch::contiguous(2, 3, 8)).is_some());
+        let (areas, heads, tokens, depth) = (2, 2, 70, 8);
+        let interleaved = MatrixBatch::new(0, vec![areas, heads], vec![tokens, depth * areas * tokens], (depth, tokens), (areas * tokens, 1)).unwrap();
+        assert!(OutputView::new(interleaved).is_some());
+    }
+
+    #[test]
+    fn views_are_checked_against_their_buffers_when_made() {
+        let view = MatrixBatch::contiguous(2, 3, 4);
+        assert!(Operand::new(&[0.0; 24], view.clone()).is_some());
+        assert!(Operand::new(&[0.0; 23], view.clone()).is_none());
+        // Axes and strides that differ in number, and offsets past `usize`, are not views.
+        assert_eq!(MatrixBatch::new(0, vec![2, 2], vec![12], (3, 4), (4, 1)), None);
+        assert_eq!(MatrixBatch::new(0, vec![2], vec![usize::MAX - 4], (3, 4), (4, 1)), None);
+        assert_eq!(MatrixBatch::new(0, vec![3], vec![usize::MAX / 2], (3, 4), (4, 1)), None);
+        assert_eq!(MatrixBatch::new(usize::MAX, vec![1], vec![0], (1, 1), (0, 0)), None);
+        // An empty view reaches nothing, whatever its strides.
+        assert_eq!(MatrixBatch::new(7, vec![0], vec![usize::MAX], (3, 4), (4, 1)).map(|m| m.extent()), Some(0));
+    }
+
+    #[test]
+    #[should_panic(expected = "the output view does not fit")]
+    fn an_output_view_smaller_than_the_result_is_refused() {
+        let Some(&isa) = supported().first() else { panic!("the output view does not fit (no microkernel to run)") };
+        let shape = AttentionShape { batch: 2, queries: 8, keys: 5, depth: 4, channels: 3 };
+        let layout = AttentionLayout { q_transposed: false, k_transposed: false, v_transposed: false };
+        let data = matrix(2 * 8 * 5 * 4, 7, 13);
+        let [qv, kv, vv] = contiguous_views(shape, layout);
+        // One item's worth of output for two items.
+        let out = OutputView::new(MatrixBatch::contiguous(1, 3, 8)).unwrap();
+        attention_on(isa, Operand::new(&data, qv).unwrap(), Operand::new(&data, kv).unwrap(), Operand::new(&data, vv).unwrap(), 1.0, &out);
     }
 }

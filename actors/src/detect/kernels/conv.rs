@@ -22,9 +22,9 @@ use super::activation::{Activation, bias_activation, bias_activation_tile};
 use super::SendPtr;
 use super::packed_gemm::{self, Isa, PackedA, PackedB};
 
-/// A convolution's fixed parameters and weights, laid out once at load time.
-#[derive(Debug, Clone)]
-pub struct Conv2d {
+/// A convolution's shape: everything but its weights. Plain data; [`Conv2d::new`] checks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
     pub in_channels: usize,
     pub out_channels: usize,
     pub groups: usize,
@@ -33,13 +33,31 @@ pub struct Conv2d {
     pub dilation: (usize, usize),
     /// Padding (top, left, bottom, right).
     pub pads: (usize, usize, usize, usize),
-    /// `[out_channels][in_channels / groups * kh * kw]`, ONNX's OIHW order.
-    pub weights: Vec<f32>,
-    /// One per output channel (zeros when the model has none).
-    pub bias: Vec<f32>,
     pub activation: Activation,
+}
+
+/// Why [`Conv2d::new`] or [`Conv2d::with_weights_packed_for`] refused a convolution.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvError {
+    #[error("{0}")]
+    Shape(String),
+    #[error("this CPU cannot run the {0:?} microkernel")]
+    UnsupportedIsa(Isa),
+}
+
+/// A convolution's fixed parameters and weights, laid out once at load time. Built only by
+/// [`Conv2d::new`], which checks that the shape and the weights agree, and packed only for a
+/// microkernel this CPU runs: the `unsafe` code of [`run`](Self::run) relies on both.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    spec: ConvSpec,
+    /// `[out_channels][in_channels / groups * kh * kw]`, ONNX's OIHW order.
+    weights: Vec<f32>,
+    /// One per output channel (zeros when the model has none).
+    bias: Vec<f32>,
     /// The weights of each group packed for the microkernel (empty when the CPU lacks it).
-    pub packed: Vec<PackedA>,
+    /// Every panel's [`Isa`] is supported: `PackedA` checks it when it packs.
+    packed: Vec<PackedA>,
 }
 
 /// Output pixels per tile: a tile's column matrix (`K x TILE` floats) should fit in L2.
@@ -118,51 +136,112 @@ impl<'a> ConvInput<'a> {
 }
 
 impl Conv2d {
-    /// Packs the weights for the microkernel, once, when this CPU can run it.
+    /// A convolution of `spec` with `weights` (`[out_channels][in_channels / groups][kh][kw]`)
+    /// and `bias` (one per output channel), on the portable path until it is packed
+    /// ([`with_packed_weights`](Self::with_packed_weights)). Refuses a shape that the kernels
+    /// cannot run: a zero size, stride or dilation, channels that the groups do not divide, or
+    /// weights and biases of the wrong length.
+    pub fn new(spec: ConvSpec, weights: Vec<f32>, bias: Vec<f32>) -> Result<Self, ConvError> {
+        let ConvSpec { in_channels, out_channels, groups, kernel: (kh, kw), stride, dilation, pads: (pt, pl, pb, pr), .. } = spec;
+        let bad = |what: String| Err(ConvError::Shape(what));
+        if [in_channels, out_channels, groups, kh, kw].contains(&0) {
+            return bad(format!("a zero size in {spec:?}"));
+        }
+        if stride.0 == 0 || stride.1 == 0 || dilation.0 == 0 || dilation.1 == 0 {
+            return bad(format!("a zero stride or dilation in {spec:?}"));
+        }
+        if in_channels % groups != 0 || out_channels % groups != 0 {
+            return bad(format!("{groups} groups do not divide {in_channels} input and {out_channels} output channels"));
+        }
+        // Every size the kernels compute from the shape fits in `usize`.
+        let weights_len = (in_channels / groups).checked_mul(kh).and_then(|k| k.checked_mul(kw)).and_then(|k| k.checked_mul(out_channels));
+        let spans = [(dilation.0, kh, pt, pb), (dilation.1, kw, pl, pr)].map(|(d, k, a, b)| d.checked_mul(k - 1).and_then(|s| s.checked_add(a)).and_then(|s| s.checked_add(b)));
+        if spans.contains(&None) {
+            return bad(format!("the kernel's span overflows in {spec:?}"));
+        }
+        if weights_len != Some(weights.len()) {
+            return bad(format!("{} weights for {spec:?}", weights.len()));
+        }
+        if bias.len() != out_channels {
+            return bad(format!("{} biases for {out_channels} output channels", bias.len()));
+        }
+        Ok(Conv2d { spec, weights, bias, packed: Vec::new() })
+    }
+
+    pub fn spec(&self) -> &ConvSpec {
+        &self.spec
+    }
+
+    /// `[out_channels][in_channels / groups * kh * kw]`, ONNX's OIHW order.
+    pub fn weights(&self) -> &[f32] {
+        &self.weights
+    }
+
+    /// One per output channel.
+    pub fn bias(&self) -> &[f32] {
+        &self.bias
+    }
+
+    /// The microkernel the weights are packed for; `None` on the portable path.
+    pub fn isa(&self) -> Option<Isa> {
+        self.packed.first().map(PackedA::isa)
+    }
+
+    /// Packs the weights for the best microkernel this CPU runs, once; unchanged (portable)
+    /// when it runs none, and for depthwise convolutions (which have their own kernel).
     pub fn with_packed_weights(self) -> Self {
         match Isa::detect() {
-            Some(isa) if !self.is_depthwise() => self.with_weights_packed_for(isa),
-            _ => self,
+            Some(isa) => self.with_weights_packed_for(isa).expect("`Isa::detect` returns a supported microkernel"),
+            None => self,
         }
     }
 
-    /// Packs the weights for `isa`'s microkernel (which must be supported).
-    pub fn with_weights_packed_for(mut self, isa: Isa) -> Self {
-        let m_g = self.out_channels / self.groups;
-        let k = self.in_channels / self.groups * self.kernel.0 * self.kernel.1;
-        self.packed = (0..self.groups).map(|g| PackedA::new(isa, &self.weights[g * m_g * k..][..m_g * k], m_g, k)).collect();
+    /// Packs the weights for `isa`'s microkernel; an error when this CPU cannot run it.
+    /// A depthwise convolution is returned unpacked (it has its own kernel).
+    pub fn with_weights_packed_for(self, isa: Isa) -> Result<Self, ConvError> {
+        if !isa.supported() {
+            return Err(ConvError::UnsupportedIsa(isa));
+        }
+        Ok(if self.is_depthwise() { self } else { self.pack_for(isa) })
+    }
+
+    /// Packs for `isa`, which is supported (`PackedA::new` asserts it again).
+    fn pack_for(mut self, isa: Isa) -> Self {
+        let m_g = self.spec.out_channels / self.spec.groups;
+        let k = self.spec.in_channels / self.spec.groups * self.spec.kernel.0 * self.spec.kernel.1;
+        self.packed = (0..self.spec.groups).map(|g| PackedA::new(isa, &self.weights[g * m_g * k..][..m_g * k], m_g, k)).collect();
         self
     }
 
     pub fn output_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
-        let (kh, kw) = self.kernel;
-        let span_h = self.dilation.0 * (kh - 1) + 1;
-        let span_w = self.dilation.1 * (kw - 1) + 1;
-        let ph = h + self.pads.0 + self.pads.2;
-        let pw = w + self.pads.1 + self.pads.3;
+        let (kh, kw) = self.spec.kernel;
+        let span_h = self.spec.dilation.0 * (kh - 1) + 1;
+        let span_w = self.spec.dilation.1 * (kw - 1) + 1;
+        let ph = h + self.spec.pads.0 + self.spec.pads.2;
+        let pw = w + self.spec.pads.1 + self.spec.pads.3;
         if ph < span_h || pw < span_w {
             return None;
         }
-        Some(((ph - span_h) / self.stride.0 + 1, (pw - span_w) / self.stride.1 + 1))
+        Some(((ph - span_h) / self.spec.stride.0 + 1, (pw - span_w) / self.spec.stride.1 + 1))
     }
 
     /// Output channels per microkernel panel (1 on the portable path, which has no panels).
     fn panel_rows(&self) -> usize {
-        self.packed.first().map_or(1, |p| p.isa().mr())
+        self.isa().map_or(1, Isa::mr)
     }
 
     /// The microkernel's epilogue for output channels `channels`: their biases, the activation
     /// and the residual's first element and row stride, if any.
     fn epilogue(&self, channels: std::ops::Range<usize>, residual: Option<(*const f32, usize)>) -> packed_gemm::Epilogue<'_> {
-        packed_gemm::Epilogue { bias: &self.bias[channels], silu: self.activation == Activation::Silu, residual }
+        packed_gemm::Epilogue { bias: &self.bias[channels], silu: self.spec.activation == Activation::Silu, residual }
     }
 
     fn is_pointwise(&self) -> bool {
-        self.kernel == (1, 1) && self.stride == (1, 1) && self.pads == (0, 0, 0, 0)
+        self.spec.kernel == (1, 1) && self.spec.stride == (1, 1) && self.spec.pads == (0, 0, 0, 0)
     }
 
     fn is_depthwise(&self) -> bool {
-        self.groups == self.in_channels && self.groups == self.out_channels && self.groups > 1
+        self.spec.groups == self.spec.in_channels && self.spec.groups == self.spec.out_channels && self.spec.groups > 1
     }
 
     /// Runs the convolution on `input` (`[n][in_channels][h][w]`) and returns the output
@@ -170,16 +249,16 @@ impl Conv2d {
     /// A `residual` of the output's shape is added last (after the activation), in the same
     /// pass: a network's skip connection costs no extra trip through memory.
     pub fn run(&self, input: &[f32], n: usize, h: usize, w: usize, residual: Option<&[f32]>) -> Vec<f32> {
-        assert_eq!(input.len(), n * self.in_channels * h * w, "input length");
-        self.run_input(&ConvInput::contiguous(input, n, self.in_channels, h, w), residual)
+        assert_eq!(input.len(), n * self.spec.in_channels * h * w, "input length");
+        self.run_input(&ConvInput::contiguous(input, n, self.spec.in_channels, h, w), residual)
     }
 
     /// Like [`run`](Self::run), on an input made of parts.
     pub fn run_input(&self, input: &ConvInput, residual: Option<&[f32]>) -> Vec<f32> {
         let (n, h, w) = (input.n, input.h, input.w);
         let (oh, ow) = self.output_size(h, w).expect("caller checked the output size");
-        let len = n * self.out_channels * oh * ow;
-        assert_eq!(input.channels(), self.in_channels, "input channels");
+        let len = n * self.spec.out_channels * oh * ow;
+        assert_eq!(input.channels(), self.spec.in_channels, "input channels");
         if let Some(residual) = residual {
             assert_eq!(residual.len(), len, "residual length");
         }
@@ -196,7 +275,7 @@ impl Conv2d {
         } else {
             // The portable path reads its input as one buffer.
             let whole = input.to_contiguous();
-            self.run_gemm(&ConvInput::contiguous(&whole, n, self.in_channels, h, w), oh, ow, residual, spare);
+            self.run_gemm(&ConvInput::contiguous(&whole, n, self.spec.in_channels, h, w), oh, ow, residual, spare);
         }
         // SAFETY: every path initialises all `len` elements (the GEMM tiles cover every output
         // channel and pixel; the depthwise planes are zeroed, then accumulated).
@@ -207,10 +286,10 @@ impl Conv2d {
     #[allow(clippy::too_many_arguments)]
     fn run_gemm(&self, input: &ConvInput, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let (n, h, w) = (input.n, input.h, input.w);
-        let g = self.groups;
-        let cin_g = self.in_channels / g;
-        let m_g = self.out_channels / g;
-        let (kh, kw) = self.kernel;
+        let g = self.spec.groups;
+        let cin_g = self.spec.in_channels / g;
+        let m_g = self.spec.out_channels / g;
+        let (kh, kw) = self.spec.kernel;
         let k = cin_g * kh * kw;
         let pixels = oh * ow;
         let threads = rayon::current_num_threads();
@@ -255,7 +334,7 @@ impl Conv2d {
             // or channel block) and inside `out`, whose length `run` checked. `rhs` covers
             // `k x width` elements with row stride `rhs_rs`.
             unsafe {
-                let first = (batch * self.out_channels + channel0) * pixels + p0;
+                let first = (batch * self.spec.out_channels + channel0) * pixels + p0;
                 let dst = out_ptr.get().add(first);
                 let residual = residual.map(|r| (r[first..].as_ptr(), pixels));
                 if let Some(packed) = packed {
@@ -294,7 +373,7 @@ impl Conv2d {
                         false, false, false,
                         gemm::Parallelism::None,
                     );
-                    bias_activation_tile(dst, pixels, width, &self.bias[channel0..channel0 + rows], self.activation, residual);
+                    bias_activation_tile(dst, pixels, width, &self.bias[channel0..channel0 + rows], self.spec.activation, residual);
                 }
             }
         }));
@@ -308,25 +387,25 @@ impl Conv2d {
     #[allow(clippy::too_many_arguments)]
     fn run_direct(&self, input: &ConvInput, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let (n, h, w) = (input.n, input.h, input.w);
-        let g = self.groups;
-        let cin_g = self.in_channels / g;
-        let m_g = self.out_channels / g;
-        let (kh, kw) = self.kernel;
-        let (dh, dw) = self.dilation;
-        let (sh, sw) = self.stride;
-        let (pt, pl, pb, pr) = self.pads;
+        let g = self.spec.groups;
+        let cin_g = self.spec.in_channels / g;
+        let m_g = self.spec.out_channels / g;
+        let (kh, kw) = self.spec.kernel;
+        let (dh, dw) = self.spec.dilation;
+        let (sh, sw) = self.spec.stride;
+        let (pt, pl, pb, pr) = self.spec.pads;
         // Each channel becomes `sh * sw` phase planes of `hp x wp`.
         let (hp, wp) = ((h + pt + pb).div_ceil(sh), (w + pl + pr).div_ceil(sw));
         let plane = hp * wp;
         let channel_len = sh * sw * plane;
         // The last tile of a row reads up to `nr - 1` columns past it: slack after the last plane.
-        let planes_len = n * self.in_channels * channel_len;
+        let planes_len = n * self.spec.in_channels * channel_len;
         let mut padded: Vec<f32> = Vec::with_capacity(planes_len + packed_gemm::MAX_NR);
         zeroed(&mut padded.spare_capacity_mut()[planes_len..planes_len + packed_gemm::MAX_NR]);
-        let isa = self.packed.first().map(|p| p.isa());
+        let isa = self.isa();
         let layout = PhaseLayout { h, w, pt, pl, sh, sw, plane, hp, wp };
         padded.spare_capacity_mut()[..planes_len].par_chunks_mut(channel_len).enumerate().for_each(|(index, dst)| {
-            let src = input.plane(index / self.in_channels, index % self.in_channels);
+            let src = input.plane(index / self.spec.in_channels, index % self.spec.in_channels);
             // Only the padding is zeroed (the pixels are written next), here rather than by the
             // allocator: in parallel, and just before the copy.
             zero_phase_padding(dst, &layout);
@@ -371,7 +450,7 @@ impl Conv2d {
             let m0 = mb * m_block;
             let rows = m_block.min(m_g - m0);
             let channel0 = group * m_g + m0;
-            let image = &padded[(batch * self.in_channels + group * cin_g) * channel_len..];
+            let image = &padded[(batch * self.spec.in_channels + group * cin_g) * channel_len..];
             let task_rows = row_task * rows_per_task..((row_task + 1) * rows_per_task).min(oh);
             let packed = &self.packed[group];
             if ow % packed.isa().nr() != 0 || rows_share_cache_sets(pixels) {
@@ -383,7 +462,7 @@ impl Conv2d {
                 return;
             }
             for oy in task_rows {
-                let first = (batch * self.out_channels + channel0) * pixels + oy * ow;
+                let first = (batch * self.spec.out_channels + channel0) * pixels + oy * ow;
                 // SAFETY: this task writes rows `channel0..channel0+rows` of output row `oy` of
                 // image `batch` — a region no other task writes — inside `out`. Each patch row
                 // starts at `image[oy * wp + offsets[kk]]` and the kernel reads at most
@@ -417,7 +496,7 @@ impl Conv2d {
         const COLUMNS: usize = 1024;
         let pixels = oh * ow;
         let packed = &self.packed[group];
-        let channel0 = group * (self.out_channels / self.groups) + channels.start;
+        let channel0 = group * (self.spec.out_channels / self.spec.groups) + channels.start;
         let rows = channels.len();
         let per_product = (COLUMNS / wp).max(1);
         let epilogue = self.epilogue(channel0..channel0 + rows, None);
@@ -436,7 +515,7 @@ impl Conv2d {
                 unsafe { packed_gemm::gemm_offsets(packed, channels.clone(), image.as_ptr().add(oy0 * wp), offsets, width, scratch.as_mut_ptr(), width, Some(&epilogue)) };
                 for r in 0..rows {
                     for oy in oy0..oy1 {
-                        let first = (batch * self.out_channels + channel0 + r) * pixels + oy * ow;
+                        let first = (batch * self.spec.out_channels + channel0 + r) * pixels + oy * ow;
                         // SAFETY: row `oy` of output channel `channel0 + r`: this task's alone.
                         let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(first), ow) };
                         dst.copy_from_slice(&scratch[r * width + (oy - oy0) * wp..][..ow]);
@@ -455,10 +534,10 @@ impl Conv2d {
     /// input channel.
     #[allow(clippy::too_many_arguments)]
     fn im2col_row(&self, plane: &[f32], h: usize, w: usize, ow: usize, p0: usize, kk: usize, dst: &mut [f32]) {
-        let (kh, kw) = self.kernel;
-        let (sh, sw) = self.stride;
-        let (dh, dw) = self.dilation;
-        let (pt, pl) = (self.pads.0 as isize, self.pads.1 as isize);
+        let (kh, kw) = self.spec.kernel;
+        let (sh, sw) = self.spec.stride;
+        let (dh, dw) = self.spec.dilation;
+        let (pt, pl) = (self.spec.pads.0 as isize, self.spec.pads.1 as isize);
         let (ky, kx) = (kk / kw % kh, kk % kw);
         let width = dst.len();
         let mut p = p0;
@@ -496,7 +575,7 @@ impl Conv2d {
 
     #[allow(clippy::too_many_arguments)]
     fn run_depthwise(&self, input: &[f32], h: usize, w: usize, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
-        let channels = self.out_channels;
+        let channels = self.spec.out_channels;
         let isa = Isa::detect();
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane_index, dst)| {
             let dst = zeroed(dst);
@@ -661,12 +740,12 @@ fn depthwise_plane_avx512(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usi
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn depthwise_plane(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
-    if conv.stride == (1, 1) && conv.dilation == (1, 1) {
+    if conv.spec.stride == (1, 1) && conv.spec.dilation == (1, 1) {
         depthwise_plane_flat(conv, c, src, h, w, oh, ow, dst);
     } else {
         depthwise_plane_rows(conv, c, src, h, w, oh, ow, dst);
     }
-    bias_activation(dst, conv.bias[c], conv.activation);
+    bias_activation(dst, conv.bias[c], conv.spec.activation);
 }
 
 /// A stride-1 depthwise convolution of one channel as one long multiply-add per tap. The plane
@@ -678,8 +757,8 @@ fn depthwise_plane(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh:
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn depthwise_plane_flat(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
-    let (kh, kw) = conv.kernel;
-    let (pt, pl, pb, pr) = conv.pads;
+    let (kh, kw) = conv.spec.kernel;
+    let (pt, pl, pb, pr) = conv.spec.pads;
     let (hp, wp) = (h + pt + pb, w + pl + pr);
     let weights = &conv.weights[c * kh * kw..][..kh * kw];
     let mut padded = vec![0.0f32; hp * wp];
@@ -707,10 +786,10 @@ fn depthwise_plane_flat(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn depthwise_plane_rows(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
-    let (kh, kw) = conv.kernel;
-    let (sh, sw) = conv.stride;
-    let (dh, dw) = conv.dilation;
-    let (pt, pl) = (conv.pads.0 as isize, conv.pads.1 as isize);
+    let (kh, kw) = conv.spec.kernel;
+    let (sh, sw) = conv.spec.stride;
+    let (dh, dw) = conv.spec.dilation;
+    let (pt, pl) = (conv.spec.pads.0 as isize, conv.spec.pads.1 as isize);
     let weights = &conv.weights[c * kh * kw..][..kh * kw];
     for ky in 0..kh {
         for kx in 0..kw {
@@ -752,12 +831,12 @@ mod tests {
     /// The definition, one output at a time.
     fn reference(conv: &Conv2d, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
         let (oh, ow) = conv.output_size(h, w).unwrap();
-        let cin_g = conv.in_channels / conv.groups;
-        let m_g = conv.out_channels / conv.groups;
-        let (kh, kw) = conv.kernel;
-        let mut out = vec![0.0; n * conv.out_channels * oh * ow];
+        let cin_g = conv.spec.in_channels / conv.spec.groups;
+        let m_g = conv.spec.out_channels / conv.spec.groups;
+        let (kh, kw) = conv.spec.kernel;
+        let mut out = vec![0.0; n * conv.spec.out_channels * oh * ow];
         for b in 0..n {
-            for co in 0..conv.out_channels {
+            for co in 0..conv.spec.out_channels {
                 let g = co / m_g;
                 for oy in 0..oh {
                     for ox in 0..ow {
@@ -765,19 +844,19 @@ mod tests {
                         for ci in 0..cin_g {
                             for ky in 0..kh {
                                 for kx in 0..kw {
-                                    let iy = (oy * conv.stride.0 + ky * conv.dilation.0) as isize - conv.pads.0 as isize;
-                                    let ix = (ox * conv.stride.1 + kx * conv.dilation.1) as isize - conv.pads.1 as isize;
+                                    let iy = (oy * conv.spec.stride.0 + ky * conv.spec.dilation.0) as isize - conv.spec.pads.0 as isize;
+                                    let ix = (ox * conv.spec.stride.1 + kx * conv.spec.dilation.1) as isize - conv.spec.pads.1 as isize;
                                     if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
                                         continue;
                                     }
-                                    let x = input[((b * conv.in_channels + g * cin_g + ci) * h + iy as usize) * w + ix as usize];
+                                    let x = input[((b * conv.spec.in_channels + g * cin_g + ci) * h + iy as usize) * w + ix as usize];
                                     let wt = conv.weights[((co * cin_g + ci) * kh + ky) * kw + kx];
                                     acc += (x * wt) as f64;
                                 }
                             }
                         }
                         let v = acc as f32;
-                        out[((b * conv.out_channels + co) * oh + oy) * ow + ox] = match conv.activation {
+                        out[((b * conv.spec.out_channels + co) * oh + oy) * ow + ox] = match conv.spec.activation {
                             Activation::Identity => v,
                             Activation::Silu => v / (1.0 + (-v).exp()),
                         };
@@ -803,7 +882,7 @@ mod tests {
     /// A square convolution with SiLU and test weights, on the portable path and on every
     /// microkernel this CPU runs.
     fn variants(cin: usize, cout: usize, groups: usize, k: usize, stride: usize, pad: usize) -> Vec<Conv2d> {
-        let conv = Conv2d {
+        let spec = ConvSpec {
             in_channels: cin,
             out_channels: cout,
             groups,
@@ -811,13 +890,11 @@ mod tests {
             stride: (stride, stride),
             dilation: (1, 1),
             pads: (pad, pad, pad, pad),
-            weights: values(cout * cin / groups * k * k, 1),
-            bias: values(cout, 2),
             activation: Activation::Silu,
-            packed: Vec::new(),
         };
+        let conv = Conv2d::new(spec, values(cout * cin / groups * k * k, 1), values(cout, 2)).unwrap();
         let packed = [Isa::Avx2, Isa::Avx512].into_iter().filter(|isa| isa.supported() && !conv.is_depthwise());
-        std::iter::once(conv.clone()).chain(packed.map(|isa| conv.clone().with_weights_packed_for(isa))).collect()
+        std::iter::once(conv.clone()).chain(packed.map(|isa| conv.clone().with_weights_packed_for(isa).unwrap())).collect()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -884,6 +961,57 @@ mod tests {
                 assert_eq!(v, want, "{h}x{w} pad {pad} stride {stride}: phase {phase} ({y2}, {x2})");
             }
         }
+    }
+
+    #[test]
+    fn a_convolution_is_checked_when_it_is_built() {
+        let spec = ConvSpec {
+            in_channels: 4,
+            out_channels: 6,
+            groups: 2,
+            kernel: (3, 3),
+            stride: (1, 1),
+            dilation: (1, 1),
+            pads: (1, 1, 1, 1),
+            activation: Activation::Identity,
+        };
+        let make = |spec: ConvSpec| {
+            let weights = spec.out_channels * spec.in_channels / spec.groups.max(1) * spec.kernel.0 * spec.kernel.1;
+            Conv2d::new(spec, values(weights, 1), values(spec.out_channels, 2))
+        };
+        assert!(make(spec).is_ok());
+        for bad in [
+            ConvSpec { groups: 0, ..spec },
+            ConvSpec { groups: 4, ..spec },
+            ConvSpec { in_channels: 5, ..spec },
+            ConvSpec { kernel: (0, 3), ..spec },
+            ConvSpec { stride: (1, 0), ..spec },
+            ConvSpec { dilation: (0, 1), ..spec },
+            ConvSpec { dilation: (usize::MAX, 1), ..spec },
+        ] {
+            assert!(matches!(make(bad), Err(ConvError::Shape(_))), "{bad:?}");
+        }
+        assert!(Conv2d::new(spec, values(6 * 2 * 9 - 1, 1), values(6, 2)).is_err(), "one weight short");
+        assert!(Conv2d::new(spec, values(6 * 2 * 9, 1), values(5, 2)).is_err(), "one bias short");
+    }
+
+    #[test]
+    fn weights_are_packed_only_for_a_microkernel_this_cpu_runs() {
+        let conv = variants(8, 16, 1, 3, 1, 1).remove(0);
+        for isa in [Isa::Avx2, Isa::Avx512] {
+            match conv.clone().with_weights_packed_for(isa) {
+                Ok(packed) => assert!(isa.supported() && packed.isa() == Some(isa)),
+                Err(e) => assert!(!isa.supported() && e == ConvError::UnsupportedIsa(isa), "{isa:?}: {e}"),
+            }
+            if !isa.supported() {
+                // Packing by hand for it is refused too.
+                assert!(std::panic::catch_unwind(|| PackedA::new(isa, &[1.0; 4], 2, 2)).is_err());
+            }
+        }
+        assert_eq!(conv.clone().with_packed_weights().isa(), Isa::detect());
+        // A depthwise convolution keeps its own kernel.
+        let depthwise = variants(8, 8, 8, 3, 1, 1).remove(0);
+        assert_eq!(depthwise.with_packed_weights().isa(), None);
     }
 
     #[test]

@@ -16,6 +16,8 @@ struct SendPtr(*mut f32);
 // SAFETY: the tasks that share a `SendPtr` read and write disjoint elements of one live
 // allocation (see each use), so sending the pointer to another thread cannot create a data race.
 unsafe impl Send for SendPtr {}
+// SAFETY: as for `Send`: a shared `SendPtr` only hands out the pointer, and the tasks that
+// dereference it touch disjoint elements.
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {

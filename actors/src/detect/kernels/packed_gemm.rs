@@ -128,7 +128,12 @@ impl PackedA {
 
     /// Packs `m x k` whose element `(i, j)` is `a[i * row_stride + j * col_stride]` (a stored
     /// transposed has `row_stride = 1, col_stride = m`).
+    ///
+    /// Panics when this CPU cannot run `isa`'s microkernel: every `PackedA` is for a supported
+    /// [`Isa`], so the products that dispatch on [`isa`](Self::isa) run only instructions the
+    /// CPU has. (The check is a cached feature flag, beside a pass over `A`.)
     pub fn strided(isa: Isa, a: &[f32], m: usize, k: usize, row_stride: usize, col_stride: usize) -> Self {
+        assert!(isa.supported(), "this CPU cannot run the {isa:?} microkernel");
         if m > 0 && k > 0 {
             assert!((m - 1) * row_stride + (k - 1) * col_stride < a.len(), "A is smaller than its strides say");
         }
@@ -149,10 +154,6 @@ impl PackedA {
 
     pub fn isa(&self) -> Isa {
         self.isa
-    }
-
-    pub fn rows(&self) -> usize {
-        self.m
     }
 
     /// Multiplies every element by `factor` (a product's scale, applied once to the operand).

@@ -9,15 +9,22 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// A vector of `f32` lanes.
-///
-/// # Safety
-/// Each method needs the CPU features of its implementation (see the type); pointers must be
-/// valid for `LEN` floats.
 /// The most lanes of any [`Lanes`] implementation.
 pub(super) const MAX_LANES: usize = 16;
 
-pub(super) trait Lanes: Copy {
+/// A vector of `LEN` `f32` lanes.
+///
+/// # Safety
+/// For callers: every method may run only on a CPU that has the instructions of the
+/// implementing type (AVX-512F for [`Avx512`], AVX2 and FMA for [`Avx2`]) — in practice, inside
+/// a `#[target_feature]` function reached after a run-time check — and `load` and `store`
+/// need a pointer valid for reads (writes) of `LEN` floats; no alignment is required.
+///
+/// For implementors: `LEN` is exactly the number of floats `load` reads and `store` writes,
+/// and at most [`MAX_LANES`] (callers size buffers and step pointers by it); no method reads or
+/// writes the caller's memory other than those `LEN` floats, or needs any CPU feature beyond
+/// the type's.
+pub(super) unsafe trait Lanes: Copy {
     const LEN: usize;
     unsafe fn load(p: *const f32) -> Self;
     unsafe fn store(self, p: *mut f32);
@@ -71,7 +78,9 @@ pub(super) trait Lanes: Copy {
 pub(super) struct Avx512(pub(super) __m512);
 
 #[cfg(target_arch = "x86_64")]
-impl Lanes for Avx512 {
+// SAFETY: 16 lanes, one `__m512`; `load` and `store` are unaligned moves of 16 floats and the
+// other methods work on registers only, all with AVX-512F instructions.
+unsafe impl Lanes for Avx512 {
     const LEN: usize = 16;
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {
@@ -158,7 +167,9 @@ impl Lanes for Avx512 {
 pub(super) struct Avx2(pub(super) __m256);
 
 #[cfg(target_arch = "x86_64")]
-impl Lanes for Avx2 {
+// SAFETY: 8 lanes, one `__m256`; `load` and `store` are unaligned moves of 8 floats and the
+// other methods work on registers only, all with AVX, AVX2 and FMA instructions.
+unsafe impl Lanes for Avx2 {
     const LEN: usize = 8;
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {

@@ -138,15 +138,7 @@ impl StridedView {
         let (rows, batch) = rest.split_last()?;
         let (rows, cols) = (Self::single_run(rows)?, Self::single_run(cols)?);
         let batch: Vec<Run> = batch.iter().flatten().copied().collect();
-        Some(MatrixBatch {
-            offset: self.offset,
-            batch_dims: batch.iter().map(|r| r.size).collect(),
-            batch_strides: batch.iter().map(|r| r.stride).collect(),
-            rows: rows.size,
-            cols: cols.size,
-            row_stride: rows.stride,
-            col_stride: cols.stride,
-        })
+        MatrixBatch::new(self.offset, batch.iter().map(|r| r.size).collect(), batch.iter().map(|r| r.stride).collect(), (rows.size, cols.size), (rows.stride, cols.stride))
     }
 
     /// The runs of all axes in order, neighbours that nest merged into one.
@@ -249,7 +241,7 @@ mod tests {
         let t = StridedView::contiguous(&[192, 1600]).permute(&[1, 0]).unwrap();
         let view = t.reshape(&[4, 400, 2, 96]).unwrap();
         let m = view.matrices().unwrap();
-        assert_eq!((m.batch_strides, m.row_stride, m.col_stride), (vec![400, 1], 96 * 1600, 1600));
+        assert_eq!((m.batch_strides(), m.row_stride(), m.col_stride()), (&[400, 1][..], 96 * 1600, 1600));
         let want: Vec<usize> = (0..4 * 400 * 2 * 96)
             .map(|i| {
                 let (a, n, h, c) = (i / (400 * 192), i / 192 % 400, i / 96 % 2, i % 96);
