@@ -1782,6 +1782,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tensors_that_share_a_storage_share_one_read_guard() {
+        // Two halves of one tensor, read together while another thread waits to write it: a
+        // second read lock on the storage would queue behind the writer, which waits for the
+        // first, and never return.
+        let whole = Tensor::arange(0f32, 8.0, &Device::Cpu).unwrap();
+        let (first, second) = (whole.narrow(0, 0, 4).unwrap(), whole.narrow(0, 4, 4).unwrap());
+        let other = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+        let ones = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        std::thread::scope(|scope| {
+            let read = with_cpu_storages(&[&first, &other, &second], |buffers| {
+                let writer = scope.spawn(|| whole.slice_set(&ones, 0, 0));
+                // Let the writer queue on the lock before the buffers are used.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                assert!(!writer.is_finished(), "the writer waits while the storage is read");
+                (buffers.len(), std::ptr::eq(buffers[0], buffers[2]), buffers[2][4..].to_vec(), buffers[1].len())
+            });
+            assert_eq!(read.unwrap(), Some((3, true, vec![4.0, 5.0, 6.0, 7.0], 3)));
+        });
+        assert_eq!(whole.to_vec1::<f32>().unwrap()[..4], [1.0; 4]);
+    }
+
+    #[test]
     fn cpu_upsampling_matches_candles() {
         let input: Vec<f32> = (0..2 * 3 * 5 * 7).map(|i| i as f32).collect();
         let x = Tensor::from_vec(input, (2, 3, 5, 7), &Device::Cpu).unwrap();
