@@ -1003,16 +1003,6 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> CResult<&'a [
 /// Concatenation of contiguous CPU `f32` tensors along `axis`, copying in parallel (candle's
 /// `cat` copies on one thread); `None` for anything else, which candle then concatenates.
 fn concat_cpu(parts: &[&Tensor], axis: usize) -> CResult<Option<Tensor>> {
-    /// Floats per copy task: enough to amortise a task, few enough to share among threads.
-    const PIECE: usize = 1 << 15;
-    let guards: Vec<_> = parts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut sources = Vec::with_capacity(parts.len());
-    for (storage, layout) in &guards {
-        let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (&**storage, layout.contiguous_offsets()) else {
-            return Ok(None);
-        };
-        sources.push(&data[start..end]);
-    }
     let dims = parts[0].dims();
     if parts.iter().any(|p| p.rank() != dims.len() || p.dims()[..axis] != dims[..axis] || p.dims()[axis + 1..] != dims[axis + 1..]) {
         candle_core::bail!("Concat of mismatched shapes {:?}", parts.iter().map(|p| p.dims()).collect::<Vec<_>>());
@@ -1021,13 +1011,32 @@ fn concat_cpu(parts: &[&Tensor], axis: usize) -> CResult<Option<Tensor>> {
     let inner: usize = dims[axis + 1..].iter().product();
     let widths: Vec<usize> = parts.iter().map(|p| p.dims()[axis] * inner).collect();
     let total = outer * widths.iter().sum::<usize>();
+    let Some(offsets) = parts.iter().map(|t| t.layout().contiguous_offsets()).collect::<Option<Vec<_>>>() else {
+        return Ok(None);
+    };
+    // Parts may be views of one storage (the halves of a split): one read guard per storage.
+    let out = with_cpu_storages(parts, |buffers| {
+        let sources: Vec<&[f32]> = buffers.iter().zip(&offsets).map(|(data, &(start, end))| &data[start..end]).collect();
+        gather_blocks(&sources, &widths, outer, total)
+    })?;
+    let Some(out) = out else { return Ok(None) };
+    let mut shape = dims.to_vec();
+    shape[axis] = parts.iter().map(|p| p.dims()[axis]).sum();
+    Ok(Some(Tensor::from_vec(out, shape, &Device::Cpu)?))
+}
+
+/// For each of `outer` rows, each source's next `width` floats, in order: the body of a
+/// concatenation, copied in parallel pieces.
+fn gather_blocks(sources: &[&[f32]], widths: &[usize], outer: usize, total: usize) -> Vec<f32> {
+    /// Floats per copy task: enough to amortise a task, few enough to share among threads.
+    const PIECE: usize = 1 << 15;
     let mut out: Vec<f32> = Vec::with_capacity(total);
     // The output in order is, for each outer index, each part's block: cut it into pieces
     // paired with their sources, then copy the pieces in parallel.
     let mut pieces = Vec::new();
     let mut rest = &mut out.spare_capacity_mut()[..total];
     for o in 0..outer {
-        for (source, &width) in sources.iter().zip(&widths) {
+        for (source, &width) in sources.iter().zip(widths) {
             for chunk in source[o * width..][..width].chunks(PIECE) {
                 let (dst, tail) = std::mem::take(&mut rest).split_at_mut(chunk.len());
                 pieces.push((dst, chunk));
@@ -1042,10 +1051,7 @@ fn concat_cpu(parts: &[&Tensor], axis: usize) -> CResult<Option<Tensor>> {
     });
     // SAFETY: the pieces tile the first `total` elements exactly, and each was written.
     unsafe { out.set_len(total) };
-    let mut shape = dims.to_vec();
-    shape[axis] = parts.iter().map(|p| p.dims()[axis]).sum();
-    drop(guards);
-    Ok(Some(Tensor::from_vec(out, shape, &Device::Cpu)?))
+    out
 }
 
 /// Element-wise functions on the CPU with streamdet's vectorised kernels.
