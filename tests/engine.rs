@@ -117,7 +117,7 @@ fn photo_detections_match_onnx_runtime() {
         let (iw, ih) = detector.input_size();
         let (raw, shape) = onnx_runtime(&model, &input.flatten_all().unwrap().to_vec1().unwrap(), [1, 3, ih, iw]);
         let raw = Tensor::from_vec(raw, shape, &Device::Cpu).unwrap();
-        let theirs = detector.decode(&raw, &frames, &params).unwrap().remove(0);
+        let theirs = detector.detections(&raw, &frames, &params).unwrap().remove(0);
         let name = photo.file_name().unwrap().to_string_lossy();
         eprintln!("{name}: ours {:?}", ours.iter().map(|d| (&d.class_name, d.confidence)).collect::<Vec<_>>());
         assert_eq!(ours.len(), theirs.len(), "{name}: {ours:?} vs {theirs:?}");
@@ -180,4 +180,26 @@ fn an_image_that_is_not_an_image_is_a_clear_error() {
     assert!(matches!(detect::read_image(&path), Err(DetectError::BadImage { .. })));
     std::fs::write(&path, b"plain text").unwrap();
     assert!(matches!(detect::read_image(&path), Err(DetectError::BadImage { .. })));
+}
+
+#[test]
+fn a_model_without_class_names_numbers_the_classes_its_output_has() {
+    let bytes = std::fs::read(support::default_model()).unwrap();
+    // The metadata entry's key, as protobuf writes it (field 1, length 5): renamed, the model
+    // has no `names` left.
+    let key = b"\x0a\x05names";
+    let at = bytes.windows(key.len()).position(|w| w == key).expect("the default model has names");
+    let mut unnamed = bytes;
+    unnamed[at + key.len() - 1] = b'Z';
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("unnamed.onnx");
+    std::fs::write(&path, unnamed).unwrap();
+    let detector = Detector::load(&path, Device::Cpu).unwrap();
+    assert_eq!(detector.class_names().len(), 80, "the output's class rows");
+    assert_eq!((detector.class_names()[0].as_str(), detector.class_names()[79].as_str()), ("0", "79"));
+    let hopper = support::photos().into_iter().find(|p| p.ends_with("grace_hopper.jpg")).unwrap();
+    let (rgb, w, h) = detect::read_image(&hopper).unwrap();
+    let (model_rgb, letterbox) = detect::letterbox_rgb(&rgb, w, h, detector.input_size());
+    let found = detector.detect(&[ModelFrame { rgb: model_rgb, letterbox }], &DetectParams::default()).unwrap().remove(0);
+    assert!(found.iter().any(|d| d.class_id == 0 && d.class_name == "0"), "{found:?}");
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::detect::{DetectParams, Detection, Detector};
+use crate::detect::{DetectError, DetectParams, Detection, Detector};
 use crate::frame::ModelFrame;
 
 /// A frame of one session, to be detected.
@@ -42,7 +42,18 @@ pub struct Forget(pub u64);
 pub struct FrameDone {
     pub index: u64,
     pub pts: f64,
-    pub result: Result<Vec<Detection>, String>,
+    pub result: Result<Vec<Detection>, InferenceError>,
+}
+
+/// Why a frame has no detections. One batch's failure is every frame's in it, hence the `Arc`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InferenceError {
+    #[error(transparent)]
+    Model(Arc<DetectError>),
+    #[error("the model panicked on this batch")]
+    Panicked,
+    #[error("the inference worker stopped")]
+    WorkerStopped,
 }
 
 #[derive(Message)]
@@ -136,7 +147,7 @@ impl Inference {
             // The worker thread is gone: fail these frames rather than hold them forever.
             self.in_flight = false;
             for job in batch {
-                job.reply.do_send(FrameDone { index: job.index, pts: job.pts, result: Err("the inference worker stopped".into()) });
+                job.reply.do_send(FrameDone { index: job.index, pts: job.pts, result: Err(InferenceError::WorkerStopped) });
             }
         }
     }
@@ -163,22 +174,22 @@ fn worker_loop(
             .into_iter()
             .map(|j| (j.frame, Reply { index: j.index, pts: j.pts, params: j.params, to: j.reply }))
             .unzip();
-        let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<Detection>>, String> {
-            let input = detector.input_tensor(&frames).map_err(|e| e.to_string())?;
-            let output = detector.run_raw(&input).map_err(|e| e.to_string())?;
+        let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<Detection>>, DetectError> {
+            let input = detector.input_tensor(&frames)?;
+            let output = detector.run_raw(&input)?;
             jobs.iter()
                 .enumerate()
                 .map(|(i, job)| {
-                    let one = output.narrow(0, i, 1).map_err(|e| e.to_string())?;
-                    let mut decoded = detector.decode(&one, &frames[i..i + 1], &job.params).map_err(|e| e.to_string())?;
-                    Ok(decoded.pop().unwrap_or_default())
+                    let one = output.narrow(0, i, 1).map_err(DetectError::Tensor)?;
+                    let mut found = detector.detections(&one, &frames[i..i + 1], &job.params)?;
+                    Ok(found.pop().unwrap_or_default())
                 })
                 .collect()
         }));
-        let results: Vec<Result<Vec<Detection>, String>> = match outcome {
+        let results: Vec<Result<Vec<Detection>, InferenceError>> = match outcome {
             Ok(Ok(all)) => all.into_iter().map(Ok).collect(),
-            Ok(Err(message)) => vec![Err(message); jobs.len()],
-            Err(_) => vec![Err("the model panicked on this batch".into()); jobs.len()],
+            Ok(Err(error)) => vec![Err(InferenceError::Model(Arc::new(error))); jobs.len()],
+            Err(_) => vec![Err(InferenceError::Panicked); jobs.len()],
         };
         let count = jobs.len();
         let seconds = started.elapsed().as_secs_f64();

@@ -232,7 +232,7 @@ impl Handler<FrameDone> for Session {
                 }
                 self.maybe_end(ctx);
             }
-            Err(message) => self.fail(ctx, "internal", message),
+            Err(error) => self.fail(ctx, "internal", error.to_string()),
         }
     }
 }

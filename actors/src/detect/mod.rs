@@ -40,16 +40,18 @@ pub enum DetectError {
     #[error("node {node:?} ({op}) failed: {message}")]
     Execution { node: String, op: String, message: String },
     #[error("tensor error: {0}")]
-    Tensor(String),
+    Tensor(#[source] candle_core::Error),
     #[error("bad input: {0}")]
     BadInput(String),
+    #[error("cannot start the inference threads: {0}")]
+    Threads(#[source] rayon::ThreadPoolBuildError),
     #[error("{path} is not a readable image: {message}")]
     BadImage { path: PathBuf, message: String },
 }
 
 impl DetectError {
     pub(crate) fn from_candle(err: candle_core::Error) -> Self {
-        DetectError::Tensor(err.to_string())
+        DetectError::Tensor(err)
     }
 }
 
@@ -90,16 +92,25 @@ impl Detector {
             Some(n) => BatchMode::Fixed(n),
             None => BatchMode::Dynamic,
         };
-        let classes_hint = model.metadata.get("names").map_or(0, |n| n.matches(':').count());
-        let info = ModelInfo::from_metadata(&model.metadata, input, classes_hint).map_err(bad)?;
+        let info = ModelInfo::from_metadata(&model.metadata, input).map_err(bad)?;
         let engine = Engine::plan(&model, &device)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("streamdet-infer-{i}"))
             .build()
-            .map_err(|e| DetectError::BadInput(format!("cannot start inference threads: {e}")))?;
-        let classes = info.class_names.len();
-        Ok(Detector { engine, info, batch, classes, pool })
+            .map_err(DetectError::Threads)?;
+        let mut detector = Detector { engine, info, batch, classes: 0, pool };
+        detector.classes = match &detector.info.class_names {
+            names if !names.is_empty() => names.len(),
+            // No `names` metadata: the output's rows (4 box coordinates, then one score per
+            // class) say how many classes there are; the classes are then known by number.
+            _ => {
+                let classes = detector.probe_classes().map_err(|e| bad(format!("cannot find its number of classes: {e}")))?;
+                detector.info.class_names = (0..classes).map(|i| i.to_string()).collect();
+                classes
+            }
+        };
+        Ok(detector)
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -189,6 +200,18 @@ impl Detector {
         Tensor::from_vec(data, (frames.len(), 3, h, w), &Device::Cpu).map_err(DetectError::from_candle)
     }
 
+    /// The number of classes the model scores, from one run on a blank frame.
+    fn probe_classes(&self) -> Result<usize, DetectError> {
+        let (w, h) = self.input_size();
+        let batch = match self.batch {
+            BatchMode::Fixed(n) => n.max(1),
+            BatchMode::Dynamic => 1,
+        };
+        let input = Tensor::zeros((batch, 3, h, w), candle_core::DType::F32, &Device::Cpu).map_err(DetectError::from_candle)?;
+        let (_, rows, _) = self.run_raw(&input)?.dims3().map_err(DetectError::from_candle)?;
+        rows.checked_sub(4).filter(|&c| c > 0).ok_or_else(|| DetectError::BadModelText(format!("the output has {rows} rows: no class scores")))
+    }
+
     /// Detects objects in each frame.
     pub fn detect(&self, frames: &[ModelFrame], params: &DetectParams) -> Result<Vec<Vec<Detection>>, DetectError> {
         if frames.is_empty() {
@@ -196,11 +219,12 @@ impl Detector {
         }
         let input = self.input_tensor(frames)?;
         let output = self.run_raw(&input)?;
-        self.decode(&output, frames, params)
+        self.detections(&output, frames, params)
     }
 
-    /// Post-processes a raw output tensor for `frames`.
-    pub fn decode(&self, output: &Tensor, frames: &[ModelFrame], params: &DetectParams) -> Result<Vec<Vec<Detection>>, DetectError> {
+    /// The detections a raw output tensor holds for `frames`: thresholds, NMS, boxes mapped
+    /// back to each frame.
+    pub fn detections(&self, output: &Tensor, frames: &[ModelFrame], params: &DetectParams) -> Result<Vec<Vec<Detection>>, DetectError> {
         let (n, rows, anchors) = output.dims3().map_err(DetectError::from_candle)?;
         if n != frames.len() || rows != 4 + self.classes {
             return Err(DetectError::BadModelText(format!(
@@ -217,7 +241,7 @@ impl Detector {
         Ok(frames
             .iter()
             .zip(flat.chunks_exact(rows * anchors))
-            .map(|(frame, out)| postprocess::decode(out, anchors, &self.info.class_names, &frame.letterbox, params))
+            .map(|(frame, out)| postprocess::detections(out, anchors, &self.info.class_names, &frame.letterbox, params))
             .collect())
     }
 }

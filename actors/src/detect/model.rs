@@ -250,12 +250,13 @@ pub struct ModelInfo {
 
 impl ModelInfo {
     /// Reads ultralytics metadata: `names` is a Python dict literal (`{0: 'person', ...}`),
-    /// `imgsz` a list (`[640, 640]`). Missing entries fall back to the graph input's shape and to
-    /// numbered classes.
-    pub fn from_metadata(metadata: &HashMap<String, String>, input: &GraphInput, classes: usize) -> Result<Self, String> {
+    /// `imgsz` a list (`[640, 640]`). A missing `imgsz` falls back to the graph input's shape; a
+    /// missing `names` leaves `class_names` empty for the loader to number the classes the
+    /// output has.
+    pub fn from_metadata(metadata: &HashMap<String, String>, input: &GraphInput) -> Result<Self, String> {
         let class_names = match metadata.get("names") {
             Some(names) => parse_names(names)?,
-            None => (0..classes).map(|i| i.to_string()).collect(),
+            None => Vec::new(),
         };
         let imgsz = metadata.get("imgsz").map(|s| parse_int_list(s)).transpose()?;
         let input_size = match (imgsz.as_deref(), input.shape.as_slice()) {

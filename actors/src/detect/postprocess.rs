@@ -76,7 +76,7 @@ fn round1(v: f32) -> f32 {
 
 /// Decodes one image's output, laid out `[4 + classes][anchors]` (cx, cy, w, h, then one score
 /// per class), into detections in frame pixels.
-pub fn decode(
+pub fn detections(
     output: &[f32],
     anchors: usize,
     class_names: &[String],
@@ -162,7 +162,7 @@ mod tests {
             2,
         );
         let lb = Letterbox::new((640, 640), (640, 640));
-        let dets = decode(&out, anchors, &names, &lb, &DetectParams::default());
+        let dets = detections(&out, anchors, &names, &lb, &DetectParams::default());
         assert_eq!(dets.len(), 2);
         assert_eq!((dets[0].class_name.as_str(), dets[0].confidence), ("person", 0.9));
         assert_eq!(dets[0].bbox, [75.0, 75.0, 125.0, 125.0]);
