@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use streamdet_actors::buffer::{self, BufferOptions};
-use streamdet_actors::decode::{DecodeOptions, Decoder, FrameSelection};
+use streamdet_actors::decode::{DecodeError, DecodeOptions, Decoder, FrameSelection};
 use streamdet_actors::detect::model::OnnxModel;
 use streamdet_actors::detect::{self, DetectError, Detector};
 
@@ -133,6 +133,7 @@ fn battery_child() {
         outcomes: BTreeMap::new(),
         panics: Vec::new(),
         cases: 0,
+        peaks: (proc_status_bytes("VmHWM:"), proc_status_bytes("VmPeak:")),
     };
     // Counts every panic, also those caught inside the code under test (the decoder's AVIO
     // callbacks catch theirs), then reports it as usual.
@@ -206,6 +207,8 @@ struct Battery {
     outcomes: BTreeMap<(String, Outcome), usize>,
     panics: Vec<(String, String)>,
     cases: usize,
+    /// Peak RSS and address space last reported: a case that raises either much is named.
+    peaks: (u64, u64),
 }
 
 impl Battery {
@@ -248,10 +251,19 @@ impl Battery {
                     let saved = panics_dir();
                     std::fs::create_dir_all(&saved).unwrap();
                     std::fs::write(saved.join(format!("{}-{i}", name.replace([' ', '(', ')'], ""))), &mutant).unwrap();
-                    self.panics.push((case, message));
+                    self.panics.push((case.clone(), message));
                     "PANIC".into()
                 }
             };
+            let (rss, space) = (proc_status_bytes("VmHWM:"), proc_status_bytes("VmPeak:"));
+            if rss > self.peaks.0 + (64 << 20) || space > self.peaks.1 + (256 << 20) {
+                println!("mutation: peak RSS {} MiB, address space {} MiB after {case}", rss >> 20, space >> 20);
+                self.peaks = (rss, space);
+            }
+            if outcome == "internal" {
+                // Damaged input is the client's fault: `internal` says the server failed.
+                println!("mutation: `internal` for {case}");
+            }
             *self.outcomes.entry((name.to_string(), outcome)).or_default() += 1;
             self.cases += 1;
         }
@@ -275,6 +287,16 @@ impl Battery {
 }
 
 fn decode_video(bytes: &[u8], dir: &Path) -> Outcome {
+    let outcome = decode_video_result(bytes, dir);
+    if let Err(err) = &outcome {
+        if err.code() == "internal" {
+            println!("mutation: decoder error: {err}");
+        }
+    }
+    outcome.map_or_else(|err| err.code().into(), |()| "ok".into())
+}
+
+fn decode_video_result(bytes: &[u8], dir: &Path) -> Result<(), DecodeError> {
     let mut writer = buffer::create(&BufferOptions { dir: dir.to_path_buf(), window_bytes: 4 << 20 }).unwrap();
     writer.append(bytes).unwrap();
     // A finished buffer: reads past the end see EOF, so nothing can wait for more bytes.
@@ -286,18 +308,14 @@ fn decode_video(bytes: &[u8], dir: &Path) -> Outcome {
         threads: 1,
         ..DecodeOptions::default()
     };
-    let mut decoder = match Decoder::open(buffer.reader(), options) {
-        Ok(decoder) => decoder,
-        Err(err) => return err.code().into(),
-    };
+    let mut decoder = Decoder::open(buffer.reader(), options)?;
     for _ in 0..MAX_FRAMES {
-        match decoder.next_frame() {
-            Ok(Some(frame)) => assert_eq!(frame.model_frame.rgb.len(), 160 * 160 * 3),
-            Ok(None) => break,
-            Err(err) => return err.code().into(),
+        match decoder.next_frame()? {
+            Some(frame) => assert_eq!(frame.model_frame.rgb.len(), 160 * 160 * 3),
+            None => break,
         }
     }
-    "ok".into()
+    Ok(())
 }
 
 fn decode_picture(bytes: &[u8]) -> Outcome {
