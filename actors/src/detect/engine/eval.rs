@@ -1,0 +1,608 @@
+//! The evaluator: runs one step's operator on its input tensors, on the CPU custom operations
+//! where they apply and on candle's operations otherwise (other devices, other layouts).
+
+use candle_core::{CpuStorage, DType, Device, Tensor};
+use rayon::prelude::*;
+
+use super::custom_ops::{ConvWithResidual, CpuAttention, CpuBinary, CpuMatMul, CpuMaxPool, CpuPermute, CpuSoftmax, CpuUnary, CpuUpsample};
+use super::fold::CONV_MORE_PARTS;
+use super::{AttentionViews, BinaryOp, CResult, ConvOp, Op, ReduceKind, tensor_from_data};
+use crate::detect::kernels::activation::{Activation, UnaryFn};
+use crate::detect::kernels::{self, attention, packed_gemm};
+use crate::detect::model::TensorValues;
+use crate::detect::views::{self, ViewStep};
+
+fn is_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// Concatenation of contiguous CPU `f32` tensors along `axis`, copying in parallel (candle's
+/// `cat` copies on one thread); `None` for anything else, which candle then concatenates.
+fn concat_cpu(parts: &[&Tensor], axis: usize) -> CResult<Option<Tensor>> {
+    let dims = parts[0].dims();
+    if parts.iter().any(|p| p.rank() != dims.len() || p.dims()[..axis] != dims[..axis] || p.dims()[axis + 1..] != dims[axis + 1..]) {
+        candle_core::bail!("Concat of mismatched shapes {:?}", parts.iter().map(|p| p.dims()).collect::<Vec<_>>());
+    }
+    let outer: usize = dims[..axis].iter().product();
+    let inner: usize = dims[axis + 1..].iter().product();
+    let widths: Vec<usize> = parts.iter().map(|p| p.dims()[axis] * inner).collect();
+    let total = outer * widths.iter().sum::<usize>();
+    let Some(offsets) = parts.iter().map(|t| t.layout().contiguous_offsets()).collect::<Option<Vec<_>>>() else {
+        return Ok(None);
+    };
+    // Parts may be views of one storage (the halves of a split): one read guard per storage.
+    let out = with_cpu_storages(parts, |buffers| {
+        let sources: Vec<&[f32]> = buffers.iter().zip(&offsets).map(|(data, &(start, end))| &data[start..end]).collect();
+        gather_blocks(&sources, &widths, outer, total)
+    })?;
+    let Some(out) = out else { return Ok(None) };
+    let mut shape = dims.to_vec();
+    shape[axis] = parts.iter().map(|p| p.dims()[axis]).sum();
+    Ok(Some(Tensor::from_vec(out, shape, &Device::Cpu)?))
+}
+
+/// For each of `outer` rows, each source's next `width` floats, in order: the body of a
+/// concatenation, copied in parallel pieces.
+fn gather_blocks(sources: &[&[f32]], widths: &[usize], outer: usize, total: usize) -> Vec<f32> {
+    /// Floats per copy task: enough to amortise a task, few enough to share among threads.
+    const PIECE: usize = 1 << 15;
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    // The output in order is, for each outer index, each part's block: cut it into pieces
+    // paired with their sources, then copy the pieces in parallel.
+    let mut pieces = Vec::new();
+    let mut rest = &mut out.spare_capacity_mut()[..total];
+    for o in 0..outer {
+        for (source, &width) in sources.iter().zip(widths) {
+            for chunk in source[o * width..][..width].chunks(PIECE) {
+                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(chunk.len());
+                pieces.push((dst, chunk));
+                rest = tail;
+            }
+        }
+    }
+    pieces.into_par_iter().for_each(|(dst, src)| {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            d.write(v);
+        }
+    });
+    // SAFETY: the pieces tile the first `total` elements exactly, and each was written.
+    unsafe { out.set_len(total) };
+    out
+}
+
+/// Calls `f` with the elements of a contiguous CPU `f32` tensor.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("expected a contiguous CPU f32 tensor");
+    };
+    Ok(f(&data[start..end]))
+}
+
+/// Calls `f` with the CPU `f32` storage of each of `tensors` (the whole buffer, to be read
+/// through the tensor's layout); `Ok(None)` when one is not such a tensor. Holds one read guard
+/// per distinct storage: tensors that share one (the operands of a folded attention, the parts
+/// of a split that a convolution reads back together) share its guard, since a second read
+/// lock on a storage this thread already holds would deadlock once a writer waits for it.
+fn with_cpu_storages<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> CResult<Option<R>> {
+    // A storage's identity is its address, which the tensors keep alive; read with one lock
+    // held at a time.
+    let key = |t: &Tensor| std::ptr::from_ref::<candle_core::Storage>(&t.storage_and_layout().0).addr();
+    let keys: Vec<usize> = tensors.iter().map(|t| key(t)).collect();
+    let mut guards = Vec::with_capacity(tensors.len());
+    for (t, &k) in tensors.iter().zip(&keys) {
+        if !guards.iter().any(|(held, _)| *held == k) {
+            guards.push((k, t.storage_and_layout().0));
+        }
+    }
+    let mut buffers = Vec::with_capacity(tensors.len());
+    for k in &keys {
+        let (_, storage) = guards.iter().find(|(held, _)| held == k).expect("a guard per storage");
+        let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &**storage else { return Ok(None) };
+        buffers.push(data.as_slice());
+    }
+    Ok(Some(f(&buffers)))
+}
+
+/// Runs a chain of views one step at a time (transposes of CPU `f32` tensors on their own
+/// kernel), for when it cannot be read in place.
+fn run_chain(t: &Tensor, chain: &[ViewStep]) -> CResult<Tensor> {
+    chain.iter().try_fold(t.clone(), |t, step| match step {
+        ViewStep::Permute(perm) if is_cpu_f32(&t) => {
+            let perm = perm.clone().unwrap_or_else(|| (0..t.rank()).rev().collect());
+            t.contiguous()?.apply_op1_no_bwd(&CpuPermute(perm))
+        }
+        _ => step.apply(&t),
+    })
+}
+
+/// [`Op::Attention`] on the CPU with its view chains folded: the operands are read where they
+/// lie in the tensors the step reads, and the result is written where the chain after it
+/// would put it. `Ok(None)` when a chain cannot be seen as a view.
+fn attention_in_place(operands: [&Tensor; 3], transposed: [bool; 3], alpha: f32, views: &AttentionViews) -> CResult<Option<Tensor>> {
+    let bases = operands.map(|t| t.contiguous());
+    let [q, k, v] = bases;
+    let (q, k, v) = (q?, k?, v?);
+    let mut matrices = Vec::with_capacity(3);
+    let mut batch_dims = Vec::with_capacity(3);
+    for ((base, chain), transposed) in [&q, &k, &v].into_iter().zip(&views.operands).zip(transposed) {
+        let Some(view) = views::view_through(base.dims(), chain)? else { return Ok(None) };
+        let dims = view.dims();
+        if dims.len() < 2 {
+            candle_core::bail!("attention operand of {dims:?} has fewer than two axes");
+        }
+        let Some(m) = view.matrices() else { return Ok(None) };
+        batch_dims.push(dims[..dims.len() - 2].to_vec());
+        matrices.push(if transposed { m.transposed() } else { m });
+    }
+    let [qm, km, vm]: [attention::MatrixBatch; 3] = matrices.try_into().expect("three operands");
+    let (queries, depth, keys, channels) = (qm.rows(), qm.cols(), km.cols(), vm.rows());
+    if km.rows() != depth || vm.cols() != keys || keys == 0 || depth == 0 || batch_dims[1] != batch_dims[0] || batch_dims[2] != batch_dims[0] {
+        candle_core::bail!("attention of {:?}, {:?} and {:?}", q.dims(), k.dims(), v.dims());
+    }
+    let mut result_dims = batch_dims.swap_remove(0);
+    result_dims.extend([channels, queries]);
+    let Some((end_dims, placed)) = views::placement_through(&result_dims, &views.result)? else { return Ok(None) };
+    let Some(out) = placed.matrices().and_then(attention::OutputView::new) else { return Ok(None) };
+    let operands = [&q, &k, &v];
+    let result = with_cpu_storages(&operands, |buffers| {
+        // Each base is contiguous: its view starts at the layout's offset.
+        let mut parts = operands.iter().zip(buffers).zip([qm, km, vm]).map(|((t, data), view)| attention::Operand::new(&data[t.layout().start_offset()..], view));
+        let (Some(q), Some(k), Some(v)) = (parts.next().flatten(), parts.next().flatten(), parts.next().flatten()) else {
+            candle_core::bail!("an attention operand's view reaches past its tensor");
+        };
+        Ok(attention::attention_strided(q, k, v, alpha, &out))
+    })?;
+    let Some(result) = result.transpose()? else { candle_core::bail!("expected CPU f32 attention operands") };
+    Ok(Some(Tensor::from_vec(result, end_dims, &Device::Cpu)?))
+}
+
+/// [`Op::Attention`] on operands that are already what the step multiplies.
+fn attention_unfolded(q: &Tensor, k: &Tensor, v: &Tensor, [q_transposed, k_transposed, v_transposed]: [bool; 3], alpha: f32, device: &Device) -> CResult<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let rank = q.rank();
+    let same_batch = rank >= 2 && [&k, &v].iter().all(|t| t.rank() == rank && t.dims()[..rank - 2] == q.dims()[..rank - 2]);
+    if [&q, &k, &v].iter().all(|t| is_cpu_f32(t)) && same_batch && packed_gemm::available() {
+        let op = CpuAttention { q_transposed, k_transposed, v_transposed, alpha };
+        return q.apply_op3_no_bwd(&k, &v, &op);
+    }
+    // The three steps it fuses, on whatever device holds the tensors.
+    let product = Op::MatMul { a_transposed: q_transposed, b_transposed: k_transposed, alpha };
+    let scores = eval(&product, &[Some(&q), Some(&k)], device)?.remove(0);
+    let weights = eval(&Op::Softmax { axis: -1 }, &[Some(&scores)], device)?.remove(0);
+    let mix = Op::MatMul { a_transposed: v_transposed, b_transposed: true, alpha: 1.0 };
+    Ok(eval(&mix, &[Some(&v), Some(&weights)], device)?.remove(0))
+}
+
+fn normalize_axis(axis: i64, rank: usize) -> CResult<usize> {
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    if a < 0 || a as usize >= rank.max(1) {
+        candle_core::bail!("axis {axis} out of range for rank {rank}");
+    }
+    Ok(a as usize)
+}
+
+fn input<'a>(args: &[Option<&'a Tensor>], i: usize) -> CResult<&'a Tensor> {
+    args.get(i).copied().flatten().ok_or_else(|| candle_core::Error::Msg(format!("missing input {i}")))
+}
+
+pub(super) fn ints(t: &Tensor) -> CResult<Vec<i64>> {
+    t.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()
+}
+
+pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tensor>> {
+    let x = || input(args, 0);
+    let one = |t: Tensor| Ok(vec![t]);
+    match op {
+        Op::Conv(c) if c.concat_parts > 0 => {
+            let parts = std::iter::once(args.first()).chain(args.iter().skip(CONV_MORE_PARTS).map(Some));
+            let parts: Vec<&Tensor> = parts.map(|a| a.copied().flatten()).collect::<Option<_>>().ok_or_else(|| candle_core::Error::Msg("missing concatenation part".into()))?;
+            one(conv_of_parts(c, &parts, args.get(3).copied().flatten())?)
+        }
+        Op::Conv(c) => one(conv(c, x()?, args.get(3).copied().flatten())?),
+        Op::Unary(f) if is_cpu_f32(x()?) => one(x()?.contiguous()?.apply_op1_no_bwd(&CpuUnary(*f))?),
+        Op::Unary(f) => one(match f {
+            UnaryFn::Sigmoid => candle_nn::ops::sigmoid(x()?)?,
+            UnaryFn::Exp => x()?.exp()?,
+            UnaryFn::Silu => x()?.silu()?,
+        }),
+        Op::Binary(b) => {
+            let (l, r) = (x()?, input(args, 1)?);
+            if is_cpu_f32(l) && is_cpu_f32(r) && (l.dims() == r.dims() || r.elem_count() == 1) {
+                return one(l.contiguous()?.apply_op2_no_bwd(&r.contiguous()?, &CpuBinary(*b))?);
+            }
+            one(match b {
+                BinaryOp::Add => l.broadcast_add(r)?,
+                BinaryOp::Sub => l.broadcast_sub(r)?,
+                BinaryOp::Mul => l.broadcast_mul(r)?,
+                BinaryOp::Div => l.broadcast_div(r)?,
+            })
+        }
+        Op::Split { axis, sizes } => {
+            let t = x()?;
+            let axis = normalize_axis(*axis, t.rank())?;
+            let dim = t.dim(axis)?;
+            let sizes: Vec<usize> = match (args.get(1).copied().flatten(), sizes) {
+                (Some(s), _) => ints(s)?.into_iter().map(|v| v as usize).collect(),
+                (None, Some(s)) => s.iter().map(|&v| v as usize).collect(),
+                (None, None) => candle_core::bail!("Split without sizes is not supported"),
+            };
+            if sizes.iter().sum::<usize>() != dim {
+                candle_core::bail!("split sizes {sizes:?} do not add up to {dim}");
+            }
+            let mut start = 0;
+            let mut parts = Vec::with_capacity(sizes.len());
+            for s in sizes {
+                parts.push(t.narrow(axis, start, s)?);
+                start += s;
+            }
+            Ok(parts)
+        }
+        Op::Concat { axis } => {
+            let parts: Vec<&Tensor> = args.iter().flatten().copied().collect();
+            let first = parts.first().ok_or_else(|| candle_core::Error::Msg("Concat of nothing".into()))?;
+            let axis = normalize_axis(*axis, first.rank())?;
+            match concat_cpu(&parts, axis)? {
+                Some(t) => one(t),
+                None => one(Tensor::cat(&parts, axis)?),
+            }
+        }
+        Op::MaxPool { kernel, stride, pads } => {
+            let t = x()?;
+            if is_cpu_f32(t) && t.rank() == 4 {
+                let pool = CpuMaxPool { kernel: *kernel, stride: *stride, pads: *pads };
+                one(t.contiguous()?.apply_op1_no_bwd(&pool)?)
+            } else {
+                one(max_pool(t, *kernel, *stride, *pads)?)
+            }
+        }
+        Op::ResizeNearest => {
+            let t = x()?;
+            let (h, w) = (t.dim(2)?, t.dim(3)?);
+            let (oh, ow) = match (args.get(3).copied().flatten(), args.get(2).copied().flatten()) {
+                (Some(sizes), _) => match ints(sizes)?.as_slice() {
+                    &[_, _, oh, ow] if oh > 0 && ow > 0 => (oh as usize, ow as usize),
+                    other => candle_core::bail!("Resize sizes {other:?} are not [n, c, h, w]"),
+                },
+                (None, Some(scales)) => {
+                    let s = scales.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    if s.len() != 4 || s[0] != 1.0 || s[1] != 1.0 {
+                        candle_core::bail!("only spatial resize is supported, scales {s:?}");
+                    }
+                    ((h as f32 * s[2]).floor() as usize, (w as f32 * s[3]).floor() as usize)
+                }
+                _ => candle_core::bail!("Resize needs scales or sizes"),
+            };
+            if h == 0 || w == 0 || oh % h != 0 || ow % w != 0 {
+                candle_core::bail!("only integer upsampling is supported ({h}x{w} to {oh}x{ow})");
+            }
+            if is_cpu_f32(t) && t.rank() == 4 {
+                one(t.contiguous()?.apply_op1_no_bwd(&CpuUpsample { height: oh, width: ow })?)
+            } else {
+                one(t.upsample_nearest2d(oh, ow)?)
+            }
+        }
+        Op::Reshape => {
+            let t = x()?;
+            one(t.reshape(views::reshape_dims(t.dims(), &ints(input(args, 1)?)?)?)?)
+        }
+        Op::Transpose { perm } => {
+            let t = x()?;
+            let perm = perm.clone().unwrap_or_else(|| (0..t.rank()).rev().collect());
+            if is_cpu_f32(t) {
+                one(t.contiguous()?.apply_op1_no_bwd(&CpuPermute(perm))?)
+            } else {
+                one(t.permute(perm)?.contiguous()?)
+            }
+        }
+        Op::Softmax { axis } => {
+            let t = x()?;
+            let axis = normalize_axis(*axis, t.rank())?;
+            if is_cpu_f32(t) {
+                one(t.contiguous()?.apply_op1_no_bwd(&CpuSoftmax { axis })?)
+            } else if axis + 1 == t.rank() {
+                one(candle_nn::ops::softmax_last_dim(&t.contiguous()?)?)
+            } else {
+                one(candle_nn::ops::softmax(t, axis)?)
+            }
+        }
+        Op::Slice => {
+            let t = x()?;
+            let starts = ints(input(args, 1)?)?;
+            let ends = ints(input(args, 2)?)?;
+            let axes = match args.get(3).copied().flatten() {
+                Some(a) => ints(a)?,
+                None => (0..starts.len() as i64).collect(),
+            };
+            if let Some(steps) = args.get(4).copied().flatten()
+                && ints(steps)?.iter().any(|&s| s != 1)
+            {
+                candle_core::bail!("Slice with steps other than 1 is not supported");
+            }
+            let mut out = t.clone();
+            for ((&s, &e), &a) in starts.iter().zip(&ends).zip(&axes) {
+                let axis = normalize_axis(a, t.rank())?;
+                let dim = t.dim(axis)? as i64;
+                let clamp = |v: i64| if v < 0 { (v + dim).max(0) } else { v.min(dim) };
+                let (s, e) = (clamp(s), clamp(e));
+                out = out.narrow(axis, s as usize, (e - s).max(0) as usize)?;
+            }
+            one(out)
+        }
+        Op::MatMul { a_transposed, b_transposed, alpha } => {
+            let (a, b) = (x()?.contiguous()?, input(args, 1)?.contiguous()?);
+            let same_batch = a.rank() >= 2 && a.rank() == b.rank() && a.dims()[..a.rank() - 2] == b.dims()[..b.rank() - 2];
+            if is_cpu_f32(&a) && is_cpu_f32(&b) && same_batch && packed_gemm::available() {
+                let op = CpuMatMul { a_transposed: *a_transposed, b_transposed: *b_transposed, alpha: *alpha };
+                one(a.apply_op2_no_bwd(&b, &op)?)
+            } else {
+                let swap = |t: Tensor, swapped: bool| if swapped { t.transpose(t.rank() - 2, t.rank() - 1)?.contiguous() } else { Ok(t) };
+                let product = swap(a, *a_transposed)?.broadcast_matmul(&swap(b, *b_transposed)?)?;
+                one(if *alpha == 1.0 { product } else { product.affine(f64::from(*alpha), 0.0)? })
+            }
+        }
+        Op::View(chain) => {
+            let t = x()?;
+            if is_cpu_f32(t) {
+                let t = t.contiguous()?;
+                if let Some(view) = views::view_through(t.dims(), chain)? {
+                    // Rows that are runs of adjacent floats copy fast; anything else goes step by
+                    // step, where transposes have their own kernel.
+                    if view.rows_are_adjacent() {
+                        let out = with_cpu_f32(&t, |data| view.gather(data))?;
+                        return one(Tensor::from_vec(out, view.dims(), t.device())?);
+                    }
+                }
+            }
+            one(run_chain(t, chain)?)
+        }
+        Op::Attention { q_transposed, k_transposed, v_transposed, alpha, views } => {
+            let operands = [x()?, input(args, 1)?, input(args, 2)?];
+            if operands.iter().all(|t| is_cpu_f32(t))
+                && packed_gemm::available()
+                && let Some(result) = attention_in_place(operands, [*q_transposed, *k_transposed, *v_transposed], *alpha, views)?
+            {
+                return one(result);
+            }
+            let [q, k, v] = operands;
+            let (q, k, v) = (run_chain(q, &views.operands[0])?, run_chain(k, &views.operands[1])?, run_chain(v, &views.operands[2])?);
+            let result = attention_unfolded(&q, &k, &v, [*q_transposed, *k_transposed, *v_transposed], *alpha, device)?;
+            one(run_chain(&result, &views.result)?)
+        }
+        Op::Reduce { kind, axes, keepdims } => {
+            let t = x()?;
+            let axes: Vec<i64> = match (args.get(1).copied().flatten(), axes) {
+                (Some(a), _) => ints(a)?,
+                (None, Some(a)) => a.clone(),
+                (None, None) => (0..t.rank() as i64).collect(),
+            };
+            let mut axes: Vec<usize> = axes.iter().map(|&a| normalize_axis(a, t.rank())).collect::<CResult<_>>()?;
+            axes.sort_unstable();
+            let mut out = t.clone();
+            for &a in axes.iter().rev() {
+                out = match kind {
+                    ReduceKind::Max => out.max_keepdim(a)?,
+                    ReduceKind::Sum => out.sum_keepdim(a)?,
+                };
+                if !keepdims {
+                    out = out.squeeze(a)?;
+                }
+            }
+            one(out)
+        }
+        Op::Shape => {
+            let dims: Vec<i64> = x()?.dims().iter().map(|&d| d as i64).collect();
+            let len = dims.len();
+            one(Tensor::from_vec(dims, len, &Device::Cpu)?)
+        }
+        Op::Gather { axis } => {
+            let t = x()?;
+            let indices = input(args, 1)?;
+            let axis = normalize_axis(*axis, t.rank())?;
+            let dim = t.dim(axis)? as i64;
+            let idx: Vec<i64> = ints(indices)?.into_iter().map(|i| if i < 0 { i + dim } else { i }).collect();
+            if idx.iter().any(|&i| i < 0 || i >= dim) {
+                candle_core::bail!("Gather index out of range");
+            }
+            let flat = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), t.device())?;
+            let picked = t.index_select(&flat, axis)?;
+            let mut dims: Vec<usize> = t.dims()[..axis].to_vec();
+            dims.extend_from_slice(indices.dims());
+            dims.extend_from_slice(&t.dims()[axis + 1..]);
+            one(picked.reshape(dims)?)
+        }
+        Op::Unsqueeze { axes } => {
+            let t = x()?;
+            let axes = match (args.get(1).copied().flatten(), axes) {
+                (Some(a), _) => ints(a)?,
+                (None, Some(a)) => a.clone(),
+                (None, None) => candle_core::bail!("Unsqueeze without axes"),
+            };
+            let rank = t.rank() + axes.len();
+            let mut axes: Vec<usize> = axes.iter().map(|&a| normalize_axis(a, rank)).collect::<CResult<_>>()?;
+            axes.sort_unstable();
+            let mut dims = t.dims().to_vec();
+            for a in axes {
+                dims.insert(a, 1);
+            }
+            one(t.reshape(dims)?)
+        }
+        Op::Range => {
+            let scalar = |i| -> CResult<Tensor> { input(args, i)?.flatten_all() };
+            let (s, l, d) = (scalar(0)?, scalar(1)?, scalar(2)?);
+            if s.dtype() == DType::F32 {
+                let v = |t: &Tensor| -> CResult<f32> { Ok(t.to_vec1::<f32>()?[0]) };
+                one(Tensor::arange_step(v(&s)?, v(&l)?, v(&d)?, &Device::Cpu)?)
+            } else {
+                let v = |t: &Tensor| -> CResult<i64> { Ok(ints(t)?[0]) };
+                one(Tensor::arange_step(v(&s)?, v(&l)?, v(&d)?, &Device::Cpu)?)
+            }
+        }
+        Op::Cast { to } => one(x()?.to_dtype(*to)?),
+        Op::ConstantOfShape { value } => {
+            let dims: Vec<usize> = ints(x()?)?.into_iter().map(|d| d.max(0) as usize).collect();
+            one(match &value.values {
+                TensorValues::F32(v) => Tensor::full(v.first().copied().unwrap_or(0.0), dims, &Device::Cpu)?,
+                TensorValues::I64(v) => Tensor::full(v.first().copied().unwrap_or(0), dims, &Device::Cpu)?,
+            })
+        }
+        Op::Expand => {
+            let t = x()?;
+            let shape: Vec<usize> = ints(input(args, 1)?)?.into_iter().map(|d| d.max(0) as usize).collect();
+            let target = broadcast_shape(t.dims(), &shape)?;
+            one(t.broadcast_as(target)?.contiguous()?)
+        }
+        Op::Constant(data) => one(tensor_from_data(data, device)?),
+        Op::Identity => one(x()?.clone()),
+    }
+}
+
+fn broadcast_shape(a: &[usize], b: &[usize]) -> CResult<Vec<usize>> {
+    let rank = a.len().max(b.len());
+    let dim = |s: &[usize], i: usize| if i + s.len() >= rank { s[i + s.len() - rank] } else { 1 };
+    (0..rank)
+        .map(|i| match (dim(a, i), dim(b, i)) {
+            (x, y) if x == y || y == 1 => Ok(x),
+            (1, y) => Ok(y),
+            (x, y) => Err(candle_core::Error::Msg(format!("cannot broadcast {x} with {y}"))),
+        })
+        .collect()
+}
+
+/// A convolution, plus `residual` when the graph adds one to its output.
+fn conv(c: &ConvOp, x: &Tensor, residual: Option<&Tensor>) -> CResult<Tensor> {
+    let Some(residual) = residual else { return conv_alone(c, x) };
+    let fits = match (x.dims(), residual.dims()) {
+        (&[n, _, h, w], &[rn, rc, rh, rw]) => {
+            c.weight.is_none() && is_cpu_f32(residual) && c.conv.output_size(h, w) == Some((rh, rw)) && (n, c.conv.spec().out_channels) == (rn, rc)
+        }
+        _ => false,
+    };
+    if fits {
+        let x = x.contiguous()?.to_dtype(DType::F32)?;
+        x.apply_op2_no_bwd(&residual.contiguous()?, &ConvWithResidual(&c.conv))
+    } else {
+        conv_alone(c, x)?.broadcast_add(residual)
+    }
+}
+
+/// A convolution of the concatenation of `parts` along channels. On the CPU it reads each part
+/// where it lies; otherwise the parts are concatenated first.
+fn conv_of_parts(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tensor>) -> CResult<Tensor> {
+    if let Some(out) = conv_of_parts_in_place(c, parts, residual)? {
+        return Ok(out);
+    }
+    let axis = 1;
+    let x = match concat_cpu(parts, axis)? {
+        Some(t) => t,
+        None => Tensor::cat(parts, axis)?,
+    };
+    conv(c, &x, residual)
+}
+
+/// [`conv_of_parts`] on the CPU kernel, when every part is a CPU `f32` tensor of the same
+/// `[n, _, h, w]` whose channel planes are contiguous; `Ok(None)` otherwise.
+fn conv_of_parts_in_place(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tensor>) -> CResult<Option<Tensor>> {
+    let conv = &c.conv;
+    let Some(&[n, _, h, w]) = parts.first().map(|p| p.dims()) else { return Ok(None) };
+    let Some((oh, ow)) = conv.output_size(h, w) else {
+        candle_core::bail!("conv input {h}x{w} is smaller than the kernel");
+    };
+    let out_dims = [n, conv.spec().out_channels, oh, ow];
+    let usable = |t: &Tensor| {
+        let planes_contiguous = matches!(t.layout().stride(), &[_, s1, s2, 1] if s1 == h * w && s2 == w);
+        is_cpu_f32(t) && matches!(t.dims(), &[pn, _, ph, pw] if (pn, ph, pw) == (n, h, w)) && planes_contiguous
+    };
+    let residual_fits = residual.is_none_or(|r| is_cpu_f32(r) && r.dims() == out_dims);
+    if c.weight.is_some() || !parts.iter().all(|t| usable(t)) || !residual_fits {
+        return Ok(None);
+    }
+    let channels: usize = parts.iter().map(|p| p.dims()[1]).sum();
+    if channels != conv.spec().in_channels {
+        candle_core::bail!("conv expects {} input channels, its parts have {channels}", conv.spec().in_channels);
+    }
+    let residual = residual.map(|r| r.contiguous()).transpose()?;
+    // The residual is a tensor of its own (made contiguous, it may share a part's storage):
+    // read under the same guards as the parts.
+    let mut tensors = parts.to_vec();
+    tensors.extend(residual.as_ref());
+    let out = with_cpu_storages(&tensors, |buffers| {
+        let input_parts = parts
+            .iter()
+            .zip(buffers)
+            .map(|(t, data)| kernels::conv::InputPart { data: &data[t.layout().start_offset()..], channels: t.dims()[1], image_stride: t.layout().stride()[0] })
+            .collect();
+        let input = kernels::conv::ConvInput::new(input_parts, n, h, w)?;
+        let residual = residual.as_ref().zip(buffers.last()).map(|(r, data)| {
+            let (start, end) = r.layout().contiguous_offsets().expect("made contiguous above");
+            &data[start..end]
+        });
+        Some(conv.run_input(&input, residual))
+    })?;
+    let Some(Some(out)) = out else { return Ok(None) };
+    Ok(Some(Tensor::from_vec(out, &out_dims[..], &Device::Cpu)?))
+}
+
+fn conv_alone(c: &ConvOp, x: &Tensor) -> CResult<Tensor> {
+    match (&c.weight, &c.bias) {
+        (Some(weight), Some(bias)) => {
+            let conv = c.conv.spec();
+            let (t, l, b, r) = conv.pads;
+            let (x, pad) = if t == b && l == r && t == l {
+                (x.clone(), t)
+            } else {
+                (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, 0)
+            };
+            if conv.stride.0 != conv.stride.1 || conv.dilation.0 != conv.dilation.1 {
+                candle_core::bail!("anisotropic stride or dilation needs the CPU kernel");
+            }
+            let y = x.conv2d(weight, pad, conv.stride.0, conv.dilation.0, conv.groups)?.broadcast_add(bias)?;
+            match conv.activation {
+                Activation::Identity => Ok(y),
+                Activation::Silu => y.silu(),
+            }
+        }
+        _ => x.contiguous()?.to_dtype(DType::F32)?.apply_op1_no_bwd(&c.conv),
+    }
+}
+
+pub(super) fn max_pool(x: &Tensor, kernel: (usize, usize), stride: (usize, usize), pads: (usize, usize, usize, usize)) -> CResult<Tensor> {
+    if kernel.0 != kernel.1 || stride.0 != stride.1 {
+        candle_core::bail!("only square pooling is supported");
+    }
+    let (t, l, b, r) = pads;
+    if t >= kernel.0 || l >= kernel.1 || b >= kernel.0 || r >= kernel.1 {
+        candle_core::bail!("pooling padding must be smaller than the kernel");
+    }
+    // Padding by repeating the edge equals padding with -inf for a max: every window that covers
+    // padding also covers the edge value it repeats.
+    let padded = x.pad_with_same(2, t, b)?.pad_with_same(3, l, r)?;
+    padded.max_pool2d_with_stride(kernel.0, stride.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_that_share_a_storage_share_one_read_guard() {
+        // Two halves of one tensor, read together while another thread waits to write it: a
+        // second read lock on the storage would queue behind the writer, which waits for the
+        // first, and never return.
+        let whole = Tensor::arange(0f32, 8.0, &Device::Cpu).unwrap();
+        let (first, second) = (whole.narrow(0, 0, 4).unwrap(), whole.narrow(0, 4, 4).unwrap());
+        let other = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+        let ones = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        std::thread::scope(|scope| {
+            let read = with_cpu_storages(&[&first, &other, &second], |buffers| {
+                let writer = scope.spawn(|| whole.slice_set(&ones, 0, 0));
+                // Let the writer queue on the lock before the buffers are used.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                assert!(!writer.is_finished(), "the writer waits while the storage is read");
+                (buffers.len(), std::ptr::eq(buffers[0], buffers[2]), buffers[2][4..].to_vec(), buffers[1].len())
+            });
+            assert_eq!(read.unwrap(), Some((3, true, vec![4.0, 5.0, 6.0, 7.0], 3)));
+        });
+        assert_eq!(whole.to_vec1::<f32>().unwrap()[..4], [1.0; 4]);
+    }
+}

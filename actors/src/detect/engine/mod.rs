@@ -1,0 +1,264 @@
+//! Executes an ONNX detection graph on candle tensors.
+//!
+//! Loading turns the graph into a plan once: every operator is parsed into a typed [`Op`]
+//! (an operator or attribute we do not support is an error naming the node; [`parse`]), `Conv →
+//! Sigmoid → Mul` chains become one convolution with a fused SiLU (and skip connection), an
+//! attention head's `MatMul → Softmax → MatMul` one fused op ([`fuse`]), convolution weights are
+//! laid out for the CPU kernel, everything that depends only on constants is folded, and each
+//! value gets a slot that is freed after its last use. On the CPU the plan then moves less data:
+//! chains of reshapes, transposes and splits fold into the step that reads them
+//! ([`fold::fold_views`]), and convolutions read a channel concatenation where its parts lie
+//! ([`fold::fold_concats_into_convs`]). Running the plan is a loop over steps ([`eval`]).
+//!
+//! On the CPU, convolutions, attention and most element-wise work run on streamdet's own
+//! kernels ([`super::kernels`], wrapped as candle operations in [`custom_ops`]); on other
+//! devices they use candle's operations.
+//!
+//! This module holds the plan's types and the [`Engine`] that builds and runs it.
+
+mod custom_ops;
+mod eval;
+mod fold;
+mod fuse;
+mod parse;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::DetectError;
+use super::kernels::activation::UnaryFn;
+use super::kernels::conv::Conv2d;
+use super::model::{OnnxModel, TensorData, TensorValues};
+use super::views::ViewStep;
+
+type CResult<T> = candle_core::Result<T>;
+
+#[derive(Debug, Clone, Copy)]
+enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ReduceKind {
+    Max,
+    Sum,
+}
+
+/// A convolution, ready for the CPU kernel and for candle's `conv2d`.
+#[derive(Debug)]
+struct ConvOp {
+    conv: Conv2d,
+    /// How many more parts of a channel concatenation follow the first (input 0), as inputs
+    /// `CONV_MORE_PARTS..`; see [`fold::fold_concats_into_convs`].
+    concat_parts: usize,
+    /// `[out, in/groups, kh, kw]` on the execution device, for non-CPU devices.
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+}
+
+#[derive(Debug)]
+enum Op {
+    Conv(Box<ConvOp>),
+    Unary(UnaryFn),
+    Binary(BinaryOp),
+    Split { axis: i64, sizes: Option<Vec<i64>> },
+    Concat { axis: i64 },
+    MaxPool { kernel: (usize, usize), stride: (usize, usize), pads: (usize, usize, usize, usize) },
+    ResizeNearest,
+    Reshape,
+    Transpose { perm: Option<Vec<usize>> },
+    Softmax { axis: i64 },
+    Slice,
+    /// A matrix product; a flag means that operand arrives with its last two axes swapped (a
+    /// transpose folded into the product's packing).
+    /// `alpha * A x B`, each operand possibly read transposed.
+    MatMul { a_transposed: bool, b_transposed: bool, alpha: f32 },
+    /// `V x softmax(alpha * Q x K)^T` over the last two axes (attention, with `Q` rows as
+    /// queries): inputs `Q`, `K`, `V`, each possibly stored with its last two axes swapped.
+    /// `views` holds the view chains folded into it (see [`fold::fold_views`]).
+    Attention { q_transposed: bool, k_transposed: bool, v_transposed: bool, alpha: f32, views: Box<AttentionViews> },
+    /// The end of a chain of views, copied out of the tensor the chain starts from in one pass.
+    View(Vec<ViewStep>),
+    Reduce { kind: ReduceKind, axes: Option<Vec<i64>>, keepdims: bool },
+    Shape,
+    Gather { axis: i64 },
+    Unsqueeze { axes: Option<Vec<i64>> },
+    Range,
+    Cast { to: DType },
+    ConstantOfShape { value: TensorData },
+    Expand,
+    Constant(TensorData),
+    Identity,
+}
+
+#[derive(Debug)]
+struct Step {
+    node: String,
+    op_type: String,
+    op: Op,
+    /// Input slots; `None` for an omitted optional input.
+    inputs: Vec<Option<usize>>,
+    outputs: Vec<usize>,
+    /// Slots whose last use is this step.
+    release: Vec<usize>,
+}
+
+/// Milliseconds and step count per operator type, from [`Engine::run_profiled`].
+pub type OpProfile = std::collections::BTreeMap<String, (f64, usize)>;
+
+/// The view chains folded into an attention step: per operand, from the tensor the step reads
+/// to the operand; and from the step's result to the tensor it produces.
+#[derive(Debug, Default)]
+struct AttentionViews {
+    operands: [Vec<ViewStep>; 3],
+    result: Vec<ViewStep>,
+}
+
+/// A planned graph, ready to run.
+#[derive(Debug)]
+pub struct Engine {
+    device: Device,
+    steps: Vec<Step>,
+    slot_count: usize,
+    constants: Vec<(usize, Tensor)>,
+    input_slot: usize,
+    output_slot: usize,
+}
+
+fn tensor_from_data(data: &TensorData, device: &Device) -> CResult<Tensor> {
+    match &data.values {
+        TensorValues::F32(v) => Tensor::from_vec(v.clone(), data.shape.as_slice(), device),
+        TensorValues::I64(v) => Tensor::from_vec(v.clone(), data.shape.as_slice(), device),
+    }
+}
+
+impl Engine {
+    /// Plans `model` for `device`.
+    pub fn plan(model: &OnnxModel, device: &Device) -> Result<Self, DetectError> {
+        let input = model.inputs.first().ok_or_else(|| DetectError::BadModelText("the graph has no input".into()))?;
+        let output = model.outputs.first().ok_or_else(|| DetectError::BadModelText("the graph has no output".into()))?;
+        let nodes = fuse::fuse(&model.nodes, &model.initializers);
+
+        let mut slots: HashMap<String, usize> = HashMap::new();
+        let slot_of = |name: &str, slots: &mut HashMap<String, usize>| {
+            let next = slots.len();
+            *slots.entry(name.to_string()).or_insert(next)
+        };
+        let mut constants: HashMap<usize, Tensor> = HashMap::new();
+        let cpu = Device::Cpu;
+        for (name, data) in &model.initializers {
+            let slot = slot_of(name, &mut slots);
+            let tensor = tensor_from_data(data, &cpu).map_err(|e| DetectError::BadModelText(format!("initializer {name:?}: {e}")))?;
+            constants.insert(slot, tensor);
+        }
+        let input_slot = slot_of(&input.name, &mut slots);
+
+        let mut steps = Vec::new();
+        for node in &nodes {
+            let op = parse::parse_op(node, &model.initializers, device)?;
+            let inputs: Vec<Option<usize>> =
+                node.inputs.iter().map(|name| (!name.is_empty()).then(|| slot_of(name, &mut slots))).collect();
+            let outputs: Vec<usize> = node.outputs.iter().map(|name| slot_of(name, &mut slots)).collect();
+            let foldable = !matches!(op, Op::Conv(_)) && inputs.iter().flatten().all(|s| constants.contains_key(s));
+            let step = Step { node: node.name.clone(), op_type: node.op_type.clone(), op, inputs, outputs, release: Vec::new() };
+            if foldable {
+                // Everything this node reads is known now: compute it once, on the CPU.
+                let args: Vec<Option<&Tensor>> = step.inputs.iter().map(|s| s.map(|s| &constants[&s])).collect();
+                let results = eval::eval(&step.op, &args, &cpu).map_err(|e| execution_error(&step, e))?;
+                for (slot, value) in step.outputs.iter().zip(results) {
+                    constants.insert(*slot, value);
+                }
+            } else {
+                steps.push(step);
+            }
+        }
+        let output_slot = *slots.get(output).ok_or_else(|| DetectError::BadModelText(format!("output {output:?} is never produced")))?;
+        let steps = fold::fold_views(steps, &constants, output_slot, device);
+        let mut steps = fold::fold_concats_into_convs(steps, output_slot, device);
+
+        // Keep only the constants that a step reads, moved to the device once.
+        let mut last_use: HashMap<usize, usize> = HashMap::new();
+        for (i, step) in steps.iter().enumerate() {
+            for slot in step.inputs.iter().flatten() {
+                last_use.insert(*slot, i);
+            }
+        }
+        let mut used_constants = Vec::new();
+        for (slot, tensor) in constants {
+            if last_use.contains_key(&slot) || slot == output_slot {
+                let on_device = tensor.to_device(device).map_err(DetectError::from_candle)?;
+                used_constants.push((slot, on_device));
+            }
+        }
+        let constant_slots: Vec<usize> = used_constants.iter().map(|(s, _)| *s).collect();
+        for (slot, i) in last_use {
+            if slot != output_slot && slot != input_slot && !constant_slots.contains(&slot) {
+                steps[i].release.push(slot);
+            }
+        }
+        Ok(Engine { device: device.clone(), steps, slot_count: slots.len(), constants: used_constants, input_slot, output_slot })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs the graph on `input` and returns its first output.
+    pub fn run(&self, input: Tensor) -> Result<Tensor, DetectError> {
+        self.run_profiled(input, None)
+    }
+
+    /// Like [`run`](Self::run); when `profile` is given, adds each step's wall time to the
+    /// entry of its operator type (fused convolutions count as `Conv`).
+    pub fn run_profiled(&self, input: Tensor, mut profile: Option<&mut OpProfile>) -> Result<Tensor, DetectError> {
+        let mut values: Vec<Option<Tensor>> = vec![None; self.slot_count];
+        for (slot, tensor) in &self.constants {
+            values[*slot] = Some(tensor.clone());
+        }
+        values[self.input_slot] = Some(input);
+        for step in &self.steps {
+            let args: Vec<Option<&Tensor>> = step.inputs.iter().map(|s| s.and_then(|s| values[s].as_ref())).collect();
+            let started = profile.is_some().then(std::time::Instant::now);
+            let results = eval::eval(&step.op, &args, &self.device).map_err(|e| execution_error(step, e))?;
+            if let (Some(profile), Some(started)) = (profile.as_deref_mut(), started) {
+                let entry = profile.entry(profile_key(step)).or_default();
+                entry.0 += started.elapsed().as_secs_f64() * 1000.0;
+                entry.1 += 1;
+            }
+            for (slot, value) in step.outputs.iter().zip(results) {
+                values[*slot] = Some(value);
+            }
+            for slot in &step.release {
+                values[*slot] = None;
+            }
+        }
+        values[self.output_slot].take().ok_or_else(|| DetectError::BadModelText("the output was never computed".into()))
+    }
+}
+
+/// The profile entry of a step: its operator type, with convolutions split by kind since
+/// their kernels differ.
+fn profile_key(step: &Step) -> String {
+    match &step.op {
+        Op::Conv(c) => {
+            let conv = c.conv.spec();
+            let kind = if conv.groups > 1 && conv.groups == conv.in_channels {
+                "depthwise"
+            } else if conv.kernel == (1, 1) {
+                "1x1"
+            } else {
+                "kxk"
+            };
+            format!("Conv {kind}")
+        }
+        _ => step.op_type.clone(),
+    }
+}
+
+fn execution_error(step: &Step, err: candle_core::Error) -> DetectError {
+    DetectError::Execution { node: step.node.clone(), op: step.op_type.clone(), message: err.to_string() }
+}
