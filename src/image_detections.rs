@@ -1,5 +1,6 @@
 //! One image in, its detections out: the path `POST /detect` and `streamdet detect-image` share.
 
+use streamdet_actors::ErrorCode;
 use streamdet_actors::detect::{self, DetectParams, Detection, Detector, ModelFrame};
 
 /// An image's size (as displayed, EXIF orientation applied) and what was found in it.
@@ -13,7 +14,7 @@ pub struct ImageDetections {
 /// Why an image has no detections: an error code of the event protocol and a message.
 #[derive(Debug)]
 pub struct ImageFailure {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
@@ -27,6 +28,6 @@ pub fn detect_image(detector: &Detector, bytes: Vec<u8>, params: &DetectParams, 
     let frame = ModelFrame { rgb: model_rgb, letterbox };
     let mut found = detector
         .detect(std::slice::from_ref(&frame), params)
-        .map_err(|e| ImageFailure { code: "internal", message: e.to_string() })?;
+        .map_err(|e| ImageFailure { code: ErrorCode::Internal, message: e.to_string() })?;
     Ok(ImageDetections { width, height, detections: found.pop().unwrap_or_default() })
 }

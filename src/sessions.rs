@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use streamdet_actors::ErrorCode;
 use streamdet_actors::actors::Event;
 use tokio::sync::Notify;
 
@@ -133,7 +134,7 @@ impl SessionLog {
     }
 
     /// Ends the log with an error event unless it already ended.
-    pub fn close(&self, code: &str, message: &str) {
+    pub fn close(&self, code: ErrorCode, message: &str) {
         self.push(Event::error(code, message));
     }
 
@@ -310,7 +311,7 @@ mod tests {
             let log = Arc::clone(&log);
             async move { log.next(2).await }
         });
-        log.push(Event::error("truncated", "cut"));
+        log.push(Event::error(ErrorCode::Truncated, "cut"));
         assert!(matches!(waiter.await.unwrap(), Some((2, Event::Error { .. }))));
         assert_eq!(log.next(1).await, Some((1, frame(1))), "replay from an earlier point");
         assert_eq!(log.next(3).await, None, "nothing after the last event");
@@ -327,7 +328,7 @@ mod tests {
         for i in 0..10_000 {
             log.push(frame(i));
         }
-        log.push(Event::error("timeout", "the end"));
+        log.push(Event::error(ErrorCode::Timeout, "the end"));
         let state_bytes = log.lock().tail_bytes;
         assert!(state_bytes <= 4096, "{state_bytes} bytes kept");
         assert_eq!(log.next(0).await, Some((0, frame(0))), "the first event stays");

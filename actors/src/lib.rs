@@ -12,5 +12,8 @@ pub mod actors;
 pub mod buffer;
 pub mod decode;
 pub mod detect;
+pub mod error_code;
 pub mod frame;
 pub mod pipeline;
+
+pub use error_code::ErrorCode;

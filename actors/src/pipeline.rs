@@ -32,6 +32,7 @@ use crate::actors::messages::{AbortUpload, Chunk, DecoderReports, Fail, Finish, 
 use crate::actors::session::{Session, SessionParts};
 use crate::actors::uploader::Uploader;
 use crate::actors::{Event, ModelSummary};
+use crate::ErrorCode;
 use crate::buffer::{self, BufferOptions};
 use crate::decode::{DecodeOptions, FrameSelection};
 use crate::detect::{DetectParams, Detector};
@@ -166,7 +167,7 @@ impl Pipeline {
             let decoder = DecoderActor::new(key, reader, decode, detect, credits, reports, inference.clone()).start();
             if let Some(limit) = max_duration {
                 ctx.notify_later(
-                    Fail { code: "timeout", message: format!("the session ran longer than {} s", limit.as_secs_f64()) },
+                    Fail { code: ErrorCode::Timeout, message: format!("the session ran longer than {} s", limit.as_secs_f64()) },
                     limit,
                 );
             }
@@ -227,7 +228,7 @@ impl UploadHandle {
                 Some(limit) => match actix::clock::timeout(limit, chunks.next()).await {
                     Ok(next) => next,
                     Err(_) => {
-                        self.abort("timeout", format!("no upload data arrived for {} s", limit.as_secs_f64()));
+                        self.abort(ErrorCode::Timeout, format!("no upload data arrived for {} s", limit.as_secs_f64()));
                         return;
                     }
                 },
@@ -245,7 +246,7 @@ impl UploadHandle {
             // Only the time spent waiting for the client counts: while `feed` holds the body
             // back for a lagging decoder, the slowness is ours.
             if let Some(Err(message)) = rate.as_mut().map(|window| window.record(waited.elapsed(), bytes.len() as u64)) {
-                self.abort("timeout", message);
+                self.abort(ErrorCode::Timeout, message);
                 return;
             }
             if self.feed(bytes).await.is_err() {
@@ -261,12 +262,12 @@ impl UploadHandle {
     }
 
     /// The upload cannot complete: the session ends with this error.
-    pub fn abort(&self, code: &'static str, message: impl Into<String>) {
+    pub fn abort(&self, code: ErrorCode, message: impl Into<String>) {
         self.uploader.do_send(AbortUpload { code, message: message.into() });
     }
 
     /// Ends the session now with an error event.
-    pub fn cancel(&self, code: &'static str, message: impl Into<String>) {
+    pub fn cancel(&self, code: ErrorCode, message: impl Into<String>) {
         self.session.do_send(Fail { code, message: message.into() });
     }
 }
@@ -275,14 +276,14 @@ impl UploadHandle {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BodyError {
     /// The event's error code (`truncated`, `too_large`, `bad_parameter`, ...).
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl From<String> for BodyError {
     /// A body that broke off.
     fn from(message: String) -> Self {
-        BodyError { code: "truncated", message: format!("the upload broke off: {message}") }
+        BodyError { code: ErrorCode::Truncated, message: format!("the upload broke off: {message}") }
     }
 }
 

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use serde_json::json;
+use streamdet_actors::ErrorCode;
 use streamdet_actors::detect::{DetectParams, Detector};
 
 use super::{DetectArgs, ModelArgs};
@@ -45,8 +46,8 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
 }
 
 /// One image's line, or the error code and message of its error line.
-fn detect_one(detector: &Detector, path: &Path, params: &DetectParams, max_pixels: u64) -> Result<serde_json::Value, (&'static str, String)> {
-    let bytes = std::fs::read(path).map_err(|e| ("unsupported_media", format!("cannot read it: {e}")))?;
+fn detect_one(detector: &Detector, path: &Path, params: &DetectParams, max_pixels: u64) -> Result<serde_json::Value, (ErrorCode, String)> {
+    let bytes = std::fs::read(path).map_err(|e| (ErrorCode::UnsupportedMedia, format!("cannot read it: {e}")))?;
     let found = detect_image(detector, bytes, params, max_pixels).map_err(|f| (f.code, f.message))?;
     Ok(json!({"type": "image", "image": path, "width": found.width, "height": found.height, "detections": found.detections}))
 }

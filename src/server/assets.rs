@@ -2,8 +2,8 @@
 
 use actix_web::HttpRequest;
 use actix_web::HttpResponse;
-use actix_web::http::StatusCode;
 
+use streamdet_actors::ErrorCode;
 use super::error_response;
 
 /// The API description, served as written (a test keeps it and the routes in step).
@@ -18,7 +18,7 @@ pub const PAGE_ASSETS: [(&str, &str, &str); 3] = [
 
 pub async fn page_asset(req: HttpRequest) -> HttpResponse {
     let Some((_, content_type, body)) = PAGE_ASSETS.iter().find(|(path, _, _)| *path == req.path()) else {
-        return error_response(StatusCode::NOT_FOUND, "not_found", "no such page");
+        return error_response(ErrorCode::NotFound, "no such page");
     };
     HttpResponse::Ok()
         .content_type(*content_type)

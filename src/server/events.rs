@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use futures_util::future::Either;
+use streamdet_actors::ErrorCode;
 use streamdet_actors::actors::Event;
 
 use super::params::{SESSION_ID_RULE, valid_session_id};
@@ -60,7 +60,7 @@ pub fn follow(follow: Follow) -> HttpResponse {
                 }
                 Either::Right(_) => {
                     if deadline.is_some_and(|until| Instant::now() >= until) && !state.log.claimed() {
-                        let event = Event::error("timeout", "no upload claimed this session id in time (server.watch_wait_s)");
+                        let event = Event::error(ErrorCode::Timeout, "no upload claimed this session id in time (server.watch_wait_s)");
                         let bytes = if state.sse { sse_message(&event, state.next as u64) } else { ndjson_line(&event) };
                         return Some((Ok(bytes), None));
                     }
@@ -84,7 +84,7 @@ pub fn follow(follow: Follow) -> HttpResponse {
 /// that event.
 pub async fn session_events(req: HttpRequest, id: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
     if !valid_session_id(&id) {
-        return error_response(StatusCode::BAD_REQUEST, "bad_parameter", SESSION_ID_RULE);
+        return error_response(ErrorCode::BadParameter, SESSION_ID_RULE);
     }
     let from = match req.headers().get("Last-Event-ID").map(|v| v.to_str().map(str::trim)) {
         None => 0,
@@ -92,12 +92,12 @@ pub async fn session_events(req: HttpRequest, id: web::Path<String>, state: web:
         Some(Ok(last)) if !last.is_empty() && last.len() <= 20 && last.bytes().all(|b| b.is_ascii_digit()) => {
             last.parse::<u64>().ok().and_then(|n| usize::try_from(n).ok()).and_then(|n| n.checked_add(1)).unwrap_or(usize::MAX)
         }
-        Some(_) => return error_response(StatusCode::BAD_REQUEST, "bad_parameter", "Last-Event-ID must be the id of an event (digits)"),
+        Some(_) => return error_response(ErrorCode::BadParameter, "Last-Event-ID must be the id of an event (digits)"),
     };
     let slot = match state.sessions.watch(&id) {
         Ok(slot) => slot,
-        Err(Refused::Full(what)) => return error_response(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", format!("too many {what}; try again shortly")),
-        Err(Refused::InUse) => return error_response(StatusCode::CONFLICT, "conflict", "the session id is in use"),
+        Err(Refused::Full(what)) => return error_response(ErrorCode::TooManySessions, format!("too many {what}; try again shortly")),
+        Err(Refused::InUse) => return error_response(ErrorCode::Conflict, "the session id is in use"),
     };
     let log = Arc::clone(slot.log());
     let until = Instant::now() + state.sessions.watch_wait();

@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 use actix_web::body::BoxBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{AUTHORIZATION, HOST, ORIGIN};
-use actix_web::http::{Method, StatusCode};
+use actix_web::http::Method;
 use actix_web::middleware::Next;
 use actix_web::{HttpRequest, HttpResponse, web};
 
+use streamdet_actors::ErrorCode;
 use super::assets::PAGE_ASSETS;
 use super::error_response;
 
@@ -37,7 +38,7 @@ pub async fn require_token(req: ServiceRequest, next: Next<BoxBody>) -> Result<S
     if allowed {
         next.call(req).await
     } else {
-        Ok(req.into_response(error_response(StatusCode::UNAUTHORIZED, "unauthorized", "this server requires a bearer token")))
+        Ok(req.into_response(error_response(ErrorCode::Unauthorized, "this server requires a bearer token")))
     }
 }
 
@@ -83,8 +84,7 @@ pub fn origin_allowed(req: &HttpRequest, allowed: &[String]) -> bool {
 }
 
 fn forbidden_origin() -> HttpResponse {
-    HttpResponse::build(StatusCode::FORBIDDEN)
-        .json(serde_json::json!({"code": "forbidden", "message": "requests from this origin are not allowed (see server.cors_origins)"}))
+    error_response(ErrorCode::Forbidden, "requests from this origin are not allowed (see server.cors_origins)")
 }
 
 /// The client a request comes from: the peer address, or, when the peer is a trusted proxy,

@@ -4,10 +4,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
 
+use streamdet_actors::ErrorCode;
 use super::params::detect_params;
 use super::video::declared_length;
 use super::{AppState, error_response};
@@ -18,32 +18,32 @@ use crate::image_detections::{self, ImageFailure};
 /// `limits.max_image_pixels` is refused from its header, before any pixel is decoded.
 pub async fn detect_image(req: HttpRequest, query: web::Query<HashMap<String, String>>, mut payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
     if let Some(unknown) = query.keys().find(|k| !["conf", "iou", "classes"].contains(&k.as_str())) {
-        return error_response(StatusCode::BAD_REQUEST, "bad_parameter", format!("unknown parameter {unknown:?} (known: conf, iou, classes)"));
+        return error_response(ErrorCode::BadParameter, format!("unknown parameter {unknown:?} (known: conf, iou, classes)"));
     }
     let detector = Arc::clone(state.pipeline.detector());
     let params = match detect_params(&query, &detector, &state.config.detect) {
         Ok(params) => params,
-        Err(message) => return error_response(StatusCode::BAD_REQUEST, "bad_parameter", message),
+        Err(message) => return error_response(ErrorCode::BadParameter, message),
     };
     let limit = state.config.server.max_image_bytes;
-    let too_large = || error_response(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the image is larger than the limit of {limit} bytes"));
+    let too_large = || error_response(ErrorCode::TooLarge, format!("the image is larger than the limit of {limit} bytes"));
     if declared_length(&req).is_some_and(|len| len > limit) {
         return too_large();
     }
     // Taken before the body is read: the permits bound the memory of bodies as well as the
     // decoding and model work.
     let Ok(_permit) = Arc::clone(&state.image_permits).try_acquire_owned() else {
-        return error_response(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", "the server is busy with other images; try again shortly");
+        return error_response(ErrorCode::TooManySessions, "the server is busy with other images; try again shortly");
     };
     let idle = Duration::from_secs(state.config.server.idle_upload_timeout_s);
     let mut body = Vec::new();
     loop {
         match actix_web::rt::time::timeout(idle, payload.next()).await {
-            Err(_) => return error_response(StatusCode::REQUEST_TIMEOUT, "timeout", format!("no image data arrived for {} s", idle.as_secs())),
+            Err(_) => return error_response(ErrorCode::Timeout, format!("no image data arrived for {} s", idle.as_secs())),
             Ok(None) => break,
             Ok(Some(Ok(bytes))) if (body.len() + bytes.len()) as u64 <= limit => body.extend_from_slice(&bytes),
             Ok(Some(Ok(_))) => return too_large(),
-            Ok(Some(Err(err))) => return error_response(StatusCode::BAD_REQUEST, "truncated", format!("the upload broke off: {err}")),
+            Ok(Some(Err(err))) => return error_response(ErrorCode::Truncated, format!("the upload broke off: {err}")),
         }
     }
     let max_pixels = state.config.limits.max_image_pixels;
@@ -51,15 +51,8 @@ pub async fn detect_image(req: HttpRequest, query: web::Query<HashMap<String, St
     let result = web::block(move || image_detections::detect_image(&detector, body, &params, max_pixels)).await;
     match result {
         Ok(Ok(found)) => HttpResponse::Ok().json(found),
-        Ok(Err(ImageFailure { code, message })) => {
-            let status = match code {
-                "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
-                "unsupported_media" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            error_response(status, code, message)
-        }
-        Err(err) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", err.to_string()),
+        Ok(Err(ImageFailure { code, message })) => error_response(code, message),
+        Err(err) => error_response(ErrorCode::Internal, err.to_string()),
     }
 }
 

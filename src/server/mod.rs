@@ -24,6 +24,7 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderName};
 use actix_web::{App, HttpResponse, HttpServer, web};
 use serde_json::json;
+use streamdet_actors::ErrorCode;
 use streamdet_actors::detect::Detector;
 use streamdet_actors::pipeline::{Pipeline, PipelineOptions};
 use tokio::sync::Semaphore;
@@ -48,10 +49,10 @@ pub struct AppState {
 }
 
 
-fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> HttpResponse {
+fn error_response(code: ErrorCode, message: impl Into<String>) -> HttpResponse {
+    let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     HttpResponse::build(status).json(json!({"code": code, "message": message.into()}))
 }
-
 
 /// Every route of the service.
 fn routes(cfg: &mut web::ServiceConfig) {

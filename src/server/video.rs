@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use actix_web::http::StatusCode;
 use actix_web::http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use streamdet_actors::ErrorCode;
 use streamdet_actors::actors::Event;
 use streamdet_actors::pipeline::{BodyError, UploadPace, new_session_id};
 
@@ -63,23 +63,23 @@ pub async fn detect_video(
 ) -> HttpResponse {
     let mut params = match video_params(&query, state.pipeline.detector(), &state.config.detect) {
         Ok(params) => params,
-        Err(message) => return error_response(StatusCode::BAD_REQUEST, "bad_parameter", message),
+        Err(message) => return error_response(ErrorCode::BadParameter, message),
     };
     let id = match params.id.clone() {
         Some(id) => id,
         None => match new_session_id() {
             Ok(id) => id,
-            Err(err) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("cannot make a session id: {err}")),
+            Err(err) => return error_response(ErrorCode::Internal, format!("cannot make a session id: {err}")),
         },
     };
     params.id = Some(id.clone());
     let limit = state.config.server.max_upload_bytes;
     if declared_length(&req).is_some_and(|len| len > limit) {
-        return error_response(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the upload is larger than the limit of {limit} bytes"));
+        return error_response(ErrorCode::TooLarge, format!("the upload is larger than the limit of {limit} bytes"));
     }
     let slot = match SessionSlot::acquire(&state, client_address(&req, &state.trusted_proxies)) {
         Ok(slot) => slot,
-        Err(message) => return error_response(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", message),
+        Err(message) => return error_response(ErrorCode::TooManySessions, message),
     };
     let pace = upload_pace(&state.config);
     // A form's parts before the file are read now, so that a body with no file part gets its
@@ -95,22 +95,22 @@ pub async fn detect_video(
     let log = match state.sessions.start(&id) {
         Ok(log) => log,
         Err(Refused::InUse) => {
-            return error_response(StatusCode::CONFLICT, "conflict", format!("the session id {id:?} is in use or was used recently"));
+            return error_response(ErrorCode::Conflict, format!("the session id {id:?} is in use or was used recently"));
         }
         Err(Refused::Full(what)) => {
-            return error_response(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", format!("the server tracks too many {what}; try again shortly"));
+            return error_response(ErrorCode::TooManySessions, format!("the server tracks too many {what}; try again shortly"));
         }
     };
     let session = match state.pipeline.session(params) {
         Ok(session) => session,
         Err(err) => {
-            log.close("internal", "the session could not start");
-            return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("cannot start a session: {err}"));
+            log.close(ErrorCode::Internal, "the session could not start");
+            return error_response(ErrorCode::Internal, format!("cannot start a session: {err}"));
         }
     };
     let (upload, mut events) = session.split();
     let canceller = upload.clone();
-    log.set_cancel(move || canceller.cancel("internal", "the server is shutting down"));
+    log.set_cancel(move || canceller.cancel(ErrorCode::Internal, "the server is shutting down"));
     // The body is read in its own task, so the response streams while the upload goes on.
     let (body_read, body_done) = tokio::sync::oneshot::channel::<()>();
     actix_web::rt::spawn(async move {
@@ -129,19 +129,14 @@ pub async fn detect_video(
             metrics.observe_event(&event);
             pump_log.push(event);
         }
-        pump_log.close("internal", "the session stopped");
+        pump_log.close(ErrorCode::Internal, "the session stopped");
         metrics.sessions_active.dec();
     });
     // The status line waits for the first event: `start` once the container is identified
     // (a few KiB into the upload), or an error that a plain HTTP status says better.
     if let Some((_, Event::Error { code, message })) = log.next(0).await {
-        let status = match code.as_str() {
-            "unsupported_media" | "no_video_stream" | "unsupported_codec" => Some(StatusCode::UNSUPPORTED_MEDIA_TYPE),
-            "too_large" => Some(StatusCode::PAYLOAD_TOO_LARGE),
-            _ => None,
-        };
-        if let Some(status) = status {
-            return error_response(status, &code, message);
+        if code.refuses_upload() {
+            return error_response(code, message);
         }
     }
     let sse = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
@@ -181,13 +176,13 @@ type BodyStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes
 /// is a 400 response.
 async fn multipart_file(req: &HttpRequest, payload: web::Payload, limit: u64, idle: Option<Duration>) -> Result<BodyStream, HttpResponse> {
     use actix_multipart::{Field, Multipart};
-    let bad = |message: String| error_response(StatusCode::BAD_REQUEST, "bad_parameter", message);
+    let bad = |message: String| error_response(ErrorCode::BadParameter, message);
     let mut multipart = Multipart::new(req.headers(), payload);
     let mut preamble: u64 = 0;
     let idle = idle.unwrap_or(Duration::from_secs(30));
     let file = loop {
         let part = match actix_web::rt::time::timeout(idle, multipart.next()).await {
-            Err(_) => return Err(error_response(StatusCode::REQUEST_TIMEOUT, "timeout", "the form's first parts did not arrive in time")),
+            Err(_) => return Err(error_response(ErrorCode::Timeout, "the form's first parts did not arrive in time")),
             Ok(None) => return Err(bad("the multipart body has no file part".into())),
             Ok(Some(Err(err))) => return Err(bad(format!("bad multipart body: {err}"))),
             Ok(Some(Ok(part))) => part,
@@ -200,13 +195,13 @@ async fn multipart_file(req: &HttpRequest, payload: web::Payload, limit: u64, id
         let mut part = part;
         loop {
             match actix_web::rt::time::timeout(idle, part.next()).await {
-                Err(_) => return Err(error_response(StatusCode::REQUEST_TIMEOUT, "timeout", "the form's first parts did not arrive in time")),
+                Err(_) => return Err(error_response(ErrorCode::Timeout, "the form's first parts did not arrive in time")),
                 Ok(None) => break,
                 Ok(Some(Err(err))) => return Err(bad(format!("bad multipart body: {err}"))),
                 Ok(Some(Ok(bytes))) => {
                     preamble += bytes.len() as u64;
                     if preamble > limit {
-                        return Err(error_response(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the upload is larger than the limit of {limit} bytes")));
+                        return Err(error_response(ErrorCode::TooLarge, format!("the upload is larger than the limit of {limit} bytes")));
                     }
                 }
             }
@@ -220,7 +215,7 @@ async fn multipart_file(req: &HttpRequest, payload: web::Payload, limit: u64, id
                 let read = read + bytes.len() as u64;
                 if read > limit {
                     let message = format!("the upload is larger than the limit of {limit} bytes");
-                    return Some((Err(BodyError { code: "too_large", message }), None));
+                    return Some((Err(BodyError { code: ErrorCode::TooLarge, message }), None));
                 }
                 Some((Ok(bytes), Some((multipart, file, read))))
             }

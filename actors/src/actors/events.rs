@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 
+use crate::ErrorCode;
 use crate::decode::MediaInfo;
 use crate::detect::Detection;
 
@@ -33,12 +34,12 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         media_file: Option<String>,
     },
-    Error { code: String, message: String },
+    Error { code: ErrorCode, message: String },
 }
 
 impl Event {
-    pub fn error(code: &str, message: impl Into<String>) -> Event {
-        Event::Error { code: code.to_string(), message: message.into() }
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Event {
+        Event::Error { code, message: message.into() }
     }
 
     /// Whether nothing follows this event.

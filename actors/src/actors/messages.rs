@@ -8,6 +8,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 
 use super::inference::FrameDone;
+use crate::ErrorCode;
 use crate::decode::{DecodeError, DecodeStats, MediaInfo};
 
 // --- To the session ---------------------------------------------------------------------------
@@ -42,7 +43,7 @@ pub struct UploadFinished {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct UploadFailed {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
@@ -50,7 +51,7 @@ pub struct UploadFailed {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Fail {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
@@ -90,7 +91,7 @@ pub struct Finish;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct AbortUpload {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 

@@ -12,6 +12,7 @@ use super::events::{Event, ModelSummary};
 use super::inference::{FrameDone, Forget, Inference};
 use super::messages::{Abort, Credit, DecodeFinished, DecoderOpened, Drain, Fail, UploadFailed, UploadFinished};
 use super::uploader::Uploader;
+use crate::ErrorCode;
 use crate::buffer::Buffer;
 use crate::decode::{DecodeError, DecodeStats, MediaInfo};
 
@@ -93,7 +94,7 @@ impl Session {
         let _ = self.events.send(event);
     }
 
-    fn fail(&mut self, ctx: &mut Context<Self>, code: &str, message: String) {
+    fn fail(&mut self, ctx: &mut Context<Self>, code: ErrorCode, message: String) {
         self.emit(Event::error(code, message));
         ctx.stop();
     }
@@ -105,7 +106,7 @@ impl Session {
         }
         if let Some(error) = self.decode_error.take() {
             let code = match error {
-                DecodeError::Cancelled => "truncated",
+                DecodeError::Cancelled => ErrorCode::Truncated,
                 _ => error.code(),
             };
             let message = match error {
@@ -153,7 +154,7 @@ impl Session {
                 session.upload = Some(upload);
                 session.maybe_end(ctx);
             }
-            Err(_) => session.fail(ctx, "internal", "the uploader stopped".into()),
+            Err(_) => session.fail(ctx, ErrorCode::Internal, "the uploader stopped".into()),
         });
         ctx.spawn(drained);
     }
@@ -199,7 +200,7 @@ impl Actor for Session {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         if !self.finished {
-            self.emit(Event::error("internal", "the session stopped"));
+            self.emit(Event::error(ErrorCode::Internal, "the session stopped"));
         }
         if let Some(decoder) = self.decoder.take() {
             decoder.do_send(Abort);
@@ -232,7 +233,7 @@ impl Handler<FrameDone> for Session {
                 }
                 self.maybe_end(ctx);
             }
-            Err(error) => self.fail(ctx, "internal", error.to_string()),
+            Err(error) => self.fail(ctx, ErrorCode::Internal, error.to_string()),
         }
     }
 }

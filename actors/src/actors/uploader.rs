@@ -7,6 +7,7 @@ use std::time::Instant;
 use actix::prelude::*;
 
 use super::messages::{AbortUpload, Chunk, Drain, Finish, UploadError, UploadFailed, UploadFinished, UploadReports};
+use crate::ErrorCode;
 use crate::buffer::BufferWriter;
 use sha2::{Digest, Sha256};
 
@@ -65,7 +66,7 @@ impl Handler<Chunk> for Uploader {
                 // Dropping the writer unfinished aborts the buffer: the decoder stops too.
                 if matches!(self.sink, Sink::Buffer(_)) {
                     let error = UploadError::TooLarge { limit: self.max_bytes };
-                    self.reports.failed.do_send(UploadFailed { code: "too_large", message: error.to_string() });
+                    self.reports.failed.do_send(UploadFailed { code: ErrorCode::TooLarge, message: error.to_string() });
                 }
                 self.sink = Sink::Closed;
                 Err(UploadError::TooLarge { limit: self.max_bytes })

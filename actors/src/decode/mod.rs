@@ -14,6 +14,7 @@ use std::ffi::{CString, c_void};
 
 use ffmpeg_next::{self as ff, ffi};
 
+use crate::ErrorCode;
 use crate::buffer::{Buffer, BufferReader};
 use crate::frame::ModelFrame;
 
@@ -167,15 +168,15 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// The error code of the event protocol.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            DecodeError::UnsupportedMedia(_) => "unsupported_media",
-            DecodeError::NoVideoStream => "no_video_stream",
-            DecodeError::UnsupportedCodec(_) => "unsupported_codec",
-            DecodeError::TooLarge { .. } | DecodeError::FrameTooLarge { .. } => "too_large",
-            DecodeError::Truncated(_) => "truncated",
-            DecodeError::Cancelled => "internal",
-            DecodeError::Internal(_) => "internal",
+            DecodeError::UnsupportedMedia(_) => ErrorCode::UnsupportedMedia,
+            DecodeError::NoVideoStream => ErrorCode::NoVideoStream,
+            DecodeError::UnsupportedCodec(_) => ErrorCode::UnsupportedCodec,
+            DecodeError::TooLarge { .. } | DecodeError::FrameTooLarge { .. } => ErrorCode::TooLarge,
+            DecodeError::Truncated(_) => ErrorCode::Truncated,
+            DecodeError::Cancelled => ErrorCode::Internal,
+            DecodeError::Internal(_) => ErrorCode::Internal,
         }
     }
 }
@@ -442,7 +443,14 @@ impl Decoder {
             return Ok(());
         }
         match err {
+            // Damaged data: decoders say it as invalid data, and some (VP9 on a spliced
+            // keyframe) as an invalid argument. Either way it is the client's bytes, not our
+            // fault: skip the packet, as a player would.
             ff::Error::InvalidData => {
+                self.stats.corrupt_packets += 1;
+                Ok(())
+            }
+            ff::Error::Other { errno } if errno == libc::EINVAL => {
                 self.stats.corrupt_packets += 1;
                 Ok(())
             }

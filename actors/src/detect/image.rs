@@ -10,6 +10,8 @@ use std::io::Cursor;
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 
+use crate::ErrorCode;
+
 /// Bytes per pixel of the widest colour type the enabled decoders produce (PNG, RGBA 16-bit).
 const MAX_BYTES_PER_PIXEL: u64 = 8;
 
@@ -30,10 +32,10 @@ pub enum ImageError {
 
 impl ImageError {
     /// The error code of the HTTP API and of `detect-image`'s error lines.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ImageError::Unsupported(_) => "unsupported_media",
-            ImageError::TooLarge { .. } => "too_large",
+            ImageError::Unsupported(_) => ErrorCode::UnsupportedMedia,
+            ImageError::TooLarge { .. } => ErrorCode::TooLarge,
         }
     }
 

@@ -168,6 +168,6 @@ mod tests {
         assert_eq!(dets[0].bbox, [75.0, 75.0, 125.0, 125.0]);
         assert_eq!(dets[1].class_name, "cat");
         let only_cats = DetectParams { classes: Some(vec![1]), ..Default::default() };
-        assert_eq!(decode(&out, anchors, &names, &lb, &only_cats).len(), 1);
+        assert_eq!(detections(&out, anchors, &names, &lb, &only_cats).len(), 1);
     }
 }
