@@ -42,7 +42,7 @@ fn fresh_seed() -> u64 {
 /// Compares our raw output with ONNX Runtime's: box rows within 0.05 px, scores within 1e-3.
 fn check_raw_parity(model: &Path, batch: usize) {
     let detector = Detector::load(model, Device::Cpu).unwrap();
-    let (w, h) = detector.input_size();
+    let detect::Size { width: w, height: h } = detector.input_size();
     let seed = fresh_seed();
     let input = random_input(batch * 3 * h * w, seed);
     let tensor = Tensor::from_vec(input.clone(), (batch, 3, h, w), &Device::Cpu).unwrap();
@@ -114,7 +114,7 @@ fn photo_detections_match_onnx_runtime() {
         let ours = detector.detect(&frames, &params).unwrap().remove(0);
         // ONNX Runtime on the very same input tensor, through the same post-processing.
         let input = detector.input_tensor(&frames).unwrap();
-        let (iw, ih) = detector.input_size();
+        let detect::Size { width: iw, height: ih } = detector.input_size();
         let (raw, shape) = onnx_runtime(&model, &input.flatten_all().unwrap().to_vec1().unwrap(), [1, 3, ih, iw]);
         let raw = Tensor::from_vec(raw, shape, &Device::Cpu).unwrap();
         let theirs = detector.detections(&raw, &frames, &params).unwrap().remove(0);

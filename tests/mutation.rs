@@ -302,7 +302,7 @@ fn decode_video_result(bytes: &[u8], dir: &Path) -> Result<(), DecodeError> {
     // A finished buffer: reads past the end see EOF, so nothing can wait for more bytes.
     let buffer = writer.finish();
     let options = DecodeOptions {
-        target: (160, 160),
+        target: streamdet_actors::frame::Size::new(160, 160),
         selection: FrameSelection::All,
         max_dimensions: (2048, 2048),
         threads: 1,

@@ -4,6 +4,19 @@
 //!
 //! Decoding produces these and detection consumes them; neither module owns them.
 
+/// A width and a height, in pixels; named, so that nobody reads one for the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Size {
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Size {
+    pub fn new(width: usize, height: usize) -> Size {
+        Size { width, height }
+    }
+}
+
 /// A frame ready for the model: RGB at the model's input size, and where the original frame
 /// sits inside it.
 #[derive(Debug, Clone)]
@@ -67,9 +80,9 @@ impl Letterbox {
 
 /// Letterboxes packed RGB (`width x height x 3`) into a new `target` RGB buffer: bilinear
 /// resampling with pixel centres aligned (OpenCV's `INTER_LINEAR`), gray padding.
-pub fn letterbox_rgb(rgb: &[u8], width: usize, height: usize, target: (usize, usize)) -> (Vec<u8>, Letterbox) {
-    let lb = Letterbox::new((width, height), target);
-    let (tw, th) = target;
+pub fn letterbox_rgb(rgb: &[u8], width: usize, height: usize, target: Size) -> (Vec<u8>, Letterbox) {
+    let (tw, th) = (target.width, target.height);
+    let lb = Letterbox::new((width, height), (tw, th));
     let mut out = vec![PAD_VALUE; tw * th * 3];
     let (sw, sh) = lb.scaled;
     let fx = width as f32 / sw as f32;
@@ -135,7 +148,7 @@ mod tests {
                 rgb[(y * w + x) * 3..][..3].fill(255);
             }
         }
-        let (out, lb) = letterbox_rgb(&rgb, w, h, (64, 64));
+        let (out, lb) = letterbox_rgb(&rgb, w, h, Size::new(64, 64));
         assert_eq!((lb.scaled, lb.pad), ((64, 32), (0, 16)));
         let at = |x: usize, y: usize| out[(y * 64 + x) * 3];
         assert_eq!(at(0, 0), PAD_VALUE);

@@ -142,10 +142,10 @@ impl Pipeline {
             None => new_session_id()?,
         };
         let (tx, rx) = unbounded_channel();
-        let (w, h) = self.detector.input_size();
-        let model = ModelSummary { name: self.options.model_name.clone(), input: [w, h], classes: self.detector.class_names().len() };
+        let size = self.detector.input_size();
+        let model = ModelSummary { name: self.options.model_name.clone(), input: [size.width, size.height], classes: self.detector.class_names().len() };
         let decode = DecodeOptions {
-            target: (w, h),
+            target: size,
             selection: params.selection,
             live: params.live,
             max_frames: params.max_frames,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use streamdet_actors::buffer::{self, BufferOptions};
 use streamdet_actors::decode::{DecodeOptions, Decoder, FrameSelection};
-use streamdet_actors::detect::{DetectParams, Detector};
+use streamdet_actors::detect::{DetectParams, Detector, Size};
 use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams, UploadPace};
 
 use super::Bench;
@@ -165,7 +165,7 @@ fn decode_all(path: &Path) -> anyhow::Result<(f64, u64)> {
 }
 
 /// The selected frames of a file, converted for the model.
-fn decode_selected(path: &Path, selection: FrameSelection, target: (usize, usize)) -> anyhow::Result<Vec<streamdet_actors::detect::ModelFrame>> {
+fn decode_selected(path: &Path, selection: FrameSelection, target: Size) -> anyhow::Result<Vec<streamdet_actors::detect::ModelFrame>> {
     let buffer = buffered(path)?;
     let mut decoder = Decoder::open(buffer.reader(), DecodeOptions { target, selection, ..Default::default() })?;
     let mut frames = Vec::new();

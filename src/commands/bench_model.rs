@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use serde_json::json;
-use streamdet_actors::detect::OpProfile;
+use streamdet_actors::detect::{OpProfile, Size};
 
 use super::ModelArgs;
 use super::Failure;
@@ -40,7 +40,7 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         return Err(Failure::Usage("--batch and --runs must be at least 1".into()));
     }
     let detector = args.model.load(config)?;
-    let (w, h) = detector.input_size();
+    let Size { width: w, height: h } = detector.input_size();
     // The same kind of input as ort_bench.py: uniform random values in [0, 1).
     let input = Tensor::rand(0f32, 1f32, (args.batch, 3, h, w), &Device::Cpu)?;
     for _ in 0..args.warmup {

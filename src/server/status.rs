@@ -14,11 +14,11 @@ pub async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
 
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let detector = state.pipeline.detector();
-    let (w, h) = detector.input_size();
+    let size = detector.input_size();
     HttpResponse::Ok().json(json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
-        "model": {"name": state.model_name, "input": [w, h], "classes": detector.class_names().len(), "class_names": detector.class_names()},
+        "model": {"name": state.model_name, "input": [size.width, size.height], "classes": detector.class_names().len(), "class_names": detector.class_names()},
         "device": state.config.model.device,
         "sessions_active": state.active_sessions.load(Ordering::Acquire),
         "watchers": state.sessions.watchers(),

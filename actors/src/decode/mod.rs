@@ -16,7 +16,7 @@ use ffmpeg_next::{self as ff, ffi};
 
 use crate::ErrorCode;
 use crate::buffer::{Buffer, BufferReader};
-use crate::frame::ModelFrame;
+use crate::frame::{ModelFrame, Size};
 
 mod avio;
 pub mod convert;
@@ -85,7 +85,7 @@ pub enum FrameSelection {
 #[derive(Debug, Clone)]
 pub struct DecodeOptions {
     /// Model input width and height; selected frames are letterboxed to it.
-    pub target: (usize, usize),
+    pub target: Size,
     pub selection: FrameSelection,
     /// Largest accepted coded width and height.
     pub max_dimensions: (u32, u32),
@@ -102,7 +102,7 @@ pub struct DecodeOptions {
 impl Default for DecodeOptions {
     fn default() -> Self {
         DecodeOptions {
-            target: (640, 640),
+            target: Size::new(640, 640),
             selection: FrameSelection::All,
             max_dimensions: (8192, 8192),
             threads: 0,
@@ -312,7 +312,7 @@ impl Decoder {
             height: display_h,
             fps: (fps * 1000.0).round() / 1000.0,
         };
-        let converter = FrameConverter::new(options.target, rotation);
+        let converter = FrameConverter::new((options.target.width, options.target.height), rotation);
         // The mov demuxer reads samples by offset and may go back; the others read forward.
         let discard_consumed = options.live && !media.container.starts_with("mov");
         let mut decoder = Decoder {

@@ -22,7 +22,7 @@ mod views;
 
 pub use self::image::{ImageError, decode_image};
 pub use engine::{Engine, OpProfile};
-pub use crate::frame::{Letterbox, ModelFrame, letterbox_rgb};
+pub use crate::frame::{Letterbox, ModelFrame, Size, letterbox_rgb};
 pub use model::ModelInfo;
 pub use postprocess::{DetectParams, Detection};
 
@@ -131,8 +131,8 @@ impl Detector {
     }
 
     /// Model input width and height.
-    pub fn input_size(&self) -> (usize, usize) {
-        (self.info.input_size.1, self.info.input_size.0)
+    pub fn input_size(&self) -> Size {
+        self.info.input_size
     }
 
     pub fn batch_mode(&self) -> BatchMode {
@@ -178,7 +178,7 @@ impl Detector {
 
     /// Turns letterboxed frames into the model's input: f32 NCHW scaled to 0..1, in one pass.
     pub fn input_tensor(&self, frames: &[ModelFrame]) -> Result<Tensor, DetectError> {
-        let (w, h) = self.input_size();
+        let Size { width: w, height: h } = self.input_size();
         let plane = w * h;
         let mut data = vec![0f32; frames.len() * 3 * plane];
         for (frame, dst) in frames.iter().zip(data.chunks_exact_mut(3 * plane)) {
@@ -202,7 +202,7 @@ impl Detector {
 
     /// The number of classes the model scores, from one run on a blank frame.
     fn probe_classes(&self) -> Result<usize, DetectError> {
-        let (w, h) = self.input_size();
+        let Size { width: w, height: h } = self.input_size();
         let batch = match self.batch {
             BatchMode::Fixed(n) => n.max(1),
             BatchMode::Dynamic => 1,

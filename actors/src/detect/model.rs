@@ -1,5 +1,6 @@
 //! Reading an ultralytics ONNX detect export: graph, initializers and metadata.
 
+use crate::frame::Size;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -241,7 +242,7 @@ pub struct ModelInfo {
     /// Class names, indexed by class id.
     pub class_names: Vec<String>,
     /// Input height and width the model was exported for.
-    pub input_size: (usize, usize),
+    pub input_size: Size,
     /// The largest stride of the detection head (input sizes must be multiples of it).
     pub stride: usize,
     /// `description` from the metadata, e.g. "Ultralytics YOLOv12n model".
@@ -259,7 +260,8 @@ impl ModelInfo {
             None => Vec::new(),
         };
         let imgsz = metadata.get("imgsz").map(|s| parse_int_list(s)).transpose()?;
-        let input_size = match (imgsz.as_deref(), input.shape.as_slice()) {
+        // ONNX and ultralytics say height first.
+        let (height, width) = match (imgsz.as_deref(), input.shape.as_slice()) {
             (Some([h, w]), _) => (*h, *w),
             (Some([s]), _) => (*s, *s),
             (_, [_, _, Some(h), Some(w)]) => (*h, *w),
@@ -267,7 +269,7 @@ impl ModelInfo {
         };
         let stride = metadata.get("stride").and_then(|s| s.trim().parse().ok()).unwrap_or(32);
         let description = metadata.get("description").map(|s| s.trim().to_string()).unwrap_or_default();
-        Ok(ModelInfo { class_names, input_size, stride, description })
+        Ok(ModelInfo { class_names, input_size: Size::new(width, height), stride, description })
     }
 }
 
