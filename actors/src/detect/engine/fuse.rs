@@ -272,3 +272,207 @@ fn fuse_attention(nodes: &[Node]) -> Vec<Node> {
         Some((node, vec![mi, si]))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{D, Tensor};
+
+    use super::*;
+    use crate::detect::engine::test_graphs::{assert_close, floats, ints, model, node, op_types, plan_and_run, scalar, tensor};
+
+    fn int(v: i64) -> Attribute {
+        Attribute::Int(v)
+    }
+
+    fn perm(p: &[i64]) -> Attribute {
+        Attribute::Ints(p.to_vec())
+    }
+
+    /// `x` of `shape`, from its own seed.
+    fn input(shape: &[usize]) -> Tensor {
+        tensor(&floats(shape, 99))
+    }
+
+    /// Candle's convolution with `pad` on every side, plus the bias.
+    fn candle_conv(x: &Tensor, w: &TensorData, b: &TensorData, pad: usize) -> Tensor {
+        let channels = w.shape[0];
+        x.conv2d(&tensor(w), pad, 1, 1, 1).unwrap().broadcast_add(&tensor(b).reshape((1, channels, 1, 1)).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn conv_sigmoid_mul_becomes_one_conv_with_silu_in_either_order() {
+        let (w, b) = (floats(&[4, 3, 3, 3], 1), floats(&[4], 2));
+        for product in [["y", "s"], ["s", "y"]] {
+            let nodes = vec![
+                node("Conv", &["x", "w", "b"], &["y"], &[("pads", perm(&[1, 1, 1, 1]))]),
+                node("Sigmoid", &["y"], &["s"], &[]),
+                node("Mul", &product, &["out"], &[]),
+            ];
+            let fused = fuse_conv_silu(&nodes);
+            assert_eq!(op_types(&fused), ["Conv"]);
+            assert_eq!(fused[0].outputs, ["out"]);
+            assert_eq!(fused[0].attributes.get("streamdet.activation"), Some(&Attribute::String("silu".into())));
+
+            let x = input(&[1, 3, 6, 6]);
+            let (_, got) = plan_and_run(&model(nodes, &[("w", w.clone()), ("b", b.clone())]), &x);
+            let y = candle_conv(&x, &w, &b, 1);
+            assert_close(&got, &(&y * candle_nn::ops::sigmoid(&y).unwrap()).unwrap());
+        }
+    }
+
+    #[test]
+    fn a_conv_whose_result_is_read_elsewhere_keeps_its_sigmoid() {
+        let nodes = vec![
+            node("Conv", &["x", "w"], &["y"], &[]),
+            node("Sigmoid", &["y"], &["s"], &[]),
+            node("Mul", &["y", "s"], &["z"], &[]),
+            node("Add", &["z", "y"], &["out"], &[]),
+        ];
+        assert_eq!(op_types(&fuse_conv_silu(&nodes)), ["Conv", "Sigmoid", "Mul", "Add"]);
+    }
+
+    #[test]
+    fn conv_plus_computed_tensor_adds_it_in_the_epilogue() {
+        let (w, b) = (floats(&[4, 4, 3, 3], 3), floats(&[4], 4));
+        let nodes = vec![
+            node("Sigmoid", &["x"], &["r"], &[]),
+            node("Conv", &["x", "w", "b"], &["y"], &[("pads", perm(&[1, 1, 1, 1]))]),
+            node("Add", &["r", "y"], &["out"], &[]),
+        ];
+        let fused = fuse_conv_residual(&nodes, &HashMap::new());
+        assert_eq!(op_types(&fused), ["Sigmoid", "Conv"]);
+        assert_eq!(fused[1].inputs, ["x", "w", "b", "r"]);
+
+        let x = input(&[1, 4, 6, 6]);
+        let (_, got) = plan_and_run(&model(nodes, &[("w", w.clone()), ("b", b.clone())]), &x);
+        let want = (candle_conv(&x, &w, &b, 1) + candle_nn::ops::sigmoid(&x).unwrap()).unwrap();
+        assert_close(&got, &want);
+    }
+
+    #[test]
+    fn conv_plus_constant_stays_a_broadcast_add() {
+        let nodes = vec![node("Conv", &["x", "w"], &["y"], &[]), node("Add", &["y", "c"], &["out"], &[])];
+        let initializers = HashMap::from([("c".to_string(), floats(&[1, 4, 1, 1], 5))]);
+        assert_eq!(op_types(&fuse_conv_residual(&nodes, &initializers)), ["Conv", "Add"]);
+    }
+
+    #[test]
+    fn spelled_out_softmax_becomes_one_softmax() {
+        // ReduceMax with its axes as an attribute (opset 13), ReduceSum with them as an input.
+        let nodes = vec![
+            node("ReduceMax", &["x"], &["m"], &[("axes", perm(&[-1])), ("keepdims", int(1))]),
+            node("Sub", &["x", "m"], &["d"], &[]),
+            node("Exp", &["d"], &["e"], &[]),
+            node("ReduceSum", &["e", "axes"], &["s"], &[]),
+            node("Div", &["e", "s"], &["out"], &[]),
+        ];
+        let initializers = [("axes", ints(&[-1]))];
+        let fused = fuse_softmax(&nodes, &initializers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect());
+        assert_eq!(op_types(&fused), ["Softmax"]);
+        assert_eq!(fused[0].inputs, ["x"]);
+
+        let x = input(&[2, 3, 5]);
+        let (_, got) = plan_and_run(&model(nodes, &initializers), &x);
+        let e = x.broadcast_sub(&x.max_keepdim(D::Minus1).unwrap()).unwrap().exp().unwrap();
+        assert_close(&got, &e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap());
+    }
+
+    #[test]
+    fn matmul_times_constant_scalar_becomes_a_scaled_product() {
+        let bm = floats(&[2, 4, 5], 6);
+        // The scale as an initializer and as a Constant node, on either side of the Mul.
+        let cases = [
+            (vec![node("MatMul", &["x", "b"], &["y"], &[]), node("Mul", &["s", "y"], &["out"], &[])], true),
+            (
+                vec![
+                    node("Constant", &[], &["s"], &[("value", Attribute::Tensor(scalar(0.5)))]),
+                    node("MatMul", &["x", "b"], &["y"], &[]),
+                    node("Mul", &["y", "s"], &["out"], &[]),
+                ],
+                false,
+            ),
+        ];
+        for (nodes, initializer) in cases {
+            let mut initializers = vec![("b", bm.clone())];
+            if initializer {
+                initializers.push(("s", scalar(0.5)));
+            }
+            let map = initializers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            let fused = fuse_matmul_scale(&nodes, &map);
+            assert_eq!(op_types(&fused).last(), Some(&"MatMul"));
+            assert_eq!(fused.last().unwrap().attributes.get("streamdet.alpha"), Some(&Attribute::Float(0.5)));
+
+            let x = input(&[2, 3, 4]);
+            let (_, got) = plan_and_run(&model(nodes, &initializers), &x);
+            assert_close(&got, &(x.matmul(&tensor(&bm)).unwrap() * 0.5).unwrap());
+        }
+    }
+
+    #[test]
+    fn transposes_of_the_last_two_axes_fold_into_the_products_they_feed() {
+        let nodes = vec![
+            node("Transpose", &["x"], &["xt"], &[("perm", perm(&[0, 2, 1]))]),
+            node("MatMul", &["xt", "x"], &["p"], &[]),
+            node("Transpose", &["p"], &["pt"], &[("perm", perm(&[0, 2, 1]))]),
+            node("MatMul", &["x", "pt"], &["out"], &[]),
+        ];
+        let fused = fuse_transposed_matmul_operands(&nodes);
+        assert_eq!(op_types(&fused), ["MatMul", "MatMul"]);
+        assert_eq!((fused[0].inputs.as_slice(), fused[1].inputs.as_slice()), (&["x".to_string(), "x".into()][..], &["x".to_string(), "p".into()][..]));
+        assert_eq!(fused[0].attributes.get("streamdet.transpose_a"), Some(&int(1)));
+        assert_eq!(fused[1].attributes.get("streamdet.transpose_b"), Some(&int(1)));
+
+        let x = input(&[2, 4, 3]);
+        let (_, got) = plan_and_run(&model(nodes, &[]), &x);
+        let p = x.transpose(1, 2).unwrap().contiguous().unwrap().matmul(&x).unwrap();
+        assert_close(&got, &x.matmul(&p.transpose(1, 2).unwrap().contiguous().unwrap()).unwrap());
+    }
+
+    #[test]
+    fn a_transpose_of_other_axes_stays() {
+        let nodes = vec![node("Transpose", &["x"], &["xt"], &[("perm", perm(&[1, 0, 2]))]), node("MatMul", &["xt", "x"], &["out"], &[])];
+        assert_eq!(op_types(&fuse_transposed_matmul_operands(&nodes)), ["Transpose", "MatMul"]);
+    }
+
+    /// An attention head over `x = [q; k; v]` (4 channels each) as an exporter writes it:
+    /// `softmax(q^T k * 0.5)` mixes `v`.
+    pub(in crate::detect::engine) fn attention_head() -> Vec<Node> {
+        vec![
+            node("Split", &["x"], &["qs", "k", "v"], &[("axis", int(1)), ("split", perm(&[4, 4, 4]))]),
+            node("Transpose", &["qs"], &["q"], &[("perm", perm(&[0, 2, 1]))]),
+            node("MatMul", &["q", "k"], &["scores"], &[]),
+            node("Mul", &["scores", "alpha"], &["scaled"], &[]),
+            node("Softmax", &["scaled"], &["p"], &[("axis", int(-1))]),
+            node("Transpose", &["p"], &["pt"], &[("perm", perm(&[0, 2, 1]))]),
+            node("MatMul", &["v", "pt"], &["o"], &[]),
+        ]
+    }
+
+    /// Candle's attention over `x`, as [`attention_head`] spells it.
+    pub(in crate::detect::engine) fn candle_attention(x: &Tensor) -> Tensor {
+        let part = |i: usize| x.narrow(1, 4 * i, 4).unwrap().contiguous().unwrap();
+        let scores = (part(0).transpose(1, 2).unwrap().contiguous().unwrap().matmul(&part(1)).unwrap() * 0.5).unwrap();
+        let p = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        part(2).matmul(&p.transpose(1, 2).unwrap().contiguous().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn an_attention_head_becomes_one_attention_node() {
+        let mut nodes = attention_head();
+        nodes.push(node("Identity", &["o"], &["out"], &[]));
+        let initializers = [("alpha", scalar(0.5))];
+        let fused = fuse(&nodes, &initializers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect());
+        assert_eq!(op_types(&fused), ["Split", "streamdet.Attention", "Identity"]);
+        let attention = &fused[1];
+        assert_eq!(attention.inputs, ["qs", "k", "v"]);
+        assert_eq!(attention.attributes.get("streamdet.transpose_q"), Some(&int(1)));
+        assert_eq!(attention.attributes.get("streamdet.alpha"), Some(&Attribute::Float(0.5)));
+        // The pass alone, on what the passes before it leave.
+        let before = fuse_transposed_matmul_operands(&fuse_matmul_scale(&nodes, &initializers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()));
+        assert_eq!(op_types(&fuse_attention(&before)), ["Split", "streamdet.Attention", "Identity"]);
+
+        let x = input(&[2, 12, 5]);
+        let (_, got) = plan_and_run(&model(nodes, &initializers), &x);
+        assert_close(&got, &candle_attention(&x));
+    }
+}

@@ -21,6 +21,8 @@ mod eval;
 mod fold;
 mod fuse;
 mod parse;
+#[cfg(test)]
+mod test_graphs;
 
 use std::collections::HashMap;
 
