@@ -177,3 +177,107 @@ pub(super) fn fold_concats_into_convs(mut steps: Vec<Step>, output_slot: usize, 
     }
     steps.into_iter().zip(dead).filter(|(_, d)| !d).map(|(s, _)| s).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Tensor;
+
+    use super::*;
+    use crate::detect::engine::fuse::tests::{attention_head, candle_attention};
+    use crate::detect::engine::test_graphs::{assert_close, floats, ints, model, node, plan_and_run, scalar, tensor};
+    use crate::detect::model::{Attribute, TensorData};
+
+    fn perm(p: &[i64]) -> Attribute {
+        Attribute::Ints(p.to_vec())
+    }
+
+    fn step_types(steps: &[Step]) -> Vec<&str> {
+        steps.iter().map(|s| s.op_type.as_str()).collect()
+    }
+
+    #[test]
+    fn a_chain_of_views_that_moves_data_becomes_one_view_copy() {
+        // Split, then a reshape and a transpose of one part, read by an element-wise step.
+        let nodes = vec![
+            node("Split", &["x"], &["a", "b"], &[("axis", Attribute::Int(1)), ("split", perm(&[2, 4]))]),
+            node("Reshape", &["b", "shape"], &["r"], &[]),
+            node("Transpose", &["r"], &["t"], &[("perm", perm(&[0, 3, 1, 2]))]),
+            node("Sigmoid", &["t"], &["out"], &[]),
+        ];
+        let x = tensor(&floats(&[1, 6, 4], 7));
+        let (engine, got) = plan_and_run(&model(nodes, &[("shape", ints(&[1, 2, 2, 4]))]), &x);
+        assert_eq!(step_types(&engine.steps), ["streamdet.View", "Sigmoid"]);
+        assert!(matches!(&engine.steps[0].op, Op::View(chain) if chain.len() == 3));
+
+        let t = x.narrow(1, 2, 4).unwrap().reshape((1, 2, 2, 4)).unwrap().permute((0, 3, 1, 2)).unwrap();
+        assert_close(&got, &candle_nn::ops::sigmoid(&t.contiguous().unwrap()).unwrap());
+    }
+
+    #[test]
+    fn a_chain_of_reshapes_alone_is_left_as_it_is() {
+        let nodes = vec![
+            node("Reshape", &["x", "s1"], &["r1"], &[]),
+            node("Reshape", &["r1", "s2"], &["r2"], &[]),
+            node("Sigmoid", &["r2"], &["out"], &[]),
+        ];
+        let x = tensor(&floats(&[2, 6], 8));
+        let (engine, got) = plan_and_run(&model(nodes, &[("s1", ints(&[3, 4])), ("s2", ints(&[4, 3]))]), &x);
+        assert_eq!(step_types(&engine.steps), ["Reshape", "Reshape", "Sigmoid"]);
+        assert_close(&got, &candle_nn::ops::sigmoid(&x.reshape((4, 3)).unwrap()).unwrap());
+    }
+
+    #[test]
+    fn attention_reads_its_operands_and_writes_its_result_through_the_views_around_it() {
+        let mut nodes = attention_head();
+        nodes.push(node("Reshape", &["o", "shape"], &["r"], &[]));
+        nodes.push(node("Transpose", &["r"], &["out"], &[("perm", perm(&[0, 2, 1]))]));
+        let x = tensor(&floats(&[2, 12, 5], 9));
+        let (engine, got) = plan_and_run(&model(nodes, &[("alpha", scalar(0.5)), ("shape", ints(&[1, 8, 5]))]), &x);
+        // The split before and the reshape and transpose after are gone into the one step.
+        assert_eq!(step_types(&engine.steps), ["streamdet.Attention"]);
+        let Op::Attention { views, .. } = &engine.steps[0].op else { unreachable!() };
+        assert!(views.operands.iter().all(|chain| chain.len() == 1), "{views:?}");
+        assert_eq!(views.result.len(), 2);
+        assert_eq!(engine.steps[0].inputs, [Some(engine.input_slot); 3]);
+
+        let want = candle_attention(&x).reshape((1, 8, 5)).unwrap().transpose(1, 2).unwrap();
+        assert_close(&got, &want.contiguous().unwrap());
+    }
+
+    #[test]
+    fn convolutions_read_a_channel_concatenation_where_its_parts_lie() {
+        let (w1, b1, w2, b2) = (floats(&[3, 4, 3, 3], 10), floats(&[3], 11), floats(&[2, 4, 1, 1], 12), floats(&[2], 13));
+        let nodes = vec![
+            node("Sigmoid", &["x"], &["a"], &[]),
+            node("Mul", &["x", "x"], &["b"], &[]),
+            node("Concat", &["a", "b"], &["c"], &[("axis", Attribute::Int(1))]),
+            node("Conv", &["c", "w1", "b1"], &["y1"], &[("pads", perm(&[1, 1, 1, 1]))]),
+            node("Conv", &["c", "w2", "b2"], &["y2"], &[]),
+            node("Concat", &["y1", "y2"], &["out"], &[("axis", Attribute::Int(1))]),
+        ];
+        let initializers = [("w1", w1.clone()), ("b1", b1.clone()), ("w2", w2.clone()), ("b2", b2.clone())];
+        let x = tensor(&floats(&[1, 2, 5, 5], 14));
+        let (engine, got) = plan_and_run(&model(nodes.clone(), &initializers), &x);
+        // Only the concatenation that is the output remains.
+        assert_eq!(step_types(&engine.steps), ["Sigmoid", "Mul", "Conv", "Conv", "Concat"]);
+        for step in &engine.steps[2..4] {
+            assert!(matches!(&step.op, Op::Conv(c) if c.concat_parts == 1));
+            assert_eq!(step.inputs.len(), CONV_MORE_PARTS + 1);
+        }
+
+        let c = Tensor::cat(&[&candle_nn::ops::sigmoid(&x).unwrap(), &(&x * &x).unwrap()], 1).unwrap();
+        let conv = |w: &TensorData, b: &TensorData, pad: usize| {
+            let channels = w.shape[0];
+            c.conv2d(&tensor(w), pad, 1, 1, 1).unwrap().broadcast_add(&tensor(b).reshape((1, channels, 1, 1)).unwrap()).unwrap()
+        };
+        assert_close(&got, &Tensor::cat(&[conv(&w1, &b1, 1), conv(&w2, &b2, 0)], 1).unwrap());
+
+        // A concatenation that something other than a convolution reads stays.
+        let mut nodes = nodes;
+        nodes.pop();
+        nodes.push(node("Sigmoid", &["c"], &["s"], &[]));
+        nodes.push(node("Concat", &["y1", "y2", "s"], &["out"], &[("axis", Attribute::Int(1))]));
+        let (engine, _) = plan_and_run(&model(nodes, &initializers), &x);
+        assert_eq!(engine.steps.iter().filter(|s| s.op_type == "Concat").count(), 2);
+    }
+}

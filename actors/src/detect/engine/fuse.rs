@@ -274,7 +274,7 @@ fn fuse_attention(nodes: &[Node]) -> Vec<Node> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use candle_core::{D, Tensor};
 
     use super::*;
