@@ -348,7 +348,7 @@ enum Vectors {
 }
 
 fn vectors() -> Vectors {
-    use super::packed_gemm::Isa;
+    use super::isa::Isa;
     // The same choice as the matrix products (`STREAMDET_CPU_KERNEL` caps both).
     match Isa::detect() {
         Some(Isa::Avx512) => Vectors::Avx512,
@@ -359,7 +359,7 @@ fn vectors() -> Vectors {
 
 impl Vectors {
     fn supported(self) -> bool {
-        use super::packed_gemm::Isa;
+        use super::isa::Isa;
         match self {
             Vectors::Avx512 => Isa::Avx512.supported(),
             Vectors::Avx2 => Isa::Avx2.supported(),

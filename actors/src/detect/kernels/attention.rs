@@ -11,7 +11,9 @@
 use rayon::prelude::*;
 
 use super::activation;
-use super::packed_gemm::{self, Isa, PackedA, PackedB};
+use super::isa::{self, Isa};
+use super::pack::{self, PackedA, PackedB};
+use super::tiling;
 
 /// Queries per task: the block's scores (`keys x BLOCK`) stay in L2. A multiple of every
 /// microkernel's panel width, so that the panels of a row of scores never leave it.
@@ -195,7 +197,7 @@ pub struct AttentionLayout {
 
 /// Attention over contiguous operands, each stored as [`AttentionShape`] says or, when its
 /// [`AttentionLayout`] flag is set, transposed. Returns `[batch][channels][queries]`. Needs
-/// [`packed_gemm::available`]; `keys` and `depth` must be positive.
+/// [`isa::available`]; `keys` and `depth` must be positive.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape, layout: AttentionLayout, alpha: f32) -> Vec<f32> {
     let isa = Isa::detect().expect("callers check `available()` first");
     let [qv, kv, vv] = contiguous_views(shape, layout);
@@ -217,7 +219,7 @@ fn contiguous_views(shape: AttentionShape, layout: AttentionLayout) -> [MatrixBa
 /// `depth x keys`, `V`: `channels x keys`, with the same number of items), written through
 /// `out` (`channels x queries` per item) into a new buffer of `out`'s extent, which must be the
 /// number of elements: `out` is then a rearrangement of that whole buffer, as a chain of
-/// reshapes and permutations of a tensor is. Needs [`packed_gemm::available`]; `keys` and
+/// reshapes and permutations of a tensor is. Needs [`isa::available`]; `keys` and
 /// `depth` must be positive.
 pub fn attention_strided(q: Operand, k: Operand, v: Operand, alpha: f32, out: &OutputView) -> Vec<f32> {
     let isa = Isa::detect().expect("callers check `available()` first");
@@ -263,8 +265,8 @@ fn attention_on(isa: Isa, q: Operand, k: Operand, v: Operand, alpha: f32, out: &
             pack_query_block(isa, &q, b, i0, rows, queries_packed);
             // Zeroed once, when it grows: the product below reads whole panels of each row of
             // scores, columns past `rows` included, so every float must be initialised.
-            if scores.len() < keys * BLOCK + packed_gemm::MAX_NR {
-                scores.resize(keys * BLOCK + packed_gemm::MAX_NR, 0.0);
+            if scores.len() < keys * BLOCK + isa::MAX_NR {
+                scores.resize(keys * BLOCK + isa::MAX_NR, 0.0);
             }
             let (keys_t, values) = &operands[b];
             // SAFETY: the microkernel is supported (asserted above). `S^T` is `keys x rows` with
@@ -275,10 +277,10 @@ fn attention_on(isa: Isa, q: Operand, k: Operand, v: Operand, alpha: f32, out: &
             // (`OutputView`), so no other task's elements share an offset with these, and it
             // lies inside `out` (its extent is `total`, asserted above).
             unsafe {
-                packed_gemm::gemm(keys_t, 0..keys, queries_packed, rows, scores.as_mut_ptr(), BLOCK, None);
+                tiling::gemm(keys_t, 0..keys, queries_packed, rows, scores.as_mut_ptr(), BLOCK, None);
                 activation::softmax_columns_block(&mut scores[..keys * BLOCK], keys, BLOCK, 0..rows);
                 let dst = out_ptr.get().add(ov.item_offset(b) + i0);
-                packed_gemm::gemm_offsets(values, 0..channels, scores.as_ptr(), &weight_rows, rows, dst, ov.row_stride, None);
+                tiling::gemm_offsets(values, 0..channels, scores.as_ptr(), &weight_rows, rows, dst, ov.row_stride, None);
             }
         })
     });
@@ -299,11 +301,11 @@ fn pack_query_block(isa: Isa, q: &Operand, b: usize, i0: usize, rows: usize, out
         // Each depth's queries are consecutive: rows of `Q^T` in place.
         // SAFETY: the view lies inside `data` (an `Operand`), and these `depth` rows of `rows`
         // floats, `col_stride` apart from `first`, are elements of it (asserted just above).
-        unsafe { packed_gemm::pack_b(isa, data[first..].as_ptr(), qv.col_stride, qv.cols, rows, out) };
+        unsafe { pack::pack_b(isa, data[first..].as_ptr(), qv.col_stride, qv.cols, rows, out) };
     } else {
         let gathered: Vec<f32> = (0..qv.cols).flat_map(|d| (0..rows).map(move |i| data[first + i * qv.row_stride + d * qv.col_stride])).collect();
         // SAFETY: `gathered` is `depth x rows` row-major.
-        unsafe { packed_gemm::pack_b(isa, gathered.as_ptr(), rows, qv.cols, rows, out) };
+        unsafe { pack::pack_b(isa, gathered.as_ptr(), rows, qv.cols, rows, out) };
     }
 }
 

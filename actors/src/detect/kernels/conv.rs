@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use super::activation::{Activation, bias_activation, bias_activation_tile};
 use super::SendPtr;
+use super::cache;
 use super::packed_gemm::{self, Isa, PackedA, PackedB};
 
 /// A convolution's shape: everything but its weights. Plain data; [`Conv2d::new`] checks it.
@@ -62,8 +63,7 @@ pub struct Conv2d {
 
 /// Output pixels per tile: a tile's column matrix (`K x TILE` floats) should fit in L2.
 fn tile_width(k: usize, pixels: usize, tasks_wanted: usize) -> usize {
-    const L2_FLOATS: usize = 256 * 1024 / 4;
-    let by_cache = (L2_FLOATS / k.max(1)).clamp(64, 4096);
+    let by_cache = (cache::L2_FLOATS / k.max(1)).clamp(64, 4096);
     let by_parallelism = pixels.div_ceil(tasks_wanted.max(1));
     by_cache.min(by_parallelism).max(16).div_ceil(16) * 16
 }
@@ -343,7 +343,10 @@ impl Conv2d {
                     // measured faster than reading them in place.
                     let row = |kk: usize| plane(kk)[p0..].as_ptr();
                     packed_gemm::pack_b_rows(packed.isa(), &row, k, width, packed_b);
-                    if rows_share_cache_sets(pixels) {
+                    if cache::rows_share_cache_sets(pixels) {
+                        // Such rows evict each other from L1: a product written to a compact
+                        // tile and copied out row by row measured 10-15 % faster on such layers
+                        // (and slower on others).
                         // Written to a compact tile, then copied out row by row.
                         if cols.len() < rows * width {
                             cols.resize(rows * width, 0.0);
@@ -453,7 +456,7 @@ impl Conv2d {
             let image = &padded[(batch * self.spec.in_channels + group * cin_g) * channel_len..];
             let task_rows = row_task * rows_per_task..((row_task + 1) * rows_per_task).min(oh);
             let packed = &self.packed[group];
-            if ow % packed.isa().nr() != 0 || rows_share_cache_sets(pixels) {
+            if ow % packed.isa().nr() != 0 || cache::rows_share_cache_sets(pixels) {
                 // Rows that end inside a panel would waste its last columns (a 40-pixel row is
                 // 1.25 panels of 32): the product runs over several rows at once instead, into
                 // a compact tile (which also suits outputs whose channel planes alias).
@@ -492,8 +495,8 @@ impl Conv2d {
     /// slack after them.
     #[allow(clippy::too_many_arguments)]
     unsafe fn direct_rows_flattened(&self, group: usize, channels: std::ops::Range<usize>, image: &[f32], offsets: &[usize], wp: usize, (oh, ow): (usize, usize), out_rows: std::ops::Range<usize>, batch: usize, residual: Option<&[f32]>, out: SendPtr) {
-        /// Columns per product: about 32 panels, so that the scratch tile stays in L2.
-        const COLUMNS: usize = 1024;
+        // Columns per product: about 32 panels, so that the scratch tile stays in L2.
+        const COLUMNS: usize = cache::SCRATCH_TILE_COLUMNS;
         let pixels = oh * ow;
         let packed = &self.packed[group];
         let channel0 = group * (self.spec.out_channels / self.spec.groups) + channels.start;
@@ -696,15 +699,6 @@ fn split_phases(dst: &mut [MaybeUninit<f32>], src: &[f32], layout: &PhaseLayout)
             }
         }
     }
-}
-
-/// Whether rows `stride` floats apart all start at the same offset within a 4 KiB page, as the
-/// channel planes of a 160x160 or 320x320 output do: a microkernel tile stored straight into
-/// them lands in one set of L1 cache lines, its rows evicting each other, and a product
-/// written to a compact tile and copied out row by row measured 10-15 % faster on such layers
-/// (and slower on others).
-fn rows_share_cache_sets(stride: usize) -> bool {
-    (stride * std::mem::size_of::<f32>()) % 4096 == 0
 }
 
 /// Fills `buf` with zeros and returns it as initialised floats.

@@ -4,11 +4,29 @@
 
 pub mod activation;
 pub mod attention;
+pub mod cache;
 pub mod conv;
-pub mod packed_gemm;
+mod epilogue;
+pub mod isa;
+mod matmul;
+mod pack;
 mod simd;
 pub mod strided;
+mod tiling;
 pub mod transpose;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+
+/// The packed matrix product under the path the engine calls it by, gathered from the modules
+/// that hold its parts: detection ([`isa`](super::isa)), packing, tiling, the fused epilogue
+/// and the batched product.
+pub mod packed_gemm {
+    pub use super::epilogue::Epilogue;
+    pub use super::isa::{Isa, MAX_NR, available};
+    pub use super::pack::{PackedA, PackedB, pack_b_rows};
+    pub use super::tiling::{gemm, gemm_offsets};
+    pub use super::matmul::batched_matmul;
+}
 
 /// A raw pointer that may cross threads; every use writes a region no other task touches.
 #[derive(Clone, Copy)]

@@ -54,7 +54,7 @@ fn transpose_2d_batched(input: &[f32], batch: usize, rows: usize, cols: usize, o
     let plane = rows * cols;
     // Work items: (batch, block of output rows = input columns).
     let col_blocks = cols.div_ceil(BLOCK);
-    let vectors = super::packed_gemm::Isa::detect().is_some();
+    let vectors = super::isa::Isa::detect().is_some();
     let run = |b: usize, cb: usize, dst: &mut [f32]| {
         // `dst` holds output rows c0..c1 of plane b (each `rows` long).
         let src = &input[b * plane..][..plane];

@@ -1,0 +1,50 @@
+//! The fused epilogue: what the last pass over `k` does to a tile of `C` while it is still in
+//! registers (a convolution's bias, SiLU and skip connection), so that none of them costs a
+//! trip through memory.
+
+#[cfg(target_arch = "x86_64")]
+use super::simd::Lanes;
+use super::isa::MAX_MR;
+
+/// What the last pass over `k` does to a tile of `C` before it is stored, while the tile is in
+/// registers: a convolution's bias, SiLU and skip connection cost no trip through memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a> {
+    /// Added to each row of the product (`bias[i]` to row `rows.start + i`).
+    pub bias: &'a [f32],
+    /// SiLU after the bias.
+    pub silu: bool,
+    /// Added last: element `(i, j)` of the product gets `residual.0[i * residual.1 + j]`
+    /// (a pointer to the residual's element for the product's first row, and its row stride).
+    pub residual: Option<(*const f32, usize)>,
+}
+
+/// The epilogue of one microkernel tile: `mr` biases (zero past the product's rows) and the
+/// residual tile's start, when it can be read whole.
+#[derive(Clone, Copy)]
+pub(super) struct TileEpilogue {
+    pub(super) bias: [f32; MAX_MR],
+    pub(super) silu: bool,
+    pub(super) residual: Option<(*const f32, usize)>,
+}
+
+/// One register of a finished tile: `+ bias`, SiLU when asked, `+ residual` when given.
+///
+/// # Safety
+/// The CPU has `V`'s features; `residual`, if given, points at `V::LEN` readable floats.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn finish<V: Lanes>(v: V, bias: f32, silu: bool, residual: Option<*const f32>) -> V {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut v = v.add(V::splat(bias));
+        if silu {
+            v = v.mul(v.sigmoid());
+        }
+        if let Some(r) = residual {
+            v = v.add(V::load(r));
+        }
+        v
+    }
+}
+
