@@ -288,10 +288,10 @@ impl Battery {
 
 fn decode_video(bytes: &[u8], dir: &Path) -> Outcome {
     let outcome = decode_video_result(bytes, dir);
-    if let Err(err) = &outcome {
-        if err.code() == "internal" {
-            println!("mutation: decoder error: {err}");
-        }
+    if let Err(err) = &outcome
+        && err.code() == "internal"
+    {
+        println!("mutation: decoder error: {err}");
     }
     outcome.map_or_else(|err| err.code().into(), |()| "ok".into())
 }

@@ -139,10 +139,10 @@ impl Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !state.persisted {
-            if let Err(err) = std::fs::remove_file(&state.path) {
-                tracing::warn!(path = %state.path.display(), %err, "could not remove buffer temp file");
-            }
+        if !state.persisted
+            && let Err(err) = std::fs::remove_file(&state.path)
+        {
+            tracing::warn!(path = %state.path.display(), %err, "could not remove buffer temp file");
         }
     }
 }

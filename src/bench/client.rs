@@ -65,8 +65,7 @@ impl TimelineRecorder {
     }
 
     pub fn finish(self) -> Timeline {
-        let timeline = self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        timeline
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

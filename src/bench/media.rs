@@ -56,11 +56,10 @@ impl ClipSpec {
 pub fn master(photos: &[PathBuf], spec: &ClipSpec, out: &Path) -> anyhow::Result<()> {
     let (w, h, fps) = (spec.width, spec.height, spec.fps);
     let mut args: Vec<String> = Vec::new();
-    let filter;
-    if photos.is_empty() {
+    let filter = if photos.is_empty() {
         args.extend(["-f", "lavfi", "-i"].map(String::from));
         args.push(format!("testsrc2=size={w}x{h}:rate={fps}:duration={}", spec.seconds));
-        filter = format!("[0:v]noise=alls=5:allf=t,format=yuv420p[out]");
+        "[0:v]noise=alls=5:allf=t,format=yuv420p[out]".to_string()
     } else {
         let each = spec.seconds / photos.len() as f64;
         let mut chain = String::new();
@@ -72,8 +71,8 @@ pub fn master(photos: &[PathBuf], spec: &ClipSpec, out: &Path) -> anyhow::Result
             ));
         }
         let labels: String = (0..photos.len()).map(|i| format!("[v{i}]")).collect();
-        filter = format!("{chain}{labels}concat=n={}:v=1:a=0,noise=alls=5:allf=t,format=yuv420p[out]", photos.len());
-    }
+        format!("{chain}{labels}concat=n={}:v=1:a=0,noise=alls=5:allf=t,format=yuv420p[out]", photos.len())
+    };
     args.extend(["-filter_complex".into(), filter, "-map".into(), "[out]".into()]);
     let gop = (fps * 2).to_string();
     args.extend(["-c:v", "libx264", "-preset", "veryfast", "-b:v", spec.bitrate, "-maxrate", spec.bitrate, "-bufsize", spec.bitrate].map(String::from));

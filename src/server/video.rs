@@ -134,10 +134,10 @@ pub async fn detect_video(
     });
     // The status line waits for the first event: `start` once the container is identified
     // (a few KiB into the upload), or an error that a plain HTTP status says better.
-    if let Some((_, Event::Error { code, message })) = log.next(0).await {
-        if code.refuses_upload() {
-            return error_response(code, message);
-        }
+    if let Some((_, Event::Error { code, message })) = log.next(0).await
+        && code.refuses_upload()
+    {
+        return error_response(code, message);
     }
     let sse = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
     // After `max_frames`, `end` comes while the client is still sending: the response stays

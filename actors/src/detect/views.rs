@@ -37,7 +37,7 @@ pub fn reshape_dims(dims: &[usize], spec: &[i64]) -> CResult<Vec<usize>> {
     }
     if let Some(i) = infer {
         let known: usize = out.iter().product();
-        if known == 0 || count % known != 0 {
+        if known == 0 || !count.is_multiple_of(known) {
             candle_core::bail!("cannot reshape {dims:?} to {spec:?}");
         }
         out[i] = count / known;
