@@ -10,6 +10,7 @@ mod epilogue;
 pub mod isa;
 mod matmul;
 mod pack;
+mod portable;
 mod simd;
 pub mod strided;
 mod tiling;
@@ -21,10 +22,7 @@ mod x86_64;
 /// that hold its parts: detection ([`isa`](super::isa)), packing, tiling, the fused epilogue
 /// and the batched product.
 pub mod packed_gemm {
-    pub use super::epilogue::Epilogue;
-    pub use super::isa::{Isa, MAX_NR, available};
-    pub use super::pack::{PackedA, PackedB, pack_b_rows};
-    pub use super::tiling::{gemm, gemm_offsets};
+    pub use super::isa::available;
     pub use super::matmul::batched_matmul;
 }
 

@@ -1,0 +1,138 @@
+//! Depthwise convolutions (one input channel per group): a direct kernel per channel plane,
+//! compiled for the CPU's vectors.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::super::activation::bias_activation;
+use super::super::isa::Isa;
+use super::{Conv2d, add_assign, zeroed};
+
+impl Conv2d {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run_depthwise(&self, input: &[f32], h: usize, w: usize, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+        let channels = self.spec.out_channels;
+        let isa = Isa::detect();
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane_index, dst)| {
+            let dst = zeroed(dst);
+            let c = plane_index % channels;
+            let src = &input[plane_index * h * w..][..h * w];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU supports AVX-512F (`Isa::detect` checked it).
+                Some(Isa::Avx512) => unsafe { depthwise_plane_avx512(self, c, src, h, w, oh, ow, dst) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU supports AVX2 and FMA (`Isa::detect` checked it).
+                Some(Isa::Avx2) => unsafe { depthwise_plane_avx2(self, c, src, h, w, oh, ow, dst) },
+                _ => depthwise_plane(self, c, src, h, w, oh, ow, dst),
+            }
+            if let Some(residual) = residual {
+                add_assign(dst, &residual[plane_index * oh * ow..][..oh * ow]);
+            }
+        });
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_plane_avx2(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
+    depthwise_plane(conv, c, src, h, w, oh, ow, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_plane_avx512(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
+    depthwise_plane(conv, c, src, h, w, oh, ow, dst)
+}
+
+/// One channel of a depthwise convolution into a zeroed `dst`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_plane(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
+    if conv.spec.stride == (1, 1) && conv.spec.dilation == (1, 1) {
+        depthwise_plane_flat(conv, c, src, h, w, oh, ow, dst);
+    } else {
+        depthwise_plane_rows(conv, c, src, h, w, oh, ow, dst);
+    }
+    bias_activation(dst, conv.bias[c], conv.spec.activation);
+}
+
+/// A stride-1 depthwise convolution of one channel as one long multiply-add per tap. The plane
+/// is copied once into a zero-padded buffer of width `wp`; output pixel `(oy, ox)` is then
+/// computed at `oy * wp + ox` of an accumulator laid out like the padded plane, where tap
+/// `(ky, kx)` reads the padded plane `ky * wp + kx` further on. Each tap is a single pass over
+/// `oh * wp` floats (the `wp - ow` columns past each row are computed and dropped), instead of
+/// `oh` short passes with their bounds.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_plane_flat(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
+    let (kh, kw) = conv.spec.kernel;
+    let (pt, pl, pb, pr) = conv.spec.pads;
+    let (hp, wp) = (h + pt + pb, w + pl + pr);
+    let weights = &conv.weights[c * kh * kw..][..kh * kw];
+    let mut padded = vec![0.0f32; hp * wp];
+    for (y, row) in src.chunks_exact(w).enumerate() {
+        padded[(y + pt) * wp + pl..][..w].copy_from_slice(row);
+    }
+    let mut acc = vec![0.0f32; oh * wp];
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let wv = weights[ky * kw + kx];
+            // The last tap ends at `(kh - 1 + oh) * wp + kw - 1 <= hp * wp`: inside the plane.
+            let taps = &padded[ky * wp + kx..][..oh * wp - (kw - 1)];
+            for (a, &p) in acc.iter_mut().zip(taps) {
+                *a += wv * p;
+            }
+        }
+    }
+    for (drow, arow) in dst.chunks_exact_mut(ow).zip(acc.chunks(wp)) {
+        drow.copy_from_slice(&arow[..ow]);
+    }
+}
+
+/// A depthwise convolution of one channel, tap by tap over whole output rows so that the inner
+/// loop is a vectorisable multiply-add; for any stride and dilation.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_plane_rows(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
+    let (kh, kw) = conv.spec.kernel;
+    let (sh, sw) = conv.spec.stride;
+    let (dh, dw) = conv.spec.dilation;
+    let (pt, pl) = (conv.spec.pads.0 as isize, conv.spec.pads.1 as isize);
+    let weights = &conv.weights[c * kh * kw..][..kh * kw];
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let wv = weights[ky * kw + kx];
+            // Output columns whose input column stays inside the image.
+            let off_x = (kx * dw) as isize - pl;
+            let x_lo = if off_x >= 0 { 0 } else { ((-off_x) as usize).div_ceil(sw) };
+            let x_hi = if (w as isize) <= off_x { 0 } else { ((w as isize - off_x) as usize).div_ceil(sw).min(ow) };
+            if x_lo >= x_hi {
+                continue;
+            }
+            for oy in 0..oh {
+                let iy = (oy * sh) as isize - pt + (ky * dh) as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                let srow = &src[iy as usize * w..][..w];
+                let drow = &mut dst[oy * ow..][..ow];
+                if sw == 1 {
+                    let start = (x_lo as isize + off_x) as usize;
+                    let s = &srow[start..start + (x_hi - x_lo)];
+                    for (d, &v) in drow[x_lo..x_hi].iter_mut().zip(s) {
+                        *d += wv * v;
+                    }
+                } else {
+                    for ox in x_lo..x_hi {
+                        drow[ox] += wv * srow[(ox as isize * sw as isize + off_x) as usize];
+                    }
+                }
+            }
+        }
+    }
+}
+

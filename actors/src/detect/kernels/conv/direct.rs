@@ -1,0 +1,289 @@
+//! Convolutions without im2col: the input is copied once into zero-padded planes split by
+//! stride phase, and the microkernel reads every patch row in place at a fixed offset.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::super::SendPtr;
+use super::super::isa::{Isa, MAX_NR};
+use super::super::{cache, tiling};
+use super::schedule::{self, SCRATCH};
+use super::{Conv2d, ConvInput, add_assign, zeroed};
+
+impl Conv2d {
+    /// A convolution without im2col. The input is copied once into zero-padded planes split by
+    /// stride phase (for stride 2: even and odd rows times even and odd columns), so that the
+    /// input a kernel tap sees for 16 consecutive output pixels is 16 consecutive floats of one
+    /// phase plane; for each output row the microkernel then reads every patch row in place, at
+    /// a fixed offset from the row's start (`gemm_offsets`). Output rows run in parallel.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run_direct(&self, input: &ConvInput, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+        let (n, h, w) = (input.n, input.h, input.w);
+        let g = self.spec.groups;
+        let cin_g = self.spec.in_channels / g;
+        let m_g = self.spec.out_channels / g;
+        let (kh, kw) = self.spec.kernel;
+        let (dh, dw) = self.spec.dilation;
+        let (sh, sw) = self.spec.stride;
+        let (pt, pl, pb, pr) = self.spec.pads;
+        // Each channel becomes `sh * sw` phase planes of `hp x wp`.
+        let (hp, wp) = ((h + pt + pb).div_ceil(sh), (w + pl + pr).div_ceil(sw));
+        let plane = hp * wp;
+        let channel_len = sh * sw * plane;
+        // The last tile of a row reads up to `nr - 1` columns past it: slack after the last plane.
+        let planes_len = n * self.spec.in_channels * channel_len;
+        let mut padded: Vec<f32> = Vec::with_capacity(planes_len + MAX_NR);
+        zeroed(&mut padded.spare_capacity_mut()[planes_len..planes_len + MAX_NR]);
+        let isa = self.isa();
+        let layout = PhaseLayout { h, w, pt, pl, sh, sw, plane, hp, wp };
+        padded.spare_capacity_mut()[..planes_len].par_chunks_mut(channel_len).enumerate().for_each(|(index, dst)| {
+            let src = input.plane(index / self.spec.in_channels, index % self.spec.in_channels);
+            // Only the padding is zeroed (the pixels are written next), here rather than by the
+            // allocator: in parallel, and just before the copy.
+            zero_phase_padding(dst, &layout);
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU supports AVX-512F (the weights were packed for it).
+                Some(Isa::Avx512) => unsafe { split_phases_avx512(dst, src, &layout) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU supports AVX2 (the weights were packed for it).
+                Some(Isa::Avx2) => unsafe { split_phases_avx2(dst, src, &layout) },
+                _ => split_phases(dst, src, &layout),
+            }
+        });
+        // SAFETY: every element was written: the padding and the pixels of each plane (which
+        // partition it, see `zero_phase_padding`) by the loop above, the slack before it.
+        unsafe { padded.set_len(planes_len + MAX_NR) };
+        // Tap (c, ky, kx) of output pixel (oy, ox) reads phase ((ky*dh) % sh, (kx*dw) % sw) of
+        // channel c at row oy + ky*dh/sh, column ox + kx*dw/sw.
+        let offsets: Vec<usize> = (0..cin_g * kh * kw)
+            .map(|kk| {
+                let (c, ky, kx) = (kk / (kh * kw), kk / kw % kh, kk % kw);
+                let phase = (ky * dh % sh) * sw + kx * dw % sw;
+                c * channel_len + phase * plane + (ky * dh / sh) * wp + kx * dw / sw
+            })
+            .collect();
+        let pixels = oh * ow;
+        let threads = rayon::current_num_threads();
+        let units = n * g;
+        let (rows_per_task, row_tasks) = schedule::row_tasks(oh, units, threads);
+        // Few rows (small late layers): split the output channels too, so both cores work.
+        let (m_block, m_blocks) = schedule::channel_blocks(units * row_tasks, m_g, self.panel_rows(), threads);
+        let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
+        let padded = &padded;
+        (0..units * row_tasks * m_blocks).into_par_iter().for_each(|task| {
+            let mb = task % m_blocks;
+            let row_task = (task / m_blocks) % row_tasks;
+            let (batch, group) = (task / m_blocks / row_tasks / g, task / m_blocks / row_tasks % g);
+            let m0 = mb * m_block;
+            let rows = m_block.min(m_g - m0);
+            let channel0 = group * m_g + m0;
+            let image = &padded[(batch * self.spec.in_channels + group * cin_g) * channel_len..];
+            let task_rows = row_task * rows_per_task..((row_task + 1) * rows_per_task).min(oh);
+            let packed = &self.packed[group];
+            if ow % packed.isa().nr() != 0 || cache::rows_share_cache_sets(pixels) {
+                // Rows that end inside a panel would waste its last columns (a 40-pixel row is
+                // 1.25 panels of 32): the product runs over several rows at once instead, into
+                // a compact tile (which also suits outputs whose channel planes alias).
+                // SAFETY: as below, for the rows of this task.
+                unsafe { self.direct_rows_flattened(group, m0..m0 + rows, image, &offsets, wp, (oh, ow), task_rows, batch, residual, out_ptr) };
+                return;
+            }
+            for oy in task_rows {
+                let first = (batch * self.spec.out_channels + channel0) * pixels + oy * ow;
+                // SAFETY: this task writes rows `channel0..channel0+rows` of output row `oy` of
+                // image `batch` — a region no other task writes — inside `out`. Each patch row
+                // starts at `image[oy * wp + offsets[kk]]` and the kernel reads at most
+                // `ow.div_ceil(nr) * nr` floats from there: within the padded planes, or the
+                // slack after the last one.
+                unsafe {
+                    let dst = out_ptr.get().add(first);
+                    let epilogue = self.epilogue(channel0..channel0 + rows, residual.map(|r| (r[first..].as_ptr(), pixels)));
+                    tiling::gemm_offsets(&self.packed[group], m0..m0 + rows, image.as_ptr().add(oy * wp), &offsets, ow, dst, pixels, Some(&epilogue));
+                }
+            }
+        });
+    }
+
+    /// Output rows `out_rows` of channels `channels` (of image `batch`, relative to `group`'s
+    /// first) of a convolution run in place
+    /// ([`run_direct`](Self::run_direct)), as products over several rows at once: output pixel
+    /// `(oy, ox)` is column `(oy - oy0) * wp + ox` of a product whose `B` rows run along the
+    /// padded phase planes, `wp` floats per row, so one product covers `oy0..oy1` with the
+    /// `wp - ow` columns between rows computed and dropped. The product lands in a scratch
+    /// tile (bias and activation applied by the kernel); its rows are copied out, adding the
+    /// residual on the way.
+    ///
+    /// # Safety
+    /// As for the row-by-row loop in `run_direct`: this task alone writes these channels of
+    /// these rows of `out`; `image` has the padded planes of the group's channels and the
+    /// slack after them.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn direct_rows_flattened(&self, group: usize, channels: std::ops::Range<usize>, image: &[f32], offsets: &[usize], wp: usize, (oh, ow): (usize, usize), out_rows: std::ops::Range<usize>, batch: usize, residual: Option<&[f32]>, out: SendPtr) {
+        // Columns per product: about 32 panels, so that the scratch tile stays in L2.
+        const COLUMNS: usize = cache::SCRATCH_TILE_COLUMNS;
+        let pixels = oh * ow;
+        let packed = &self.packed[group];
+        let channel0 = group * (self.spec.out_channels / self.spec.groups) + channels.start;
+        let rows = channels.len();
+        let per_product = (COLUMNS / wp).max(1);
+        let epilogue = self.epilogue(channel0..channel0 + rows, None);
+        SCRATCH.with_borrow_mut(|(scratch, _)| {
+            let mut oy0 = out_rows.start;
+            while oy0 < out_rows.end {
+                let oy1 = (oy0 + per_product).min(out_rows.end);
+                let width = (oy1 - oy0 - 1) * wp + ow;
+                // Grown, never cleared: the product writes every element it covers.
+                if scratch.len() < rows * width {
+                    scratch.resize(rows * width, 0.0);
+                }
+                // SAFETY: the caller's contract; the `B` rows start at `oy0 * wp + offsets[kk]`
+                // and are read for at most `width.div_ceil(nr) * nr` floats, which ends where
+                // the row-by-row product of row `oy1 - 1` ends: inside the planes or the slack.
+                unsafe { tiling::gemm_offsets(packed, channels.clone(), image.as_ptr().add(oy0 * wp), offsets, width, scratch.as_mut_ptr(), width, Some(&epilogue)) };
+                for r in 0..rows {
+                    for oy in oy0..oy1 {
+                        let first = (batch * self.spec.out_channels + channel0 + r) * pixels + oy * ow;
+                        // SAFETY: row `oy` of output channel `channel0 + r`: this task's alone.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(first), ow) };
+                        dst.copy_from_slice(&scratch[r * width + (oy - oy0) * wp..][..ow]);
+                        if let Some(residual) = residual {
+                            add_assign(dst, &residual[first..][..ow]);
+                        }
+                    }
+                }
+                oy0 = oy1;
+            }
+        });
+    }
+}
+
+/// Where one input channel's pixels go among its zero-padded stride-phase planes (see
+/// [`Conv2d::run_direct`]).
+struct PhaseLayout {
+    h: usize,
+    w: usize,
+    pt: usize,
+    pl: usize,
+    sh: usize,
+    sw: usize,
+    /// Floats per phase plane; its rows and their length.
+    plane: usize,
+    hp: usize,
+    wp: usize,
+}
+
+/// The rows (or columns) of a phase plane that hold pixels: place `i` of phase `phase` holds
+/// input index `i * stride + phase - pad`, which must lie in `0..len`; `places` in all.
+fn pixel_span(len: usize, pad: usize, stride: usize, phase: usize, places: usize) -> std::ops::Range<usize> {
+    let first = pad.saturating_sub(phase).div_ceil(stride);
+    let end = if len + pad > phase { ((len - 1 + pad - phase) / stride + 1).min(places) } else { 0 };
+    first.min(end)..end
+}
+
+/// Zeroes the padding of one channel's phase planes: every place that [`split_phases`] does
+/// not write.
+fn zero_phase_padding(dst: &mut [MaybeUninit<f32>], layout: &PhaseLayout) {
+    let &PhaseLayout { h, w, pt, pl, sh, sw, plane, hp, wp } = layout;
+    let zero = MaybeUninit::new(0.0f32);
+    for py in 0..sh {
+        let rows = pixel_span(h, pt, sh, py, hp);
+        for px in 0..sw {
+            let cols = pixel_span(w, pl, sw, px, wp);
+            let phase = &mut dst[(py * sw + px) * plane..][..hp * wp];
+            phase[..rows.start * wp].fill(zero);
+            phase[rows.end * wp..].fill(zero);
+            for row in phase[rows.start * wp..rows.end * wp].chunks_exact_mut(wp) {
+                row[..cols.start].fill(zero);
+                row[cols.end..].fill(zero);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn split_phases_avx2(dst: &mut [MaybeUninit<f32>], src: &[f32], layout: &PhaseLayout) {
+    split_phases(dst, src, layout)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn split_phases_avx512(dst: &mut [MaybeUninit<f32>], src: &[f32], layout: &PhaseLayout) {
+    split_phases(dst, src, layout)
+}
+
+/// Copies one channel (`src`, rows of `w`) into its phase planes (`dst`): pixel
+/// `(y, x)` goes to phase `((y + pt) % sh, (x + pl) % sw)` at row `(y + pt) / sh`, column
+/// `(x + pl) / sw`. Compiled for the CPU's vectors by the callers above: for stride 2 the
+/// compiler then splits even and odd columns with vector shuffles.
+#[inline(always)]
+fn split_phases(dst: &mut [MaybeUninit<f32>], src: &[f32], layout: &PhaseLayout) {
+    let &PhaseLayout { w, pt, pl, sh, sw, plane, wp, .. } = layout;
+    for (y, row) in src.chunks_exact(w).enumerate() {
+        let (py, y2) = ((y + pt) % sh, (y + pt) / sh);
+        // Column x0 + k*sw lands at place (x0 + pl) / sw + k of its phase's row.
+        let phase_row = |x0: usize| (py * sw + (x0 + pl) % sw) * plane + y2 * wp + (x0 + pl) / sw;
+        match sw {
+            1 => dst[phase_row(0)..][..w].iter_mut().zip(row).for_each(|(d, &v)| _ = d.write(v)),
+            2 if w >= 2 => {
+                // Both phases in one pass over the row: pairs (even, odd).
+                let (even, odd) = (phase_row(0), phase_row(1));
+                let pairs = row.chunks_exact(2);
+                let last = pairs.remainder().first().copied();
+                let (even_len, odd_len) = (w.div_ceil(2), w / 2);
+                // The two rows lie in different planes: split `dst` between them.
+                let (even_row, odd_row) = if even < odd {
+                    let (head, tail) = dst.split_at_mut(odd);
+                    (&mut head[even..][..even_len], &mut tail[..odd_len])
+                } else {
+                    let (head, tail) = dst.split_at_mut(even);
+                    (&mut tail[..even_len], &mut head[odd..][..odd_len])
+                };
+                for ((e, o), pair) in even_row.iter_mut().zip(odd_row.iter_mut()).zip(pairs) {
+                    e.write(pair[0]);
+                    o.write(pair[1]);
+                }
+                if let Some(v) = last {
+                    even_row[odd_len].write(v);
+                }
+            }
+            _ => {
+                for x0 in 0..sw.min(w) {
+                    let start = phase_row(x0);
+                    let count = (w - x0).div_ceil(sw);
+                    dst[start..][..count].iter_mut().zip(row[x0..].iter().step_by(sw)).for_each(|(d, &v)| _ = d.write(v));
+                }
+            }
+        }
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padding_and_pixels_fill_every_phase_plane() {
+        for (h, w, pad, stride) in [(7usize, 9usize, 1usize, 2usize), (8, 6, 0, 2), (5, 5, 2, 3), (6, 7, 1, 1), (4, 4, 3, 2)] {
+            let (hp, wp) = ((h + 2 * pad).div_ceil(stride), (w + 2 * pad).div_ceil(stride));
+            let layout = PhaseLayout { h, w, pt: pad, pl: pad, sh: stride, sw: stride, plane: hp * wp, hp, wp };
+            let src: Vec<f32> = (1..=h * w).map(|i| i as f32).collect();
+            // NaN stands for memory nobody wrote.
+            let mut dst = vec![MaybeUninit::new(f32::NAN); stride * stride * hp * wp];
+            zero_phase_padding(&mut dst, &layout);
+            split_phases(&mut dst, &src, &layout);
+            // SAFETY: every element was initialised (with NaN) when the vector was made.
+            let planes: Vec<f32> = dst.iter().map(|v| unsafe { v.assume_init() }).collect();
+            for (i, &v) in planes.iter().enumerate() {
+                let (phase, y2, x2) = (i / (hp * wp), i / wp % hp, i % wp);
+                let (y, x) = ((y2 * stride + phase / stride) as isize - pad as isize, (x2 * stride + phase % stride) as isize - pad as isize);
+                let inside = (0..h as isize).contains(&y) && (0..w as isize).contains(&x);
+                let want = if inside { src[y as usize * w + x as usize] } else { 0.0 };
+                assert_eq!(v, want, "{h}x{w} pad {pad} stride {stride}: phase {phase} ({y2}, {x2})");
+            }
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! A convolution's input read where it lies: the channels of one or more tensors, one after
+//! another (a concatenation along channels that is never copied).
+
+/// One tensor whose channels are part of a convolution's input: image `b`'s channel `c` is the
+/// `h * w` floats at `b * image_stride + c * h * w` of `data`.
+#[derive(Debug, Clone, Copy)]
+pub struct InputPart<'a> {
+    pub data: &'a [f32],
+    pub channels: usize,
+    pub image_stride: usize,
+}
+
+/// A convolution's input, `[n][channels][h][w]`, as the channels of one or more tensors one
+/// after another: a concatenation along channels that the convolution reads where its parts
+/// lie, instead of a copy made for it.
+#[derive(Debug, Clone)]
+pub struct ConvInput<'a> {
+    parts: Vec<InputPart<'a>>,
+    pub(super) n: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+}
+
+impl<'a> ConvInput<'a> {
+    /// The parts' channels, in order; `None` when a part is too short for `n` images of
+    /// `h x w`, or when there is no part.
+    pub fn new(parts: Vec<InputPart<'a>>, n: usize, h: usize, w: usize) -> Option<Self> {
+        let fits = |p: &InputPart| n == 0 || p.channels * h * w == 0 || (n - 1) * p.image_stride + p.channels * h * w <= p.data.len();
+        (!parts.is_empty() && parts.iter().all(fits)).then_some(ConvInput { parts, n, h, w })
+    }
+
+    /// One row-major tensor.
+    pub fn contiguous(data: &'a [f32], n: usize, channels: usize, h: usize, w: usize) -> Self {
+        ConvInput { parts: vec![InputPart { data, channels, image_stride: channels * h * w }], n, h, w }
+    }
+
+    pub fn channels(&self) -> usize {
+        self.parts.iter().map(|p| p.channels).sum()
+    }
+
+    /// Channel `c` of image `b`.
+    pub(super) fn plane(&self, b: usize, mut c: usize) -> &'a [f32] {
+        let plane = self.h * self.w;
+        for part in &self.parts {
+            if c < part.channels {
+                return &part.data[b * part.image_stride + c * plane..][..plane];
+            }
+            c -= part.channels;
+        }
+        panic!("channel past the input's channels");
+    }
+
+    /// The input as one row-major buffer: borrowed when it is one, gathered otherwise.
+    pub(super) fn to_contiguous(&self) -> std::borrow::Cow<'a, [f32]> {
+        let channels = self.channels();
+        let plane = self.h * self.w;
+        match self.parts.as_slice() {
+            [part] if part.image_stride == channels * plane => std::borrow::Cow::Borrowed(&part.data[..self.n * channels * plane]),
+            _ => std::borrow::Cow::Owned((0..self.n).flat_map(|b| (0..channels).flat_map(move |c| self.plane(b, c).iter().copied())).collect()),
+        }
+    }
+}
+

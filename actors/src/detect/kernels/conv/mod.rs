@@ -1,0 +1,427 @@
+//! 2-D convolution over NCHW `f32`, with the bias, the activation and an optional residual
+//! fused into the epilogue.
+//!
+//! A convolution is a matrix product `out[Cout x P] = W[Cout x K] * cols[K x P]` per group, where
+//! `P` is the number of output pixels and `K = Cin/groups x kh x kw`; the weights are packed once
+//! for the microkernel (AVX-512 or AVX2), which applies the bias, SiLU and residual to each tile
+//! before storing it. With it, a 1x1 convolution packs tiles of its input's channel rows; any
+//! other shape never builds `cols`: the input is copied once into zero-padded planes split by
+//! stride phase, and the microkernel reads each patch row in place at a fixed offset
+//! (`run_direct`), over several output rows at once when a row would end inside a panel. The
+//! input may be a concatenation read in place ([`ConvInput`]). Without AVX2, the portable path
+//! fills a per-tile column buffer (im2col) for the `gemm` crate. Depthwise convolutions (one
+//! input channel per group) use a direct kernel. Work runs in parallel on the current rayon
+//! pool: tiles of pixels or rows of the output, and blocks of output channels when a layer has
+//! few pixels.
+//!
+//! One file per way of running a convolution: [`pointwise`] (1x1 on packed tiles, and every
+//! shape on the portable path with [`im2col`]), [`direct`] (in place over stride-phase planes)
+//! and [`depthwise`]; [`schedule`] splits the work into tasks. The input is read through
+//! [`input`].
+
+mod depthwise;
+mod direct;
+mod im2col;
+mod input;
+mod pointwise;
+mod schedule;
+
+use std::mem::MaybeUninit;
+
+use super::activation::Activation;
+use super::epilogue::Epilogue;
+use super::isa::Isa;
+use super::pack::PackedA;
+
+pub use input::{ConvInput, InputPart};
+
+/// A convolution's shape: everything but its weights. Plain data; [`Conv2d::new`] checks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub groups: usize,
+    pub kernel: (usize, usize),
+    pub stride: (usize, usize),
+    pub dilation: (usize, usize),
+    /// Padding (top, left, bottom, right).
+    pub pads: (usize, usize, usize, usize),
+    pub activation: Activation,
+}
+
+/// Why [`Conv2d::new`] or [`Conv2d::with_weights_packed_for`] refused a convolution.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvError {
+    #[error("{0}")]
+    Shape(String),
+    #[error("this CPU cannot run the {0:?} microkernel")]
+    UnsupportedIsa(Isa),
+}
+
+/// A convolution's fixed parameters and weights, laid out once at load time. Built only by
+/// [`Conv2d::new`], which checks that the shape and the weights agree, and packed only for a
+/// microkernel this CPU runs: the `unsafe` code of [`run`](Self::run) relies on both.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    spec: ConvSpec,
+    /// `[out_channels][in_channels / groups * kh * kw]`, ONNX's OIHW order.
+    weights: Vec<f32>,
+    /// One per output channel (zeros when the model has none).
+    bias: Vec<f32>,
+    /// The weights of each group packed for the microkernel (empty when the CPU lacks it).
+    /// Every panel's [`Isa`] is supported: `PackedA` checks it when it packs.
+    packed: Vec<PackedA>,
+}
+
+impl Conv2d {
+    /// A convolution of `spec` with `weights` (`[out_channels][in_channels / groups][kh][kw]`)
+    /// and `bias` (one per output channel), on the portable path until it is packed
+    /// ([`with_packed_weights`](Self::with_packed_weights)). Refuses a shape that the kernels
+    /// cannot run: a zero size, stride or dilation, channels that the groups do not divide, or
+    /// weights and biases of the wrong length.
+    pub fn new(spec: ConvSpec, weights: Vec<f32>, bias: Vec<f32>) -> Result<Self, ConvError> {
+        let ConvSpec { in_channels, out_channels, groups, kernel: (kh, kw), stride, dilation, pads: (pt, pl, pb, pr), .. } = spec;
+        let bad = |what: String| Err(ConvError::Shape(what));
+        if [in_channels, out_channels, groups, kh, kw].contains(&0) {
+            return bad(format!("a zero size in {spec:?}"));
+        }
+        if stride.0 == 0 || stride.1 == 0 || dilation.0 == 0 || dilation.1 == 0 {
+            return bad(format!("a zero stride or dilation in {spec:?}"));
+        }
+        if in_channels % groups != 0 || out_channels % groups != 0 {
+            return bad(format!("{groups} groups do not divide {in_channels} input and {out_channels} output channels"));
+        }
+        // Every size the kernels compute from the shape fits in `usize`.
+        let weights_len = (in_channels / groups).checked_mul(kh).and_then(|k| k.checked_mul(kw)).and_then(|k| k.checked_mul(out_channels));
+        let spans = [(dilation.0, kh, pt, pb), (dilation.1, kw, pl, pr)].map(|(d, k, a, b)| d.checked_mul(k - 1).and_then(|s| s.checked_add(a)).and_then(|s| s.checked_add(b)));
+        if spans.contains(&None) {
+            return bad(format!("the kernel's span overflows in {spec:?}"));
+        }
+        if weights_len != Some(weights.len()) {
+            return bad(format!("{} weights for {spec:?}", weights.len()));
+        }
+        if bias.len() != out_channels {
+            return bad(format!("{} biases for {out_channels} output channels", bias.len()));
+        }
+        Ok(Conv2d { spec, weights, bias, packed: Vec::new() })
+    }
+
+    pub fn spec(&self) -> &ConvSpec {
+        &self.spec
+    }
+
+    /// `[out_channels][in_channels / groups * kh * kw]`, ONNX's OIHW order.
+    pub fn weights(&self) -> &[f32] {
+        &self.weights
+    }
+
+    /// One per output channel.
+    pub fn bias(&self) -> &[f32] {
+        &self.bias
+    }
+
+    /// The microkernel the weights are packed for; `None` on the portable path.
+    pub fn isa(&self) -> Option<Isa> {
+        self.packed.first().map(PackedA::isa)
+    }
+
+    /// Packs the weights for the best microkernel this CPU runs, once; unchanged (portable)
+    /// when it runs none, and for depthwise convolutions (which have their own kernel).
+    pub fn with_packed_weights(self) -> Self {
+        match Isa::detect() {
+            Some(isa) => self.with_weights_packed_for(isa).expect("`Isa::detect` returns a supported microkernel"),
+            None => self,
+        }
+    }
+
+    /// Packs the weights for `isa`'s microkernel; an error when this CPU cannot run it.
+    /// A depthwise convolution is returned unpacked (it has its own kernel).
+    pub fn with_weights_packed_for(self, isa: Isa) -> Result<Self, ConvError> {
+        if !isa.supported() {
+            return Err(ConvError::UnsupportedIsa(isa));
+        }
+        Ok(if self.is_depthwise() { self } else { self.pack_for(isa) })
+    }
+
+    /// Packs for `isa`, which is supported (`PackedA::new` asserts it again).
+    fn pack_for(mut self, isa: Isa) -> Self {
+        let m_g = self.spec.out_channels / self.spec.groups;
+        let k = self.spec.in_channels / self.spec.groups * self.spec.kernel.0 * self.spec.kernel.1;
+        self.packed = (0..self.spec.groups).map(|g| PackedA::new(isa, &self.weights[g * m_g * k..][..m_g * k], m_g, k)).collect();
+        self
+    }
+
+    pub fn output_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let (kh, kw) = self.spec.kernel;
+        let span_h = self.spec.dilation.0 * (kh - 1) + 1;
+        let span_w = self.spec.dilation.1 * (kw - 1) + 1;
+        let ph = h + self.spec.pads.0 + self.spec.pads.2;
+        let pw = w + self.spec.pads.1 + self.spec.pads.3;
+        if ph < span_h || pw < span_w {
+            return None;
+        }
+        Some(((ph - span_h) / self.spec.stride.0 + 1, (pw - span_w) / self.spec.stride.1 + 1))
+    }
+
+    /// Output channels per microkernel panel (1 on the portable path, which has no panels).
+    fn panel_rows(&self) -> usize {
+        self.isa().map_or(1, Isa::mr)
+    }
+
+    /// The microkernel's epilogue for output channels `channels`: their biases, the activation
+    /// and the residual's first element and row stride, if any.
+    fn epilogue(&self, channels: std::ops::Range<usize>, residual: Option<(*const f32, usize)>) -> Epilogue<'_> {
+        Epilogue { bias: &self.bias[channels], silu: self.spec.activation == Activation::Silu, residual }
+    }
+
+    fn is_pointwise(&self) -> bool {
+        self.spec.kernel == (1, 1) && self.spec.stride == (1, 1) && self.spec.pads == (0, 0, 0, 0)
+    }
+
+    fn is_depthwise(&self) -> bool {
+        self.spec.groups == self.spec.in_channels && self.spec.groups == self.spec.out_channels && self.spec.groups > 1
+    }
+
+    /// Runs the convolution on `input` (`[n][in_channels][h][w]`) and returns the output
+    /// (`[n][out_channels][oh][ow]`, `oh, ow` from [`output_size`](Self::output_size)).
+    /// A `residual` of the output's shape is added last (after the activation), in the same
+    /// pass: a network's skip connection costs no extra trip through memory.
+    pub fn run(&self, input: &[f32], n: usize, h: usize, w: usize, residual: Option<&[f32]>) -> Vec<f32> {
+        assert_eq!(input.len(), n * self.spec.in_channels * h * w, "input length");
+        self.run_input(&ConvInput::contiguous(input, n, self.spec.in_channels, h, w), residual)
+    }
+
+    /// Like [`run`](Self::run), on an input made of parts.
+    pub fn run_input(&self, input: &ConvInput, residual: Option<&[f32]>) -> Vec<f32> {
+        let (n, h, w) = (input.n, input.h, input.w);
+        let (oh, ow) = self.output_size(h, w).expect("caller checked the output size");
+        let len = n * self.spec.out_channels * oh * ow;
+        assert_eq!(input.channels(), self.spec.in_channels, "input channels");
+        if let Some(residual) = residual {
+            assert_eq!(residual.len(), len, "residual length");
+        }
+        // Not zero-filled first: every element is written below, and zeroing a layer's output
+        // is a pass through memory of its own.
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        let spare = &mut out.spare_capacity_mut()[..len];
+        if self.is_depthwise() {
+            self.run_depthwise(&input.to_contiguous(), h, w, oh, ow, residual, spare);
+        } else if !self.packed.is_empty() && !self.is_pointwise() {
+            self.run_direct(input, oh, ow, residual, spare);
+        } else if !self.packed.is_empty() {
+            self.run_gemm(input, oh, ow, residual, spare);
+        } else {
+            // The portable path reads its input as one buffer.
+            let whole = input.to_contiguous();
+            self.run_gemm(&ConvInput::contiguous(&whole, n, self.spec.in_channels, h, w), oh, ow, residual, spare);
+        }
+        // SAFETY: every path initialises all `len` elements (the GEMM tiles cover every output
+        // channel and pixel; the depthwise planes are zeroed, then accumulated).
+        unsafe { out.set_len(len) };
+        out
+    }
+}
+
+/// Fills `buf` with zeros and returns it as initialised floats.
+fn zeroed(buf: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    buf.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was initialised just above, and `MaybeUninit<f32>` has the layout
+    // of `f32`.
+    unsafe { &mut *(buf as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// `dst += src`, element-wise (the compiler vectorises it).
+fn add_assign(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition, one output at a time.
+    fn reference(conv: &Conv2d, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+        let (oh, ow) = conv.output_size(h, w).unwrap();
+        let cin_g = conv.spec.in_channels / conv.spec.groups;
+        let m_g = conv.spec.out_channels / conv.spec.groups;
+        let (kh, kw) = conv.spec.kernel;
+        let mut out = vec![0.0; n * conv.spec.out_channels * oh * ow];
+        for b in 0..n {
+            for co in 0..conv.spec.out_channels {
+                let g = co / m_g;
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = conv.bias[co] as f64;
+                        for ci in 0..cin_g {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let iy = (oy * conv.spec.stride.0 + ky * conv.spec.dilation.0) as isize - conv.spec.pads.0 as isize;
+                                    let ix = (ox * conv.spec.stride.1 + kx * conv.spec.dilation.1) as isize - conv.spec.pads.1 as isize;
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    let x = input[((b * conv.spec.in_channels + g * cin_g + ci) * h + iy as usize) * w + ix as usize];
+                                    let wt = conv.weights[((co * cin_g + ci) * kh + ky) * kw + kx];
+                                    acc += (x * wt) as f64;
+                                }
+                            }
+                        }
+                        let v = acc as f32;
+                        out[((b * conv.spec.out_channels + co) * oh + oy) * ow + ox] = match conv.spec.activation {
+                            Activation::Identity => v,
+                            Activation::Silu => v / (1.0 + (-v).exp()),
+                        };
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).max(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2000) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// A square convolution with SiLU and test weights, on the portable path and on every
+    /// microkernel this CPU runs.
+    fn variants(cin: usize, cout: usize, groups: usize, k: usize, stride: usize, pad: usize) -> Vec<Conv2d> {
+        let spec = ConvSpec {
+            in_channels: cin,
+            out_channels: cout,
+            groups,
+            kernel: (k, k),
+            stride: (stride, stride),
+            dilation: (1, 1),
+            pads: (pad, pad, pad, pad),
+            activation: Activation::Silu,
+        };
+        let conv = Conv2d::new(spec, values(cout * cin / groups * k * k, 1), values(cout, 2)).unwrap();
+        let packed = [Isa::Avx2, Isa::Avx512].into_iter().filter(|isa| isa.supported() && !conv.is_depthwise());
+        std::iter::once(conv.clone()).chain(packed.map(|isa| conv.clone().with_weights_packed_for(isa).unwrap())).collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check(cin: usize, cout: usize, groups: usize, k: usize, stride: usize, pad: usize, n: usize, h: usize, w: usize) {
+        let input = values(n * cin * h * w, 3);
+        // Every variant, with and without a residual.
+        for conv in variants(cin, cout, groups, k, stride, pad) {
+            let (oh, ow) = conv.output_size(h, w).unwrap();
+            let residual = values(n * cout * oh * ow, 4);
+            for with_residual in [false, true] {
+                let out = conv.run(&input, n, h, w, with_residual.then_some(residual.as_slice()));
+                assert_eq!(out.len(), n * cout * oh * ow);
+                let mut want = reference(&conv, &input, n, h, w);
+                if with_residual {
+                    want.iter_mut().zip(&residual).for_each(|(w, r)| *w += r);
+                }
+                for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "cin={cin} cout={cout} g={groups} k={k} s={stride} residual={with_residual}: [{i}] {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_input_in_parts_gives_the_same_output() {
+        // Batch 2; the second part is every other channel block of a larger tensor (a channel
+        // split of it), so its images lie further apart than its own channels.
+        let (n, h, w) = (2, 9, 11);
+        for (cin, cout, groups, k, stride) in [(12, 16, 1, 1, 1), (12, 16, 1, 3, 1), (12, 8, 1, 3, 2), (12, 12, 12, 3, 1), (12, 8, 2, 3, 1)] {
+            let first = values(n * 5 * h * w, 5);
+            let wide = values(n * 14 * h * w, 6);
+            let parts = vec![
+                InputPart { data: &first, channels: 5, image_stride: 5 * h * w },
+                InputPart { data: &wide[7 * h * w..], channels: 7, image_stride: 14 * h * w },
+            ];
+            let input = ConvInput::new(parts, n, h, w).unwrap();
+            let whole = input.to_contiguous().into_owned();
+            for conv in variants(cin, cout, groups, k, stride, k / 2) {
+                assert_eq!(conv.run_input(&input, None), conv.run(&whole, n, h, w, None), "{cin}->{cout} k{k} s{stride} g{groups}");
+            }
+        }
+        // A part shorter than its images is refused.
+        let short = values(10, 1);
+        assert!(ConvInput::new(vec![InputPart { data: &short, channels: 1, image_stride: 9 }], 2, 3, 3).is_none());
+    }
+
+    #[test]
+    fn a_convolution_is_checked_when_it_is_built() {
+        let spec = ConvSpec {
+            in_channels: 4,
+            out_channels: 6,
+            groups: 2,
+            kernel: (3, 3),
+            stride: (1, 1),
+            dilation: (1, 1),
+            pads: (1, 1, 1, 1),
+            activation: Activation::Identity,
+        };
+        let make = |spec: ConvSpec| {
+            let weights = spec.out_channels * spec.in_channels / spec.groups.max(1) * spec.kernel.0 * spec.kernel.1;
+            Conv2d::new(spec, values(weights, 1), values(spec.out_channels, 2))
+        };
+        assert!(make(spec).is_ok());
+        for bad in [
+            ConvSpec { groups: 0, ..spec },
+            ConvSpec { groups: 4, ..spec },
+            ConvSpec { in_channels: 5, ..spec },
+            ConvSpec { kernel: (0, 3), ..spec },
+            ConvSpec { stride: (1, 0), ..spec },
+            ConvSpec { dilation: (0, 1), ..spec },
+            ConvSpec { dilation: (usize::MAX, 1), ..spec },
+        ] {
+            assert!(matches!(make(bad), Err(ConvError::Shape(_))), "{bad:?}");
+        }
+        assert!(Conv2d::new(spec, values(6 * 2 * 9 - 1, 1), values(6, 2)).is_err(), "one weight short");
+        assert!(Conv2d::new(spec, values(6 * 2 * 9, 1), values(5, 2)).is_err(), "one bias short");
+    }
+
+    #[test]
+    fn weights_are_packed_only_for_a_microkernel_this_cpu_runs() {
+        let conv = variants(8, 16, 1, 3, 1, 1).remove(0);
+        for isa in [Isa::Avx2, Isa::Avx512] {
+            match conv.clone().with_weights_packed_for(isa) {
+                Ok(packed) => assert!(isa.supported() && packed.isa() == Some(isa)),
+                Err(e) => assert!(!isa.supported() && e == ConvError::UnsupportedIsa(isa), "{isa:?}: {e}"),
+            }
+            if !isa.supported() {
+                // Packing by hand for it is refused too.
+                assert!(std::panic::catch_unwind(|| PackedA::new(isa, &[1.0; 4], 2, 2)).is_err());
+            }
+        }
+        assert_eq!(conv.clone().with_packed_weights().isa(), Isa::detect());
+        // A depthwise convolution keeps its own kernel.
+        let depthwise = variants(8, 8, 8, 3, 1, 1).remove(0);
+        assert_eq!(depthwise.with_packed_weights().isa(), None);
+    }
+
+    #[test]
+    fn matches_the_definition() {
+        check(3, 16, 1, 3, 2, 1, 1, 37, 29); // first layer shape
+        check(16, 32, 1, 1, 1, 0, 2, 9, 11); // pointwise, batch 2
+        check(8, 12, 1, 3, 1, 1, 1, 64, 40); // many tiles
+        check(32, 32, 32, 3, 1, 1, 1, 13, 9); // depthwise
+        check(16, 16, 16, 7, 1, 3, 2, 10, 12); // depthwise 7x7
+        check(16, 16, 16, 3, 2, 1, 1, 11, 11); // depthwise strided
+        check(8, 8, 8, 5, 1, 0, 1, 9, 12); // depthwise without padding
+        check(8, 8, 2, 3, 1, 1, 1, 6, 6); // grouped
+        check(64, 128, 1, 3, 2, 1, 1, 5, 5); // small late layer: split channels
+        check(24, 40, 1, 3, 1, 1, 2, 7, 21); // stride 1 in place: rows not a multiple of 16, batch 2
+        check(70, 20, 1, 3, 1, 0, 1, 5, 19); // stride 1 without padding, k > one block of KC
+        check(6, 10, 2, 5, 1, 2, 1, 9, 17); // stride 1, grouped, 5x5
+        check(5, 9, 1, 3, 2, 0, 2, 12, 16); // stride 2 without padding: even columns in phase 0
+        check(4, 6, 1, 3, 3, 1, 1, 10, 11); // stride 3
+        check(8, 16, 1, 3, 1, 1, 2, 5, 32); // rows of whole panels, one product per row
+    }
+}
+
