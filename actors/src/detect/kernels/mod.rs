@@ -1,6 +1,16 @@
 //! CPU kernels where candle's own are too slow for detection models: plain Rust over `f32`
 //! slices, with explicit AVX-512 and AVX2 code where the compiler's vectorisation fell short
 //! (chosen at run time); the `unsafe` blocks carry `SAFETY` notes.
+//!
+//! Laid out after tract's `linalg`, one concept per file:
+//! - [`isa`]: which microkernel this CPU runs, and the dispatch to it; [`cache`]: the cache
+//!   sizes every blocking constant derives from;
+//! - the packed matrix product: packing (`pack`), tiling (`tiling`), the fused epilogue
+//!   (`epilogue`), the batched product (`matmul`), the microkernels per instruction set
+//!   (`x86_64/avx2.rs`, `x86_64/avx512.rs`) and the portable fallback (`portable`);
+//! - [`conv`]: pointwise, direct (phase planes), depthwise and the schedule;
+//! - element-wise functions ([`activation`], on the lanes of `simd`), [`attention`],
+//!   [`transpose`] and [`strided`] views.
 
 pub mod activation;
 pub mod attention;

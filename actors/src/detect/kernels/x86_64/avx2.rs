@@ -1,8 +1,107 @@
-//! The AVX2+FMA microkernel (6x16 tiles) and the packing routines compiled for AVX2.
+//! The AVX2+FMA microkernel (6x16 tiles), the packing routines compiled for AVX2, and the
+//! [`Lanes`] the element-wise kernels are written in.
+
+use std::arch::x86_64::*;
 
 use super::super::epilogue::{TileEpilogue, finish};
 use super::super::pack::{self, PackedB};
-use super::super::simd::Avx2;
+use super::super::simd::Lanes;
+
+/// AVX2+FMA lanes.
+#[derive(Clone, Copy)]
+pub(in super::super) struct Avx2(pub(in super::super) __m256);
+
+// SAFETY: 8 lanes, one `__m256`; `load` and `store` are unaligned moves of 8 floats and the
+// other methods work on registers only, all with AVX, AVX2 and FMA instructions.
+unsafe impl Lanes for Avx2 {
+    const LEN: usize = 8;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: the caller's contract (AVX, 8 readable floats).
+        Avx2(unsafe { _mm256_loadu_ps(p) })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller's contract (AVX, 8 writable floats).
+        unsafe { _mm256_storeu_ps(p, self.0) }
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        // SAFETY: AVX (the caller's contract).
+        Avx2(unsafe { _mm256_set1_ps(v) })
+    }
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        // SAFETY: AVX (the caller's contract).
+        Avx2(unsafe { _mm256_add_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    unsafe fn sub(self, o: Self) -> Self {
+        // SAFETY: AVX (the caller's contract).
+        Avx2(unsafe { _mm256_sub_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    unsafe fn mul(self, o: Self) -> Self {
+        // SAFETY: AVX (the caller's contract).
+        Avx2(unsafe { _mm256_mul_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    unsafe fn max(self, o: Self) -> Self {
+        // SAFETY: AVX (the caller's contract).
+        Avx2(unsafe { _mm256_max_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    unsafe fn min(self, o: Self) -> Self {
+        // SAFETY: AVX (the caller's contract).
+        Avx2(unsafe { _mm256_min_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+        // SAFETY: FMA (the caller's contract).
+        Avx2(unsafe { _mm256_fmadd_ps(self.0, b.0, c.0) })
+    }
+    #[inline(always)]
+    unsafe fn round(self) -> Self {
+        // SAFETY: AVX (the caller's contract).
+        Avx2(unsafe { _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self.0) })
+    }
+    #[inline(always)]
+    unsafe fn pow2i(self) -> Self {
+        // SAFETY: AVX2 (the caller's contract). `self + 127` is a valid biased exponent.
+        Avx2(unsafe {
+            let biased = _mm256_add_epi32(_mm256_cvtps_epi32(self.0), _mm256_set1_epi32(127));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased))
+        })
+    }
+    #[inline(always)]
+    unsafe fn recip(self) -> Self {
+        // SAFETY: AVX and FMA (the caller's contract).
+        Avx2(unsafe {
+            let r = _mm256_rcp_ps(self.0);
+            _mm256_mul_ps(r, _mm256_fnmadd_ps(self.0, r, _mm256_set1_ps(2.0)))
+        })
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(self) -> f32 {
+        // SAFETY: AVX (the caller's contract).
+        unsafe {
+            let m = _mm_max_ps(_mm256_castps256_ps128(self.0), _mm256_extractf128_ps::<1>(self.0));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let m = _mm_max_ss(m, _mm_shuffle_ps::<1>(m, m));
+            _mm_cvtss_f32(m)
+        }
+    }
+    #[inline(always)]
+    unsafe fn reduce_sum(self) -> f32 {
+        // SAFETY: AVX (the caller's contract).
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(self.0), _mm256_extractf128_ps::<1>(self.0));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+            _mm_cvtss_f32(s)
+        }
+    }
+}
 
 /// The AVX2 microkernel: 12 accumulators (6 rows of two 8-float registers).
 ///
@@ -10,7 +109,6 @@ use super::super::simd::Avx2;
 /// As for [`kernel`](super::super::isa::kernel), with `mr = 6`, `nr = 16`.
 #[target_feature(enable = "avx2,fma")]
 pub(in super::super) unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool, epilogue: Option<&TileEpilogue>) {
-    use std::arch::x86_64::*;
     const MR: usize = 6;
     // SAFETY: every pointer access below stays within the bounds stated in the contract.
     unsafe {

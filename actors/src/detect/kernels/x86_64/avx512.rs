@@ -1,8 +1,98 @@
-//! The AVX-512F microkernel (8x32 tiles) and the packing routines compiled for AVX-512F.
+//! The AVX-512F microkernel (8x32 tiles), the packing routines compiled for AVX-512F, and the
+//! [`Lanes`] the element-wise kernels are written in.
+
+use std::arch::x86_64::*;
 
 use super::super::epilogue::{TileEpilogue, finish};
 use super::super::pack::{self, PackedB};
-use super::super::simd::Avx512;
+use super::super::simd::Lanes;
+
+/// AVX-512F lanes.
+#[derive(Clone, Copy)]
+pub(in super::super) struct Avx512(pub(in super::super) __m512);
+
+// SAFETY: 16 lanes, one `__m512`; `load` and `store` are unaligned moves of 16 floats and the
+// other methods work on registers only, all with AVX-512F instructions.
+unsafe impl Lanes for Avx512 {
+    const LEN: usize = 16;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: the caller's contract (AVX-512F, 16 readable floats).
+        Avx512(unsafe { _mm512_loadu_ps(p) })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller's contract (AVX-512F, 16 writable floats).
+        unsafe { _mm512_storeu_ps(p, self.0) }
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        // SAFETY: AVX-512F (the caller's contract).
+        Avx512(unsafe { _mm512_set1_ps(v) })
+    }
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        // SAFETY: AVX-512F (the caller's contract).
+        Avx512(unsafe { _mm512_add_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    unsafe fn sub(self, o: Self) -> Self {
+        // SAFETY: AVX-512F (the caller's contract).
+        Avx512(unsafe { _mm512_sub_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    unsafe fn mul(self, o: Self) -> Self {
+        // SAFETY: AVX-512F (the caller's contract).
+        Avx512(unsafe { _mm512_mul_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    unsafe fn max(self, o: Self) -> Self {
+        // SAFETY: AVX-512F (the caller's contract).
+        Avx512(unsafe { _mm512_max_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    unsafe fn min(self, o: Self) -> Self {
+        // SAFETY: AVX-512F (the caller's contract).
+        Avx512(unsafe { _mm512_min_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+        // SAFETY: AVX-512F (the caller's contract).
+        Avx512(unsafe { _mm512_fmadd_ps(self.0, b.0, c.0) })
+    }
+    #[inline(always)]
+    unsafe fn round(self) -> Self {
+        // SAFETY: AVX-512F (the caller's contract).
+        Avx512(unsafe { _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self.0) })
+    }
+    #[inline(always)]
+    unsafe fn pow2i(self) -> Self {
+        // SAFETY: AVX-512F (the caller's contract). `self + 127` is a valid biased exponent.
+        Avx512(unsafe {
+            let biased = _mm512_add_epi32(_mm512_cvtps_epi32(self.0), _mm512_set1_epi32(127));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<23>(biased))
+        })
+    }
+    #[inline(always)]
+    unsafe fn recip(self) -> Self {
+        // SAFETY: AVX-512F (the caller's contract).
+        Avx512(unsafe {
+            let r = _mm512_rcp14_ps(self.0);
+            // r * (2 - x * r)
+            _mm512_mul_ps(r, _mm512_fnmadd_ps(self.0, r, _mm512_set1_ps(2.0)))
+        })
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(self) -> f32 {
+        // SAFETY: AVX-512F (the caller's contract).
+        unsafe { _mm512_reduce_max_ps(self.0) }
+    }
+    #[inline(always)]
+    unsafe fn reduce_sum(self) -> f32 {
+        // SAFETY: AVX-512F (the caller's contract).
+        unsafe { _mm512_reduce_add_ps(self.0) }
+    }
+}
 
 /// The AVX-512 microkernel: 16 accumulators (8 rows of two 16-float registers); each `A`
 /// element is a broadcast operand of the multiply-add, so `B` needs only two registers.
@@ -11,7 +101,6 @@ use super::super::simd::Avx512;
 /// As for [`kernel`](super::super::isa::kernel), with `mr = 8`, `nr = 32`.
 #[target_feature(enable = "avx512f")]
 pub(in super::super) unsafe fn kernel_8x32(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool, epilogue: Option<&TileEpilogue>) {
-    use std::arch::x86_64::*;
     const MR: usize = 8;
     // SAFETY: every pointer access below stays within the bounds stated in the contract; `b`
     // is 64-byte aligned, so each row of the panel is two aligned loads.

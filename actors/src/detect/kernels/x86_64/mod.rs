@@ -1,6 +1,7 @@
 //! The x86-64 microkernels, one file per instruction set: each holds the register-tiled
-//! matrix-product kernel and the packing routines compiled for its vector width. They are
-//! chosen at run time by [`isa`](super::isa), which alone calls them.
+//! matrix-product kernel, the packing routines compiled for its vector width, and its
+//! [`Lanes`](super::simd::Lanes) for the element-wise kernels. The matrix-product code is chosen
+//! at run time by [`isa`](super::isa), which alone calls it.
 
 pub(super) mod avx2;
 pub(super) mod avx512;
