@@ -375,8 +375,8 @@ fn avi_and_flv_give_frames_while_uploading() {
             assert!((frame.pts - pts).abs() < 1e-3, "{name}: frame {i} at {} s, ffprobe says {pts}", frame.pts);
         }
     }
-    // Uploaded as fast as the 4 s clips play, all three at once: detections can start within
-    // the first second of the upload.
+    // Uploaded as fast as the 4 s clips play, all three at once: the first frame comes within
+    // the first quarter of the bytes (the time it took is printed, not asserted).
     thread::scope(|scope| {
         let runs: Vec<_> = clips.iter().map(|(name, ..)| (name, scope.spawn(move || decode_at_playback_pace(name, 4.0)))).collect();
         for (name, run) in runs {
@@ -385,7 +385,7 @@ fn avi_and_flv_give_frames_while_uploading() {
             let after = observed.first_frame_after.unwrap();
             let (written, _) = observed.at_first_frame.unwrap();
             eprintln!("{name}: first frame {:.2} s into a 4 s upload, with {written} of {total} bytes written", after.as_secs_f64());
-            assert!(after < Duration::from_secs(1), "{name}: first frame {after:?} into the upload");
+            assert!(written < total / 4, "{name}: first frame only after {written} of {total} bytes ({after:?})");
         }
     });
 }

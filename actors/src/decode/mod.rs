@@ -457,8 +457,10 @@ impl Decoder {
 
     /// Reads one packet of our stream (or finds the end) and gives it to the decoder.
     fn feed_packet(&mut self) -> Result<(), DecodeError> {
-        let mut packet = ff::Packet::empty();
         loop {
+            // A packet per read: `av_read_frame` overwrites a packet without releasing what it
+            // held, so reusing one would leak every packet of the other streams skipped here.
+            let mut packet = ff::Packet::empty();
             match packet.read(&mut self.input) {
                 Ok(()) => {
                     if self.discard_consumed {
