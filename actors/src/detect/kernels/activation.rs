@@ -2,6 +2,8 @@
 //! [`Lanes`] (explicit AVX-512 or AVX2+FMA vectors, chosen at run time) and as a scalar body for
 //! other CPUs and for the tails shorter than a vector.
 
+use super::isa::{Vectors, vectors};
+
 /// What a convolution applies after adding its bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -339,34 +341,6 @@ unsafe fn softmax_columns_on(vectors: Vectors, base: *mut f32, len: usize, strid
     unsafe { softmax_columns_scalar(base, len, stride, columns) }
 }
 
-/// The instruction sets the vector kernels are compiled for, best first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Vectors {
-    Avx512,
-    Avx2,
-    Scalar,
-}
-
-fn vectors() -> Vectors {
-    use super::isa::Isa;
-    // The same choice as the matrix products (`STREAMDET_CPU_KERNEL` caps both).
-    match Isa::detect() {
-        Some(Isa::Avx512) => Vectors::Avx512,
-        Some(Isa::Avx2) => Vectors::Avx2,
-        None => Vectors::Scalar,
-    }
-}
-
-impl Vectors {
-    fn supported(self) -> bool {
-        use super::isa::Isa;
-        match self {
-            Vectors::Avx512 => Isa::Avx512.supported(),
-            Vectors::Avx2 => Isa::Avx2.supported(),
-            Vectors::Scalar => true,
-        }
-    }
-}
 
 /// Defines `pub fn $name(args)`: the vector kernel `lanes::$kernel` compiled with AVX-512 or
 /// AVX2+FMA, whichever [`vectors`] chose, else the scalar `$fallback`; and `$on(vectors, args)`

@@ -1,8 +1,8 @@
 //! Which microkernel this CPU runs, and the dispatch from an [`Isa`] to its code: detection,
 //! the kernels' tile shapes, and every `match` that picks an instruction set's microkernel or
 //! packing routine. The code itself lives in [`x86_64`](super::x86_64) (one file per
-//! instruction set); the element-wise kernels follow the same choice
-//! ([`activation`](super::activation)).
+//! instruction set); the element-wise kernels ([`activation`](super::activation)) follow the
+//! same choice ([`Vectors`]).
 
 use std::sync::OnceLock;
 
@@ -46,7 +46,7 @@ impl Isa {
     pub fn supported(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            match self {
+        match self {
                 Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
                 Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
             }
@@ -82,6 +82,34 @@ impl Isa {
 /// Whether this CPU runs a microkernel.
 pub fn available() -> bool {
     Isa::detect().is_some()
+}
+
+/// The instruction sets the element-wise kernels ([`activation`](super::activation)) are
+/// compiled for, best first: the same choice as the matrix products'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Vectors {
+    Avx512,
+    Avx2,
+    Scalar,
+}
+
+pub(super) fn vectors() -> Vectors {
+    // The same choice as the matrix products (`STREAMDET_CPU_KERNEL` caps both).
+    match Isa::detect() {
+        Some(Isa::Avx512) => Vectors::Avx512,
+        Some(Isa::Avx2) => Vectors::Avx2,
+        None => Vectors::Scalar,
+    }
+}
+
+impl Vectors {
+    pub(super) fn supported(self) -> bool {
+        match self {
+            Vectors::Avx512 => Isa::Avx512.supported(),
+            Vectors::Avx2 => Isa::Avx2.supported(),
+            Vectors::Scalar => true,
+        }
+    }
 }
 
 /// Every microkernel this CPU runs (the engine uses the best; tests check them all).
