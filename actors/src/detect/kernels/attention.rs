@@ -18,6 +18,7 @@ use super::tiling;
 /// Queries per task: the block's scores (`keys x BLOCK`) stay in L2. A multiple of every
 /// microkernel's panel width, so that the panels of a row of scores never leave it.
 const BLOCK: usize = 64;
+const _: () = assert!(BLOCK.is_multiple_of(isa::MAX_NR) && BLOCK.is_multiple_of(Isa::Avx2.nr()));
 
 /// A batch of matrices stored at fixed strides in one buffer: element `(i, j)` of item `b` is
 /// at `item_offset(b) + i * row_stride + j * col_stride`, where `item_offset` walks the batch

@@ -8,7 +8,10 @@ use rayon::prelude::*;
 
 /// Below this many elements the work is not split across threads.
 const PARALLEL_MIN: usize = 1 << 15;
+/// Rows and columns per block of a 2-D transpose: a source block and its destination
+/// (8 KiB together) stay in L1 while the block is copied.
 const BLOCK: usize = 32;
+const _: () = assert!(2 * BLOCK * BLOCK * std::mem::size_of::<f32>() <= super::cache::L1_BYTES / 2);
 
 /// Merges output axes that are consecutive in the input. Returns the input dims and the
 /// permutation of the merged tensor.
