@@ -38,7 +38,8 @@ fn batched_matmul_on(isa: Isa, a: &[f32], b: &[f32], batch: usize, m: usize, k: 
                 packed.scale(alpha);
             }
             if a_transposed {
-                // SAFETY: `ai` is `k x m` row-major, which is `A^T`.
+                // SAFETY: `ai` is `k x m` row-major, which is `A^T`; `isa` is supported (asserted
+                // above).
                 unsafe { pack_b(isa, ai.as_ptr(), m, k, m, &mut packed_b) };
             } else {
                 pack_b_transposed(isa, ai, k, m, &mut packed_b);
@@ -61,7 +62,7 @@ fn batched_matmul_on(isa: Isa, a: &[f32], b: &[f32], batch: usize, m: usize, k: 
         if alpha != 1.0 {
             packed.scale(alpha);
         }
-        // SAFETY: `bi` is `k x n` row-major.
+        // SAFETY: `bi` is `k x n` row-major; `isa` is supported (asserted above).
         unsafe { pack_b(isa, bi.as_ptr(), n, k, n, &mut packed_b) };
         // SAFETY: `c` is `m x n`; the microkernel is supported (asserted above). `gemm` only
         // writes through the pointer until its first pass over `k` has initialised the tile.

@@ -110,7 +110,8 @@ impl PackedB {
 /// (`[panel][k][nr]`, zero columns past `width`) in `out`.
 ///
 /// # Safety
-/// `src` must be valid for reads of `k` rows of `width` elements, `row_stride` apart.
+/// `src` must be valid for reads of `k` rows of `width` elements, `row_stride` apart, and this
+/// CPU must support `isa` (take it from a [`PackedA`], whose constructor checks).
 pub unsafe fn pack_b(isa: Isa, src: *const f32, row_stride: usize, k: usize, width: usize, out: &mut PackedB) {
     // SAFETY: the caller's contract: row `kk` starts `kk * row_stride` floats after `src`.
     unsafe { pack_b_rows(isa, &|kk| src.add(kk * row_stride), k, width, out) }
@@ -120,10 +121,11 @@ pub unsafe fn pack_b(isa: Isa, src: *const f32, row_stride: usize, k: usize, wid
 /// such as the channels of a concatenation read in place.
 ///
 /// # Safety
-/// `row(kk)` must be valid for reads of `width` elements, for every `kk < k`.
+/// `row(kk)` must be valid for reads of `width` elements, for every `kk < k`, and this CPU must
+/// support `isa`.
 pub unsafe fn pack_b_rows(isa: Isa, row: &dyn Fn(usize) -> *const f32, k: usize, width: usize, out: &mut PackedB) {
-    // SAFETY: the caller's contract; `isa` is supported, so the CPU has the features each
-    // instantiation is compiled for.
+    // SAFETY: the caller's contract: the rows are readable and `isa` is supported, so the CPU
+    // has the features each instantiation is compiled for.
     unsafe { isa::pack_b_rows(isa, row, k, width, out) }
 }
 

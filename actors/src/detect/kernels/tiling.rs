@@ -171,7 +171,7 @@ pub(super) mod tests {
                 let (a, b) = (matrix(m * k, 7, 13), matrix(k * n, 5, 11));
                 let packed = PackedA::new(isa, &a, m, k);
                 let mut bp = PackedB::new();
-                // SAFETY: `b` is k x n row-major.
+                // SAFETY: `b` is k x n row-major; `isa` comes from `all_supported`.
                 unsafe { pack_b(isa, b.as_ptr(), n, k, n, &mut bp) };
                 // From the second panel on, into a C with a wider stride, to check offsets and
                 // edges.

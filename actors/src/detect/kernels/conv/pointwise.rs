@@ -57,7 +57,8 @@ impl Conv2d {
             // SAFETY: this task writes rows `channel0..channel0+rows` of image `batch`, columns
             // `p0..p0+width` — a region no other task writes (tasks differ in batch, group, tile
             // or channel block) and inside `out`, whose length `run` checked. `rhs` covers
-            // `k x width` elements with row stride `rhs_rs`.
+            // `k x width` elements with row stride `rhs_rs`. The packed weights were made for a
+            // supported ISA (`PackedA` checks), so packing the input for it is sound.
             unsafe {
                 let first = (batch * self.spec.out_channels + channel0) * pixels + p0;
                 let dst = out_ptr.get().add(first);
