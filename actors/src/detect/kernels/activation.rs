@@ -28,7 +28,7 @@ pub(super) fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
     // 2^k without a float-to-int conversion (which does not vectorise): adding 2^23 puts the
     // integer k + 127 (in 1..=254 after the clamp) in the low mantissa bits; shifting them into

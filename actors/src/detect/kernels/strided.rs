@@ -71,7 +71,7 @@ impl StridedView {
             return Some(view);
         };
         let step: usize = inner.iter().map(|r| r.size).product();
-        if start % step != 0 || len % step != 0 {
+        if !start.is_multiple_of(step) || !len.is_multiple_of(step) {
             return None;
         }
         view.offset += start / step * outer.stride;

@@ -35,6 +35,8 @@ pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: &PackedB, width
 /// # Safety
 /// As for [`gemm`]; `offsets.len()` must be `a`'s `k`, and `base + offsets[kk] + j` readable for
 /// every `kk` and every `j < width.div_ceil(nr) * nr` (columns past `width` are read, not used).
+// The product's operands, as the microkernel takes them: grouping them would only move the list.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_offsets(a: &PackedA, rows: std::ops::Range<usize>, base: *const f32, offsets: &[usize], width: usize, c: *mut f32, ldc: usize, epilogue: Option<&Epilogue>) {
     assert_eq!(offsets.len(), a.k());
     let nr = a.isa().nr();
@@ -71,7 +73,7 @@ struct Block([f32; cache::B_BLOCK_FLOATS]);
 unsafe fn tiles(a: &PackedA, rows: std::ops::Range<usize>, width: usize, c: *mut f32, ldc: usize, epilogue: Option<&Epilogue>, mut b_block: impl FnMut(usize, usize, usize) -> *const f32) {
     let isa = a.isa();
     let (mr, nr, kc_max) = (isa.mr(), isa.nr(), isa.kc());
-    assert!(rows.start % mr == 0 && rows.end <= a.m(), "rows must start on a panel");
+    assert!(rows.start.is_multiple_of(mr) && rows.end <= a.m(), "rows must start on a panel");
     if let Some(e) = epilogue {
         assert!(e.bias.len() >= rows.len(), "one bias per row");
     }

@@ -82,7 +82,7 @@ impl Conv2d {
             let image = &padded[(batch * self.spec.in_channels + group * cin_g) * channel_len..];
             let task_rows = row_task * rows_per_task..((row_task + 1) * rows_per_task).min(oh);
             let packed = &self.packed[group];
-            if ow % packed.isa().nr() != 0 || cache::rows_share_cache_sets(pixels) {
+            if !ow.is_multiple_of(packed.isa().nr()) || cache::rows_share_cache_sets(pixels) {
                 // Rows that end inside a panel would waste its last columns (a 40-pixel row is
                 // 1.25 panels of 32): the product runs over several rows at once instead, into
                 // a compact tile (which also suits outputs whose channel planes alias).
