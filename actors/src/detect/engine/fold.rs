@@ -280,4 +280,25 @@ mod tests {
         let (engine, _) = plan_and_run(&model(nodes, &initializers), &x);
         assert_eq!(engine.steps.iter().filter(|s| s.op_type == "Concat").count(), 2);
     }
+
+    #[test]
+    fn a_convolution_of_a_concatenation_still_adds_its_residual() {
+        let (w, b) = (floats(&[2, 4, 3, 3], 15), floats(&[2], 16));
+        let nodes = vec![
+            node("Sigmoid", &["x"], &["a"], &[]),
+            node("Exp", &["x"], &["e"], &[]),
+            node("Concat", &["a", "e"], &["c"], &[("axis", Attribute::Int(1))]),
+            node("Conv", &["c", "w", "b"], &["y"], &[("pads", perm(&[1, 1, 1, 1]))]),
+            node("Add", &["y", "x"], &["out"], &[]),
+        ];
+        let x = tensor(&floats(&[1, 2, 4, 6], 17));
+        let (engine, got) = plan_and_run(&model(nodes, &[("w", w.clone()), ("b", b.clone())]), &x);
+        assert_eq!(step_types(&engine.steps), ["Sigmoid", "Exp", "Conv"]);
+        assert!(matches!(&engine.steps[2].op, Op::Conv(c) if c.concat_parts == 1));
+        assert_eq!(engine.steps[2].inputs[3], Some(engine.input_slot));
+
+        let c = Tensor::cat(&[candle_nn::ops::sigmoid(&x).unwrap(), x.exp().unwrap()], 1).unwrap();
+        let y = c.conv2d(&tensor(&w), 1, 1, 1, 1).unwrap().broadcast_add(&tensor(&b).reshape((1, 2, 1, 1)).unwrap()).unwrap();
+        assert_close(&got, &(y + &x).unwrap());
+    }
 }

@@ -378,6 +378,18 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_softmax_over_another_axis_is_left_spelled_out() {
+        let nodes = vec![
+            node("ReduceMax", &["x"], &["m"], &[("axes", perm(&[1])), ("keepdims", int(1))]),
+            node("Sub", &["x", "m"], &["d"], &[]),
+            node("Exp", &["d"], &["e"], &[]),
+            node("ReduceSum", &["e"], &["s"], &[("axes", perm(&[1]))]),
+            node("Div", &["e", "s"], &["out"], &[]),
+        ];
+        assert_eq!(op_types(&fuse_softmax(&nodes, &HashMap::new())), ["ReduceMax", "Sub", "Exp", "ReduceSum", "Div"]);
+    }
+
+    #[test]
     fn matmul_times_constant_scalar_becomes_a_scaled_product() {
         let bm = floats(&[2, 4, 5], 6);
         // The scale as an initializer and as a Constant node, on either side of the Mul.
