@@ -79,11 +79,7 @@ fn main() {
                 std::hint::black_box(pool.install(|| c.run(&input, 1, size, size, None)));
             }
             let secs = start.elapsed().as_secs_f64() / reps as f64;
-            println!(
-                "conv {cin:>3}->{cout:<3} k{k} s{stride} g{groups:<3} {size:>3}px  {name:<8} {:>7.3} ms  {:>6.1} GFLOP/s",
-                secs * 1e3,
-                flops / secs / 1e9
-            );
+            println!("conv {cin:>3}->{cout:<3} k{k} s{stride} g{groups:<3} {size:>3}px  {name:<8} {:>7.3} ms  {:>6.1} GFLOP/s", secs * 1e3, flops / secs / 1e9);
         }
     }
 }

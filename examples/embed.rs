@@ -47,8 +47,5 @@ async fn main() -> std::io::Result<()> {
     let detector = Detector::load(&model, Device::Cpu).map_err(std::io::Error::other)?;
     let pipeline = web::Data::new(Pipeline::start(Arc::new(detector), PipelineOptions::default()));
     eprintln!("listening on {listen}");
-    HttpServer::new(move || App::new().app_data(pipeline.clone()).route("/video", web::post().to(video)))
-        .bind(listen)?
-        .run()
-        .await
+    HttpServer::new(move || App::new().app_data(pipeline.clone()).route("/video", web::post().to(video))).bind(listen)?.run().await
 }

@@ -295,7 +295,9 @@ fn apply_env(table: &mut toml::Table, key: &str, value: &str) -> anyhow::Result<
         };
         let parsed = match default {
             toml::Value::String(_) => toml::Value::String(value.to_string()),
-            toml::Value::Integer(_) => toml::Value::Integer(value.trim().parse().with_context(|| format!("{section}.{field} must be an integer, not {value:?}"))?),
+            toml::Value::Integer(_) => {
+                toml::Value::Integer(value.trim().parse().with_context(|| format!("{section}.{field} must be an integer, not {value:?}"))?)
+            }
             toml::Value::Float(_) => {
                 let number: f64 = value.trim().parse().with_context(|| format!("{section}.{field} must be a number, not {value:?}"))?;
                 if !number.is_finite() {

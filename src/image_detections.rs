@@ -26,8 +26,6 @@ pub fn detect_image(detector: &Detector, bytes: Vec<u8>, params: &DetectParams, 
     let (model_rgb, letterbox) = detect::letterbox_rgb(&rgb, width, height, detector.input_size());
     drop(rgb);
     let frame = ModelFrame { rgb: model_rgb, letterbox };
-    let mut found = detector
-        .detect(std::slice::from_ref(&frame), params)
-        .map_err(|e| ImageFailure { code: ErrorCode::Internal, message: e.to_string() })?;
+    let mut found = detector.detect(std::slice::from_ref(&frame), params).map_err(|e| ImageFailure { code: ErrorCode::Internal, message: e.to_string() })?;
     Ok(ImageDetections { width, height, detections: found.pop().unwrap_or_default() })
 }

@@ -339,7 +339,8 @@ mod tests {
 
     #[actix_rt::test]
     async fn watchers_and_ids_have_bounds_and_unclaimed_watches_expire() {
-        let limits = RegistryLimits { max_entries: 2, max_watchers_per_session: 2, max_watchers: 3, watch_wait: Duration::from_millis(50), ..Default::default() };
+        let limits =
+            RegistryLimits { max_entries: 2, max_watchers_per_session: 2, max_watchers: 3, watch_wait: Duration::from_millis(50), ..Default::default() };
         let registry = Registry::new(limits);
         let a = registry.watch("aaaaaaaaaaaaaaaa").unwrap();
         let _a2 = registry.watch("aaaaaaaaaaaaaaaa").unwrap();

@@ -7,10 +7,7 @@ use std::process::Command;
 fn the_benchmark_harness_writes_a_report_with_numbers_and_charts() {
     let out = tempfile::tempdir().unwrap();
     let printed = crate::support::run_ok(
-        Command::new(env!("CARGO_BIN_EXE_streamdet"))
-            .current_dir(crate::support::root())
-            .args(["bench", "--quick", "--tiny", "--out"])
-            .arg(out.path()),
+        Command::new(env!("CARGO_BIN_EXE_streamdet")).current_dir(crate::support::root()).args(["bench", "--quick", "--tiny", "--out"]).arg(out.path()),
     );
     let line: serde_json::Value = serde_json::from_str(printed.trim().lines().last().unwrap()).unwrap();
     assert_eq!(line["type"], "report");

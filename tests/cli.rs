@@ -17,14 +17,12 @@ fn detect_image_prints_one_line_per_image() {
     let chelsea = photos.iter().find(|p| p.ends_with("chelsea.png")).unwrap();
     let out = streamdet().arg("detect-image").arg(hopper).arg(chelsea).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["type"], "image");
     assert_eq!((lines[0]["width"].as_u64(), lines[0]["height"].as_u64()), (Some(512), Some(600)));
-    let classes = |v: &serde_json::Value| -> Vec<String> {
-        v["detections"].as_array().unwrap().iter().map(|d| d["class"].as_str().unwrap().to_string()).collect()
-    };
+    let classes =
+        |v: &serde_json::Value| -> Vec<String> { v["detections"].as_array().unwrap().iter().map(|d| d["class"].as_str().unwrap().to_string()).collect() };
     assert!(classes(&lines[0]).contains(&"person".to_string()), "{:?}", lines[0]);
     assert!(classes(&lines[1]).contains(&"cat".to_string()), "{:?}", lines[1]);
     let b = &lines[0]["detections"][0]["box"];

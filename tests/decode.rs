@@ -106,7 +106,11 @@ fn decode_during_upload(name: &str, options: DecodeOptions, chunk: usize, pause:
 /// Every frame's presentation time as ffprobe reports it, in presentation order, from the
 /// first frame; `None` for each frame of a stream without timestamps (raw H.264).
 fn ffprobe_pts(path: &Path) -> Vec<Option<f64>> {
-    let out = run_ok(Command::new("ffprobe").args(["-v", "error", "-select_streams", "v:0", "-show_entries", "frame=best_effort_timestamp_time", "-of", "csv=p=0"]).arg(path));
+    let out = run_ok(
+        Command::new("ffprobe")
+            .args(["-v", "error", "-select_streams", "v:0", "-show_entries", "frame=best_effort_timestamp_time", "-of", "csv=p=0"])
+            .arg(path),
+    );
     let parsed: Vec<Option<f64>> = out.lines().filter(|l| !l.trim().is_empty()).map(|l| l.trim().trim_end_matches(',').parse::<f64>().ok()).collect();
     if parsed.iter().any(Option::is_none) {
         return vec![None; parsed.len()];
@@ -494,10 +498,7 @@ fn first_frame_over_the_limit_is_refused_before_allocation() {
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout
-            .lines()
-            .find_map(|l| Some(l.split_once("child-decode ")?.1))
-            .unwrap_or_else(|| panic!("{name}: no result from the child: {stdout}"));
+        let line = stdout.lines().find_map(|l| Some(l.split_once("child-decode ")?.1)).unwrap_or_else(|| panic!("{name}: no result from the child: {stdout}"));
         let fields: Vec<&str> = line.split_whitespace().collect();
         let peak_mib: u64 = fields[1].parse::<u64>().unwrap() / 1024;
         eprintln!("{name}: refused as {}, peak memory of the decoding process {peak_mib} MiB", fields[0]);

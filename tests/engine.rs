@@ -16,9 +16,7 @@ fn onnx_runtime(model: &Path, input: &[f32], shape: [usize; 4]) -> (Vec<f32>, Ve
     let (inp, out) = (dir.path().join("in.f32"), dir.path().join("out.f32"));
     write_f32(&inp, input);
     let dims = shape.map(|d| d.to_string()).join(",");
-    let printed = run_ok(
-        Command::new(python()).arg(support::root().join("scripts/ort_oracle.py")).arg(model).arg(&inp).arg(dims).arg(&out),
-    );
+    let printed = run_ok(Command::new(python()).arg(support::root().join("scripts/ort_oracle.py")).arg(model).arg(&inp).arg(dims).arg(&out));
     let out_shape = printed.trim().split(',').map(|d| d.parse().unwrap()).collect();
     (read_f32(&out), out_shape)
 }

@@ -99,7 +99,9 @@ fn image_bombs_are_refused_from_their_headers_and_the_server_lives_on() {
     let server = Server::start(&[]);
     let addr = &server.addr;
     let pid = server.child.id();
-    for (name, bomb) in [("PNG 60000x60000 RGBA16", png_bomb(60000, 60000)), ("JPEG 30000x30000", jpeg_bomb(30000, 30000)), ("PNG 20000x20000", png_bomb(20000, 20000))] {
+    for (name, bomb) in
+        [("PNG 60000x60000 RGBA16", png_bomb(60000, 60000)), ("JPEG 30000x30000", jpeg_bomb(30000, 30000)), ("PNG 20000x20000", png_bomb(20000, 20000))]
+    {
         let (status, body) = post(addr, "/detect", "", &bomb);
         assert_eq!((status, body["code"].as_str()), (413, Some("too_large")), "{name}: {body}");
         assert!(body["message"].as_str().unwrap().contains("pixels"), "{name}: the message says why: {body}");

@@ -242,11 +242,9 @@ impl Battery {
                 result => {
                     let message = match &result {
                         Ok(outcome) => format!("a panic was caught inside the code under test (it returned {outcome})"),
-                        Err(payload) => payload
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_default(),
+                        Err(payload) => {
+                            payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+                        }
                     };
                     let saved = panics_dir();
                     std::fs::create_dir_all(&saved).unwrap();
@@ -452,9 +450,18 @@ enum Mutation {
     BitFlips(Vec<(usize, u8)>),
     Truncate(usize),
     /// Copies `len` bytes from `from` over `to`.
-    Splice { from: usize, to: usize, len: usize },
+    Splice {
+        from: usize,
+        to: usize,
+        len: usize,
+    },
     /// Replaces `len` bytes at `at` with `with` (a size field made huge or tiny).
-    Overwrite { at: usize, len: usize, with: Vec<u8>, field: Option<FieldKind> },
+    Overwrite {
+        at: usize,
+        len: usize,
+        with: Vec<u8>,
+        field: Option<FieldKind>,
+    },
 }
 
 impl fmt::Display for Mutation {
@@ -554,20 +561,20 @@ fn inflated(rng: &mut Rng, field: SizeField, file_len: usize) -> Vec<u8> {
             .to_vec(),
         FieldKind::Varint => rng
             .pick(&[
-                &[0xFF, 0xFF, 0xFF, 0xFF, 0x0F][..],                                     // 2^32 - 1
-                &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..],       // 2^64 - 1
-                &[0x80, 0x80, 0x80, 0x80, 0x08][..],                                     // 2^31
-                &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F][..],             // 2^63 - 1
-                &[0x00][..],                                                             // 0
+                &[0xFF, 0xFF, 0xFF, 0xFF, 0x0F][..],                               // 2^32 - 1
+                &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..], // 2^64 - 1
+                &[0x80, 0x80, 0x80, 0x80, 0x08][..],                               // 2^31
+                &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F][..],       // 2^63 - 1
+                &[0x00][..],                                                       // 0
             ])
             .to_vec(),
         FieldKind::Int => rng
             .pick(&[
-                &[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x40][..],             // 2^62
-                &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F][..],             // 2^63 - 1
-                &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..],       // -1
-                &[0x80, 0x80, 0x80, 0x80, 0x08][..],                                     // 2^31
-                &[0x00][..],                                                             // 0
+                &[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x40][..],       // 2^62
+                &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F][..],       // 2^63 - 1
+                &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..], // -1
+                &[0x80, 0x80, 0x80, 0x80, 0x08][..],                               // 2^31
+                &[0x00][..],                                                       // 0
             ])
             .to_vec(),
     }
@@ -653,8 +660,22 @@ fn ebml_vint(data: &[u8], at: usize) -> Option<(usize, Option<u64>)> {
 
 fn ebml_fields(data: &[u8], start: usize, end: usize, depth: usize, out: &mut Vec<SizeField>) {
     const MASTERS: [u64; 16] = [
-        0x1A45_DFA3, 0x1853_8067, 0x114D_9B74, 0x4DBB, 0x1549_A966, 0x1654_AE6B, 0xAE, 0xE0, 0x1F43_B675, 0xA0, 0x1C53_BB6B, 0xBB, 0xB7,
-        0x1254_C367, 0x7373, 0x6D80,
+        0x1A45_DFA3,
+        0x1853_8067,
+        0x114D_9B74,
+        0x4DBB,
+        0x1549_A966,
+        0x1654_AE6B,
+        0xAE,
+        0xE0,
+        0x1F43_B675,
+        0xA0,
+        0x1C53_BB6B,
+        0xBB,
+        0xB7,
+        0x1254_C367,
+        0x7373,
+        0x6D80,
     ];
     let mut at = start;
     while at < end && depth < 8 {
@@ -686,9 +707,7 @@ fn png_fields(data: &[u8], out: &mut Vec<SizeField>) {
 /// Recomputes the CRC of every whole chunk of a PNG.
 fn repair_png_crcs(png: &mut [u8]) {
     static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        std::array::from_fn(|n| (0..8).fold(n as u32, |c, _| if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 }))
-    });
+    let table = TABLE.get_or_init(|| std::array::from_fn(|n| (0..8).fold(n as u32, |c, _| if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 })));
     let mut at = 8;
     while at + 12 <= png.len() {
         let len = be32(png, at) as usize;

@@ -133,7 +133,9 @@ fn detections_stream_back_while_the_upload_is_still_going() {
     assert_eq!(read_head(&mut metrics), 200);
     let mut text = String::new();
     metrics.read_to_string(&mut text).unwrap();
-    for expected in ["streamdet_frames_inferred_total 6", "streamdet_frames_decoded_total 30", "streamdet_sessions_total 1", "streamdet_inference_batch_seconds_count 6"] {
+    for expected in
+        ["streamdet_frames_inferred_total 6", "streamdet_frames_decoded_total 30", "streamdet_sessions_total 1", "streamdet_inference_batch_seconds_count 6"]
+    {
         assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
     }
 }
@@ -234,13 +236,14 @@ fn server_sent_events_when_asked() {
 fn four_uploads_at_once_and_a_fifth_is_refused() {
     let server = Server::start(&[("STREAMDET_SERVER_MAX_SESSIONS", "4"), ("STREAMDET_SERVER_MAX_SESSIONS_PER_CLIENT", "0")]);
     let clip = std::fs::read(fixtures().join("clip.ts")).unwrap();
-    let uploads: Vec<_> = (0..4)
-        .map(|_| upload(&server.addr, "/detect/video?stride=25", clip.clone(), 16 << 10, Duration::from_millis(40)))
+    let uploads: Vec<_> = (0..4).map(|_| upload(&server.addr, "/detect/video?stride=25", clip.clone(), 16 << 10, Duration::from_millis(40))).collect();
+    let mut readers: Vec<_> = uploads
+        .into_iter()
+        .map(|(mut r, _)| {
+            assert_eq!(read_head(&mut r), 200);
+            r
+        })
         .collect();
-    let mut readers: Vec<_> = uploads.into_iter().map(|(mut r, _)| {
-        assert_eq!(read_head(&mut r), 200);
-        r
-    }).collect();
     let addr = &server.addr;
     let (status, body) = request(addr, &format!("POST /detect/video HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"), b"");
     assert_eq!((status, body["code"].as_str()), (429, Some("too_many_sessions")));
@@ -291,7 +294,8 @@ fn a_watcher_can_arrive_before_the_upload_and_replay_after_it() {
     let clip = std::fs::read(fixtures().join("clip.ts")).unwrap();
     let (mut uploader, _) = upload(addr, &format!("/detect/video?stride=50&session={id}"), clip.clone(), 16 << 10, Duration::from_millis(20));
     assert_eq!(read_head(&mut uploader), 200);
-    let (status, body) = request(addr, &format!("POST /detect/video?session={id} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"), b"");
+    let (status, body) =
+        request(addr, &format!("POST /detect/video?session={id} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"), b"");
     assert_eq!((status, body["code"].as_str()), (409, Some("conflict")), "the id is in use while the upload runs");
     assert_eq!(read_head(&mut watcher), 200);
     let watched = read_body(&mut watcher);
@@ -341,10 +345,12 @@ fn an_idle_upload_times_out() {
     let events = ndjson(&read_body(&mut reader));
     let last = events.last().unwrap();
     assert_eq!((last["type"].as_str(), last["code"].as_str()), (Some("error"), Some("timeout")), "{events:?}");
-    let left = (0..50).map(|_| {
-        thread::sleep(Duration::from_millis(100));
-        std::fs::read_dir(temp.path()).unwrap().count()
-    }).find(|&n| n == 0);
+    let left = (0..50)
+        .map(|_| {
+            thread::sleep(Duration::from_millis(100));
+            std::fs::read_dir(temp.path()).unwrap().count()
+        })
+        .find(|&n| n == 0);
     assert_eq!(left, Some(0), "the stalled upload's temp file is removed");
 }
 
@@ -502,7 +508,11 @@ fn multipart_uploads_are_stored_by_hash_and_max_frames_stops_early() {
     }
     assert!(upload_done.load(Ordering::SeqCst), "the server stopped reading the rest of the upload");
     assert_eq!(std::fs::read_dir(media.path()).unwrap().count(), 1, "one stored file per distinct upload");
-    let (status, _) = request(&server.addr, &format!("POST /detect/video?max_frames=0 HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", server.addr), b"");
+    let (status, _) = request(
+        &server.addr,
+        &format!("POST /detect/video?max_frames=0 HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", server.addr),
+        b"",
+    );
     assert_eq!(status, 400);
 }
 

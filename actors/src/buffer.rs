@@ -106,10 +106,7 @@ impl Shared {
             }
         }
         if pos < state.discarded_before {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("offset {pos} was discarded from the buffer (before {})", state.discarded_before),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("offset {pos} was discarded from the buffer (before {})", state.discarded_before)));
         }
         Ok(state.written)
     }
@@ -163,13 +160,7 @@ pub fn create(options: &BufferOptions) -> io::Result<BufferWriter> {
     let window_bytes = options.window_bytes.max(page).div_ceil(page) * page;
     let shared = Arc::new(Shared {
         file,
-        state: Mutex::new(State {
-            written: 0,
-            write_state: WriteState::Open,
-            path,
-            persisted: false,
-            discarded_before: 0,
-        }),
+        state: Mutex::new(State { written: 0, write_state: WriteState::Open, path, persisted: false, discarded_before: 0 }),
         changed: Condvar::new(),
         window_bytes,
         furthest_read: AtomicU64::new(0),
@@ -310,10 +301,7 @@ impl Buffer {
             Ok(()) => {}
             Err(err) if err.raw_os_error() == Some(libc::EXDEV) => {
                 if state.write_state != WriteState::Finished {
-                    return Err(io::Error::new(
-                        io::ErrorKind::Unsupported,
-                        "cannot move an unfinished upload to another filesystem",
-                    ));
+                    return Err(io::Error::new(io::ErrorKind::Unsupported, "cannot move an unfinished upload to another filesystem"));
                 }
                 copy_prefix(&self.shared.file, state.written, to)?;
                 std::fs::remove_file(&state.path)?;
@@ -400,14 +388,7 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     };
     // SAFETY: the descriptor is open for the lifetime of `file`; fallocate only reads its
     // integer arguments. PUNCH_HOLE with KEEP_SIZE frees blocks without changing the length.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )
-    };
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) };
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
@@ -513,9 +494,7 @@ impl Seek for BufferReader {
             SeekFrom::Current(delta) => self.pos.checked_add_signed(delta),
             SeekFrom::End(delta) => self.shared.wait_final_len()?.checked_add_signed(delta),
         };
-        let target = target.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "seek to a negative or overflowing position")
-        })?;
+        let target = target.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek to a negative or overflowing position"))?;
         self.pos = target;
         Ok(target)
     }

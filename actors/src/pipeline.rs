@@ -26,13 +26,13 @@ use actix::prelude::*;
 use bytes::Bytes;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
+use crate::ErrorCode;
 use crate::actors::decoder::DecoderActor;
 use crate::actors::inference::{BatchPolicy, Inference, InferenceObserver};
 use crate::actors::messages::{AbortUpload, Chunk, DecoderReports, Fail, Finish, UploadError, UploadReports};
 use crate::actors::session::{Session, SessionParts};
 use crate::actors::uploader::Uploader;
 use crate::actors::{Event, ModelSummary};
-use crate::ErrorCode;
 use crate::buffer::{self, BufferOptions};
 use crate::decode::{DecodeOptions, FrameSelection};
 use crate::detect::{DetectParams, Detector};
@@ -144,13 +144,8 @@ impl Pipeline {
         let (tx, rx) = unbounded_channel();
         let size = self.detector.input_size();
         let model = ModelSummary { name: self.options.model_name.clone(), input: [size.width, size.height], classes: self.detector.class_names().len() };
-        let decode = DecodeOptions {
-            target: size,
-            selection: params.selection,
-            live: params.live,
-            max_frames: params.max_frames,
-            ..self.options.decode.clone()
-        };
+        let decode =
+            DecodeOptions { target: size, selection: params.selection, live: params.live, max_frames: params.max_frames, ..self.options.decode.clone() };
         let detect = Arc::new(params.detect);
         let (inference, credits) = (self.inference.clone(), self.options.credits);
         let session_id = id.clone();
@@ -166,10 +161,7 @@ impl Pipeline {
             let reports = DecoderReports { opened: session.clone().recipient(), finished: session.clone().recipient(), frames: session.recipient() };
             let decoder = DecoderActor::new(key, reader, decode, detect, credits, reports, inference.clone()).start();
             if let Some(limit) = max_duration {
-                ctx.notify_later(
-                    Fail { code: ErrorCode::Timeout, message: format!("the session ran longer than {} s", limit.as_secs_f64()) },
-                    limit,
-                );
+                ctx.notify_later(Fail { code: ErrorCode::Timeout, message: format!("the session ran longer than {} s", limit.as_secs_f64()) }, limit);
             }
             let parts = SessionParts { inference, decoder, uploader: session_uploader, buffer, media_dir };
             Session::new(session_id, key, tx, model, parts)

@@ -132,15 +132,8 @@ impl Upload<'_> {
         });
         let mut reader = BufReader::new(stream);
         let (status, chunked) = read_head(&mut reader)?;
-        let mut outcome = UploadOutcome {
-            status,
-            upload_seconds: 0.0,
-            first_frame_seconds: None,
-            total_seconds: 0.0,
-            frames: 0,
-            error: None,
-            timeline: Timeline::default(),
-        };
+        let mut outcome =
+            UploadOutcome { status, upload_seconds: 0.0, first_frame_seconds: None, total_seconds: 0.0, frames: 0, error: None, timeline: Timeline::default() };
         let mut body = BodyReader { reader, chunked, done: false };
         let mut pending = Vec::new();
         let mut raw = Vec::new();

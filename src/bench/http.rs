@@ -17,15 +17,18 @@ impl Bench {
     pub(super) fn end_to_end(&mut self) -> anyhow::Result<()> {
         let spec = self.plan.e2e_clip.clone();
         let master = self.master("e2e", &spec)?;
-        let clips: Vec<(Container, PathBuf)> =
-            Container::ALL.iter().map(|&c| Ok((c, self.remuxed(&master, c)?))).collect::<anyhow::Result<_>>()?;
+        let clips: Vec<(Container, PathBuf)> = Container::ALL.iter().map(|&c| Ok((c, self.remuxed(&master, c)?))).collect::<anyhow::Result<_>>()?;
         let seed_missing = self.peers.seed_missing();
         if let Some(why) = &seed_missing {
             self.skip(format!("the Python seed service: {why}"));
         }
         let rates = [("full speed", None), ("2 MB/s", Some(2e6))];
         let mut progress = self.progress.stage("end to end", (self.plan.reps * clips.len() * rates.len()) as u64);
-        let ours = ServerProcess::ours(&self.model, self.threads, &[("STREAMDET_SERVER_MAX_SESSIONS", "8".into()), ("STREAMDET_SERVER_MAX_SESSIONS_PER_CLIENT", "0".into())])?;
+        let ours = ServerProcess::ours(
+            &self.model,
+            self.threads,
+            &[("STREAMDET_SERVER_MAX_SESSIONS", "8".into()), ("STREAMDET_SERVER_MAX_SESSIONS_PER_CLIENT", "0".into())],
+        )?;
         let seed = match seed_missing {
             None => Some(ServerProcess::seed(&self.peers, &self.model, self.threads)?),
             Some(_) => None,
@@ -75,7 +78,6 @@ impl Bench {
         progress.finish();
         Ok(())
     }
-
 
     pub(super) fn concurrency(&mut self) -> anyhow::Result<()> {
         let Some(batch_model) = self.batch_model.clone() else {

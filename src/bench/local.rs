@@ -84,7 +84,6 @@ impl Bench {
         Ok(())
     }
 
-
     pub(super) fn overhead(&mut self) -> anyhow::Result<()> {
         let mut progress = self.progress.stage("overhead", 1 + 2 * self.plan.reps as u64);
         let spec = self.plan.overhead_clip.clone();
@@ -184,7 +183,8 @@ fn run_pipeline(detector: Arc<Detector>, path: &Path, selection: FrameSelection,
         let pipeline = Pipeline::start(detector, options);
         let session = pipeline.session(SessionParams { selection, ..Default::default() })?;
         let (upload, mut events) = session.split();
-        let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = (0..bytes.len()).step_by(64 << 10).map(|at| Ok(bytes.slice(at..(at + (64 << 10)).min(bytes.len())))).collect();
+        let chunks: Vec<Result<bytes::Bytes, std::io::Error>> =
+            (0..bytes.len()).step_by(64 << 10).map(|at| Ok(bytes.slice(at..(at + (64 << 10)).min(bytes.len())))).collect();
         actix_rt::spawn(upload.feed_all(futures_util::stream::iter(chunks), UploadPace { idle: Some(Duration::from_secs(60)), min_rate: None }));
         while let Some(event) = events.recv().await {
             match event {

@@ -66,9 +66,8 @@ pub fn master(photos: &[PathBuf], spec: &ClipSpec, out: &Path) -> anyhow::Result
         for (i, photo) in photos.iter().enumerate() {
             args.extend(["-loop".into(), "1".into(), "-t".into(), format!("{each}"), "-framerate".into(), fps.to_string(), "-i".into()]);
             args.push(arg(photo)?.to_string());
-            chain.push_str(&format!(
-                "[{i}:v]scale={w}:{h}:force_original_aspect_ratio=decrease,pad={w}:{h}:(ow-iw)/2:(oh-ih)/2,setsar=1,format=yuv420p[v{i}];"
-            ));
+            chain
+                .push_str(&format!("[{i}:v]scale={w}:{h}:force_original_aspect_ratio=decrease,pad={w}:{h}:(ow-iw)/2:(oh-ih)/2,setsar=1,format=yuv420p[v{i}];"));
         }
         let labels: String = (0..photos.len()).map(|i| format!("[v{i}]")).collect();
         format!("{chain}{labels}concat=n={}:v=1:a=0,noise=alls=5:allf=t,format=yuv420p[out]", photos.len())

@@ -67,7 +67,6 @@ pub struct Args {
     only: Vec<Stage>,
 }
 
-
 /// Everything a stage needs.
 struct Bench {
     plan: Plan,

@@ -27,11 +27,7 @@ impl PeerPaths {
     }
 
     fn python_has(&self, modules: &str) -> Result<(), String> {
-        let ok = Command::new(&self.python)
-            .args(["-c", &format!("import {modules}")])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
+        let ok = Command::new(&self.python).args(["-c", &format!("import {modules}")]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
         if ok { Ok(()) } else { Err(format!("{} cannot import {modules} (run scripts/setup.sh)", self.python.display())) }
     }
 

@@ -123,7 +123,10 @@ pub fn markdown(results: &Results, command: &str) -> String {
     let _ = writeln!(md, "# streamdet benchmark report\n");
     let _ = writeln!(md, "Made by `{command}` (streamdet {}).\n", m.version);
     let _ = writeln!(md, "Machine: {}, {} cores; model threads: {}.\n", m.cpu, m.cores, m.threads);
-    let _ = writeln!(md, "Each peer ran in the same invocation as ours, interleaved; figures are medians. Ratios are ours divided by the peer's (below 1 is faster for times, above 1 is faster for rates).\n");
+    let _ = writeln!(
+        md,
+        "Each peer ran in the same invocation as ours, interleaved; figures are medians. Ratios are ours divided by the peer's (below 1 is faster for times, above 1 is faster for rates).\n"
+    );
     if !results.settings.is_empty() {
         let _ = writeln!(md, "Inputs and repetitions:\n");
         for s in &results.settings {
@@ -136,13 +139,20 @@ pub fn markdown(results: &Results, command: &str) -> String {
         let _ = writeln!(md, "| throughput | peak RSS of the process |\n|---|---|\n| {:.2} GiB/s | {:.0} MiB |\n", b.gib_per_s, b.peak_rss_mib);
     }
     if let Some(d) = &results.decode {
-        let _ = writeln!(md, "## Decode\n\nDecode and letterbox-convert to 640x640 RGB ({}; {} frames), next to the ffmpeg CLI decoding and scaling the same clip to a null output.\n", d.clip, d.frames);
+        let _ = writeln!(
+            md,
+            "## Decode\n\nDecode and letterbox-convert to 640x640 RGB ({}; {} frames), next to the ffmpeg CLI decoding and scaling the same clip to a null output.\n",
+            d.clip, d.frames
+        );
         let _ = writeln!(md, "| streamdet frames/s | ffmpeg CLI frames/s | time ratio |\n|---|---|---|");
         let time_ratio = d.ffmpeg_fps.map(|f| f / d.ours_fps);
         let _ = writeln!(md, "| {:.0} | {} | {} |\n", d.ours_fps, opt(d.ffmpeg_fps, 0), opt(time_ratio, 2));
     }
     if !results.model.is_empty() {
-        let _ = writeln!(md, "## Model\n\nLatency of one call on random input, ours (`streamdet bench-model`) and ONNX Runtime (`ort_bench.py`), same file, same threads.\n");
+        let _ = writeln!(
+            md,
+            "## Model\n\nLatency of one call on random input, ours (`streamdet bench-model`) and ONNX Runtime (`ort_bench.py`), same file, same threads.\n"
+        );
         let _ = writeln!(md, "| model | batch | streamdet ms | ONNX Runtime ms | ratio |\n|---|---|---|---|---|");
         for r in &results.model {
             let _ = writeln!(md, "| {} | {} | {:.1} | {} | {} |", r.model, r.batch, r.ours_ms, opt(r.ort_ms, 1), ratio(r.ours_ms, r.ort_ms));
@@ -150,8 +160,14 @@ pub fn markdown(results: &Results, command: &str) -> String {
         md.push_str("\n![model latency](model.svg)\n\n");
     }
     if !results.end_to_end.is_empty() {
-        let _ = writeln!(md, "## End to end over HTTP\n\nOne upload at a time over loopback, by the same full-duplex client, to streamdet and to the Python seed service. Time to first detection (first frame event) and total time count from the first byte sent.\n");
-        let _ = writeln!(md, "| container | upload | first detection s (ours / seed) | total s (ours / seed) | frames/s (ours / seed) | total ratio |\n|---|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "## End to end over HTTP\n\nOne upload at a time over loopback, by the same full-duplex client, to streamdet and to the Python seed service. Time to first detection (first frame event) and total time count from the first byte sent.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| container | upload | first detection s (ours / seed) | total s (ours / seed) | frames/s (ours / seed) | total ratio |\n|---|---|---|---|---|---|"
+        );
         for r in &results.end_to_end {
             let seed = r.seed.as_ref();
             let _ = writeln!(
@@ -172,11 +188,22 @@ pub fn markdown(results: &Results, command: &str) -> String {
     }
     if let Some(o) = &results.overhead {
         let overhead = (o.detector_fps / o.pipeline_fps - 1.0) * 100.0;
-        let _ = writeln!(md, "## Pipeline overhead\n\nThe whole pipeline in process (buffer, decoder, inference actors) against the detector alone on the same {} decoded frames.\n", o.frames);
-        let _ = writeln!(md, "| detector alone frames/s | pipeline frames/s | overhead |\n|---|---|---|\n| {:.2} | {:.2} | {:.1} % |\n", o.detector_fps, o.pipeline_fps, overhead);
+        let _ = writeln!(
+            md,
+            "## Pipeline overhead\n\nThe whole pipeline in process (buffer, decoder, inference actors) against the detector alone on the same {} decoded frames.\n",
+            o.frames
+        );
+        let _ = writeln!(
+            md,
+            "| detector alone frames/s | pipeline frames/s | overhead |\n|---|---|---|\n| {:.2} | {:.2} | {:.1} % |\n",
+            o.detector_fps, o.pipeline_fps, overhead
+        );
     }
     if !results.concurrency.is_empty() {
-        let _ = writeln!(md, "## Concurrent uploads\n\nAggregate frames/s of N simultaneous uploads on the dynamic-batch YOLO11n export, batching across sessions on (batch_size 4) and off (1).\n");
+        let _ = writeln!(
+            md,
+            "## Concurrent uploads\n\nAggregate frames/s of N simultaneous uploads on the dynamic-batch YOLO11n export, batching across sessions on (batch_size 4) and off (1).\n"
+        );
         let _ = writeln!(md, "| uploads | batching off | batching on |\n|---|---|---|");
         let mut counts: Vec<usize> = results.concurrency.iter().map(|r| r.uploads).collect();
         counts.sort_unstable();
@@ -188,7 +215,10 @@ pub fn markdown(results: &Results, command: &str) -> String {
         md.push_str("\n![aggregate frames per second against concurrent uploads](concurrency.svg)\n\n");
     }
     if !results.memory.is_empty() {
-        let _ = writeln!(md, "## Memory\n\nPeak RSS of the server while one upload of this size streams through it at full speed (a fresh server each; idle = after loading the model).\n");
+        let _ = writeln!(
+            md,
+            "## Memory\n\nPeak RSS of the server while one upload of this size streams through it at full speed (a fresh server each; idle = after loading the model).\n"
+        );
         let _ = writeln!(md, "| upload | idle RSS | peak RSS | seconds |\n|---|---|---|---|");
         for r in &results.memory {
             let _ = writeln!(md, "| {} MiB | {:.0} MiB | {:.0} MiB | {:.1} |", r.upload_bytes >> 20, r.idle_rss_mib, r.peak_rss_mib, r.seconds);
@@ -333,11 +363,8 @@ pub fn model_chart(rows: &[ModelRow], path: &Path) -> anyhow::Result<()> {
             .draw()?;
         let bars = [("streamdet", 0.1, PALETTE[0]), ("ONNX Runtime", 0.5, PALETTE[1])];
         for (name, offset, colour) in bars {
-            let values: Vec<(usize, f64)> = rows
-                .iter()
-                .enumerate()
-                .filter_map(|(i, r)| if name == "streamdet" { Some((i, r.ours_ms)) } else { r.ort_ms.map(|v| (i, v)) })
-                .collect();
+            let values: Vec<(usize, f64)> =
+                rows.iter().enumerate().filter_map(|(i, r)| if name == "streamdet" { Some((i, r.ours_ms)) } else { r.ort_ms.map(|v| (i, v)) }).collect();
             chart
                 .draw_series(values.into_iter().map(|(i, v)| {
                     let x0 = i as f64 + offset;
@@ -364,7 +391,10 @@ mod tests {
             settings: vec!["tiny inputs".into()],
             buffer: Some(BufferResult { bytes: 16 << 20, gib_per_s: 1.5, peak_rss_mib: 30.0 }),
             decode: Some(DecodeResult { clip: "1 s 1080p".into(), frames: 30, ours_fps: 175.0, ffmpeg_fps: Some(180.0) }),
-            model: vec![ModelRow { model: "yolov12n".into(), batch: 1, ours_ms: 150.0, ort_ms: Some(80.0) }, ModelRow { model: "yolo11n".into(), batch: 4, ours_ms: 400.0, ort_ms: None }],
+            model: vec![
+                ModelRow { model: "yolov12n".into(), batch: 1, ours_ms: 150.0, ort_ms: Some(80.0) },
+                ModelRow { model: "yolo11n".into(), batch: 4, ours_ms: 400.0, ort_ms: None },
+            ],
             end_to_end: vec![EndToEndRow {
                 container: "MP4 faststart".into(),
                 rate: "2 MB/s".into(),

@@ -8,8 +8,8 @@ use candle_core::{Device, Tensor};
 use serde_json::json;
 use streamdet_actors::detect::{OpProfile, Size};
 
-use super::ModelArgs;
 use super::Failure;
+use super::ModelArgs;
 use crate::config::Config;
 
 #[derive(Debug, clap::Args)]

@@ -9,8 +9,8 @@ use serde_json::json;
 use streamdet_actors::buffer::{self, BufferOptions, BufferWriter};
 use streamdet_actors::decode::{DecodeOptions, Decoder};
 
-use super::SelectionArgs;
 use super::Failure;
+use super::SelectionArgs;
 use crate::config::Config;
 
 #[derive(Debug, clap::Args)]

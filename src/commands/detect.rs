@@ -12,8 +12,8 @@ use streamdet_actors::actors::Event;
 use streamdet_actors::actors::inference::BatchPolicy;
 use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams, UploadPace};
 
-use super::{DetectArgs, ModelArgs, SelectionArgs};
 use super::Failure;
+use super::{DetectArgs, ModelArgs, SelectionArgs};
 use crate::config::Config;
 
 #[derive(Debug, clap::Args)]
@@ -74,13 +74,7 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         // from filling the disk.)
         ..config.pipeline_options(model_path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()))
     };
-    let params = SessionParams {
-        id: None,
-        selection,
-        detect,
-        live,
-        max_frames: args.max_frames,
-    };
+    let params = SessionParams { id: None, selection, detect, live, max_frames: args.max_frames };
     let system = actix_rt::System::new();
     let code = system.block_on(async move {
         let pipeline = Pipeline::start(Arc::new(detector), options);

@@ -8,8 +8,8 @@ use serde_json::json;
 use streamdet_actors::ErrorCode;
 use streamdet_actors::detect::{DetectParams, Detector};
 
-use super::{DetectArgs, ModelArgs};
 use super::Failure;
+use super::{DetectArgs, ModelArgs};
 use crate::config::Config;
 use crate::image_detections::detect_image;
 

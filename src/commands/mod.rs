@@ -111,11 +111,7 @@ impl DetectArgs {
     /// The parameters, with class names resolved against the model (an unknown one is a usage
     /// error).
     pub fn params(&self, detector: &Detector, config: &Config) -> Result<DetectParams, Failure> {
-        let classes = if self.classes.is_empty() {
-            None
-        } else {
-            Some(detector.class_ids(self.classes.iter().map(String::as_str)).map_err(Failure::Usage)?)
-        };
+        let classes = if self.classes.is_empty() { None } else { Some(detector.class_ids(self.classes.iter().map(String::as_str)).map_err(Failure::Usage)?) };
         let conf = self.conf.unwrap_or(config.detect.conf);
         let iou = self.iou.unwrap_or(config.detect.iou);
         Ok(DetectParams { conf, iou, classes, ..Default::default() })

@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use super::ModelArgs;
 use super::Failure;
+use super::ModelArgs;
 use crate::config::Config;
 use crate::server;
 

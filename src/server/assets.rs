@@ -3,8 +3,8 @@
 use actix_web::HttpRequest;
 use actix_web::HttpResponse;
 
-use streamdet_actors::ErrorCode;
 use super::error_response;
+use streamdet_actors::ErrorCode;
 
 /// The API description, served as written (a test keeps it and the routes in step).
 pub const OPENAPI: &str = include_str!("../web/openapi.json");
@@ -23,7 +23,10 @@ pub async fn page_asset(req: HttpRequest) -> HttpResponse {
     HttpResponse::Ok()
         .content_type(*content_type)
         // The page talks to this server only; videos and images are shown from local blobs.
-        .insert_header(("Content-Security-Policy", "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"))
+        .insert_header((
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+        ))
         .insert_header(("X-Content-Type-Options", "nosniff"))
         .insert_header(("Cache-Control", "no-cache"))
         .body(*body)
@@ -32,4 +35,3 @@ pub async fn page_asset(req: HttpRequest) -> HttpResponse {
 pub async fn openapi() -> HttpResponse {
     HttpResponse::Ok().content_type("application/json").body(OPENAPI)
 }
-

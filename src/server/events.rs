@@ -72,11 +72,7 @@ pub fn follow(follow: Follow) -> HttpResponse {
         }
     });
     let content_type = if sse { "text/event-stream" } else { "application/x-ndjson" };
-    HttpResponse::Ok()
-        .content_type(content_type)
-        .insert_header(("Cache-Control", "no-cache"))
-        .insert_header(("X-Accel-Buffering", "no"))
-        .streaming(messages)
+    HttpResponse::Ok().content_type(content_type).insert_header(("Cache-Control", "no-cache")).insert_header(("X-Accel-Buffering", "no")).streaming(messages)
 }
 
 /// `GET /sessions/{id}/events`: the session's events as SSE; may come before the upload (it
@@ -122,4 +118,3 @@ fn sse_message(event: &Event, sequence: u64) -> Bytes {
     };
     Bytes::from(format!("event: {kind}\nid: {sequence}\ndata: {data}\n\n"))
 }
-

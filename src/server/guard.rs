@@ -7,14 +7,14 @@ use std::sync::{Arc, Mutex};
 
 use actix_web::body::BoxBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header::{AUTHORIZATION, HOST, ORIGIN};
 use actix_web::http::Method;
+use actix_web::http::header::{AUTHORIZATION, HOST, ORIGIN};
 use actix_web::middleware::Next;
 use actix_web::{HttpRequest, HttpResponse, web};
 
-use streamdet_actors::ErrorCode;
 use super::assets::PAGE_ASSETS;
 use super::error_response;
+use streamdet_actors::ErrorCode;
 
 /// Who may call: the bearer token (empty: anyone) and the foreign origins allowed.
 pub struct Access {
@@ -31,15 +31,9 @@ fn access(req: &ServiceRequest) -> Option<&Access> {
 pub async fn require_token(req: ServiceRequest, next: Next<BoxBody>) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let token = access(&req).map_or("", |a| a.token.as_str());
     let public = req.path() == "/health" || req.path() == "/openapi.json" || PAGE_ASSETS.iter().any(|(path, _, _)| *path == req.path());
-    let allowed = token.is_empty()
-        || public
-        || req.method() == Method::OPTIONS
-        || bearer_matches(req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()), token);
-    if allowed {
-        next.call(req).await
-    } else {
-        Ok(req.into_response(error_response(ErrorCode::Unauthorized, "this server requires a bearer token")))
-    }
+    let allowed =
+        token.is_empty() || public || req.method() == Method::OPTIONS || bearer_matches(req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()), token);
+    if allowed { next.call(req).await } else { Ok(req.into_response(error_response(ErrorCode::Unauthorized, "this server requires a bearer token"))) }
 }
 
 /// Middleware: a request from a foreign origin (see [`origin_allowed`]) gets 403.

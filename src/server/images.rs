@@ -7,11 +7,11 @@ use std::time::Duration;
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
 
-use streamdet_actors::ErrorCode;
 use super::params::detect_params;
 use super::video::declared_length;
 use super::{AppState, error_response};
 use crate::image_detections::{self, ImageFailure};
+use streamdet_actors::ErrorCode;
 
 /// `POST /detect`: one image (JPEG, PNG, WebP) in the body, EXIF orientation applied. At most
 /// `max_image_requests` run at once, each reads at most `max_image_bytes`, and an image over
@@ -55,4 +55,3 @@ pub async fn detect_image(req: HttpRequest, query: web::Query<HashMap<String, St
         Err(err) => error_response(ErrorCode::Internal, err.to_string()),
     }
 }
-

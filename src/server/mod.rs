@@ -48,7 +48,6 @@ pub struct AppState {
     metrics: Arc<Metrics>,
 }
 
-
 fn error_response(code: ErrorCode, message: impl Into<String>) -> HttpResponse {
     let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     HttpResponse::build(status).json(json!({"code": code, "message": message.into()}))
@@ -106,7 +105,9 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
     let origins = state.config.cors_origins();
     let access = web::Data::new(Access { token: state.config.server.auth_token.clone(), origins: origins.clone() });
     let server = HttpServer::new(move || {
-        let cors = origins.iter().fold(actix_cors::Cors::default(), |cors, origin| cors.allowed_origin(origin))
+        let cors = origins
+            .iter()
+            .fold(actix_cors::Cors::default(), |cors, origin| cors.allowed_origin(origin))
             .allowed_methods(["GET", "POST"])
             .allowed_headers([AUTHORIZATION, CONTENT_TYPE, ACCEPT, HeaderName::from_static("last-event-id")])
             .max_age(3600);
@@ -133,7 +134,6 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
     Ok(())
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,14 +141,8 @@ mod tests {
     /// Every API route `serve` registers, as (method, path) in OpenAPI's spelling (the page's
     /// files are not API); the HTTP test checks the other direction (every documented route
     /// answers).
-    const ROUTES: [(&str, &str); 6] = [
-        ("post", "/detect/video"),
-        ("get", "/sessions/{id}/events"),
-        ("post", "/detect"),
-        ("get", "/health"),
-        ("get", "/metrics"),
-        ("get", "/openapi.json"),
-    ];
+    const ROUTES: [(&str, &str); 6] =
+        [("post", "/detect/video"), ("get", "/sessions/{id}/events"), ("post", "/detect"), ("get", "/health"), ("get", "/metrics"), ("get", "/openapi.json")];
 
     #[test]
     fn the_openapi_document_lists_exactly_the_routes() {
@@ -165,4 +159,3 @@ mod tests {
         assert_eq!(documented, served);
     }
 }
-

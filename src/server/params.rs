@@ -52,4 +52,3 @@ pub fn video_params(query: &HashMap<String, String>, detector: &Detector, defaul
     };
     Ok(SessionParams { id, selection, detect: detect_params(query, detector, defaults)?, live: false, max_frames })
 }
-

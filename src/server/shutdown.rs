@@ -37,4 +37,3 @@ async fn wait_for_sessions(state: &AppState, limit: Duration) {
 async fn first_of<A: std::future::Future, B: std::future::Future>(a: A, b: B) {
     futures_util::future::select(std::pin::pin!(a), std::pin::pin!(b)).await;
 }
-

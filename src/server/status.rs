@@ -33,4 +33,3 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         "max_upload_bytes": state.config.server.max_upload_bytes,
     }))
 }
-

@@ -54,13 +54,7 @@ impl Drop for SessionSlot {
     }
 }
 
-
-pub async fn detect_video(
-    req: HttpRequest,
-    query: web::Query<HashMap<String, String>>,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-) -> HttpResponse {
+pub async fn detect_video(req: HttpRequest, query: web::Query<HashMap<String, String>>, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
     let mut params = match video_params(&query, state.pipeline.detector(), &state.config.detect) {
         Ok(params) => params,
         Err(message) => return error_response(ErrorCode::BadParameter, message),
@@ -162,10 +156,7 @@ fn upload_pace(config: &Config) -> UploadPace {
 }
 
 fn is_multipart(req: &HttpRequest) -> bool {
-    req.headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("multipart/form-data"))
+    req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("multipart/form-data"))
 }
 
 type BodyStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, BodyError>>>>;
@@ -225,4 +216,3 @@ async fn multipart_file(req: &HttpRequest, payload: web::Payload, limit: u64, id
     });
     Ok(Box::pin(chunks))
 }
-

@@ -20,8 +20,16 @@ pub struct ModelSummary {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
-    Start { session: String, media: MediaInfo, model: ModelSummary },
-    Frame { index: u64, pts: f64, detections: Vec<Detection> },
+    Start {
+        session: String,
+        media: MediaInfo,
+        model: ModelSummary,
+    },
+    Frame {
+        index: u64,
+        pts: f64,
+        detections: Vec<Detection>,
+    },
     End {
         frames_decoded: u64,
         frames_processed: u64,
@@ -34,7 +42,10 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         media_file: Option<String>,
     },
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 impl Event {

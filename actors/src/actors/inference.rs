@@ -162,18 +162,12 @@ struct Reply {
 }
 
 /// Runs batches until the actor goes away.
-fn worker_loop(
-    detector: Arc<Detector>,
-    observer: Option<Arc<dyn InferenceObserver>>,
-    batches: std_mpsc::Receiver<(Vec<FrameJob>, Addr<Inference>)>,
-) {
+fn worker_loop(detector: Arc<Detector>, observer: Option<Arc<dyn InferenceObserver>>, batches: std_mpsc::Receiver<(Vec<FrameJob>, Addr<Inference>)>) {
     while let Ok((jobs, actor)) = batches.recv() {
         let started = std::time::Instant::now();
         // The frames move into the model's input; the rest of each job stays for the reply.
-        let (frames, jobs): (Vec<ModelFrame>, Vec<Reply>) = jobs
-            .into_iter()
-            .map(|j| (j.frame, Reply { index: j.index, pts: j.pts, params: j.params, to: j.reply }))
-            .unzip();
+        let (frames, jobs): (Vec<ModelFrame>, Vec<Reply>) =
+            jobs.into_iter().map(|j| (j.frame, Reply { index: j.index, pts: j.pts, params: j.params, to: j.reply })).unzip();
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<Detection>>, DetectError> {
             let input = detector.input_tensor(&frames)?;
             let output = detector.run_raw(&input)?;

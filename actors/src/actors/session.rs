@@ -9,7 +9,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::decoder::DecoderActor;
 use super::events::{Event, ModelSummary};
-use super::inference::{FrameDone, Forget, Inference};
+use super::inference::{Forget, FrameDone, Inference};
 use super::messages::{Abort, Credit, DecodeFinished, DecoderOpened, Drain, Fail, UploadFailed, UploadFinished};
 use super::uploader::Uploader;
 use crate::ErrorCode;

@@ -307,10 +307,7 @@ fn discard_before_frees_blocks_and_later_reads_work() {
     let blocks_before = std::fs::metadata(&path).unwrap().blocks();
     writer.buffer().discard_before(6 << 20).unwrap();
     let blocks_after = std::fs::metadata(&path).unwrap().blocks();
-    assert!(
-        blocks_after < blocks_before / 2,
-        "punching 6 MiB of 8 MiB left {blocks_after} of {blocks_before} blocks"
-    );
+    assert!(blocks_after < blocks_before / 2, "punching 6 MiB of 8 MiB left {blocks_after} of {blocks_before} blocks");
     assert_eq!(std::fs::metadata(&path).unwrap().len(), data.len() as u64, "length kept");
     let mut reader = writer.buffer().reader();
     reader.seek(SeekFrom::Start(7 << 20)).unwrap();

@@ -53,17 +53,7 @@ impl BufferIo {
         }
         // SAFETY: `buffer` is an av_malloc'ed block of IO_BUFFER_BYTES that the context takes
         // over; `state` lives until `drop`, after the format context is closed.
-        let ctx = unsafe {
-            ffi::avio_alloc_context(
-                buffer,
-                IO_BUFFER_BYTES as c_int,
-                0,
-                state as *mut c_void,
-                Some(read_packet),
-                None,
-                Some(seek),
-            )
-        };
+        let ctx = unsafe { ffi::avio_alloc_context(buffer, IO_BUFFER_BYTES as c_int, 0, state as *mut c_void, Some(read_packet), None, Some(seek)) };
         if ctx.is_null() {
             // SAFETY: the context was not created, so the buffer and state are still ours.
             unsafe {

@@ -21,8 +21,7 @@ impl Rotation {
     pub fn of_stream(stream: &ff::format::stream::Stream) -> Rotation {
         for side in stream.side_data() {
             if side.kind() == ff::packet::side_data::Type::DisplayMatrix && side.data().len() >= 36 {
-                let matrix: Vec<i32> =
-                    side.data().chunks_exact(4).take(9).map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
+                let matrix: Vec<i32> = side.data().chunks_exact(4).take(9).map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
                 // SAFETY: `matrix` holds the 9 integers av_display_rotation_get reads.
                 let ccw = unsafe { ffi::av_display_rotation_get(matrix.as_ptr()) };
                 return Rotation::from_clockwise_degrees(-ccw);

@@ -56,14 +56,7 @@ pub struct DecodeOptions {
 
 impl Default for DecodeOptions {
     fn default() -> Self {
-        DecodeOptions {
-            target: Size::new(640, 640),
-            selection: FrameSelection::All,
-            max_dimensions: (8192, 8192),
-            threads: 0,
-            live: false,
-            max_frames: None,
-        }
+        DecodeOptions { target: Size::new(640, 640), selection: FrameSelection::All, max_dimensions: (8192, 8192), threads: 0, live: false, max_frames: None }
     }
 }
 
@@ -232,8 +225,7 @@ impl Decoder {
         };
         // Zero when probing did not decode the stream (see `open_input`): the first frame tells.
         let (width, height) = (width.max(0) as u32, height.max(0) as u32);
-        let mut context = ff::codec::context::Context::from_parameters(parameters)
-            .map_err(|e| DecodeError::Internal(ff_error_text(e)))?;
+        let mut context = ff::codec::context::Context::from_parameters(parameters).map_err(|e| DecodeError::Internal(ff_error_text(e)))?;
         context.set_threading(ff::threading::Config { kind: ff::threading::Type::Frame, count: options.threads, ..Default::default() });
         // FFmpeg refuses a picture over `max_pixels` before it allocates it; the decoder then
         // fails, which `refused_size` recognises.
@@ -447,10 +439,7 @@ impl Decoder {
         let seen = self.stats.frames + self.stats.corrupt_packets;
         if self.declared_frames > 0 && seen < self.declared_frames {
             let declared = std::mem::take(&mut self.declared_frames);
-            return Err(DecodeError::Truncated(format!(
-                "the container declares {declared} frames, the data holds {}",
-                self.stats.frames
-            )));
+            return Err(DecodeError::Truncated(format!("the container declares {declared} frames, the data holds {}", self.stats.frames)));
         }
         Ok(None)
     }

@@ -51,9 +51,7 @@ impl ImageError {
 /// decoded. Memory stays within the decoded image at its own colour type plus its RGB copy
 /// (about 11 bytes per pixel for 16-bit RGBA, 3 for RGB, which is decoded in place).
 pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<(Vec<u8>, usize, usize), ImageError> {
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| ImageError::Unsupported(e.to_string()))?;
+    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Unsupported(e.to_string()))?;
     if !matches!(reader.format(), Some(ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP)) {
         return Err(ImageError::Unsupported("not a JPEG, PNG or WebP image".into()));
     }
@@ -85,20 +83,14 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<(Vec<u8>, usize, us
 
     // Orientation only swaps the sides, never changes the pixel count; unreadable EXIF is
     // ignored as other viewers do.
-    let orientation = if webp_exif_overruns(bytes) {
-        Orientation::NoTransforms
-    } else {
-        decoder.orientation().unwrap_or(Orientation::NoTransforms)
-    };
+    let orientation = if webp_exif_overruns(bytes) { Orientation::NoTransforms } else { decoder.orientation().unwrap_or(Orientation::NoTransforms) };
     // RGB8 sources decode straight into the returned buffer; others (grey, alpha, 16-bit)
     // decode at their own type and are converted once.
     let rgb = DynamicImage::from_decoder(decoder).map_err(ImageError::from_image)?.into_rgb8();
     // Oriented after the conversion, so that a rotation copies the smaller RGB buffer.
     let mut img = DynamicImage::ImageRgb8(rgb);
     img.apply_orientation(orientation);
-    let DynamicImage::ImageRgb8(rgb) = img else {
-        unreachable!("orienting keeps the colour type")
-    };
+    let DynamicImage::ImageRgb8(rgb) = img else { unreachable!("orienting keeps the colour type") };
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     Ok((rgb.into_raw(), w, h))
 }

@@ -21,8 +21,8 @@ pub mod postprocess;
 mod views;
 
 pub use self::image::{ImageError, decode_image};
-pub use engine::{Engine, OpProfile};
 pub use crate::frame::{Letterbox, ModelFrame, Size, letterbox_rgb};
+pub use engine::{Engine, OpProfile};
 pub use model::ModelInfo;
 pub use postprocess::{DetectParams, Detection};
 
@@ -94,11 +94,8 @@ impl Detector {
         };
         let info = ModelInfo::from_metadata(&model.metadata, input).map_err(bad)?;
         let engine = Engine::plan(&model, &device)?;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("streamdet-infer-{i}"))
-            .build()
-            .map_err(DetectError::Threads)?;
+        let pool =
+            rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("streamdet-infer-{i}")).build().map_err(DetectError::Threads)?;
         let mut detector = Detector { engine, info, batch, classes: 0, pool };
         detector.classes = match &detector.info.class_names {
             names if !names.is_empty() => names.len(),
@@ -183,11 +180,7 @@ impl Detector {
         let mut data = vec![0f32; frames.len() * 3 * plane];
         for (frame, dst) in frames.iter().zip(data.chunks_exact_mut(3 * plane)) {
             if frame.rgb.len() != plane * 3 {
-                return Err(DetectError::BadInput(format!(
-                    "a frame has {} bytes, the model takes {w}x{h} RGB ({} bytes)",
-                    frame.rgb.len(),
-                    plane * 3
-                )));
+                return Err(DetectError::BadInput(format!("a frame has {} bytes, the model takes {w}x{h} RGB ({} bytes)", frame.rgb.len(), plane * 3)));
             }
             let (r, rest) = dst.split_at_mut(plane);
             let (g, b) = rest.split_at_mut(plane);
@@ -233,11 +226,7 @@ impl Detector {
                 self.classes
             )));
         }
-        let flat = output
-            .to_device(&Device::Cpu)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(DetectError::from_candle)?;
+        let flat = output.to_device(&Device::Cpu).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(DetectError::from_candle)?;
         Ok(frames
             .iter()
             .zip(flat.chunks_exact(rows * anchors))

@@ -46,11 +46,7 @@ impl TensorData {
         if !t.external_data.is_empty() {
             return Err("tensors stored in external files are not supported".into());
         }
-        let shape = t
-            .dims
-            .iter()
-            .map(|&d| usize::try_from(d).map_err(|_| format!("negative dimension {d}")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let shape = t.dims.iter().map(|&d| usize::try_from(d).map_err(|_| format!("negative dimension {d}"))).collect::<Result<Vec<_>, _>>()?;
         let count = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or("tensor too large")?;
         let raw = t.raw_data.as_deref();
         let values = match t.data_type.unwrap_or(0) {
@@ -139,8 +135,7 @@ impl OnnxModel {
     }
 
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        let model = proto::ModelProto::decode(bytes)
-            .map_err(|err| format!("not an ONNX model (protobuf decoding failed: {err})"))?;
+        let model = proto::ModelProto::decode(bytes).map_err(|err| format!("not an ONNX model (protobuf decoding failed: {err})"))?;
         let graph = model.graph.ok_or("not an ONNX model (no graph)")?;
         if graph.node.is_empty() {
             return Err("not an ONNX model (the graph has no nodes)".into());
@@ -162,9 +157,7 @@ impl OnnxModel {
                     .as_ref()
                     .and_then(|t| t.tensor_type.as_ref())
                     .and_then(|t| t.shape.as_ref())
-                    .map(|s| {
-                        s.dim.iter().map(|d| d.dim_value.and_then(|v| usize::try_from(v).ok()).filter(|&v| v > 0)).collect()
-                    })
+                    .map(|s| s.dim.iter().map(|d| d.dim_value.and_then(|v| usize::try_from(v).ok()).filter(|&v| v > 0)).collect())
                     .unwrap_or_default(),
             })
             .collect();
@@ -185,11 +178,7 @@ impl OnnxModel {
             check_arity(&node)?;
             nodes.push(node);
         }
-        let metadata = model
-            .metadata_props
-            .iter()
-            .map(|p| (p.key.clone().unwrap_or_default(), p.value.clone().unwrap_or_default()))
-            .collect();
+        let metadata = model.metadata_props.iter().map(|p| (p.key.clone().unwrap_or_default(), p.value.clone().unwrap_or_default())).collect();
         let outputs = graph.output.iter().map(|o| o.name.clone().unwrap_or_default()).collect();
         Ok(OnnxModel { nodes, initializers, inputs, outputs, metadata })
     }
@@ -200,8 +189,8 @@ impl OnnxModel {
 fn required_inputs(op: &str) -> Option<usize> {
     Some(match op {
         "Constant" => 0,
-        "Sigmoid" | "Exp" | "Split" | "Concat" | "MaxPool" | "Resize" | "Transpose" | "Softmax" | "ReduceMax" | "ReduceSum" | "Shape"
-        | "Unsqueeze" | "Cast" | "ConstantOfShape" | "Identity" => 1,
+        "Sigmoid" | "Exp" | "Split" | "Concat" | "MaxPool" | "Resize" | "Transpose" | "Softmax" | "ReduceMax" | "ReduceSum" | "Shape" | "Unsqueeze"
+        | "Cast" | "ConstantOfShape" | "Identity" => 1,
         "Conv" | "Add" | "Sub" | "Mul" | "Div" | "Reshape" | "MatMul" | "Gather" | "Expand" => 2,
         "Slice" | "Range" => 3,
         _ => return None,
@@ -339,12 +328,7 @@ mod tests {
     #[test]
     fn a_shape_whose_byte_size_overflows_is_an_error() {
         // 2^62 floats: the value count fits in a usize, its byte size does not.
-        let tensor = proto::TensorProto {
-            dims: vec![1 << 62],
-            data_type: Some(data_type::FLOAT),
-            raw_data: Some(vec![0; 4]),
-            ..Default::default()
-        };
+        let tensor = proto::TensorProto { dims: vec![1 << 62], data_type: Some(data_type::FLOAT), raw_data: Some(vec![0; 4]), ..Default::default() };
         let err = TensorData::from_proto(&tensor).unwrap_err();
         assert!(err.contains("too large"), "{err}");
         let tensor = proto::TensorProto { dims: vec![1 << 32, 1 << 32], ..tensor };
@@ -354,20 +338,22 @@ mod tests {
     #[test]
     fn a_node_without_its_required_inputs_or_output_is_an_error() {
         // A Transpose whose input list a damaged file lost: planning read `inputs[0]` and panicked.
-        let model = |inputs: Vec<&str>, outputs: Vec<&str>| proto::ModelProto {
-            graph: Some(proto::GraphProto {
-                node: vec![proto::NodeProto {
-                    name: Some("t".into()),
-                    op_type: Some("Transpose".into()),
-                    input: inputs.into_iter().map(String::from).collect(),
-                    output: outputs.into_iter().map(String::from).collect(),
+        let model = |inputs: Vec<&str>, outputs: Vec<&str>| {
+            proto::ModelProto {
+                graph: Some(proto::GraphProto {
+                    node: vec![proto::NodeProto {
+                        name: Some("t".into()),
+                        op_type: Some("Transpose".into()),
+                        input: inputs.into_iter().map(String::from).collect(),
+                        output: outputs.into_iter().map(String::from).collect(),
+                        ..Default::default()
+                    }],
                     ..Default::default()
-                }],
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        }
-        .encode_to_vec();
+            }
+            .encode_to_vec()
+        };
         assert!(OnnxModel::parse(&model(vec!["x"], vec!["y"])).is_ok());
         for (inputs, outputs) in [(vec![], vec!["y"]), (vec![""], vec!["y"]), (vec!["x"], vec![]), (vec!["x"], vec![""])] {
             let err = OnnxModel::parse(&model(inputs.clone(), outputs.clone())).unwrap_err();

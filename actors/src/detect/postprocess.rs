@@ -76,13 +76,7 @@ fn round1(v: f32) -> f32 {
 
 /// Decodes one image's output, laid out `[4 + classes][anchors]` (cx, cy, w, h, then one score
 /// per class), into detections in frame pixels.
-pub fn detections(
-    output: &[f32],
-    anchors: usize,
-    class_names: &[String],
-    letterbox: &Letterbox,
-    params: &DetectParams,
-) -> Vec<Detection> {
+pub fn detections(output: &[f32], anchors: usize, class_names: &[String], letterbox: &Letterbox, params: &DetectParams) -> Vec<Detection> {
     let classes = output.len() / anchors.max(1) - 4;
     let row = |r: usize| &output[r * anchors..(r + 1) * anchors];
     // Best class per anchor, as ultralytics' NMS does (one label per box).

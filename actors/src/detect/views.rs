@@ -67,7 +67,8 @@ impl ViewStep {
             ViewStep::Reshape(spec) => reshape_dims(dims, spec),
             ViewStep::Permute(perm) => {
                 let perm = permutation(perm, dims.len());
-                let view = StridedView::contiguous(dims).permute(&perm).ok_or_else(|| candle_core::Error::Msg(format!("bad permutation {perm:?} of {dims:?}")))?;
+                let view =
+                    StridedView::contiguous(dims).permute(&perm).ok_or_else(|| candle_core::Error::Msg(format!("bad permutation {perm:?} of {dims:?}")))?;
                 Ok(view.dims())
             }
             ViewStep::Narrow { axis: a, start, len } => {

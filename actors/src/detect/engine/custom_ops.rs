@@ -336,11 +336,17 @@ mod tests {
     fn cpu_max_pool_matches_candles() {
         let input: Vec<f32> = (0..2 * 3 * 9 * 11).map(|i| ((i * 37) % 101) as f32 - 50.0).collect();
         let x = Tensor::from_vec(input, (2, 3, 9, 11), &Device::Cpu).unwrap();
-        for (kernel, stride, pads) in [((5, 5), (1, 1), (2, 2, 2, 2)), ((3, 3), (2, 2), (1, 1, 1, 1)), ((2, 2), (2, 2), (0, 0, 0, 0)), ((3, 3), (1, 1), (0, 2, 1, 0))] {
+        for (kernel, stride, pads) in
+            [((5, 5), (1, 1), (2, 2, 2, 2)), ((3, 3), (2, 2), (1, 1, 1, 1)), ((2, 2), (2, 2), (0, 0, 0, 0)), ((3, 3), (1, 1), (0, 2, 1, 0))]
+        {
             let want = max_pool(&x, kernel, stride, pads).unwrap();
             let got = x.apply_op1_no_bwd(&CpuMaxPool { kernel, stride, pads }).unwrap();
             assert_eq!(got.dims(), want.dims(), "{kernel:?} {stride:?} {pads:?}");
-            assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{kernel:?} {stride:?} {pads:?}");
+            assert_eq!(
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{kernel:?} {stride:?} {pads:?}"
+            );
         }
     }
 }

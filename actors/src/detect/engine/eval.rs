@@ -147,7 +147,8 @@ fn attention_in_place(operands: [&Tensor; 3], transposed: [bool; 3], alpha: f32,
     let operands = [&q, &k, &v];
     let result = with_cpu_storages(&operands, |buffers| {
         // Each base is contiguous: its view starts at the layout's offset.
-        let mut parts = operands.iter().zip(buffers).zip([qm, km, vm]).map(|((t, data), view)| attention::Operand::new(&data[t.layout().start_offset()..], view));
+        let mut parts =
+            operands.iter().zip(buffers).zip([qm, km, vm]).map(|((t, data), view)| attention::Operand::new(&data[t.layout().start_offset()..], view));
         let (Some(q), Some(k), Some(v)) = (parts.next().flatten(), parts.next().flatten(), parts.next().flatten()) else {
             candle_core::bail!("an attention operand's view reaches past its tensor");
         };
@@ -158,7 +159,14 @@ fn attention_in_place(operands: [&Tensor; 3], transposed: [bool; 3], alpha: f32,
 }
 
 /// [`Op::Attention`] on operands that are already what the step multiplies.
-fn attention_unfolded(q: &Tensor, k: &Tensor, v: &Tensor, [q_transposed, k_transposed, v_transposed]: [bool; 3], alpha: f32, device: &Device) -> CResult<Tensor> {
+fn attention_unfolded(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    [q_transposed, k_transposed, v_transposed]: [bool; 3],
+    alpha: f32,
+    device: &Device,
+) -> CResult<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let rank = q.rank();
     let same_batch = rank >= 2 && [&k, &v].iter().all(|t| t.rank() == rank && t.dims()[..rank - 2] == q.dims()[..rank - 2]);
@@ -196,7 +204,8 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResul
     match op {
         Op::Conv(c) if c.concat_parts > 0 => {
             let parts = std::iter::once(args.first()).chain(args.iter().skip(CONV_MORE_PARTS).map(Some));
-            let parts: Vec<&Tensor> = parts.map(|a| a.copied().flatten()).collect::<Option<_>>().ok_or_else(|| candle_core::Error::Msg("missing concatenation part".into()))?;
+            let parts: Vec<&Tensor> =
+                parts.map(|a| a.copied().flatten()).collect::<Option<_>>().ok_or_else(|| candle_core::Error::Msg("missing concatenation part".into()))?;
             one(conv_of_parts(c, &parts, args.get(3).copied().flatten())?)
         }
         Op::Conv(c) => one(conv(c, x()?, args.get(3).copied().flatten())?),
@@ -289,11 +298,7 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResul
         Op::Transpose { perm } => {
             let t = x()?;
             let perm = perm.clone().unwrap_or_else(|| (0..t.rank()).rev().collect());
-            if is_cpu_f32(t) {
-                one(t.contiguous()?.apply_op1_no_bwd(&CpuPermute(perm))?)
-            } else {
-                one(t.permute(perm)?.contiguous()?)
-            }
+            if is_cpu_f32(t) { one(t.contiguous()?.apply_op1_no_bwd(&CpuPermute(perm))?) } else { one(t.permute(perm)?.contiguous()?) }
         }
         Op::Softmax { axis } => {
             let t = x()?;
@@ -548,11 +553,7 @@ fn conv_alone(c: &ConvOp, x: &Tensor) -> CResult<Tensor> {
         (Some(weight), Some(bias)) => {
             let conv = c.conv.spec();
             let (t, l, b, r) = conv.pads;
-            let (x, pad) = if t == b && l == r && t == l {
-                (x.clone(), t)
-            } else {
-                (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, 0)
-            };
+            let (x, pad) = if t == b && l == r && t == l { (x.clone(), t) } else { (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, 0) };
             if conv.stride.0 != conv.stride.1 || conv.dilation.0 != conv.dilation.1 {
                 candle_core::bail!("anisotropic stride or dilation needs the CPU kernel");
             }

@@ -70,7 +70,8 @@ pub(super) fn fold_views(mut steps: Vec<Step>, constants: &HashMap<usize, Tensor
             views.result = chain;
         }
     }
-    let producer: HashMap<usize, usize> = steps.iter().enumerate().filter(|(i, _)| !dead[*i]).flat_map(|(i, s)| s.outputs.iter().map(move |&o| (o, i))).collect();
+    let producer: HashMap<usize, usize> =
+        steps.iter().enumerate().filter(|(i, _)| !dead[*i]).flat_map(|(i, s)| s.outputs.iter().map(move |&o| (o, i))).collect();
     // The chain that ends in `slot`: the slot it starts from and its steps, in order.
     let chain_to = |steps: &[Step], mut slot: usize| {
         let mut chain = Vec::new();
@@ -85,7 +86,8 @@ pub(super) fn fold_views(mut steps: Vec<Step>, constants: &HashMap<usize, Tensor
     let mut views_made: Vec<(usize, usize, Vec<ViewStep>)> = Vec::new();
     for i in (0..steps.len()).filter(|&i| !dead[i]) {
         if matches!(steps[i].op, Op::Attention { .. }) {
-            let folded: Vec<(usize, Vec<ViewStep>)> = steps[i].inputs.iter().take(3).map(|s| s.map_or((usize::MAX, Vec::new()), |s| chain_to(&steps, s))).collect();
+            let folded: Vec<(usize, Vec<ViewStep>)> =
+                steps[i].inputs.iter().take(3).map(|s| s.map_or((usize::MAX, Vec::new()), |s| chain_to(&steps, s))).collect();
             for (operand, (base, chain)) in folded.into_iter().enumerate() {
                 if chain.is_empty() {
                     continue;
@@ -119,7 +121,8 @@ pub(super) fn fold_views(mut steps: Vec<Step>, constants: &HashMap<usize, Tensor
     }
     // Drop what nobody reads any more, until nothing changes.
     loop {
-        let mut read: std::collections::HashSet<usize> = steps.iter().zip(&dead).filter(|(_, d)| !**d).flat_map(|(s, _)| s.inputs.iter().flatten().copied()).collect();
+        let mut read: std::collections::HashSet<usize> =
+            steps.iter().zip(&dead).filter(|(_, d)| !**d).flat_map(|(s, _)| s.inputs.iter().flatten().copied()).collect();
         read.insert(output_slot);
         let mut changed = false;
         for (step, dead) in steps.iter().zip(dead.iter_mut()) {
@@ -215,11 +218,7 @@ mod tests {
 
     #[test]
     fn a_chain_of_reshapes_alone_is_left_as_it_is() {
-        let nodes = vec![
-            node("Reshape", &["x", "s1"], &["r1"], &[]),
-            node("Reshape", &["r1", "s2"], &["r2"], &[]),
-            node("Sigmoid", &["r2"], &["out"], &[]),
-        ];
+        let nodes = vec![node("Reshape", &["x", "s1"], &["r1"], &[]), node("Reshape", &["r1", "s2"], &["r2"], &[]), node("Sigmoid", &["r2"], &["out"], &[])];
         let x = tensor(&floats(&[2, 6], 8));
         let (engine, got) = plan_and_run(&model(nodes, &[("s1", ints(&[3, 4])), ("s2", ints(&[4, 3]))]), &x);
         assert_eq!(step_types(&engine.steps), ["Reshape", "Reshape", "Sigmoid"]);

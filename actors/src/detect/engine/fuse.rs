@@ -258,7 +258,11 @@ fn fuse_attention(nodes: &[Node]) -> Vec<Node> {
         }
         let mut attributes = HashMap::new();
         // Q and K are the first product's operands, V the second's left one.
-        let operand_flags = [(product, "streamdet.transpose_a", "streamdet.transpose_q"), (product, "streamdet.transpose_b", "streamdet.transpose_k"), (out, "streamdet.transpose_a", "streamdet.transpose_v")];
+        let operand_flags = [
+            (product, "streamdet.transpose_a", "streamdet.transpose_q"),
+            (product, "streamdet.transpose_b", "streamdet.transpose_k"),
+            (out, "streamdet.transpose_a", "streamdet.transpose_v"),
+        ];
         for (node, from, to) in operand_flags {
             if flag(node, from) {
                 attributes.insert(to.to_string(), Attribute::Int(1));

@@ -67,31 +67,66 @@ enum Op {
     Conv(Box<ConvOp>),
     Unary(UnaryFn),
     Binary(BinaryOp),
-    Split { axis: i64, sizes: Option<Vec<i64>> },
-    Concat { axis: i64 },
-    MaxPool { kernel: (usize, usize), stride: (usize, usize), pads: (usize, usize, usize, usize) },
+    Split {
+        axis: i64,
+        sizes: Option<Vec<i64>>,
+    },
+    Concat {
+        axis: i64,
+    },
+    MaxPool {
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        pads: (usize, usize, usize, usize),
+    },
     ResizeNearest,
     Reshape,
-    Transpose { perm: Option<Vec<usize>> },
-    Softmax { axis: i64 },
+    Transpose {
+        perm: Option<Vec<usize>>,
+    },
+    Softmax {
+        axis: i64,
+    },
     Slice,
     /// A matrix product; a flag means that operand arrives with its last two axes swapped (a
     /// transpose folded into the product's packing).
     /// `alpha * A x B`, each operand possibly read transposed.
-    MatMul { a_transposed: bool, b_transposed: bool, alpha: f32 },
+    MatMul {
+        a_transposed: bool,
+        b_transposed: bool,
+        alpha: f32,
+    },
     /// `V x softmax(alpha * Q x K)^T` over the last two axes (attention, with `Q` rows as
     /// queries): inputs `Q`, `K`, `V`, each possibly stored with its last two axes swapped.
     /// `views` holds the view chains folded into it (see [`fold::fold_views`]).
-    Attention { q_transposed: bool, k_transposed: bool, v_transposed: bool, alpha: f32, views: Box<AttentionViews> },
+    Attention {
+        q_transposed: bool,
+        k_transposed: bool,
+        v_transposed: bool,
+        alpha: f32,
+        views: Box<AttentionViews>,
+    },
     /// The end of a chain of views, copied out of the tensor the chain starts from in one pass.
     View(Vec<ViewStep>),
-    Reduce { kind: ReduceKind, axes: Option<Vec<i64>>, keepdims: bool },
+    Reduce {
+        kind: ReduceKind,
+        axes: Option<Vec<i64>>,
+        keepdims: bool,
+    },
     Shape,
-    Gather { axis: i64 },
-    Unsqueeze { axes: Option<Vec<i64>> },
+    Gather {
+        axis: i64,
+    },
+    Unsqueeze {
+        axes: Option<Vec<i64>>,
+    },
     Range,
-    Cast { to: DType },
-    ConstantOfShape { value: TensorData },
+    Cast {
+        to: DType,
+    },
+    ConstantOfShape {
+        value: TensorData,
+    },
     Expand,
     Constant(TensorData),
     Identity,
@@ -162,8 +197,7 @@ impl Engine {
         let mut steps = Vec::new();
         for node in &nodes {
             let op = parse::parse_op(node, &model.initializers, device)?;
-            let inputs: Vec<Option<usize>> =
-                node.inputs.iter().map(|name| (!name.is_empty()).then(|| slot_of(name, &mut slots))).collect();
+            let inputs: Vec<Option<usize>> = node.inputs.iter().map(|name| (!name.is_empty()).then(|| slot_of(name, &mut slots))).collect();
             let outputs: Vec<usize> = node.outputs.iter().map(|name| slot_of(name, &mut slots)).collect();
             let foldable = !matches!(op, Op::Conv(_)) && inputs.iter().flatten().all(|s| constants.contains_key(s));
             let step = Step { node: node.name.clone(), op_type: node.op_type.clone(), op, inputs, outputs, release: Vec::new() };

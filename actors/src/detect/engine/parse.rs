@@ -105,9 +105,7 @@ pub(super) fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, 
             }
             Op::Reshape
         }
-        "Transpose" => Op::Transpose {
-            perm: attr_ints(node, "perm")?.map(|p| p.into_iter().map(|v| v as usize).collect()),
-        },
+        "Transpose" => Op::Transpose { perm: attr_ints(node, "perm")?.map(|p| p.into_iter().map(|v| v as usize).collect()) },
         "Softmax" => Op::Softmax { axis: attr_int(node, "axis", -1)? },
         "Slice" => Op::Slice,
         "MatMul" => Op::MatMul {

@@ -128,7 +128,14 @@ mod lanes {
     /// The CPU has `V`'s features; the rest is [`bias_activation_tile`](super::bias_activation_tile)'s
     /// contract.
     #[inline(always)]
-    pub unsafe fn bias_activation_tile<V: Lanes>(c: *mut f32, ldc: usize, width: usize, biases: &[f32], activation: Activation, residual: Option<(*const f32, usize)>) {
+    pub unsafe fn bias_activation_tile<V: Lanes>(
+        c: *mut f32,
+        ldc: usize,
+        width: usize,
+        biases: &[f32],
+        activation: Activation,
+        residual: Option<(*const f32, usize)>,
+    ) {
         for (r, &bias) in biases.iter().enumerate() {
             // SAFETY: row `r` of the tile and of the residual, inside the regions the caller
             // vouches for; the features are the caller's contract.
@@ -340,7 +347,6 @@ unsafe fn softmax_columns_on(vectors: Vectors, base: *mut f32, len: usize, strid
     // SAFETY: the caller's contract.
     unsafe { softmax_columns_scalar(base, len, stride, columns) }
 }
-
 
 /// Defines `pub fn $name(args)`: the vector kernel `lanes::$kernel` compiled with AVX-512 or
 /// AVX2+FMA, whichever [`vectors`] chose, else the scalar `$fallback`; and `$on(vectors, args)`

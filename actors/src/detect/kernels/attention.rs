@@ -45,7 +45,13 @@ impl MatrixBatch {
     /// Items over `batch_dims` (row-major) at `batch_strides`, each `rows x cols` at
     /// `(row_stride, col_stride)`, from `offset`; `None` when the batch axes and strides differ
     /// in number or the furthest element's offset overflows.
-    pub fn new(offset: usize, batch_dims: Vec<usize>, batch_strides: Vec<usize>, (rows, cols): (usize, usize), (row_stride, col_stride): (usize, usize)) -> Option<Self> {
+    pub fn new(
+        offset: usize,
+        batch_dims: Vec<usize>,
+        batch_strides: Vec<usize>,
+        (rows, cols): (usize, usize),
+        (row_stride, col_stride): (usize, usize),
+    ) -> Option<Self> {
         if batch_dims.len() != batch_strides.len() {
             return None;
         }
@@ -125,7 +131,14 @@ impl MatrixBatch {
         if self.extent == 0 {
             return true;
         }
-        let mut axes: Vec<(usize, usize)> = self.batch_dims.iter().zip(&self.batch_strides).map(|(&d, &s)| (d, s)).chain([(self.rows, self.row_stride), (self.cols, self.col_stride)]).filter(|&(dim, _)| dim > 1).collect();
+        let mut axes: Vec<(usize, usize)> = self
+            .batch_dims
+            .iter()
+            .zip(&self.batch_strides)
+            .map(|(&d, &s)| (d, s))
+            .chain([(self.rows, self.row_stride), (self.cols, self.col_stride)])
+            .filter(|&(dim, _)| dim > 1)
+            .collect();
         axes.sort_unstable_by_key(|&(_, stride)| stride);
         // The inner axes' reach is at most the extent, which fits (checked in `new`).
         let mut reach = 0;

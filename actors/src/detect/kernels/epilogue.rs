@@ -2,9 +2,9 @@
 //! registers (a convolution's bias, SiLU and skip connection), so that none of them costs a
 //! trip through memory.
 
+use super::isa::MAX_MR;
 #[cfg(target_arch = "x86_64")]
 use super::simd::Lanes;
-use super::isa::MAX_MR;
 
 /// What the last pass over `k` does to a tile of `C` before it is stored, while the tile is in
 /// registers: a convolution's bias, SiLU and skip connection cost no trip through memory.
@@ -47,4 +47,3 @@ pub(super) unsafe fn finish<V: Lanes>(v: V, bias: f32, silu: bool, residual: Opt
         v
     }
 }
-

@@ -46,7 +46,7 @@ impl Isa {
     pub fn supported(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-        match self {
+            match self {
                 Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
                 Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
             }

@@ -17,7 +17,18 @@ pub fn batched_matmul(a: &[f32], b: &[f32], batch: usize, m: usize, k: usize, n:
 }
 
 #[allow(clippy::too_many_arguments)]
-fn batched_matmul_on(isa: Isa, a: &[f32], b: &[f32], batch: usize, m: usize, k: usize, n: usize, a_transposed: bool, b_transposed: bool, alpha: f32) -> Vec<f32> {
+fn batched_matmul_on(
+    isa: Isa,
+    a: &[f32],
+    b: &[f32],
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    a_transposed: bool,
+    b_transposed: bool,
+    alpha: f32,
+) -> Vec<f32> {
     use rayon::prelude::*;
     assert!(isa.supported());
     assert!(a.len() == batch * m * k && b.len() == batch * k * n);
@@ -72,7 +83,6 @@ fn batched_matmul_on(isa: Isa, a: &[f32], b: &[f32], batch: usize, m: usize, k: 
     unsafe { out.set_len(batch * m * n) };
     out
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -169,7 +169,6 @@ pub fn pack_b_transposed(isa: Isa, bt: &[f32], k: usize, n: usize, out: &mut Pac
     }
 }
 
-
 /// Copies the `N` floats at `src + offsets[i]` to `dst + i * N`, for each `i`. `N` is a constant
 /// so that each copy is a few vector moves, not a call to `memcpy`; the callers compile it for
 /// their vector width (without that, the moves are 16-byte SSE ones).

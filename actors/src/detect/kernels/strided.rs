@@ -138,7 +138,13 @@ impl StridedView {
         let (rows, batch) = rest.split_last()?;
         let (rows, cols) = (Self::single_run(rows)?, Self::single_run(cols)?);
         let batch: Vec<Run> = batch.iter().flatten().copied().collect();
-        MatrixBatch::new(self.offset, batch.iter().map(|r| r.size).collect(), batch.iter().map(|r| r.stride).collect(), (rows.size, cols.size), (rows.stride, cols.stride))
+        MatrixBatch::new(
+            self.offset,
+            batch.iter().map(|r| r.size).collect(),
+            batch.iter().map(|r| r.stride).collect(),
+            (rows.size, cols.size),
+            (rows.stride, cols.stride),
+        )
     }
 
     /// The runs of all axes in order, neighbours that nest merged into one.

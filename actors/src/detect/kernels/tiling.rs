@@ -37,7 +37,16 @@ pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: &PackedB, width
 /// every `kk` and every `j < width.div_ceil(nr) * nr` (columns past `width` are read, not used).
 // The product's operands, as the microkernel takes them: grouping them would only move the list.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_offsets(a: &PackedA, rows: std::ops::Range<usize>, base: *const f32, offsets: &[usize], width: usize, c: *mut f32, ldc: usize, epilogue: Option<&Epilogue>) {
+pub unsafe fn gemm_offsets(
+    a: &PackedA,
+    rows: std::ops::Range<usize>,
+    base: *const f32,
+    offsets: &[usize],
+    width: usize,
+    c: *mut f32,
+    ldc: usize,
+    epilogue: Option<&Epilogue>,
+) {
     assert_eq!(offsets.len(), a.k());
     let nr = a.isa().nr();
     // The block of `B` that every `A` panel multiplies is gathered once into an aligned buffer
@@ -70,7 +79,15 @@ struct Block([f32; cache::B_BLOCK_FLOATS]);
 /// # Safety
 /// As for [`gemm`]; the pointer `b_block` returns must hold `kc * nr` readable floats until its
 /// next call.
-unsafe fn tiles(a: &PackedA, rows: std::ops::Range<usize>, width: usize, c: *mut f32, ldc: usize, epilogue: Option<&Epilogue>, mut b_block: impl FnMut(usize, usize, usize) -> *const f32) {
+unsafe fn tiles(
+    a: &PackedA,
+    rows: std::ops::Range<usize>,
+    width: usize,
+    c: *mut f32,
+    ldc: usize,
+    epilogue: Option<&Epilogue>,
+    mut b_block: impl FnMut(usize, usize, usize) -> *const f32,
+) {
     let isa = a.isa();
     let (mr, nr, kc_max) = (isa.mr(), isa.nr(), isa.kc());
     assert!(rows.start.is_multiple_of(mr) && rows.end <= a.m(), "rows must start on a panel");

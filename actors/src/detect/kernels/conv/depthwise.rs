@@ -135,4 +135,3 @@ fn depthwise_plane_rows(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize
         }
     }
 }
-

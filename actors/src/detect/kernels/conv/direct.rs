@@ -120,7 +120,19 @@ impl Conv2d {
     /// these rows of `out`; `image` has the padded planes of the group's channels and the
     /// slack after them.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn direct_rows_flattened(&self, group: usize, channels: std::ops::Range<usize>, image: &[f32], offsets: &[usize], wp: usize, (oh, ow): (usize, usize), out_rows: std::ops::Range<usize>, batch: usize, residual: Option<&[f32]>, out: SendPtr) {
+    unsafe fn direct_rows_flattened(
+        &self,
+        group: usize,
+        channels: std::ops::Range<usize>,
+        image: &[f32],
+        offsets: &[usize],
+        wp: usize,
+        (oh, ow): (usize, usize),
+        out_rows: std::ops::Range<usize>,
+        batch: usize,
+        residual: Option<&[f32]>,
+        out: SendPtr,
+    ) {
         // Columns per product: about 32 panels, so that the scratch tile stays in L2.
         const COLUMNS: usize = cache::SCRATCH_TILE_COLUMNS;
         let pixels = oh * ow;
@@ -141,7 +153,9 @@ impl Conv2d {
                 // SAFETY: the caller's contract; the `B` rows start at `oy0 * wp + offsets[kk]`
                 // and are read for at most `width.div_ceil(nr) * nr` floats, which ends where
                 // the row-by-row product of row `oy1 - 1` ends: inside the planes or the slack.
-                unsafe { tiling::gemm_offsets(packed, channels.clone(), image.as_ptr().add(oy0 * wp), offsets, width, scratch.as_mut_ptr(), width, Some(&epilogue)) };
+                unsafe {
+                    tiling::gemm_offsets(packed, channels.clone(), image.as_ptr().add(oy0 * wp), offsets, width, scratch.as_mut_ptr(), width, Some(&epilogue))
+                };
                 for r in 0..rows {
                     for oy in oy0..oy1 {
                         let first = (batch * self.spec.out_channels + channel0 + r) * pixels + oy * ow;
@@ -259,7 +273,6 @@ fn split_phases(dst: &mut [MaybeUninit<f32>], src: &[f32], layout: &PhaseLayout)
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -60,4 +60,3 @@ impl<'a> ConvInput<'a> {
         }
     }
 }
-

@@ -93,7 +93,8 @@ impl Conv2d {
         }
         // Every size the kernels compute from the shape fits in `usize`.
         let weights_len = (in_channels / groups).checked_mul(kh).and_then(|k| k.checked_mul(kw)).and_then(|k| k.checked_mul(out_channels));
-        let spans = [(dilation.0, kh, pt, pb), (dilation.1, kw, pl, pr)].map(|(d, k, a, b)| d.checked_mul(k - 1).and_then(|s| s.checked_add(a)).and_then(|s| s.checked_add(b)));
+        let spans = [(dilation.0, kh, pt, pb), (dilation.1, kw, pl, pr)]
+            .map(|(d, k, a, b)| d.checked_mul(k - 1).and_then(|s| s.checked_add(a)).and_then(|s| s.checked_add(b)));
         if spans.contains(&None) {
             return bad(format!("the kernel's span overflows in {spec:?}"));
         }
@@ -325,7 +326,10 @@ mod tests {
                     want.iter_mut().zip(&residual).for_each(|(w, r)| *w += r);
                 }
                 for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-                    assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "cin={cin} cout={cout} g={groups} k={k} s={stride} residual={with_residual}: [{i}] {a} vs {b}");
+                    assert!(
+                        (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                        "cin={cin} cout={cout} g={groups} k={k} s={stride} residual={with_residual}: [{i}] {a} vs {b}"
+                    );
                 }
             }
         }
@@ -424,4 +428,3 @@ mod tests {
         check(8, 16, 1, 3, 1, 1, 2, 5, 32); // rows of whole panels, one product per row
     }
 }
-

@@ -108,7 +108,15 @@ unsafe impl Lanes for Avx2 {
 /// # Safety
 /// As for [`kernel`](super::super::isa::kernel), with `mr = 6`, `nr = 16`.
 #[target_feature(enable = "avx2,fma")]
-pub(in super::super) unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool, epilogue: Option<&TileEpilogue>) {
+pub(in super::super) unsafe fn kernel_6x16(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    epilogue: Option<&TileEpilogue>,
+) {
     const MR: usize = 6;
     // SAFETY: every pointer access below stays within the bounds stated in the contract.
     unsafe {
@@ -143,7 +151,6 @@ pub(in super::super) unsafe fn kernel_6x16(kc: usize, a: *const f32, b: *const f
         }
     }
 }
-
 
 /// [`pack::pack_b_panels`] compiled for AVX2, whose 16-column panels then copy as two vector moves.
 ///

@@ -100,7 +100,15 @@ unsafe impl Lanes for Avx512 {
 /// # Safety
 /// As for [`kernel`](super::super::isa::kernel), with `mr = 8`, `nr = 32`.
 #[target_feature(enable = "avx512f")]
-pub(in super::super) unsafe fn kernel_8x32(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool, epilogue: Option<&TileEpilogue>) {
+pub(in super::super) unsafe fn kernel_8x32(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    epilogue: Option<&TileEpilogue>,
+) {
     const MR: usize = 8;
     // SAFETY: every pointer access below stays within the bounds stated in the contract; `b`
     // is 64-byte aligned, so each row of the panel is two aligned loads.
@@ -136,7 +144,6 @@ pub(in super::super) unsafe fn kernel_8x32(kc: usize, a: *const f32, b: *const f
         }
     }
 }
-
 
 /// [`pack::pack_b_panels`] compiled for AVX-512F: a 32-column panel row is two vector moves.
 ///
