@@ -14,16 +14,7 @@ use streamdet_actors::detect::kernels::conv::{Conv2d, ConvSpec};
 /// A square convolution with SiLU, "same" padding and test weights, on the portable path.
 fn conv(cin: usize, cout: usize, k: usize, stride: usize, groups: usize) -> Conv2d {
     let pad = k / 2;
-    let spec = ConvSpec {
-        in_channels: cin,
-        out_channels: cout,
-        groups,
-        kernel: (k, k),
-        stride: (stride, stride),
-        dilation: (1, 1),
-        pads: (pad, pad, pad, pad),
-        activation: Activation::Silu,
-    };
+    let spec = ConvSpec::square(cin, cout, groups, k, stride, pad, Activation::Silu);
     let weights = (0..cout * cin / groups * k * k).map(|i| (i % 7) as f32 * 0.01).collect();
     Conv2d::new(spec, weights, vec![0.1; cout]).expect("a valid convolution")
 }

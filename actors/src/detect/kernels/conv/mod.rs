@@ -49,6 +49,14 @@ pub struct ConvSpec {
     pub activation: Activation,
 }
 
+impl ConvSpec {
+    /// A `k x k` kernel with the same stride and padding on both axes and no dilation: the
+    /// shape of every convolution of the YOLO models, and of the tests and benchmarks.
+    pub fn square(in_channels: usize, out_channels: usize, groups: usize, k: usize, stride: usize, pad: usize, activation: Activation) -> ConvSpec {
+        ConvSpec { in_channels, out_channels, groups, kernel: (k, k), stride: (stride, stride), dilation: (1, 1), pads: (pad, pad, pad, pad), activation }
+    }
+}
+
 /// Why [`Conv2d::new`] or [`Conv2d::with_weights_packed_for`] refused a convolution.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConvError {
@@ -296,16 +304,7 @@ mod tests {
     /// A square convolution with SiLU and test weights, on the portable path and on every
     /// microkernel this CPU runs.
     fn variants(cin: usize, cout: usize, groups: usize, k: usize, stride: usize, pad: usize) -> Vec<Conv2d> {
-        let spec = ConvSpec {
-            in_channels: cin,
-            out_channels: cout,
-            groups,
-            kernel: (k, k),
-            stride: (stride, stride),
-            dilation: (1, 1),
-            pads: (pad, pad, pad, pad),
-            activation: Activation::Silu,
-        };
+        let spec = ConvSpec::square(cin, cout, groups, k, stride, pad, Activation::Silu);
         let conv = Conv2d::new(spec, values(cout * cin / groups * k * k, 1), values(cout, 2)).unwrap();
         let packed = [Isa::Avx2, Isa::Avx512].into_iter().filter(|isa| isa.supported() && !conv.is_depthwise());
         std::iter::once(conv.clone()).chain(packed.map(|isa| conv.clone().with_weights_packed_for(isa).unwrap())).collect()
