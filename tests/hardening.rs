@@ -137,6 +137,11 @@ fn image_bodies_and_image_requests_have_bounds() {
     assert_eq!((status, body["code"].as_str()), (429, Some("too_many_sessions")), "{body}");
     drop(slow);
     assert!(eventually(Duration::from_secs(10), || post(addr, "/detect", "", &jpeg).0 == 200), "the permit comes back when the client leaves");
+
+    // An image that trickles in loses its permit to the minimum upload rate.
+    let server = Server::start(&[("STREAMDET_SERVER_MIN_UPLOAD_RATE", "50000"), ("STREAMDET_SERVER_MIN_UPLOAD_RATE_WINDOW_S", "1")]);
+    let (mut reader, _) = upload(&server.addr, "/detect", jpeg, 500, Duration::from_millis(100));
+    assert_eq!(read_head(&mut reader), 408, "a 5 KB/s image upload");
 }
 
 #[test]

@@ -303,7 +303,7 @@ pub struct UploadPace {
 }
 
 /// Bytes received over windows of client time.
-struct RateWindow {
+pub struct RateWindow {
     bytes_per_second: u64,
     window: Duration,
     elapsed: Duration,
@@ -311,13 +311,13 @@ struct RateWindow {
 }
 
 impl RateWindow {
-    fn new((bytes_per_second, window): (u64, Duration)) -> Self {
+    pub fn new((bytes_per_second, window): (u64, Duration)) -> Self {
         RateWindow { bytes_per_second, window, elapsed: Duration::ZERO, bytes: 0 }
     }
 
     /// Counts a chunk that took `waited` to arrive; an error once a whole window stayed under
     /// the rate.
-    fn record(&mut self, waited: Duration, bytes: u64) -> Result<(), String> {
+    pub fn record(&mut self, waited: Duration, bytes: u64) -> Result<(), String> {
         self.elapsed += waited;
         self.bytes += bytes;
         if self.elapsed < self.window {

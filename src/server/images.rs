@@ -2,16 +2,17 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
 
 use super::params::detect_params;
-use super::video::declared_length;
+use super::video::{declared_length, upload_pace};
 use super::{AppState, error_response};
 use crate::image_detections::{self, ImageFailure};
 use streamdet_actors::ErrorCode;
+use streamdet_actors::pipeline::RateWindow;
 
 /// `POST /detect`: one image (JPEG, PNG, WebP) in the body, EXIF orientation applied. At most
 /// `max_image_requests` run at once, each reads at most `max_image_bytes`, and an image over
@@ -35,10 +36,21 @@ pub async fn detect_image(req: HttpRequest, query: web::Query<HashMap<String, St
     let Ok(_permit) = Arc::clone(&state.image_permits).try_acquire_owned() else {
         return error_response(ErrorCode::TooManySessions, "the server is busy with other images; try again shortly");
     };
-    let idle = Duration::from_secs(state.config.server.idle_upload_timeout_s);
+    // The body is read at the pace an upload must keep, so that a trickling client cannot hold
+    // a permit for long.
+    let pace = upload_pace(&state.config);
+    let idle = pace.idle.unwrap_or(Duration::from_secs(30));
+    let mut rate = pace.min_rate.map(RateWindow::new);
     let mut body = Vec::new();
     loop {
-        match actix_web::rt::time::timeout(idle, payload.next()).await {
+        let waited = Instant::now();
+        let next = actix_web::rt::time::timeout(idle, payload.next()).await;
+        if let (Some(window), Ok(Some(Ok(bytes)))) = (rate.as_mut(), &next)
+            && let Err(message) = window.record(waited.elapsed(), bytes.len() as u64)
+        {
+            return error_response(ErrorCode::Timeout, message);
+        }
+        match next {
             Err(_) => return error_response(ErrorCode::Timeout, format!("no image data arrived for {} s", idle.as_secs())),
             Ok(None) => break,
             Ok(Some(Ok(bytes))) if (body.len() + bytes.len()) as u64 <= limit => body.extend_from_slice(&bytes),

@@ -147,7 +147,7 @@ pub fn declared_length(req: &HttpRequest) -> Option<u64> {
 }
 
 /// The pace an upload must keep (`idle_upload_timeout_s`, `min_upload_rate`).
-fn upload_pace(config: &Config) -> UploadPace {
+pub fn upload_pace(config: &Config) -> UploadPace {
     let server = &config.server;
     UploadPace {
         idle: Some(Duration::from_secs(server.idle_upload_timeout_s)),

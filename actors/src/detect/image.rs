@@ -90,7 +90,8 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<(Vec<u8>, usize, us
     // Oriented after the conversion, so that a rotation copies the smaller RGB buffer.
     let mut img = DynamicImage::ImageRgb8(rgb);
     img.apply_orientation(orientation);
-    let DynamicImage::ImageRgb8(rgb) = img else { unreachable!("orienting keeps the colour type") };
+    // Still RGB8 (orienting keeps the colour type), so this takes the buffer without a copy.
+    let rgb = img.into_rgb8();
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     Ok((rgb.into_raw(), w, h))
 }

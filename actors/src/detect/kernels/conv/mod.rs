@@ -49,9 +49,11 @@ pub struct ConvSpec {
     pub activation: Activation,
 }
 
+// Tests and the conv bench build convolutions from a few numbers; the engine takes its shapes
+// from the model.
+#[cfg(any(test, feature = "bench-internals"))]
 impl ConvSpec {
-    /// A `k x k` kernel with the same stride and padding on both axes and no dilation: the
-    /// shape of every convolution of the YOLO models, and of the tests and benchmarks.
+    /// A `k x k` kernel with the same stride and padding on both axes and no dilation.
     pub fn square(in_channels: usize, out_channels: usize, groups: usize, k: usize, stride: usize, pad: usize, activation: Activation) -> ConvSpec {
         ConvSpec { in_channels, out_channels, groups, kernel: (k, k), stride: (stride, stride), dilation: (1, 1), pads: (pad, pad, pad, pad), activation }
     }
