@@ -10,9 +10,11 @@ cd "$root"
 say() { echo "setup: $*" >&2; }
 
 # --- Debian packages -------------------------------------------------------------------------
-# chromium and chromium-driver: the browser tests of the web page.
+# chromium and chromium-driver: the browser tests of the web page; nginx-light, haproxy and
+# systemd (systemd-analyze): the tests of the load-balancer set-ups in deploy/.
 packages=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev
-  libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev ffmpeg chromium chromium-driver)
+  libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev ffmpeg chromium chromium-driver
+  nginx-light haproxy systemd)
 python3 -c 'import ensurepip' 2>/dev/null || packages+=(python3-venv)
 missing=()
 for p in "${packages[@]}"; do
@@ -25,6 +27,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
+  # The tests start their own nginx and HAProxy; the system services these packages start (nginx
+  # on port 80, HAProxy with Debian's example file) are stopped and disabled when installed here.
+  for service in nginx haproxy; do
+    if [[ " ${missing[*]} " == *" ${service/nginx/nginx-light} "* ]] && command -v systemctl >/dev/null; then
+      "${sudo_cmd[@]}" systemctl disable --now "$service" >/dev/null 2>&1 || true
+    fi
+  done
 fi
 
 command -v cargo >/dev/null || { say "cargo not found: install a Rust toolchain (rustup) first"; exit 1; }

@@ -37,6 +37,8 @@ pub struct ServerConfig {
     pub idle_upload_timeout_s: u64,
     pub max_session_seconds: u64,
     pub shutdown_grace_s: u64,
+    /// After SIGTERM, how long connections are still accepted while `/ready` answers 503.
+    pub drain_delay_s: u64,
     /// Uploads one client may run at once (0: only `max_sessions` applies).
     pub max_sessions_per_client: usize,
     /// Bytes per second an upload must sustain over `min_upload_rate_window_s` (0: no minimum).
@@ -60,6 +62,8 @@ pub struct ServerConfig {
     pub replay_seconds: u64,
     /// Bytes of events a session keeps for replay; beyond it the oldest frames are dropped.
     pub replay_max_bytes: usize,
+    /// This replica's name in the `X-Streamdet-Replica` header ("": the host name).
+    pub replica: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -120,6 +124,7 @@ impl Default for ServerConfig {
             idle_upload_timeout_s: 30,
             max_session_seconds: 3600,
             shutdown_grace_s: 10,
+            drain_delay_s: 5,
             max_sessions_per_client: 2,
             min_upload_rate: 16 << 10,
             min_upload_rate_window_s: 30,
@@ -133,6 +138,7 @@ impl Default for ServerConfig {
             max_registry_entries: 1024,
             replay_seconds: 300,
             replay_max_bytes: 8 << 20,
+            replica: String::new(),
         }
     }
 }
@@ -222,6 +228,9 @@ impl Config {
             bail!("server.watch_wait_s, server.sse_keepalive_s and server.max_image_bytes must be positive");
         }
         self.trusted_proxies()?;
+        if !is_replica_name(&server.replica) {
+            bail!("server.replica must be at most 64 letters, digits and '.', '-', '_', ':', not {:?}", server.replica);
+        }
         if self.limits.max_width == 0 || self.limits.max_height == 0 || self.limits.max_image_pixels == 0 {
             bail!("limits.max_width, limits.max_height and limits.max_image_pixels must be positive");
         }
@@ -273,10 +282,28 @@ impl Config {
         }
     }
 
+    /// The name this replica gives itself in the `X-Streamdet-Replica` header: `server.replica`,
+    /// or the host name when that is empty (or not a valid name).
+    pub fn replica_name(&self) -> String {
+        if !self.server.replica.is_empty() {
+            return self.server.replica.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|name| name.trim().to_string())
+            .filter(|name| !name.is_empty() && is_replica_name(name))
+            .unwrap_or_else(|| "streamdet".into())
+    }
+
     /// The temp directory to use: the configured one, or the system's.
     pub fn temp_dir(&self) -> PathBuf {
         if self.storage.temp_dir.as_os_str().is_empty() { std::env::temp_dir() } else { self.storage.temp_dir.clone() }
     }
+}
+
+/// Whether `name` can be a replica's name: short, and safe in a header and in logs.
+fn is_replica_name(name: &str) -> bool {
+    name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
 }
 
 /// Applies one `STREAMDET_*` variable (`key` is the part after the prefix). A variable whose
@@ -356,6 +383,9 @@ mod tests {
         assert!(Config::load(Some(&path), env(&[("STREAMDET_DETECT_FPS", "nan")])).is_err());
         let config = Config::load(Some(&path), env(&[("STREAMDET_DETECT_FPS", "5"), ("STREAMDET_STORAGE_PERSIST_MEDIA", "true")])).unwrap();
         assert_eq!((config.detect.fps, config.storage.persist_media), (5.0, true), "an integer text fills a float key");
+        assert_eq!(Config::load(Some(&path), env(&[("STREAMDET_SERVER_REPLICA", "r-1")])).unwrap().replica_name(), "r-1");
+        assert!(Config::load(Some(&path), env(&[("STREAMDET_SERVER_REPLICA", "r1\r\nSet-Cookie: x")])).is_err(), "a name cannot break a header");
+        assert!(!Config::default().replica_name().is_empty(), "the host name, or a fallback");
         std::fs::write(&path, "[model]\nthreds = 3\n").unwrap();
         assert!(Config::load(Some(&path), env(&[])).is_err(), "misspelt keys are errors");
     }

@@ -6,6 +6,7 @@ mod support;
 mod bench;
 mod cli;
 mod decode;
+mod deploy;
 mod engine;
 mod hardening;
 mod mutation;

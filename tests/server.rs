@@ -21,9 +21,14 @@ impl Server {
     /// Starts this build's server, or the one `STREAMDET_TEST_SERVER` names (to run the same
     /// HTTP tests against another build, such as the last release).
     pub fn start(env: &[(&str, &str)]) -> Server {
+        Server::start_on("127.0.0.1:0", env)
+    }
+
+    /// Starts a server that listens on `listen` (a port of 0: any free port).
+    pub fn start_on(listen: &str, env: &[(&str, &str)]) -> Server {
         let program = std::env::var_os("STREAMDET_TEST_SERVER").unwrap_or_else(|| env!("CARGO_BIN_EXE_streamdet").into());
         let mut cmd = Command::new(program);
-        cmd.current_dir(crate::support::root()).args(["serve", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped());
+        cmd.current_dir(crate::support::root()).args(["serve", "--listen", listen]).stdout(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -44,16 +49,26 @@ impl Drop for Server {
 
 /// Reads an HTTP/1.1 response head; returns the status code.
 pub(crate) fn read_head(reader: &mut BufReader<TcpStream>) -> u16 {
+    read_response_head(reader).0
+}
+
+/// Reads an HTTP/1.1 response head; returns the status code and the headers (names in lower
+/// case).
+pub(crate) fn read_response_head(reader: &mut BufReader<TcpStream>) -> (u16, std::collections::HashMap<String, String>) {
     let mut status = String::new();
     reader.read_line(&mut status).unwrap();
+    let mut headers = std::collections::HashMap::new();
     loop {
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();
         if line == "\r\n" || line.is_empty() {
             break;
         }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
+        }
     }
-    status.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    (status.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), headers)
 }
 
 /// Reads one chunk of a chunked body; `None` at the end.
@@ -365,6 +380,15 @@ fn sigterm_ends_running_sessions_with_an_error_and_removes_their_files() {
     assert_eq!(files(), 1, "the running upload has its temp file");
     // SAFETY: kill sends a signal to our own child process.
     assert_eq!(unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) }, 0);
+    // Draining: a load balancer's readiness check fails, liveness does not, and connections are
+    // not kept open.
+    thread::sleep(Duration::from_millis(200));
+    let addr = &server.addr;
+    let mut readiness = TcpStream::connect(addr).unwrap();
+    readiness.write_all(format!("GET /ready HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).unwrap();
+    let (status, headers) = read_response_head(&mut BufReader::new(readiness));
+    assert_eq!((status, headers.get("connection").map(String::as_str)), (503, Some("close")));
+    assert_eq!(request(addr, &format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"), b"").0, 200);
     let events = ndjson(&read_body(&mut reader));
     let last = events.last().unwrap();
     assert_eq!(last["type"], "error", "{events:?}");

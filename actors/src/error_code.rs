@@ -28,6 +28,8 @@ pub enum ErrorCode {
     /// A request from a foreign origin.
     Forbidden,
     NotFound,
+    /// The replica is shutting down and takes no new work: another replica (or a retry) will.
+    Unavailable,
     /// Our fault, or a shutdown.
     Internal,
 }
@@ -48,6 +50,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
     }
@@ -64,6 +67,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
+            ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
         }
     }

@@ -1,6 +1,7 @@
 //! Following a session's events: the upload's own response (NDJSON or SSE) and
 //! `GET /sessions/{id}/events` (SSE, from any point with `Last-Event-ID`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,12 +76,20 @@ pub fn follow(follow: Follow) -> HttpResponse {
     HttpResponse::Ok().content_type(content_type).insert_header(("Cache-Control", "no-cache")).insert_header(("X-Accel-Buffering", "no")).streaming(messages)
 }
 
-/// `GET /sessions/{id}/events`: the session's events as SSE; may come before the upload (it
-/// waits `watch_wait_s`) and after it (for the replay window); `Last-Event-ID` resumes after
-/// that event.
-pub async fn session_events(req: HttpRequest, id: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+/// `GET /sessions/{id}/events[?session={id}]`: the session's events as SSE; may come before the
+/// upload (it waits `watch_wait_s`) and after it (for the replay window); `Last-Event-ID` resumes
+/// after that event.
+pub async fn session_events(req: HttpRequest, id: web::Path<String>, query: web::Query<HashMap<String, String>>, state: web::Data<AppState>) -> HttpResponse {
     if !valid_session_id(&id) {
         return error_response(ErrorCode::BadParameter, SESSION_ID_RULE);
+    }
+    // `?session=` may repeat the id, for proxies that hash on the query alone; it may not name
+    // another session.
+    if let Some(unknown) = query.keys().find(|k| k.as_str() != "session") {
+        return error_response(ErrorCode::BadParameter, format!("unknown parameter {unknown:?} (known: session)"));
+    }
+    if query.get("session").is_some_and(|repeated| repeated != id.as_str()) {
+        return error_response(ErrorCode::BadParameter, "?session= must repeat the id of the path");
     }
     let from = match req.headers().get("Last-Event-ID").map(|v| v.to_str().map(str::trim)) {
         None => 0,

@@ -30,7 +30,7 @@ fn access(req: &ServiceRequest) -> Option<&Access> {
 /// no secret; the page's API calls need the token like any other) requires the token.
 pub async fn require_token(req: ServiceRequest, next: Next<BoxBody>) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let token = access(&req).map_or("", |a| a.token.as_str());
-    let public = req.path() == "/health" || req.path() == "/openapi.json" || PAGE_ASSETS.iter().any(|(path, _, _)| *path == req.path());
+    let public = matches!(req.path(), "/health" | "/ready" | "/openapi.json") || PAGE_ASSETS.iter().any(|(path, _, _)| *path == req.path());
     let allowed =
         token.is_empty() || public || req.method() == Method::OPTIONS || bearer_matches(req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()), token);
     if allowed { next.call(req).await } else { Ok(req.into_response(error_response(ErrorCode::Unauthorized, "this server requires a bearer token"))) }

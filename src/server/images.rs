@@ -18,6 +18,9 @@ use streamdet_actors::pipeline::RateWindow;
 /// `max_image_requests` run at once, each reads at most `max_image_bytes`, and an image over
 /// `limits.max_image_pixels` is refused from its header, before any pixel is decoded.
 pub async fn detect_image(req: HttpRequest, query: web::Query<HashMap<String, String>>, mut payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    if let Some(refusal) = state.refuse_while_closing() {
+        return refusal;
+    }
     if let Some(unknown) = query.keys().find(|k| !["conf", "iou", "classes"].contains(&k.as_str())) {
         return error_response(ErrorCode::BadParameter, format!("unknown parameter {unknown:?} (known: conf, iou, classes)"));
     }

@@ -46,6 +46,17 @@ pub struct AppState {
     image_permits: Arc<Semaphore>,
     sessions: Registry,
     metrics: Arc<Metrics>,
+    /// Serving, or on its way out after SIGTERM.
+    phase: shutdown::PhaseCell,
+}
+
+impl AppState {
+    /// The answer to new work once the replica no longer accepts connections (the work came on
+    /// a connection opened before).
+    fn refuse_while_closing(&self) -> Option<HttpResponse> {
+        (self.phase.get() == shutdown::Phase::Closing)
+            .then(|| error_response(ErrorCode::Unavailable, "this replica is shutting down; send the request again (a load balancer picks another replica)"))
+    }
 }
 
 fn error_response(code: ErrorCode, message: impl Into<String>) -> HttpResponse {
@@ -53,12 +64,17 @@ fn error_response(code: ErrorCode, message: impl Into<String>) -> HttpResponse {
     HttpResponse::build(status).json(json!({"code": code, "message": message.into()}))
 }
 
+/// The response header that names the replica which answered (load-balancer affinity can be
+/// checked from outside).
+pub const REPLICA_HEADER: &str = "X-Streamdet-Replica";
+
 /// Every route of the service.
 fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/detect/video", web::post().to(video::detect_video))
         .route("/detect", web::post().to(images::detect_image))
         .route("/sessions/{id}/events", web::get().to(events::session_events))
         .route("/health", web::get().to(status::health))
+        .route("/ready", web::get().to(status::ready))
         .route("/metrics", web::get().to(status::metrics_text))
         .route("/openapi.json", web::get().to(assets::openapi));
     for (path, _, _) in assets::PAGE_ASSETS {
@@ -100,10 +116,13 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
         metrics,
         config,
         model_name,
+        phase: shutdown::PhaseCell::default(),
     });
     let shutdown_state = state.clone();
     let origins = state.config.cors_origins();
     let access = web::Data::new(Access { token: state.config.server.auth_token.clone(), origins: origins.clone() });
+    let replica = state.config.replica_name();
+    tracing::info!(%replica, "replica name");
     let server = HttpServer::new(move || {
         let cors = origins
             .iter()
@@ -119,10 +138,16 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
             // with requests whose answer it cannot read. (Inside the CORS layer, which answers
             // preflights.)
             .wrap(actix_web::middleware::from_fn(guard::require_known_origin))
+            .wrap(actix_web::middleware::from_fn(shutdown::close_connections_after_signal))
             .wrap(cors)
+            // Outermost, so that every answer names its replica, refusals included.
+            .wrap(actix_web::middleware::DefaultHeaders::new().add((REPLICA_HEADER, replica.clone())))
             .configure(routes)
     })
     .disable_signals()
+    // Idle connections close after this; server.drain_delay_s (5 s by default) outlasts it, so
+    // none is left open into a replica that has stopped accepting.
+    .keep_alive(Duration::from_secs(5))
     .shutdown_timeout(1)
     .bind(&listen)?;
     for addr in server.addrs() {
@@ -141,8 +166,15 @@ mod tests {
     /// Every API route `serve` registers, as (method, path) in OpenAPI's spelling (the page's
     /// files are not API); the HTTP test checks the other direction (every documented route
     /// answers).
-    const ROUTES: [(&str, &str); 6] =
-        [("post", "/detect/video"), ("get", "/sessions/{id}/events"), ("post", "/detect"), ("get", "/health"), ("get", "/metrics"), ("get", "/openapi.json")];
+    const ROUTES: [(&str, &str); 7] = [
+        ("post", "/detect/video"),
+        ("get", "/sessions/{id}/events"),
+        ("post", "/detect"),
+        ("get", "/health"),
+        ("get", "/ready"),
+        ("get", "/metrics"),
+        ("get", "/openapi.json"),
+    ];
 
     #[test]
     fn the_openapi_document_lists_exactly_the_routes() {

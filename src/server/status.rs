@@ -1,5 +1,6 @@
 //! What the service reports about itself: `GET /health` (liveness, what is loaded, the
-//! defaults) and `GET /metrics` (Prometheus text).
+//! defaults), `GET /ready` (whether a load balancer should send it new work) and `GET /metrics`
+//! (Prometheus text).
 
 use std::sync::atomic::Ordering;
 
@@ -32,4 +33,22 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         },
         "max_upload_bytes": state.config.server.max_upload_bytes,
     }))
+}
+
+/// `GET /ready`: 200 while this replica takes new uploads; 503 once SIGTERM came (it drains) or
+/// while every session slot is taken, so that a load balancer's health check sends new work
+/// elsewhere. (`/health` is liveness: it stays 200 in both cases.)
+pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let active = state.active_sessions.load(Ordering::Acquire);
+    let max = state.config.server.max_sessions;
+    let (ready, status) = if state.phase.get() != super::shutdown::Phase::Serving {
+        (false, "draining")
+    } else if active >= max {
+        (false, "full")
+    } else {
+        (true, "ready")
+    };
+    let body = json!({"status": status, "sessions_active": active, "max_sessions": max});
+    let mut response = if ready { HttpResponse::Ok() } else { HttpResponse::ServiceUnavailable() };
+    response.insert_header(("Cache-Control", "no-store")).json(body)
 }

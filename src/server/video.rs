@@ -55,6 +55,9 @@ impl Drop for SessionSlot {
 }
 
 pub async fn detect_video(req: HttpRequest, query: web::Query<HashMap<String, String>>, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    if let Some(refusal) = state.refuse_while_closing() {
+        return refusal;
+    }
     let mut params = match video_params(&query, state.pipeline.detector(), &state.config.detect) {
         Ok(params) => params,
         Err(message) => return error_response(ErrorCode::BadParameter, message),

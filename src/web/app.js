@@ -104,6 +104,7 @@
     conflict: 'Another upload is using the same session id. Try again.',
     timeout: 'The server gave up waiting: the upload stalled or took longer than it allows.',
     internal: 'The server failed while working on this file.',
+    unavailable: 'The server is restarting. Send the file again in a moment.',
     unauthorized: 'This server requires an access token, which this page does not send.',
   };
 
@@ -116,8 +117,8 @@
       case 415: return code === 'no_video_stream' ? CODE_WORDS.no_video_stream
         : code === 'unsupported_codec' ? CODE_WORDS.unsupported_codec
           : 'This file is not a video or image the server supports.';
-      case 429:
-      case 503: return CODE_WORDS.too_many_sessions;
+      case 429: return CODE_WORDS.too_many_sessions;
+      case 503: return code === 'unavailable' ? CODE_WORDS.unavailable : CODE_WORDS.too_many_sessions;
       default:
         if (code && CODE_WORDS[code]) return CODE_WORDS[code];
         return status >= 500 ? `The server failed (HTTP ${status}).` : `The server refused the upload (HTTP ${status}).`;
@@ -458,7 +459,10 @@
     playLocally(r);
 
     // The event stream first (the server holds it until the upload starts), then the upload.
-    const events = new EventSource(api(`sessions/${encodeURIComponent(r.id)}/events`));
+    // The id in the query too: proxies that hash on `?session=` alone (ingress-nginx's
+    // upstream-hash-by) then send the watcher where they send the upload.
+    const id = encodeURIComponent(r.id);
+    const events = new EventSource(api(`sessions/${id}/events?session=${id}`));
     r.events = events;
     for (const type of ['start', 'frame', 'end']) events.addEventListener(type, (e) => onMessage(r, e));
     events.addEventListener('error', (e) => {
