@@ -5,7 +5,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$root/fixtures"
-stamp="$out/.complete-v5"
+stamp="$out/.complete-v6"
 [ -f "$stamp" ] && exit 0
 mkdir -p "$out"
 cd "$out"
@@ -110,6 +110,15 @@ rm raw.mkv
   done
   chain+="${labels}concat=n=${#photos[@]}:v=1:a=0[out]"
   "${ff[@]}" "${inputs[@]}" -filter_complex "$chain" -map "[out]" "${x264[@]}" -r 5 -movflags +faststart photos.mp4
+  # Tracking clip: the cat photo (240x160) on grey, 640x480 at 10 fps for 5 s. It walks right
+  # from x=20 to x=380 in 2 s, back to x=20 in 2 s, and stays. Its bottom centre (x+120, 360)
+  # crosses x=320 at 1.0 s and 3.0 s, and is right of x=400 from 1.45 s to 2.55 s.
+  for photo in "${photos[@]}"; do
+    case "$photo" in */chelsea.png) cat_photo="$photo" ;; esac
+  done
+  "${ff[@]}" -f lavfi -i "color=gray:size=640x480:rate=10:duration=5" -loop 1 -i "$cat_photo" \
+    -filter_complex "[1:v]scale=240:160,setsar=1[cat];[0:v][cat]overlay=x='if(lt(t,2),20+180*t,if(lt(t,4),380-180*(t-2),20))':y=200:shortest=1,format=yuv420p" \
+    "${x264[@]}" -movflags +faststart walking_cat.mp4
 }
 rm master.mkv
 touch "$stamp"

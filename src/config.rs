@@ -10,6 +10,7 @@ use streamdet_actors::actors::inference::BatchPolicy;
 use streamdet_actors::buffer::BufferOptions;
 use streamdet_actors::decode::{DecodeOptions, FrameSelection};
 use streamdet_actors::pipeline::PipelineOptions;
+use streamdet_actors::track::{TrackParams, TrackingParams, parse_lines, parse_zones};
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -20,6 +21,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub decode: DecodeConfig,
     pub detect: DetectConfig,
+    pub track: TrackConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -96,6 +98,60 @@ pub struct LimitsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DecodeConfig {
     pub threads: usize,
+}
+
+/// ByteTrack's settings for sessions that track (`track=bytetrack`, `streamdet detect --track`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackConfig {
+    pub high_threshold: f32,
+    pub low_threshold: f32,
+    pub new_track_threshold: f32,
+    pub match_threshold: f32,
+    pub lost_track_seconds: f64,
+}
+
+impl Default for TrackConfig {
+    fn default() -> Self {
+        let paper = TrackParams::default();
+        TrackConfig {
+            high_threshold: paper.high_threshold,
+            low_threshold: paper.low_threshold,
+            new_track_threshold: paper.new_track_threshold,
+            match_threshold: paper.match_threshold,
+            lost_track_seconds: paper.lost_track_seconds,
+        }
+    }
+}
+
+impl TrackConfig {
+    pub fn params(&self) -> TrackParams {
+        TrackParams {
+            high_threshold: self.high_threshold,
+            low_threshold: self.low_threshold,
+            new_track_threshold: self.new_track_threshold,
+            match_threshold: self.match_threshold,
+            lost_track_seconds: self.lost_track_seconds,
+        }
+    }
+
+    /// What a request asks for: `track` (`bytetrack` or `none`), `lines` and `zones` (which
+    /// need tracks, and imply them). `None`: no tracking.
+    pub fn request(&self, track: Option<&str>, lines: Option<&str>, zones: Option<&str>) -> Result<Option<TrackingParams>, String> {
+        let counting = lines.is_some() || zones.is_some();
+        match track {
+            None | Some("bytetrack") => {}
+            Some("none") if counting => return Err("lines and zones need tracks: drop track=none".into()),
+            Some("none") => return Ok(None),
+            Some(other) => return Err(format!("track must be bytetrack or none, not {other:?}")),
+        }
+        if track.is_none() && !counting {
+            return Ok(None);
+        }
+        let lines = lines.map(parse_lines).transpose()?.unwrap_or_default();
+        let zones = zones.map(parse_zones).transpose()?.unwrap_or_default();
+        Ok(Some(TrackingParams { track: self.params(), lines, zones }))
+    }
 }
 
 /// Defaults of the detect routes' query parameters.
@@ -243,6 +299,14 @@ impl Config {
         }
         if d.stride > 1 && d.fps > 0.0 {
             bail!("set at most one of detect.stride (above 1) and detect.fps (above 0)");
+        }
+        let t = &self.track;
+        let unit = |v: f32| (0.0..=1.0).contains(&v);
+        if !(unit(t.low_threshold) && unit(t.high_threshold) && unit(t.new_track_threshold) && unit(t.match_threshold)) || t.low_threshold >= t.high_threshold {
+            bail!("track thresholds must be between 0 and 1, with track.low_threshold under track.high_threshold");
+        }
+        if !(t.lost_track_seconds.is_finite() && t.lost_track_seconds > 0.0) {
+            bail!("track.lost_track_seconds must be positive");
         }
         Ok(())
     }

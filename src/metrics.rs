@@ -58,7 +58,7 @@ impl Metrics {
                 self.bytes_received.inc_by(*bytes);
             }
             Event::Error { .. } => self.errors.inc(),
-            Event::Start { .. } => {}
+            Event::Start { .. } | Event::Track(_) | Event::Crossing(_) | Event::Zone(_) => {}
         }
     }
 

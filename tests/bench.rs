@@ -13,7 +13,7 @@ fn the_benchmark_harness_writes_a_report_with_numbers_and_charts() {
     assert_eq!(line["type"], "report");
     let report = std::fs::read_to_string(out.path().join("REPORT.md")).unwrap();
     println!("{report}");
-    for section in ["## Buffer", "## Decode", "## Model", "## End to end over HTTP", "## Pipeline overhead", "## Memory"] {
+    for section in ["## Buffer", "## Decode", "## Model", "## End to end over HTTP", "## Pipeline overhead", "## Memory", "## Tracking"] {
         assert!(report.contains(section), "{section} missing");
     }
     let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).unwrap()).unwrap();

@@ -13,3 +13,4 @@ mod mutation;
 mod page;
 mod pipeline;
 mod server;
+mod tracking;

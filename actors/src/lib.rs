@@ -6,6 +6,7 @@
 //! - [`frame`]: a frame letterboxed for the model, what decoding gives and detection takes.
 //! - [`detect`]: ultralytics ONNX detection models on candle, and post-processing.
 //! - [`actors`]: the uploader, decoder, inference and session actors and their messages.
+//! - [`track`]: ByteTrack over a session's frames, and counting lines and zones.
 //! - [`pipeline`]: one call builds a session out of the actors; a handle feeds it and reads events.
 
 pub mod actors;
@@ -15,5 +16,6 @@ pub mod detect;
 pub mod error_code;
 pub mod frame;
 pub mod pipeline;
+pub mod track;
 
 pub use error_code::ErrorCode;

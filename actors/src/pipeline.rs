@@ -36,6 +36,7 @@ use crate::actors::{Event, ModelSummary};
 use crate::buffer::{self, BufferOptions};
 use crate::decode::{DecodeOptions, FrameSelection};
 use crate::detect::{DetectParams, Detector};
+use crate::track::{Tracking, TrackingParams};
 
 /// Settings shared by every session of a pipeline.
 #[derive(Debug, Clone)]
@@ -95,11 +96,13 @@ pub struct SessionParams {
     /// Stop after this many processed frames: `end` comes then, and the rest of the upload is
     /// read and dropped.
     pub max_frames: Option<u64>,
+    /// Track objects (and count them at lines and in zones).
+    pub tracking: Option<TrackingParams>,
 }
 
 impl Default for SessionParams {
     fn default() -> Self {
-        SessionParams { id: None, selection: FrameSelection::All, detect: DetectParams::default(), live: false, max_frames: None }
+        SessionParams { id: None, selection: FrameSelection::All, detect: DetectParams::default(), live: false, max_frames: None, tracking: None }
     }
 }
 
@@ -146,7 +149,15 @@ impl Pipeline {
         let model = ModelSummary { name: self.options.model_name.clone(), input: [size.width, size.height], classes: self.detector.class_names().len() };
         let decode =
             DecodeOptions { target: size, selection: params.selection, live: params.live, max_frames: params.max_frames, ..self.options.decode.clone() };
-        let detect = Arc::new(params.detect);
+        // A tracking session detects down to the tracker's low threshold, for ByteTrack's second
+        // round; boxes under the asked confidence are shown only when a track takes them.
+        let shown_confidence = params.detect.conf;
+        let mut detect = params.detect;
+        if let Some(tracking) = &params.tracking {
+            detect.conf = detect.conf.min(tracking.track.low_threshold);
+        }
+        let detect = Arc::new(detect);
+        let tracking = params.tracking.map(|tracking| (Tracking::new(tracking), shown_confidence));
         let (inference, credits) = (self.inference.clone(), self.options.credits);
         let session_id = id.clone();
         let max_duration = self.options.max_session_duration;
@@ -164,7 +175,7 @@ impl Pipeline {
                 ctx.notify_later(Fail { code: ErrorCode::Timeout, message: format!("the session ran longer than {} s", limit.as_secs_f64()) }, limit);
             }
             let parts = SessionParts { inference, decoder, uploader: session_uploader, buffer, media_dir };
-            Session::new(session_id, key, tx, model, parts)
+            Session::new(session_id, key, tx, model, parts).tracking(tracking)
         });
         let reports = UploadReports { finished: session.clone().recipient(), failed: session.clone().recipient() };
         uploader_context.run(Uploader::new(writer, self.options.max_upload_bytes, self.options.max_lag_bytes, reports));

@@ -4,7 +4,7 @@
 //! charts into `--out`.
 //!
 //! Stages: buffer, decode, model, end-to-end over HTTP, pipeline overhead, concurrent uploads,
-//! memory. The same actors that serve HTTP drive the in-process stages.
+//! memory, tracking. The same actors that serve HTTP drive the in-process stages.
 
 pub mod client;
 mod http;
@@ -15,6 +15,7 @@ mod plan;
 mod progress;
 mod report;
 mod stats;
+mod tracking;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -37,6 +38,7 @@ pub enum Stage {
     Overhead,
     Concurrency,
     Memory,
+    Tracking,
 }
 
 #[derive(Debug, clap::Args)]
@@ -90,7 +92,7 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         Plan::full()
     };
     let stages: Vec<Stage> = if args.only.is_empty() {
-        vec![Stage::Buffer, Stage::Decode, Stage::Model, Stage::EndToEnd, Stage::Overhead, Stage::Concurrency, Stage::Memory]
+        vec![Stage::Buffer, Stage::Decode, Stage::Model, Stage::EndToEnd, Stage::Overhead, Stage::Concurrency, Stage::Memory, Stage::Tracking]
     } else {
         args.only.clone()
     };
@@ -141,6 +143,7 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
             Stage::Overhead => bench.overhead(),
             Stage::Concurrency => bench.concurrency(),
             Stage::Memory => bench.memory(),
+            Stage::Tracking => bench.tracking(),
         };
         result.map_err(|e| Failure::Runtime(e.context(format!("benchmark stage {stage:?}"))))?;
     }

@@ -31,6 +31,12 @@ impl PeerPaths {
         if ok { Ok(()) } else { Err(format!("{} cannot import {modules} (run scripts/setup.sh)", self.python.display())) }
     }
 
+    /// Why the tracking measurement cannot run, if it cannot: it needs motmetrics (the ground
+    /// truth and the scoring) and supervision (the peer's ByteTrack).
+    pub fn mot_missing(&self) -> Option<String> {
+        self.python_has("motmetrics, supervision").err()
+    }
+
     /// Why ONNX Runtime cannot be timed, if it cannot.
     pub fn ort_missing(&self) -> Option<String> {
         if !self.ort_bench.exists() {

@@ -19,6 +19,8 @@ pub struct Plan {
     pub overhead_stride: u64,
     pub memory_source: ClipSpec,
     pub memory_sizes: Vec<u64>,
+    /// Seeds of the detections made from MOTChallenge ground truth.
+    pub tracking_seeds: Vec<u64>,
 }
 
 fn clip(width: u32, height: u32, fps: u32, seconds: f64, bitrate: &'static str) -> ClipSpec {
@@ -42,6 +44,7 @@ impl Plan {
             overhead_stride: 1,
             memory_source: clip(1920, 1080, 25, 6.0, "40M"),
             memory_sizes: vec![256 << 20, 1 << 30],
+            tracking_seeds: vec![1, 2, 3, 4, 5],
         }
     }
 
@@ -61,6 +64,7 @@ impl Plan {
             overhead_stride: 2,
             memory_source: clip(1920, 1080, 25, 6.0, "40M"),
             memory_sizes: vec![128 << 20],
+            tracking_seeds: vec![1, 2, 3],
         }
     }
 
@@ -80,6 +84,7 @@ impl Plan {
             overhead_stride: 15,
             memory_source: clip(640, 360, 25, 2.0, "8M"),
             memory_sizes: vec![8 << 20],
+            tracking_seeds: vec![1],
         }
     }
 
@@ -107,6 +112,9 @@ impl Plan {
         if on(Stage::Memory) {
             let sizes: Vec<String> = self.memory_sizes.iter().map(|b| format!("{} MiB", b >> 20)).collect();
             lines.push(format!("memory: MPEG-TS of {} ({} repeated), processed at fps=0.5", sizes.join(" and "), self.memory_source.describe()));
+        }
+        if on(Stage::Tracking) {
+            lines.push(format!("tracking: TUD-Campus and TUD-Stadtmitte, detection seeds {:?}", self.tracking_seeds));
         }
         lines
     }

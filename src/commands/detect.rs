@@ -29,6 +29,19 @@ pub struct Args {
     /// Stop after N processed frames.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_frames: Option<u64>,
+    /// Track objects across frames (ByteTrack, `[track]` in config.toml): each box gets a
+    /// `track_id`, a `track` event reports each track when it ends, `end` counts them per class.
+    #[arg(long)]
+    track: bool,
+    /// Counting lines, `[name:]x1,y1,x2,y2` separated by `;`, in pixels of the frame as
+    /// displayed: a `crossing` event each time a track's bottom centre crosses one. Implies
+    /// --track.
+    #[arg(long, value_name = "LINES")]
+    lines: Option<String>,
+    /// Zones, `[name:]x1,y1,x2,y2,x3,y3[,...]` separated by `;`: `zone` events when a track
+    /// enters or leaves one. Implies --track.
+    #[arg(long, value_name = "ZONES")]
+    zones: Option<String>,
 }
 
 /// Reads `source` in chunks into a bounded channel (so a fast file waits for the pipeline).
@@ -74,7 +87,8 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         // from filling the disk.)
         ..config.pipeline_options(model_path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()))
     };
-    let params = SessionParams { id: None, selection, detect, live, max_frames: args.max_frames };
+    let tracking = config.track.request(args.track.then_some("bytetrack"), args.lines.as_deref(), args.zones.as_deref()).map_err(Failure::Usage)?;
+    let params = SessionParams { id: None, selection, detect, live, max_frames: args.max_frames, tracking };
     let system = actix_rt::System::new();
     let code = system.block_on(async move {
         let pipeline = Pipeline::start(Arc::new(detector), options);

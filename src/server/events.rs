@@ -124,6 +124,9 @@ fn sse_message(event: &Event, sequence: u64) -> Bytes {
         Event::Frame { .. } => "frame",
         Event::End { .. } => "end",
         Event::Error { .. } => "error",
+        Event::Track(_) => "track",
+        Event::Crossing(_) => "crossing",
+        Event::Zone(_) => "zone",
     };
     Bytes::from(format!("event: {kind}\nid: {sequence}\ndata: {data}\n\n"))
 }

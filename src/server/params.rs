@@ -6,7 +6,7 @@ use streamdet_actors::decode::FrameSelection;
 use streamdet_actors::detect::{DetectParams, Detector};
 use streamdet_actors::pipeline::SessionParams;
 
-use crate::config::DetectConfig;
+use crate::config::{DetectConfig, TrackConfig};
 
 /// Query parameters of the detect routes, checked with messages a user understands.
 pub fn detect_params(query: &HashMap<String, String>, detector: &Detector, defaults: &DetectConfig) -> Result<DetectParams, String> {
@@ -30,8 +30,8 @@ pub fn valid_session_id(id: &str) -> bool {
     (16..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-pub fn video_params(query: &HashMap<String, String>, detector: &Detector, defaults: &DetectConfig) -> Result<SessionParams, String> {
-    const KNOWN: [&str; 7] = ["conf", "iou", "classes", "stride", "fps", "max_frames", "session"];
+pub fn video_params(query: &HashMap<String, String>, detector: &Detector, defaults: &DetectConfig, track: &TrackConfig) -> Result<SessionParams, String> {
+    const KNOWN: [&str; 10] = ["conf", "iou", "classes", "stride", "fps", "max_frames", "session", "track", "lines", "zones"];
     if let Some(unknown) = query.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(format!("unknown parameter {unknown:?} (known: {})", KNOWN.join(", ")));
     }
@@ -50,5 +50,6 @@ pub fn video_params(query: &HashMap<String, String>, detector: &Detector, defaul
         Some(id) if valid_session_id(id) => Some(id.clone()),
         Some(_) => return Err(SESSION_ID_RULE.into()),
     };
-    Ok(SessionParams { id, selection, detect: detect_params(query, detector, defaults)?, live: false, max_frames })
+    let tracking = track.request(query.get("track").map(String::as_str), query.get("lines").map(String::as_str), query.get("zones").map(String::as_str))?;
+    Ok(SessionParams { id, selection, detect: detect_params(query, detector, defaults)?, live: false, max_frames, tracking })
 }

@@ -58,7 +58,7 @@ pub async fn detect_video(req: HttpRequest, query: web::Query<HashMap<String, St
     if let Some(refusal) = state.refuse_while_closing() {
         return refusal;
     }
-    let mut params = match video_params(&query, state.pipeline.detector(), &state.config.detect) {
+    let mut params = match video_params(&query, state.pipeline.detector(), &state.config.detect, &state.config.track) {
         Ok(params) => params,
         Err(message) => return error_response(ErrorCode::BadParameter, message),
     };

@@ -1,11 +1,14 @@
 //! What a session reports, in order: `start`, then `frame`s, then one `end` — or an `error`,
-//! after which nothing follows.
+//! after which nothing follows. A session that tracks also reports `crossing` and `zone` events
+//! after the frame they happened in, and a `track` event when a track ends (the last ones just
+//! before `end`).
 
 use serde::Serialize;
 
 use crate::ErrorCode;
 use crate::decode::MediaInfo;
 use crate::detect::Detection;
+use crate::track::{Crossing, EndedTrack, TrackEvent, TrackingTotals, ZoneChange};
 
 /// The model a session runs, as the `start` event shows it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -41,11 +44,30 @@ pub enum Event {
         /// service stores uploads.
         #[serde(skip_serializing_if = "Option::is_none")]
         media_file: Option<String>,
+        /// When the session tracked: distinct tracks per class, and the lines' and zones' totals.
+        #[serde(flatten)]
+        tracking: Option<TrackingTotals>,
     },
+    /// A track ended (lost for longer than the tracker waits, or the video ended).
+    Track(EndedTrack),
+    /// A track's anchor crossed a counting line.
+    Crossing(Crossing),
+    /// A track's anchor came into a zone or left it.
+    Zone(ZoneChange),
     Error {
         code: ErrorCode,
         message: String,
     },
+}
+
+impl From<TrackEvent> for Event {
+    fn from(event: TrackEvent) -> Event {
+        match event {
+            TrackEvent::Crossing(crossing) => Event::Crossing(crossing),
+            TrackEvent::Zone(change) => Event::Zone(change),
+            TrackEvent::Ended(track) => Event::Track(track),
+        }
+    }
 }
 
 impl Event {

@@ -15,6 +15,7 @@ use super::uploader::Uploader;
 use crate::ErrorCode;
 use crate::buffer::Buffer;
 use crate::decode::{DecodeError, DecodeStats, MediaInfo};
+use crate::track::Tracking;
 
 /// Whether and where a finished upload is kept.
 enum Storage {
@@ -59,6 +60,8 @@ pub struct Session {
     decode_error: Option<DecodeError>,
     processed: u64,
     finished: bool,
+    /// The session's tracks, and the confidence a box needs to be shown without a track.
+    tracking: Option<(Tracking, f32)>,
 }
 
 impl Session {
@@ -82,7 +85,14 @@ impl Session {
             decode_error: None,
             processed: 0,
             finished: false,
+            tracking: None,
         }
+    }
+
+    /// Tracks objects over the frames (see [`Tracking`]).
+    pub fn tracking(mut self, tracking: Option<(Tracking, f32)>) -> Self {
+        self.tracking = tracking;
+        self
     }
 
     fn emit(&mut self, event: Event) {
@@ -100,7 +110,7 @@ impl Session {
     }
 
     fn maybe_end(&mut self, ctx: &mut Context<Self>) {
-        let Some(decoded) = &self.decoded else { return };
+        let Some(frames_decoded) = self.decoded.as_ref().map(|decoded| decoded.frames) else { return };
         if self.processed < self.sent {
             return; // frames are still in flight
         }
@@ -131,15 +141,18 @@ impl Session {
             _ => None,
         };
         let seconds = upload.first_byte.elapsed().as_secs_f64();
-        let event = Event::End {
-            frames_decoded: decoded.frames,
-            frames_processed: self.processed,
-            bytes: upload.bytes,
-            sha256: upload.sha256.clone(),
-            upload_seconds: round3((upload.last_byte - upload.first_byte).as_secs_f64()),
-            seconds: round3(seconds),
-            media_file,
-        };
+        let upload_seconds = round3((upload.last_byte - upload.first_byte).as_secs_f64());
+        let (bytes, sha256) = (upload.bytes, upload.sha256.clone());
+        // The tracks still open end with the video.
+        let tracking = self.tracking.as_mut().map(|(tracking, _)| (tracking.finish(), tracking.totals().clone()));
+        let tracking = tracking.map(|(events, totals)| {
+            for event in events {
+                self.emit(event.into());
+            }
+            totals
+        });
+        let event =
+            Event::End { frames_decoded, frames_processed: self.processed, bytes, sha256, upload_seconds, seconds: round3(seconds), media_file, tracking };
         self.emit(event);
         ctx.stop();
     }
@@ -213,6 +226,9 @@ impl Handler<DecoderOpened> for Session {
     type Result = ();
 
     fn handle(&mut self, DecoderOpened(media): DecoderOpened, ctx: &mut Context<Self>) {
+        if let Some((tracking, _)) = &mut self.tracking {
+            tracking.start(media.fps);
+        }
         self.media = Some(media.clone());
         let event = Event::Start { session: self.id.clone(), media, model: self.model.clone() };
         self.emit(event);
@@ -225,9 +241,18 @@ impl Handler<FrameDone> for Session {
 
     fn handle(&mut self, done: FrameDone, ctx: &mut Context<Self>) {
         match done.result {
-            Ok(detections) => {
+            Ok(mut detections) => {
                 self.processed += 1;
+                let tracked = self.tracking.as_mut().map(|(tracking, shown)| {
+                    let events = tracking.observe(done.pts, &mut detections);
+                    let shown = *shown;
+                    detections.retain(|d| d.confidence >= shown || d.track_id.is_some());
+                    events
+                });
                 self.emit(Event::Frame { index: done.index, pts: done.pts, detections });
+                for event in tracked.into_iter().flatten() {
+                    self.emit(event.into());
+                }
                 if let Some(decoder) = &self.decoder {
                     decoder.do_send(Credit(1));
                 }

@@ -17,6 +17,10 @@ pub struct Detection {
     /// `[x1, y1, x2, y2]`, clamped to the frame, one decimal.
     #[serde(rename = "box", serialize_with = "one_decimal_each")]
     pub bbox: [f32; 4],
+    /// The object's track across frames, when the session tracks (`track=bytetrack`) and a
+    /// confirmed track took this box.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub track_id: Option<u64>,
 }
 
 /// An `f32` as the nearest `f64` with `places` decimals: what the value means, not its binary
@@ -30,7 +34,7 @@ fn three_decimals<S: Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(decimals(*v, 3))
 }
 
-fn one_decimal_each<S: Serializer>(b: &[f32; 4], s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn one_decimal_each<S: Serializer>(b: &[f32; 4], s: S) -> Result<S::Ok, S::Error> {
     b.map(|v| decimals(v, 1)).serialize(s)
 }
 
@@ -61,7 +65,8 @@ struct Candidate {
     bbox: [f32; 4],
 }
 
-fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
+/// Intersection over union of two `[x1, y1, x2, y2]` boxes.
+pub(crate) fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
     let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
     let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
     let inter = w * h;
@@ -116,6 +121,7 @@ pub fn detections(output: &[f32], anchors: usize, class_names: &[String], letter
             class_name: class_names.get(c.class_id).cloned().unwrap_or_else(|| c.class_id.to_string()),
             confidence: (c.score * 1000.0).round() / 1000.0,
             bbox: letterbox.to_source(c.bbox).map(round1),
+            track_id: None,
         })
         .collect()
 }
@@ -126,7 +132,7 @@ mod tests {
 
     #[test]
     fn detections_serialise_with_their_decimals_through_a_json_value() {
-        let d = Detection { class_id: 0, class_name: "person".into(), confidence: 0.882, bbox: [0.9, 10.2, 33.3, 640.0] };
+        let d = Detection { class_id: 0, class_name: "person".into(), confidence: 0.882, bbox: [0.9, 10.2, 33.3, 640.0], track_id: None };
         let text = serde_json::to_value(&d).unwrap().to_string();
         assert_eq!(text, r#"{"box":[0.9,10.2,33.3,640.0],"class":"person","class_id":0,"confidence":0.882}"#);
     }
