@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use streamdet_actors::actors::inference::BatchPolicy;
+use streamdet_actors::annotate::AnnotateOptions;
 use streamdet_actors::buffer::BufferOptions;
 use streamdet_actors::decode::{DecodeOptions, FrameSelection};
 use streamdet_actors::pipeline::PipelineOptions;
@@ -66,6 +67,8 @@ pub struct ServerConfig {
     pub replay_max_bytes: usize,
     /// This replica's name in the `X-Streamdet-Replica` header ("": the host name).
     pub replica: String,
+    /// Largest annotated video (`annotate=1`) a session may write.
+    pub max_annotated_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -195,6 +198,7 @@ impl Default for ServerConfig {
             replay_seconds: 300,
             replay_max_bytes: 8 << 20,
             replica: String::new(),
+            max_annotated_bytes: 1 << 30,
         }
     }
 }
@@ -357,6 +361,11 @@ impl Config {
             .map(|name| name.trim().to_string())
             .filter(|name| !name.is_empty() && is_replica_name(name))
             .unwrap_or_else(|| "streamdet".into())
+    }
+
+    /// Where a session's annotated video goes, and how large it may grow.
+    pub fn annotate_options(&self) -> AnnotateOptions {
+        AnnotateOptions { dir: self.temp_dir(), max_bytes: self.server.max_annotated_bytes, url: None }
     }
 
     /// The temp directory to use: the configured one, or the system's.

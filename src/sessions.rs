@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use streamdet_actors::ErrorCode;
 use streamdet_actors::actors::Event;
+use streamdet_actors::annotate::{AnnotatedVideo, VideoFile};
 use tokio::sync::Notify;
 
 /// The bounds of a [`Registry`].
@@ -275,6 +276,24 @@ impl Registry {
             return Err(Refused::Full("watchers of this session"));
         }
         Ok(WatchSlot { log, total: Arc::clone(&self.watchers) })
+    }
+
+    /// Forgets what is past its time now (finished sessions' files go with them), as every
+    /// `start` and `watch` also does.
+    pub fn expire_now(&self) {
+        let mut logs = self.lock();
+        self.expire(&mut logs);
+    }
+
+    /// The annotated video of a finished session still in its replay window.
+    pub fn video(&self, id: &str) -> Option<VideoFile> {
+        let mut logs = self.lock();
+        self.expire(&mut logs);
+        let state = logs.get(id)?.lock();
+        match state.tail.back().map(|(event, _)| event).or(state.first.as_ref()) {
+            Some(Event::End { video: Some(AnnotatedVideo::Written { file, .. }), .. }) => Some(file.clone()),
+            _ => None,
+        }
     }
 
     /// Watchers connected now.

@@ -21,7 +21,7 @@ fn the_benchmark_harness_writes_a_report_with_numbers_and_charts() {
     assert!(positive(&results["buffer"]["gib_per_s"]));
     assert!(positive(&results["decode"]["ours_fps"]));
     assert!(positive(&results["model"][0]["ours_ms"]));
-    assert!(positive(&results["overhead"]["pipeline_fps"]));
+    assert!(positive(&results["overhead"]["pipeline_fps"]) && positive(&results["overhead"]["annotated_fps"]));
     assert!(positive(&results["memory"][0]["peak_rss_mib"]));
     let e2e = results["end_to_end"].as_array().unwrap();
     assert_eq!(e2e.len(), 6, "three containers at two upload rates");

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod annotate;
 mod bench;
 mod cli;
 mod decode;

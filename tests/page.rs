@@ -1,7 +1,7 @@
 //! The page at `/` in a real browser: headless Chromium (Debian's, driven by selenium from the
 //! project's venv) against a real `streamdet serve`. tests/browser/page_test.py does the
-//! clicking and says what it saw; the screenshot of the video case is kept under
-//! target/test-artifacts/ (not committed).
+//! clicking and says what it saw; the screenshots of the video, image and tracking cases are
+//! kept under target/test-artifacts/ (not committed).
 
 use std::process::Command;
 
@@ -9,7 +9,7 @@ use crate::decode::fixtures;
 use crate::server::Server;
 
 #[test]
-fn the_page_shows_detections_during_an_upload_errors_in_words_and_boxes_on_images() {
+fn the_page_shows_detections_during_an_upload_errors_in_words_boxes_on_images_and_tracks() {
     for tool in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
         assert!(std::path::Path::new(tool).exists(), "{tool} is missing: run `bash scripts/setup.sh`");
     }
@@ -35,6 +35,11 @@ fn the_page_shows_detections_during_an_upload_errors_in_words_and_boxes_on_image
         .arg(&screenshot)
         .arg("--image-screenshot")
         .arg(artifacts.join("page-image.png"))
+        .arg("--tracking-video")
+        .arg(fixtures().join("walking_cat.mp4"))
+        .arg("--tracking-screenshot")
+        .arg(artifacts.join("page-tracking.png"))
+        .arg("--annotated")
         .output()
         .expect("run the browser test");
     let said = format!("{}\n{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));

@@ -336,6 +336,14 @@ impl Buffer {
     }
 }
 
+/// A temp file in `dir` that [`sweep_stale`] leaves alone while it is open (it holds the same
+/// lock as a buffer's file), and removes once a crash has left it behind. Removed when dropped.
+pub fn locked_temp_file(dir: &Path, suffix: &str) -> io::Result<tempfile::NamedTempFile> {
+    let temp = tempfile::Builder::new().prefix(TEMP_PREFIX).suffix(suffix).tempfile_in(dir)?;
+    lock(temp.as_file(), libc::LOCK_EX | libc::LOCK_NB)?;
+    Ok(temp)
+}
+
 fn lock(file: &File, operation: libc::c_int) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: the descriptor is open for the lifetime of `file`; flock only reads its arguments.

@@ -6,10 +6,12 @@
 //! - [`frame`]: a frame letterboxed for the model, what decoding gives and detection takes.
 //! - [`detect`]: ultralytics ONNX detection models on candle, and post-processing.
 //! - [`actors`]: the uploader, decoder, inference and session actors and their messages.
+//! - [`annotate`]: a session's annotated video, drawn and encoded while the frames come.
 //! - [`track`]: ByteTrack over a session's frames, and counting lines and zones.
 //! - [`pipeline`]: one call builds a session out of the actors; a handle feeds it and reads events.
 
 pub mod actors;
+pub mod annotate;
 pub mod buffer;
 pub mod decode;
 pub mod detect;

@@ -33,6 +33,7 @@ use crate::actors::messages::{AbortUpload, Chunk, DecoderReports, Fail, Finish, 
 use crate::actors::session::{Session, SessionParts};
 use crate::actors::uploader::Uploader;
 use crate::actors::{Event, ModelSummary};
+use crate::annotate::AnnotateOptions;
 use crate::buffer::{self, BufferOptions};
 use crate::decode::{DecodeOptions, FrameSelection};
 use crate::detect::{DetectParams, Detector};
@@ -98,11 +99,21 @@ pub struct SessionParams {
     pub max_frames: Option<u64>,
     /// Track objects (and count them at lines and in zones).
     pub tracking: Option<TrackingParams>,
+    /// Write an annotated video.
+    pub annotate: Option<AnnotateOptions>,
 }
 
 impl Default for SessionParams {
     fn default() -> Self {
-        SessionParams { id: None, selection: FrameSelection::All, detect: DetectParams::default(), live: false, max_frames: None, tracking: None }
+        SessionParams {
+            id: None,
+            selection: FrameSelection::All,
+            detect: DetectParams::default(),
+            live: false,
+            max_frames: None,
+            tracking: None,
+            annotate: None,
+        }
     }
 }
 
@@ -158,6 +169,7 @@ impl Pipeline {
         }
         let detect = Arc::new(detect);
         let tracking = params.tracking.map(|tracking| (Tracking::new(tracking), shown_confidence));
+        let annotate = params.annotate;
         let (inference, credits) = (self.inference.clone(), self.options.credits);
         let session_id = id.clone();
         let max_duration = self.options.max_session_duration;
@@ -175,7 +187,7 @@ impl Pipeline {
                 ctx.notify_later(Fail { code: ErrorCode::Timeout, message: format!("the session ran longer than {} s", limit.as_secs_f64()) }, limit);
             }
             let parts = SessionParts { inference, decoder, uploader: session_uploader, buffer, media_dir };
-            Session::new(session_id, key, tx, model, parts).tracking(tracking)
+            Session::new(session_id, key, tx, model, parts).tracking(tracking).annotate(annotate)
         });
         let reports = UploadReports { finished: session.clone().recipient(), failed: session.clone().recipient() };
         uploader_context.run(Uploader::new(writer, self.options.max_upload_bytes, self.options.max_lag_bytes, reports));

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use streamdet_actors::annotate::AnnotatedVideo;
 use streamdet_actors::buffer::{self, BufferOptions};
 use streamdet_actors::decode::{DecodeOptions, Decoder, FrameSelection};
 use streamdet_actors::detect::{DetectParams, Detector, Size};
@@ -85,7 +86,7 @@ impl Bench {
     }
 
     pub(super) fn overhead(&mut self) -> anyhow::Result<()> {
-        let mut progress = self.progress.stage("overhead", 1 + 2 * self.plan.reps as u64);
+        let mut progress = self.progress.stage("overhead", 1 + 3 * self.plan.reps as u64);
         let spec = self.plan.overhead_clip.clone();
         let clip = self.remuxed(&self.master("overhead", &spec)?, Container::Faststart)?;
         let detector = Arc::new(Detector::load_with_threads(&self.model, candle_core::Device::Cpu, self.threads).context("loading the model")?);
@@ -94,7 +95,7 @@ impl Bench {
         progress.step("frames decoded");
         let params = DetectParams::default();
         detector.detect(&frames[..1], &params)?; // warm-up
-        let (mut alone, mut pipeline) = (Vec::new(), Vec::new());
+        let (mut alone, mut pipeline, mut annotated, mut annotate_ms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.plan.reps {
             let start = Instant::now();
             for frame in &frames {
@@ -102,14 +103,24 @@ impl Bench {
             }
             alone.push(frames.len() as f64 / start.elapsed().as_secs_f64());
             progress.step("detector alone");
-            let (processed, seconds) = run_pipeline(Arc::clone(&detector), &clip, selection, &self.config)?;
+            let (processed, seconds, _) = run_pipeline(Arc::clone(&detector), &clip, selection, &self.config, false)?;
             if processed != frames.len() as u64 {
                 bail!("the pipeline processed {processed} frames, the decoder selected {}", frames.len());
             }
             pipeline.push(processed as f64 / seconds);
             progress.step("pipeline");
+            let (processed, seconds, busy) = run_pipeline(Arc::clone(&detector), &clip, selection, &self.config, true)?;
+            annotated.push(processed as f64 / seconds);
+            annotate_ms.push(busy * 1e3 / processed.max(1) as f64);
+            progress.step("pipeline writing the annotated video");
         }
-        self.results.overhead = Some(OverheadResult { frames: frames.len() as u64, detector_fps: median(alone), pipeline_fps: median(pipeline) });
+        self.results.overhead = Some(OverheadResult {
+            frames: frames.len() as u64,
+            detector_fps: median(alone),
+            pipeline_fps: median(pipeline),
+            annotated_fps: median(annotated),
+            annotate_ms_per_frame: median(annotate_ms),
+        });
         progress.finish();
         Ok(())
     }
@@ -174,21 +185,30 @@ fn decode_selected(path: &Path, selection: FrameSelection, target: Size) -> anyh
     Ok(frames)
 }
 
-/// The whole pipeline in this process, fed the file at full speed: (frames processed, seconds).
-fn run_pipeline(detector: Arc<Detector>, path: &Path, selection: FrameSelection, config: &Config) -> anyhow::Result<(u64, f64)> {
+/// The whole pipeline in this process, fed the file at full speed, writing an annotated video
+/// or not: (frames processed, seconds, seconds the annotator spent drawing and encoding).
+fn run_pipeline(detector: Arc<Detector>, path: &Path, selection: FrameSelection, config: &Config, annotate: bool) -> anyhow::Result<(u64, f64, f64)> {
     let bytes = bytes::Bytes::from(std::fs::read(path)?);
     let options = PipelineOptions { max_session_duration: None, ..config.pipeline_options("model".into()) };
     actix_rt::System::new().block_on(async move {
         let start = Instant::now();
         let pipeline = Pipeline::start(detector, options);
-        let session = pipeline.session(SessionParams { selection, ..Default::default() })?;
+        let annotate = annotate.then(|| config.annotate_options());
+        let session = pipeline.session(SessionParams { selection, annotate, ..Default::default() })?;
         let (upload, mut events) = session.split();
         let chunks: Vec<Result<bytes::Bytes, std::io::Error>> =
             (0..bytes.len()).step_by(64 << 10).map(|at| Ok(bytes.slice(at..(at + (64 << 10)).min(bytes.len())))).collect();
         actix_rt::spawn(upload.feed_all(futures_util::stream::iter(chunks), UploadPace { idle: Some(Duration::from_secs(60)), min_rate: None }));
         while let Some(event) = events.recv().await {
             match event {
-                streamdet_actors::actors::Event::End { frames_processed, .. } => return Ok((frames_processed, start.elapsed().as_secs_f64())),
+                streamdet_actors::actors::Event::End { frames_processed, video, .. } => {
+                    let busy = match video {
+                        Some(AnnotatedVideo::Written { busy_seconds, .. }) => busy_seconds,
+                        Some(AnnotatedVideo::Failed { error }) => bail!("annotating failed: {error}"),
+                        None => 0.0,
+                    };
+                    return Ok((frames_processed, start.elapsed().as_secs_f64(), busy));
+                }
                 streamdet_actors::actors::Event::Error { message, .. } => bail!("the pipeline failed: {message}"),
                 _ => {}
             }

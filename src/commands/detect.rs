@@ -3,6 +3,7 @@
 //! `ffmpeg ... -f mpegts - | streamdet detect -` works on a live encode.
 
 use std::io::{Read, Write};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use streamdet_actors::actors::Event;
 use streamdet_actors::actors::inference::BatchPolicy;
+use streamdet_actors::annotate::{AnnotateOptions, AnnotatedVideo};
 use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams, UploadPace};
 
 use super::Failure;
@@ -42,6 +44,10 @@ pub struct Args {
     /// enters or leaves one. Implies --track.
     #[arg(long, value_name = "ZONES")]
     zones: Option<String>,
+    /// Write an annotated H.264 MP4 of the processed frames here: boxes, classes, confidences,
+    /// track ids, lines and zones with their counts.
+    #[arg(long, value_name = "OUT.mp4")]
+    annotate: Option<std::path::PathBuf>,
 }
 
 /// Reads `source` in chunks into a bounded channel (so a fast file waits for the pipeline).
@@ -88,7 +94,13 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         ..config.pipeline_options(model_path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()))
     };
     let tracking = config.track.request(args.track.then_some("bytetrack"), args.lines.as_deref(), args.zones.as_deref()).map_err(Failure::Usage)?;
-    let params = SessionParams { id: None, selection, detect, live, max_frames: args.max_frames, tracking };
+    // Written beside its destination, so that moving it there at the end is a rename.
+    let annotate = args.annotate.as_ref().map(|out| AnnotateOptions {
+        dir: out.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| ".".into(), Path::to_path_buf),
+        max_bytes: u64::MAX,
+        url: None,
+    });
+    let params = SessionParams { id: None, selection, detect, live, max_frames: args.max_frames, tracking, annotate };
     let system = actix_rt::System::new();
     let code = system.block_on(async move {
         let pipeline = Pipeline::start(Arc::new(detector), options);
@@ -103,6 +115,22 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
             if let Event::Error { message, .. } = &event {
                 eprintln!("streamdet: {message}");
                 code = ExitCode::from(1);
+            }
+            match (&event, &args.annotate) {
+                (Event::End { video: Some(AnnotatedVideo::Written { file, .. }), .. }, Some(out)) => {
+                    // The temp file is private to us (0600); the video is the user's, made as
+                    // `touch` would make it.
+                    let moved = std::fs::rename(file.path(), out).or_else(|_| std::fs::copy(file.path(), out).map(drop));
+                    if let Err(err) = moved.and_then(|()| std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o644))) {
+                        eprintln!("streamdet: cannot write {}: {err}", out.display());
+                        code = ExitCode::from(1);
+                    }
+                }
+                (Event::End { video: Some(AnnotatedVideo::Failed { error }), .. }, _) => {
+                    eprintln!("streamdet: no annotated video: {error}");
+                    code = ExitCode::from(1);
+                }
+                _ => {}
             }
             let line = serde_json::to_string(&event)?;
             if writeln!(stdout.lock(), "{line}").is_err() || event.is_last() {

@@ -6,6 +6,7 @@
 //! must be full-duplex to see them early); `POST /detect` answers for one image; `GET /health`
 //! says what is loaded and what the defaults are.
 
+mod annotated;
 mod assets;
 mod events;
 pub mod guard;
@@ -73,6 +74,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/detect/video", web::post().to(video::detect_video))
         .route("/detect", web::post().to(images::detect_image))
         .route("/sessions/{id}/events", web::get().to(events::session_events))
+        .route("/sessions/{id}/video", web::get().to(annotated::session_video))
         .route("/health", web::get().to(status::health))
         .route("/ready", web::get().to(status::ready))
         .route("/metrics", web::get().to(status::metrics_text))
@@ -117,6 +119,15 @@ pub async fn serve(config: Config, listen: String, detector: Detector) -> anyhow
         config,
         model_name,
         phase: shutdown::PhaseCell::default(),
+    });
+    // Finished sessions' logs and files go when their replay window ends, even with no traffic
+    // to notice it.
+    let sweeper = state.clone();
+    actix_web::rt::spawn(async move {
+        loop {
+            actix_web::rt::time::sleep(Duration::from_secs(10)).await;
+            sweeper.sessions.expire_now();
+        }
     });
     let shutdown_state = state.clone();
     let origins = state.config.cors_origins();
@@ -166,9 +177,10 @@ mod tests {
     /// Every API route `serve` registers, as (method, path) in OpenAPI's spelling (the page's
     /// files are not API); the HTTP test checks the other direction (every documented route
     /// answers).
-    const ROUTES: [(&str, &str); 7] = [
+    const ROUTES: [(&str, &str); 8] = [
         ("post", "/detect/video"),
         ("get", "/sessions/{id}/events"),
+        ("get", "/sessions/{id}/video"),
         ("post", "/detect"),
         ("get", "/health"),
         ("get", "/ready"),

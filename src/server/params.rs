@@ -6,7 +6,7 @@ use streamdet_actors::decode::FrameSelection;
 use streamdet_actors::detect::{DetectParams, Detector};
 use streamdet_actors::pipeline::SessionParams;
 
-use crate::config::{DetectConfig, TrackConfig};
+use crate::config::{Config, DetectConfig};
 
 /// Query parameters of the detect routes, checked with messages a user understands.
 pub fn detect_params(query: &HashMap<String, String>, detector: &Detector, defaults: &DetectConfig) -> Result<DetectParams, String> {
@@ -30,8 +30,9 @@ pub fn valid_session_id(id: &str) -> bool {
     (16..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-pub fn video_params(query: &HashMap<String, String>, detector: &Detector, defaults: &DetectConfig, track: &TrackConfig) -> Result<SessionParams, String> {
-    const KNOWN: [&str; 10] = ["conf", "iou", "classes", "stride", "fps", "max_frames", "session", "track", "lines", "zones"];
+pub fn video_params(query: &HashMap<String, String>, detector: &Detector, config: &Config) -> Result<SessionParams, String> {
+    let (defaults, track) = (&config.detect, &config.track);
+    const KNOWN: [&str; 11] = ["conf", "iou", "classes", "stride", "fps", "max_frames", "session", "track", "lines", "zones", "annotate"];
     if let Some(unknown) = query.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(format!("unknown parameter {unknown:?} (known: {})", KNOWN.join(", ")));
     }
@@ -51,5 +52,10 @@ pub fn video_params(query: &HashMap<String, String>, detector: &Detector, defaul
         Some(_) => return Err(SESSION_ID_RULE.into()),
     };
     let tracking = track.request(query.get("track").map(String::as_str), query.get("lines").map(String::as_str), query.get("zones").map(String::as_str))?;
-    Ok(SessionParams { id, selection, detect: detect_params(query, detector, defaults)?, live: false, max_frames, tracking })
+    let annotate = match query.get("annotate").map(String::as_str) {
+        None | Some("0") | Some("false") => None,
+        Some("1") | Some("true") => Some(config.annotate_options()),
+        Some(_) => return Err("annotate must be 1 or 0".into()),
+    };
+    Ok(SessionParams { id, selection, detect: detect_params(query, detector, defaults)?, live: false, max_frames, tracking, annotate })
 }

@@ -58,7 +58,7 @@ pub async fn detect_video(req: HttpRequest, query: web::Query<HashMap<String, St
     if let Some(refusal) = state.refuse_while_closing() {
         return refusal;
     }
-    let mut params = match video_params(&query, state.pipeline.detector(), &state.config.detect, &state.config.track) {
+    let mut params = match video_params(&query, state.pipeline.detector(), &state.config) {
         Ok(params) => params,
         Err(message) => return error_response(ErrorCode::BadParameter, message),
     };
@@ -70,6 +70,9 @@ pub async fn detect_video(req: HttpRequest, query: web::Query<HashMap<String, St
         },
     };
     params.id = Some(id.clone());
+    if let Some(annotate) = &mut params.annotate {
+        annotate.url = Some(format!("/sessions/{id}/video"));
+    }
     let limit = state.config.server.max_upload_bytes;
     if declared_length(&req).is_some_and(|len| len > limit) {
         return error_response(ErrorCode::TooLarge, format!("the upload is larger than the limit of {limit} bytes"));

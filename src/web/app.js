@@ -5,11 +5,19 @@
 // uploads the file with XMLHttpRequest (for upload progress). The detections of the frame whose
 // `pts` is the latest at or before the video's current time are drawn on #overlay.
 // Image: `POST detect` with the file; the boxes are drawn over an <img>.
+// Tracking (videos): "Track objects" sends `track=bytetrack`; a counting line the user clicks on
+// the video is sent as `lines=line1:x1,y1,x2,y2` in the video's pixels; "Annotated video" sends
+// `annotate=1`, and `end` then links the MP4 the server drew.
 //
 // Elements a test can rely on: #file, #status[data-state], #error, #progress, #frames[data-count],
 // #ttfd, #class-counts (li[data-class][data-count]), #summary (dd[data-key]), #detections (rows with
-// data-pts, data-class, data-confidence), #overlay[data-drawn] (boxes drawn now), #notice (the
-// "cannot play" message), #video, #image; body[data-health] is "ok" once /health answered.
+// data-pts, data-class, data-confidence, data-track), #overlay[data-drawn] (boxes drawn now) and
+// [data-track-ids] (their track ids), #notice (the "cannot play" message), #video, #image; #track,
+// #annotate, #draw-line, #clear-line, #line-info; #line-counts (li[data-line][data-in][data-out]
+// [data-points]), #track-counts (li[data-class][data-count]; [data-final] on the list once `end`
+// gave the totals), #annotated (a#annotated-link or the failure in words); body[data-health] is
+// "ok" once /health answered. #status[data-state] is "waiting" while a chosen video waits for the
+// line's two points.
 'use strict';
 
 (() => {
@@ -32,6 +40,11 @@
     classNames: $('class-names'),
     stride: $('stride'),
     fps: $('fps'),
+    track: $('track'),
+    annotate: $('annotate'),
+    drawLine: $('draw-line'),
+    clearLine: $('clear-line'),
+    lineInfo: $('line-info'),
     status: $('status'),
     error: $('error'),
     progress: $('progress'),
@@ -39,6 +52,11 @@
     frames: $('frames'),
     ttfd: $('ttfd'),
     classCounts: $('class-counts'),
+    tracking: $('tracking'),
+    lineCounts: $('line-counts'),
+    zoneCounts: $('zone-counts'),
+    trackCounts: $('track-counts'),
+    annotated: $('annotated'),
     summary: $('summary'),
     summaryList: $('summary-list'),
     detections: $('detections').tBodies[0],
@@ -138,6 +156,12 @@
 
   let run = null;
 
+  // The counting line: one line, `line1`, in pixels of the video it was drawn on (`w` x `h`). It is
+  // a setting: it stays, and goes with each video chosen, until cleared. `drawing`: the next two
+  // clicks on the video place a new one; `first`: the first of them.
+  const LINE_NAME = 'line1';
+  const lineTool = { line: null, drawing: false, first: null };
+
   function newRun(file, kind) {
     return {
       file,
@@ -161,6 +185,14 @@
       fpsLimit: 0,
       media: null,
       image: null, // the /detect response for an image
+      begun: false, // the event stream and the upload have started
+      sizeWaitOver: false, // gave up waiting for the browser to read the video's size
+      tracking: false, // track or lines were sent
+      annotate: false, // annotate=1 was sent
+      lines: new Map(), // line name -> {points, in: Map(class -> n), out: Map(class -> n)}
+      zones: new Map(), // zone name -> {entries: Map(class -> n), inside: Set(track id), max}
+      tracks: new Map(), // class -> Set of track ids seen (until `end` gives the totals)
+      trackTotals: null, // class -> distinct tracks, from `end`
     };
   }
 
@@ -185,6 +217,11 @@
     ui.frames.dataset.count = '0';
     ui.ttfd.textContent = '—';
     renderCounts(new Map());
+    ui.tracking.hidden = true;
+    ui.annotated.hidden = true;
+    ui.annotated.replaceChildren();
+    lineTool.first = null;
+    updateLineTool();
     ui.summary.hidden = true;
     ui.summaryList.replaceChildren();
     ui.detections.replaceChildren();
@@ -284,6 +321,9 @@
     }
     const classes = ui.classes.value.split(',').map((s) => s.trim()).filter(Boolean);
     if (classes.length) query.set('classes', classes.join(','));
+    // The counting line is added when the upload starts: it needs the video's size.
+    if (kind === 'video' && ui.track.checked) query.set('track', 'bytetrack');
+    if (kind === 'video' && ui.annotate.checked) query.set('annotate', '1');
     return query;
   }
 
@@ -347,16 +387,17 @@
 
   // --- Results -----------------------------------------------------------------------------
 
-  function renderCounts(counts) {
+  // Fills a list of class chips (#class-counts, #track-counts) from a Map of class -> count.
+  function renderCounts(counts, list = ui.classCounts) {
     const items = [...counts.entries()].sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]));
     if (!items.length) {
       const li = document.createElement('li');
       li.className = 'empty';
       li.textContent = 'None yet.';
-      ui.classCounts.replaceChildren(li);
+      list.replaceChildren(li);
       return;
     }
-    ui.classCounts.replaceChildren(...items.map(([name, count]) => {
+    list.replaceChildren(...items.map(([name, count]) => {
       const li = document.createElement('li');
       li.dataset.class = name;
       li.dataset.count = String(count);
@@ -398,9 +439,13 @@
       frame.textContent = index === null ? '—' : String(index);
       const cls = document.createElement('td');
       cls.textContent = d.class;
+      const track = document.createElement('td');
+      const id = trackId(d);
+      if (id !== null) tr.dataset.track = String(id);
+      track.textContent = id === null ? '—' : `#${id}`;
       const conf = document.createElement('td');
       conf.textContent = d.confidence.toFixed(2);
-      tr.append(time, frame, cls, conf);
+      tr.append(time, frame, cls, track, conf);
       fragment.append(tr);
     }
     ui.detections.append(fragment);
@@ -415,12 +460,162 @@
   }
 
   function countDetections(r, detections) {
-    for (const d of detections) r.counts.set(d.class, (r.counts.get(d.class) || 0) + 1);
+    for (const d of detections) addTo(r.counts, d.class);
     if (detections.length) renderCounts(r.counts);
+    if (r.tracking) {
+      let more = false;
+      for (const d of detections) more = noteTrack(r, d.class, trackId(d)) || more;
+      if (more) renderTracks(r);
+    }
     if (detections.length && r.firstDetectionMs === null) {
       r.firstDetectionMs = performance.now() - r.startedAt;
       ui.ttfd.textContent = fmtSeconds(r.firstDetectionMs / 1000);
     }
+  }
+
+  // --- Tracks, lines and zones ------------------------------------------------------------
+
+  // A detection's track id, or null: a box no track has confirmed yet has none.
+  function trackId(d) {
+    const id = d ? d.track_id : null;
+    return Number.isInteger(id) ? id : null;
+  }
+
+  const addTo = (counts, key, n = 1) => counts.set(key, (counts.get(key) || 0) + n);
+  const total = (counts) => [...counts.values()].reduce((a, b) => a + b, 0);
+  // A Map from the server's {class: count} object.
+  const countsOf = (object) => new Map(Object.entries(object && typeof object === 'object' ? object : {})
+    .map(([name, n]) => [name, Number(n) || 0]));
+
+  function lineEntry(r, name) {
+    if (!r.lines.has(name)) r.lines.set(name, { points: '', in: new Map(), out: new Map() });
+    return r.lines.get(name);
+  }
+
+  function zoneEntry(r, name) {
+    if (!r.zones.has(name)) r.zones.set(name, { entries: new Map(), inside: new Set(), max: 0 });
+    return r.zones.get(name);
+  }
+
+  // Tracks per class: the ids seen so far while the video runs, the server's totals after `end`.
+  function noteTrack(r, cls, id) {
+    if (id === null || r.trackTotals) return false;
+    if (!r.tracks.has(cls)) r.tracks.set(cls, new Set());
+    const ids = r.tracks.get(cls);
+    if (ids.has(id)) return false;
+    ids.add(id);
+    return true;
+  }
+
+  function renderTracks(r) {
+    const counts = r.trackTotals || new Map([...r.tracks.entries()].map(([cls, ids]) => [cls, ids.size]));
+    renderCounts(counts, ui.trackCounts);
+    if (r.trackTotals) ui.trackCounts.dataset.final = '1';
+    else delete ui.trackCounts.dataset.final;
+  }
+
+  // "cat 1, dog 2": the per-class detail of a count.
+  const byClass = (counts) => [...counts.entries()].sort((a, b) => a[0].localeCompare(b[0]))
+    .map(([cls, n]) => `${cls} ${n}`).join(', ');
+
+  function renderLines(r) {
+    if (!r.lines.size) {
+      const li = document.createElement('li');
+      li.className = 'empty';
+      li.textContent = 'No counting line was sent.';
+      ui.lineCounts.replaceChildren(li);
+    } else {
+      ui.lineCounts.replaceChildren(...[...r.lines.entries()].map(([name, line]) => {
+        const li = document.createElement('li');
+        const into = total(line.in);
+        const out = total(line.out);
+        li.dataset.line = name;
+        li.dataset.in = String(into);
+        li.dataset.out = String(out);
+        if (line.points) li.dataset.points = line.points;
+        const label = document.createElement('span');
+        label.className = 'name';
+        label.textContent = name;
+        li.append(label, `: ${into} in · ${out} out`);
+        if (into || out) {
+          const detail = document.createElement('span');
+          detail.className = 'by-class';
+          detail.textContent = [into ? `in: ${byClass(line.in)}` : '', out ? `out: ${byClass(line.out)}` : ''].filter(Boolean).join('; ');
+          li.append(detail);
+        }
+        return li;
+      }));
+    }
+    ui.zoneCounts.hidden = !r.zones.size;
+    ui.zoneCounts.replaceChildren(...[...r.zones.entries()].map(([name, zone]) => {
+      const li = document.createElement('li');
+      const entries = total(zone.entries);
+      li.dataset.zone = name;
+      li.dataset.entries = String(entries);
+      li.dataset.inside = String(zone.inside.size);
+      const label = document.createElement('span');
+      label.className = 'name';
+      label.textContent = `zone ${name}`;
+      const occupancy = r.complete ? `at most ${zone.max} inside at once` : `${zone.inside.size} inside now`;
+      li.append(label, `: ${entries} entered · ${occupancy}`);
+      if (entries) {
+        const detail = document.createElement('span');
+        detail.className = 'by-class';
+        detail.textContent = byClass(zone.entries);
+        li.append(detail);
+      }
+      return li;
+    }));
+  }
+
+  // The totals of `end`, which also cover any crossing or zone event the page missed.
+  function applyTotals(r, event) {
+    if (event.tracks && typeof event.tracks === 'object') r.trackTotals = countsOf(event.tracks);
+    if (Array.isArray(event.lines)) {
+      for (const line of event.lines) {
+        const entry = lineEntry(r, String(line.name));
+        entry.in = countsOf(line.in);
+        entry.out = countsOf(line.out);
+      }
+    }
+    if (Array.isArray(event.zones)) {
+      for (const zone of event.zones) {
+        const entry = zoneEntry(r, String(zone.name));
+        entry.entries = countsOf(zone.entries);
+        entry.max = Number(zone.max_occupancy) || 0;
+      }
+    }
+  }
+
+  // An absolute URL as it is; a path from the server (e.g. /sessions/ID/video) through api(),
+  // like every other request of the page.
+  const serverUrl = (url) => (/^[a-z][a-z0-9+.-]*:/i.test(url) ? url : api(url.replace(/^\/+/, '')));
+
+  // The annotated video of `end`: a link to it, or why there is none.
+  function showAnnotated(r, video) {
+    ui.annotated.replaceChildren();
+    ui.annotated.classList.remove('failed');
+    if (video && typeof video.url === 'string' && video.url) {
+      const a = document.createElement('a');
+      a.id = 'annotated-link';
+      a.href = serverUrl(video.url);
+      a.target = '_blank';
+      a.rel = 'noopener';
+      const bytes = Number(video.bytes);
+      if (Number.isFinite(bytes)) a.dataset.bytes = String(bytes);
+      a.textContent = `Annotated video (${fmtBytes(bytes)})`;
+      ui.annotated.append(a);
+    } else if (video && video.error) {
+      ui.annotated.classList.add('failed');
+      ui.annotated.textContent = `The server could not make the annotated video. Server says: ${video.error}`;
+    } else if (r.annotate) {
+      ui.annotated.classList.add('failed');
+      ui.annotated.textContent = 'The server sent no annotated video.';
+    } else {
+      ui.annotated.hidden = true;
+      return;
+    }
+    ui.annotated.hidden = false;
   }
 
   function showSummary(rows) {
@@ -453,10 +648,50 @@
     r.stride = Number(query.get('stride')) || 1;
     r.fpsLimit = Number(query.get('fps')) || 0;
     query.set('session', r.id);
+    r.query = query;
     r.url = URL.createObjectURL(file);
-    setStatus('uploading', `Starting: ${file.name} (${fmtBytes(file.size)}).`);
     ui.cancel.hidden = false;
+    if (lineTool.drawing) {
+      setStatus('waiting', `Click two points on the video to place the counting line; then ${file.name} is sent.`);
+    } else {
+      setStatus('uploading', `Starting: ${file.name} (${fmtBytes(file.size)}).`);
+    }
     playLocally(r);
+    // A counting line is sent in this video's pixels, which the browser reads from the file in a
+    // moment; if it does not, the line goes as drawn.
+    if (lineTool.line) r.timers.push(setTimeout(() => { r.sizeWaitOver = true; maybeBegin(r); }, EVENTS_OPEN_WAIT_MS));
+    maybeBegin(r);
+  }
+
+  // Starts the event stream and the upload once nothing holds them back: the user placing the
+  // counting line on this video, or the browser reading the video's size for the line.
+  function maybeBegin(r) {
+    if (r !== run || r.finished || r.begun) return;
+    if (lineTool.drawing && r.canPlay !== false) return;
+    if (lineTool.line && r.canPlay === null && !r.sizeWaitOver) return;
+    r.begun = true;
+    connect(r);
+  }
+
+  function connect(r) {
+    const query = r.query;
+    if (lineTool.line) {
+      const points = linePoints(lineTool.line, r.canPlay ? [ui.video.videoWidth, ui.video.videoHeight] : null);
+      query.set('lines', `${LINE_NAME}:${points}`);
+      lineEntry(r, LINE_NAME).points = points;
+    }
+    r.tracking = query.has('track') || query.has('lines');
+    r.annotate = query.has('annotate');
+    if (r.tracking) {
+      renderLines(r);
+      renderTracks(r);
+      ui.tracking.hidden = false;
+    }
+    setStatus('uploading', `Starting: ${r.file.name} (${fmtBytes(r.file.size)}).`);
+    if (r.canPlay !== false) {
+      const playing = ui.video.play();
+      if (playing) playing.catch(() => { /* autoplay refused or not playable: the controls remain */ });
+    }
 
     // The event stream first (the server holds it until the upload starts), then the upload.
     // The id in the query too: proxies that hash on `?session=` alone (ingress-nginx's
@@ -464,7 +699,7 @@
     const id = encodeURIComponent(r.id);
     const events = new EventSource(api(`sessions/${id}/events?session=${id}`));
     r.events = events;
-    for (const type of ['start', 'frame', 'end']) events.addEventListener(type, (e) => onMessage(r, e));
+    for (const type of ['start', 'frame', 'track', 'crossing', 'zone', 'end']) events.addEventListener(type, (e) => onMessage(r, e));
     events.addEventListener('error', (e) => {
       if (r !== run || r.finished) return;
       // An SSE message named `error` is the server's; a plain event is the connection's.
@@ -484,6 +719,7 @@
     r.timers.push(setTimeout(go, EVENTS_OPEN_WAIT_MS));
   }
 
+  // Shows the file in the <video> element; playback starts with the upload (connect).
   function playLocally(r) {
     ui.stage.hidden = false;
     ui.video.hidden = false;
@@ -494,19 +730,20 @@
     }
     ui.video.muted = true;
     ui.video.src = r.url;
-    const playing = ui.video.play();
-    if (playing) playing.catch(() => { /* autoplay refused or not playable: the controls remain */ });
   }
 
   function cannotPlay(r, reason) {
     r.canPlay = false;
     ui.stage.hidden = true;
     ui.holdLine.hidden = true;
+    updateLineTool();
     if (r.finished && r.framesProcessed === 0 && ui.status.dataset.state === 'error') return;
     showNotice(`This browser cannot play this video (${reason}), so the picture is not shown. ` +
       'The server still reads it: the detections are listed below by time as they arrive.');
     ui.detectionsNote.textContent = 'Each row is one box.';
     setSeekable(false);
+    // A line cannot be placed on a picture the browser cannot show: the upload waits no longer.
+    maybeBegin(r);
   }
 
   // Times in the list show their frame only while the video can play.
@@ -533,6 +770,8 @@
     hideNotice();
     ui.detectionsNote.textContent = 'Each row is one box. Select a time to show that frame.';
     setSeekable(true);
+    updateLineTool();
+    maybeBegin(run);
   });
 
   // One upload with XMLHttpRequest, for its progress events, shared by videos and images: the
@@ -670,7 +909,36 @@
           ['sha256', 'SHA-256', String(event.sha256 || '')],
         ]);
         r.complete = true;
+        if (r.tracking) {
+          applyTotals(r, event);
+          renderTracks(r);
+          renderLines(r);
+        }
+        if (r.annotate || event.video) showAnnotated(r, event.video);
         finish(r, 'done', `Done: ${event.frames_processed} frames processed in ${fmtSeconds(event.seconds)}.`);
+        break;
+      }
+      case 'track': {
+        // A track ended; its boxes normally came first, but a frame the page missed is covered.
+        if (noteTrack(r, String(event.class), trackId(event))) renderTracks(r);
+        break;
+      }
+      case 'crossing': {
+        const line = lineEntry(r, String(event.line));
+        addTo(event.direction === 'in' ? line.in : line.out, String(event.class));
+        renderLines(r);
+        break;
+      }
+      case 'zone': {
+        const zone = zoneEntry(r, String(event.zone));
+        if (event.action === 'enter') {
+          addTo(zone.entries, String(event.class));
+          zone.inside.add(event.track_id);
+          zone.max = Math.max(zone.max, zone.inside.size);
+        } else {
+          zone.inside.delete(event.track_id);
+        }
+        renderLines(r);
         break;
       }
       case 'error': {
@@ -863,8 +1131,10 @@
       return;
     }
     const dpr = window.devicePixelRatio || 1;
+    const showLine = el === ui.video && (lineTool.line || lineTool.first);
     const key = [cssW, cssH, el.offsetLeft, el.offsetTop, dpr, scene.naturalW, scene.naturalH, scene.boxW, scene.boxH,
-      scene.frame ? `${scene.frame.pts}/${scene.frame.index}/${scene.frame.detections.length}` : 'none'].join(',');
+      scene.frame ? `${scene.frame.pts}/${scene.frame.index}/${scene.frame.detections.length}` : 'none',
+      showLine ? JSON.stringify([lineTool.line, lineTool.first]) : ''].join(',');
     if (key === lastDrawKey) return;
     lastDrawKey = key;
 
@@ -882,30 +1152,28 @@
     ctx.clearRect(0, 0, pxW, pxH);
     ctx.setTransform(pxW / cssW || dpr, 0, 0, pxH / cssH || dpr, 0, 0);
 
-    // object-fit: contain, centred: the picture's rectangle inside the element's box.
-    const scale = Math.min(cssW / scene.naturalW, cssH / scene.naturalH);
-    const shownW = scene.naturalW * scale;
-    const shownH = scene.naturalH * scale;
-    const offsetX = (cssW - shownW) / 2;
-    const offsetY = (cssH - shownH) / 2;
-    const sx = shownW / scene.boxW;
-    const sy = shownH / scene.boxH;
+    const shown = pictureRect(el, scene.naturalW, scene.naturalH);
+    const sx = shown.w / scene.boxW;
+    const sy = shown.h / scene.boxH;
 
     const detections = scene.frame ? scene.frame.detections : [];
+    const trackIds = [];
     ctx.font = '600 13px system-ui, sans-serif';
     ctx.textBaseline = 'top';
     ctx.lineWidth = 2;
     for (const d of detections) {
       if (!Array.isArray(d.box) || d.box.length !== 4) continue;
       const [x1, y1, x2, y2] = d.box.map(Number);
-      const x = offsetX + x1 * sx;
-      const y = offsetY + y1 * sy;
+      const x = shown.x + x1 * sx;
+      const y = shown.y + y1 * sy;
       const w = (x2 - x1) * sx;
       const h = (y2 - y1) * sy;
-      const colour = PALETTE[Math.abs(Number(d.class_id) || 0) % PALETTE.length];
+      const id = trackId(d);
+      if (id !== null) trackIds.push(id);
+      const colour = id === null ? PALETTE[Math.abs(Number(d.class_id) || 0) % PALETTE.length] : trackColour(id);
       ctx.strokeStyle = colour;
       ctx.strokeRect(x, y, w, h);
-      const label = `${d.class} ${Math.round(Number(d.confidence) * 100)}%`;
+      const label = `${d.class}${id === null ? '' : ` #${id}`} ${Math.round(Number(d.confidence) * 100)}%`;
       const textW = ctx.measureText(label).width + 8;
       const textH = 18;
       const labelY = y - textH >= 0 ? y - textH : y;
@@ -915,10 +1183,176 @@
       ctx.fillStyle = '#ffffff';
       ctx.fillText(label, labelX + 4, labelY + 3);
     }
+    if (showLine) drawLine(shown);
     canvas.dataset.drawn = String(detections.length);
+    canvas.dataset.trackIds = trackIds.join(' ');
     if (scene.frame && scene.frame.pts !== null) canvas.dataset.pts = String(scene.frame.pts);
     else delete canvas.dataset.pts;
   }
+
+  // Where the picture lies inside `el`'s box (object-fit: contain, centred), in CSS pixels.
+  function pictureRect(el, naturalW, naturalH) {
+    const scale = Math.min(el.clientWidth / naturalW, el.clientHeight / naturalH);
+    const w = naturalW * scale;
+    const h = naturalH * scale;
+    return { x: (el.clientWidth - w) / 2, y: (el.clientHeight - h) / 2, w, h };
+  }
+
+  // A track's own colour, the same for its every box: hues a golden angle apart, dark enough for
+  // white label text (contrast at least 4.5:1 at any hue).
+  const trackColour = (id) => `hsl(${(id * 137.508) % 360}, 70%, 28%)`;
+
+  // The counting line (or its first point while it is placed) over the picture `shown`. It is
+  // kept as fractions of the picture it was drawn on, so it is drawn where it would be sent.
+  // "in" marks the side that crossings into count as `in`: the right-hand side seen from the
+  // first point towards the second.
+  function drawLine(shown) {
+    const line = lineTool.line;
+    const at = (x, y, w, h) => [shown.x + (x / w) * shown.w, shown.y + (y / h) * shown.h];
+    ctx.save();
+    ctx.lineCap = 'round';
+    if (lineTool.first) {
+      const [x, y] = at(lineTool.first.x, lineTool.first.y, lineTool.first.w, lineTool.first.h);
+      dot(x, y);
+    } else if (line) {
+      const [x1, y1] = at(line.x1, line.y1, line.w, line.h);
+      const [x2, y2] = at(line.x2, line.y2, line.w, line.h);
+      ctx.strokeStyle = '#000000';
+      ctx.lineWidth = 5;
+      ctx.beginPath();
+      ctx.moveTo(x1, y1);
+      ctx.lineTo(x2, y2);
+      ctx.stroke();
+      ctx.strokeStyle = '#ffd600';
+      ctx.lineWidth = 3;
+      ctx.stroke();
+      dot(x1, y1);
+      dot(x2, y2);
+      const length = Math.hypot(x2 - x1, y2 - y1) || 1;
+      const nx = -(y2 - y1) / length;
+      const ny = (x2 - x1) / length;
+      const mx = (x1 + x2) / 2;
+      const my = (y1 + y2) / 2;
+      ctx.font = '700 12px system-ui, sans-serif';
+      ctx.textAlign = 'center';
+      ctx.textBaseline = 'middle';
+      for (const [word, sign] of [['in', 1], ['out', -1]]) {
+        const lx = mx + sign * nx * 20;
+        const ly = my + sign * ny * 20;
+        const w = ctx.measureText(word).width + 8;
+        ctx.fillStyle = '#000000';
+        ctx.fillRect(lx - w / 2, ly - 9, w, 18);
+        ctx.fillStyle = '#ffd600';
+        ctx.fillText(word, lx, ly);
+      }
+    }
+    ctx.restore();
+  }
+
+  function dot(x, y) {
+    ctx.fillStyle = '#ffd600';
+    ctx.strokeStyle = '#000000';
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    ctx.arc(x, y, 5, 0, 2 * Math.PI);
+    ctx.fill();
+    ctx.stroke();
+  }
+
+  // --- The counting line: placing it -------------------------------------------------------
+
+  // The line in pixels of a video of `size` ([width, height]; null when unknown: as drawn), as
+  // `lines=` takes it.
+  function linePoints(line, size) {
+    const sx = size ? size[0] / line.w : 1;
+    const sy = size ? size[1] / line.h : 1;
+    return [line.x1 * sx, line.y1 * sy, line.x2 * sx, line.y2 * sy].map((v) => Math.round(v)).join(',');
+  }
+
+  // A line can be placed while a video's picture is shown.
+  const canDrawNow = () => Boolean(run && run.kind === 'video' && run.canPlay && !ui.stage.hidden && ui.video.videoWidth);
+
+  // The buttons, the words under them and whether the overlay takes clicks, from lineTool.
+  function updateLineTool() {
+    const drawable = canDrawNow();
+    ui.overlay.classList.toggle('drawing', lineTool.drawing && drawable);
+    ui.drawLine.textContent = lineTool.drawing ? 'Stop drawing' : 'Draw a counting line';
+    ui.drawLine.setAttribute('aria-pressed', String(lineTool.drawing));
+    ui.clearLine.hidden = !lineTool.line;
+    let words;
+    if (lineTool.drawing && !drawable) {
+      words = 'Choose a video: it is shown, paused, for you to click the line\'s two points; then it is sent.';
+    } else if (lineTool.drawing) {
+      words = lineTool.first ? 'Click the line\'s second point on the video.' : 'Click the line\'s first point on the video.';
+      if (run.begun) words += ' The line goes with the next video you choose.';
+    } else if (lineTool.line) {
+      const [x1, y1, x2, y2] = linePoints(lineTool.line, null).split(',');
+      words = `${LINE_NAME}: (${x1}, ${y1}) to (${x2}, ${y2}) on a ${lineTool.line.w}×${lineTool.line.h} picture, ` +
+        'sent with each video until cleared. Crossings towards its "in" side count as in, the other way as out.';
+    } else {
+      words = 'No line: crossings are not counted.';
+    }
+    ui.lineInfo.textContent = words;
+  }
+
+  // A click on the overlay in video pixels, kept inside the picture.
+  function videoPoint(e) {
+    const box = ui.overlay.getBoundingClientRect();
+    const w = ui.video.videoWidth;
+    const h = ui.video.videoHeight;
+    const shown = pictureRect(ui.video, w, h);
+    const clamp = (v, max) => Math.min(max, Math.max(0, v));
+    return {
+      x: clamp(((e.clientX - box.left - shown.x) / shown.w) * w, w),
+      y: clamp(((e.clientY - box.top - shown.y) / shown.h) * h, h),
+      w,
+      h,
+    };
+  }
+
+  ui.overlay.addEventListener('click', (e) => {
+    if (!lineTool.drawing || !canDrawNow()) return;
+    e.preventDefault();
+    const p = videoPoint(e);
+    const first = lineTool.first;
+    if (!first) {
+      lineTool.first = p;
+    } else {
+      // A second click on (nearly) the same spot, such as a double click, places no line.
+      if (Math.hypot(p.x - first.x, p.y - first.y) < 4) return;
+      lineTool.line = { x1: first.x, y1: first.y, x2: p.x, y2: p.y, w: p.w, h: p.h };
+      stopDrawing();
+    }
+    updateLineTool();
+  });
+
+  // Drawing ends (a line placed, drawing stopped or the line cleared): a video waiting for its
+  // line is sent.
+  function stopDrawing() {
+    lineTool.drawing = false;
+    lineTool.first = null;
+    updateLineTool();
+    if (run) maybeBegin(run);
+  }
+
+  ui.drawLine.addEventListener('click', () => {
+    if (lineTool.drawing) {
+      stopDrawing();
+      return;
+    }
+    lineTool.drawing = true;
+    lineTool.first = null;
+    updateLineTool();
+  });
+
+  ui.clearLine.addEventListener('click', () => {
+    lineTool.line = null;
+    stopDrawing();
+  });
+
+  document.addEventListener('keydown', (e) => {
+    if (e.key === 'Escape' && lineTool.drawing) stopDrawing();
+  });
 
   function tick() {
     holdPlayback();
@@ -997,6 +1431,7 @@
   ui.classes.addEventListener('input', suggestClasses);
 
   setStatus('idle');
+  updateLineTool();
   loadHealth();
   requestAnimationFrame(tick);
 })();

@@ -5,10 +5,15 @@ Runs headless Chromium (selenium) against an already-running server and checks w
   1. a video: a `person` detection and the end summary appear, boxes are drawn over the video
      (non-transparent overlay pixels), and a screenshot of it is not blank;
   2. random bytes: an error message in words appears in #error;
-  3. an image: boxes are drawn over it and a `person` is listed.
+  3. an image: boxes are drawn over it and a `person` is listed;
+  4. tracking (with --tracking-video, the walking cat): "Track objects" ticked and a vertical
+     counting line clicked across the middle of the video before it is sent; the boxes carry a
+     track id, the line's counts go up while the video is processed and end at 1 in and 1 out,
+     and one cat is tracked. With --annotated, "Annotated video" is ticked too and the link that
+     `end` brings must play in a <video> element.
 
     python page_test.py --base http://127.0.0.1:PORT --video VIDEO --image IMAGE \
-        --junk JUNKFILE --screenshot OUT.png
+        --junk JUNKFILE --screenshot OUT.png [--tracking-video CLIP [--annotated]]
 
 Exit code 0 when every step passes; otherwise a message on stderr says which step failed and why.
 """
@@ -20,6 +25,7 @@ import time
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException, WebDriverException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -37,6 +43,9 @@ def parse_args():
     p.add_argument("--junk", required=True, help="a file of random bytes")
     p.add_argument("--screenshot", required=True, help="where to save the screenshot of the video case (PNG)")
     p.add_argument("--image-screenshot", help="also save a screenshot of the image case here")
+    p.add_argument("--tracking-video", help="a video of one cat crossing the middle once each way")
+    p.add_argument("--tracking-screenshot", help="also save a screenshot of the tracking case here")
+    p.add_argument("--annotated", action="store_true", help="also ask for the annotated video and play it")
     p.add_argument("--stride", help="set the page's stride field before choosing the video")
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the video's results")
     p.add_argument("--window", default="1280,1000", help="browser window size, WIDTH,HEIGHT")
@@ -212,6 +221,123 @@ def step_image(driver, args):
         print(f"[image] screenshot {args.image_screenshot}")
 
 
+def set_field(driver, field_id, value):
+    field = driver.find_element(By.ID, field_id)
+    field.clear()
+    if value:
+        field.send_keys(value)
+
+
+def tick(driver, box_id):
+    box = driver.find_element(By.ID, box_id)
+    if not box.is_selected():
+        box.click()
+
+
+def step_tracking(driver, args):
+    print(f"[tracking] choosing {args.tracking_video} with tracking and a counting line")
+    # Every frame: the counts must not depend on which frames the stride leaves out.
+    set_field(driver, "stride", "1")
+    tick(driver, "track")
+    if args.annotated:
+        tick(driver, "annotate")
+    # Records the line's counts each time they change, and whether the summary was shown yet:
+    # counts that change before the end come from the live crossing events.
+    driver.execute_script("""
+        window.lineCountsSeen = [];
+        new MutationObserver(() => {
+          const li = document.querySelector('#line-counts li[data-line]');
+          if (li) window.lineCountsSeen.push([Number(li.dataset.in), Number(li.dataset.out),
+                                               !document.getElementById('summary').hidden]);
+        }).observe(document.getElementById('line-counts'), { childList: true, subtree: true });
+    """)
+    driver.find_element(By.ID, "draw-line").click()
+    choose_file(driver, args.tracking_video)
+    # The video is shown, paused, and waits for the line; the overlay takes the clicks once it
+    # covers the picture.
+    wait_for(driver, "the video to wait for the counting line", 30, lambda d: d.execute_script("""
+        const v = document.getElementById('video'), c = document.getElementById('overlay');
+        const a = v.getBoundingClientRect(), b = c.getBoundingClientRect();
+        return document.getElementById('status').dataset.state === 'waiting' && v.videoWidth > 0
+          && c.classList.contains('drawing') && a.width > 0 && Math.abs(a.left - b.left) < 1
+          && Math.abs(a.top - b.top) < 1 && Math.abs(a.width - b.width) < 1 && Math.abs(a.height - b.height) < 1;
+    """))
+    overlay = driver.find_element(By.ID, "overlay")
+    height = overlay.size["height"]
+    # A vertical line through the middle, from near the top to near the bottom (offsets are from
+    # the element's centre).
+    for dy in (-height // 2 + 10, height // 2 - 10):
+        ActionChains(driver).move_to_element_with_offset(overlay, 0, dy).click().perform()
+    print(f"[tracking] line: {text(driver, '#line-info')!r}")
+    state = wait_for(driver, "the end summary", args.timeout,
+                     lambda d: (lambda s: s if s["summaryShown"] or s["state"] == "error" else None)(page_state(d)))
+    if state["state"] == "error":
+        raise Failure(f"the tracking video failed: {state['error']!r}")
+    print(f"[tracking] status: {state['status']!r}; frames: {state['frames']!r}")
+    result = driver.execute_script("""
+        const line = document.querySelector('#line-counts li[data-line]');
+        return {
+          line: line ? { name: line.dataset.line, points: line.dataset.points || '', in: Number(line.dataset.in),
+                         out: Number(line.dataset.out), text: line.innerText } : null,
+          tracks: [...document.querySelectorAll('#track-counts li[data-class]')]
+                    .map((li) => [li.dataset.class, Number(li.dataset.count)]),
+          final: document.getElementById('track-counts').dataset.final === '1',
+          tracked: document.querySelector('#detections tr[data-track][data-pts]')
+                     ? Number(document.querySelector('#detections tr[data-track][data-pts]').dataset.pts) : null,
+          seen: window.lineCountsSeen,
+        };
+    """)
+    print(f"[tracking] line counts: {result['line']}; tracks per class: {result['tracks']}")
+    line = result["line"]
+    if not line or not line["points"]:
+        raise Failure(f"the counting line was not sent: {line}")
+    x1, y1, x2, y2 = map(float, line["points"].split(","))
+    if abs(x1 - 320) > 3 or abs(x2 - 320) > 3 or abs(y2 - y1) < 400:
+        raise Failure(f"the clicked line is not the vertical line x=320 in video pixels: {line['points']}")
+    if (line["in"], line["out"]) != (1, 1):
+        raise Failure(f"the line should count 1 in and 1 out: {line}")
+    if not any(i + o > 0 and not done for i, o, done in result["seen"]):
+        raise Failure(f"the line's counts did not change before the end: {result['seen']}")
+    if not result["final"] or dict(result["tracks"]) != {"cat": 1}:
+        raise Failure(f"one cat should be tracked: {result['tracks']} (final: {result['final']})")
+    if result["tracked"] is None:
+        raise Failure("no row of #detections has a track id")
+
+    # The box at a tracked frame carries its track id.
+    pts = result["tracked"]
+    driver.execute_script(
+        "const v = document.getElementById('video'); v.pause(); v.currentTime = arguments[0] + 0.01;", pts)
+    ids = wait_for(driver, "a box with a track id drawn over the video", 30, lambda d: d.execute_script(
+        "const v = document.getElementById('video'), c = document.getElementById('overlay');"
+        "return !v.seeking && v.readyState >= 2 && Math.abs(Number(c.dataset.pts) - arguments[0]) < 1e-6"
+        " && c.dataset.trackIds;", pts))
+    print(f"[tracking] track ids drawn at {pts}: {ids!r}")
+    if args.tracking_screenshot:
+        driver.execute_script("window.scrollTo(0, 0);")
+        driver.save_screenshot(args.tracking_screenshot)
+        print(f"[tracking] screenshot {args.tracking_screenshot}")
+
+    if args.annotated:
+        link = wait_for(driver, "the annotated video's link", 10, lambda d: d.execute_script(
+            "const a = document.getElementById('annotated-link'); return a ? [a.href, a.innerText] : null;"))
+        print(f"[tracking] annotated video: {link[1]!r} at {link[0]}")
+        played = driver.execute_async_script("""
+            const [url, done] = arguments;
+            const v = document.createElement('video');
+            v.muted = true;
+            document.body.append(v);
+            const give = (what) => { clearInterval(timer); done(what); };
+            v.addEventListener('error', () => give({ error: v.error ? v.error.code : 'unknown' }));
+            const timer = setInterval(() => { if (v.currentTime > 0.3) give({ time: v.currentTime }); }, 100);
+            setTimeout(() => give({ time: v.currentTime, timeout: true }), 15000);
+            v.src = url;
+            v.play().catch((e) => give({ error: String(e) }));
+        """, link[0])
+        print(f"[tracking] the annotated video played: {played}")
+        if played.get("error") or played.get("timeout"):
+            raise Failure(f"the annotated video does not play in a <video> element: {played}")
+
+
 def main():
     args = parse_args()
     page = args.page or args.base.rstrip("/") + "/"
@@ -227,7 +353,9 @@ def main():
         step_video(driver, args)
         step_junk(driver, args)
         step_image(driver, args)
-        print("PASS: video, junk and image cases behave")
+        if args.tracking_video:
+            step_tracking(driver, args)
+        print("PASS: video, junk, image" + (" and tracking" if args.tracking_video else "") + " cases behave")
         return 0
     except (Failure, WebDriverException) as err:
         print(f"FAIL: {err}", file=sys.stderr)

@@ -6,6 +6,7 @@
 use serde::Serialize;
 
 use crate::ErrorCode;
+use crate::annotate::AnnotatedVideo;
 use crate::decode::MediaInfo;
 use crate::detect::Detection;
 use crate::track::{Crossing, EndedTrack, TrackEvent, TrackingTotals, ZoneChange};
@@ -47,6 +48,9 @@ pub enum Event {
         /// When the session tracked: distinct tracks per class, and the lines' and zones' totals.
         #[serde(flatten)]
         tracking: Option<TrackingTotals>,
+        /// When the session annotated: the video's size and where to fetch it, or why it failed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        video: Option<AnnotatedVideo>,
     },
     /// A track ended (lost for longer than the tracker waits, or the video ended).
     Track(EndedTrack),

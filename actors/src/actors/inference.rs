@@ -43,6 +43,9 @@ pub struct FrameDone {
     pub index: u64,
     pub pts: f64,
     pub result: Result<Vec<Detection>, InferenceError>,
+    /// The frame itself, back to the session (which draws on it when it annotates). `None`
+    /// when the frame never reached the model.
+    pub frame: Option<ModelFrame>,
 }
 
 /// Why a frame has no detections. One batch's failure is every frame's in it, hence the `Arc`.
@@ -147,7 +150,7 @@ impl Inference {
             // The worker thread is gone: fail these frames rather than hold them forever.
             self.in_flight = false;
             for job in batch {
-                job.reply.do_send(FrameDone { index: job.index, pts: job.pts, result: Err(InferenceError::WorkerStopped) });
+                job.reply.do_send(FrameDone { index: job.index, pts: job.pts, result: Err(InferenceError::WorkerStopped), frame: None });
             }
         }
     }
@@ -191,8 +194,8 @@ fn worker_loop(detector: Arc<Detector>, observer: Option<Arc<dyn InferenceObserv
         if let Some(observer) = &observer {
             observer.batch_done(count, seconds);
         }
-        for (job, result) in jobs.into_iter().zip(results) {
-            job.to.do_send(FrameDone { index: job.index, pts: job.pts, result });
+        for ((job, result), frame) in jobs.into_iter().zip(results).zip(frames) {
+            job.to.do_send(FrameDone { index: job.index, pts: job.pts, result, frame: Some(frame) });
         }
         actor.do_send(BatchDone { frames: count });
     }

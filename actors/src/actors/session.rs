@@ -13,6 +13,7 @@ use super::inference::{Forget, FrameDone, Inference};
 use super::messages::{Abort, Credit, DecodeFinished, DecoderOpened, Drain, Fail, UploadFailed, UploadFinished};
 use super::uploader::Uploader;
 use crate::ErrorCode;
+use crate::annotate::{AnnotateOptions, AnnotatedVideo, AnnotationDone, Annotator, Picture};
 use crate::buffer::Buffer;
 use crate::decode::{DecodeError, DecodeStats, MediaInfo};
 use crate::track::Tracking;
@@ -25,6 +26,17 @@ enum Storage {
     /// The file is being moved.
     Moving,
     Stored(PathBuf),
+}
+
+/// Where the session's annotated video is.
+enum Annotation {
+    Off,
+    /// Asked for; the annotator starts once the video's frame rate is known.
+    Wanted(AnnotateOptions),
+    Running(Annotator),
+    /// Every frame is drawn; the annotator completes the file.
+    Finishing,
+    Done(AnnotatedVideo),
 }
 
 /// The actors and the buffer a session talks to.
@@ -62,6 +74,7 @@ pub struct Session {
     finished: bool,
     /// The session's tracks, and the confidence a box needs to be shown without a track.
     tracking: Option<(Tracking, f32)>,
+    annotation: Annotation,
 }
 
 impl Session {
@@ -86,7 +99,26 @@ impl Session {
             processed: 0,
             finished: false,
             tracking: None,
+            annotation: Annotation::Off,
         }
+    }
+
+    /// Writes an annotated video (see [`crate::annotate`]).
+    pub fn annotate(mut self, options: Option<AnnotateOptions>) -> Self {
+        self.annotation = options.map_or(Annotation::Off, Annotation::Wanted);
+        self
+    }
+
+    /// Starts the annotator, now that the frame rate is known. Its credits go straight back to
+    /// the decoder, once each picture is encoded.
+    fn start_annotator(&mut self, frame_rate: f64, ctx: &mut Context<Self>) {
+        let Annotation::Wanted(options) = std::mem::replace(&mut self.annotation, Annotation::Off) else { return };
+        let (Some(decoder), overlay) = (self.decoder.clone(), self.tracking.as_ref().map(|(t, _)| t.overlay()).unwrap_or_default()) else { return };
+        let encoded = Box::new(move || decoder.do_send(Credit(1)));
+        self.annotation = match Annotator::start(options, overlay, frame_rate, encoded, ctx.address().recipient()) {
+            Ok(annotator) => Annotation::Running(annotator),
+            Err(err) => Annotation::Done(AnnotatedVideo::Failed { error: format!("cannot start annotating: {err}") }),
+        };
     }
 
     /// Tracks objects over the frames (see [`Tracking`]).
@@ -134,6 +166,11 @@ impl Session {
         if matches!(self.storage, Storage::Moving) {
             return; // `end` names the stored file
         }
+        match std::mem::replace(&mut self.annotation, Annotation::Finishing) {
+            Annotation::Running(annotator) => return annotator.finish(), // `end` names the video
+            Annotation::Finishing => return,
+            other => self.annotation = other,
+        }
         let media_file = match &self.storage {
             // The name under `media_dir`: where the server keeps files is not the client's
             // business.
@@ -151,8 +188,21 @@ impl Session {
             }
             totals
         });
-        let event =
-            Event::End { frames_decoded, frames_processed: self.processed, bytes, sha256, upload_seconds, seconds: round3(seconds), media_file, tracking };
+        let video = match std::mem::replace(&mut self.annotation, Annotation::Off) {
+            Annotation::Done(video) => Some(video),
+            _ => None,
+        };
+        let event = Event::End {
+            frames_decoded,
+            frames_processed: self.processed,
+            bytes,
+            sha256,
+            upload_seconds,
+            seconds: round3(seconds),
+            media_file,
+            tracking,
+            video,
+        };
         self.emit(event);
         ctx.stop();
     }
@@ -229,6 +279,7 @@ impl Handler<DecoderOpened> for Session {
         if let Some((tracking, _)) = &mut self.tracking {
             tracking.start(media.fps);
         }
+        self.start_annotator(media.fps, ctx);
         self.media = Some(media.clone());
         let event = Event::Start { session: self.id.clone(), media, model: self.model.clone() };
         self.emit(event);
@@ -249,17 +300,35 @@ impl Handler<FrameDone> for Session {
                     detections.retain(|d| d.confidence >= shown || d.track_id.is_some());
                     events
                 });
+                match (&self.annotation, done.frame) {
+                    // The annotator gives the frame's credit back once it is encoded.
+                    (Annotation::Running(annotator), Some(frame)) => {
+                        let counts = self.tracking.as_ref().map(|(tracking, _)| tracking.counts_text()).unwrap_or_default();
+                        annotator.draw(Picture { frame, pts: done.pts, detections: detections.clone(), counts });
+                    }
+                    _ => {
+                        if let Some(decoder) = &self.decoder {
+                            decoder.do_send(Credit(1));
+                        }
+                    }
+                }
                 self.emit(Event::Frame { index: done.index, pts: done.pts, detections });
                 for event in tracked.into_iter().flatten() {
                     self.emit(event.into());
-                }
-                if let Some(decoder) = &self.decoder {
-                    decoder.do_send(Credit(1));
                 }
                 self.maybe_end(ctx);
             }
             Err(error) => self.fail(ctx, ErrorCode::Internal, error.to_string()),
         }
+    }
+}
+
+impl Handler<AnnotationDone> for Session {
+    type Result = ();
+
+    fn handle(&mut self, AnnotationDone(video): AnnotationDone, ctx: &mut Context<Self>) {
+        self.annotation = Annotation::Done(video);
+        self.maybe_end(ctx);
     }
 }
 

@@ -144,6 +144,19 @@ impl Tracking {
         &self.totals
     }
 
+    /// The lines and zones counted, to draw.
+    pub fn overlay(&self) -> (Vec<Line>, Vec<Zone>) {
+        (self.lines.clone(), self.zones.clone())
+    }
+
+    /// The running counts in words, one line per counting line and zone.
+    pub fn counts_text(&self) -> Vec<String> {
+        let sum = |counts: &ClassCounts| counts.values().sum::<u64>();
+        let lines = self.totals.lines.iter().map(|l| format!("{}: in {}, out {}", l.name, sum(&l.into), sum(&l.out)));
+        let zones = self.totals.zones.iter().zip(&self.occupancy).map(|(z, now)| format!("{}: {} now, {} entered", z.name, now, sum(&z.entries)));
+        lines.chain(zones).collect()
+    }
+
     fn move_track(&mut self, id: u64, class_id: usize, class_name: &str, to: Point, pts: f64, events: &mut Vec<TrackEvent>) {
         let (lines, zones) = (self.lines.len(), self.zones.len());
         let places = self.places.entry(id).or_insert_with(|| Places { off_line: vec![None; lines], in_zone: vec![false; zones] });
