@@ -110,7 +110,7 @@ fn the_service_serves_the_video_for_the_replay_window_then_removes_it() {
     assert_eq!(read_head(&mut reader), 200);
     let end = ndjson(&read_body(&mut reader)).pop().unwrap();
     let url = end["video"]["url"].as_str().unwrap_or_else(|| panic!("no video in {end}")).to_string();
-    assert_eq!(url, format!("/sessions/{id}/video"));
+    assert_eq!(url, format!("/sessions/{id}/video?session={id}"));
     let mut response = get(addr, &url, "");
     let (status, headers) = read_response_head(&mut response);
     assert_eq!((status, headers.get("content-type").map(String::as_str)), (200, Some("video/mp4")));

@@ -303,6 +303,19 @@ fn replicas_behind(kind: Kind) {
     let (status, ..) = watch_path(&proxy.addr, &format!("/sessions/{tag}-affinity-000001/events?session={tag}-affinity-000002"));
     assert_eq!(status, 400, "the query may only repeat the path's id");
 
+    // A session's annotated video comes from the replica that ran the session.
+    for i in 0..2 {
+        let clip = std::fs::read(fixtures().join("clip.ts")).unwrap();
+        let path = format!("/detect/video?max_frames=2&annotate=1&session={tag}-annotated-{i:06}");
+        let (status, ran_on, mut reader, _) = start_upload(&proxy.addr, &path, clip, 64 << 10, Duration::ZERO);
+        assert_eq!(status, 200);
+        let end = read_events(&mut reader, false, None).pop().expect("events").event;
+        let url = end["video"]["url"].as_str().unwrap_or_else(|| panic!("no video: {end}")).to_string();
+        let mut video = get(&proxy.addr, &url, "");
+        let (status, headers) = read_response_head(&mut video);
+        assert_eq!((status, headers.get("x-streamdet-replica")), (200, Some(&ran_on)), "{url}");
+    }
+
     // A full replica says so on /ready (its liveness stays 200); HAProxy's health check then
     // sends uploads without an id to the other one. (nginx has no active health check.)
     let slow = |addr: &str, piece: usize, pause_ms: u64| {

@@ -1,21 +1,25 @@
-//! `GET /sessions/{id}/video`: a session's annotated video (`annotate=1`), once `end` came and
-//! for its replay window; then the file is removed.
+//! `GET /sessions/{id}/video[?session={id}]`: a session's annotated video (`annotate=1`), once
+//! `end` came and for its replay window; then the file is removed.
 
+use std::collections::HashMap;
 use std::io::Read;
 
 use actix_web::{HttpResponse, web};
 use bytes::Bytes;
 use streamdet_actors::ErrorCode;
 
-use super::params::{SESSION_ID_RULE, valid_session_id};
+use super::params::{SESSION_ID_RULE, session_query, valid_session_id};
 use super::{AppState, error_response};
 
 /// Bytes read from the file at a time.
 const CHUNK: usize = 256 << 10;
 
-pub async fn session_video(id: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+pub async fn session_video(id: web::Path<String>, query: web::Query<HashMap<String, String>>, state: web::Data<AppState>) -> HttpResponse {
     if !valid_session_id(&id) {
         return error_response(ErrorCode::BadParameter, SESSION_ID_RULE);
+    }
+    if let Err(message) = session_query(&query, &id) {
+        return error_response(ErrorCode::BadParameter, message);
     }
     let Some(video) = state.sessions.video(&id) else {
         return error_response(

@@ -11,7 +11,7 @@ use futures_util::future::Either;
 use streamdet_actors::ErrorCode;
 use streamdet_actors::actors::Event;
 
-use super::params::{SESSION_ID_RULE, valid_session_id};
+use super::params::{SESSION_ID_RULE, session_query, valid_session_id};
 use super::{AppState, error_response};
 use crate::sessions::{Refused, SessionLog, WatchSlot};
 
@@ -83,13 +83,8 @@ pub async fn session_events(req: HttpRequest, id: web::Path<String>, query: web:
     if !valid_session_id(&id) {
         return error_response(ErrorCode::BadParameter, SESSION_ID_RULE);
     }
-    // `?session=` may repeat the id, for proxies that hash on the query alone; it may not name
-    // another session.
-    if let Some(unknown) = query.keys().find(|k| k.as_str() != "session") {
-        return error_response(ErrorCode::BadParameter, format!("unknown parameter {unknown:?} (known: session)"));
-    }
-    if query.get("session").is_some_and(|repeated| repeated != id.as_str()) {
-        return error_response(ErrorCode::BadParameter, "?session= must repeat the id of the path");
+    if let Err(message) = session_query(&query, &id) {
+        return error_response(ErrorCode::BadParameter, message);
     }
     let from = match req.headers().get("Last-Event-ID").map(|v| v.to_str().map(str::trim)) {
         None => 0,

@@ -30,6 +30,18 @@ pub fn valid_session_id(id: &str) -> bool {
     (16..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// The query of the routes under `/sessions/{id}/`: nothing, or `session` repeating the path's
+/// id (for proxies that hash on the query alone, such as ingress-nginx's `upstream-hash-by`).
+pub fn session_query(query: &HashMap<String, String>, id: &str) -> Result<(), String> {
+    if let Some(unknown) = query.keys().find(|k| k.as_str() != "session") {
+        return Err(format!("unknown parameter {unknown:?} (known: session)"));
+    }
+    if query.get("session").is_some_and(|repeated| repeated != id) {
+        return Err("?session= must repeat the id of the path".into());
+    }
+    Ok(())
+}
+
 pub fn video_params(query: &HashMap<String, String>, detector: &Detector, config: &Config) -> Result<SessionParams, String> {
     let (defaults, track) = (&config.detect, &config.track);
     const KNOWN: [&str; 11] = ["conf", "iou", "classes", "stride", "fps", "max_frames", "session", "track", "lines", "zones", "annotate"];

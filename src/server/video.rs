@@ -71,7 +71,8 @@ pub async fn detect_video(req: HttpRequest, query: web::Query<HashMap<String, St
     };
     params.id = Some(id.clone());
     if let Some(annotate) = &mut params.annotate {
-        annotate.url = Some(format!("/sessions/{id}/video"));
+        // The id in the query too, for proxies that hash on `?session=` alone.
+        annotate.url = Some(format!("/sessions/{id}/video?session={id}"));
     }
     let limit = state.config.server.max_upload_bytes;
     if declared_length(&req).is_some_and(|len| len > limit) {

@@ -152,7 +152,9 @@ fn run(
             Ok(Work::Draw(picture)) => {
                 if failure.is_none() {
                     let started = std::time::Instant::now();
-                    let drawn = draw_and_encode(&mut writer, &file, *picture, overlay, frame_rate);
+                    // A bug here must not leave the decoder waiting for credits that never come.
+                    let drawn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| draw_and_encode(&mut writer, &file, *picture, overlay, frame_rate)))
+                        .unwrap_or_else(|_| Err("the annotator panicked".into()));
                     busy += started.elapsed();
                     if let Err(err) = drawn {
                         failure = Some(format!("annotating failed: {err}"));
