@@ -39,12 +39,13 @@ fi
 command -v cargo >/dev/null || { say "cargo not found: install a Rust toolchain (rustup) first"; exit 1; }
 
 # --- Python venv ------------------------------------------------------------------------------
-# onnxruntime, numpy, onnx: the engine's oracle and benchmark peer; scikit-image, matplotlib: the
+# onnxruntime, numpy, onnx: the engine's oracle and benchmark peer; openvino: the other engine
+# the model benchmark compares with; scikit-image, matplotlib: the
 # photos the fixtures are made of; fastapi, uvicorn, av, pillow: the Python seed service, a
 # benchmark peer; selenium: drives chromium in the page's tests; motmetrics (MOTChallenge ground
 # truth and scoring) and supervision (a Python ByteTrack; it was removed in 0.31): the tracker's
 # measurement.
-requirements="onnxruntime numpy onnx scikit-image matplotlib fastapi uvicorn av pillow selenium motmetrics==1.4.0 supervision==0.30.9"
+requirements="onnxruntime openvino numpy onnx scikit-image matplotlib fastapi uvicorn av pillow selenium motmetrics==1.4.0 supervision==0.30.9"
 stamp=".venv/.streamdet-requirements"
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$requirements" ]; then
   say "making the Python venv (.venv): $requirements"

@@ -30,6 +30,7 @@ fn the_benchmark_harness_writes_a_report_with_numbers_and_charts() {
     let skipped = results["skipped"].as_array().unwrap();
     let named = |needle: &str| skipped.iter().any(|s| s.as_str().unwrap_or("").contains(needle));
     assert!(results["model"][0]["ort_ms"].is_number() || named("ONNX Runtime"));
+    assert!(results["model"][0]["openvino_ms"].is_number() || named("OpenVINO"));
     assert!(e2e[0]["seed"].is_object() || named("seed"));
     assert!(!results["concurrency"].as_array().unwrap().is_empty() || named("concurrent uploads"));
     for chart in ["timeline.svg", "model.svg"] {

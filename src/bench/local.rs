@@ -15,7 +15,7 @@ use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams, Uploa
 
 use super::Bench;
 use super::media::{self, Container};
-use super::peers;
+use super::peers::{self, ModelPeer};
 use super::report::*;
 use super::stats::{MIB, letterboxed_size, median, median_opt};
 use crate::config::Config;
@@ -64,22 +64,32 @@ impl Bench {
             Some(batch_model) => cases.extend([(batch_model.clone(), 1), (batch_model.clone(), 4)]),
             None => self.skip("model latency of the dynamic-batch export: --batch-model not found".into()),
         }
-        let ort_missing = self.peers.ort_missing();
-        if let Some(why) = &ort_missing {
-            self.skip(format!("ONNX Runtime: {why}"));
+        // The peers that can run, each timed right after ours, repetition by repetition.
+        let mut peers = Vec::new();
+        for (peer, missing, name) in
+            [(ModelPeer::OnnxRuntime, self.peers.ort_missing(), "ONNX Runtime"), (ModelPeer::OpenVino, self.peers.openvino_missing(), "OpenVINO")]
+        {
+            match missing {
+                Some(why) => self.skip(format!("{name}: {why}")),
+                None => peers.push(peer),
+            }
         }
         let mut progress = self.progress.stage("model", (cases.len() * self.plan.reps) as u64);
         for (model, batch) in cases {
-            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            let (mut ours, mut ort, mut openvino) = (Vec::new(), Vec::new(), Vec::new());
             let name = model.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
             for _ in 0..self.plan.reps {
                 ours.push(peers::our_model_ms(&model, batch, self.threads, self.plan.model_runs)?);
-                if ort_missing.is_none() {
-                    theirs.push(Some(peers::ort_model_ms(&self.peers, &model, batch, self.threads, self.plan.model_runs)?));
+                for &peer in &peers {
+                    let ms = peers::peer_model_ms(&self.peers, peer, &model, batch, self.threads, self.plan.model_runs)?;
+                    match peer {
+                        ModelPeer::OnnxRuntime => ort.push(Some(ms)),
+                        ModelPeer::OpenVino => openvino.push(Some(ms)),
+                    }
                 }
                 progress.step(&format!("{name} batch {batch}"));
             }
-            self.results.model.push(ModelRow { model: name, batch, ours_ms: median(ours), ort_ms: median_opt(theirs) });
+            self.results.model.push(ModelRow { model: name, batch, ours_ms: median(ours), ort_ms: median_opt(ort), openvino_ms: median_opt(openvino) });
         }
         progress.finish();
         Ok(())

@@ -17,13 +17,20 @@ pub struct PeerPaths {
     pub python: PathBuf,
     /// `ort_bench.py`.
     pub ort_bench: PathBuf,
+    /// `openvino_bench.py`: the same measurement with OpenVINO's CPU plugin.
+    pub openvino_bench: PathBuf,
     /// The seed service's `server.py`.
     pub seed_server: PathBuf,
 }
 
 impl PeerPaths {
     pub fn new(python: PathBuf, peers_dir: &Path) -> Self {
-        PeerPaths { python, ort_bench: peers_dir.join("ort_bench.py"), seed_server: peers_dir.join("seed_ref/server.py") }
+        PeerPaths {
+            python,
+            ort_bench: peers_dir.join("ort_bench.py"),
+            openvino_bench: peers_dir.join("openvino_bench.py"),
+            seed_server: peers_dir.join("seed_ref/server.py"),
+        }
     }
 
     fn python_has(&self, modules: &str) -> Result<(), String> {
@@ -43,6 +50,14 @@ impl PeerPaths {
             return Some(format!("{} not found", self.ort_bench.display()));
         }
         self.python_has("onnxruntime, numpy").err()
+    }
+
+    /// Why OpenVINO cannot be timed, if it cannot.
+    pub fn openvino_missing(&self) -> Option<String> {
+        if !self.openvino_bench.exists() {
+            return Some(format!("{} not found", self.openvino_bench.display()));
+        }
+        self.python_has("openvino, numpy").err()
     }
 
     /// Why the seed service cannot run, if it cannot.
@@ -73,10 +88,21 @@ pub fn our_model_ms(model: &Path, batch: usize, threads: usize, runs: usize) -> 
     json_output(&mut cmd)?["median_ms"].as_f64().context("no median_ms")
 }
 
-/// Median milliseconds per call of ONNX Runtime on the same file and thread count.
-pub fn ort_model_ms(peers: &PeerPaths, model: &Path, batch: usize, threads: usize, runs: usize) -> anyhow::Result<f64> {
+/// A model runtime timed by a script of `../shared/peers` on the same file, input and threads.
+#[derive(Debug, Clone, Copy)]
+pub enum ModelPeer {
+    OnnxRuntime,
+    OpenVino,
+}
+
+/// Median milliseconds per call of a peer runtime on the same file and thread count.
+pub fn peer_model_ms(peers: &PeerPaths, peer: ModelPeer, model: &Path, batch: usize, threads: usize, runs: usize) -> anyhow::Result<f64> {
+    let script = match peer {
+        ModelPeer::OnnxRuntime => &peers.ort_bench,
+        ModelPeer::OpenVino => &peers.openvino_bench,
+    };
     let mut cmd = Command::new(&peers.python);
-    cmd.arg(&peers.ort_bench).arg(model);
+    cmd.arg(script).arg(model);
     cmd.args(["--batch", &batch.to_string(), "--threads", &threads.to_string(), "--runs", &runs.to_string()]);
     json_output(&mut cmd)?["median_ms"].as_f64().context("no median_ms")
 }

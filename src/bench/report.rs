@@ -78,6 +78,7 @@ pub struct ModelRow {
     pub batch: usize,
     pub ours_ms: f64,
     pub ort_ms: Option<f64>,
+    pub openvino_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -177,11 +178,21 @@ pub fn markdown(results: &Results, command: &str) -> String {
     if !results.model.is_empty() {
         let _ = writeln!(
             md,
-            "## Model\n\nLatency of one call on random input, ours (`streamdet bench-model`) and ONNX Runtime (`ort_bench.py`), same file, same threads.\n"
+            "## Model\n\nLatency of one call on random input, ours (`streamdet bench-model`), ONNX Runtime (`ort_bench.py`) and OpenVINO (`openvino_bench.py`, CPU plugin, fp32, latency hint), same file, same input, same threads; a ratio is our time over theirs.\n"
         );
-        let _ = writeln!(md, "| model | batch | streamdet ms | ONNX Runtime ms | ratio |\n|---|---|---|---|---|");
+        let _ = writeln!(md, "| model | batch | streamdet ms | ONNX Runtime ms | ratio | OpenVINO ms | ratio |\n|---|---|---|---|---|---|---|");
         for r in &results.model {
-            let _ = writeln!(md, "| {} | {} | {:.1} | {} | {} |", r.model, r.batch, r.ours_ms, opt(r.ort_ms, 1), ratio(r.ours_ms, r.ort_ms));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.1} | {} | {} | {} | {} |",
+                r.model,
+                r.batch,
+                r.ours_ms,
+                opt(r.ort_ms, 1),
+                ratio(r.ours_ms, r.ort_ms),
+                opt(r.openvino_ms, 1),
+                ratio(r.ours_ms, r.openvino_ms)
+            );
         }
         md.push_str("\n![model latency](model.svg)\n\n");
     }
@@ -393,11 +404,15 @@ pub fn concurrency_chart(rows: &[ConcurrencyRow], path: &Path) -> anyhow::Result
 }
 
 /// Model latency, ours next to ONNX Runtime, one pair of bars per model and batch.
+/// One runtime's bars in the model chart: its name, where its bar sits in a group, its colour,
+/// its figure.
+type ModelBar = (&'static str, f64, RGBColor, fn(&ModelRow) -> Option<f64>);
+
 pub fn model_chart(rows: &[ModelRow], path: &Path) -> anyhow::Result<()> {
     let draw = || -> ChartResult {
         let root = SVGBackend::new(path, (760, 420)).into_drawing_area();
         root.fill(&WHITE)?;
-        let ms_max = rows.iter().flat_map(|r| [Some(r.ours_ms), r.ort_ms]).flatten().fold(1.0, f64::max) * 1.2;
+        let ms_max = rows.iter().flat_map(|r| [Some(r.ours_ms), r.ort_ms, r.openvino_ms]).flatten().fold(1.0, f64::max) * 1.2;
         let labels: Vec<String> = rows.iter().map(|r| format!("{} b{}", r.model, r.batch)).collect();
         let mut chart = ChartBuilder::on(&root)
             .caption("Model latency per call (lower is faster)", ("sans-serif", 20))
@@ -415,14 +430,17 @@ pub fn model_chart(rows: &[ModelRow], path: &Path) -> anyhow::Result<()> {
             })
             .y_desc("milliseconds")
             .draw()?;
-        let bars = [("streamdet", 0.1, PALETTE[0]), ("ONNX Runtime", 0.5, PALETTE[1])];
-        for (name, offset, colour) in bars {
-            let values: Vec<(usize, f64)> =
-                rows.iter().enumerate().filter_map(|(i, r)| if name == "streamdet" { Some((i, r.ours_ms)) } else { r.ort_ms.map(|v| (i, v)) }).collect();
+        let bars: [ModelBar; 3] = [
+            ("streamdet", 0.08, PALETTE[0], |r| Some(r.ours_ms)),
+            ("ONNX Runtime", 0.36, PALETTE[1], |r| r.ort_ms),
+            ("OpenVINO", 0.64, PALETTE[2], |r| r.openvino_ms),
+        ];
+        for (name, offset, colour, value) in bars {
+            let values: Vec<(usize, f64)> = rows.iter().enumerate().filter_map(|(i, r)| value(r).map(|v| (i, v))).collect();
             chart
                 .draw_series(values.into_iter().map(|(i, v)| {
                     let x0 = i as f64 + offset;
-                    Rectangle::new([(x0, 0.0), (x0 + 0.38, v)], colour.filled())
+                    Rectangle::new([(x0, 0.0), (x0 + 0.26, v)], colour.filled())
                 }))?
                 .label(name)
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour.filled()));
@@ -446,8 +464,8 @@ mod tests {
             buffer: Some(BufferResult { bytes: 16 << 20, gib_per_s: 1.5, peak_rss_mib: 30.0 }),
             decode: Some(DecodeResult { clip: "1 s 1080p".into(), frames: 30, ours_fps: 175.0, ffmpeg_fps: Some(180.0) }),
             model: vec![
-                ModelRow { model: "yolov12n".into(), batch: 1, ours_ms: 150.0, ort_ms: Some(80.0) },
-                ModelRow { model: "yolo11n".into(), batch: 4, ours_ms: 400.0, ort_ms: None },
+                ModelRow { model: "yolov12n".into(), batch: 1, ours_ms: 150.0, ort_ms: Some(80.0), openvino_ms: Some(100.0) },
+                ModelRow { model: "yolo11n".into(), batch: 4, ours_ms: 400.0, ort_ms: None, openvino_ms: None },
             ],
             end_to_end: vec![EndToEndRow {
                 container: "MP4 faststart".into(),
@@ -485,8 +503,8 @@ mod tests {
             "Test CPU, 2 cores",
             "| 1.50 GiB/s | 30 MiB |",
             "| 175 | 180 | 1.03 |",
-            "| yolov12n | 1 | 150.0 | 80.0 | 1.88 |",
-            "| yolo11n | 4 | 400.0 | skipped | – |",
+            "| yolov12n | 1 | 150.0 | 80.0 | 1.88 | 100.0 | 1.50 |",
+            "| yolo11n | 4 | 400.0 | skipped | – | skipped | – |",
             "| MP4 faststart | 2 MB/s | 0.40 / 2.10 | 2.50 / 5.00 | 1.2 / 0.6 | 0.50 |",
             "| 1 | 7.00 | 7.10 |\n| 2 | 7.50 | 8.50 |",
             "| 64 MiB | 90 MiB | 180 MiB | 3.0 |",
