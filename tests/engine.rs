@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{Device, Tensor};
-use streamdet_actors::detect::{self, DetectError, DetectParams, Detector, ModelFrame};
+use streamdet_actors::detect::{self, DetectError, DetectParams, Detector, Kernels, ModelFrame};
 
 use crate::support::{self, python, read_f32, run_ok, write_f32};
 
@@ -37,14 +37,23 @@ fn fresh_seed() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
-/// Compares our raw output with ONNX Runtime's: box rows within 0.05 px, scores within 1e-3.
+/// Compares our raw output with ONNX Runtime's, on our CPU kernels and on candle's operations
+/// (the path a GPU build takes): box rows within 0.05 px, scores within 1e-3.
 fn check_raw_parity(model: &Path, batch: usize) {
-    let detector = Detector::load(model, Device::Cpu).unwrap();
+    for kernels in [Kernels::Native, Kernels::Generic] {
+        check_raw_parity_with(model, batch, kernels);
+    }
+}
+
+fn check_raw_parity_with(model: &Path, batch: usize, kernels: Kernels) {
+    let detector = Detector::load_with(model, Device::Cpu, 0, kernels).unwrap();
     let detect::Size { width: w, height: h } = detector.input_size();
     let seed = fresh_seed();
     let input = random_input(batch * 3 * h * w, seed);
     let tensor = Tensor::from_vec(input.clone(), (batch, 3, h, w), &Device::Cpu).unwrap();
+    let started = std::time::Instant::now();
     let ours_tensor = detector.run_raw(&tensor).unwrap();
+    let ms = started.elapsed().as_secs_f64() * 1e3;
     let ours: Vec<f32> = ours_tensor.flatten_all().unwrap().to_vec1().unwrap();
     let (theirs, shape) = onnx_runtime(model, &input, [batch, 3, h, w]);
     assert_eq!(ours_tensor.dims(), shape.as_slice(), "output shape");
@@ -57,7 +66,7 @@ fn check_raw_parity(model: &Path, batch: usize) {
         if row < 4 { box_diff = box_diff.max(d) } else { score_diff = score_diff.max(d) }
     }
     eprintln!(
-        "parity {} (batch {batch}, seed {seed}): max |box diff| {box_diff:.5} px, max |score diff| {score_diff:.2e}",
+        "parity {} ({kernels:?} kernels, {ms:.0} ms, batch {batch}, seed {seed}): max |box diff| {box_diff:.5} px, max |score diff| {score_diff:.2e}",
         model.file_name().unwrap().to_string_lossy()
     );
     assert!(box_diff <= 0.05, "boxes differ by {box_diff} px");
@@ -101,8 +110,14 @@ fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
 
 #[test]
 fn photo_detections_match_onnx_runtime() {
+    for kernels in [Kernels::Native, Kernels::Generic] {
+        photo_detections_match_onnx_runtime_with(kernels);
+    }
+}
+
+fn photo_detections_match_onnx_runtime_with(kernels: Kernels) {
     let model = support::default_model();
-    let detector = Detector::load(&model, Device::Cpu).unwrap();
+    let detector = Detector::load_with(&model, Device::Cpu, 0, kernels).unwrap();
     let params = DetectParams::default();
     let mut classes_seen = Vec::new();
     for photo in support::photos() {
@@ -117,7 +132,7 @@ fn photo_detections_match_onnx_runtime() {
         let raw = Tensor::from_vec(raw, shape, &Device::Cpu).unwrap();
         let theirs = detector.detections(&raw, &frames, &params).unwrap().remove(0);
         let name = photo.file_name().unwrap().to_string_lossy();
-        eprintln!("{name}: ours {:?}", ours.iter().map(|d| (&d.class_name, d.confidence)).collect::<Vec<_>>());
+        eprintln!("{name} ({kernels:?} kernels): ours {:?}", ours.iter().map(|d| (&d.class_name, d.confidence)).collect::<Vec<_>>());
         assert_eq!(ours.len(), theirs.len(), "{name}: {ours:?} vs {theirs:?}");
         for (a, b) in ours.iter().zip(&theirs) {
             assert_eq!(a.class_id, b.class_id, "{name}");

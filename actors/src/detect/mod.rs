@@ -22,7 +22,7 @@ mod views;
 
 pub use self::image::{ImageError, decode_image};
 pub use crate::frame::{Letterbox, ModelFrame, Size, letterbox_rgb};
-pub use engine::{Engine, OpProfile};
+pub use engine::{Engine, Kernels, OpProfile};
 pub use model::ModelInfo;
 pub use postprocess::{DetectParams, Detection};
 
@@ -82,6 +82,12 @@ impl Detector {
 
     /// Loads `path` for `device`; CPU kernels use `threads` threads (0: one per core).
     pub fn load_with_threads(path: &Path, device: Device, threads: usize) -> Result<Self, DetectError> {
+        Self::load_with(path, device, threads, Kernels::Native)
+    }
+
+    /// Loads `path` for `device` with the given kernels: [`Kernels::Generic`] runs candle's
+    /// operations for every step, as a GPU build does, on whatever device.
+    pub fn load_with(path: &Path, device: Device, threads: usize, kernels: Kernels) -> Result<Self, DetectError> {
         let model = model::OnnxModel::load(path)?;
         let bad = |message: String| DetectError::BadModel { path: path.to_path_buf(), message };
         let input = model.inputs.first().ok_or_else(|| bad("the graph has no input".into()))?;
@@ -93,7 +99,7 @@ impl Detector {
             None => BatchMode::Dynamic,
         };
         let info = ModelInfo::from_metadata(&model.metadata, input).map_err(bad)?;
-        let engine = Engine::plan(&model, &device)?;
+        let engine = Engine::plan_with(&model, &device, kernels)?;
         let pool =
             rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("streamdet-infer-{i}")).build().map_err(DetectError::Threads)?;
         let mut detector = Detector { engine, info, batch, classes: 0, pool };

@@ -6,15 +6,11 @@ use rayon::prelude::*;
 
 use super::custom_ops::{ConvWithResidual, CpuAttention, CpuBinary, CpuMatMul, CpuMaxPool, CpuPermute, CpuSoftmax, CpuUnary, CpuUpsample};
 use super::fold::CONV_MORE_PARTS;
-use super::{AttentionViews, BinaryOp, CResult, ConvOp, Op, ReduceKind, tensor_from_data};
+use super::{AttentionViews, BinaryOp, CResult, ConvOp, Op, ReduceKind, Target, tensor_from_data};
 use crate::detect::kernels::activation::{Activation, UnaryFn};
 use crate::detect::kernels::{self, attention, packed_gemm};
 use crate::detect::model::TensorValues;
 use crate::detect::views::{self, ViewStep};
-
-fn is_cpu_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
-}
 
 /// Concatenation of contiguous CPU `f32` tensors along `axis`, copying in parallel (candle's
 /// `cat` copies on one thread); `None` for anything else, which candle then concatenates.
@@ -106,9 +102,9 @@ fn with_cpu_storages<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> 
 
 /// Runs a chain of views one step at a time (transposes of CPU `f32` tensors on their own
 /// kernel), for when it cannot be read in place.
-fn run_chain(t: &Tensor, chain: &[ViewStep]) -> CResult<Tensor> {
+fn run_chain(t: &Tensor, chain: &[ViewStep], target: &Target) -> CResult<Tensor> {
     chain.iter().try_fold(t.clone(), |t, step| match step {
-        ViewStep::Permute(perm) if is_cpu_f32(&t) => {
+        ViewStep::Permute(perm) if target.native_f32(&t) => {
             let perm = perm.clone().unwrap_or_else(|| (0..t.rank()).rev().collect());
             t.contiguous()?.apply_op1_no_bwd(&CpuPermute(perm))
         }
@@ -165,21 +161,21 @@ fn attention_unfolded(
     v: &Tensor,
     [q_transposed, k_transposed, v_transposed]: [bool; 3],
     alpha: f32,
-    device: &Device,
+    target: &Target,
 ) -> CResult<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let rank = q.rank();
     let same_batch = rank >= 2 && [&k, &v].iter().all(|t| t.rank() == rank && t.dims()[..rank - 2] == q.dims()[..rank - 2]);
-    if [&q, &k, &v].iter().all(|t| is_cpu_f32(t)) && same_batch && packed_gemm::available() {
+    if [&q, &k, &v].iter().all(|t| target.native_f32(t)) && same_batch && packed_gemm::available() {
         let op = CpuAttention { q_transposed, k_transposed, v_transposed, alpha };
         return q.apply_op3_no_bwd(&k, &v, &op);
     }
     // The three steps it fuses, on whatever device holds the tensors.
     let product = Op::MatMul { a_transposed: q_transposed, b_transposed: k_transposed, alpha };
-    let scores = eval(&product, &[Some(&q), Some(&k)], device)?.remove(0);
-    let weights = eval(&Op::Softmax { axis: -1 }, &[Some(&scores)], device)?.remove(0);
+    let scores = eval(&product, &[Some(&q), Some(&k)], target)?.remove(0);
+    let weights = eval(&Op::Softmax { axis: -1 }, &[Some(&scores)], target)?.remove(0);
     let mix = Op::MatMul { a_transposed: v_transposed, b_transposed: true, alpha: 1.0 };
-    Ok(eval(&mix, &[Some(&v), Some(&weights)], device)?.remove(0))
+    Ok(eval(&mix, &[Some(&v), Some(&weights)], target)?.remove(0))
 }
 
 fn normalize_axis(axis: i64, rank: usize) -> CResult<usize> {
@@ -198,7 +194,8 @@ pub(super) fn ints(t: &Tensor) -> CResult<Vec<i64>> {
     t.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()
 }
 
-pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResult<Vec<Tensor>> {
+pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], target: &Target) -> CResult<Vec<Tensor>> {
+    let device = &target.device;
     let x = || input(args, 0);
     let one = |t: Tensor| Ok(vec![t]);
     match op {
@@ -206,10 +203,10 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResul
             let parts = std::iter::once(args.first()).chain(args.iter().skip(CONV_MORE_PARTS).map(Some));
             let parts: Vec<&Tensor> =
                 parts.map(|a| a.copied().flatten()).collect::<Option<_>>().ok_or_else(|| candle_core::Error::Msg("missing concatenation part".into()))?;
-            one(conv_of_parts(c, &parts, args.get(3).copied().flatten())?)
+            one(conv_of_parts(c, &parts, args.get(3).copied().flatten(), target)?)
         }
-        Op::Conv(c) => one(conv(c, x()?, args.get(3).copied().flatten())?),
-        Op::Unary(f) if is_cpu_f32(x()?) => one(x()?.contiguous()?.apply_op1_no_bwd(&CpuUnary(*f))?),
+        Op::Conv(c) => one(conv(c, x()?, args.get(3).copied().flatten(), target)?),
+        Op::Unary(f) if target.native_f32(x()?) => one(x()?.contiguous()?.apply_op1_no_bwd(&CpuUnary(*f))?),
         Op::Unary(f) => one(match f {
             UnaryFn::Sigmoid => candle_nn::ops::sigmoid(x()?)?,
             UnaryFn::Exp => x()?.exp()?,
@@ -217,7 +214,7 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResul
         }),
         Op::Binary(b) => {
             let (l, r) = (x()?, input(args, 1)?);
-            if is_cpu_f32(l) && is_cpu_f32(r) && (l.dims() == r.dims() || r.elem_count() == 1) {
+            if target.native_f32(l) && target.native_f32(r) && (l.dims() == r.dims() || r.elem_count() == 1) {
                 return one(l.contiguous()?.apply_op2_no_bwd(&r.contiguous()?, &CpuBinary(*b))?);
             }
             one(match b {
@@ -251,14 +248,14 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResul
             let parts: Vec<&Tensor> = args.iter().flatten().copied().collect();
             let first = parts.first().ok_or_else(|| candle_core::Error::Msg("Concat of nothing".into()))?;
             let axis = normalize_axis(*axis, first.rank())?;
-            match concat_cpu(&parts, axis)? {
+            match if target.native { concat_cpu(&parts, axis)? } else { None } {
                 Some(t) => one(t),
                 None => one(Tensor::cat(&parts, axis)?),
             }
         }
         Op::MaxPool { kernel, stride, pads } => {
             let t = x()?;
-            if is_cpu_f32(t) && t.rank() == 4 {
+            if target.native_f32(t) && t.rank() == 4 {
                 let pool = CpuMaxPool { kernel: *kernel, stride: *stride, pads: *pads };
                 one(t.contiguous()?.apply_op1_no_bwd(&pool)?)
             } else {
@@ -285,7 +282,7 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResul
             if h == 0 || w == 0 || oh % h != 0 || ow % w != 0 {
                 candle_core::bail!("only integer upsampling is supported ({h}x{w} to {oh}x{ow})");
             }
-            if is_cpu_f32(t) && t.rank() == 4 {
+            if target.native_f32(t) && t.rank() == 4 {
                 one(t.contiguous()?.apply_op1_no_bwd(&CpuUpsample { height: oh, width: ow })?)
             } else {
                 one(t.upsample_nearest2d(oh, ow)?)
@@ -298,12 +295,12 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResul
         Op::Transpose { perm } => {
             let t = x()?;
             let perm = perm.clone().unwrap_or_else(|| (0..t.rank()).rev().collect());
-            if is_cpu_f32(t) { one(t.contiguous()?.apply_op1_no_bwd(&CpuPermute(perm))?) } else { one(t.permute(perm)?.contiguous()?) }
+            if target.native_f32(t) { one(t.contiguous()?.apply_op1_no_bwd(&CpuPermute(perm))?) } else { one(t.permute(perm)?.contiguous()?) }
         }
         Op::Softmax { axis } => {
             let t = x()?;
             let axis = normalize_axis(*axis, t.rank())?;
-            if is_cpu_f32(t) {
+            if target.native_f32(t) {
                 one(t.contiguous()?.apply_op1_no_bwd(&CpuSoftmax { axis })?)
             } else if axis + 1 == t.rank() {
                 one(candle_nn::ops::softmax_last_dim(&t.contiguous()?)?)
@@ -337,7 +334,7 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResul
         Op::MatMul { a_transposed, b_transposed, alpha } => {
             let (a, b) = (x()?.contiguous()?, input(args, 1)?.contiguous()?);
             let same_batch = a.rank() >= 2 && a.rank() == b.rank() && a.dims()[..a.rank() - 2] == b.dims()[..b.rank() - 2];
-            if is_cpu_f32(&a) && is_cpu_f32(&b) && same_batch && packed_gemm::available() {
+            if target.native_f32(&a) && target.native_f32(&b) && same_batch && packed_gemm::available() {
                 let op = CpuMatMul { a_transposed: *a_transposed, b_transposed: *b_transposed, alpha: *alpha };
                 one(a.apply_op2_no_bwd(&b, &op)?)
             } else {
@@ -348,7 +345,7 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResul
         }
         Op::View(chain) => {
             let t = x()?;
-            if is_cpu_f32(t) {
+            if target.native_f32(t) {
                 let t = t.contiguous()?;
                 if let Some(view) = views::view_through(t.dims(), chain)? {
                     // Rows that are runs of adjacent floats copy fast; anything else goes step by
@@ -359,20 +356,20 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResul
                     }
                 }
             }
-            one(run_chain(t, chain)?)
+            one(run_chain(t, chain, target)?)
         }
         Op::Attention { q_transposed, k_transposed, v_transposed, alpha, views } => {
             let operands = [x()?, input(args, 1)?, input(args, 2)?];
-            if operands.iter().all(|t| is_cpu_f32(t))
+            if operands.iter().all(|t| target.native_f32(t))
                 && packed_gemm::available()
                 && let Some(result) = attention_in_place(operands, [*q_transposed, *k_transposed, *v_transposed], *alpha, views)?
             {
                 return one(result);
             }
             let [q, k, v] = operands;
-            let (q, k, v) = (run_chain(q, &views.operands[0])?, run_chain(k, &views.operands[1])?, run_chain(v, &views.operands[2])?);
-            let result = attention_unfolded(&q, &k, &v, [*q_transposed, *k_transposed, *v_transposed], *alpha, device)?;
-            one(run_chain(&result, &views.result)?)
+            let (q, k, v) = (run_chain(q, &views.operands[0], target)?, run_chain(k, &views.operands[1], target)?, run_chain(v, &views.operands[2], target)?);
+            let result = attention_unfolded(&q, &k, &v, [*q_transposed, *k_transposed, *v_transposed], *alpha, target)?;
+            one(run_chain(&result, &views.result, target)?)
         }
         Op::Reduce { kind, axes, keepdims } => {
             let t = x()?;
@@ -398,7 +395,7 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResul
         Op::Shape => {
             let dims: Vec<i64> = x()?.dims().iter().map(|&d| d as i64).collect();
             let len = dims.len();
-            one(Tensor::from_vec(dims, len, &Device::Cpu)?)
+            one(Tensor::from_vec(dims, len, device)?)
         }
         Op::Gather { axis } => {
             let t = x()?;
@@ -437,18 +434,18 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], device: &Device) -> CResul
             let (s, l, d) = (scalar(0)?, scalar(1)?, scalar(2)?);
             if s.dtype() == DType::F32 {
                 let v = |t: &Tensor| -> CResult<f32> { Ok(t.to_vec1::<f32>()?[0]) };
-                one(Tensor::arange_step(v(&s)?, v(&l)?, v(&d)?, &Device::Cpu)?)
+                one(Tensor::arange_step(v(&s)?, v(&l)?, v(&d)?, device)?)
             } else {
                 let v = |t: &Tensor| -> CResult<i64> { Ok(ints(t)?[0]) };
-                one(Tensor::arange_step(v(&s)?, v(&l)?, v(&d)?, &Device::Cpu)?)
+                one(Tensor::arange_step(v(&s)?, v(&l)?, v(&d)?, device)?)
             }
         }
         Op::Cast { to } => one(x()?.to_dtype(*to)?),
         Op::ConstantOfShape { value } => {
             let dims: Vec<usize> = ints(x()?)?.into_iter().map(|d| d.max(0) as usize).collect();
             one(match &value.values {
-                TensorValues::F32(v) => Tensor::full(v.first().copied().unwrap_or(0.0), dims, &Device::Cpu)?,
-                TensorValues::I64(v) => Tensor::full(v.first().copied().unwrap_or(0), dims, &Device::Cpu)?,
+                TensorValues::F32(v) => Tensor::full(v.first().copied().unwrap_or(0.0), dims, device)?,
+                TensorValues::I64(v) => Tensor::full(v.first().copied().unwrap_or(0), dims, device)?,
             })
         }
         Op::Expand => {
@@ -475,11 +472,11 @@ fn broadcast_shape(a: &[usize], b: &[usize]) -> CResult<Vec<usize>> {
 }
 
 /// A convolution, plus `residual` when the graph adds one to its output.
-fn conv(c: &ConvOp, x: &Tensor, residual: Option<&Tensor>) -> CResult<Tensor> {
+fn conv(c: &ConvOp, x: &Tensor, residual: Option<&Tensor>, target: &Target) -> CResult<Tensor> {
     let Some(residual) = residual else { return conv_alone(c, x) };
     let fits = match (x.dims(), residual.dims()) {
         (&[n, _, h, w], &[rn, rc, rh, rw]) => {
-            c.weight.is_none() && is_cpu_f32(residual) && c.conv.output_size(h, w) == Some((rh, rw)) && (n, c.conv.spec().out_channels) == (rn, rc)
+            c.weight.is_none() && target.native_f32(residual) && c.conv.output_size(h, w) == Some((rh, rw)) && (n, c.conv.spec().out_channels) == (rn, rc)
         }
         _ => false,
     };
@@ -493,21 +490,21 @@ fn conv(c: &ConvOp, x: &Tensor, residual: Option<&Tensor>) -> CResult<Tensor> {
 
 /// A convolution of the concatenation of `parts` along channels. On the CPU it reads each part
 /// where it lies; otherwise the parts are concatenated first.
-fn conv_of_parts(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tensor>) -> CResult<Tensor> {
-    if let Some(out) = conv_of_parts_in_place(c, parts, residual)? {
+fn conv_of_parts(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tensor>, target: &Target) -> CResult<Tensor> {
+    if let Some(out) = conv_of_parts_in_place(c, parts, residual, target)? {
         return Ok(out);
     }
     let axis = 1;
-    let x = match concat_cpu(parts, axis)? {
+    let x = match if target.native { concat_cpu(parts, axis)? } else { None } {
         Some(t) => t,
         None => Tensor::cat(parts, axis)?,
     };
-    conv(c, &x, residual)
+    conv(c, &x, residual, target)
 }
 
 /// [`conv_of_parts`] on the CPU kernel, when every part is a CPU `f32` tensor of the same
 /// `[n, _, h, w]` whose channel planes are contiguous; `Ok(None)` otherwise.
-fn conv_of_parts_in_place(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tensor>) -> CResult<Option<Tensor>> {
+fn conv_of_parts_in_place(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tensor>, target: &Target) -> CResult<Option<Tensor>> {
     let conv = &c.conv;
     let Some(&[n, _, h, w]) = parts.first().map(|p| p.dims()) else { return Ok(None) };
     let Some((oh, ow)) = conv.output_size(h, w) else {
@@ -516,9 +513,9 @@ fn conv_of_parts_in_place(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tenso
     let out_dims = [n, conv.spec().out_channels, oh, ow];
     let usable = |t: &Tensor| {
         let planes_contiguous = matches!(t.layout().stride(), &[_, s1, s2, 1] if s1 == h * w && s2 == w);
-        is_cpu_f32(t) && matches!(t.dims(), &[pn, _, ph, pw] if (pn, ph, pw) == (n, h, w)) && planes_contiguous
+        target.native_f32(t) && matches!(t.dims(), &[pn, _, ph, pw] if (pn, ph, pw) == (n, h, w)) && planes_contiguous
     };
-    let residual_fits = residual.is_none_or(|r| is_cpu_f32(r) && r.dims() == out_dims);
+    let residual_fits = residual.is_none_or(|r| target.native_f32(r) && r.dims() == out_dims);
     if c.weight.is_some() || !parts.iter().all(|t| usable(t)) || !residual_fits {
         return Ok(None);
     }

@@ -3,10 +3,10 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use super::eval::ints;
-use super::{Op, Step};
+use super::{Op, Step, Target};
 use crate::detect::views::ViewStep;
 
 /// The view a step makes of its input, when it is one: a `Transpose`, a `Reshape` to a
@@ -39,8 +39,8 @@ fn view_step(step: &Step, slot: usize, constants: &HashMap<usize, Tensor>) -> Op
 ///   gets it from one [`Op::View`] copy instead of a copy per step.
 ///
 /// Steps whose results nobody reads any more are dropped.
-pub(super) fn fold_views(mut steps: Vec<Step>, constants: &HashMap<usize, Tensor>, output_slot: usize, device: &Device) -> Vec<Step> {
-    if !device.is_cpu() {
+pub(super) fn fold_views(mut steps: Vec<Step>, constants: &HashMap<usize, Tensor>, output_slot: usize, target: &Target) -> Vec<Step> {
+    if !target.native {
         return steps;
     }
     let mut dead = vec![false; steps.len()];
@@ -146,8 +146,8 @@ pub(super) const CONV_MORE_PARTS: usize = 4;
 /// `Concat` over axis 1 whose result only convolutions read, as their input, goes away, and
 /// each of them takes the parts instead (the first as its input, the others from
 /// [`CONV_MORE_PARTS`] on).
-pub(super) fn fold_concats_into_convs(mut steps: Vec<Step>, output_slot: usize, device: &Device) -> Vec<Step> {
-    if !device.is_cpu() {
+pub(super) fn fold_concats_into_convs(mut steps: Vec<Step>, output_slot: usize, target: &Target) -> Vec<Step> {
+    if !target.native {
         return steps;
     }
     let mut dead = vec![false; steps.len()];

@@ -155,10 +155,39 @@ struct AttentionViews {
     result: Vec<ViewStep>,
 }
 
+/// Which kernels a plan runs on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// streamdet's own kernels wherever they apply (the CPU only).
+    #[default]
+    Native,
+    /// candle's operations for every step, as on a GPU: the path a CUDA build takes, run on the
+    /// CPU so that the tests can hold it against ONNX Runtime.
+    Generic,
+}
+
+/// Where a plan runs, and whether its steps may use streamdet's CPU kernels.
+#[derive(Debug, Clone)]
+struct Target {
+    device: Device,
+    native: bool,
+}
+
+impl Target {
+    fn new(device: &Device, kernels: Kernels) -> Target {
+        Target { device: device.clone(), native: device.is_cpu() && kernels == Kernels::Native }
+    }
+
+    /// Whether `t` may go to a CPU kernel.
+    fn native_f32(&self, t: &Tensor) -> bool {
+        self.native && t.device().is_cpu() && t.dtype() == DType::F32
+    }
+}
+
 /// A planned graph, ready to run.
 #[derive(Debug)]
 pub struct Engine {
-    device: Device,
+    target: Target,
     steps: Vec<Step>,
     slot_count: usize,
     constants: Vec<(usize, Tensor)>,
@@ -174,8 +203,14 @@ fn tensor_from_data(data: &TensorData, device: &Device) -> CResult<Tensor> {
 }
 
 impl Engine {
-    /// Plans `model` for `device`.
+    /// Plans `model` for `device`, with streamdet's kernels on the CPU.
     pub fn plan(model: &OnnxModel, device: &Device) -> Result<Self, DetectError> {
+        Self::plan_with(model, device, Kernels::Native)
+    }
+
+    /// Plans `model` for `device`, with the given kernels.
+    pub fn plan_with(model: &OnnxModel, device: &Device, kernels: Kernels) -> Result<Self, DetectError> {
+        let target = Target::new(device, kernels);
         let input = model.inputs.first().ok_or_else(|| DetectError::BadModelText("the graph has no input".into()))?;
         let output = model.outputs.first().ok_or_else(|| DetectError::BadModelText("the graph has no output".into()))?;
         let nodes = fuse::fuse(&model.nodes, &model.initializers);
@@ -186,17 +221,18 @@ impl Engine {
             *slots.entry(name.to_string()).or_insert(next)
         };
         let mut constants: HashMap<usize, Tensor> = HashMap::new();
-        let cpu = Device::Cpu;
+        // Constants are folded on the CPU, then moved to the device once.
+        let cpu = Target::new(&Device::Cpu, kernels);
         for (name, data) in &model.initializers {
             let slot = slot_of(name, &mut slots);
-            let tensor = tensor_from_data(data, &cpu).map_err(|e| DetectError::BadModelText(format!("initializer {name:?}: {e}")))?;
+            let tensor = tensor_from_data(data, &cpu.device).map_err(|e| DetectError::BadModelText(format!("initializer {name:?}: {e}")))?;
             constants.insert(slot, tensor);
         }
         let input_slot = slot_of(&input.name, &mut slots);
 
         let mut steps = Vec::new();
         for node in &nodes {
-            let op = parse::parse_op(node, &model.initializers, device)?;
+            let op = parse::parse_op(node, &model.initializers, &target)?;
             let inputs: Vec<Option<usize>> = node.inputs.iter().map(|name| (!name.is_empty()).then(|| slot_of(name, &mut slots))).collect();
             let outputs: Vec<usize> = node.outputs.iter().map(|name| slot_of(name, &mut slots)).collect();
             let foldable = !matches!(op, Op::Conv(_)) && inputs.iter().flatten().all(|s| constants.contains_key(s));
@@ -213,8 +249,8 @@ impl Engine {
             }
         }
         let output_slot = *slots.get(output).ok_or_else(|| DetectError::BadModelText(format!("output {output:?} is never produced")))?;
-        let steps = fold::fold_views(steps, &constants, output_slot, device);
-        let mut steps = fold::fold_concats_into_convs(steps, output_slot, device);
+        let steps = fold::fold_views(steps, &constants, output_slot, &target);
+        let mut steps = fold::fold_concats_into_convs(steps, output_slot, &target);
 
         // Keep only the constants that a step reads, moved to the device once.
         let mut last_use: HashMap<usize, usize> = HashMap::new();
@@ -236,11 +272,11 @@ impl Engine {
                 steps[i].release.push(slot);
             }
         }
-        Ok(Engine { device: device.clone(), steps, slot_count: slots.len(), constants: used_constants, input_slot, output_slot })
+        Ok(Engine { target, steps, slot_count: slots.len(), constants: used_constants, input_slot, output_slot })
     }
 
     pub fn device(&self) -> &Device {
-        &self.device
+        &self.target.device
     }
 
     /// Runs the graph on `input` and returns its first output.
@@ -259,7 +295,7 @@ impl Engine {
         for step in &self.steps {
             let args: Vec<Option<&Tensor>> = step.inputs.iter().map(|s| s.and_then(|s| values[s].as_ref())).collect();
             let started = profile.is_some().then(std::time::Instant::now);
-            let results = eval::eval(&step.op, &args, &self.device).map_err(|e| execution_error(step, e))?;
+            let results = eval::eval(&step.op, &args, &self.target).map_err(|e| execution_error(step, e))?;
             if let (Some(profile), Some(started)) = (profile.as_deref_mut(), started) {
                 let entry = profile.entry(profile_key(step)).or_default();
                 entry.0 += started.elapsed().as_secs_f64() * 1000.0;

@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
-use super::{BinaryOp, ConvOp, Op, ReduceKind};
+use super::{BinaryOp, ConvOp, Op, ReduceKind, Target};
 use crate::detect::DetectError;
 use crate::detect::kernels::activation::{Activation, UnaryFn};
 use crate::detect::kernels::conv::{Conv2d, ConvSpec};
@@ -68,9 +68,9 @@ fn pads4(node: &Node) -> Result<(usize, usize, usize, usize), DetectError> {
     }
 }
 
-pub(super) fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, device: &Device) -> Result<Op, DetectError> {
+pub(super) fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, target: &Target) -> Result<Op, DetectError> {
     Ok(match node.op_type.as_str() {
-        "Conv" => Op::Conv(Box::new(parse_conv(node, initializers, device)?)),
+        "Conv" => Op::Conv(Box::new(parse_conv(node, initializers, target)?)),
         "Sigmoid" => Op::Unary(UnaryFn::Sigmoid),
         "Exp" => Op::Unary(UnaryFn::Exp),
         "Add" => Op::Binary(BinaryOp::Add),
@@ -165,7 +165,7 @@ pub(super) fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, 
     })
 }
 
-fn parse_conv(node: &Node, initializers: &HashMap<String, TensorData>, device: &Device) -> Result<ConvOp, DetectError> {
+fn parse_conv(node: &Node, initializers: &HashMap<String, TensorData>, target: &Target) -> Result<ConvOp, DetectError> {
     let constant = |i: usize| node.inputs.get(i).filter(|n| !n.is_empty()).map(|n| initializers.get(n));
     let weight = match constant(1) {
         Some(Some(TensorData { shape, values: TensorValues::F32(v) })) if shape.len() == 4 => (shape.clone(), v.clone()),
@@ -205,7 +205,9 @@ fn parse_conv(node: &Node, initializers: &HashMap<String, TensorData>, device: &
         activation,
     };
     let conv = Conv2d::new(spec, weights, bias).map_err(|e| unsupported(node, e.to_string()))?.with_packed_weights();
-    let (weight, bias) = if device.is_cpu() {
+    // The CPU kernel packs the weights itself; candle's conv2d takes them as a tensor.
+    let device = &target.device;
+    let (weight, bias) = if target.native {
         (None, None)
     } else {
         let w = Tensor::from_vec(conv.weights().to_vec(), (out_channels, cin_g, kh, kw), device).map_err(DetectError::from_candle)?;
