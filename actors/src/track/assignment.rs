@@ -7,6 +7,15 @@
 /// least, each costing at most `limit`.
 pub fn assign(cost: &[f64], rows: usize, columns: usize, limit: f64) -> Vec<(usize, usize)> {
     debug_assert_eq!(cost.len(), rows * columns);
+    // A row or column with no pair under the limit stays unmatched whatever the rest does: the
+    // matching runs on the others only (a frame's false positives far from every track, or
+    // tracks lost far from every box, cost nothing).
+    let live_rows: Vec<usize> = (0..rows).filter(|&r| (0..columns).any(|c| cost[r * columns + c] <= limit)).collect();
+    let live_columns: Vec<usize> = (0..columns).filter(|&c| (0..rows).any(|r| cost[r * columns + c] <= limit)).collect();
+    if live_rows.len() < rows || live_columns.len() < columns {
+        let reduced: Vec<f64> = live_rows.iter().flat_map(|&r| live_columns.iter().map(move |&c| cost[r * columns + c])).collect();
+        return assign(&reduced, live_rows.len(), live_columns.len(), limit).into_iter().map(|(r, c)| (live_rows[r], live_columns[c])).collect();
+    }
     if rows == 0 || columns == 0 {
         return Vec::new();
     }

@@ -41,6 +41,10 @@ const SECOND_MATCH_THRESHOLD: f64 = 0.5;
 const CONFIRM_MATCH_THRESHOLD: f64 = 0.7;
 /// A lost track and a tracked one overlapping more than this are one object twice.
 const DUPLICATE_IOU: f32 = 0.85;
+/// Lost tracks kept at most, the longest lost ending first. Time ends them normally, but a
+/// video whose timestamps stand still (or run back) would otherwise keep every object it ever
+/// showed, and matching would grow with them.
+pub const MAX_LOST_TRACKS: usize = 256;
 
 /// A track as it ended: what a `track` event reports.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -212,6 +216,13 @@ impl ByteTracker {
             }
         }
         self.mark_duplicates(&mut keep);
+        let mut lost: Vec<usize> = (0..self.tracks.len()).filter(|&t| keep[t] && self.tracks[t].state == State::Lost).collect();
+        if lost.len() > MAX_LOST_TRACKS {
+            lost.sort_by(|&a, &b| self.tracks[a].last_pts.total_cmp(&self.tracks[b].last_pts));
+            for &t in &lost[..lost.len() - MAX_LOST_TRACKS] {
+                keep[t] = false;
+            }
+        }
         let mut ended = Vec::new();
         let mut kept = keep.into_iter();
         self.tracks.retain(|track| {
@@ -328,6 +339,22 @@ mod tests {
         assert_eq!(ended.len(), 1, "lost for longer than lost_track_seconds");
         assert_eq!(ended[0].last_box, person(0.9, 200.0).bbox);
         assert_eq!(tracker.update(1.24, &[person(0.9, 200.0)]).ids, [None], "what comes back later is a new object");
+    }
+
+    #[test]
+    fn timestamps_that_stand_still_keep_the_lost_tracks_bounded() {
+        // A thousand objects, each seen in two frames and never again, all at pts 0: time never
+        // ends their tracks.
+        let mut tracker = ByteTracker::new(TrackParams::default(), 25.0);
+        let mut ended = 0;
+        for frame in 0..2000u32 {
+            let k = frame / 2;
+            let at = |v: u32| v as f32;
+            let object = Detection { bbox: [at(k % 500 * 120), at(k / 500 * 300), at(k % 500 * 120 + 60), at(k / 500 * 300 + 160)], ..person(0.9, 0.0) };
+            ended += tracker.update(0.0, &[object]).ended.len();
+        }
+        assert!(tracker.tracks.len() <= MAX_LOST_TRACKS + 1, "{} tracks", tracker.tracks.len());
+        assert_eq!(ended + tracker.finish().len(), 1000, "every object's track ends once");
     }
 
     #[test]
