@@ -3,7 +3,6 @@
 //! `ffmpeg ... -f mpegts - | streamdet detect -` works on a live encode.
 
 use std::io::{Read, Write};
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,12 +93,9 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         ..config.pipeline_options(model_path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()))
     };
     let tracking = config.track.request(args.track.then_some("bytetrack"), args.lines.as_deref(), args.zones.as_deref()).map_err(Failure::Usage)?;
-    // Written beside its destination, so that moving it there at the end is a rename.
-    let annotate = args.annotate.as_ref().map(|out| AnnotateOptions {
-        dir: out.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| ".".into(), Path::to_path_buf),
-        max_bytes: u64::MAX,
-        url: None,
-    });
+    // Written in the temp directory, where `streamdet serve` sweeps what a crash leaves, then
+    // moved to its destination.
+    let annotate = args.annotate.as_ref().map(|_| AnnotateOptions { max_bytes: u64::MAX, ..config.annotate_options() });
     let params = SessionParams { id: None, selection, detect, live, max_frames: args.max_frames, tracking, annotate };
     let system = actix_rt::System::new();
     let code = system.block_on(async move {

@@ -6,6 +6,12 @@ use ab_glyph::{Font, FontRef, PxScale, ScaleFont};
 
 static FONT_BYTES: &[u8] = include_bytes!("../../assets/DejaVuSans-Bold.ttf");
 
+/// The bundled font, parsed once for every label of every frame.
+fn font() -> &'static FontRef<'static> {
+    static FONT: std::sync::OnceLock<FontRef<'static>> = std::sync::OnceLock::new();
+    FONT.get_or_init(|| FontRef::try_from_slice(FONT_BYTES).expect("the bundled font parses"))
+}
+
 pub type Rgb = [u8; 3];
 
 /// A packed RGB picture to draw on.
@@ -73,7 +79,7 @@ impl<'a> Canvas<'a> {
     /// `text` on a filled label whose top-left corner is at (x, y), for text `size` pixels high;
     /// kept inside the picture. Returns the label's width.
     pub fn label(&mut self, x: f32, y: f32, size: f32, text: &str, background: Rgb, foreground: Rgb) -> f32 {
-        let font = FontRef::try_from_slice(FONT_BYTES).expect("the bundled font parses");
+        let font = font();
         let scaled = font.as_scaled(PxScale::from(size));
         let width: f32 = text.chars().map(|c| scaled.h_advance(font.glyph_id(c))).sum::<f32>() + 6.0;
         let height = label_height(size);
@@ -98,8 +104,7 @@ impl<'a> Canvas<'a> {
 
 /// The height of a label for text `size` pixels high.
 pub fn label_height(size: f32) -> f32 {
-    let font = FontRef::try_from_slice(FONT_BYTES).expect("the bundled font parses");
-    let scaled = font.as_scaled(PxScale::from(size));
+    let scaled = font().as_scaled(PxScale::from(size));
     scaled.ascent() - scaled.descent() + 4.0
 }
 
