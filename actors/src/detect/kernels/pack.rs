@@ -87,7 +87,7 @@ impl PackedB {
     }
 
     /// The first `len` floats, grown (zeros) when shorter.
-    fn floats_mut(&mut self, len: usize) -> &mut [f32] {
+    pub(super) fn floats_mut(&mut self, len: usize) -> &mut [f32] {
         let lines = len.div_ceil(16);
         if self.0.len() < lines {
             self.0.resize(lines, Line([0.0; 16]));

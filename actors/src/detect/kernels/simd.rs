@@ -42,6 +42,9 @@ pub(super) unsafe trait Lanes: Copy {
     unsafe fn recip(self) -> Self;
     unsafe fn reduce_max(self) -> f32;
     unsafe fn reduce_sum(self) -> f32;
+    /// The four vectors' lanes interleaved: lane `i` of `v[b]` goes to place `4 * i + b` of the
+    /// result read as one run of `4 * LEN` floats (a 4 x LEN matrix transposed).
+    unsafe fn interleave4(v: [Self; 4]) -> [Self; 4];
 
     /// `e^self`, clamped like the scalar [`exp`](super::activation::exp) so that the result is
     /// finite: Cephes' range reduction and polynomial, with fused multiply-adds.

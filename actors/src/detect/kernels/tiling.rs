@@ -24,7 +24,18 @@ use super::pack::{PackedA, PackedB};
 pub unsafe fn gemm(a: &PackedA, rows: std::ops::Range<usize>, b: &PackedB, width: usize, c: *mut f32, ldc: usize, epilogue: Option<&Epilogue>) {
     let (k, nr) = (a.k(), a.isa().nr());
     assert!(b.len() >= width.div_ceil(nr) * k * nr, "B holds fewer panels than the width needs");
-    let b = b.as_ptr();
+    // SAFETY: the caller's contract; `b` holds the panels (checked above) and is aligned.
+    unsafe { gemm_panels(a, rows, b.as_ptr(), width, c, ldc, epilogue) }
+}
+
+/// Like [`gemm`], with `B`'s packed panels at `b`.
+///
+/// # Safety
+/// As for [`gemm`]; `b` is 64-byte aligned and holds `width.div_ceil(nr) * k * nr` readable
+/// floats.
+pub unsafe fn gemm_panels(a: &PackedA, rows: std::ops::Range<usize>, b: *const f32, width: usize, c: *mut f32, ldc: usize, epilogue: Option<&Epilogue>) {
+    let (k, nr) = (a.k(), a.isa().nr());
+    debug_assert!(b.addr().is_multiple_of(64), "B panels are aligned for the microkernel's loads");
     // SAFETY: the caller's contract; each block is `kc` rows of one packed `B` panel.
     unsafe { tiles(a, rows, width, c, ldc, epilogue, |k0, _kc, q| b.add((q * k + k0) * nr)) }
 }

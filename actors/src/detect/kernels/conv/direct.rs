@@ -31,30 +31,8 @@ impl Conv2d {
         let (hp, wp) = ((h + pt + pb).div_ceil(sh), (w + pl + pr).div_ceil(sw));
         let plane = hp * wp;
         let channel_len = sh * sw * plane;
-        // The last tile of a row reads up to `nr - 1` columns past it: slack after the last plane.
-        let planes_len = n * self.spec.in_channels * channel_len;
-        let mut padded: Vec<f32> = Vec::with_capacity(planes_len + MAX_NR);
-        zeroed(&mut padded.spare_capacity_mut()[planes_len..planes_len + MAX_NR]);
-        let isa = self.isa();
         let layout = PhaseLayout { h, w, pt, pl, sh, sw, plane, hp, wp };
-        padded.spare_capacity_mut()[..planes_len].par_chunks_mut(channel_len).enumerate().for_each(|(index, dst)| {
-            let src = input.plane(index / self.spec.in_channels, index % self.spec.in_channels);
-            // Only the padding is zeroed (the pixels are written next), here rather than by the
-            // allocator: in parallel, and just before the copy.
-            zero_phase_padding(dst, &layout);
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the CPU supports AVX-512F (the weights were packed for it).
-                Some(Isa::Avx512) => unsafe { split_phases_avx512(dst, src, &layout) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the CPU supports AVX2 (the weights were packed for it).
-                Some(Isa::Avx2) => unsafe { split_phases_avx2(dst, src, &layout) },
-                _ => split_phases(dst, src, &layout),
-            }
-        });
-        // SAFETY: every element was written: the padding and the pixels of each plane (which
-        // partition it, see `zero_phase_padding`) by the loop above, the slack before it.
-        unsafe { padded.set_len(planes_len + MAX_NR) };
+        let padded = phase_planes(input, &layout, self.isa());
         // Tap (c, ky, kx) of output pixel (oy, ox) reads phase ((ky*dh) % sh, (kx*dw) % sw) of
         // channel c at row oy + ky*dh/sh, column ox + kx*dw/sw.
         let offsets: Vec<usize> = (0..cin_g * kh * kw)
@@ -173,19 +151,50 @@ impl Conv2d {
     }
 }
 
+/// Every channel of every image of `input` copied into its zero-padded phase planes
+/// (`layout`), one channel after another, followed by [`MAX_NR`] zeros: a microkernel tile
+/// that starts inside the last plane may read that far past it.
+pub(super) fn phase_planes(input: &ConvInput, layout: &PhaseLayout, isa: Option<Isa>) -> Vec<f32> {
+    let channels = input.channels();
+    let channel_len = layout.sh * layout.sw * layout.plane;
+    let planes_len = input.n * channels * channel_len;
+    let mut padded: Vec<f32> = Vec::with_capacity(planes_len + MAX_NR);
+    zeroed(&mut padded.spare_capacity_mut()[planes_len..planes_len + MAX_NR]);
+    padded.spare_capacity_mut()[..planes_len].par_chunks_mut(channel_len).enumerate().for_each(|(index, dst)| {
+        let src = input.plane(index / channels, index % channels);
+        // Only the padding is zeroed (the pixels are written next), here rather than by the
+        // allocator: in parallel, and just before the copy.
+        zero_phase_padding(dst, layout);
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU supports AVX-512F (the weights were packed for it).
+            Some(Isa::Avx512) => unsafe { split_phases_avx512(dst, src, layout) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU supports AVX2 (the weights were packed for it).
+            Some(Isa::Avx2) => unsafe { split_phases_avx2(dst, src, layout) },
+            _ => split_phases(dst, src, layout),
+        }
+    });
+    // SAFETY: every element was written: the padding and the pixels of each plane (which
+    // partition it, see `zero_phase_padding`) by the loop above, the slack before it.
+    unsafe { padded.set_len(planes_len + MAX_NR) };
+    padded
+}
+
 /// Where one input channel's pixels go among its zero-padded stride-phase planes (see
 /// [`Conv2d::run_direct`]).
-struct PhaseLayout {
-    h: usize,
-    w: usize,
-    pt: usize,
-    pl: usize,
-    sh: usize,
-    sw: usize,
+/// Every input pixel must fall inside the planes: `hp * sh >= h + pt` and `wp * sw >= w + pl`.
+pub(super) struct PhaseLayout {
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) pt: usize,
+    pub(super) pl: usize,
+    pub(super) sh: usize,
+    pub(super) sw: usize,
     /// Floats per phase plane; its rows and their length.
-    plane: usize,
-    hp: usize,
-    wp: usize,
+    pub(super) plane: usize,
+    pub(super) hp: usize,
+    pub(super) wp: usize,
 }
 
 /// The rows (or columns) of a phase plane that hold pixels: place `i` of phase `phase` holds

@@ -25,6 +25,8 @@ mod im2col;
 mod input;
 mod pointwise;
 mod schedule;
+#[cfg(target_arch = "x86_64")]
+mod winograd;
 
 use std::mem::MaybeUninit;
 
@@ -81,6 +83,10 @@ pub struct Conv2d {
     /// The weights of each group packed for the microkernel (empty when the CPU lacks it).
     /// Every panel's [`Isa`] is supported: `PackedA` checks it when it packs.
     packed: Vec<PackedA>,
+    /// The weights transformed for F(4x4, 3x3), packed for the same microkernel, when the
+    /// shape suits it ([`winograd::Winograd::applies`]).
+    #[cfg(target_arch = "x86_64")]
+    winograd: Option<winograd::Winograd>,
 }
 
 impl Conv2d {
@@ -114,7 +120,14 @@ impl Conv2d {
         if bias.len() != out_channels {
             return bad(format!("{} biases for {out_channels} output channels", bias.len()));
         }
-        Ok(Conv2d { spec, weights, bias, packed: Vec::new() })
+        Ok(Conv2d {
+            spec,
+            weights,
+            bias,
+            packed: Vec::new(),
+            #[cfg(target_arch = "x86_64")]
+            winograd: None,
+        })
     }
 
     pub fn spec(&self) -> &ConvSpec {
@@ -159,6 +172,10 @@ impl Conv2d {
         let m_g = self.spec.out_channels / self.spec.groups;
         let k = self.spec.in_channels / self.spec.groups * self.spec.kernel.0 * self.spec.kernel.1;
         self.packed = (0..self.spec.groups).map(|g| PackedA::new(isa, &self.weights[g * m_g * k..][..m_g * k], m_g, k)).collect();
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.winograd = winograd::Winograd::applies(&self.spec).then(|| winograd::Winograd::new(isa, &self.spec, &self.weights));
+        }
         self
     }
 
@@ -215,6 +232,13 @@ impl Conv2d {
         // is a pass through memory of its own.
         let mut out: Vec<f32> = Vec::with_capacity(len);
         let spare = &mut out.spare_capacity_mut()[..len];
+        #[cfg(target_arch = "x86_64")]
+        if let Some(winograd) = self.winograd_for(n, oh, ow) {
+            self.run_winograd(winograd, input, oh, ow, residual, spare);
+            // SAFETY: the tiles cover every output pixel of every channel, and each is written.
+            unsafe { out.set_len(len) };
+            return out;
+        }
         if self.is_depthwise() {
             self.run_depthwise(&input.to_contiguous(), h, w, oh, ow, residual, spare);
         } else if !self.packed.is_empty() && !self.is_pointwise() {
@@ -253,7 +277,7 @@ mod tests {
     use super::*;
 
     /// The definition, one output at a time.
-    fn reference(conv: &Conv2d, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+    pub(super) fn reference(conv: &Conv2d, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
         let (oh, ow) = conv.output_size(h, w).unwrap();
         let cin_g = conv.spec.in_channels / conv.spec.groups;
         let m_g = conv.spec.out_channels / conv.spec.groups;
@@ -291,7 +315,7 @@ mod tests {
         out
     }
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
+    pub(super) fn values(len: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2654435761).max(1);
         (0..len)
             .map(|_| {

@@ -101,6 +101,33 @@ unsafe impl Lanes for Avx2 {
             _mm_cvtss_f32(s)
         }
     }
+    #[inline(always)]
+    unsafe fn interleave4(v: [Self; 4]) -> [Self; 4] {
+        // SAFETY: AVX (the caller's contract).
+        unsafe {
+            let [a, b, c, d] = [v[0].0, v[1].0, v[2].0, v[3].0];
+            // Within each 128-bit half k: pairs, then quads, so that `quads[j]` holds the four
+            // values of lane 4k + j.
+            let (ab_low, ab_high) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+            let (cd_low, cd_high) = (_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+            // (Written out: a closure here would not inherit the caller's target features.)
+            let (low, high) = (_mm256_castps_pd(ab_low), _mm256_castps_pd(ab_high));
+            let (low2, high2) = (_mm256_castps_pd(cd_low), _mm256_castps_pd(cd_high));
+            let quads = [
+                _mm256_castpd_ps(_mm256_unpacklo_pd(low, low2)),
+                _mm256_castpd_ps(_mm256_unpackhi_pd(low, low2)),
+                _mm256_castpd_ps(_mm256_unpacklo_pd(high, high2)),
+                _mm256_castpd_ps(_mm256_unpackhi_pd(high, high2)),
+            ];
+            // Lanes 0..4 are the low halves of quads 0 and 1, lanes 4..8 their high halves.
+            [
+                Avx2(_mm256_permute2f128_ps::<0x20>(quads[0], quads[1])),
+                Avx2(_mm256_permute2f128_ps::<0x20>(quads[2], quads[3])),
+                Avx2(_mm256_permute2f128_ps::<0x31>(quads[0], quads[1])),
+                Avx2(_mm256_permute2f128_ps::<0x31>(quads[2], quads[3])),
+            ]
+        }
+    }
 }
 
 /// The AVX2 microkernel: 12 accumulators (6 rows of two 8-float registers).

@@ -92,6 +92,38 @@ unsafe impl Lanes for Avx512 {
         // SAFETY: AVX-512F (the caller's contract).
         unsafe { _mm512_reduce_add_ps(self.0) }
     }
+    #[inline(always)]
+    unsafe fn interleave4(v: [Self; 4]) -> [Self; 4] {
+        // SAFETY: AVX-512F (the caller's contract).
+        unsafe {
+            let [a, b, c, d] = [v[0].0, v[1].0, v[2].0, v[3].0];
+            // Within each 128-bit block k: pairs, then quads, so that `quads[j]` holds the four
+            // values of lane 4k + j.
+            let (ab_low, ab_high) = (_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+            let (cd_low, cd_high) = (_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+            // (Written out: a closure here would not inherit the caller's target features.)
+            let (low, high) = (_mm512_castps_pd(ab_low), _mm512_castps_pd(ab_high));
+            let (low2, high2) = (_mm512_castps_pd(cd_low), _mm512_castps_pd(cd_high));
+            let quads = [
+                _mm512_castpd_ps(_mm512_unpacklo_pd(low, low2)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(low, low2)),
+                _mm512_castpd_ps(_mm512_unpacklo_pd(high, high2)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(high, high2)),
+            ];
+            // Then the 4x4 matrix of 128-bit blocks transposed: result r holds block r of
+            // quads 0..4, which are lanes 4r..4r + 4.
+            let low = _mm512_shuffle_f32x4::<0b01_00_01_00>(quads[0], quads[1]);
+            let high = _mm512_shuffle_f32x4::<0b11_10_11_10>(quads[0], quads[1]);
+            let low2 = _mm512_shuffle_f32x4::<0b01_00_01_00>(quads[2], quads[3]);
+            let high2 = _mm512_shuffle_f32x4::<0b11_10_11_10>(quads[2], quads[3]);
+            [
+                Avx512(_mm512_shuffle_f32x4::<0b10_00_10_00>(low, low2)),
+                Avx512(_mm512_shuffle_f32x4::<0b11_01_11_01>(low, low2)),
+                Avx512(_mm512_shuffle_f32x4::<0b10_00_10_00>(high, high2)),
+                Avx512(_mm512_shuffle_f32x4::<0b11_01_11_01>(high, high2)),
+            ]
+        }
+    }
 }
 
 /// The AVX-512 microkernel: 16 accumulators (8 rows of two 16-float registers); each `A`

@@ -1,0 +1,489 @@
+//! 3x3 stride-1 convolutions by Winograd's minimal filtering F(4x4, 3x3) (Lavin and Gray,
+//! "Fast Algorithms for Convolutional Neural Networks", 2016): a 4x4 block of output pixels
+//! comes from the 6x6 block of input around it through 36 multiplies per input and output
+//! channel, where the direct product needs 144.
+//!
+//! In matrix form, output tile `Y = Aᵀ [U ⊙ V] A` with `U = G g Gᵀ` (the 3x3 kernel `g`,
+//! transformed once at load time) and `V = Bᵀ d B` (the 6x6 input tile `d`). Summed over input
+//! channels, each of the 36 positions of `U ⊙ V` is a matrix product
+//! `M[p] = U[p] (out x in) * V[p] (in x tiles)`, which the packed microkernel runs at the same
+//! speed as any other product: the weights of each position are packed once, and the input
+//! transform writes `V[p]` straight in the panel layout the microkernel reads.
+//!
+//! The input is first split into the 16 phase planes of stride 4 (the same planes
+//! [`run_direct`](Conv2d::run_direct) uses for strided convolutions): tap `(i, j)` of tile
+//! `(ty, tx)` is then at place `(ty + i/4, tx + j/4)` of phase `(i % 4, j % 4)`, so the taps of
+//! consecutive tiles are consecutive floats, and a vector of tiles is one load. Tiles are
+//! numbered along the phase planes' rows, which are one tile longer than the output's: the
+//! extra tile of each row is computed and dropped.
+//!
+//! Work is split into blocks of one panel of tiles (`nr`, 32 with AVX-512); each block
+//! transforms its input, runs the 36 products and transforms the result into output pixels,
+//! applying the bias, SiLU and the residual on the way.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::super::isa::Isa;
+use super::super::pack::{PackedA, PackedB};
+use super::super::simd::Lanes;
+use super::super::{SendPtr, tiling};
+use super::direct::{PhaseLayout, phase_planes};
+use super::{Conv2d, ConvInput, ConvSpec, add_assign, schedule};
+
+/// Output pixels along each side of a tile.
+const TILE: usize = 4;
+/// Input pixels along each side of a tile: `TILE + 3 - 1`.
+const SPAN: usize = 6;
+/// Positions of a transformed tile, one matrix product each.
+const POSITIONS: usize = SPAN * SPAN;
+/// Floats per cache line (and per AVX-512 register).
+const LINE: usize = 16;
+/// Fewer input (output) channels than this leave the products too small to pay for the
+/// transforms (measured with `cargo bench --bench conv`: 8 -> 16 channels at 160x160 runs
+/// faster directly, 16 -> 8 by Winograd): the direct path runs those.
+const MIN_IN_CHANNELS: usize = 16;
+const MIN_OUT_CHANNELS: usize = 8;
+
+/// `G`, which transforms a 3-tap kernel into 6 (interpolation points 0, 1, -1, 2, -2, ∞).
+const G: [[f64; 3]; SPAN] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// A convolution's weights transformed for F(4x4, 3x3): for each of the 36 positions, the
+/// `out_channels x in_channels` matrix `U[p]`, packed for the microkernel.
+#[derive(Debug, Clone)]
+pub(super) struct Winograd {
+    positions: Vec<PackedA>,
+}
+
+impl Winograd {
+    /// Whether a convolution of `spec` runs this way: a 3x3 kernel, stride and dilation 1, one
+    /// group, and enough channels.
+    /// `STREAMDET_WINOGRAD=off` keeps every convolution on the direct path, to compare the two
+    /// on one machine.
+    pub(super) fn applies(spec: &ConvSpec) -> bool {
+        static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ENABLED.get_or_init(|| std::env::var("STREAMDET_WINOGRAD").map_or(true, |v| v != "off"))
+            && spec.kernel == (3, 3)
+            && spec.stride == (1, 1)
+            && spec.dilation == (1, 1)
+            && spec.groups == 1
+            && spec.in_channels >= MIN_IN_CHANNELS
+            && spec.out_channels >= MIN_OUT_CHANNELS
+    }
+
+    /// Transforms `weights` (`[out][in][3][3]`) and packs them for `isa`, which is supported.
+    /// The transform runs in `f64`, so the packed values are the exact ones rounded once.
+    pub(super) fn new(isa: Isa, spec: &ConvSpec, weights: &[f32]) -> Self {
+        let (cin, cout) = (spec.in_channels, spec.out_channels);
+        assert_eq!(weights.len(), cout * cin * 9, "3x3 weights");
+        let mut transformed = vec![0f32; POSITIONS * cout * cin];
+        for (index, g) in weights.chunks_exact(9).enumerate() {
+            // `G g`, then `(G g) Gᵀ`.
+            let gg: [[f64; 3]; SPAN] = std::array::from_fn(|u| std::array::from_fn(|b| (0..3).map(|a| G[u][a] * g[a * 3 + b] as f64).sum()));
+            for u in 0..SPAN {
+                for v in 0..SPAN {
+                    let value: f64 = (0..3).map(|b| gg[u][b] * G[v][b]).sum();
+                    transformed[(u * SPAN + v) * cout * cin + index] = value as f32;
+                }
+            }
+        }
+        let positions = transformed.chunks_exact(cout * cin).map(|u| PackedA::new(isa, u, cout, cin)).collect();
+        Winograd { positions }
+    }
+
+    fn isa(&self) -> Isa {
+        self.positions[0].isa()
+    }
+}
+
+thread_local! {
+    /// Each rayon worker's transformed input (`V`, packed panels) and products (`M`), reused
+    /// across blocks and calls.
+    static SCRATCH: std::cell::RefCell<(PackedB, Vec<f32>)> = const { std::cell::RefCell::new((PackedB::new(), Vec::new())) };
+}
+
+/// Blocks of one panel of tiles in each image's output.
+fn tile_blocks(oh: usize, ow: usize, isa: Isa) -> usize {
+    (oh.div_ceil(TILE) * (ow.div_ceil(TILE) + 1)).div_ceil(isa.nr())
+}
+
+impl Conv2d {
+    /// Whether this call runs by F(4x4, 3x3): the weights were transformed, and blocks of
+    /// tiles times blocks of output channels give every thread one.
+    pub(super) fn winograd_for(&self, n: usize, oh: usize, ow: usize) -> Option<&Winograd> {
+        let winograd = self.winograd.as_ref()?;
+        let tasks = n * tile_blocks(oh, ow, winograd.isa()) * self.winograd_channel_blocks(n, oh, ow, winograd.isa()).1;
+        (tasks >= rayon::current_num_threads()).then_some(winograd)
+    }
+
+    /// Blocks of output channels, `(channels per block, blocks)`: one when there are blocks of
+    /// tiles for every thread, more for small outputs. Each block of channels transforms the
+    /// input again, a small cost beside its share of the products.
+    fn winograd_channel_blocks(&self, n: usize, oh: usize, ow: usize, isa: Isa) -> (usize, usize) {
+        schedule::channel_blocks(n * tile_blocks(oh, ow, isa), self.spec.out_channels, isa.mr(), rayon::current_num_threads())
+    }
+
+    /// The convolution by F(4x4, 3x3) (see the module's notes), into `out`
+    /// (`[n][out_channels][oh][ow]`), adding `residual` (the output's shape) last.
+    pub(super) fn run_winograd(&self, winograd: &Winograd, input: &ConvInput, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+        let (n, h, w) = (input.n, input.h, input.w);
+        let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
+        let isa = winograd.isa();
+        let nr = isa.nr();
+        let (th, tw) = (oh.div_ceil(TILE), ow.div_ceil(TILE));
+        // Tile `ty` reads padded rows `4ty..4ty + 6`: one place more than the tiles in each
+        // phase plane. Every input pixel falls inside them, as `PhaseLayout` requires:
+        // `h + pt = oh + 2 - pb <= 4 * th + 2 < 4 * hp`, and the same for columns.
+        let (hp, wq) = (th + 1, tw + 1);
+        let plane = hp * wq;
+        let layout = PhaseLayout { h, w, pt: self.spec.pads.0, pl: self.spec.pads.1, sh: TILE, sw: TILE, plane, hp, wp: wq };
+        let planes = phase_planes(input, &layout, Some(isa));
+        let channel_len = TILE * TILE * plane;
+        // Tap (i, j) of tile t = ty * wq + tx, from the start of its channel's planes.
+        let taps: [usize; POSITIONS] = std::array::from_fn(|p| {
+            let (i, j) = (p / SPAN, p % SPAN);
+            ((i % TILE) * TILE + j % TILE) * plane + (i / TILE) * wq + j / TILE
+        });
+        let tiles = th * wq;
+        let blocks = tiles.div_ceil(nr);
+        let (m_block, m_blocks) = self.winograd_channel_blocks(n, oh, ow, isa);
+        let pixels = oh * ow;
+        let silu = self.spec.activation == super::super::activation::Activation::Silu;
+        let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
+        (0..n * blocks * m_blocks).into_par_iter().for_each(|task| {
+            let (batch, block) = (task / m_blocks / blocks, task / m_blocks % blocks);
+            let channels = task % m_blocks * m_block..((task % m_blocks + 1) * m_block).min(cout);
+            let image = &planes[batch * cin * channel_len..];
+            // The last tap of the block's last tile is at `cin * channel_len + nr - 2` at most
+            // (see `taps`: the last place of the last phase plane is `16 * plane - 1`, and
+            // tiles run past `tiles` by up to `nr - 1`): inside the next image's planes or the
+            // slack after the last.
+            assert!(image.len() >= cin * channel_len + nr, "the phase planes' slack covers a block");
+            let first_tile = block * nr;
+            // The 36 matrices of `V` (and of `M`) lie one cache line more than their size
+            // apart: a power of two apart, the 36 stores (loads) of one tile's transform would
+            // all map to the same L1 cache sets and evict each other.
+            let (v_stride, m_stride) = (cin * nr + LINE, cout * nr + LINE);
+            SCRATCH.with_borrow_mut(|(transformed, products)| {
+                let transformed = transformed.floats_mut(POSITIONS * v_stride);
+                if products.len() < POSITIONS * m_stride {
+                    products.resize(POSITIONS * m_stride, 0.0);
+                }
+                // SAFETY: `isa` is supported (`winograd` was packed for it); every load is
+                // inside `image` (asserted above) and every store inside `transformed`
+                // (`POSITIONS * cin * nr` floats).
+                unsafe { transform_input(isa, image[first_tile..].as_ptr(), channel_len, cin, &taps, nr, transformed.as_mut_ptr(), v_stride) };
+                for (p, u) in winograd.positions.iter().enumerate() {
+                    // SAFETY: `V[p]` is one packed panel (`cin x nr`) at a multiple of 16 floats
+                    // from the start of an aligned buffer; `M[p]` is `cout x nr`.
+                    unsafe {
+                        tiling::gemm_panels(
+                            u,
+                            channels.clone(),
+                            transformed.as_ptr().add(p * v_stride),
+                            nr,
+                            products.as_mut_ptr().add(p * m_stride + channels.start * nr),
+                            nr,
+                            None,
+                        )
+                    };
+                }
+                let mut pixels_of_tiles = [0f32; TILE * TILE * super::super::isa::MAX_NR];
+                for co in channels {
+                    // SAFETY: `isa` is supported; `products` holds `POSITIONS` matrices of
+                    // `cout x nr`, `m_stride` apart, and `pixels_of_tiles` `TILE * TILE * nr`.
+                    unsafe { transform_output(isa, products.as_ptr().add(co * nr), m_stride, nr, self.bias[co], silu, pixels_of_tiles.as_mut_ptr()) };
+                    let channel_first = (batch * cout + co) * pixels;
+                    // The block's tiles in runs along rows of tiles; each run is a run of
+                    // pixels on each of its 4 output rows.
+                    let mut lane = 0;
+                    while lane < nr.min(tiles - first_tile) {
+                        let (ty, tx) = ((first_tile + lane) / wq, (first_tile + lane) % wq);
+                        let run = (wq - tx).min(nr - lane);
+                        // Without the row's extra tile, and clipped to the output's width.
+                        let columns = (TILE * run.min(tw - tx.min(tw))).min(ow - (TILE * tx).min(ow));
+                        for a in 0..TILE.min(oh - TILE * ty) {
+                            let first = channel_first + (TILE * ty + a) * ow + TILE * tx;
+                            let source = &pixels_of_tiles[a * TILE * nr + TILE * lane..][..columns];
+                            // SAFETY: `columns` pixels of row 4ty + a of channel `co` of image
+                            // `batch` from column 4tx, inside the output; only this block's
+                            // tiles write them.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(first), columns) };
+                            dst.copy_from_slice(source);
+                            if let Some(residual) = residual {
+                                add_assign(dst, &residual[first..][..columns]);
+                            }
+                        }
+                        lane += run;
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// `Bᵀ d` for one column (or row) of six.
+#[inline(always)]
+unsafe fn input_rows<V: Lanes>(d: [V; SPAN]) -> [V; SPAN] {
+    // SAFETY: the caller runs on a CPU with `V`'s features.
+    unsafe {
+        let (four, five, two) = (V::splat(4.0), V::splat(-5.0), V::splat(2.0));
+        let neg_four = V::splat(-4.0);
+        [
+            d[0].mul_add(four, d[2].mul_add(five, d[4])),
+            d[1].add(d[2]).mul_add(neg_four, d[3].add(d[4])),
+            d[1].sub(d[2]).mul_add(four, d[4].sub(d[3])),
+            d[3].sub(d[1]).mul_add(two, d[4].sub(d[2])),
+            d[1].sub(d[3]).mul_add(two, d[4].sub(d[2])),
+            d[1].mul_add(four, d[3].mul_add(five, d[5])),
+        ]
+    }
+}
+
+/// `Aᵀ m` for one column (or row) of six.
+#[inline(always)]
+unsafe fn output_rows<V: Lanes>(m: [V; SPAN]) -> [V; TILE] {
+    // SAFETY: the caller runs on a CPU with `V`'s features.
+    unsafe {
+        let (sum12, diff12, sum34, diff34) = (m[1].add(m[2]), m[1].sub(m[2]), m[3].add(m[4]), m[3].sub(m[4]));
+        [
+            m[0].add(sum12).add(sum34),
+            diff34.mul_add(V::splat(2.0), diff12),
+            sum34.mul_add(V::splat(4.0), sum12),
+            diff34.mul_add(V::splat(8.0), diff12).add(m[5]),
+        ]
+    }
+}
+
+/// `V[p][c][t] = (Bᵀ d B)[p]` for the `nr` tiles `t` from `tiles` (tile 0 of channel 0's
+/// phase planes, offset by the block's first tile) and every channel `c < channels`; matrix
+/// `V[p]` starts at `v + p * v_stride`.
+///
+/// # Safety
+/// The CPU has `V`'s features; `tiles + c * channel_len + taps[p] + t` is readable for every
+/// channel, tap and `t < nr`; `v` is writable for `POSITIONS` matrices of `channels x nr`
+/// floats, `v_stride` apart.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn transform_input_with<V: Lanes>(
+    tiles: *const f32,
+    channel_len: usize,
+    channels: usize,
+    taps: &[usize; POSITIONS],
+    nr: usize,
+    v: *mut f32,
+    v_stride: usize,
+) {
+    // SAFETY: the caller's contract covers every load and store.
+    unsafe {
+        for c in 0..channels {
+            let base = tiles.add(c * channel_len);
+            for lane in (0..nr).step_by(V::LEN) {
+                // Rows first: `Bᵀ d` column by column...
+                let mut rows = [[V::splat(0.0); SPAN]; SPAN];
+                for j in 0..SPAN {
+                    let mut column = [V::splat(0.0); SPAN];
+                    for (i, value) in column.iter_mut().enumerate() {
+                        *value = V::load(base.add(taps[i * SPAN + j] + lane));
+                    }
+                    for (row, value) in rows.iter_mut().zip(input_rows(column)) {
+                        row[j] = value;
+                    }
+                }
+                // ... then `(Bᵀ d) B` row by row.
+                for (u, row) in rows.into_iter().enumerate() {
+                    for (x, value) in input_rows(row).into_iter().enumerate() {
+                        value.store(v.add((u * SPAN + x) * v_stride + c * nr + lane));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One output channel of the `nr` tiles of `M`, whose 36 rows of `nr` are `m_stride` apart
+/// from `m`: `Aᵀ m A` plus `bias`, then SiLU when asked, into `out` as 4 rows of pixels, one
+/// per row of the tiles: row `a` holds, for each tile in turn, its 4 pixels of that row
+/// (`[TILE][nr][TILE]`), so that a run of tiles along an output row is a run of pixels.
+///
+/// # Safety
+/// The CPU has `V`'s features; `m + p * m_stride` holds `nr` readable floats for every
+/// position `p`, and `out` `TILE * TILE * nr` writable ones.
+#[inline(always)]
+unsafe fn transform_output_with<V: Lanes>(m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, out: *mut f32) {
+    // SAFETY: the caller's contract covers every load and store.
+    unsafe {
+        for lane in (0..nr).step_by(V::LEN) {
+            // (Loops rather than `array::from_fn`: a closure would not inherit the caller's
+            // target features, and its vectors would go through memory.)
+            let mut rows = [[V::splat(0.0); TILE]; SPAN];
+            for (i, row) in rows.iter_mut().enumerate() {
+                let mut products = [V::splat(0.0); SPAN];
+                for (j, value) in products.iter_mut().enumerate() {
+                    *value = V::load(m.add((i * SPAN + j) * m_stride + lane));
+                }
+                *row = output_rows(products);
+            }
+            // `columns[b][a]`: pixel (a, b) of each tile.
+            let mut columns = [[V::splat(0.0); TILE]; TILE];
+            for (b, column) in columns.iter_mut().enumerate() {
+                let mut values = [V::splat(0.0); SPAN];
+                for (value, row) in values.iter_mut().zip(&rows) {
+                    *value = row[b];
+                }
+                *column = output_rows(values);
+            }
+            for a in 0..TILE {
+                let mut pixels = [V::splat(0.0); TILE];
+                for (pixel, column) in pixels.iter_mut().zip(&columns) {
+                    *pixel = super::super::epilogue::finish(column[a], bias, silu, None);
+                }
+                for (r, run) in V::interleave4(pixels).into_iter().enumerate() {
+                    run.store(out.add(a * TILE * nr + TILE * lane + r * V::LEN));
+                }
+            }
+        }
+    }
+}
+
+/// [`transform_input_with`] on `isa`'s vectors.
+///
+/// # Safety
+/// As for [`transform_input_with`]; `isa` is supported.
+#[allow(clippy::too_many_arguments)]
+unsafe fn transform_input(
+    isa: Isa,
+    tiles: *const f32,
+    channel_len: usize,
+    channels: usize,
+    taps: &[usize; POSITIONS],
+    nr: usize,
+    v: *mut f32,
+    v_stride: usize,
+) {
+    use super::super::simd::{Avx2, Avx512};
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx512(tiles: *const f32, channel_len: usize, channels: usize, taps: &[usize; POSITIONS], nr: usize, v: *mut f32, v_stride: usize) {
+        // SAFETY: the caller's contract; AVX-512F is enabled.
+        unsafe { transform_input_with::<Avx512>(tiles, channel_len, channels, taps, nr, v, v_stride) }
+    }
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx2(tiles: *const f32, channel_len: usize, channels: usize, taps: &[usize; POSITIONS], nr: usize, v: *mut f32, v_stride: usize) {
+        // SAFETY: the caller's contract; AVX2 and FMA are enabled.
+        unsafe { transform_input_with::<Avx2>(tiles, channel_len, channels, taps, nr, v, v_stride) }
+    }
+    // SAFETY: the caller's contract; `isa` is supported, so the CPU has its features.
+    unsafe {
+        match isa {
+            Isa::Avx512 => avx512(tiles, channel_len, channels, taps, nr, v, v_stride),
+            Isa::Avx2 => avx2(tiles, channel_len, channels, taps, nr, v, v_stride),
+        }
+    }
+}
+
+/// [`transform_output_with`] on `isa`'s vectors.
+///
+/// # Safety
+/// As for [`transform_output_with`]; `isa` is supported.
+unsafe fn transform_output(isa: Isa, m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, out: *mut f32) {
+    use super::super::simd::{Avx2, Avx512};
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512(m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, out: *mut f32) {
+        // SAFETY: the caller's contract; AVX-512F is enabled.
+        unsafe { transform_output_with::<Avx512>(m, m_stride, nr, bias, silu, out) }
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, out: *mut f32) {
+        // SAFETY: the caller's contract; AVX2 and FMA are enabled.
+        unsafe { transform_output_with::<Avx2>(m, m_stride, nr, bias, silu, out) }
+    }
+    // SAFETY: the caller's contract; `isa` is supported, so the CPU has its features.
+    unsafe {
+        match isa {
+            Isa::Avx512 => avx512(m, m_stride, nr, bias, silu, out),
+            Isa::Avx2 => avx2(m, m_stride, nr, bias, silu, out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::activation::Activation;
+    use super::super::super::isa;
+    use super::super::tests::{reference, values};
+    use super::*;
+
+    /// The largest error relative to the size of the value, over `got` and `want`.
+    fn worst_error(got: &[f32], want: &[f32]) -> f32 {
+        got.iter().zip(want).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn matches_the_definition_on_every_edge_of_the_tiles() {
+        // (in, out, images, h, w, padding): outputs that end inside a tile on either axis or
+        // both, one tile, no padding, channels that fill no panel, a batch.
+        let shapes = [(16, 8, 1, 8, 8, 1), (24, 40, 2, 7, 21, 1), (32, 20, 1, 13, 10, 0), (17, 33, 1, 5, 5, 1), (64, 64, 1, 3, 3, 1), (48, 70, 2, 23, 38, 1)];
+        for isa in isa::all_supported() {
+            for (cin, cout, n, h, w, pad) in shapes {
+                let spec = ConvSpec::square(cin, cout, 1, 3, 1, pad, Activation::Silu);
+                let conv = Conv2d::new(spec, values(cout * cin * 9, 1), values(cout, 2)).unwrap().with_weights_packed_for(isa).unwrap();
+                let winograd = conv.winograd.as_ref().expect("3x3 stride 1 with 16 channels or more");
+                let input = values(n * cin * h * w, 3);
+                let (oh, ow) = conv.output_size(h, w).unwrap();
+                let residual = values(n * cout * oh * ow, 4);
+                for with_residual in [false, true] {
+                    // NaN marks any pixel left unwritten.
+                    let mut out = vec![MaybeUninit::new(f32::NAN); n * cout * oh * ow];
+                    conv.run_winograd(winograd, &ConvInput::contiguous(&input, n, cin, h, w), oh, ow, with_residual.then_some(residual.as_slice()), &mut out);
+                    // SAFETY: initialised (NaN) when the vector was made.
+                    let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+                    let mut want = reference(&conv, &input, n, h, w);
+                    if with_residual {
+                        want.iter_mut().zip(&residual).for_each(|(w, r)| *w += r);
+                    }
+                    let error = worst_error(&got, &want);
+                    assert!(error < 1e-4, "{isa:?} {cin}->{cout} {n}x{h}x{w} pad {pad} residual {with_residual}: relative error {error}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn runs_when_the_output_has_blocks_for_every_thread() {
+        for isa in isa::all_supported() {
+            let spec = ConvSpec::square(32, 24, 1, 3, 1, 1, Activation::Identity);
+            let conv = Conv2d::new(spec, values(24 * 32 * 9, 5), values(24, 6)).unwrap().with_weights_packed_for(isa).unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            pool.install(|| {
+                assert!(conv.winograd_for(1, 80, 80).is_some(), "80x80 has 14 blocks of 32 tiles");
+                let narrow = Conv2d::new(ConvSpec::square(32, 8, 1, 3, 1, 1, Activation::Silu), values(8 * 32 * 9, 5), values(8, 6)).unwrap();
+                let narrow = narrow.with_weights_packed_for(isa).unwrap();
+                assert!(narrow.winograd_for(1, 8, 8).is_none(), "8x8 to 8 channels has one block of tiles and one of channels");
+                assert!(conv.winograd_for(1, 8, 8).is_some(), "8x8 to 24 channels has two blocks of channels");
+                assert!(conv.winograd_for(1, 20, 20).is_some(), "20x20 has one block of tiles and two of channels");
+                let input = values(32 * 80 * 80, 7);
+                let error = worst_error(&conv.run(&input, 1, 80, 80, None), &reference(&conv, &input, 1, 80, 80));
+                assert!(error < 1e-4, "{isa:?}: relative error {error}");
+            });
+        }
+        // Other shapes keep the direct path.
+        for spec in [
+            ConvSpec::square(32, 32, 1, 3, 2, 1, Activation::Silu),
+            ConvSpec::square(8, 32, 1, 3, 1, 1, Activation::Silu),
+            ConvSpec::square(32, 4, 1, 3, 1, 1, Activation::Silu),
+            ConvSpec::square(32, 32, 2, 3, 1, 1, Activation::Silu),
+        ] {
+            assert!(!Winograd::applies(&spec), "{spec:?}");
+        }
+    }
+}
