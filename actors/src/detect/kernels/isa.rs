@@ -73,9 +73,9 @@ impl Isa {
         }
     }
 
-    /// Depth of one pass over a `B` panel: one block of [`cache::B_BLOCK_FLOATS`].
-    pub(super) const fn kc(self) -> usize {
-        cache::B_BLOCK_FLOATS / self.nr()
+    /// Depth of one pass over a `B` panel: one block of [`cache::b_block_floats`].
+    pub(super) fn kc(self) -> usize {
+        cache::b_block_floats() / self.nr()
     }
 }
 

@@ -1,5 +1,5 @@
 //! Tiling and scheduling of the single-threaded product on packed operands: `k` in blocks that
-//! keep a `B` panel in L1 ([`cache::B_BLOCK_FLOATS`]), then `B` panels, then `A` panels, each
+//! keep a `B` panel in L1 ([`cache::b_block_floats`]), then `B` panels, then `A` panels, each
 //! tile handed to the microkernel of `A`'s [`Isa`](super::isa::Isa) (chosen in [`isa`]) with its epilogue on the
 //! last pass. Callers parallelise over tiles.
 //!
@@ -67,7 +67,7 @@ pub unsafe fn gemm_offsets(
     let mut block = std::mem::MaybeUninit::<Block>::uninit();
     let block = block.as_mut_ptr().cast::<f32>();
     // SAFETY: the caller's contract covers every address read; `block` holds `kc * nr <=
-    // cache::B_BLOCK_FLOATS` floats.
+    // cache::MAX_B_BLOCK_FLOATS` floats.
     unsafe {
         tiles(a, rows, width, c, ldc, epilogue, |k0, kc, q| {
             let src = base.add(q * nr);
@@ -80,7 +80,7 @@ pub unsafe fn gemm_offsets(
 
 /// One block of a `B` panel, aligned for the microkernel's loads.
 #[repr(C, align(64))]
-struct Block([f32; cache::B_BLOCK_FLOATS]);
+struct Block([f32; cache::MAX_B_BLOCK_FLOATS]);
 
 /// The loops shared by [`gemm`] and [`gemm_offsets`]: `k` in blocks, then `B` panels, then `A`
 /// panels. `b_block(k0, kc, q)` returns rows `k0..k0 + kc` of `B` panel `q`, packed
