@@ -60,12 +60,12 @@ fn depthwise_plane(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh:
     bias_activation(dst, conv.bias[c], conv.spec.activation);
 }
 
-/// A stride-1 depthwise convolution of one channel as one long multiply-add per tap. The plane
-/// is copied once into a zero-padded buffer of width `wp`; output pixel `(oy, ox)` is then
+/// A stride-1 depthwise convolution of one channel over the flattened plane. The plane is
+/// copied once into a zero-padded buffer of width `wp`; output pixel `(oy, ox)` is then
 /// computed at `oy * wp + ox` of an accumulator laid out like the padded plane, where tap
-/// `(ky, kx)` reads the padded plane `ky * wp + kx` further on. Each tap is a single pass over
-/// `oh * wp` floats (the `wp - ow` columns past each row are computed and dropped), instead of
-/// `oh` short passes with their bounds.
+/// `(ky, kx)` reads the padded plane `ky * wp + kx` further on. So every output is the same
+/// sum of taps at fixed offsets, one vector of outputs at a time (the `wp - ow` columns past
+/// each row are computed and dropped), without bounds per row.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn depthwise_plane_flat(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
@@ -73,24 +73,29 @@ fn depthwise_plane_flat(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize
     let (pt, pl, pb, pr) = conv.spec.pads;
     let (hp, wp) = (h + pt + pb, w + pl + pr);
     let weights = &conv.weights[c * kh * kw..][..kh * kw];
-    let mut padded = vec![0.0f32; hp * wp];
-    for (y, row) in src.chunks_exact(w).enumerate() {
-        padded[(y + pt) * wp + pl..][..w].copy_from_slice(row);
-    }
-    let mut acc = vec![0.0f32; oh * wp];
-    for ky in 0..kh {
-        for kx in 0..kw {
-            let wv = weights[ky * kw + kx];
-            // The last tap ends at `(kh - 1 + oh) * wp + kw - 1 <= hp * wp`: inside the plane.
-            let taps = &padded[ky * wp + kx..][..oh * wp - (kw - 1)];
-            for (a, &p) in acc.iter_mut().zip(taps) {
-                *a += wv * p;
-            }
+    PLANES.with_borrow_mut(|(padded, acc)| {
+        // Reused across planes: only the padding needs zeros, the pixels are copied in.
+        padded.clear();
+        padded.resize(hp * wp, 0.0);
+        for (y, row) in src.chunks_exact(w).enumerate() {
+            padded[(y + pt) * wp + pl..][..w].copy_from_slice(row);
         }
-    }
-    for (drow, arow) in dst.chunks_exact_mut(ow).zip(acc.chunks(wp)) {
-        drow.copy_from_slice(&arow[..ow]);
-    }
+        // The last tap ends at `(kh - 1 + oh) * wp + kw - 1 <= hp * wp`: inside the plane.
+        let len = oh * wp - (kw - 1);
+        if acc.len() < oh * wp {
+            acc.resize(oh * wp, 0.0);
+        }
+        let offsets: Vec<usize> = (0..kh * kw).map(|t| t / kw * wp + t % kw).collect();
+        accumulate_taps(padded, &offsets, weights, &mut acc[..len]);
+        for (drow, arow) in dst.chunks_exact_mut(ow).zip(acc.chunks(wp)) {
+            drow.copy_from_slice(&arow[..ow]);
+        }
+    });
+}
+
+thread_local! {
+    /// Each rayon worker's padded plane and accumulator, reused across planes and calls.
+    static PLANES: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// A depthwise convolution of one channel, tap by tap over whole output rows so that the inner
@@ -133,5 +138,62 @@ fn depthwise_plane_rows(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize
                 }
             }
         }
+    }
+}
+
+/// `acc[i] = sum over taps t of weights[t] * padded[i + offsets[t]]`: every tap of a vector of
+/// outputs while it is in registers, in the CPU's widest vectors.
+fn accumulate_taps(padded: &[f32], offsets: &[usize], weights: &[f32], acc: &mut [f32]) {
+    assert_eq!(offsets.len(), weights.len());
+    assert!(offsets.iter().all(|&o| o + acc.len() <= padded.len()), "a tap reads past the plane");
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::super::simd::{Avx2, Avx512, Lanes};
+        /// # Safety
+        /// The CPU has `V`'s features; the caller checked that every tap of every output lies
+        /// inside `padded`.
+        #[inline(always)]
+        unsafe fn vectors<V: Lanes>(padded: &[f32], offsets: &[usize], weights: &[f32], acc: &mut [f32]) -> usize {
+            let whole = acc.len() / V::LEN * V::LEN;
+            // SAFETY: output `i + V::LEN - 1 < acc.len()` reads `padded[i + V::LEN - 1 + o]`,
+            // inside `padded` (checked by the caller); the CPU has `V`'s features.
+            unsafe {
+                for i in (0..whole).step_by(V::LEN) {
+                    let mut sum = V::splat(0.0);
+                    for (&o, &w) in offsets.iter().zip(weights) {
+                        sum = V::splat(w).mul_add(V::load(padded.as_ptr().add(i + o)), sum);
+                    }
+                    sum.store(acc.as_mut_ptr().add(i));
+                }
+            }
+            whole
+        }
+        #[target_feature(enable = "avx512f")]
+        fn avx512(padded: &[f32], offsets: &[usize], weights: &[f32], acc: &mut [f32]) -> usize {
+            // SAFETY: AVX-512F is enabled; the bounds were checked above.
+            unsafe { vectors::<Avx512>(padded, offsets, weights, acc) }
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2(padded: &[f32], offsets: &[usize], weights: &[f32], acc: &mut [f32]) -> usize {
+            // SAFETY: AVX2 and FMA are enabled; the bounds were checked above.
+            unsafe { vectors::<Avx2>(padded, offsets, weights, acc) }
+        }
+        let done = match Isa::detect() {
+            // SAFETY: `Isa::detect` checked that the CPU has the features.
+            Some(Isa::Avx512) => unsafe { avx512(padded, offsets, weights, acc) },
+            // SAFETY: as above.
+            Some(Isa::Avx2) => unsafe { avx2(padded, offsets, weights, acc) },
+            None => 0,
+        };
+        accumulate_taps_scalar(padded, offsets, weights, acc, done);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    accumulate_taps_scalar(padded, offsets, weights, acc, 0);
+}
+
+/// [`accumulate_taps`] for outputs `from..`.
+fn accumulate_taps_scalar(padded: &[f32], offsets: &[usize], weights: &[f32], acc: &mut [f32], from: usize) {
+    for (i, a) in acc.iter_mut().enumerate().skip(from) {
+        *a = offsets.iter().zip(weights).map(|(&o, &w)| w * padded[i + o]).sum();
     }
 }
