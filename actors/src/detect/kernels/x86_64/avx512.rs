@@ -92,6 +92,31 @@ unsafe impl Lanes for Avx512 {
         // SAFETY: AVX-512F (the caller's contract).
         unsafe { _mm512_reduce_add_ps(self.0) }
     }
+    /// `e^self` with AVX-512's `vscalefps`, which multiplies by `2^k` in one instruction:
+    /// `e^x = 2^k * 2^f` with `k` the nearest integer to `x * log2(e)`, `f = x * log2(e) - k` in
+    /// `[-1/2, 1/2]` (with `log2(e)` in two parts, so that `f` keeps its precision), and `2^f`
+    /// by its Taylor polynomial of degree 6 (relative error under 1.2e-7 there). Five
+    /// instructions fewer than the generic version, in every SiLU and softmax.
+    #[inline(always)]
+    unsafe fn exp(self) -> Self {
+        const LOG2E_HI: f32 = std::f32::consts::LOG2_E;
+        // log2(e) - LOG2E_HI.
+        const LOG2E_LO: f32 = 1.925_963e-8;
+        // ln(2)^n / n!, n = 6 down to 1.
+        const TAYLOR: [f32; 6] = [1.540_353e-4, 1.333_355_8e-3, 9.618_129e-3, 5.550_411e-2, 2.402_265e-1, std::f32::consts::LN_2];
+        // SAFETY: AVX-512F (the caller's contract).
+        unsafe {
+            let x = _mm512_min_ps(_mm512_max_ps(self.0, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
+            let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E_HI)));
+            let f = _mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E_LO), _mm512_fmsub_ps(x, _mm512_set1_ps(LOG2E_HI), k));
+            let mut p = _mm512_set1_ps(TAYLOR[0]);
+            for c in &TAYLOR[1..] {
+                p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*c));
+            }
+            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0));
+            Avx512(_mm512_scalef_ps(p, k))
+        }
+    }
     #[inline(always)]
     unsafe fn interleave4(v: [Self; 4]) -> [Self; 4] {
         // SAFETY: AVX-512F (the caller's contract).
