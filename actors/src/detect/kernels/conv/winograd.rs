@@ -17,9 +17,15 @@
 //! numbered along the phase planes' rows, which are one tile longer than the output's: the
 //! extra tile of each row is computed and dropped.
 //!
-//! Work is split into blocks of one panel of tiles (`nr`, 32 with AVX-512); each block
-//! transforms its input, runs the 36 products and transforms the result into output pixels,
-//! applying the bias, SiLU and the residual on the way.
+//! Work is split into blocks of one panel of tiles (`nr`, 32 with AVX-512), and for small
+//! outputs into blocks of output channels too; each block transforms its input, runs the 36
+//! products and transforms the result into output pixels, applying the bias, SiLU and the
+//! residual on the way. The output transform leaves each row of a tile's pixels interleaved
+//! in registers ([`Lanes::interleave4`]), so a run of tiles is copied out as runs of pixels.
+//!
+//! Measured with `cargo bench --bench conv` (this AVX-512 machine, 1 thread): 64 -> 64
+//! channels at 80x80 in 0.93 ms against 2.27 ms direct; in YOLOv12n the 3x3 stride-1 layers
+//! went from 5.9 to 3.4 ms.
 
 use std::mem::MaybeUninit;
 
@@ -162,10 +168,10 @@ impl Conv2d {
             let (batch, block) = (task / m_blocks / blocks, task / m_blocks % blocks);
             let channels = task % m_blocks * m_block..((task % m_blocks + 1) * m_block).min(cout);
             let image = &planes[batch * cin * channel_len..];
-            // The last tap of the block's last tile is at `cin * channel_len + nr - 2` at most
-            // (see `taps`: the last place of the last phase plane is `16 * plane - 1`, and
-            // tiles run past `tiles` by up to `nr - 1`): inside the next image's planes or the
-            // slack after the last.
+            // The last tap of the block's last tile is at `cin * channel_len + nr - 1` at most
+            // (see `taps`: the last place of the last phase plane is `16 * plane - 1`, and the
+            // block's tiles run past `tiles` by up to `nr - 1`): inside the next image's planes
+            // or the slack after the last.
             assert!(image.len() >= cin * channel_len + nr, "the phase planes' slack covers a block");
             let first_tile = block * nr;
             // The 36 matrices of `V` (and of `M`) lie one cache line more than their size
@@ -179,7 +185,7 @@ impl Conv2d {
                 }
                 // SAFETY: `isa` is supported (`winograd` was packed for it); every load is
                 // inside `image` (asserted above) and every store inside `transformed`
-                // (`POSITIONS * cin * nr` floats).
+                // (`POSITIONS` matrices of `cin x nr`, `v_stride` apart).
                 unsafe { transform_input(isa, image[first_tile..].as_ptr(), channel_len, cin, &taps, nr, transformed.as_mut_ptr(), v_stride) };
                 for (p, u) in winograd.positions.iter().enumerate() {
                     // SAFETY: `V[p]` is one packed panel (`cin x nr`) at a multiple of 16 floats
