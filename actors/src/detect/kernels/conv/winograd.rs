@@ -186,7 +186,10 @@ impl Conv2d {
                 // SAFETY: `isa` is supported (`winograd` was packed for it); every load is
                 // inside `image` (asserted above) and every store inside `transformed`
                 // (`POSITIONS` matrices of `cin x nr`, `v_stride` apart).
-                unsafe { transform_input(isa, image[first_tile..].as_ptr(), channel_len, cin, &taps, nr, transformed.as_mut_ptr(), v_stride) };
+                unsafe {
+                    let input = BlockInput { tiles: image[first_tile..].as_ptr(), channel_len, channels: cin, taps: &taps, nr };
+                    transform_input(isa, &input, transformed.as_mut_ptr(), v_stride)
+                };
                 for (p, u) in winograd.positions.iter().enumerate() {
                     // SAFETY: `V[p]` is one packed panel (`cin x nr`) at a multiple of 16 floats
                     // from the start of an aligned buffer; `M[p]` is `cout x nr`.
@@ -269,25 +272,26 @@ unsafe fn output_rows<V: Lanes>(m: [V; SPAN]) -> [V; TILE] {
     }
 }
 
-/// `V[p][c][t] = (Bᵀ d B)[p]` for the `nr` tiles `t` from `tiles` (tile 0 of channel 0's
-/// phase planes, offset by the block's first tile) and every channel `c < channels`; matrix
-/// `V[p]` starts at `v + p * v_stride`.
-///
-/// # Safety
-/// The CPU has `V`'s features; `tiles + c * channel_len + taps[p] + t` is readable for every
-/// channel, tap and `t < nr`; `v` is writable for `POSITIONS` matrices of `channels x nr`
-/// floats, `v_stride` apart.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn transform_input_with<V: Lanes>(
+/// Where a block's input tiles lie: tap `p` of tile `t` of channel `c` is at
+/// `tiles + c * channel_len + taps[p] + t`, for `c < channels` and the block's `nr` tiles
+/// (`tiles` is tile 0 of channel 0's phase planes, offset by the block's first tile).
+struct BlockInput<'a> {
     tiles: *const f32,
     channel_len: usize,
     channels: usize,
-    taps: &[usize; POSITIONS],
+    taps: &'a [usize; POSITIONS],
     nr: usize,
-    v: *mut f32,
-    v_stride: usize,
-) {
+}
+
+/// `V[p][c][t] = (Bᵀ d B)[p]` for the block's tiles `t` and every channel `c`; matrix `V[p]`
+/// starts at `v + p * v_stride`.
+///
+/// # Safety
+/// The CPU has `V`'s features; every tap of `input` is readable; `v` is writable for
+/// `POSITIONS` matrices of `channels x nr` floats, `v_stride` apart.
+#[inline(always)]
+unsafe fn transform_input_with<V: Lanes>(input: &BlockInput, v: *mut f32, v_stride: usize) {
+    let &BlockInput { tiles, channel_len, channels, taps, nr } = input;
     // SAFETY: the caller's contract covers every load and store.
     unsafe {
         for c in 0..channels {
@@ -364,35 +368,23 @@ unsafe fn transform_output_with<V: Lanes>(m: *const f32, m_stride: usize, nr: us
 ///
 /// # Safety
 /// As for [`transform_input_with`]; `isa` is supported.
-#[allow(clippy::too_many_arguments)]
-unsafe fn transform_input(
-    isa: Isa,
-    tiles: *const f32,
-    channel_len: usize,
-    channels: usize,
-    taps: &[usize; POSITIONS],
-    nr: usize,
-    v: *mut f32,
-    v_stride: usize,
-) {
+unsafe fn transform_input(isa: Isa, input: &BlockInput, v: *mut f32, v_stride: usize) {
     use super::super::simd::{Avx2, Avx512};
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn avx512(tiles: *const f32, channel_len: usize, channels: usize, taps: &[usize; POSITIONS], nr: usize, v: *mut f32, v_stride: usize) {
+    unsafe fn avx512(input: &BlockInput, v: *mut f32, v_stride: usize) {
         // SAFETY: the caller's contract; AVX-512F is enabled.
-        unsafe { transform_input_with::<Avx512>(tiles, channel_len, channels, taps, nr, v, v_stride) }
+        unsafe { transform_input_with::<Avx512>(input, v, v_stride) }
     }
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn avx2(tiles: *const f32, channel_len: usize, channels: usize, taps: &[usize; POSITIONS], nr: usize, v: *mut f32, v_stride: usize) {
+    unsafe fn avx2(input: &BlockInput, v: *mut f32, v_stride: usize) {
         // SAFETY: the caller's contract; AVX2 and FMA are enabled.
-        unsafe { transform_input_with::<Avx2>(tiles, channel_len, channels, taps, nr, v, v_stride) }
+        unsafe { transform_input_with::<Avx2>(input, v, v_stride) }
     }
     // SAFETY: the caller's contract; `isa` is supported, so the CPU has its features.
     unsafe {
         match isa {
-            Isa::Avx512 => avx512(tiles, channel_len, channels, taps, nr, v, v_stride),
-            Isa::Avx2 => avx2(tiles, channel_len, channels, taps, nr, v, v_stride),
+            Isa::Avx512 => avx512(input, v, v_stride),
+            Isa::Avx2 => avx2(input, v, v_stride),
         }
     }
 }
