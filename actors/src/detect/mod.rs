@@ -108,8 +108,9 @@ impl Detector {
             BatchMode::Fixed(n) => Some(n),
             // On the CPU kernels a dynamic batch runs one frame at a time too: one frame's
             // activations at 640x640 stay in the L3 cache from layer to layer, four frames'
-            // go through memory. Measured on YOLO11n, four frames, 2 threads: 110 ms in one
-            // call, 94 ms frame by frame. A GPU (and candle's operations) gain from the batch.
+            // go through memory. Measured on YOLO11n, four frames, 2 threads: 113 ms in one
+            // call, 102 ms frame by frame (medians of five runs). A GPU (and candle's
+            // operations) gain from the batch.
             BatchMode::Dynamic if device.is_cpu() && kernels == Kernels::Native => Some(1),
             BatchMode::Dynamic => None,
         };

@@ -5,7 +5,7 @@
 //! least 256 KiB of L2 per core): the blocking they give was measured to suit both the AVX2 and
 //! the AVX-512 machines. The one exception is the depth of a pass over a `B` panel, which
 //! follows the CPU's own L1 data cache ([`b_block_floats`]): 48 KiB caches (Zen 5, Ice Lake
-//! and later) hold a deeper block, and the model ran 2 % faster with it.
+//! and later) hold a deeper block, and the model ran about 1 % faster with it.
 
 /// Bytes of L1 data cache per core assumed when the CPU's own is unknown.
 pub const L1_BYTES: usize = 32 * 1024;
