@@ -2,11 +2,11 @@
 //! over keys, without the `queries x keys` matrix ever reaching memory.
 //!
 //! Blocks of [`BLOCK`] queries run in parallel. A block computes its scores transposed,
-//! `S^T = (alpha K^T) x Q_block^T` (`keys x BLOCK`), takes the softmax down each column, and
-//! multiplies `V x S^T`: the weights are then the right operand, read in place row by row, and
-//! the product lands in the output's own rows (`channels x BLOCK`). So nothing is repacked or
-//! transposed per block: `K^T` and `V` are packed once per batch item, and a block packs only
-//! its `depth x BLOCK` queries.
+//! `S^T = (alpha K^T) x Q_block^T` (`keys x BLOCK`), written straight in the packed panels
+//! of a right operand, takes the softmax down each column, and multiplies `V x S^T`: the
+//! weights are then the right operand as they lie, and the product lands in the output's own
+//! rows (`channels x BLOCK`). So nothing is repacked or transposed per block: `K^T` and `V`
+//! are packed once per batch item, and a block packs only its `depth x BLOCK` queries.
 
 use rayon::prelude::*;
 
@@ -265,8 +265,12 @@ fn attention_on(isa: Isa, q: Operand, k: Operand, v: Operand, alpha: f32, out: &
             (keys_t, values)
         })
         .collect();
-    // Row `kk` of a block's weights (`S^T`) starts `kk * BLOCK` floats into its scores.
-    let weight_rows: Vec<usize> = (0..keys).map(|kk| kk * BLOCK).collect();
+    // A block's scores (`S^T`, `keys x BLOCK`) are kept as `BLOCK / nr` packed panels of `nr`
+    // queries each (`[panel][keys][nr]`): the first product writes them panel by panel, the
+    // softmax runs down each panel's columns, and the second product reads them as its packed
+    // right operand, with no gather in between.
+    let nr = isa.nr();
+    let panel_len = keys * nr;
     // Zeroed first (a pass over the output, small beside the products) so that a view that
     // missed an element could never expose uninitialised memory.
     let mut out = vec![0.0f32; total];
@@ -277,24 +281,31 @@ fn attention_on(isa: Isa, q: Operand, k: Operand, v: Operand, alpha: f32, out: &
             let (b, i0) = (task / blocks, task % blocks * BLOCK);
             let rows = BLOCK.min(queries - i0);
             pack_query_block(isa, &q, b, i0, rows, queries_packed);
-            // Zeroed once, when it grows: the product below reads whole panels of each row of
-            // scores, columns past `rows` included, so every float must be initialised.
-            if scores.len() < keys * BLOCK + isa::MAX_NR {
-                scores.resize(keys * BLOCK + isa::MAX_NR, 0.0);
-            }
+            // Zeroed once, when it grows: the second product reads whole panels, columns past
+            // `rows` included, so every float must be initialised.
+            let scores = scores.floats_mut(BLOCK * keys);
             let (keys_t, values) = &operands[b];
-            // SAFETY: the microkernel is supported (asserted above). `S^T` is `keys x rows` with
-            // rows `BLOCK` apart inside `scores`. The weights' rows `kk * BLOCK` hold `BLOCK`
-            // initialised floats each, a multiple of the panel width, so the panels read
-            // stay inside `scores`. This task alone writes columns `i0..i0 + rows` of rows
+            for panel in 0..rows.div_ceil(nr) {
+                let width = nr.min(rows - panel * nr);
+                let scores_panel = &mut scores[panel * panel_len..][..panel_len];
+                // SAFETY: the microkernel is supported (asserted above); panel `panel` of the
+                // packed queries is `depth x nr` at `panel * depth * nr`, inside
+                // `queries_packed` (packed for `rows` columns); `S^T`'s panel is `keys x width`
+                // with rows `nr` apart inside `scores_panel`, 64-byte aligned (`PackedB`).
+                unsafe {
+                    let queries_panel = queries_packed.as_ptr().add(panel * depth * nr);
+                    tiling::gemm_panels(keys_t, 0..keys, queries_panel, width, scores_panel.as_mut_ptr(), nr, None);
+                }
+                activation::softmax_columns_block(scores_panel, keys, nr, 0..width);
+            }
+            // SAFETY: as above; `scores` holds the `rows.div_ceil(nr)` panels the product reads,
+            // each `keys x nr`, aligned. This task alone writes columns `i0..i0 + rows` of rows
             // `0..channels` of item `b` of the output view: the view is injective
             // (`OutputView`), so no other task's elements share an offset with these, and it
             // lies inside `out` (its extent is `total`, asserted above).
             unsafe {
-                tiling::gemm(keys_t, 0..keys, queries_packed, rows, scores.as_mut_ptr(), BLOCK, None);
-                activation::softmax_columns_block(&mut scores[..keys * BLOCK], keys, BLOCK, 0..rows);
                 let dst = out_ptr.get().add(ov.item_offset(b) + i0);
-                tiling::gemm_offsets(values, 0..channels, scores.as_ptr(), &weight_rows, rows, dst, ov.row_stride, None);
+                tiling::gemm_panels(values, 0..channels, scores.as_ptr(), rows, dst, ov.row_stride, None);
             }
         })
     });
@@ -302,8 +313,9 @@ fn attention_on(isa: Isa, q: Operand, k: Operand, v: Operand, alpha: f32, out: &
 }
 
 thread_local! {
-    /// Each rayon worker's packed query block and scores, reused across blocks and calls.
-    static SCRATCH: std::cell::RefCell<(PackedB, Vec<f32>)> = const { std::cell::RefCell::new((PackedB::new(), Vec::new())) };
+    /// Each rayon worker's packed query block and scores (packed panels too), reused across
+    /// blocks and calls.
+    static SCRATCH: std::cell::RefCell<(PackedB, PackedB)> = const { std::cell::RefCell::new((PackedB::new(), PackedB::new())) };
 }
 
 /// Packs `Q_block^T` (`depth x rows`: queries `i0..i0 + rows` of item `b`) as a right operand.
