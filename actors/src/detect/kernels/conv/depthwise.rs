@@ -74,7 +74,8 @@ fn depthwise_plane_flat(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize
     let (hp, wp) = (h + pt + pb, w + pl + pr);
     let weights = &conv.weights[c * kh * kw..][..kh * kw];
     PLANES.with_borrow_mut(|(padded, acc)| {
-        // Reused across planes: only the padding needs zeros, the pixels are copied in.
+        // Reused across planes, and zeroed again for each: the padding must read zero, and the
+        // pixels are copied over the rest.
         padded.clear();
         padded.resize(hp * wp, 0.0);
         for (y, row) in src.chunks_exact(w).enumerate() {
