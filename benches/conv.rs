@@ -31,6 +31,7 @@ fn main() {
     let shapes = [
         (3, 16, 3, 2, 1, 640),
         (16, 32, 3, 2, 1, 320),
+        (32, 32, 1, 1, 1, 160),
         (32, 64, 1, 1, 1, 160),
         (48, 64, 1, 1, 1, 160),
         (64, 64, 3, 2, 1, 160),
@@ -43,6 +44,9 @@ fn main() {
         (256, 64, 3, 1, 1, 20),
         (64, 128, 3, 2, 1, 80),
         (128, 128, 1, 1, 1, 40),
+        (256, 32, 1, 1, 1, 80),
+        (384, 64, 1, 1, 1, 40),
+        (384, 256, 1, 1, 1, 20),
         (128, 256, 3, 2, 1, 40),
         (256, 256, 1, 1, 1, 20),
         (128, 128, 7, 1, 128, 40),
@@ -53,7 +57,7 @@ fn main() {
         matmuls(&pool);
     }
     for (cin, cout, k, stride, groups, size) in shapes {
-        if only.as_ref().is_some_and(|only| !format!("{cin}->{cout}").contains(only.as_str())) {
+        if only.as_ref().is_some_and(|only| !format!("{cin}->{cout} k{k} s{stride} {size}px").contains(only.as_str())) {
             continue;
         }
         let input: Vec<f32> = (0..cin * size * size).map(|i| (i % 13) as f32 * 0.05).collect();

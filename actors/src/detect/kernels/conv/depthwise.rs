@@ -14,19 +14,24 @@ impl Conv2d {
     pub(super) fn run_depthwise(&self, input: &[f32], h: usize, w: usize, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let channels = self.spec.out_channels;
         let isa = Isa::detect();
+        let (kh, kw) = self.spec.kernel;
+        let (_, pl, _, pr) = self.spec.pads;
+        // Tap `(ky, kx)` of the flat kernel reads the padded plane this far past the output.
+        let wp = w + pl + pr;
+        let offsets: Vec<usize> = (0..kh * kw).map(|t| t / kw * wp + t % kw).collect();
+        let offsets = &offsets;
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane_index, dst)| {
-            let dst = zeroed(dst);
             let c = plane_index % channels;
             let src = &input[plane_index * h * w..][..h * w];
-            match isa {
+            let dst = match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the CPU supports AVX-512F (`Isa::detect` checked it).
-                Some(Isa::Avx512) => unsafe { depthwise_plane_avx512(self, c, src, h, w, oh, ow, dst) },
+                Some(Isa::Avx512) => unsafe { depthwise_plane_avx512(self, c, src, h, w, oh, ow, offsets, dst) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the CPU supports AVX2 and FMA (`Isa::detect` checked it).
-                Some(Isa::Avx2) => unsafe { depthwise_plane_avx2(self, c, src, h, w, oh, ow, dst) },
-                _ => depthwise_plane(self, c, src, h, w, oh, ow, dst),
-            }
+                Some(Isa::Avx2) => unsafe { depthwise_plane_avx2(self, c, src, h, w, oh, ow, offsets, dst) },
+                _ => depthwise_plane(self, c, src, h, w, oh, ow, offsets, dst),
+            };
             if let Some(residual) = residual {
                 add_assign(dst, &residual[plane_index * oh * ow..][..oh * ow]);
             }
@@ -37,27 +42,61 @@ impl Conv2d {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-fn depthwise_plane_avx2(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
-    depthwise_plane(conv, c, src, h, w, oh, ow, dst)
+fn depthwise_plane_avx2<'a>(
+    conv: &Conv2d,
+    c: usize,
+    src: &[f32],
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    offsets: &[usize],
+    dst: &'a mut [MaybeUninit<f32>],
+) -> &'a mut [f32] {
+    depthwise_plane(conv, c, src, h, w, oh, ow, offsets, dst)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-fn depthwise_plane_avx512(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
-    depthwise_plane(conv, c, src, h, w, oh, ow, dst)
+fn depthwise_plane_avx512<'a>(
+    conv: &Conv2d,
+    c: usize,
+    src: &[f32],
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    offsets: &[usize],
+    dst: &'a mut [MaybeUninit<f32>],
+) -> &'a mut [f32] {
+    depthwise_plane(conv, c, src, h, w, oh, ow, offsets, dst)
 }
 
-/// One channel of a depthwise convolution into a zeroed `dst`.
+/// One channel of a depthwise convolution into `dst`, which it initialises and returns;
+/// `offsets` are the taps' offsets for the stride-1 kernel ([`depthwise_plane_flat`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn depthwise_plane(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
-    if conv.spec.stride == (1, 1) && conv.spec.dilation == (1, 1) {
-        depthwise_plane_flat(conv, c, src, h, w, oh, ow, dst);
+fn depthwise_plane<'a>(
+    conv: &Conv2d,
+    c: usize,
+    src: &[f32],
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    offsets: &[usize],
+    dst: &'a mut [MaybeUninit<f32>],
+) -> &'a mut [f32] {
+    let dst = if conv.spec.stride == (1, 1) && conv.spec.dilation == (1, 1) {
+        depthwise_plane_flat(conv, c, src, h, w, oh, ow, offsets, dst)
     } else {
+        let dst = zeroed(dst);
         depthwise_plane_rows(conv, c, src, h, w, oh, ow, dst);
-    }
+        dst
+    };
     bias_activation(dst, conv.bias[c], conv.spec.activation);
+    dst
 }
 
 /// A stride-1 depthwise convolution of one channel over the flattened plane. The plane is
@@ -68,7 +107,17 @@ fn depthwise_plane(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh:
 /// each row are computed and dropped), without bounds per row.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn depthwise_plane_flat(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
+fn depthwise_plane_flat<'a>(
+    conv: &Conv2d,
+    c: usize,
+    src: &[f32],
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    offsets: &[usize],
+    dst: &'a mut [MaybeUninit<f32>],
+) -> &'a mut [f32] {
     let (kh, kw) = conv.spec.kernel;
     let (pt, pl, pb, pr) = conv.spec.pads;
     let (hp, wp) = (h + pt + pb, w + pl + pr);
@@ -86,12 +135,14 @@ fn depthwise_plane_flat(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize
         if acc.len() < oh * wp {
             acc.resize(oh * wp, 0.0);
         }
-        let offsets: Vec<usize> = (0..kh * kw).map(|t| t / kw * wp + t % kw).collect();
-        accumulate_taps(padded, &offsets, weights, &mut acc[..len]);
+        accumulate_taps(padded, offsets, weights, &mut acc[..len]);
         for (drow, arow) in dst.chunks_exact_mut(ow).zip(acc.chunks(wp)) {
-            drow.copy_from_slice(&arow[..ow]);
+            drow.iter_mut().zip(&arow[..ow]).for_each(|(d, &v)| _ = d.write(v));
         }
     });
+    // SAFETY: the loop above wrote every row of `dst` (`oh` rows of `ow`), and
+    // `MaybeUninit<f32>` has the layout of `f32`.
+    unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 thread_local! {
@@ -155,11 +206,29 @@ fn accumulate_taps(padded: &[f32], offsets: &[usize], weights: &[f32], acc: &mut
         /// inside `padded`.
         #[inline(always)]
         unsafe fn vectors<V: Lanes>(padded: &[f32], offsets: &[usize], weights: &[f32], acc: &mut [f32]) -> usize {
+            // Blocks of `BLOCK` vectors first: each tap's multiply-add depends on the previous
+            // one into the same sum, so one vector at a time waits on the FMA's latency at every
+            // tap; `BLOCK` independent sums keep both FMA units busy.
+            const BLOCK: usize = 8;
+            let blocked = acc.len() / (BLOCK * V::LEN) * (BLOCK * V::LEN);
             let whole = acc.len() / V::LEN * V::LEN;
             // SAFETY: output `i + V::LEN - 1 < acc.len()` reads `padded[i + V::LEN - 1 + o]`,
             // inside `padded` (checked by the caller); the CPU has `V`'s features.
             unsafe {
-                for i in (0..whole).step_by(V::LEN) {
+                for i in (0..blocked).step_by(BLOCK * V::LEN) {
+                    let mut sums = [V::splat(0.0); BLOCK];
+                    for (&o, &w) in offsets.iter().zip(weights) {
+                        let w = V::splat(w);
+                        let from = padded.as_ptr().add(i + o);
+                        for (b, sum) in sums.iter_mut().enumerate() {
+                            *sum = w.mul_add(V::load(from.add(b * V::LEN)), *sum);
+                        }
+                    }
+                    for (b, sum) in sums.iter().enumerate() {
+                        sum.store(acc.as_mut_ptr().add(i + b * V::LEN));
+                    }
+                }
+                for i in (blocked..whole).step_by(V::LEN) {
                     let mut sum = V::splat(0.0);
                     for (&o, &w) in offsets.iter().zip(weights) {
                         sum = V::splat(w).mul_add(V::load(padded.as_ptr().add(i + o)), sum);

@@ -7,6 +7,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::super::SendPtr;
+use super::super::isa::Isa;
 use super::super::{cache, pack, portable, tiling};
 use super::schedule::{self, SCRATCH};
 use super::{Conv2d, ConvInput, add_assign};
@@ -22,7 +23,7 @@ impl Conv2d {
         let k = cin_g * kh * kw;
         let pixels = oh * ow;
         let threads = rayon::current_num_threads();
-        let tile = schedule::tile_width(k, pixels, 4 * threads / (n * g).max(1));
+        let tile = schedule::tile_width(k, pixels, 4 * threads / (n * g).max(1), self.isa().map_or(16, Isa::nr));
         let tiles = pixels.div_ceil(tile);
         // Small late layers have few pixels: split the output channels too, so both cores work.
         let (m_block, m_blocks) = schedule::channel_blocks(n * g * tiles, m_g, self.panel_rows(), threads);

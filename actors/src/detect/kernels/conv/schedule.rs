@@ -5,11 +5,13 @@
 use super::super::cache;
 use super::super::pack::PackedB;
 
-/// Output pixels per tile: a tile's column matrix (`K x TILE` floats) should fit in L2.
-pub(super) fn tile_width(k: usize, pixels: usize, tasks_wanted: usize) -> usize {
+/// Output pixels per tile: a tile's column matrix (`K x TILE` floats) should fit in L2. Tiles
+/// are whole panels of `nr` columns: a tile ending inside a panel would run the microkernel's
+/// full width for its last columns, through a buffer.
+pub(super) fn tile_width(k: usize, pixels: usize, tasks_wanted: usize, nr: usize) -> usize {
     let by_cache = (cache::L2_FLOATS / k.max(1)).clamp(64, 4096);
     let by_parallelism = pixels.div_ceil(tasks_wanted.max(1));
-    by_cache.min(by_parallelism).max(16).div_ceil(16) * 16
+    by_cache.min(by_parallelism).max(nr).div_ceil(nr) * nr
 }
 
 /// Blocks of a group's `m_g` output channels, `(channels per block, blocks)`, for `tasks` tasks
