@@ -72,13 +72,13 @@ impl PackedA {
 }
 
 /// 64 bytes: one cache line, one AVX-512 register.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
 struct Line([f32; 16]);
 
 /// Packed `B` panels, aligned to cache lines so that no microkernel load splits across two.
 /// Reused across calls: it grows, and is never cleared (packing writes every element).
-#[derive(Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PackedB(Vec<Line>);
 
 impl PackedB {

@@ -19,29 +19,13 @@ impl Conv2d {
     /// a fixed offset from the row's start (`gemm_offsets`). Output rows run in parallel.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn run_direct(&self, input: &ConvInput, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
-        let (n, h, w) = (input.n, input.h, input.w);
+        let n = input.n;
         let g = self.spec.groups;
-        let cin_g = self.spec.in_channels / g;
-        let m_g = self.spec.out_channels / g;
-        let (kh, kw) = self.spec.kernel;
-        let (dh, dw) = self.spec.dilation;
-        let (sh, sw) = self.spec.stride;
-        let (pt, pl, pb, pr) = self.spec.pads;
-        // Each channel becomes `sh * sw` phase planes of `hp x wp`.
-        let (hp, wp) = ((h + pt + pb).div_ceil(sh), (w + pl + pr).div_ceil(sw));
-        let plane = hp * wp;
-        let channel_len = sh * sw * plane;
-        let layout = PhaseLayout { h, w, pt, pl, sh, sw, plane, hp, wp };
+        let (cin_g, m_g) = (self.spec.in_channels / g, self.spec.out_channels / g);
+        let layout = self.phase_layout(input.h, input.w);
+        let (channel_len, wp) = (layout.sh * layout.sw * layout.plane, layout.wp);
         let padded = phase_planes(input, &layout, self.isa());
-        // Tap (c, ky, kx) of output pixel (oy, ox) reads phase ((ky*dh) % sh, (kx*dw) % sw) of
-        // channel c at row oy + ky*dh/sh, column ox + kx*dw/sw.
-        let offsets: Vec<usize> = (0..cin_g * kh * kw)
-            .map(|kk| {
-                let (c, ky, kx) = (kk / (kh * kw), kk / kw % kh, kk % kw);
-                let phase = (ky * dh % sh) * sw + kx * dw % sw;
-                c * channel_len + phase * plane + (ky * dh / sh) * wp + kx * dw / sw
-            })
-            .collect();
+        let offsets = self.tap_offsets(&layout);
         let pixels = oh * ow;
         let threads = rayon::current_num_threads();
         let units = n * g;
@@ -82,6 +66,33 @@ impl Conv2d {
                 }
             }
         });
+    }
+
+    /// The phase planes of this convolution's input (`h x w`): each channel becomes
+    /// `sh * sw` zero-padded planes of `hp x wp`.
+    pub(super) fn phase_layout(&self, h: usize, w: usize) -> PhaseLayout {
+        let (sh, sw) = self.spec.stride;
+        let (pt, pl, pb, pr) = self.spec.pads;
+        let (hp, wp) = ((h + pt + pb).div_ceil(sh), (w + pl + pr).div_ceil(sw));
+        PhaseLayout { h, w, pt, pl, sh, sw, plane: hp * wp, hp, wp }
+    }
+
+    /// Where each tap `kk = (c, ky, kx)` (the weights' order) of output pixel `(0, 0)` lies in
+    /// a group's phase planes (`layout`); output pixel `(oy, ox)` reads it `oy * wp + ox`
+    /// further on. Tap `(c, ky, kx)` of `(oy, ox)` is in phase `((ky*dh) % sh, (kx*dw) % sw)`
+    /// of channel `c`, at row `oy + ky*dh/sh`, column `ox + kx*dw/sw`.
+    pub(super) fn tap_offsets(&self, layout: &PhaseLayout) -> Vec<usize> {
+        let (kh, kw) = self.spec.kernel;
+        let (dh, dw) = self.spec.dilation;
+        let &PhaseLayout { sh, sw, plane, wp, .. } = layout;
+        let channel_len = sh * sw * plane;
+        (0..self.spec.in_channels / self.spec.groups * kh * kw)
+            .map(|kk| {
+                let (c, ky, kx) = (kk / (kh * kw), kk / kw % kh, kk % kw);
+                let phase = (ky * dh % sh) * sw + kx * dw % sw;
+                c * channel_len + phase * plane + (ky * dh / sh) * wp + kx * dw / sw
+            })
+            .collect()
     }
 
     /// Output rows `out_rows` of channels `channels` (of image `batch`, relative to `group`'s

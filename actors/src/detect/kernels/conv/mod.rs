@@ -23,6 +23,8 @@ mod depthwise;
 mod direct;
 mod im2col;
 mod input;
+#[cfg(target_arch = "x86_64")]
+mod pixel_tiles;
 mod pointwise;
 mod schedule;
 #[cfg(target_arch = "x86_64")]
@@ -87,6 +89,10 @@ pub struct Conv2d {
     /// shape suits it ([`winograd::Winograd::applies`]).
     #[cfg(target_arch = "x86_64")]
     winograd: Option<winograd::Winograd>,
+    /// The weights in panels of output channels for the pixel-major kernel, when the shape
+    /// and the microkernel suit it ([`pixel_tiles::PixelTiles::applies`]).
+    #[cfg(target_arch = "x86_64")]
+    pixel_tiles: Option<pixel_tiles::PixelTiles>,
 }
 
 impl Conv2d {
@@ -127,6 +133,8 @@ impl Conv2d {
             packed: Vec::new(),
             #[cfg(target_arch = "x86_64")]
             winograd: None,
+            #[cfg(target_arch = "x86_64")]
+            pixel_tiles: None,
         })
     }
 
@@ -175,6 +183,7 @@ impl Conv2d {
         #[cfg(target_arch = "x86_64")]
         {
             self.winograd = winograd::Winograd::applies(&self.spec).then(|| winograd::Winograd::new(isa, &self.spec, &self.weights));
+            self.pixel_tiles = pixel_tiles::PixelTiles::applies(isa, &self.spec).then(|| pixel_tiles::PixelTiles::new(&self.spec, &self.weights, &self.bias));
         }
         self
     }
@@ -236,6 +245,14 @@ impl Conv2d {
         if let Some(winograd) = self.winograd_for(n, oh, ow) {
             self.run_winograd(winograd, input, oh, ow, residual, spare);
             // SAFETY: the tiles cover every output pixel of every channel, and each is written.
+            unsafe { out.set_len(len) };
+            return out;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(tiles) = self.pixel_tiles_for(oh, ow) {
+            self.run_pixel_tiles(tiles, input, oh, ow, residual, spare);
+            // SAFETY: the tiles cover every pixel of every row of every channel, and each is
+            // written.
             unsafe { out.set_len(len) };
             return out;
         }
@@ -337,7 +354,7 @@ mod tests {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn check(cin: usize, cout: usize, groups: usize, k: usize, stride: usize, pad: usize, n: usize, h: usize, w: usize) {
+    pub(super) fn check(cin: usize, cout: usize, groups: usize, k: usize, stride: usize, pad: usize, n: usize, h: usize, w: usize) {
         let input = values(n * cin * h * w, 3);
         // Every variant, with and without a residual.
         for conv in variants(cin, cout, groups, k, stride, pad) {

@@ -221,3 +221,179 @@ pub(in super::super) unsafe fn gather_rows(src: *const f32, offsets: &[usize], d
     // SAFETY: the caller's contract.
     unsafe { pack::gather_rows_of::<32>(src, offsets, dst) }
 }
+
+/// Output pixels and output channels of one [`conv_tile_16x16`] tile.
+pub(in super::super) const NARROW_TILE: usize = 16;
+
+/// One tile of a pixel-major convolution: 16 consecutive output pixels times 16 output
+/// channels. Each input value is a broadcast operand, read where it lies: tap `kk` of pixel
+/// `j` is `taps[kk][at + j]`. Each accumulator holds one pixel's 16 channels, so
+/// the weights are one aligned load per tap (`weights`, `[kk][16]`). The finished tile gets
+/// `bias` (16 channels) and SiLU when asked, is transposed into rows of pixels, gets the
+/// residual's rows (`residual.0`, `residual.1` apart) and is stored as the first `channels`
+/// rows of `out`, `ldo` apart.
+///
+/// # Safety
+/// The CPU has AVX-512F. `taps[kk] + at + j` is readable for every `kk < taps.len()` and
+/// `j < 16`; `weights` is 64-byte aligned and holds `taps.len() * 16` floats; `bias` holds
+/// 16; `channels <= 16`; `out` and the residual hold `channels` rows of 16 floats.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(in super::super) unsafe fn conv_tile_16x16(
+    taps: &[*const f32],
+    at: usize,
+    weights: *const f32,
+    bias: *const f32,
+    silu: bool,
+    out: *mut f32,
+    ldo: usize,
+    residual: Option<(*const f32, usize)>,
+    channels: usize,
+) {
+    // SAFETY: every access stays within the bounds of the contract.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); NARROW_TILE];
+        for (kk, &tap) in taps.iter().enumerate() {
+            let w = _mm512_load_ps(weights.add(kk * NARROW_TILE));
+            let p = tap.add(at);
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(j)), w, *a);
+            }
+        }
+        let bias = Avx512(_mm512_loadu_ps(bias));
+        for a in acc.iter_mut() {
+            let mut v = Avx512(*a).add(bias);
+            if silu {
+                v = v.mul(v.sigmoid());
+            }
+            *a = v.0;
+        }
+        let rows = transpose_16x16(acc);
+        for (c, &row) in rows.iter().enumerate().take(channels) {
+            let row = match residual {
+                Some((r, ld)) => _mm512_add_ps(row, _mm512_loadu_ps(r.add(c * ld))),
+                None => row,
+            };
+            _mm512_storeu_ps(out.add(c * ldo), row);
+        }
+    }
+}
+
+/// Output channels of one [`conv_tile_wide`] tile: two registers.
+pub(in super::super) const WIDE_TILE_CHANNELS: usize = 32;
+
+/// Like [`conv_tile_16x16`] for `P <= 16` pixels times 32 output channels (`weights`
+/// `[kk][32]`, `bias` 32 floats): each input value read feeds two multiply-adds, and each tap
+/// is `P` broadcasts for `2 P` multiply-adds. `out` and the residual hold `channels <= 32`
+/// rows of `P` floats.
+///
+/// # Safety
+/// As for [`conv_tile_16x16`], with `j < P`, 32 biases and `taps.len() * 32` weights.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(in super::super) unsafe fn conv_tile_wide<const P: usize>(
+    taps: &[*const f32],
+    at: usize,
+    weights: *const f32,
+    bias: *const f32,
+    silu: bool,
+    out: *mut f32,
+    ldo: usize,
+    residual: Option<(*const f32, usize)>,
+    channels: usize,
+) {
+    // SAFETY: every access stays within the bounds of the contract.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; P];
+        for (kk, &tap) in taps.iter().enumerate() {
+            let w0 = _mm512_load_ps(weights.add(kk * WIDE_TILE_CHANNELS));
+            let w1 = _mm512_load_ps(weights.add(kk * WIDE_TILE_CHANNELS + 16));
+            let p = tap.add(at);
+            for (j, a) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*p.add(j));
+                a[0] = _mm512_fmadd_ps(x, w0, a[0]);
+                a[1] = _mm512_fmadd_ps(x, w1, a[1]);
+            }
+        }
+        let lanes: __mmask16 = (1u32 << P).wrapping_sub(1) as __mmask16;
+        for half in 0..2 {
+            let bias = Avx512(_mm512_loadu_ps(bias.add(16 * half)));
+            let mut block = [_mm512_setzero_ps(); 16];
+            for (b, a) in block.iter_mut().zip(&acc) {
+                let mut v = Avx512(a[half]).add(bias);
+                if silu {
+                    v = v.mul(v.sigmoid());
+                }
+                *b = v.0;
+            }
+            let rows = transpose_16x16(block);
+            for (c, &row) in rows.iter().enumerate().take(channels.saturating_sub(16 * half).min(16)) {
+                let channel = 16 * half + c;
+                let row = match residual {
+                    Some((r, ld)) => _mm512_add_ps(row, _mm512_maskz_loadu_ps(lanes, r.add(channel * ld))),
+                    None => row,
+                };
+                _mm512_mask_storeu_ps(out.add(channel * ldo), lanes, row);
+            }
+        }
+    }
+}
+
+/// The transpose of a 16x16 block: row `i` of the result holds element `i` of every input row.
+/// Pairs, then quads within each 128-bit block; then the 128-bit blocks across registers.
+#[target_feature(enable = "avx512f")]
+fn transpose_16x16(r: [__m512; 16]) -> [__m512; 16] {
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // `u[4 g + c]`: in 128-bit block `b`, element `4 b + c` of rows `4 g .. 4 g + 4`.
+    let mut u = [_mm512_setzero_ps(); 16];
+    for g in 0..4 {
+        let t = &t[4 * g..4 * g + 4];
+        u[4 * g] = _mm512_shuffle_ps::<0x44>(t[0], t[2]);
+        u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(t[0], t[2]);
+        u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(t[1], t[3]);
+        u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(t[1], t[3]);
+    }
+    let mut out = [_mm512_setzero_ps(); 16];
+    for c in 0..4 {
+        let low = _mm512_shuffle_f32x4::<0x44>(u[c], u[4 + c]);
+        let high = _mm512_shuffle_f32x4::<0xEE>(u[c], u[4 + c]);
+        let low2 = _mm512_shuffle_f32x4::<0x44>(u[8 + c], u[12 + c]);
+        let high2 = _mm512_shuffle_f32x4::<0xEE>(u[8 + c], u[12 + c]);
+        out[c] = _mm512_shuffle_f32x4::<0x88>(low, low2);
+        out[4 + c] = _mm512_shuffle_f32x4::<0xDD>(low, low2);
+        out[8 + c] = _mm512_shuffle_f32x4::<0x88>(high, high2);
+        out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(high, high2);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposes_a_16x16_block() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("skipped: this CPU has no AVX-512F");
+            return;
+        }
+        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        let mut got = [0f32; 256];
+        // SAFETY: the CPU has AVX-512F (checked above); `m` and `got` hold 256 floats.
+        unsafe {
+            let rows: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(m.as_ptr().add(16 * i)));
+            for (i, row) in transpose_16x16(rows).iter().enumerate() {
+                _mm512_storeu_ps(got.as_mut_ptr().add(16 * i), *row);
+            }
+        }
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(got[16 * i + j], m[16 * j + i], "({i}, {j})");
+            }
+        }
+    }
+}
