@@ -211,18 +211,31 @@ impl CustomOp1 for CpuUpsample {
         }
         let (fy, fx) = (oh / h, ow / w);
         let input = contiguous_f32(storage, layout)?;
-        let mut out = vec![0.0f32; n * c * oh * ow];
-        out.par_chunks_mut(oh * ow).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
+        let len = n * c * oh * ow;
+        // Not zero-filled first: every element is written below.
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        out.spare_capacity_mut()[..len].par_chunks_mut(oh * ow).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
             for (row, rows_out) in src.chunks_exact(w).zip(dst.chunks_exact_mut(fy * ow)) {
                 let (first, rest) = rows_out.split_at_mut(ow);
-                for (pixels, &v) in first.chunks_exact_mut(fx).zip(row) {
-                    pixels.fill(v);
+                if fx == 2 {
+                    // The common case (YOLO necks), as pairs the compiler can vectorise.
+                    for (pair, &v) in first.chunks_exact_mut(2).zip(row) {
+                        pair[0].write(v);
+                        pair[1].write(v);
+                    }
+                } else {
+                    for (pixels, &v) in first.chunks_exact_mut(fx).zip(row) {
+                        pixels.iter_mut().for_each(|p| _ = p.write(v));
+                    }
                 }
                 for copy in rest.chunks_exact_mut(ow) {
                     copy.copy_from_slice(first);
                 }
             }
         });
+        // SAFETY: each plane's rows were written above: the first of each group of `fy` pixel by
+        // pixel (`w * fx = ow` of them), the others copied from it; the planes cover `len`.
+        unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
     }
 }
@@ -258,24 +271,45 @@ impl CustomOp1 for CpuMaxPool {
         };
         let mut out = vec![0.0f32; n * c * oh * ow];
         out.par_chunks_mut(oh * ow).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
-            // Rows first: `rows[y][ox]` is the max of row `y` over output column `ox`'s window.
-            let mut rows = vec![f32::NEG_INFINITY; h * ow];
-            for (row_max, row) in rows.chunks_exact_mut(ow).zip(src.chunks_exact(w)) {
-                for (ox, m) in row_max.iter_mut().enumerate() {
-                    *m = row[window(ox, sw, pl, kw, w)].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                }
-            }
-            for (oy, out_row) in dst.chunks_exact_mut(ow).enumerate() {
-                out_row.fill(f32::NEG_INFINITY);
-                for y in window(oy, sh, pt, kh, h) {
-                    for (o, &m) in out_row.iter_mut().zip(&rows[y * ow..][..ow]) {
-                        *o = o.max(m);
+            POOL_ROWS.with_borrow_mut(|rows| {
+                // Rows first: `rows[y][ox]` is the max of row `y` over output column `ox`'s
+                // window, one tap at a time across the whole row so that the loop vectorises.
+                rows.clear();
+                rows.resize(h * ow, f32::NEG_INFINITY);
+                for (row_max, row) in rows.chunks_exact_mut(ow).zip(src.chunks_exact(w)) {
+                    for kx in 0..kw {
+                        // Output columns whose input column `ox * sw + kx - pl` exists.
+                        let first = pl.saturating_sub(kx).div_ceil(sw);
+                        let end = if w + pl > kx { ((w + pl - kx - 1) / sw + 1).min(ow) } else { 0 };
+                        if first >= end {
+                            continue;
+                        }
+                        let x0 = first * sw + kx - pl;
+                        let maxes = &mut row_max[first..end];
+                        if sw == 1 {
+                            maxes.iter_mut().zip(&row[x0..]).for_each(|(m, &v)| *m = m.max(v));
+                        } else {
+                            maxes.iter_mut().zip(row[x0..].iter().step_by(sw)).for_each(|(m, &v)| *m = m.max(v));
+                        }
                     }
                 }
-            }
+                for (oy, out_row) in dst.chunks_exact_mut(ow).enumerate() {
+                    out_row.fill(f32::NEG_INFINITY);
+                    for y in window(oy, sh, pt, kh, h) {
+                        for (o, &m) in out_row.iter_mut().zip(&rows[y * ow..][..ow]) {
+                            *o = o.max(m);
+                        }
+                    }
+                }
+            })
         });
         Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
     }
+}
+
+thread_local! {
+    /// Each rayon worker's row maxima for [`CpuMaxPool`], reused across planes and calls.
+    static POOL_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// [`Op::Attention`] on the CPU: [`attention::attention`] over contiguous operands.
