@@ -183,7 +183,7 @@ impl Conv2d {
         #[cfg(target_arch = "x86_64")]
         {
             self.winograd = winograd::Winograd::applies(&self.spec).then(|| winograd::Winograd::new(isa, &self.spec, &self.weights));
-            self.pixel_tiles = pixel_tiles::PixelTiles::applies(isa, &self.spec).then(|| pixel_tiles::PixelTiles::new(&self.spec, &self.weights, &self.bias));
+            self.pixel_tiles = pixel_tiles::PixelTiles::applies(&self.spec).then(|| pixel_tiles::PixelTiles::new(isa, &self.spec, &self.weights, &self.bias));
         }
         self
     }

@@ -1,6 +1,6 @@
 //! Convolutions that Winograd does not take (strided and pointwise ones above all), as tiles
-//! of output pixels times output channels on AVX-512 ([`avx512::conv_tile_wide`] and
-//! [`avx512::conv_tile_16x16`]).
+//! of output pixels times output channels ([`avx512::conv_tile_wide`],
+//! [`avx512::conv_tile_16x16`] and their AVX2 forms).
 //!
 //! The channel-major product ([`run_direct`](Conv2d::run_direct), [`run_gemm`](Conv2d::run_gemm))
 //! puts pixels in the vector lanes, so each block of `B` must first be gathered or packed
@@ -13,9 +13,10 @@
 //! so the bias, SiLU and residual are applied once, after a 16x16 transpose that turns the
 //! tile back into rows of pixels.
 //!
-//! Tiles are 10 or 14 pixels by 32 channels (28 of the 32 registers hold sums at 14), and 16
-//! pixels by 16 channels for convolutions with 16 output channels or fewer, which would
-//! leave half of a 32-channel tile empty. Each tile lies in one run of pixels (an output row;
+//! With AVX-512, tiles are 10 or 14 pixels by 32 channels (28 of the 32 registers hold sums at
+//! 14), and 16 pixels by 16 channels for convolutions with 16 output channels or fewer, which
+//! would leave half of a 32-channel tile empty. With AVX2 (16 registers), 5 or 6 pixels by 16
+//! channels, and 8 by 8. Each tile lies in one run of pixels (an output row;
 //! for a pointwise convolution, a stretch of the plane); the last tile of a run ends on the
 //! run's last pixel, so it overlaps the one before when the run is not a multiple of the
 //! tile, and those pixels are computed twice, to the same values. The width of the wide
@@ -36,7 +37,7 @@ use super::super::SendPtr;
 use super::super::activation::Activation;
 use super::super::isa::Isa;
 use super::super::pack::PackedB;
-use super::super::x86_64::avx512;
+use super::super::x86_64::{avx2, avx512};
 use super::direct::phase_planes;
 use super::winograd::Winograd;
 use super::{Conv2d, ConvInput, ConvSpec, schedule};
@@ -46,33 +47,38 @@ use super::{Conv2d, ConvInput, ConvSpec, schedule};
 /// biases padded to whole panels.
 #[derive(Debug, Clone)]
 pub(super) struct PixelTiles {
+    isa: Isa,
     weights: PackedB,
     bias: Vec<f32>,
     k: usize,
     panel: usize,
 }
 
-/// One tile's kernel: [`avx512::conv_tile_wide`] or [`avx512::conv_tile_16x16`].
+/// No tile is wider than this many pixels ([`PixelTiles::tile`]).
+const WIDEST_TILE: usize = 16;
+
+/// One tile's kernel: `conv_tile_wide` or the narrow one of [`avx512`] or [`avx2`].
 type TileKernel = unsafe fn(&[*const f32], usize, *const f32, *const f32, bool, *mut f32, usize, Option<(*const f32, usize)>, usize);
 
 impl PixelTiles {
-    /// Whether a convolution of `spec`, packed for `isa`, runs this way: AVX-512, one group,
-    /// and a shape that Winograd does not take.
+    /// Whether a convolution of `spec` runs this way: one group, and a shape that Winograd
+    /// does not take.
     /// `STREAMDET_PIXEL_TILES=off` keeps such convolutions on the channel-major path, to
     /// compare the two on one machine.
-    pub(super) fn applies(isa: Isa, spec: &ConvSpec) -> bool {
+    pub(super) fn applies(spec: &ConvSpec) -> bool {
         static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ENABLED.get_or_init(|| std::env::var("STREAMDET_PIXEL_TILES").map_or(true, |v| v != "off"))
-            && isa == Isa::Avx512
-            && spec.groups == 1
-            && !Winograd::applies(spec)
+        *ENABLED.get_or_init(|| std::env::var("STREAMDET_PIXEL_TILES").map_or(true, |v| v != "off")) && spec.groups == 1 && !Winograd::applies(spec)
     }
 
-    /// Packs `weights` (`[out][in][kh][kw]`) and `bias` into panels.
-    pub(super) fn new(spec: &ConvSpec, weights: &[f32], bias: &[f32]) -> Self {
+    /// Packs `weights` (`[out][in][kh][kw]`) and `bias` into panels for `isa`'s tiles.
+    pub(super) fn new(isa: Isa, spec: &ConvSpec, weights: &[f32], bias: &[f32]) -> Self {
         let k = spec.in_channels * spec.kernel.0 * spec.kernel.1;
         let cout = spec.out_channels;
-        let panel = if cout <= avx512::NARROW_TILE { avx512::NARROW_TILE } else { avx512::WIDE_TILE_CHANNELS };
+        let (narrow, wide) = match isa {
+            Isa::Avx512 => (avx512::NARROW_TILE, avx512::WIDE_TILE_CHANNELS),
+            Isa::Avx2 => (avx2::NARROW_TILE, avx2::WIDE_TILE_CHANNELS),
+        };
+        let panel = if cout <= narrow { narrow } else { wide };
         let panels = cout.div_ceil(panel);
         let mut packed = PackedB::new();
         let floats = packed.floats_mut(panels * k * panel);
@@ -83,7 +89,7 @@ impl PixelTiles {
         }
         let mut padded_bias = bias.to_vec();
         padded_bias.resize(panels * panel, 0.0);
-        PixelTiles { weights: packed, bias: padded_bias, k, panel }
+        PixelTiles { isa, weights: packed, bias: padded_bias, k, panel }
     }
 
     /// Panel `p`'s weights: `k * panel` floats, 64-byte aligned.
@@ -92,13 +98,16 @@ impl PixelTiles {
         unsafe { self.weights.as_ptr().add(p * self.k * self.panel) }
     }
 
-    /// Pixels per tile for rows of `ow` pixels, and the kernel for them.
-    fn tile(&self, ow: usize) -> (usize, TileKernel) {
-        if self.panel == avx512::NARROW_TILE {
-            return (avx512::NARROW_TILE, avx512::conv_tile_16x16);
-        }
-        // The fewest pixels computed per row; the wider tile on a tie.
-        if ow < 14 || ow.div_ceil(10) * 10 < ow.div_ceil(14) * 14 { (10, avx512::conv_tile_wide::<10>) } else { (14, avx512::conv_tile_wide::<14>) }
+    /// Pixels per tile for runs of `run` pixels, and the kernel for them: the widest tile
+    /// that computes the fewest pixels twice.
+    fn tile(&self, run: usize) -> (usize, TileKernel) {
+        let choices: [(usize, TileKernel); 2] = match (self.isa, self.panel) {
+            (Isa::Avx512, avx512::NARROW_TILE) => [(16, avx512::conv_tile_16x16 as TileKernel); 2],
+            (Isa::Avx512, _) => [(14, avx512::conv_tile_wide::<14> as TileKernel), (10, avx512::conv_tile_wide::<10> as TileKernel)],
+            (Isa::Avx2, avx2::NARROW_TILE) => [(8, avx2::conv_tile_8x8 as TileKernel); 2],
+            (Isa::Avx2, _) => [(6, avx2::conv_tile_wide::<6> as TileKernel), (5, avx2::conv_tile_wide::<5> as TileKernel)],
+        };
+        choices.into_iter().filter(|&(pixels, _)| pixels <= run).min_by_key(|&(pixels, _)| run.div_ceil(pixels) * pixels).unwrap_or(choices[1])
     }
 }
 
@@ -123,11 +132,11 @@ impl Conv2d {
         // where it lies, stretches of the whole plane (the last one takes the remainder).
         let pointwise = self.is_pointwise();
         let (planes, offsets, channel_len, run_len, in_stride, runs) = if pointwise {
-            let stretch = (pixels / (4 * threads).div_ceil(n)).clamp(1, pixels);
+            let stretch = (pixels / (4 * threads).div_ceil(n)).max(WIDEST_TILE).min(pixels);
             (Vec::new(), Vec::new(), 0, stretch, stretch, pixels / stretch)
         } else {
             let layout = self.phase_layout(input.h, input.w);
-            let planes = phase_planes(input, &layout, Some(Isa::Avx512));
+            let planes = phase_planes(input, &layout, Some(tiles.isa));
             let offsets = self.tap_offsets(&layout);
             (planes, offsets, layout.sh * layout.sw * layout.plane, ow, layout.wp, oh)
         };
@@ -162,8 +171,8 @@ impl Conv2d {
                     let len = if pointwise && run + 1 == runs { pixels - run * run_len } else { run_len };
                     for x in (0..len).step_by(tile).map(|x| x.min(len - tile)) {
                         let first = (batch * cout + panel * tiles.panel) * pixels + run * run_len + x;
-                        // SAFETY: the CPU has AVX-512F (`applies` required the weights to be
-                        // packed for it). Tap `kk` of pixel `x + j` (`j < tile`, `x + j < len`)
+                        // SAFETY: the CPU has the features of `tiles.isa` (the weights were
+                        // packed for it, which `PackedA` checks). Tap `kk` of pixel `x + j` (`j < tile`, `x + j < len`)
                         // of run `run` is at `taps[kk] + run * in_stride + x + j`: in the
                         // input plane of channel `kk` (pointwise: `run * in_stride + x + j` is
                         // the pixel's own index), or inside the phase planes, as for
@@ -194,7 +203,27 @@ impl Conv2d {
 
 #[cfg(test)]
 mod tests {
+    use super::super::super::activation::Activation;
     use super::super::tests::check;
+    use super::*;
+
+    #[test]
+    fn tiles_fit_their_runs_and_compute_the_fewest_pixels() {
+        for isa in [Isa::Avx2, Isa::Avx512] {
+            for cout in [8, 16, 40] {
+                let spec = ConvSpec::square(4, cout, 1, 3, 2, 1, Activation::Silu);
+                let tiles = PixelTiles::new(isa, &spec, &vec![0.5; cout * 36], &vec![0.0; cout]);
+                for run in WIDEST_TILE..200 {
+                    let (pixels, _) = tiles.tile(run);
+                    assert!(pixels <= run, "{isa:?} {cout} channels: a tile of {pixels} in a run of {run}");
+                }
+            }
+            let wide = PixelTiles::new(isa, &ConvSpec::square(4, 64, 1, 3, 2, 1, Activation::Silu), &[0.5; 64 * 36], &[0.0; 64]);
+            // YOLO's widths (multiples of 10) take the narrower wide tile with no pixel twice.
+            let (pixels, _) = wide.tile(80);
+            assert_eq!(80 % pixels, 0, "{isa:?}: tiles of {pixels} in rows of 80");
+        }
+    }
 
     #[test]
     fn convolutions_in_pixel_tiles_match_the_definition() {

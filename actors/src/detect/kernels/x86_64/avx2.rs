@@ -198,3 +198,169 @@ pub(in super::super) unsafe fn gather_rows(src: *const f32, offsets: &[usize], d
     // SAFETY: the caller's contract.
     unsafe { pack::gather_rows_of::<16>(src, offsets, dst) }
 }
+
+/// Output pixels and output channels of one [`conv_tile_8x8`] tile.
+pub(in super::super) const NARROW_TILE: usize = 8;
+
+/// Output channels of one [`conv_tile_wide`] tile: two registers.
+pub(in super::super) const WIDE_TILE_CHANNELS: usize = 16;
+
+/// The AVX2 form of the AVX-512 pixel tile (see there): 8 consecutive output pixels times 8
+/// output channels, tap `kk` of pixel `j` at `taps[kk][at + j]`, weights `[kk][8]`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA. `taps[kk] + at + j` is readable for every `kk < taps.len()` and
+/// `j < 8`; `weights` is 32-byte aligned and holds `taps.len() * 8` floats; `bias` holds 8;
+/// `channels <= 8`; `out` and the residual hold `channels` rows of 8 floats.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(in super::super) unsafe fn conv_tile_8x8(
+    taps: &[*const f32],
+    at: usize,
+    weights: *const f32,
+    bias: *const f32,
+    silu: bool,
+    out: *mut f32,
+    ldo: usize,
+    residual: Option<(*const f32, usize)>,
+    channels: usize,
+) {
+    // SAFETY: every access stays within the bounds of the contract.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); NARROW_TILE];
+        for (kk, &tap) in taps.iter().enumerate() {
+            let w = _mm256_load_ps(weights.add(kk * NARROW_TILE));
+            let p = tap.add(at);
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(_mm256_set1_ps(*p.add(j)), w, *a);
+            }
+        }
+        let bias = Avx2(_mm256_loadu_ps(bias));
+        for a in acc.iter_mut() {
+            let mut v = Avx2(*a).add(bias);
+            if silu {
+                v = v.mul(v.sigmoid());
+            }
+            *a = v.0;
+        }
+        for (c, &row) in transpose_8x8(acc).iter().enumerate().take(channels) {
+            let row = match residual {
+                Some((r, ld)) => _mm256_add_ps(row, _mm256_loadu_ps(r.add(c * ld))),
+                None => row,
+            };
+            _mm256_storeu_ps(out.add(c * ldo), row);
+        }
+    }
+}
+
+/// Like [`conv_tile_8x8`] for `P <= 8` pixels times 16 output channels (`weights` `[kk][16]`,
+/// `bias` 16 floats). `out` and the residual hold `channels <= 16` rows of `P` floats.
+///
+/// # Safety
+/// As for [`conv_tile_8x8`], with `j < P`, 16 biases and `taps.len() * 16` weights, 32-byte
+/// aligned.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(in super::super) unsafe fn conv_tile_wide<const P: usize>(
+    taps: &[*const f32],
+    at: usize,
+    weights: *const f32,
+    bias: *const f32,
+    silu: bool,
+    out: *mut f32,
+    ldo: usize,
+    residual: Option<(*const f32, usize)>,
+    channels: usize,
+) {
+    // SAFETY: every access stays within the bounds of the contract.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; P];
+        for (kk, &tap) in taps.iter().enumerate() {
+            let w0 = _mm256_load_ps(weights.add(kk * WIDE_TILE_CHANNELS));
+            let w1 = _mm256_load_ps(weights.add(kk * WIDE_TILE_CHANNELS + 8));
+            let p = tap.add(at);
+            for (j, a) in acc.iter_mut().enumerate() {
+                let x = _mm256_set1_ps(*p.add(j));
+                a[0] = _mm256_fmadd_ps(x, w0, a[0]);
+                a[1] = _mm256_fmadd_ps(x, w1, a[1]);
+            }
+        }
+        for half in 0..2 {
+            let bias = Avx2(_mm256_loadu_ps(bias.add(8 * half)));
+            let mut block = [_mm256_setzero_ps(); 8];
+            for (b, a) in block.iter_mut().zip(&acc) {
+                let mut v = Avx2(a[half]).add(bias);
+                if silu {
+                    v = v.mul(v.sigmoid());
+                }
+                *b = v.0;
+            }
+            let rows = transpose_8x8(block);
+            for (c, &row) in rows.iter().enumerate().take(channels.saturating_sub(8 * half).min(8)) {
+                let channel = 8 * half + c;
+                // `P` of the 8 lanes are this row's pixels: through a buffer, since AVX2's
+                // masked moves are slow on some CPUs.
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), row);
+                if let Some((r, ld)) = residual {
+                    let r = std::slice::from_raw_parts(r.add(channel * ld), P);
+                    lanes.iter_mut().zip(r).for_each(|(l, x)| *l += x);
+                }
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.add(channel * ldo), P);
+            }
+        }
+    }
+}
+
+/// The transpose of an 8x8 block: row `i` of the result holds element `i` of every input row.
+/// Pairs, then quads within each 128-bit half; then the halves across registers.
+#[target_feature(enable = "avx2")]
+fn transpose_8x8(r: [__m256; 8]) -> [__m256; 8] {
+    let mut t = [_mm256_setzero_ps(); 8];
+    for i in 0..4 {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // `u[4 g + c]`: in 128-bit half `b`, element `4 b + c` of rows `4 g .. 4 g + 4`.
+    let mut u = [_mm256_setzero_ps(); 8];
+    for g in 0..2 {
+        let t = &t[4 * g..4 * g + 4];
+        u[4 * g] = _mm256_shuffle_ps::<0x44>(t[0], t[2]);
+        u[4 * g + 1] = _mm256_shuffle_ps::<0xEE>(t[0], t[2]);
+        u[4 * g + 2] = _mm256_shuffle_ps::<0x44>(t[1], t[3]);
+        u[4 * g + 3] = _mm256_shuffle_ps::<0xEE>(t[1], t[3]);
+    }
+    let mut out = [_mm256_setzero_ps(); 8];
+    for c in 0..4 {
+        out[c] = _mm256_permute2f128_ps::<0x20>(u[c], u[4 + c]);
+        out[4 + c] = _mm256_permute2f128_ps::<0x31>(u[c], u[4 + c]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposes_an_8x8_block() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        let m: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let mut got = [0f32; 64];
+        // SAFETY: the CPU has AVX2 (checked above); `m` and `got` hold 64 floats.
+        unsafe {
+            let rows: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(m.as_ptr().add(8 * i)));
+            for (i, row) in transpose_8x8(rows).iter().enumerate() {
+                _mm256_storeu_ps(got.as_mut_ptr().add(8 * i), *row);
+            }
+        }
+        for i in 0..8 {
+            for j in 0..8 {
+                assert_eq!(got[8 * i + j], m[8 * j + i], "({i}, {j})");
+            }
+        }
+    }
+}
