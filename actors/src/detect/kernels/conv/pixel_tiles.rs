@@ -35,12 +35,14 @@ use rayon::prelude::*;
 
 use super::super::SendPtr;
 use super::super::activation::Activation;
+use super::super::cache;
 use super::super::isa::Isa;
 use super::super::pack::PackedB;
 use super::super::x86_64::{avx2, avx512};
 use super::direct::phase_planes;
+use super::schedule::{self, SCRATCH};
 use super::winograd::Winograd;
-use super::{Conv2d, ConvInput, ConvSpec, schedule};
+use super::{Conv2d, ConvInput, ConvSpec, add_assign};
 
 /// A convolution's weights in panels of `panel` output channels (16 or 32),
 /// `[panel][kk][channel]` with `kk = (c, ky, kx)` (zeros past the last channel), and its
@@ -53,6 +55,10 @@ pub(super) struct PixelTiles {
     k: usize,
     panel: usize,
 }
+
+/// Pixels per strip of an output written through a compact buffer (`32 x 128` floats: 16 KiB,
+/// in L1).
+const COMPACT_STRIP: usize = 128;
 
 /// No tile is wider than this many pixels ([`PixelTiles::tile`]).
 const WIDEST_TILE: usize = 16;
@@ -151,52 +157,93 @@ impl Conv2d {
         let silu = self.spec.activation == Activation::Silu;
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
         let (planes, offsets) = (&planes, &offsets);
+        // Channel planes a whole number of pages apart share their L1 sets, so a tile stored
+        // straight into them evicts its own rows: such outputs go through a compact strip.
+        let compact = cache::rows_share_cache_sets(pixels);
         (0..n * run_tasks * panel_blocks).into_par_iter().for_each(|task| {
-            let block = task % panel_blocks;
-            let run_task = task / panel_blocks % run_tasks;
-            let batch = task / panel_blocks / run_tasks;
-            // Where each tap of the image's first pixel lies.
-            let taps: Vec<*const f32> = if pointwise {
-                (0..cin).map(|c| input.plane(batch, c).as_ptr()).collect()
-            } else {
-                let image = &planes[batch * cin * channel_len..];
-                offsets.iter().map(|&o| image[o..].as_ptr()).collect()
-            };
-            let task_runs = run_task * runs_per_task..((run_task + 1) * runs_per_task).min(runs);
-            for panel in block * panels_per_block..((block + 1) * panels_per_block).min(panels) {
-                let channels = tiles.panel.min(cout - panel * tiles.panel);
-                let weights = tiles.weights(panel);
-                let bias = tiles.bias[panel * tiles.panel..].as_ptr();
-                for run in task_runs.clone() {
-                    let len = if pointwise && run + 1 == runs { pixels - run * run_len } else { run_len };
-                    for x in (0..len).step_by(tile).map(|x| x.min(len - tile)) {
-                        let first = (batch * cout + panel * tiles.panel) * pixels + run * run_len + x;
-                        // SAFETY: the CPU has the features of `tiles.isa` (the weights were
-                        // packed for it, which `PackedA` checks). Tap `kk` of pixel `x + j` (`j < tile`, `x + j < len`)
-                        // of run `run` is at `taps[kk] + run * in_stride + x + j`: in the
-                        // input plane of channel `kk` (pointwise: `run * in_stride + x + j` is
-                        // the pixel's own index), or inside the phase planes, as for
-                        // `run_direct`. The panel holds `k * panel` aligned weights and `panel`
-                        // biases. This task alone writes channels `panel * tiles.panel ..`
-                        // (`channels` of them) of its runs of image `batch` (tasks differ in
-                        // image, runs or panels), inside `out` and the residual, which have
-                        // the output's shape.
-                        unsafe {
-                            kernel(
-                                &taps,
-                                run * in_stride + x,
-                                weights,
-                                bias,
-                                silu,
-                                out_ptr.get().add(first),
-                                pixels,
-                                residual.map(|r| (r[first..].as_ptr(), pixels)),
-                                channels,
-                            )
-                        };
+            SCRATCH.with_borrow_mut(|(scratch, _)| {
+                let block = task % panel_blocks;
+                let run_task = task / panel_blocks % run_tasks;
+                let batch = task / panel_blocks / run_tasks;
+                // Where each tap of the image's first pixel lies.
+                let taps: Vec<*const f32> = if pointwise {
+                    (0..cin).map(|c| input.plane(batch, c).as_ptr()).collect()
+                } else {
+                    let image = &planes[batch * cin * channel_len..];
+                    offsets.iter().map(|&o| image[o..].as_ptr()).collect()
+                };
+                let task_runs = run_task * runs_per_task..((run_task + 1) * runs_per_task).min(runs);
+                for panel in block * panels_per_block..((block + 1) * panels_per_block).min(panels) {
+                    let channels = tiles.panel.min(cout - panel * tiles.panel);
+                    let weights = tiles.weights(panel);
+                    let bias = tiles.bias[panel * tiles.panel..].as_ptr();
+                    for run in task_runs.clone() {
+                        let len = if pointwise && run + 1 == runs { pixels - run * run_len } else { run_len };
+                        // Output index of the run's first pixel in the panel's first channel.
+                        let run_first = (batch * cout + panel * tiles.panel) * pixels + run * run_len;
+                        let strip = if compact { (COMPACT_STRIP / tile).max(1) * tile } else { len };
+                        let mut strip_start = 0;
+                        while strip_start < len {
+                            let end = (strip_start + strip).min(len);
+                            // A last strip shorter than a tile reaches back into the one before.
+                            let start = strip_start.min(end - tile);
+                            let width = end - start;
+                            let tile_starts = (0..width).step_by(tile).map(|x| x.min(width - tile));
+                            if compact {
+                                if scratch.len() < channels * width {
+                                    scratch.resize(channels * width, 0.0);
+                                }
+                                for x in tile_starts {
+                                    // SAFETY: as below, writing rows of `width` floats of `scratch`,
+                                    // which holds `channels` of them.
+                                    unsafe {
+                                        kernel(&taps, run * in_stride + start + x, weights, bias, silu, scratch.as_mut_ptr().add(x), width, None, channels)
+                                    };
+                                }
+                                for (c, row) in scratch.chunks_exact(width).take(channels).enumerate() {
+                                    let first = run_first + c * pixels + start;
+                                    // SAFETY: pixels `start..end` of this run of channel `c` of the
+                                    // panel: this task's alone, inside `out`.
+                                    let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(first), width) };
+                                    dst.copy_from_slice(row);
+                                    if let Some(residual) = residual {
+                                        add_assign(dst, &residual[first..][..width]);
+                                    }
+                                }
+                            } else {
+                                for x in tile_starts {
+                                    let first = run_first + start + x;
+                                    // SAFETY: the CPU has the features of `tiles.isa` (the weights
+                                    // were packed for it, which `PackedA` checks). Tap `kk` of pixel
+                                    // `start + x + j` (`j < tile`, within the run) of run `run` is
+                                    // at `taps[kk] + run * in_stride + start + x + j`: in the input
+                                    // plane of channel `kk` (pointwise: that is the pixel's own
+                                    // index), or inside the phase planes, as for `run_direct`. The
+                                    // panel holds `k * panel` aligned weights and `panel` biases.
+                                    // This task alone writes channels `panel * tiles.panel ..`
+                                    // (`channels` of them) of its runs of image `batch` (tasks
+                                    // differ in image, runs or panels), inside `out` and the
+                                    // residual, which have the output's shape.
+                                    unsafe {
+                                        kernel(
+                                            &taps,
+                                            run * in_stride + start + x,
+                                            weights,
+                                            bias,
+                                            silu,
+                                            out_ptr.get().add(first),
+                                            pixels,
+                                            residual.map(|r| (r[first..].as_ptr(), pixels)),
+                                            channels,
+                                        )
+                                    };
+                                }
+                            }
+                            strip_start = end;
+                        }
                     }
                 }
-            }
+            })
         });
     }
 }
@@ -242,5 +289,8 @@ mod tests {
         check(20, 48, 1, 1, 1, 0, 2, 7, 9);
         check(8, 16, 1, 1, 1, 0, 1, 23, 31);
         check(8, 40, 1, 1, 1, 0, 1, 3, 3);
+        // Channel planes of 1024 pixels (a whole number of pages): through the compact strips.
+        check(8, 40, 1, 1, 1, 0, 1, 32, 32);
+        check(4, 24, 1, 3, 2, 1, 2, 64, 64);
     }
 }
