@@ -6,21 +6,22 @@
 //! puts pixels in the vector lanes, so each block of `B` must first be gathered or packed
 //! from the input into a panel, and its tiles of `C` go back to memory between blocks of `k`.
 //! Here the lanes hold output channels instead: the weights are the vector operand, packed
-//! once at load time, and each input value is a broadcast operand read where it lies, where
-//! the pixels of a tile are consecutive floats for every tap: in the input's phase planes
-//! ([`phase_planes`]) for a convolution with a kernel, in the input itself for a pointwise
-//! one. Nothing is gathered or packed per call, and each tile's whole `k` runs in registers,
-//! so the bias, SiLU and residual are applied once, after a 16x16 transpose that turns the
-//! tile back into rows of pixels.
+//! once at load time, and each input value is a broadcast operand read where it lies: in the
+//! input itself for a pointwise convolution, and for one with a kernel either in the input's
+//! phase planes ([`phase_planes`]), where the pixels of a tile are consecutive floats for
+//! every tap, or, for a large input with stride 1 or 2 along rows, in the input rows, `SX`
+//! floats apart ([`Reading`]). Nothing is gathered or packed per call (but the planes), and
+//! each tile's whole `k` runs in registers, so the bias, SiLU and residual are applied once,
+//! after a 16x16 (8x8) transpose that turns the tile back into rows of pixels.
 //!
 //! With AVX-512, tiles are 10 or 14 pixels by 32 channels (28 of the 32 registers hold sums at
 //! 14), and 16 pixels by 16 channels for convolutions with 16 output channels or fewer, which
 //! would leave half of a 32-channel tile empty. With AVX2 (16 registers), 5 or 6 pixels by 16
-//! channels, and 8 by 8. Each tile lies in one run of pixels (an output row;
-//! for a pointwise convolution, a stretch of the plane); the last tile of a run ends on the
-//! run's last pixel, so it overlaps the one before when the run is not a multiple of the
-//! tile, and those pixels are computed twice, to the same values. The width of the wide
-//! tiles is the one that computes the fewest pixels twice.
+//! channels, and 8 by 8. Each tile lies in one run of pixels (an output row; for a pointwise
+//! convolution, a stretch of the plane); the last tile of a run ends on the run's last pixel,
+//! so it overlaps the one before when the run is not a multiple of the tile, and those pixels
+//! are computed twice, to the same values. The width of the wide tiles is the one that
+//! computes the fewest pixels twice.
 //!
 //! Measured (`cargo bench --bench conv`, 2 threads, this AVX-512 machine, against the
 //! channel-major path in the same run): 64 -> 128 channels at 80x80 stride 2 in 0.53-0.57 ms
@@ -104,17 +105,43 @@ impl PixelTiles {
         unsafe { self.weights.as_ptr().add(p * self.k * self.panel) }
     }
 
-    /// Pixels per tile for runs of `run` pixels, and the kernel for them: the widest tile
-    /// that computes the fewest pixels twice.
-    fn tile(&self, run: usize) -> (usize, TileKernel) {
-        let choices: [(usize, TileKernel); 2] = match (self.isa, self.panel) {
-            (Isa::Avx512, avx512::NARROW_TILE) => [(16, avx512::conv_tile_16x16 as TileKernel); 2],
-            (Isa::Avx512, _) => [(14, avx512::conv_tile_wide::<14> as TileKernel), (10, avx512::conv_tile_wide::<10> as TileKernel)],
-            (Isa::Avx2, avx2::NARROW_TILE) => [(8, avx2::conv_tile_8x8 as TileKernel); 2],
-            (Isa::Avx2, _) => [(6, avx2::conv_tile_wide::<6> as TileKernel), (5, avx2::conv_tile_wide::<5> as TileKernel)],
-        };
+    /// Pixels per tile for runs of `run` pixels whose inputs are `stride` (1 or 2) floats
+    /// apart, and the kernel for them: the widest tile that computes the fewest pixels twice.
+    fn tile(&self, run: usize, stride: usize) -> (usize, TileKernel) {
+        macro_rules! kernels {
+            ($sx:literal) => {
+                match (self.isa, self.panel) {
+                    (Isa::Avx512, avx512::NARROW_TILE) => [(16, avx512::conv_tile_16x16::<$sx> as TileKernel); 2],
+                    (Isa::Avx512, _) => [(14, avx512::conv_tile_wide::<14, $sx> as TileKernel), (10, avx512::conv_tile_wide::<10, $sx> as TileKernel)],
+                    (Isa::Avx2, avx2::NARROW_TILE) => [(8, avx2::conv_tile_8x8::<$sx> as TileKernel); 2],
+                    (Isa::Avx2, _) => [(6, avx2::conv_tile_wide::<6, $sx> as TileKernel), (5, avx2::conv_tile_wide::<5, $sx> as TileKernel)],
+                }
+            };
+        }
+        let choices = if stride == 2 { kernels!(2) } else { kernels!(1) };
         choices.into_iter().filter(|&(pixels, _)| pixels <= run).min_by_key(|&(pixels, _)| run.div_ceil(pixels) * pixels).unwrap_or(choices[1])
     }
+}
+
+/// Input floats per image from which a convolution with a kernel reads its input in place
+/// rather than through phase planes. Reading in place skips the copy into the planes, which
+/// costs most where the input is large: in YOLOv12n, 3 -> 16 channels from 640x640 went from
+/// 0.74-0.78 to 0.64 ms, 64 -> 64 from 160x160 from 1.23-1.40 to 1.13-1.15; but a stride-2
+/// tile then spans twice the cache lines, and below this size the planes are faster (128 ->
+/// 128 channels from 80x80: 1.05-1.07 against 1.17-1.18 ms in place).
+const IN_PLACE_MIN_FLOATS: usize = 1 << 20;
+
+/// How a convolution's tiles find their inputs.
+enum Reading {
+    /// Pointwise: the input planes themselves, in stretches of `stretch` pixels (the last
+    /// stretch takes the remainder).
+    Planes { stretch: usize },
+    /// Stride 1 or 2 along rows, on a large input ([`IN_PLACE_MIN_FLOATS`]): the input rows
+    /// in place, for the output columns `interior` whose taps all fall inside the image; the
+    /// other columns are gathered.
+    InPlace { stride: usize, interior: std::ops::Range<usize> },
+    /// Any other stride: the phase planes ([`phase_planes`]).
+    PhasePlanes,
 }
 
 impl Conv2d {
@@ -123,31 +150,56 @@ impl Conv2d {
     pub(super) fn pixel_tiles_for(&self, oh: usize, ow: usize) -> Option<&PixelTiles> {
         let tiles = self.pixel_tiles.as_ref()?;
         let run = if self.is_pointwise() { oh * ow } else { ow };
-        (run >= tiles.tile(run).0).then_some(tiles)
+        (run >= tiles.tile(run, 1).0).then_some(tiles)
+    }
+
+    /// How this convolution's tiles read an input of `h x w` pixels into an output `ow` wide.
+    fn reading(&self, tiles: &PixelTiles, h: usize, w: usize, ow: usize, stretch: usize) -> Reading {
+        if self.is_pointwise() {
+            return Reading::Planes { stretch };
+        }
+        if self.spec.in_channels * h * w < IN_PLACE_MIN_FLOATS {
+            return Reading::PhasePlanes;
+        }
+        let (sw, dw, pl, kw) = (self.spec.stride.1, self.spec.dilation.1, self.spec.pads.1, self.spec.kernel.1);
+        // Output column `ox` reads input columns `ox * sw - pl + kx * dw`, `kx < kw`.
+        let first = pl.div_ceil(sw);
+        let span = (kw - 1) * dw;
+        let end = if w + pl > span { ((w + pl - span - 1) / sw + 1).min(ow) } else { 0 };
+        if sw <= 2 && end >= first + tiles.tile(end.saturating_sub(first), sw).0 {
+            Reading::InPlace { stride: sw, interior: first..end }
+        } else {
+            Reading::PhasePlanes
+        }
     }
 
     /// The convolution in tiles of pixels by channels (see the module's notes), into `out`
     /// (`[n][out_channels][oh][ow]`), adding `residual` (the output's shape) last.
     pub(super) fn run_pixel_tiles(&self, tiles: &PixelTiles, input: &ConvInput, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
-        let n = input.n;
+        let (n, h, w) = (input.n, input.h, input.w);
         let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
+        let (kh, kw) = self.spec.kernel;
+        let (sh, dh, pt, dw) = (self.spec.stride.0, self.spec.dilation.0, self.spec.pads.0, self.spec.dilation.1);
         let pixels = oh * ow;
         let threads = rayon::current_num_threads();
-        // Runs of output pixels whose inputs are consecutive floats for every tap: the output
-        // rows over the phase planes, or for a pointwise convolution, which reads its input
-        // where it lies, stretches of the whole plane (the last one takes the remainder).
-        let pointwise = self.is_pointwise();
-        let (planes, offsets, channel_len, run_len, in_stride, runs) = if pointwise {
-            let stretch = (pixels / (4 * threads).div_ceil(n)).max(WIDEST_TILE).min(pixels);
-            (Vec::new(), Vec::new(), 0, stretch, stretch, pixels / stretch)
-        } else {
-            let layout = self.phase_layout(input.h, input.w);
-            let planes = phase_planes(input, &layout, Some(tiles.isa));
-            let offsets = self.tap_offsets(&layout);
-            (planes, offsets, layout.sh * layout.sw * layout.plane, ow, layout.wp, oh)
+        let stretch = (pixels / (4 * threads).div_ceil(n)).max(WIDEST_TILE).min(pixels);
+        let reading = self.reading(tiles, h, w, ow, stretch);
+        // Runs of output pixels: stretches of the plane, or output rows.
+        let runs = match reading {
+            Reading::Planes { stretch } => pixels / stretch,
+            Reading::InPlace { .. } | Reading::PhasePlanes => oh,
         };
-        let (tile, kernel) = tiles.tile(run_len);
-        assert!(run_len >= tile, "a run holds a whole tile");
+        let layout = self.phase_layout(h, w);
+        let (planes, offsets) = match reading {
+            Reading::PhasePlanes => (phase_planes(input, &layout, Some(tiles.isa)), self.tap_offsets(&layout)),
+            Reading::Planes { .. } | Reading::InPlace { .. } => (Vec::new(), Vec::new()),
+        };
+        let channel_len = layout.sh * layout.sw * layout.plane;
+        // What taps of rows above or below the image read: zeros, as far as a row reaches.
+        let zeros = match reading {
+            Reading::InPlace { stride, .. } => vec![0.0f32; ow * stride + WIDEST_TILE * 2],
+            Reading::Planes { .. } | Reading::PhasePlanes => Vec::new(),
+        };
         let panels = cout.div_ceil(tiles.panel);
         let (runs_per_task, run_tasks) = schedule::row_tasks(runs, n, threads);
         // Few runs: split the panels of channels too, so that every thread works.
@@ -156,95 +208,220 @@ impl Conv2d {
         let panel_blocks = panels.div_ceil(panels_per_block);
         let silu = self.spec.activation == Activation::Silu;
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
-        let (planes, offsets) = (&planes, &offsets);
         // Channel planes a whole number of pages apart share their L1 sets, so a tile stored
         // straight into them evicts its own rows: such outputs go through a compact strip.
         let compact = cache::rows_share_cache_sets(pixels);
+        let (planes, offsets, zeros, reading) = (&planes, &offsets, &zeros, &reading);
         (0..n * run_tasks * panel_blocks).into_par_iter().for_each(|task| {
-            SCRATCH.with_borrow_mut(|(scratch, _)| {
-                let block = task % panel_blocks;
-                let run_task = task / panel_blocks % run_tasks;
-                let batch = task / panel_blocks / run_tasks;
-                // Where each tap of the image's first pixel lies.
-                let taps: Vec<*const f32> = if pointwise {
-                    (0..cin).map(|c| input.plane(batch, c).as_ptr()).collect()
-                } else {
-                    let image = &planes[batch * cin * channel_len..];
-                    offsets.iter().map(|&o| image[o..].as_ptr()).collect()
-                };
-                let task_runs = run_task * runs_per_task..((run_task + 1) * runs_per_task).min(runs);
-                for panel in block * panels_per_block..((block + 1) * panels_per_block).min(panels) {
-                    let channels = tiles.panel.min(cout - panel * tiles.panel);
-                    let weights = tiles.weights(panel);
-                    let bias = tiles.bias[panel * tiles.panel..].as_ptr();
-                    for run in task_runs.clone() {
-                        let len = if pointwise && run + 1 == runs { pixels - run * run_len } else { run_len };
-                        // Output index of the run's first pixel in the panel's first channel.
-                        let run_first = (batch * cout + panel * tiles.panel) * pixels + run * run_len;
-                        let strip = if compact { (COMPACT_STRIP / tile).max(1) * tile } else { len };
-                        let mut strip_start = 0;
-                        while strip_start < len {
-                            let end = (strip_start + strip).min(len);
-                            // A last strip shorter than a tile reaches back into the one before.
-                            let start = strip_start.min(end - tile);
-                            let width = end - start;
-                            let tile_starts = (0..width).step_by(tile).map(|x| x.min(width - tile));
-                            if compact {
-                                if scratch.len() < channels * width {
-                                    scratch.resize(channels * width, 0.0);
-                                }
-                                for x in tile_starts {
-                                    // SAFETY: as below, writing rows of `width` floats of `scratch`,
-                                    // which holds `channels` of them.
-                                    unsafe {
-                                        kernel(&taps, run * in_stride + start + x, weights, bias, silu, scratch.as_mut_ptr().add(x), width, None, channels)
-                                    };
-                                }
-                                for (c, row) in scratch.chunks_exact(width).take(channels).enumerate() {
-                                    let first = run_first + c * pixels + start;
-                                    // SAFETY: pixels `start..end` of this run of channel `c` of the
-                                    // panel: this task's alone, inside `out`.
-                                    let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(first), width) };
-                                    dst.copy_from_slice(row);
-                                    if let Some(residual) = residual {
-                                        add_assign(dst, &residual[first..][..width]);
-                                    }
-                                }
-                            } else {
-                                for x in tile_starts {
-                                    let first = run_first + start + x;
-                                    // SAFETY: the CPU has the features of `tiles.isa` (the weights
-                                    // were packed for it, which `PackedA` checks). Tap `kk` of pixel
-                                    // `start + x + j` (`j < tile`, within the run) of run `run` is
-                                    // at `taps[kk] + run * in_stride + start + x + j`: in the input
-                                    // plane of channel `kk` (pointwise: that is the pixel's own
-                                    // index), or inside the phase planes, as for `run_direct`. The
-                                    // panel holds `k * panel` aligned weights and `panel` biases.
-                                    // This task alone writes channels `panel * tiles.panel ..`
-                                    // (`channels` of them) of its runs of image `batch` (tasks
-                                    // differ in image, runs or panels), inside `out` and the
-                                    // residual, which have the output's shape.
-                                    unsafe {
-                                        kernel(
-                                            &taps,
-                                            run * in_stride + start + x,
-                                            weights,
-                                            bias,
-                                            silu,
-                                            out_ptr.get().add(first),
-                                            pixels,
-                                            residual.map(|r| (r[first..].as_ptr(), pixels)),
-                                            channels,
-                                        )
-                                    };
-                                }
-                            }
-                            strip_start = end;
+            let block = task % panel_blocks;
+            let run_task = task / panel_blocks % run_tasks;
+            let batch = task / panel_blocks / run_tasks;
+            let task_runs = run_task * runs_per_task..((run_task + 1) * runs_per_task).min(runs);
+            let task_panels = block * panels_per_block..((block + 1) * panels_per_block).min(panels);
+            // The output of panel `panel` at pixel `p` of channel 0 of the panel.
+            let at = |panel: usize, p: usize| (batch * cout + panel * tiles.panel) * pixels + p;
+            let run = |taps: &[*const f32], start: usize, stride: usize, len: usize, first_out: usize, panel: usize, scratch: &mut Vec<f32>| {
+                let (tile, kernel) = tiles.tile(len, stride);
+                let run = Run { kernel, tile, taps, at: start, stride, len };
+                let channels = tiles.panel.min(cout - panel * tiles.panel);
+                let panel = Panel { weights: tiles.weights(panel), bias: tiles.bias[panel * tiles.panel..].as_ptr(), silu, channels };
+                let residual = residual.map(|r| r[first_out..].as_ptr());
+                // SAFETY: the CPU has the features of `tiles.isa` (the weights were packed for
+                // it, which `PackedA` checks). The callers below pass taps and starts whose
+                // pixels lie inside the input (or the zero row), as `Run` requires. This task
+                // alone writes channels `panel * tiles.panel ..` of its runs of image `batch`
+                // (tasks differ in image, runs or panels), inside `out` and the residual,
+                // which have the output's shape.
+                unsafe { run.emit(&panel, out_ptr.get().add(first_out), pixels, residual, compact, scratch) };
+            };
+            SCRATCH.with_borrow_mut(|(scratch, _)| match reading {
+                Reading::Planes { stretch } => {
+                    let taps: Vec<*const f32> = (0..cin).map(|c| input.plane(batch, c).as_ptr()).collect();
+                    for panel in task_panels.clone() {
+                        for r in task_runs.clone() {
+                            let len = if r + 1 == runs { pixels - r * stretch } else { *stretch };
+                            run(&taps, r * stretch, 1, len, at(panel, r * stretch), panel, scratch);
                         }
                     }
                 }
-            })
+                Reading::PhasePlanes => {
+                    let image = &planes[batch * cin * channel_len..];
+                    let taps: Vec<*const f32> = offsets.iter().map(|&o| image[o..].as_ptr()).collect();
+                    for panel in task_panels.clone() {
+                        for oy in task_runs.clone() {
+                            run(&taps, oy * layout.wp, 1, ow, at(panel, oy * ow), panel, scratch);
+                        }
+                    }
+                }
+                Reading::InPlace { stride, interior } => {
+                    let pl = self.spec.pads.1;
+                    let mut taps = vec![zeros.as_ptr(); cin * kh * kw];
+                    for oy in task_runs.clone() {
+                        // Tap (c, ky, kx) of output column `ox` is input column
+                        // `ox * stride - pl + kx * dw` of row `oy * sh - pt + ky * dh`: the row's
+                        // start plus `kx * dw` here, plus `ox * stride - pl` in the run.
+                        for (kk, tap) in taps.iter_mut().enumerate() {
+                            let (c, ky, kx) = (kk / (kh * kw), kk / kw % kh, kk % kw);
+                            let y = (oy * sh + ky * dh).checked_sub(pt).filter(|&y| y < h);
+                            *tap = match y {
+                                Some(y) => input.plane(batch, c).as_ptr().wrapping_add(y * w + kx * dw),
+                                None => zeros.as_ptr(),
+                            };
+                        }
+                        for panel in task_panels.clone() {
+                            run(&taps, interior.start * stride - pl, *stride, interior.len(), at(panel, oy * ow + interior.start), panel, scratch);
+                        }
+                    }
+                }
+            });
         });
+        if let Reading::InPlace { stride, interior } = reading {
+            let columns: Vec<usize> = (0..interior.start).chain(interior.end..ow).collect();
+            self.border_columns(tiles, input, (oh, ow), *stride, &columns, residual, out_ptr);
+        }
+    }
+
+    /// The output columns `columns` of a convolution that reads its input in place
+    /// ([`Reading::InPlace`]): their taps reach into the padding, so each column's inputs
+    /// are gathered, with zeros for the padding, and computed as one run down the rows.
+    #[allow(clippy::too_many_arguments)]
+    fn border_columns(
+        &self,
+        tiles: &PixelTiles,
+        input: &ConvInput,
+        (oh, ow): (usize, usize),
+        stride: usize,
+        columns: &[usize],
+        residual: Option<&[f32]>,
+        out: SendPtr,
+    ) {
+        let (n, h, w) = (input.n, input.h, input.w);
+        let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
+        let (kh, kw) = self.spec.kernel;
+        let (sh, dh, pt) = (self.spec.stride.0, self.spec.dilation.0, self.spec.pads.0);
+        let (dw, pl) = (self.spec.dilation.1, self.spec.pads.1);
+        let pixels = oh * ow;
+        let panels = cout.div_ceil(tiles.panel);
+        let units = n * columns.len();
+        let threads = rayon::current_num_threads();
+        let panel_blocks = (2 * threads).div_ceil(units.max(1)).min(panels);
+        let panels_per_block = panels.div_ceil(panel_blocks);
+        let panel_blocks = panels.div_ceil(panels_per_block);
+        // At least a tile of rows: the rows past the output's are zeros, computed and dropped.
+        let rows = oh.max(WIDEST_TILE);
+        let (tile, kernel) = tiles.tile(rows, 1);
+        let silu = self.spec.activation == Activation::Silu;
+        (0..units * panel_blocks).into_par_iter().for_each(|task| {
+            let block = task % panel_blocks;
+            let (batch, ox) = (task / panel_blocks / columns.len(), columns[task / panel_blocks % columns.len()]);
+            let mut gathered = vec![0.0f32; cin * kh * kw * rows];
+            for (kk, values) in gathered.chunks_exact_mut(rows).enumerate() {
+                let (c, ky, kx) = (kk / (kh * kw), kk / kw % kh, kk % kw);
+                let plane = input.plane(batch, c);
+                let Some(x) = (ox * stride + kx * dw).checked_sub(pl).filter(|&x| x < w) else { continue };
+                for (oy, value) in values[..oh].iter_mut().enumerate() {
+                    if let Some(y) = (oy * sh + ky * dh).checked_sub(pt).filter(|&y| y < h) {
+                        *value = plane[y * w + x];
+                    }
+                }
+            }
+            let taps: Vec<*const f32> = gathered.chunks_exact(rows).map(<[f32]>::as_ptr).collect();
+            let run = Run { kernel, tile, taps: &taps, at: 0, stride: 1, len: rows };
+            SCRATCH.with_borrow_mut(|(column, _)| {
+                for panel in block * panels_per_block..((block + 1) * panels_per_block).min(panels) {
+                    let channels = tiles.panel.min(cout - panel * tiles.panel);
+                    let p = Panel { weights: tiles.weights(panel), bias: tiles.bias[panel * tiles.panel..].as_ptr(), silu, channels };
+                    if column.len() < channels * rows {
+                        column.resize(channels * rows, 0.0);
+                    }
+                    // SAFETY: the CPU has the features of `tiles.isa` (the weights were packed
+                    // for it); the taps are the gathered rows, `rows` floats each; the output is
+                    // `column`, `channels` rows of `rows`, this worker's own.
+                    unsafe { run.emit(&p, column.as_mut_ptr(), rows, None, false, &mut Vec::new()) };
+                    for (c, values) in column.chunks_exact(rows).take(channels).enumerate() {
+                        for (oy, &v) in values[..oh].iter().enumerate() {
+                            let index = (batch * cout + panel * tiles.panel + c) * pixels + oy * ow + ox;
+                            let v = v + residual.map_or(0.0, |r| r[index]);
+                            // SAFETY: pixel `(oy, ox)` of channel `panel * tiles.panel + c`: this
+                            // task's alone (tasks differ in image, column or panels), inside `out`.
+                            unsafe { out.get().add(index).write(v) };
+                        }
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// One panel's weights, biases and activation, for `channels` output channels.
+struct Panel {
+    weights: *const f32,
+    bias: *const f32,
+    silu: bool,
+    channels: usize,
+}
+
+/// A run of `len` output pixels whose tap `kk` of pixel `x` is at `taps[kk] + at + x * stride`,
+/// computed in tiles of `tile` pixels by `kernel` (made for that stride).
+struct Run<'a> {
+    kernel: TileKernel,
+    tile: usize,
+    taps: &'a [*const f32],
+    at: usize,
+    stride: usize,
+    len: usize,
+}
+
+impl Run<'_> {
+    /// Computes the run into `out` (its first pixel in the panel's first channel; channels
+    /// `ldo` apart), adding the residual (the same layout, when given). When `compact`, it
+    /// goes through strips of `scratch` first, copied out row by row.
+    ///
+    /// # Safety
+    /// The CPU has the features of the kernel's ISA. `taps[kk] + at + x * stride` is a
+    /// readable float of the allocation the tap points into, for every tap and `x < len`;
+    /// the panel holds `taps.len()` rows of aligned weights and its biases; `out` (and the
+    /// residual) hold `panel.channels` rows of `len` floats, `ldo` apart, that no other thread
+    /// accesses. `len` is at least `tile`.
+    unsafe fn emit(&self, panel: &Panel, out: *mut f32, ldo: usize, residual: Option<*const f32>, compact: bool, scratch: &mut Vec<f32>) {
+        let Run { kernel, tile, taps, at, stride, len } = *self;
+        let strip = if compact { (COMPACT_STRIP / tile).max(1) * tile } else { len };
+        let mut strip_start = 0;
+        while strip_start < len {
+            let end = (strip_start + strip).min(len);
+            // A last strip shorter than a tile reaches back into the one before.
+            let start = strip_start.min(end - tile);
+            let width = end - start;
+            let tile_starts = (0..width).step_by(tile).map(|x| x.min(width - tile));
+            // SAFETY: the caller's contract, for pixels `start + x + j` (`j < tile`) of the
+            // run, which lie in `start..end`; the strips of `scratch` hold `channels` rows of
+            // `width`.
+            unsafe {
+                if compact {
+                    if scratch.len() < panel.channels * width {
+                        scratch.resize(panel.channels * width, 0.0);
+                    }
+                    for x in tile_starts {
+                        let at = at + (start + x) * stride;
+                        kernel(taps, at, panel.weights, panel.bias, panel.silu, scratch.as_mut_ptr().add(x), width, None, panel.channels);
+                    }
+                    for (c, row) in scratch.chunks_exact(width).take(panel.channels).enumerate() {
+                        let dst = std::slice::from_raw_parts_mut(out.add(c * ldo + start), width);
+                        dst.copy_from_slice(row);
+                        if let Some(r) = residual {
+                            add_assign(dst, std::slice::from_raw_parts(r.add(c * ldo + start), width));
+                        }
+                    }
+                } else {
+                    for x in tile_starts {
+                        let at = at + (start + x) * stride;
+                        let residual = residual.map(|r| (r.add(start + x), ldo));
+                        kernel(taps, at, panel.weights, panel.bias, panel.silu, out.add(start + x), ldo, residual, panel.channels);
+                    }
+                }
+            }
+            strip_start = end;
+        }
     }
 }
 
@@ -260,14 +437,14 @@ mod tests {
             for cout in [8, 16, 40] {
                 let spec = ConvSpec::square(4, cout, 1, 3, 2, 1, Activation::Silu);
                 let tiles = PixelTiles::new(isa, &spec, &vec![0.5; cout * 36], &vec![0.0; cout]);
-                for run in WIDEST_TILE..200 {
-                    let (pixels, _) = tiles.tile(run);
+                for (run, stride) in (WIDEST_TILE..200).flat_map(|run| [(run, 1), (run, 2)]) {
+                    let (pixels, _) = tiles.tile(run, stride);
                     assert!(pixels <= run, "{isa:?} {cout} channels: a tile of {pixels} in a run of {run}");
                 }
             }
             let wide = PixelTiles::new(isa, &ConvSpec::square(4, 64, 1, 3, 2, 1, Activation::Silu), &[0.5; 64 * 36], &[0.0; 64]);
             // YOLO's widths (multiples of 10) take the narrower wide tile with no pixel twice.
-            let (pixels, _) = wide.tile(80);
+            let (pixels, _) = wide.tile(80, 2);
             assert_eq!(80 % pixels, 0, "{isa:?}: tiles of {pixels} in rows of 80");
         }
     }
@@ -292,5 +469,13 @@ mod tests {
         // Channel planes of 1024 pixels (a whole number of pages): through the compact strips.
         check(8, 40, 1, 1, 1, 0, 1, 32, 32);
         check(4, 24, 1, 3, 2, 1, 2, 64, 64);
+    }
+
+    #[test]
+    fn large_inputs_read_in_place_match_the_definition() {
+        // Over `IN_PLACE_MIN_FLOATS`: stride 2 with a border column on each side (an odd
+        // width), stride 1 with fewer channels than Winograd takes.
+        check(4, 24, 1, 3, 2, 1, 1, 515, 517);
+        check(8, 16, 1, 3, 1, 1, 1, 363, 365);
     }
 }

@@ -206,15 +206,15 @@ pub(in super::super) const NARROW_TILE: usize = 8;
 pub(in super::super) const WIDE_TILE_CHANNELS: usize = 16;
 
 /// The AVX2 form of the AVX-512 pixel tile (see there): 8 consecutive output pixels times 8
-/// output channels, tap `kk` of pixel `j` at `taps[kk][at + j]`, weights `[kk][8]`.
+/// output channels, tap `kk` of pixel `j` at `taps[kk][at + j * SX]`, weights `[kk][8]`.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA. `taps[kk] + at + j` is readable for every `kk < taps.len()` and
-/// `j < 8`; `weights` is 32-byte aligned and holds `taps.len() * 8` floats; `bias` holds 8;
+/// The CPU has AVX2 and FMA. `taps[kk] + at + j * SX` is a readable float of the allocation
+/// `taps[kk]` points into (or past) for every `kk < taps.len()` and `j < 8`; `weights` is 32-byte aligned and holds `taps.len() * 8` floats; `bias` holds 8;
 /// `channels <= 8`; `out` and the residual hold `channels` rows of 8 floats.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub(in super::super) unsafe fn conv_tile_8x8(
+pub(in super::super) unsafe fn conv_tile_8x8<const SX: usize>(
     taps: &[*const f32],
     at: usize,
     weights: *const f32,
@@ -230,9 +230,9 @@ pub(in super::super) unsafe fn conv_tile_8x8(
         let mut acc = [_mm256_setzero_ps(); NARROW_TILE];
         for (kk, &tap) in taps.iter().enumerate() {
             let w = _mm256_load_ps(weights.add(kk * NARROW_TILE));
-            let p = tap.add(at);
+            let p = tap.wrapping_add(at);
             for (j, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(_mm256_set1_ps(*p.add(j)), w, *a);
+                *a = _mm256_fmadd_ps(_mm256_set1_ps(*p.wrapping_add(j * SX)), w, *a);
             }
         }
         let bias = Avx2(_mm256_loadu_ps(bias));
@@ -261,7 +261,7 @@ pub(in super::super) unsafe fn conv_tile_8x8(
 /// aligned.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub(in super::super) unsafe fn conv_tile_wide<const P: usize>(
+pub(in super::super) unsafe fn conv_tile_wide<const P: usize, const SX: usize>(
     taps: &[*const f32],
     at: usize,
     weights: *const f32,
@@ -278,9 +278,9 @@ pub(in super::super) unsafe fn conv_tile_wide<const P: usize>(
         for (kk, &tap) in taps.iter().enumerate() {
             let w0 = _mm256_load_ps(weights.add(kk * WIDE_TILE_CHANNELS));
             let w1 = _mm256_load_ps(weights.add(kk * WIDE_TILE_CHANNELS + 8));
-            let p = tap.add(at);
+            let p = tap.wrapping_add(at);
             for (j, a) in acc.iter_mut().enumerate() {
-                let x = _mm256_set1_ps(*p.add(j));
+                let x = _mm256_set1_ps(*p.wrapping_add(j * SX));
                 a[0] = _mm256_fmadd_ps(x, w0, a[0]);
                 a[1] = _mm256_fmadd_ps(x, w1, a[1]);
             }

@@ -227,19 +227,20 @@ pub(in super::super) const NARROW_TILE: usize = 16;
 
 /// One tile of a pixel-major convolution: 16 consecutive output pixels times 16 output
 /// channels. Each input value is a broadcast operand, read where it lies: tap `kk` of pixel
-/// `j` is `taps[kk][at + j]`. Each accumulator holds one pixel's 16 channels, so
+/// `j` is `taps[kk][at + j * SX]` (`SX` is the convolution's stride along rows when it reads
+/// its input in place, 1 in phase planes). Each accumulator holds one pixel's 16 channels, so
 /// the weights are one aligned load per tap (`weights`, `[kk][16]`). The finished tile gets
 /// `bias` (16 channels) and SiLU when asked, is transposed into rows of pixels, gets the
 /// residual's rows (`residual.0`, `residual.1` apart) and is stored as the first `channels`
 /// rows of `out`, `ldo` apart.
 ///
 /// # Safety
-/// The CPU has AVX-512F. `taps[kk] + at + j` is readable for every `kk < taps.len()` and
-/// `j < 16`; `weights` is 64-byte aligned and holds `taps.len() * 16` floats; `bias` holds
+/// The CPU has AVX-512F. `taps[kk] + at + j * SX` is a readable float of the allocation
+/// `taps[kk]` points into (or past) for every `kk < taps.len()` and `j < 16`; `weights` is 64-byte aligned and holds `taps.len() * 16` floats; `bias` holds
 /// 16; `channels <= 16`; `out` and the residual hold `channels` rows of 16 floats.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-pub(in super::super) unsafe fn conv_tile_16x16(
+pub(in super::super) unsafe fn conv_tile_16x16<const SX: usize>(
     taps: &[*const f32],
     at: usize,
     weights: *const f32,
@@ -255,9 +256,9 @@ pub(in super::super) unsafe fn conv_tile_16x16(
         let mut acc = [_mm512_setzero_ps(); NARROW_TILE];
         for (kk, &tap) in taps.iter().enumerate() {
             let w = _mm512_load_ps(weights.add(kk * NARROW_TILE));
-            let p = tap.add(at);
+            let p = tap.wrapping_add(at);
             for (j, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(j)), w, *a);
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(*p.wrapping_add(j * SX)), w, *a);
             }
         }
         let bias = Avx512(_mm512_loadu_ps(bias));
@@ -291,7 +292,7 @@ pub(in super::super) const WIDE_TILE_CHANNELS: usize = 32;
 /// As for [`conv_tile_16x16`], with `j < P`, 32 biases and `taps.len() * 32` weights.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-pub(in super::super) unsafe fn conv_tile_wide<const P: usize>(
+pub(in super::super) unsafe fn conv_tile_wide<const P: usize, const SX: usize>(
     taps: &[*const f32],
     at: usize,
     weights: *const f32,
@@ -308,9 +309,9 @@ pub(in super::super) unsafe fn conv_tile_wide<const P: usize>(
         for (kk, &tap) in taps.iter().enumerate() {
             let w0 = _mm512_load_ps(weights.add(kk * WIDE_TILE_CHANNELS));
             let w1 = _mm512_load_ps(weights.add(kk * WIDE_TILE_CHANNELS + 16));
-            let p = tap.add(at);
+            let p = tap.wrapping_add(at);
             for (j, a) in acc.iter_mut().enumerate() {
-                let x = _mm512_set1_ps(*p.add(j));
+                let x = _mm512_set1_ps(*p.wrapping_add(j * SX));
                 a[0] = _mm512_fmadd_ps(x, w0, a[0]);
                 a[1] = _mm512_fmadd_ps(x, w1, a[1]);
             }
