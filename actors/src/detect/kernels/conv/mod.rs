@@ -242,7 +242,7 @@ impl Conv2d {
         let mut out: Vec<f32> = Vec::with_capacity(len);
         let spare = &mut out.spare_capacity_mut()[..len];
         #[cfg(target_arch = "x86_64")]
-        if let Some(winograd) = self.winograd_for(n, oh, ow) {
+        if let Some(winograd) = self.runs_winograd(n, oh, ow) {
             self.run_winograd(winograd, input, oh, ow, residual, spare);
             // SAFETY: the tiles cover every output pixel of every channel, and each is written.
             unsafe { out.set_len(len) };

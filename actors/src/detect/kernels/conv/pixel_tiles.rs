@@ -1,5 +1,5 @@
-//! Convolutions that Winograd does not take (strided and pointwise ones above all), as tiles
-//! of output pixels times output channels ([`avx512::conv_tile_wide`],
+//! Convolutions that Winograd does not take (strided and pointwise ones above all, and small
+//! outputs), as tiles of output pixels times output channels ([`avx512::conv_tile_wide`],
 //! [`avx512::conv_tile_16x16`] and their AVX2 forms).
 //!
 //! The channel-major product ([`run_direct`](Conv2d::run_direct), [`run_gemm`](Conv2d::run_gemm))
@@ -42,7 +42,6 @@ use super::super::pack::PackedB;
 use super::super::x86_64::{avx2, avx512};
 use super::direct::phase_planes;
 use super::schedule::{self, SCRATCH};
-use super::winograd::Winograd;
 use super::{Conv2d, ConvInput, ConvSpec, add_assign};
 
 /// A convolution's weights in panels of `panel` output channels (16 or 32),
@@ -68,13 +67,13 @@ const WIDEST_TILE: usize = 16;
 type TileKernel = unsafe fn(&[*const f32], usize, *const f32, *const f32, bool, *mut f32, usize, Option<(*const f32, usize)>, usize);
 
 impl PixelTiles {
-    /// Whether a convolution of `spec` runs this way: one group, and a shape that Winograd
-    /// does not take.
+    /// Whether a convolution of `spec` can run this way: one group. (Where Winograd applies,
+    /// it runs this way on small outputs only, [`winograd::MIN_PIXELS`](super::winograd::MIN_PIXELS).)
     /// `STREAMDET_PIXEL_TILES=off` keeps such convolutions on the channel-major path, to
     /// compare the two on one machine.
     pub(super) fn applies(spec: &ConvSpec) -> bool {
         static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ENABLED.get_or_init(|| std::env::var("STREAMDET_PIXEL_TILES").map_or(true, |v| v != "off")) && spec.groups == 1 && !Winograd::applies(spec)
+        *ENABLED.get_or_init(|| std::env::var("STREAMDET_PIXEL_TILES").map_or(true, |v| v != "off")) && spec.groups == 1
     }
 
     /// Packs `weights` (`[out][in][kh][kw]`) and `bias` into panels for `isa`'s tiles.
@@ -461,6 +460,8 @@ mod tests {
         check(8, 16, 1, 3, 1, 1, 2, 17, 19);
         check(4, 40, 1, 5, 1, 2, 1, 18, 21);
         check(6, 8, 1, 3, 2, 0, 1, 40, 35);
+        // A small output that Winograd leaves to pixel tiles.
+        check(32, 24, 1, 3, 1, 1, 2, 20, 20);
         // Pointwise: stretches of the plane that end inside a tile, one and a half panels,
         // batch 2; a plane smaller than a tile stays on the channel-major path.
         check(20, 48, 1, 1, 1, 0, 2, 7, 9);

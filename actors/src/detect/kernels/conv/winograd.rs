@@ -49,6 +49,14 @@ const LINE: usize = 16;
 /// Fewer input (output) channels than this leave the products too small to pay for the
 /// transforms (measured with `cargo bench --bench conv`: 8 -> 16 channels at 160x160 runs
 /// faster directly, 16 -> 8 by Winograd): the direct path runs those.
+/// Output pixels below which a convolution that has pixel tiles
+/// ([`pixel_tiles`](super::pixel_tiles)) runs in them instead: with 25 tiles of 4x4 per
+/// channel at 20x20, the transforms cost more than the multiplies they save. In YOLOv12n
+/// (2 threads), 256 -> 64 channels at 20x20 took 0.35 ms in pixel tiles against 0.37-0.39,
+/// and the five 64 -> 64 at 20x20 0.43-0.44 against 0.49-0.51; at 40x40, 128 -> 64 took 0.51
+/// against 0.30.
+pub(super) const MIN_PIXELS: usize = 32 * 32;
+
 const MIN_IN_CHANNELS: usize = 16;
 const MIN_OUT_CHANNELS: usize = 8;
 
@@ -128,6 +136,12 @@ impl Conv2d {
         let winograd = self.winograd.as_ref()?;
         let tasks = n * tile_blocks(oh, ow, winograd.isa()) * self.winograd_channel_blocks(n, oh, ow, winograd.isa()).1;
         (tasks >= rayon::current_num_threads()).then_some(winograd)
+    }
+
+    /// Whether this call runs by F(4x4, 3x3): as [`winograd_for`](Self::winograd_for), unless
+    /// the output is smaller than [`MIN_PIXELS`] and pixel tiles can take it.
+    pub(super) fn runs_winograd(&self, n: usize, oh: usize, ow: usize) -> Option<&Winograd> {
+        self.winograd_for(n, oh, ow).filter(|_| oh * ow >= MIN_PIXELS || self.pixel_tiles_for(oh, ow).is_none())
     }
 
     /// Blocks of output channels, `(channels per block, blocks)`: one when there are blocks of
@@ -469,6 +483,8 @@ mod tests {
                 assert!(narrow.winograd_for(1, 8, 8).is_none(), "8x8 to 8 channels has one block of tiles and one of channels");
                 assert!(conv.winograd_for(1, 8, 8).is_some(), "8x8 to 24 channels has two blocks of channels");
                 assert!(conv.winograd_for(1, 20, 20).is_some(), "20x20 has one block of tiles and two of channels");
+                assert!(conv.runs_winograd(1, 80, 80).is_some(), "80x80 runs by Winograd");
+                assert!(conv.runs_winograd(1, 20, 20).is_none(), "20x20 runs in pixel tiles");
                 let input = values(32 * 80 * 80, 7);
                 let error = worst_error(&conv.run(&input, 1, 80, 80, None), &reference(&conv, &input, 1, 80, 80));
                 assert!(error < 1e-4, "{isa:?}: relative error {error}");
