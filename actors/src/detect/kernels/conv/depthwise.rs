@@ -123,19 +123,30 @@ fn depthwise_plane_flat<'a>(
     let (hp, wp) = (h + pt + pb, w + pl + pr);
     let weights = &conv.weights[c * kh * kw..][..kh * kw];
     PLANES.with_borrow_mut(|(padded, acc)| {
-        // Reused across planes, and zeroed again for each: the padding must read zero, and the
-        // pixels are copied over the rest.
-        padded.clear();
-        padded.resize(hp * wp, 0.0);
+        // Reused across planes: the padding is zeroed again for each (a previous plane of
+        // another shape may have left pixels there), and the pixels are copied over the rest.
+        // The slack past the plane is read only for the columns past each row, which are
+        // computed and dropped.
+        if padded.len() < hp * wp + BLOCK_SLACK + kw {
+            padded.resize(hp * wp + BLOCK_SLACK + kw, 0.0);
+        }
+        padded[..pt * wp].fill(0.0);
+        padded[(pt + h) * wp..hp * wp].fill(0.0);
         for (y, row) in src.chunks_exact(w).enumerate() {
-            padded[(y + pt) * wp + pl..][..w].copy_from_slice(row);
+            let padded_row = &mut padded[(y + pt) * wp..][..wp];
+            padded_row[..pl].fill(0.0);
+            padded_row[pl..pl + w].copy_from_slice(row);
+            padded_row[pl + w..].fill(0.0);
         }
         // The last tap ends at `(kh - 1 + oh) * wp + kw - 1 <= hp * wp`: inside the plane.
         let len = oh * wp - (kw - 1);
-        if acc.len() < oh * wp {
-            acc.resize(oh * wp, 0.0);
+        if acc.len() < oh * wp + BLOCK_SLACK {
+            acc.resize(oh * wp + BLOCK_SLACK, 0.0);
         }
-        accumulate_taps(padded, offsets, weights, &mut acc[..len]);
+        let done = accumulate_row_blocks(padded, acc, (hp, wp), (oh, ow), (kh, kw), weights);
+        if done < oh {
+            accumulate_taps(&padded[done * wp..], offsets, weights, &mut acc[done * wp..len]);
+        }
         for (drow, arow) in dst.chunks_exact_mut(ow).zip(acc.chunks(wp)) {
             drow.iter_mut().zip(&arow[..ow]).for_each(|(d, &v)| _ = d.write(v));
         }
@@ -191,6 +202,106 @@ fn depthwise_plane_rows(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize
             }
         }
     }
+}
+
+/// Floats past the plane and past the accumulator that [`accumulate_row_blocks`] may read and
+/// write: a block's last vectors run past the row's end.
+const BLOCK_SLACK: usize = 64;
+
+/// Output rows per block of [`accumulate_row_blocks`].
+const BLOCK_ROWS: usize = 4;
+
+/// The stride-1 depthwise sums (see [`depthwise_plane_flat`]) for the first output rows in
+/// blocks of [`BLOCK_ROWS`] rows by a few vectors: each input vector loaded feeds every output
+/// row of the block whose taps reach it, where one row at a time loads each input vector once
+/// per tap. Returns the rows done (a multiple of `BLOCK_ROWS`); the caller does the rest.
+/// `padded` holds the padded plane (`hp x wp`) and [`BLOCK_SLACK`] `+ kw` floats more, `acc`
+/// `oh * wp + BLOCK_SLACK`.
+fn accumulate_row_blocks(
+    padded: &[f32],
+    acc: &mut [f32],
+    (hp, wp): (usize, usize),
+    (oh, ow): (usize, usize),
+    (kh, kw): (usize, usize),
+    weights: &[f32],
+) -> usize {
+    assert!(hp == oh + kh - 1 && ow + kw - 1 <= wp && weights.len() == kh * kw, "a stride-1 plane");
+    assert!(padded.len() >= hp * wp + BLOCK_SLACK + kw && acc.len() >= oh * wp + BLOCK_SLACK, "the slack of the buffers");
+    let rows = oh / BLOCK_ROWS * BLOCK_ROWS;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::super::simd::{Avx2, Avx512, Lanes};
+        /// # Safety
+        /// The CPU has `V`'s features; the buffers are as [`accumulate_row_blocks`] asserts,
+        /// and `NV * V::LEN <= BLOCK_SLACK`.
+        #[inline(always)]
+        unsafe fn blocks<V: Lanes, const NV: usize>(
+            padded: &[f32],
+            acc: &mut [f32],
+            wp: usize,
+            rows: usize,
+            ow: usize,
+            (kh, kw): (usize, usize),
+            weights: &[f32],
+        ) {
+            // SAFETY: a block reads rows `oy0 .. oy0 + BLOCK_ROWS + kh - 1` (below `hp`) from
+            // column `x0 < ow` for `NV * V::LEN + kw - 1` floats: at most `BLOCK_SLACK + kw`
+            // past the plane's last row start plus `wp`, inside `padded`; it writes rows
+            // `oy0 .. oy0 + BLOCK_ROWS` (below `oh`) for `NV * V::LEN` floats from `x0`, inside
+            // `acc`. The features are the caller's contract.
+            unsafe {
+                for oy0 in (0..rows).step_by(BLOCK_ROWS) {
+                    for x0 in (0..ow).step_by(NV * V::LEN) {
+                        let mut sums = [[V::splat(0.0); NV]; BLOCK_ROWS];
+                        for iy in 0..BLOCK_ROWS + kh - 1 {
+                            let row = padded.as_ptr().add((oy0 + iy) * wp + x0);
+                            for kx in 0..kw {
+                                let mut x = [V::splat(0.0); NV];
+                                for (v, x) in x.iter_mut().enumerate() {
+                                    *x = V::load(row.add(kx + v * V::LEN));
+                                }
+                                // Output row `r` of the block meets input row `iy` at tap row
+                                // `iy - r`.
+                                for (r, sums) in sums.iter_mut().enumerate() {
+                                    if iy >= r && iy - r < kh {
+                                        let w = V::splat(*weights.get_unchecked((iy - r) * kw + kx));
+                                        for (sum, &x) in sums.iter_mut().zip(&x) {
+                                            *sum = w.mul_add(x, *sum);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        for (r, sums) in sums.iter().enumerate() {
+                            for (v, sum) in sums.iter().enumerate() {
+                                sum.store(acc.as_mut_ptr().add((oy0 + r) * wp + x0 + v * V::LEN));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        #[target_feature(enable = "avx512f")]
+        fn avx512(padded: &[f32], acc: &mut [f32], wp: usize, rows: usize, ow: usize, kernel: (usize, usize), weights: &[f32]) {
+            // SAFETY: AVX-512F is enabled; the buffers were checked above; 4 x 16 <= 64.
+            unsafe { blocks::<Avx512, 4>(padded, acc, wp, rows, ow, kernel, weights) }
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2(padded: &[f32], acc: &mut [f32], wp: usize, rows: usize, ow: usize, kernel: (usize, usize), weights: &[f32]) {
+            // SAFETY: AVX2 and FMA are enabled; the buffers were checked above; 2 x 8 <= 64.
+            unsafe { blocks::<Avx2, 2>(padded, acc, wp, rows, ow, kernel, weights) }
+        }
+        match Isa::detect() {
+            // SAFETY: `Isa::detect` checked that the CPU has the features.
+            Some(Isa::Avx512) => unsafe { avx512(padded, acc, wp, rows, ow, (kh, kw), weights) },
+            // SAFETY: as above.
+            Some(Isa::Avx2) => unsafe { avx2(padded, acc, wp, rows, ow, (kh, kw), weights) },
+            None => return 0,
+        }
+        rows
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    0
 }
 
 /// `acc[i] = sum over taps t of weights[t] * padded[i + offsets[t]]`: every tap of a vector of
