@@ -1,6 +1,6 @@
 //! Convolutions that Winograd does not take (strided and pointwise ones above all, and small
-//! outputs), as tiles of output pixels times output channels ([`avx512::conv_tile_wide`],
-//! [`avx512::conv_tile_16x16`] and their AVX2 forms).
+//! outputs), as tiles of output pixels times output channels ([`avx512::conv_tile`] and its
+//! AVX2 form).
 //!
 //! The channel-major product ([`run_direct`](Conv2d::run_direct), [`run_gemm`](Conv2d::run_gemm))
 //! puts pixels in the vector lanes, so each block of `B` must first be gathered or packed
@@ -63,7 +63,7 @@ const COMPACT_STRIP: usize = 128;
 /// No tile is wider than this many pixels ([`PixelTiles::tile`]).
 const WIDEST_TILE: usize = 16;
 
-/// One tile's kernel: `conv_tile_wide` or the narrow one of [`avx512`] or [`avx2`].
+/// One tile's kernel: `conv_tile` of [`avx512`] or [`avx2`].
 type TileKernel = unsafe fn(&[*const f32], usize, *const f32, *const f32, bool, *mut f32, usize, Option<(*const f32, usize)>, usize);
 
 impl PixelTiles {
@@ -80,10 +80,12 @@ impl PixelTiles {
     pub(super) fn new(isa: Isa, spec: &ConvSpec, weights: &[f32], bias: &[f32]) -> Self {
         let k = spec.in_channels * spec.kernel.0 * spec.kernel.1;
         let cout = spec.out_channels;
-        let (narrow, wide) = match isa {
-            Isa::Avx512 => (avx512::NARROW_TILE, avx512::WIDE_TILE_CHANNELS),
-            Isa::Avx2 => (avx2::NARROW_TILE, avx2::WIDE_TILE_CHANNELS),
+        // One register of channels per tile for narrow layers, two for the others.
+        let narrow = match isa {
+            Isa::Avx512 => 16,
+            Isa::Avx2 => 8,
         };
+        let wide = 2 * narrow;
         let panel = if cout <= narrow { narrow } else { wide };
         let panels = cout.div_ceil(panel);
         let mut packed = PackedB::new();
@@ -110,10 +112,10 @@ impl PixelTiles {
         macro_rules! kernels {
             ($sx:literal) => {
                 match (self.isa, self.panel) {
-                    (Isa::Avx512, avx512::NARROW_TILE) => [(16, avx512::conv_tile_16x16::<$sx> as TileKernel); 2],
-                    (Isa::Avx512, _) => [(14, avx512::conv_tile_wide::<14, $sx> as TileKernel), (10, avx512::conv_tile_wide::<10, $sx> as TileKernel)],
-                    (Isa::Avx2, avx2::NARROW_TILE) => [(8, avx2::conv_tile_8x8::<$sx> as TileKernel); 2],
-                    (Isa::Avx2, _) => [(6, avx2::conv_tile_wide::<6, $sx> as TileKernel), (5, avx2::conv_tile_wide::<5, $sx> as TileKernel)],
+                    (Isa::Avx512, 16) => [(16, avx512::conv_tile::<16, 1, $sx> as TileKernel); 2],
+                    (Isa::Avx512, _) => [(14, avx512::conv_tile::<14, 2, $sx> as TileKernel), (10, avx512::conv_tile::<10, 2, $sx> as TileKernel)],
+                    (Isa::Avx2, 8) => [(8, avx2::conv_tile::<8, 1, $sx> as TileKernel); 2],
+                    (Isa::Avx2, _) => [(6, avx2::conv_tile::<6, 2, $sx> as TileKernel), (5, avx2::conv_tile::<5, 2, $sx> as TileKernel)],
                 }
             };
         }

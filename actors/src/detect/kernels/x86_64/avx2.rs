@@ -199,22 +199,18 @@ pub(in super::super) unsafe fn gather_rows(src: *const f32, offsets: &[usize], d
     unsafe { pack::gather_rows_of::<16>(src, offsets, dst) }
 }
 
-/// Output pixels and output channels of one [`conv_tile_8x8`] tile.
-pub(in super::super) const NARROW_TILE: usize = 8;
-
-/// Output channels of one [`conv_tile_wide`] tile: two registers.
-pub(in super::super) const WIDE_TILE_CHANNELS: usize = 16;
-
-/// The AVX2 form of the AVX-512 pixel tile (see there): 8 consecutive output pixels times 8
-/// output channels, tap `kk` of pixel `j` at `taps[kk][at + j * SX]`, weights `[kk][8]`.
+/// The AVX2 form of the AVX-512 pixel tile (see there): `P <= 8` consecutive output pixels
+/// times `8 NV` output channels (8 x 8 tiles for narrow layers, 5 or 6 x 16 for the others),
+/// tap `kk` of pixel `j` at `taps[kk][at + j * SX]`, weights `[kk][8 NV]`.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA. `taps[kk] + at + j * SX` is a readable float of the allocation
-/// `taps[kk]` points into (or past) for every `kk < taps.len()` and `j < 8`; `weights` is 32-byte aligned and holds `taps.len() * 8` floats; `bias` holds 8;
-/// `channels <= 8`; `out` and the residual hold `channels` rows of 8 floats.
+/// `taps[kk]` points into (or past) for every `kk < taps.len()` and `j < P`; `weights` is
+/// 32-byte aligned and holds `taps.len() * 8 NV` floats; `bias` holds `8 NV`;
+/// `channels <= 8 NV`; `out` and the residual hold `channels` rows of `P` floats.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub(in super::super) unsafe fn conv_tile_8x8<const SX: usize>(
+pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const SX: usize>(
     taps: &[*const f32],
     at: usize,
     weights: *const f32,
@@ -225,81 +221,37 @@ pub(in super::super) unsafe fn conv_tile_8x8<const SX: usize>(
     residual: Option<(*const f32, usize)>,
     channels: usize,
 ) {
+    const { assert!(P <= 8 && NV > 0) };
     // SAFETY: every access stays within the bounds of the contract.
     unsafe {
-        let mut acc = [_mm256_setzero_ps(); NARROW_TILE];
+        let mut acc = [[_mm256_setzero_ps(); NV]; P];
         for (kk, &tap) in taps.iter().enumerate() {
-            let w = _mm256_load_ps(weights.add(kk * NARROW_TILE));
-            let p = tap.wrapping_add(at);
-            for (j, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(_mm256_set1_ps(*p.wrapping_add(j * SX)), w, *a);
+            let mut w = [_mm256_setzero_ps(); NV];
+            for (v, w) in w.iter_mut().enumerate() {
+                *w = _mm256_load_ps(weights.add((kk * NV + v) * 8));
             }
-        }
-        let bias = Avx2(_mm256_loadu_ps(bias));
-        for a in acc.iter_mut() {
-            let mut v = Avx2(*a).add(bias);
-            if silu {
-                v = v.mul(v.sigmoid());
-            }
-            *a = v.0;
-        }
-        for (c, &row) in transpose_8x8(acc).iter().enumerate().take(channels) {
-            let row = match residual {
-                Some((r, ld)) => _mm256_add_ps(row, _mm256_loadu_ps(r.add(c * ld))),
-                None => row,
-            };
-            _mm256_storeu_ps(out.add(c * ldo), row);
-        }
-    }
-}
-
-/// Like [`conv_tile_8x8`] for `P <= 8` pixels times 16 output channels (`weights` `[kk][16]`,
-/// `bias` 16 floats). `out` and the residual hold `channels <= 16` rows of `P` floats.
-///
-/// # Safety
-/// As for [`conv_tile_8x8`], with `j < P`, 16 biases and `taps.len() * 16` weights, 32-byte
-/// aligned.
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub(in super::super) unsafe fn conv_tile_wide<const P: usize, const SX: usize>(
-    taps: &[*const f32],
-    at: usize,
-    weights: *const f32,
-    bias: *const f32,
-    silu: bool,
-    out: *mut f32,
-    ldo: usize,
-    residual: Option<(*const f32, usize)>,
-    channels: usize,
-) {
-    // SAFETY: every access stays within the bounds of the contract.
-    unsafe {
-        let mut acc = [[_mm256_setzero_ps(); 2]; P];
-        for (kk, &tap) in taps.iter().enumerate() {
-            let w0 = _mm256_load_ps(weights.add(kk * WIDE_TILE_CHANNELS));
-            let w1 = _mm256_load_ps(weights.add(kk * WIDE_TILE_CHANNELS + 8));
             let p = tap.wrapping_add(at);
             for (j, a) in acc.iter_mut().enumerate() {
                 let x = _mm256_set1_ps(*p.wrapping_add(j * SX));
-                a[0] = _mm256_fmadd_ps(x, w0, a[0]);
-                a[1] = _mm256_fmadd_ps(x, w1, a[1]);
+                for (a, &w) in a.iter_mut().zip(&w) {
+                    *a = _mm256_fmadd_ps(x, w, *a);
+                }
             }
         }
-        for half in 0..2 {
-            let bias = Avx2(_mm256_loadu_ps(bias.add(8 * half)));
+        for v in 0..NV {
+            let bias = Avx2(_mm256_loadu_ps(bias.add(8 * v)));
             let mut block = [_mm256_setzero_ps(); 8];
             for (b, a) in block.iter_mut().zip(&acc) {
-                let mut v = Avx2(a[half]).add(bias);
+                let mut x = Avx2(a[v]).add(bias);
                 if silu {
-                    v = v.mul(v.sigmoid());
+                    x = x.mul(x.sigmoid());
                 }
-                *b = v.0;
+                *b = x.0;
             }
-            let rows = transpose_8x8(block);
-            for (c, &row) in rows.iter().enumerate().take(channels.saturating_sub(8 * half).min(8)) {
-                let channel = 8 * half + c;
-                // `P` of the 8 lanes are this row's pixels: through a buffer, since AVX2's
-                // masked moves are slow on some CPUs.
+            for (c, &row) in transpose_8x8(block).iter().enumerate().take(channels.saturating_sub(8 * v).min(8)) {
+                let channel = 8 * v + c;
+                // `P` of the 8 lanes are this row's pixels: through a buffer when they are
+                // fewer than 8, since AVX2's masked moves are slow on some CPUs.
                 let mut lanes = [0f32; 8];
                 _mm256_storeu_ps(lanes.as_mut_ptr(), row);
                 if let Some((r, ld)) = residual {

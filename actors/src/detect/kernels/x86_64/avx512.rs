@@ -222,25 +222,24 @@ pub(in super::super) unsafe fn gather_rows(src: *const f32, offsets: &[usize], d
     unsafe { pack::gather_rows_of::<32>(src, offsets, dst) }
 }
 
-/// Output pixels and output channels of one [`conv_tile_16x16`] tile.
-pub(in super::super) const NARROW_TILE: usize = 16;
-
-/// One tile of a pixel-major convolution: 16 consecutive output pixels times 16 output
-/// channels. Each input value is a broadcast operand, read where it lies: tap `kk` of pixel
-/// `j` is `taps[kk][at + j * SX]` (`SX` is the convolution's stride along rows when it reads
-/// its input in place, 1 in phase planes). Each accumulator holds one pixel's 16 channels, so
-/// the weights are one aligned load per tap (`weights`, `[kk][16]`). The finished tile gets
-/// `bias` (16 channels) and SiLU when asked, is transposed into rows of pixels, gets the
-/// residual's rows (`residual.0`, `residual.1` apart) and is stored as the first `channels`
-/// rows of `out`, `ldo` apart.
+/// One tile of a pixel-major convolution: `P <= 16` consecutive output pixels times `16 NV`
+/// output channels (`NV` registers per pixel: 16 x 16 tiles for narrow layers, 10 or 14 x 32
+/// for the others). Each input value is a broadcast operand, read where it lies: tap `kk` of
+/// pixel `j` is `taps[kk][at + j * SX]` (`SX` is the convolution's stride along rows when it
+/// reads its input in place, 1 otherwise). Each accumulator holds 16 channels of one pixel, so
+/// the weights (`[kk][16 NV]`) are `NV` aligned loads per tap, and each value read feeds `NV`
+/// multiply-adds. The finished tile gets `bias` (`16 NV` channels) and SiLU when asked, is
+/// transposed into rows of pixels, gets the residual's rows (`residual.0`, `residual.1`
+/// apart) and is stored as the first `channels` rows of `out`, `ldo` apart.
 ///
 /// # Safety
 /// The CPU has AVX-512F. `taps[kk] + at + j * SX` is a readable float of the allocation
-/// `taps[kk]` points into (or past) for every `kk < taps.len()` and `j < 16`; `weights` is 64-byte aligned and holds `taps.len() * 16` floats; `bias` holds
-/// 16; `channels <= 16`; `out` and the residual hold `channels` rows of 16 floats.
+/// `taps[kk]` points into (or past) for every `kk < taps.len()` and `j < P`; `weights` is
+/// 64-byte aligned and holds `taps.len() * 16 NV` floats; `bias` holds `16 NV`;
+/// `channels <= 16 NV`; `out` and the residual hold `channels` rows of `P` floats.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-pub(in super::super) unsafe fn conv_tile_16x16<const SX: usize>(
+pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const SX: usize>(
     taps: &[*const f32],
     at: usize,
     weights: *const f32,
@@ -251,85 +250,36 @@ pub(in super::super) unsafe fn conv_tile_16x16<const SX: usize>(
     residual: Option<(*const f32, usize)>,
     channels: usize,
 ) {
+    const { assert!(P <= 16 && NV > 0) };
     // SAFETY: every access stays within the bounds of the contract.
     unsafe {
-        let mut acc = [_mm512_setzero_ps(); NARROW_TILE];
+        let mut acc = [[_mm512_setzero_ps(); NV]; P];
         for (kk, &tap) in taps.iter().enumerate() {
-            let w = _mm512_load_ps(weights.add(kk * NARROW_TILE));
-            let p = tap.wrapping_add(at);
-            for (j, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(_mm512_set1_ps(*p.wrapping_add(j * SX)), w, *a);
+            let mut w = [_mm512_setzero_ps(); NV];
+            for (v, w) in w.iter_mut().enumerate() {
+                *w = _mm512_load_ps(weights.add((kk * NV + v) * 16));
             }
-        }
-        let bias = Avx512(_mm512_loadu_ps(bias));
-        for a in acc.iter_mut() {
-            let mut v = Avx512(*a).add(bias);
-            if silu {
-                v = v.mul(v.sigmoid());
-            }
-            *a = v.0;
-        }
-        let rows = transpose_16x16(acc);
-        for (c, &row) in rows.iter().enumerate().take(channels) {
-            let row = match residual {
-                Some((r, ld)) => _mm512_add_ps(row, _mm512_loadu_ps(r.add(c * ld))),
-                None => row,
-            };
-            _mm512_storeu_ps(out.add(c * ldo), row);
-        }
-    }
-}
-
-/// Output channels of one [`conv_tile_wide`] tile: two registers.
-pub(in super::super) const WIDE_TILE_CHANNELS: usize = 32;
-
-/// Like [`conv_tile_16x16`] for `P <= 16` pixels times 32 output channels (`weights`
-/// `[kk][32]`, `bias` 32 floats): each input value read feeds two multiply-adds, and each tap
-/// is `P` broadcasts for `2 P` multiply-adds. `out` and the residual hold `channels <= 32`
-/// rows of `P` floats.
-///
-/// # Safety
-/// As for [`conv_tile_16x16`], with `j < P`, 32 biases and `taps.len() * 32` weights.
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-pub(in super::super) unsafe fn conv_tile_wide<const P: usize, const SX: usize>(
-    taps: &[*const f32],
-    at: usize,
-    weights: *const f32,
-    bias: *const f32,
-    silu: bool,
-    out: *mut f32,
-    ldo: usize,
-    residual: Option<(*const f32, usize)>,
-    channels: usize,
-) {
-    // SAFETY: every access stays within the bounds of the contract.
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; P];
-        for (kk, &tap) in taps.iter().enumerate() {
-            let w0 = _mm512_load_ps(weights.add(kk * WIDE_TILE_CHANNELS));
-            let w1 = _mm512_load_ps(weights.add(kk * WIDE_TILE_CHANNELS + 16));
             let p = tap.wrapping_add(at);
             for (j, a) in acc.iter_mut().enumerate() {
                 let x = _mm512_set1_ps(*p.wrapping_add(j * SX));
-                a[0] = _mm512_fmadd_ps(x, w0, a[0]);
-                a[1] = _mm512_fmadd_ps(x, w1, a[1]);
+                for (a, &w) in a.iter_mut().zip(&w) {
+                    *a = _mm512_fmadd_ps(x, w, *a);
+                }
             }
         }
-        let lanes: __mmask16 = (1u32 << P).wrapping_sub(1) as __mmask16;
-        for half in 0..2 {
-            let bias = Avx512(_mm512_loadu_ps(bias.add(16 * half)));
+        let lanes: __mmask16 = ((1u32 << P) - 1) as __mmask16;
+        for v in 0..NV {
+            let bias = Avx512(_mm512_loadu_ps(bias.add(16 * v)));
             let mut block = [_mm512_setzero_ps(); 16];
             for (b, a) in block.iter_mut().zip(&acc) {
-                let mut v = Avx512(a[half]).add(bias);
+                let mut x = Avx512(a[v]).add(bias);
                 if silu {
-                    v = v.mul(v.sigmoid());
+                    x = x.mul(x.sigmoid());
                 }
-                *b = v.0;
+                *b = x.0;
             }
-            let rows = transpose_16x16(block);
-            for (c, &row) in rows.iter().enumerate().take(channels.saturating_sub(16 * half).min(16)) {
-                let channel = 16 * half + c;
+            for (c, &row) in transpose_16x16(block).iter().enumerate().take(channels.saturating_sub(16 * v).min(16)) {
+                let channel = 16 * v + c;
                 let row = match residual {
                     Some((r, ld)) => _mm512_add_ps(row, _mm512_maskz_loadu_ps(lanes, r.add(channel * ld))),
                     None => row,
