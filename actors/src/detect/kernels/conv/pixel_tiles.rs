@@ -44,9 +44,10 @@ use super::direct::phase_planes;
 use super::schedule::{self, SCRATCH};
 use super::{Conv2d, ConvInput, ConvSpec, add_assign};
 
-/// A convolution's weights in panels of `panel` output channels (16 or 32),
-/// `[panel][kk][channel]` with `kk = (c, ky, kx)` (zeros past the last channel), and its
-/// biases padded to whole panels.
+/// A convolution's weights in panels of `panel` output channels (one or two registers: 16 or
+/// 32 with AVX-512, 8 or 16 with AVX2), `[panel][kk][channel]` with `kk = (c, ky, kx)` (zeros
+/// past the last channel), and its biases padded to whole panels. Made only for an ISA this
+/// CPU supports (`new` checks it), which the `unsafe` calls of the kernels rely on.
 #[derive(Debug, Clone)]
 pub(super) struct PixelTiles {
     isa: Isa,
@@ -78,6 +79,7 @@ impl PixelTiles {
 
     /// Packs `weights` (`[out][in][kh][kw]`) and `bias` into panels for `isa`'s tiles.
     pub(super) fn new(isa: Isa, spec: &ConvSpec, weights: &[f32], bias: &[f32]) -> Self {
+        assert!(isa.supported(), "pixel tiles for {isa:?}, which this CPU cannot run");
         let k = spec.in_channels * spec.kernel.0 * spec.kernel.1;
         let cout = spec.out_channels;
         // One register of channels per tile for narrow layers, two for the others.
@@ -227,12 +229,11 @@ impl Conv2d {
                 let channels = tiles.panel.min(cout - panel * tiles.panel);
                 let panel = Panel { weights: tiles.weights(panel), bias: tiles.bias[panel * tiles.panel..].as_ptr(), silu, channels };
                 let residual = residual.map(|r| r[first_out..].as_ptr());
-                // SAFETY: the CPU has the features of `tiles.isa` (the weights were packed for
-                // it, which `PackedA` checks). The callers below pass taps and starts whose
-                // pixels lie inside the input (or the zero row), as `Run` requires. This task
-                // alone writes channels `panel * tiles.panel ..` of its runs of image `batch`
-                // (tasks differ in image, runs or panels), inside `out` and the residual,
-                // which have the output's shape.
+                // SAFETY: the CPU has the features of `tiles.isa` (`PixelTiles::new` checked).
+                // The callers below pass taps and starts whose pixels lie inside the input (or
+                // the zero row), as `Run` requires. This task alone writes channels
+                // `panel * tiles.panel ..` of its runs of image `batch` (tasks differ in image,
+                // runs or panels), inside `out` and the residual, which have the output's shape.
                 unsafe { run.emit(&panel, out_ptr.get().add(first_out), pixels, residual, compact, scratch) };
             };
             SCRATCH.with_borrow_mut(|(scratch, _)| match reading {
@@ -335,8 +336,8 @@ impl Conv2d {
                     if column.len() < channels * rows {
                         column.resize(channels * rows, 0.0);
                     }
-                    // SAFETY: the CPU has the features of `tiles.isa` (the weights were packed
-                    // for it); the taps are the gathered rows, `rows` floats each; the output is
+                    // SAFETY: the CPU has the features of `tiles.isa` (`PixelTiles::new`
+                    // checked); the taps are the gathered rows, `rows` floats each; the output is
                     // `column`, `channels` rows of `rows`, this worker's own.
                     unsafe { run.emit(&p, column.as_mut_ptr(), rows, None, false, &mut Vec::new()) };
                     for (c, values) in column.chunks_exact(rows).take(channels).enumerate() {
@@ -434,7 +435,7 @@ mod tests {
 
     #[test]
     fn tiles_fit_their_runs_and_compute_the_fewest_pixels() {
-        for isa in [Isa::Avx2, Isa::Avx512] {
+        for isa in [Isa::Avx2, Isa::Avx512].into_iter().filter(|isa| isa.supported()) {
             for cout in [8, 16, 40] {
                 let spec = ConvSpec::square(4, cout, 1, 3, 2, 1, Activation::Silu);
                 let tiles = PixelTiles::new(isa, &spec, &vec![0.5; cout * 36], &vec![0.0; cout]);
