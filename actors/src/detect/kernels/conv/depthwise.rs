@@ -21,16 +21,15 @@ impl Conv2d {
         let offsets: Vec<usize> = (0..kh * kw).map(|t| t / kw * wp + t % kw).collect();
         let offsets = &offsets;
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane_index, dst)| {
-            let c = plane_index % channels;
-            let src = &input[plane_index * h * w..][..h * w];
+            let plane = Plane { c: plane_index % channels, src: &input[plane_index * h * w..][..h * w], h, w, oh, ow, offsets };
             let dst = match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the CPU supports AVX-512F (`Isa::detect` checked it).
-                Some(Isa::Avx512) => unsafe { depthwise_plane_avx512(self, c, src, h, w, oh, ow, offsets, dst) },
+                Some(Isa::Avx512) => unsafe { depthwise_plane_avx512(self, plane, dst) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the CPU supports AVX2 and FMA (`Isa::detect` checked it).
-                Some(Isa::Avx2) => unsafe { depthwise_plane_avx2(self, c, src, h, w, oh, ow, offsets, dst) },
-                _ => depthwise_plane(self, c, src, h, w, oh, ow, offsets, dst),
+                Some(Isa::Avx2) => unsafe { depthwise_plane_avx2(self, plane, dst) },
+                _ => depthwise_plane(self, plane, dst),
             };
             if let Some(residual) = residual {
                 add_assign(dst, &residual[plane_index * oh * ow..][..oh * ow]);
@@ -39,63 +38,42 @@ impl Conv2d {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn depthwise_plane_avx2<'a>(
-    conv: &Conv2d,
+/// One channel's share of a depthwise convolution: its index `c`, its input plane (`h x w`),
+/// the output's size, and the taps' offsets for the stride-1 kernel ([`depthwise_plane_flat`]).
+#[derive(Clone, Copy)]
+struct Plane<'a> {
     c: usize,
-    src: &[f32],
+    src: &'a [f32],
     h: usize,
     w: usize,
     oh: usize,
     ow: usize,
-    offsets: &[usize],
-    dst: &'a mut [MaybeUninit<f32>],
-) -> &'a mut [f32] {
-    depthwise_plane(conv, c, src, h, w, oh, ow, offsets, dst)
+    offsets: &'a [usize],
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn depthwise_plane_avx2<'a>(conv: &Conv2d, plane: Plane<'_>, dst: &'a mut [MaybeUninit<f32>]) -> &'a mut [f32] {
+    depthwise_plane(conv, plane, dst)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-fn depthwise_plane_avx512<'a>(
-    conv: &Conv2d,
-    c: usize,
-    src: &[f32],
-    h: usize,
-    w: usize,
-    oh: usize,
-    ow: usize,
-    offsets: &[usize],
-    dst: &'a mut [MaybeUninit<f32>],
-) -> &'a mut [f32] {
-    depthwise_plane(conv, c, src, h, w, oh, ow, offsets, dst)
+fn depthwise_plane_avx512<'a>(conv: &Conv2d, plane: Plane<'_>, dst: &'a mut [MaybeUninit<f32>]) -> &'a mut [f32] {
+    depthwise_plane(conv, plane, dst)
 }
 
-/// One channel of a depthwise convolution into `dst`, which it initialises and returns;
-/// `offsets` are the taps' offsets for the stride-1 kernel ([`depthwise_plane_flat`]).
+/// One channel of a depthwise convolution into `dst`, which it initialises and returns.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn depthwise_plane<'a>(
-    conv: &Conv2d,
-    c: usize,
-    src: &[f32],
-    h: usize,
-    w: usize,
-    oh: usize,
-    ow: usize,
-    offsets: &[usize],
-    dst: &'a mut [MaybeUninit<f32>],
-) -> &'a mut [f32] {
+fn depthwise_plane<'a>(conv: &Conv2d, plane: Plane<'_>, dst: &'a mut [MaybeUninit<f32>]) -> &'a mut [f32] {
     let dst = if conv.spec.stride == (1, 1) && conv.spec.dilation == (1, 1) {
-        depthwise_plane_flat(conv, c, src, h, w, oh, ow, offsets, dst)
+        depthwise_plane_flat(conv, plane, dst)
     } else {
         let dst = zeroed(dst);
-        depthwise_plane_rows(conv, c, src, h, w, oh, ow, dst);
+        depthwise_plane_rows(conv, plane, dst);
         dst
     };
-    bias_activation(dst, conv.bias[c], conv.spec.activation);
+    bias_activation(dst, conv.bias[plane.c], conv.spec.activation);
     dst
 }
 
@@ -106,18 +84,8 @@ fn depthwise_plane<'a>(
 /// sum of taps at fixed offsets, one vector of outputs at a time (the `wp - ow` columns past
 /// each row are computed and dropped), without bounds per row.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn depthwise_plane_flat<'a>(
-    conv: &Conv2d,
-    c: usize,
-    src: &[f32],
-    h: usize,
-    w: usize,
-    oh: usize,
-    ow: usize,
-    offsets: &[usize],
-    dst: &'a mut [MaybeUninit<f32>],
-) -> &'a mut [f32] {
+fn depthwise_plane_flat<'a>(conv: &Conv2d, plane: Plane<'_>, dst: &'a mut [MaybeUninit<f32>]) -> &'a mut [f32] {
+    let Plane { c, src, h, w, oh, ow, offsets } = plane;
     let (kh, kw) = conv.spec.kernel;
     let (pt, pl, pb, pr) = conv.spec.pads;
     let (hp, wp) = (h + pt + pb, w + pl + pr);
@@ -164,8 +132,8 @@ thread_local! {
 /// A depthwise convolution of one channel, tap by tap over whole output rows so that the inner
 /// loop is a vectorisable multiply-add; for any stride and dilation.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn depthwise_plane_rows(conv: &Conv2d, c: usize, src: &[f32], h: usize, w: usize, oh: usize, ow: usize, dst: &mut [f32]) {
+fn depthwise_plane_rows(conv: &Conv2d, plane: Plane<'_>, dst: &mut [f32]) {
+    let Plane { c, src, h, w, oh, ow, .. } = plane;
     let (kh, kw) = conv.spec.kernel;
     let (sh, sw) = conv.spec.stride;
     let (dh, dw) = conv.spec.dilation;
