@@ -206,9 +206,7 @@ impl Conv2d {
         let panels = cout.div_ceil(tiles.panel);
         let (runs_per_task, run_tasks) = schedule::row_tasks(runs, n, threads);
         // Few runs: split the panels of channels too, so that every thread works.
-        let panel_blocks = if n * run_tasks >= 2 * threads { 1 } else { (2 * threads).div_ceil(n * run_tasks).min(panels) };
-        let panels_per_block = panels.div_ceil(panel_blocks);
-        let panel_blocks = panels.div_ceil(panels_per_block);
+        let (panels_per_block, panel_blocks) = panel_blocks(n * run_tasks, cout, tiles.panel, threads);
         let silu = self.spec.activation == Activation::Silu;
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
         // Channel planes a whole number of pages apart share their L1 sets, so a tile stored
@@ -279,7 +277,9 @@ impl Conv2d {
         });
         if let Reading::InPlace { stride, interior } = reading {
             let columns: Vec<usize> = (0..interior.start).chain(interior.end..ow).collect();
-            self.border_columns(tiles, input, (oh, ow), *stride, &columns, residual, out_ptr);
+            if !columns.is_empty() {
+                self.border_columns(tiles, input, (oh, ow), *stride, &columns, residual, out_ptr);
+            }
         }
     }
 
@@ -306,9 +306,7 @@ impl Conv2d {
         let panels = cout.div_ceil(tiles.panel);
         let units = n * columns.len();
         let threads = rayon::current_num_threads();
-        let panel_blocks = (2 * threads).div_ceil(units.max(1)).min(panels);
-        let panels_per_block = panels.div_ceil(panel_blocks);
-        let panel_blocks = panels.div_ceil(panels_per_block);
+        let (panels_per_block, panel_blocks) = panel_blocks(units, cout, tiles.panel, threads);
         // At least a tile of rows: the rows past the output's are zeros, computed and dropped.
         let rows = oh.max(WIDEST_TILE);
         let (tile, kernel) = tiles.tile(rows, 1);
@@ -353,6 +351,13 @@ impl Conv2d {
             });
         });
     }
+}
+
+/// Blocks of whole panels of `panel` channels for `tasks` tasks over pixels,
+/// `(panels per block, blocks)`, as [`schedule::channel_blocks`] splits channels.
+fn panel_blocks(tasks: usize, channels: usize, panel: usize, threads: usize) -> (usize, usize) {
+    let (per_block, blocks) = schedule::channel_blocks(tasks, channels, panel, threads);
+    (per_block / panel, blocks)
 }
 
 /// One panel's weights, biases and activation, for `channels` output channels.
