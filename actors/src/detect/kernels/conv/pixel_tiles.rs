@@ -204,16 +204,15 @@ impl Conv2d {
             Reading::Planes { .. } | Reading::PhasePlanes => Vec::new(),
         };
         let panels = cout.div_ceil(tiles.panel);
-        let (runs_per_task, run_tasks) = schedule::row_tasks(runs, n, threads);
-        // Few runs: split the panels of channels too, so that every thread works.
-        let (panels_per_block, panel_blocks) = panel_blocks(n * run_tasks, cout, tiles.panel, threads);
+        let split = schedule::RunsByPanels::new(n, runs, panels, threads);
+        let schedule::RunsByPanels { runs_per_task, run_tasks, panels_per_block, panel_blocks } = split;
         let silu = self.spec.activation == Activation::Silu;
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
         // Channel planes a whole number of pages apart share their L1 sets, so a tile stored
         // straight into them evicts its own rows: such outputs go through a compact strip.
         let compact = cache::rows_share_cache_sets(pixels);
         let (planes, offsets, zeros, reading) = (&planes, &offsets, &zeros, &reading);
-        (0..n * run_tasks * panel_blocks).into_par_iter().for_each(|task| {
+        (0..split.tasks(n)).into_par_iter().for_each(|task| {
             let block = task % panel_blocks;
             let run_task = task / panel_blocks % run_tasks;
             let batch = task / panel_blocks / run_tasks;
