@@ -1,8 +1,9 @@
 //! Convolution kernel throughput on YOLOv12n's layer shapes: GFLOP/s of the packed
 //! microkernel this CPU runs (AVX-512 or AVX2) and of the portable `gemm`-crate path, on the
 //! same pool of threads.
-//! `cargo bench --bench conv [-- THREADS [SHAPE] [packed]]`, where SHAPE (such as `32->64`)
-//! keeps only the convolutions whose label contains it, and `packed` skips the portable path.
+//! `cargo bench --bench conv [-- THREADS [SHAPE | attention] [packed]]`, where SHAPE (such as
+//! `32->64`) keeps only the convolutions whose label contains it, `attention` runs only the
+//! attention heads, and `packed` skips the portable path.
 //! The kernels are crate-private; the `bench-internals` feature of `streamdet-actors`, enabled
 //! by this package's dev-dependency on it, makes them reachable from here.
 
@@ -54,7 +55,10 @@ fn main() {
     ];
     println!("threads {threads}");
     if only.is_none() {
-        matmuls(&pool);
+        attention(&pool);
+    }
+    if std::env::args().any(|a| a == "attention") {
+        return;
     }
     for (cin, cout, k, stride, groups, size) in shapes {
         if only.as_ref().is_some_and(|only| !format!("{cin}->{cout} k{k} s{stride} {size}px").contains(only.as_str())) {
@@ -86,14 +90,18 @@ fn main() {
     }
 }
 
-/// The attention products of YOLOv12n: `(batch, m, k, n, b transposed)`.
-fn matmuls(pool: &rayon::ThreadPool) {
-    use streamdet_actors::detect::kernels::packed_gemm::batched_matmul;
-    for (batch, m, k, n, tb) in [(4, 32, 400, 400, true), (4, 400, 32, 400, false), (8, 32, 400, 400, true)] {
-        let a: Vec<f32> = (0..batch * m * k).map(|i| (i % 13) as f32 * 0.05).collect();
-        let b: Vec<f32> = (0..batch * k * n).map(|i| (i % 7) as f32 * 0.05).collect();
-        let flops = 2.0 * (batch * m * k * n) as f64;
-        let run = || pool.install(|| batched_matmul(&a, &b, batch, m, k, n, false, tb, 1.0));
+/// YOLOv12n's fused attention heads: 8 (4 areas by 2 heads at 40x40) and 4 (20x20) items of
+/// 400 queries and keys, 32 deep, queries stored transposed as the model's views leave them.
+fn attention(pool: &rayon::ThreadPool) {
+    use streamdet_actors::detect::kernels::attention::{AttentionLayout, AttentionShape, attention};
+    for batch in [8, 4] {
+        let shape = AttentionShape { batch, queries: 400, keys: 400, depth: 32, channels: 32 };
+        let layout = AttentionLayout { q_transposed: true, k_transposed: false, v_transposed: false };
+        let operand = |len: usize, modulus: usize| -> Vec<f32> { (0..len).map(|i| (i % modulus) as f32 * 0.05 - 0.3).collect() };
+        let (q, k, v) = (operand(batch * 400 * 32, 13), operand(batch * 32 * 400, 7), operand(batch * 32 * 400, 11));
+        // Two products of `400 x 400 x 32` multiply-adds per item.
+        let flops = 2.0 * 2.0 * (batch * 400 * 400 * 32) as f64;
+        let run = || pool.install(|| attention(&q, &k, &v, shape, layout, 0.18));
         std::hint::black_box(run());
         let reps = 50;
         let start = Instant::now();
@@ -101,7 +109,7 @@ fn matmuls(pool: &rayon::ThreadPool) {
             std::hint::black_box(run());
         }
         let secs = start.elapsed().as_secs_f64() / reps as f64;
-        println!("matmul {batch}x[{m}x{k}]x[{k}x{n}] b transposed {tb:<5}  {:>7.3} ms  {:>6.1} GFLOP/s", secs * 1e3, flops / secs / 1e9);
+        println!("attention {batch} x [400 queries, 400 keys, 32 deep]  {:>7.3} ms  {:>6.1} GFLOP/s", secs * 1e3, flops / secs / 1e9);
     }
 }
 

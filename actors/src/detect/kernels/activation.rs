@@ -150,6 +150,22 @@ mod lanes {
         }
     }
 
+    /// Each row of `rows` (`scales.len()` floats each) times `scales`, element-wise.
+    ///
+    /// # Safety
+    /// The CPU has `V`'s features.
+    #[inline(always)]
+    pub unsafe fn scale_columns<V: Lanes>(rows: &mut [f32], scales: &[f32]) {
+        for row in rows.chunks_exact_mut(scales.len()) {
+            let (mut x, mut y) = (row.chunks_exact_mut(V::LEN), scales.chunks_exact(V::LEN));
+            for (a, b) in (&mut x).zip(&mut y) {
+                // SAFETY: whole vectors of both; the features are the caller's contract.
+                unsafe { V::load(a.as_ptr()).mul(V::load(b.as_ptr())).store(a.as_mut_ptr()) }
+            }
+            x.into_remainder().iter_mut().zip(y.remainder()).for_each(|(a, b)| *a *= b);
+        }
+    }
+
     /// `xs += ys`, element-wise.
     ///
     /// # Safety
@@ -226,13 +242,16 @@ mod lanes {
     }
 
     /// Softmax along the `len` rows of the `[len][stride]` block at `base`, for its columns
-    /// `columns`: whole vectors of them, then the rest one at a time.
+    /// `columns`: whole vectors of them, then the rest one at a time. With `inverse_sums`, the
+    /// columns are left as the numerators `e^(x - max)`, and the reciprocal of each column's
+    /// sum goes to `inverse_sums[c - columns.start]`, for a caller that divides later.
     ///
     /// # Safety
     /// The CPU has `V`'s features; `base` is valid for reads and writes of `len * stride`
-    /// floats, of which no other thread touches these columns meanwhile.
+    /// floats, of which no other thread touches these columns meanwhile; `inverse_sums`, if
+    /// any, is valid for writes of `columns.len()` floats.
     #[inline(always)]
-    pub unsafe fn softmax_columns<V: Lanes>(base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>) {
+    pub unsafe fn softmax_columns<V: Lanes>(base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>, inverse_sums: Option<*mut f32>) {
         assert!(columns.end <= stride);
         let split = columns.start + columns.len() / V::LEN * V::LEN;
         // SAFETY: every pointer is a whole vector of columns `c..c + V::LEN <= split` of row
@@ -251,11 +270,16 @@ mod lanes {
                     sum = sum.add(e);
                 }
                 let scale = sum.recip();
-                for r in 0..len {
-                    V::load(at(r)).mul(scale).store(at(r));
+                match inverse_sums {
+                    Some(sums) => scale.store(sums.add(c - columns.start)),
+                    None => {
+                        for r in 0..len {
+                            V::load(at(r)).mul(scale).store(at(r));
+                        }
+                    }
                 }
             }
-            softmax_columns_scalar(base, len, stride, split..columns.end);
+            softmax_columns_scalar(base, len, stride, split..columns.end, inverse_sums.map(|sums| sums.add(split - columns.start)));
         }
     }
 }
@@ -264,7 +288,8 @@ mod lanes {
 ///
 /// # Safety
 /// As for [`lanes::softmax_columns`], with no CPU features needed.
-unsafe fn softmax_columns_scalar(base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>) {
+unsafe fn softmax_columns_scalar(base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>, inverse_sums: Option<*mut f32>) {
+    let first = columns.start;
     for c in columns {
         // SAFETY: element `(r, c)` of the block, `r < len` (the caller's contract).
         let at = |r: usize| unsafe { &mut *base.add(r * stride + c) };
@@ -276,8 +301,14 @@ unsafe fn softmax_columns_scalar(base: *mut f32, len: usize, stride: usize, colu
             sum += e;
         }
         let scale = 1.0 / sum;
-        for r in 0..len {
-            *at(r) *= scale;
+        match inverse_sums {
+            // SAFETY: place `c - first < columns.len()` (the caller's contract).
+            Some(sums) => unsafe { sums.add(c - first).write(scale) },
+            None => {
+                for r in 0..len {
+                    *at(r) *= scale;
+                }
+            }
         }
     }
 }
@@ -302,50 +333,54 @@ fn softmax_columns_with(vectors: Vectors, block: &mut [f32], len: usize, inner: 
         let columns = chunk * COLUMNS..((chunk + 1) * COLUMNS).min(inner);
         // SAFETY: `block` is borrowed for the whole loop, `len * inner` floats; each task
         // touches only its own columns; the CPU has `vectors`' instructions (asserted above).
-        unsafe { softmax_columns_on(vectors, base.get(), len, inner, columns) }
+        unsafe { softmax_columns_on(vectors, base.get(), len, inner, columns, None) }
     });
 }
 
-/// Softmax down `columns` of a `[len][stride]` block, in place, on the calling thread (for
-/// callers that are themselves parallel tasks).
-pub fn softmax_columns_block(block: &mut [f32], len: usize, stride: usize, columns: std::ops::Range<usize>) {
+/// The numerators of a softmax down `columns` of a `[len][stride]` block (`e^(x - max)`), in
+/// place, and in `inverse_sums` the reciprocal of each column's sum, on the calling thread (for
+/// callers that are themselves parallel tasks). Attention divides its few outputs by the sums
+/// instead of dividing every score.
+pub fn softmax_numerators_block(block: &mut [f32], len: usize, stride: usize, columns: std::ops::Range<usize>, inverse_sums: &mut [f32]) {
     assert!(block.len() >= len * stride && columns.end <= stride, "columns outside the block");
-    // SAFETY: the block is borrowed mutably and holds `len * stride` floats (asserted); the CPU
-    // has the instructions `vectors()` chose.
-    unsafe { softmax_columns_on(vectors(), block.as_mut_ptr(), len, stride, columns) }
+    assert_eq!(inverse_sums.len(), columns.len(), "one sum per column");
+    // SAFETY: the block is borrowed mutably and holds `len * stride` floats, and
+    // `inverse_sums` holds one float per column (asserted); the CPU has the instructions
+    // `vectors()` chose.
+    unsafe { softmax_columns_on(vectors(), block.as_mut_ptr(), len, stride, columns, Some(inverse_sums.as_mut_ptr())) }
 }
 
 /// [`lanes::softmax_columns`] compiled for `vectors`.
 ///
 /// # Safety
 /// As for [`lanes::softmax_columns`]; the CPU has `vectors`' features.
-unsafe fn softmax_columns_on(vectors: Vectors, base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>) {
+unsafe fn softmax_columns_on(vectors: Vectors, base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>, sums: Option<*mut f32>) {
     #[cfg(target_arch = "x86_64")]
     {
         /// # Safety
         /// As for `softmax_columns_on`; the CPU has AVX-512F.
         #[target_feature(enable = "avx512f")]
-        unsafe fn avx512(base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>) {
+        unsafe fn avx512(base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>, sums: Option<*mut f32>) {
             // SAFETY: the caller's contract; compiled with AVX-512F.
-            unsafe { lanes::softmax_columns::<super::simd::Avx512>(base, len, stride, columns) }
+            unsafe { lanes::softmax_columns::<super::simd::Avx512>(base, len, stride, columns, sums) }
         }
         /// # Safety
         /// As for `softmax_columns_on`; the CPU has AVX2 and FMA.
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>) {
+        unsafe fn avx2(base: *mut f32, len: usize, stride: usize, columns: std::ops::Range<usize>, sums: Option<*mut f32>) {
             // SAFETY: the caller's contract; compiled with AVX2 and FMA.
-            unsafe { lanes::softmax_columns::<super::simd::Avx2>(base, len, stride, columns) }
+            unsafe { lanes::softmax_columns::<super::simd::Avx2>(base, len, stride, columns, sums) }
         }
         match vectors {
             // SAFETY: the caller's contract (the CPU has the chosen features).
-            Vectors::Avx512 => return unsafe { avx512(base, len, stride, columns) },
+            Vectors::Avx512 => return unsafe { avx512(base, len, stride, columns, sums) },
             // SAFETY: as above.
-            Vectors::Avx2 => return unsafe { avx2(base, len, stride, columns) },
+            Vectors::Avx2 => return unsafe { avx2(base, len, stride, columns, sums) },
             Vectors::Scalar => {}
         }
     }
     // SAFETY: the caller's contract.
-    unsafe { softmax_columns_scalar(base, len, stride, columns) }
+    unsafe { softmax_columns_scalar(base, len, stride, columns, sums) }
 }
 
 /// Defines `pub fn $name(args)`: the vector kernel `lanes::$kernel` compiled with AVX-512 or
@@ -442,6 +477,13 @@ dispatch!(
 );
 
 dispatch!(
+    /// Multiplies each row of `rows` (`scales.len()` floats each; a shorter last row is left
+    /// as it is) by `scales`, element-wise.
+    scale_columns / scale_columns_on(rows: &mut [f32], scales: &[f32]) => scale_columns,
+    rows.chunks_exact_mut(scales.len()).for_each(|row| row.iter_mut().zip(scales).for_each(|(a, b)| *a *= b))
+);
+
+dispatch!(
     /// Replaces a row by its softmax, in place.
     softmax_inplace / softmax_on(xs: &mut [f32]) => softmax,
     softmax_body(xs)
@@ -523,6 +565,28 @@ mod tests {
                 for r in 0..len {
                     assert!((column[r] - by_columns[r * inner + c]).abs() < 1e-6, "{v:?} column {c}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_numerators_scaled_by_their_sums_are_the_softmax() {
+        // Columns 3..40 of 43: a vector part and a tail, with others left alone.
+        let (len, stride, columns) = (19, 43, 3..40);
+        let data: Vec<f32> = (0..len * stride).map(|i| ((i * 29) % 83) as f32 / 7.0 - 4.0).collect();
+        let mut want = data.clone();
+        // SAFETY: the block holds `len * stride` floats; the scalar path needs no CPU features.
+        unsafe { softmax_columns_scalar(want.as_mut_ptr(), len, stride, columns.clone(), None) };
+        for v in variants() {
+            let mut got = data.clone();
+            let mut sums = vec![0.0; columns.len()];
+            // SAFETY: as above, with one sum per column; the CPU has `v`'s features.
+            unsafe { softmax_columns_on(v, got.as_mut_ptr(), len, stride, columns.clone(), Some(sums.as_mut_ptr())) };
+            for row in got.chunks_exact_mut(stride) {
+                scale_columns_on(v, &mut row[columns.clone()], &sums);
+            }
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() < 1e-6, "{v:?} [{i}] {g} vs {w}");
             }
         }
     }

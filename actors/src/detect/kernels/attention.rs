@@ -277,7 +277,7 @@ fn attention_on(isa: Isa, q: Operand, k: Operand, v: Operand, alpha: f32, out: &
     let out_ptr = super::SendPtr(out.as_mut_ptr());
     let blocks = queries.div_ceil(BLOCK);
     (0..batch * blocks).into_par_iter().for_each(|task| {
-        SCRATCH.with_borrow_mut(|(queries_packed, scores)| {
+        SCRATCH.with_borrow_mut(|Scratch { queries_packed, scores, mixed, inverse_sums }| {
             let (b, i0) = (task / blocks, task % blocks * BLOCK);
             let rows = BLOCK.min(queries - i0);
             pack_query_block(isa, &q, b, i0, rows, queries_packed);
@@ -296,26 +296,44 @@ fn attention_on(isa: Isa, q: Operand, k: Operand, v: Operand, alpha: f32, out: &
                     let queries_panel = queries_packed.as_ptr().add(panel * depth * nr);
                     tiling::gemm_panels(keys_t, 0..keys, queries_panel, width, scores_panel.as_mut_ptr(), nr, None);
                 }
-                activation::softmax_columns_block(scores_panel, keys, nr, 0..width);
+                activation::softmax_numerators_block(scores_panel, keys, nr, 0..width, &mut inverse_sums[panel * nr..][..width]);
             }
+            // `V x S^T` into a compact tile, whose columns are then divided by their softmax
+            // sums: `channels x BLOCK` divisions instead of `keys x BLOCK`.
+            mixed.resize(channels * rows, 0.0);
             // SAFETY: as above; `scores` holds the `rows.div_ceil(nr)` panels the product reads,
-            // each `keys x nr`, aligned. This task alone writes columns `i0..i0 + rows` of rows
-            // `0..channels` of item `b` of the output view: the view is injective
-            // (`OutputView`), so no other task's elements share an offset with these, and it
-            // lies inside `out` (its extent is `total`, asserted above).
-            unsafe {
-                let dst = out_ptr.get().add(ov.item_offset(b) + i0);
-                tiling::gemm_panels(values, 0..channels, scores.as_ptr(), rows, dst, ov.row_stride, None);
+            // each `keys x nr`, aligned; `mixed` holds the `channels x rows` tile, rows `rows`
+            // apart.
+            unsafe { tiling::gemm_panels(values, 0..channels, scores.as_ptr(), rows, mixed.as_mut_ptr(), rows, None) };
+            activation::scale_columns(mixed, &inverse_sums[..rows]);
+            for (c, row) in mixed.chunks_exact(rows).enumerate() {
+                // SAFETY: this task alone writes columns `i0..i0 + rows` of rows
+                // `0..channels` of item `b` of the output view: the view is injective
+                // (`OutputView`), so no other task's elements share an offset with these, and it
+                // lies inside `out` (its extent is `total`, asserted above).
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.get().add(ov.item_offset(b) + c * ov.row_stride + i0), rows) };
             }
         })
     });
     out
 }
 
+/// A rayon worker's buffers for one block of queries, reused across blocks and calls.
+struct Scratch {
+    /// `Q_block^T`, packed as a right operand.
+    queries_packed: PackedB,
+    /// The block's softmax numerators `S^T` (packed panels too).
+    scores: PackedB,
+    /// `V x S^T` (`channels x rows`), before it is divided by the sums.
+    mixed: Vec<f32>,
+    /// The reciprocal of each query's softmax sum.
+    inverse_sums: [f32; BLOCK],
+}
+
 thread_local! {
-    /// Each rayon worker's packed query block and scores (packed panels too), reused across
-    /// blocks and calls.
-    static SCRATCH: std::cell::RefCell<(PackedB, PackedB)> = const { std::cell::RefCell::new((PackedB::new(), PackedB::new())) };
+    static SCRATCH: std::cell::RefCell<Scratch> = const {
+        std::cell::RefCell::new(Scratch { queries_packed: PackedB::new(), scores: PackedB::new(), mixed: Vec::new(), inverse_sums: [0.0; BLOCK] })
+    };
 }
 
 /// Packs `Q_block^T` (`depth x rows`: queries `i0..i0 + rows` of item `b`) as a right operand.
