@@ -7,6 +7,7 @@ use rayon::prelude::*;
 use super::{BinaryOp, CResult};
 use crate::detect::kernels::activation::{self, UnaryFn};
 use crate::detect::kernels::conv::Conv2d;
+use crate::detect::kernels::pool::MaxPool;
 use crate::detect::kernels::{attention, packed_gemm, transpose};
 
 impl CustomOp1 for Conv2d {
@@ -275,13 +276,8 @@ impl CustomOp1 for CpuUpsample {
     }
 }
 
-/// Max pooling of NCHW planes on the CPU, in parallel over planes: a pass along rows, then one
-/// along columns (`2k` comparisons per output instead of `k * k`). Padding never wins a max.
-pub(super) struct CpuMaxPool {
-    pub(super) kernel: (usize, usize),
-    pub(super) stride: (usize, usize),
-    pub(super) pads: (usize, usize, usize, usize),
-}
+/// Max pooling of NCHW planes on the CPU ([`MaxPool`]).
+pub(super) struct CpuMaxPool(pub(super) MaxPool);
 
 impl CustomOp1 for CpuMaxPool {
     fn name(&self) -> &'static str {
@@ -292,59 +288,11 @@ impl CustomOp1 for CpuMaxPool {
         let &[n, c, h, w] = layout.dims() else {
             candle_core::bail!("max pooling needs a 4-D input, got {:?}", layout.dims());
         };
-        let ((kh, kw), (sh, sw), (pt, pl, pb, pr)) = (self.kernel, self.stride, self.pads);
-        if kh == 0 || kw == 0 || sh == 0 || sw == 0 || h + pt + pb < kh || w + pl + pr < kw || pt >= kh || pb >= kh || pl >= kw || pr >= kw {
-            candle_core::bail!("max pooling {kh}x{kw} stride {sh}x{sw} pads {:?} does not fit {h}x{w}", self.pads);
-        }
-        let (oh, ow) = ((h + pt + pb - kh) / sh + 1, (w + pl + pr - kw) / sw + 1);
-        let input = contiguous_f32(storage, layout)?;
-        // The input columns `ox * sw - pl + kx` that exist, for each output column range.
-        let window = |o: usize, s: usize, pad: usize, k: usize, len: usize| -> std::ops::Range<usize> {
-            let start = (o * s).saturating_sub(pad);
-            let end = (o * s + k).saturating_sub(pad).min(len);
-            start..end
+        let (Some((oh, ow)), Some(out)) = (self.0.output_size(h, w), self.0.run(contiguous_f32(storage, layout)?, h, w)) else {
+            candle_core::bail!("max pooling {:?} does not fit {h}x{w}", self.0);
         };
-        let mut out = vec![0.0f32; n * c * oh * ow];
-        out.par_chunks_mut(oh * ow).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
-            POOL_ROWS.with_borrow_mut(|rows| {
-                // Rows first: `rows[y][ox]` is the max of row `y` over output column `ox`'s
-                // window, one tap at a time across the whole row so that the loop vectorises.
-                rows.clear();
-                rows.resize(h * ow, f32::NEG_INFINITY);
-                for (row_max, row) in rows.chunks_exact_mut(ow).zip(src.chunks_exact(w)) {
-                    for kx in 0..kw {
-                        // Output columns whose input column `ox * sw + kx - pl` exists.
-                        let first = pl.saturating_sub(kx).div_ceil(sw);
-                        let end = if w + pl > kx { ((w + pl - kx - 1) / sw + 1).min(ow) } else { 0 };
-                        if first >= end {
-                            continue;
-                        }
-                        let x0 = first * sw + kx - pl;
-                        let maxes = &mut row_max[first..end];
-                        if sw == 1 {
-                            maxes.iter_mut().zip(&row[x0..]).for_each(|(m, &v)| *m = m.max(v));
-                        } else {
-                            maxes.iter_mut().zip(row[x0..].iter().step_by(sw)).for_each(|(m, &v)| *m = m.max(v));
-                        }
-                    }
-                }
-                for (oy, out_row) in dst.chunks_exact_mut(ow).enumerate() {
-                    out_row.fill(f32::NEG_INFINITY);
-                    for y in window(oy, sh, pt, kh, h) {
-                        for (o, &m) in out_row.iter_mut().zip(&rows[y * ow..][..ow]) {
-                            *o = o.max(m);
-                        }
-                    }
-                }
-            })
-        });
         Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
     }
-}
-
-thread_local! {
-    /// Each rayon worker's row maxima for [`CpuMaxPool`], reused across planes and calls.
-    static POOL_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// [`Op::Attention`] on the CPU: [`attention::attention`] over contiguous operands.
@@ -409,7 +357,7 @@ mod tests {
             [((5, 5), (1, 1), (2, 2, 2, 2)), ((3, 3), (2, 2), (1, 1, 1, 1)), ((2, 2), (2, 2), (0, 0, 0, 0)), ((3, 3), (1, 1), (0, 2, 1, 0))]
         {
             let want = max_pool(&x, kernel, stride, pads).unwrap();
-            let got = x.apply_op1_no_bwd(&CpuMaxPool { kernel, stride, pads }).unwrap();
+            let got = x.apply_op1_no_bwd(&CpuMaxPool(MaxPool::new(kernel, stride, pads).unwrap())).unwrap();
             assert_eq!(got.dims(), want.dims(), "{kernel:?} {stride:?} {pads:?}");
             assert_eq!(
                 got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),

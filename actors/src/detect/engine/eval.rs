@@ -8,6 +8,7 @@ use super::custom_ops::{ConvWithResidual, CpuAttention, CpuBinary, CpuMatMul, Cp
 use super::fold::CONV_MORE_PARTS;
 use super::{AttentionViews, BinaryOp, CResult, ConvOp, Op, ReduceKind, Target, tensor_from_data};
 use crate::detect::kernels::activation::{Activation, UnaryFn};
+use crate::detect::kernels::pool::MaxPool;
 use crate::detect::kernels::{self, attention, packed_gemm};
 use crate::detect::model::TensorValues;
 use crate::detect::views::{self, ViewStep};
@@ -256,8 +257,9 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], target: &Target) -> CResul
         Op::MaxPool { kernel, stride, pads } => {
             let t = x()?;
             if target.native_f32(t) && t.rank() == 4 {
-                let pool = CpuMaxPool { kernel: *kernel, stride: *stride, pads: *pads };
-                one(t.contiguous()?.apply_op1_no_bwd(&pool)?)
+                let pool = MaxPool::new(*kernel, *stride, *pads)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("max pooling {kernel:?} stride {stride:?} pads {pads:?}")))?;
+                one(t.contiguous()?.apply_op1_no_bwd(&CpuMaxPool(pool))?)
             } else {
                 one(max_pool(t, *kernel, *stride, *pads)?)
             }

@@ -9,6 +9,7 @@ use super::{BinaryOp, ConvOp, Op, ReduceKind, Target};
 use crate::detect::DetectError;
 use crate::detect::kernels::activation::{Activation, UnaryFn};
 use crate::detect::kernels::conv::{Conv2d, ConvSpec};
+use crate::detect::kernels::pool::MaxPool;
 use crate::detect::model::{Attribute, Node, TensorData, TensorValues};
 
 fn unsupported(node: &Node, what: impl std::fmt::Display) -> DetectError {
@@ -87,8 +88,11 @@ pub(super) fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, 
             if dilations != (1, 1) {
                 return Err(unsupported(node, "dilated pooling"));
             }
-            let kernel = pair(node, attr_ints(node, "kernel_shape")?, 1)?;
-            Op::MaxPool { kernel, stride: pair(node, attr_ints(node, "strides")?, 1)?, pads: pads4(node)? }
+            let (kernel, stride, pads) = (pair(node, attr_ints(node, "kernel_shape")?, 1)?, pair(node, attr_ints(node, "strides")?, 1)?, pads4(node)?);
+            if MaxPool::new(kernel, stride, pads).is_none() {
+                return Err(unsupported(node, "a zero window or stride, or padding as wide as the window"));
+            }
+            Op::MaxPool { kernel, stride, pads }
         }
         "Resize" => {
             let mode = attr_string(node, "mode").unwrap_or("nearest");

@@ -9,8 +9,8 @@
 //!   (`epilogue`), the batched product (`matmul`), the microkernels per instruction set
 //!   (`x86_64/avx2.rs`, `x86_64/avx512.rs`) and the portable fallback (`portable`);
 //! - [`conv`]: pointwise, direct (phase planes), depthwise and the schedule;
-//! - element-wise functions ([`activation`], on the lanes of `simd`), [`attention`],
-//!   [`transpose`] and [`strided`] views.
+//! - element-wise functions ([`activation`], on the lanes of `simd`), [`attention`], max
+//!   pooling ([`pool`]), [`transpose`] and [`strided`] views.
 
 pub mod activation;
 pub mod attention;
@@ -20,6 +20,7 @@ mod epilogue;
 pub mod isa;
 mod matmul;
 mod pack;
+pub mod pool;
 mod portable;
 mod simd;
 pub mod strided;
