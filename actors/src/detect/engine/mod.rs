@@ -21,6 +21,7 @@ mod eval;
 mod fold;
 mod fuse;
 mod parse;
+mod shape_cache;
 #[cfg(test)]
 mod test_graphs;
 
@@ -33,6 +34,7 @@ use super::kernels::activation::UnaryFn;
 use super::kernels::conv::Conv2d;
 use super::model::{OnnxModel, TensorData, TensorValues};
 use super::views::ViewStep;
+use shape_cache::ShapeCache;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -193,6 +195,7 @@ pub struct Engine {
     constants: Vec<(usize, Tensor)>,
     input_slot: usize,
     output_slot: usize,
+    shape_cache: ShapeCache,
 }
 
 fn tensor_from_data(data: &TensorData, device: &Device) -> CResult<Tensor> {
@@ -272,7 +275,8 @@ impl Engine {
                 steps[i].release.push(slot);
             }
         }
-        Ok(Engine { target, steps, slot_count: slots.len(), constants: used_constants, input_slot, output_slot })
+        let shape_cache = ShapeCache::plan(&steps, &constant_slots.iter().copied().collect());
+        Ok(Engine { target, steps, slot_count: slots.len(), constants: used_constants, input_slot, output_slot, shape_cache })
     }
 
     pub fn device(&self) -> &Device {
@@ -291,8 +295,23 @@ impl Engine {
         for (slot, tensor) in &self.constants {
             values[*slot] = Some(tensor.clone());
         }
+        let input_dims = input.dims().to_vec();
         values[self.input_slot] = Some(input);
-        for step in &self.steps {
+        // The values that follow from the input's shape: kept from the last run of this shape,
+        // or collected during this one.
+        let cached = self.shape_cache.values_for(&input_dims);
+        let mut shape_derived = Vec::new();
+        for (slot, value) in cached.iter().flatten() {
+            values[*slot] = Some(value.clone());
+        }
+        for (index, step) in self.steps.iter().enumerate() {
+            let derived = self.shape_cache.is_derived(index);
+            if derived && cached.is_some() {
+                for slot in &step.release {
+                    values[*slot] = None;
+                }
+                continue;
+            }
             let args: Vec<Option<&Tensor>> = step.inputs.iter().map(|s| s.and_then(|s| values[s].as_ref())).collect();
             let started = profile.is_some().then(std::time::Instant::now);
             let results = eval::eval(&step.op, &args, &self.target).map_err(|e| execution_error(step, e))?;
@@ -301,12 +320,18 @@ impl Engine {
                 entry.0 += started.elapsed().as_secs_f64() * 1000.0;
                 entry.1 += 1;
             }
+            if derived {
+                shape_derived.extend(step.outputs.iter().copied().zip(results.iter().cloned()));
+            }
             for (slot, value) in step.outputs.iter().zip(results) {
                 values[*slot] = Some(value);
             }
             for slot in &step.release {
                 values[*slot] = None;
             }
+        }
+        if cached.is_none() {
+            self.shape_cache.keep(&input_dims, shape_derived);
         }
         values[self.output_slot].take().ok_or_else(|| DetectError::BadModelText("the output was never computed".into()))
     }
