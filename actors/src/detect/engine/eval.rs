@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::custom_ops::{ConvWithResidual, CpuAttention, CpuBinary, CpuMatMul, CpuMaxPool, CpuPermute, CpuSoftmax, CpuUnary, CpuUpsample};
 use super::fold::CONV_MORE_PARTS;
-use super::{AttentionViews, BinaryOp, CResult, ConvOp, Op, ReduceKind, Target, tensor_from_data};
+use super::{AttentionViews, BinaryOp, CResult, ConvOp, Op, ReduceKind, SoftmaxConvOp, Target, tensor_from_data};
 use crate::detect::kernels::activation::{Activation, UnaryFn};
 use crate::detect::kernels::pool::MaxPool;
 use crate::detect::kernels::{self, attention, packed_gemm};
@@ -111,6 +111,30 @@ fn run_chain(t: &Tensor, chain: &[ViewStep], target: &Target) -> CResult<Tensor>
         }
         _ => step.apply(&t),
     })
+}
+
+/// [`Op::SoftmaxConv`]: on the CPU in one pass over its input where the folded views leave it
+/// as NCHW with adjacent pixels; elsewhere the views, a softmax and a product with candle.
+fn softmax_conv(op: &SoftmaxConvOp, t: &Tensor, target: &Target) -> CResult<Tensor> {
+    let (channels, outputs) = (op.dot.channels(), op.dot.outputs());
+    if target.native_f32(t) {
+        let t = t.contiguous()?;
+        if let Some(view) = views::view_through(t.dims(), &op.view)?.and_then(|v| v.channels_view())
+            && view.dims[1] == channels
+        {
+            let out = with_cpu_f32(&t, |data| op.dot.run(data, &view))?;
+            let [n, _, h, w] = view.dims;
+            return Tensor::from_vec(out, (n, outputs, h, w), t.device());
+        }
+    }
+    let x = run_chain(t, &op.view, target)?;
+    let (n, c, h, w) = x.dims4()?;
+    if c != channels {
+        candle_core::bail!("a softmax and convolution over {channels} channels got {:?}", x.dims());
+    }
+    let p = candle_nn::ops::softmax(&x, 1)?.reshape((n, c, h * w))?;
+    let y = op.weight.broadcast_matmul(&p)?.broadcast_add(&op.bias.reshape((outputs, 1))?)?;
+    y.reshape((n, outputs, h, w))
 }
 
 /// [`Op::Attention`] on the CPU with its view chains folded: the operands are read where they
@@ -360,6 +384,7 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], target: &Target) -> CResul
             }
             one(run_chain(t, chain, target)?)
         }
+        Op::SoftmaxConv(op) => one(softmax_conv(op, x()?, target)?),
         Op::Attention { q_transposed, k_transposed, v_transposed, alpha, views } => {
             let operands = [x()?, input(args, 1)?, input(args, 2)?];
             if operands.iter().all(|t| target.native_f32(t))

@@ -35,6 +35,7 @@ fn view_step(step: &Step, slot: usize, constants: &HashMap<usize, Tensor>) -> Op
 /// their ends, on the CPU:
 /// - an attention step reads each operand through the chain that leads to it, and writes its
 ///   result through the reshapes and transposes that follow it, into the tensor at their end;
+/// - a fused softmax and convolution reads its input through the chain that leads to it;
 /// - any other step reading the end of a chain of two or more views that moves or splits axes
 ///   gets it from one [`Op::View`] copy instead of a copy per step.
 ///
@@ -95,6 +96,18 @@ pub(super) fn fold_views(mut steps: Vec<Step>, constants: &HashMap<usize, Tensor
                 steps[i].inputs[operand] = Some(base);
                 if let Op::Attention { views, .. } = &mut steps[i].op {
                     views.operands[operand] = chain;
+                }
+            }
+            continue;
+        }
+        if matches!(steps[i].op, Op::SoftmaxConv(_))
+            && let Some(slot) = steps[i].inputs[0]
+        {
+            let (base, chain) = chain_to(&steps, slot);
+            if !chain.is_empty() {
+                steps[i].inputs[0] = Some(base);
+                if let Op::SoftmaxConv(op) = &mut steps[i].op {
+                    op.view = chain;
                 }
             }
             continue;

@@ -1,6 +1,7 @@
 //! Fusion passes: rewrites of the ONNX node list, before it is planned, that turn chains of
 //! operators into one node the CPU kernels run in one pass (a convolution with its SiLU and
-//! residual, a scaled or transposed product, a softmax, an attention head).
+//! residual, a scaled or transposed product, a softmax, an attention head, a softmax over
+//! channels with the 1x1 convolution that reads it).
 
 use std::collections::HashMap;
 
@@ -11,6 +12,7 @@ use crate::detect::model::{Attribute, Node, TensorData, TensorValues};
 pub(super) fn fuse(nodes: &[Node], initializers: &HashMap<String, TensorData>) -> Vec<Node> {
     let nodes = fuse_conv_silu(nodes);
     let nodes = fuse_conv_residual(&nodes, initializers);
+    let nodes = fuse_softmax_conv(&nodes, initializers);
     let nodes = fuse_softmax(&nodes, initializers);
     let nodes = fuse_matmul_scale(&nodes, initializers);
     let nodes = fuse_transposed_matmul_operands(&nodes);
@@ -121,6 +123,43 @@ fn fuse_conv_residual(nodes: &[Node], initializers: &HashMap<String, TensorData>
         node.outputs = add.outputs.clone();
         // In the Add's place: after both the convolution's input and the residual exist.
         Some((node, vec![ci]))
+    })
+}
+
+/// Rewrites `p = Softmax(x, axis=1); y = Conv(p)` into one `streamdet.SoftmaxConv(x, W, B)` when
+/// the convolution is 1x1 with one group, unit strides and dilations, no padding, activation or
+/// residual, and `p` is used nowhere else: the distribution-focal-loss decoding of YOLO heads,
+/// which [`softmax_dot`](crate::detect::kernels::softmax_dot) runs in one pass.
+fn fuse_softmax_conv(nodes: &[Node], initializers: &HashMap<String, TensorData>) -> Vec<Node> {
+    let (uses, producer) = uses_and_producers(nodes);
+    fuse_each(nodes, |conv, dropped| {
+        if conv.op_type != "Conv" || conv.inputs.len() > 3 || conv.attributes.contains_key("streamdet.activation") {
+            return None;
+        }
+        let p = conv.inputs.first()?.as_str();
+        let &si = producer.get(p)?;
+        let softmax = &nodes[si];
+        let every = |name: &str, value: i64| match conv.attributes.get(name) {
+            None => true,
+            Some(Attribute::Ints(v)) => v.iter().all(|&x| x == value),
+            Some(_) => false,
+        };
+        let fits = softmax.op_type == "Softmax"
+            && matches!(softmax.attributes.get("axis"), Some(Attribute::Int(1)))
+            && uses.get(p) == Some(&1)
+            && !dropped[si]
+            && conv.inputs.get(1).and_then(|w| initializers.get(w)).is_some_and(|w| w.shape.len() == 4 && w.shape[2..] == [1, 1])
+            && conv.inputs.get(2).is_none_or(|b| b.is_empty() || initializers.contains_key(b))
+            && matches!(conv.attributes.get("group"), None | Some(Attribute::Int(1)))
+            && every("strides", 1)
+            && every("dilations", 1)
+            && every("pads", 0);
+        if !fits {
+            return None;
+        }
+        let inputs = std::iter::once(softmax.inputs.first()?.clone()).chain(conv.inputs[1..].iter().cloned()).collect();
+        let node = Node { name: conv.name.clone(), op_type: "streamdet.SoftmaxConv".into(), inputs, outputs: conv.outputs.clone(), attributes: HashMap::new() };
+        Some((node, vec![si]))
     })
 }
 
@@ -322,6 +361,43 @@ pub(super) mod tests {
             let y = candle_conv(&x, &w, &b, 1);
             assert_close(&got, &(&y * candle_nn::ops::sigmoid(&y).unwrap()).unwrap());
         }
+    }
+
+    #[test]
+    fn channel_softmax_then_1x1_conv_becomes_one_step_that_reads_through_views() {
+        // The DFL decoding: logits `[1, 64, 9]` seen as `[1, 16 bins, 4 sides, 9]`, a softmax
+        // over the bins, and a convolution that weights each bin by its index (plus a second
+        // output with a bias, to cover the general case).
+        let w = TensorData { shape: vec![2, 16, 1, 1], values: TensorValues::F32((0..32).map(|i| (i % 16) as f32 + (i / 16) as f32 * 0.5).collect()) };
+        let b = TensorData { shape: vec![2], values: TensorValues::F32(vec![0.0, -0.25]) };
+        let nodes = vec![
+            node("Reshape", &["x", "shape"], &["r"], &[]),
+            node("Transpose", &["r"], &["t"], &[("perm", perm(&[0, 2, 1, 3]))]),
+            node("Softmax", &["t"], &["p"], &[("axis", Attribute::Int(1))]),
+            node("Conv", &["p", "w", "b"], &["out"], &[("kernel_shape", perm(&[1, 1]))]),
+        ];
+        let initializers = [("shape", ints(&[1, 4, 16, 9])), ("w", w.clone()), ("b", b.clone())];
+        let fused = fuse(&nodes, &initializers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect());
+        assert_eq!(op_types(&fused), ["Reshape", "Transpose", "streamdet.SoftmaxConv"]);
+
+        let x = input(&[1, 64, 9]);
+        let (engine, got) = plan_and_run(&model(nodes, &initializers), &x);
+        // The views fold into the fused step, which reads `x` where it lies.
+        assert_eq!(engine.steps.iter().map(|s| s.op_type.as_str()).collect::<Vec<_>>(), ["streamdet.SoftmaxConv"]);
+        let t = x.reshape((1, 4, 16, 9)).unwrap().permute((0, 2, 1, 3)).unwrap().contiguous().unwrap();
+        let want = candle_conv(&candle_nn::ops::softmax(&t, 1).unwrap(), &w, &b, 0);
+        assert_close(&got, &want);
+    }
+
+    #[test]
+    fn a_softmax_over_another_axis_or_a_wider_conv_is_left_alone() {
+        let conv = |kernel: &str| node("Conv", &["p", kernel], &["out"], &[]);
+        let initializers: HashMap<String, TensorData> =
+            [("w1", floats(&[1, 16, 1, 1], 1)), ("w3", floats(&[1, 16, 3, 3], 2))].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let softmax = |axis: i64| node("Softmax", &["x"], &["p"], &[("axis", Attribute::Int(axis))]);
+        assert_eq!(op_types(&fuse_softmax_conv(&[softmax(-1), conv("w1")], &initializers)), ["Softmax", "Conv"]);
+        assert_eq!(op_types(&fuse_softmax_conv(&[softmax(1), conv("w3")], &initializers)), ["Softmax", "Conv"]);
+        assert_eq!(op_types(&fuse_softmax_conv(&[softmax(1), conv("w1")], &initializers)), ["streamdet.SoftmaxConv"]);
     }
 
     #[test]

@@ -32,6 +32,7 @@ use candle_core::{DType, Device, Tensor};
 use super::DetectError;
 use super::kernels::activation::UnaryFn;
 use super::kernels::conv::Conv2d;
+use super::kernels::softmax_dot::SoftmaxDot;
 use super::model::{OnnxModel, TensorData, TensorValues};
 use super::views::ViewStep;
 use shape_cache::ShapeCache;
@@ -108,6 +109,7 @@ enum Op {
         alpha: f32,
         views: Box<AttentionViews>,
     },
+    SoftmaxConv(Box<SoftmaxConvOp>),
     /// The end of a chain of views, copied out of the tensor the chain starts from in one pass.
     View(Vec<ViewStep>),
     Reduce {
@@ -148,6 +150,17 @@ struct Step {
 
 /// Milliseconds and step count per operator type, from [`Engine::run_profiled`].
 pub type OpProfile = std::collections::BTreeMap<String, (f64, usize)>;
+
+/// A softmax over channels and the 1x1 convolution that reads it, as one step
+/// ([`fuse::fuse_softmax_conv`]); `view` is the chain of views folded into its input.
+#[derive(Debug)]
+struct SoftmaxConvOp {
+    dot: SoftmaxDot,
+    view: Vec<ViewStep>,
+    /// `[outputs, channels]` and `[outputs]` on the execution device, for the candle path.
+    weight: Tensor,
+    bias: Tensor,
+}
 
 /// The view chains folded into an attention step: per operand, from the tensor the step reads
 /// to the operand; and from the step's result to the tensor it produces.

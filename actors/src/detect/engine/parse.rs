@@ -5,11 +5,12 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
 
-use super::{BinaryOp, ConvOp, Op, ReduceKind, Target};
+use super::{BinaryOp, ConvOp, Op, ReduceKind, SoftmaxConvOp, Target};
 use crate::detect::DetectError;
 use crate::detect::kernels::activation::{Activation, UnaryFn};
 use crate::detect::kernels::conv::{Conv2d, ConvSpec};
 use crate::detect::kernels::pool::MaxPool;
+use crate::detect::kernels::softmax_dot::SoftmaxDot;
 use crate::detect::model::{Attribute, Node, TensorData, TensorValues};
 
 fn unsupported(node: &Node, what: impl std::fmt::Display) -> DetectError {
@@ -117,6 +118,7 @@ pub(super) fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, 
             b_transposed: attr_int(node, "streamdet.transpose_b", 0)? != 0,
             alpha: scale_attribute(node),
         },
+        "streamdet.SoftmaxConv" => Op::SoftmaxConv(Box::new(parse_softmax_conv(node, initializers, target)?)),
         "streamdet.Attention" => Op::Attention {
             q_transposed: attr_int(node, "streamdet.transpose_q", 0)? != 0,
             k_transposed: attr_int(node, "streamdet.transpose_k", 0)? != 0,
@@ -167,6 +169,28 @@ pub(super) fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, 
         "Identity" => Op::Identity,
         _ => return Err(unsupported(node, "operator not supported")),
     })
+}
+
+/// A fused softmax and 1x1 convolution ([`fuse`](super::fuse)): inputs `x`, the weights
+/// `[outputs, channels, 1, 1]` and optionally the biases, both constant.
+fn parse_softmax_conv(node: &Node, initializers: &HashMap<String, TensorData>, target: &Target) -> Result<SoftmaxConvOp, DetectError> {
+    let constant = |i: usize| node.inputs.get(i).filter(|n| !n.is_empty()).and_then(|n| initializers.get(n));
+    let Some(TensorData { shape, values: TensorValues::F32(weights) }) = constant(1) else {
+        return Err(unsupported(node, "weights must be a constant float tensor"));
+    };
+    let (outputs, channels) = match shape.as_slice() {
+        &[o, c, 1, 1] => (o, c),
+        other => return Err(unsupported(node, format!("weights of {other:?} are not 1x1"))),
+    };
+    let bias = match constant(2) {
+        None => vec![0.0; outputs],
+        Some(TensorData { values: TensorValues::F32(b), .. }) => b.clone(),
+        Some(_) => return Err(unsupported(node, "bias must be a constant float vector")),
+    };
+    let on_device = |values: &[f32], dims: &[usize]| Tensor::from_vec(values.to_vec(), dims, &target.device).map_err(DetectError::from_candle);
+    let (weight, bias_tensor) = (on_device(weights, &[outputs, channels])?, on_device(&bias, &[outputs])?);
+    let dot = SoftmaxDot::new(weights.clone(), bias, channels).ok_or_else(|| unsupported(node, "weights and biases disagree"))?;
+    Ok(SoftmaxConvOp { dot, view: Vec::new(), weight, bias: bias_tensor })
 }
 
 fn parse_conv(node: &Node, initializers: &HashMap<String, TensorData>, target: &Target) -> Result<ConvOp, DetectError> {

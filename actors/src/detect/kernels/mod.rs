@@ -10,7 +10,8 @@
 //!   (`x86_64/avx2.rs`, `x86_64/avx512.rs`) and the portable fallback (`portable`);
 //! - [`conv`]: pointwise, direct (phase planes), depthwise and the schedule;
 //! - element-wise functions ([`activation`], on the lanes of `simd`), [`attention`], max
-//!   pooling ([`pool`]), [`transpose`] and [`strided`] views.
+//!   pooling ([`pool`]), a channel softmax with a 1x1 convolution ([`softmax_dot`]),
+//!   [`transpose`] and [`strided`] views.
 
 pub mod activation;
 pub mod attention;
@@ -23,6 +24,7 @@ mod pack;
 pub mod pool;
 mod portable;
 mod simd;
+pub mod softmax_dot;
 pub mod strided;
 mod tiling;
 pub mod transpose;

@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use super::attention::MatrixBatch;
+use super::softmax_dot::ChannelsView;
 
 /// One run of elements at a fixed distance: `size` of them, `stride` floats apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +146,19 @@ impl StridedView {
             (rows.size, cols.size),
             (rows.stride, cols.stride),
         )
+    }
+
+    /// The view as an NCHW input whose rows are runs of adjacent floats; `None` unless it has
+    /// four axes, each a single run, the last of stride one.
+    pub fn channels_view(&self) -> Option<ChannelsView> {
+        let [n, c, h, w] = self.axes.as_slice() else { return None };
+        let [n, c, h, w] = [n, c, h, w].map(|runs| Self::single_run(runs));
+        let (n, c, h, w) = (n?, c?, h?, w?);
+        (w.stride == 1 || w.size == 1).then_some(ChannelsView {
+            offset: self.offset,
+            dims: [n.size, c.size, h.size, w.size],
+            strides: [n.stride, c.stride, h.stride],
+        })
     }
 
     /// The runs of all axes in order, neighbours that nest merged into one.
