@@ -15,8 +15,9 @@
 //! few pixels.
 //!
 //! One file per way of running a convolution: [`pointwise`] (1x1 on packed tiles, and every
-//! shape on the portable path with [`im2col`]), [`direct`] (in place over stride-phase planes)
-//! and [`depthwise`]; [`schedule`] splits the work into tasks. The input is read through
+//! shape on the portable path with [`im2col`]), [`direct`] (in place over stride-phase planes),
+//! [`depthwise`], and on x86-64 Winograd's, the pixel tiles and the stem (a model's first
+//! layer); [`schedule`] splits the work into tasks. The input is read through
 //! [`input`].
 
 mod depthwise;
@@ -27,6 +28,8 @@ mod input;
 mod pixel_tiles;
 mod pointwise;
 mod schedule;
+#[cfg(target_arch = "x86_64")]
+mod stem;
 #[cfg(target_arch = "x86_64")]
 mod winograd;
 
@@ -93,6 +96,10 @@ pub struct Conv2d {
     /// and the microkernel suit it ([`pixel_tiles::PixelTiles::applies`]).
     #[cfg(target_arch = "x86_64")]
     pixel_tiles: Option<pixel_tiles::PixelTiles>,
+    /// The weights for the stem kernel, when the shape and the microkernel suit it
+    /// ([`stem::Stem::applies`]).
+    #[cfg(target_arch = "x86_64")]
+    stem: Option<stem::Stem>,
 }
 
 impl Conv2d {
@@ -135,6 +142,8 @@ impl Conv2d {
             winograd: None,
             #[cfg(target_arch = "x86_64")]
             pixel_tiles: None,
+            #[cfg(target_arch = "x86_64")]
+            stem: None,
         })
     }
 
@@ -184,6 +193,7 @@ impl Conv2d {
         {
             self.winograd = winograd::Winograd::applies(&self.spec).then(|| winograd::Winograd::new(isa, &self.spec, &self.weights));
             self.pixel_tiles = pixel_tiles::PixelTiles::applies(&self.spec).then(|| pixel_tiles::PixelTiles::new(isa, &self.spec, &self.weights, &self.bias));
+            self.stem = stem::Stem::applies(&self.spec, isa).then(|| stem::Stem::new(&self.spec, &self.weights, &self.bias));
         }
         self
     }
@@ -241,6 +251,14 @@ impl Conv2d {
         // is a pass through memory of its own.
         let mut out: Vec<f32> = Vec::with_capacity(len);
         let spare = &mut out.spare_capacity_mut()[..len];
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(stem), None) = (&self.stem, residual) {
+            self.run_stem(stem, input, oh, ow, spare);
+            // SAFETY: each task writes every pixel of its output rows of every channel, and the
+            // tasks cover the rows of every image.
+            unsafe { out.set_len(len) };
+            return out;
+        }
         #[cfg(target_arch = "x86_64")]
         if let Some(winograd) = self.runs_winograd(n, oh, ow) {
             self.run_winograd(winograd, input, oh, ow, residual, spare);
