@@ -9,6 +9,9 @@ use super::super::activation::bias_activation;
 use super::super::isa::Isa;
 use super::{Conv2d, add_assign, zeroed};
 
+/// Output pixels below which a task takes several planes.
+const SMALL_TASK_PIXELS: usize = 4096;
+
 impl Conv2d {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn run_depthwise(&self, input: &[f32], h: usize, w: usize, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
@@ -20,19 +23,26 @@ impl Conv2d {
         let wp = w + pl + pr;
         let offsets: Vec<usize> = (0..kh * kw).map(|t| t / kw * wp + t % kw).collect();
         let offsets = &offsets;
-        out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane_index, dst)| {
-            let plane = Plane { c: plane_index % channels, src: &input[plane_index * h * w..][..h * w], h, w, oh, ow, offsets };
-            let dst = match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the CPU supports AVX-512F (`Isa::detect` checked it).
-                Some(Isa::Avx512) => unsafe { depthwise_plane_avx512(self, plane, dst) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the CPU supports AVX2 and FMA (`Isa::detect` checked it).
-                Some(Isa::Avx2) => unsafe { depthwise_plane_avx2(self, plane, dst) },
-                _ => depthwise_plane(self, plane, dst),
-            };
-            if let Some(residual) = residual {
-                add_assign(dst, &residual[plane_index * oh * ow..][..oh * ow]);
+        // Small planes several to a task: one 20x20 plane per task spent about as long on the
+        // handing out as on the plane.
+        let planes = out.len() / (oh * ow).max(1);
+        let per_task = (SMALL_TASK_PIXELS / (oh * ow).max(1)).min(planes.div_ceil(8 * rayon::current_num_threads())).max(1);
+        out.par_chunks_mut(per_task * oh * ow).enumerate().for_each(|(task, dsts)| {
+            for (i, dst) in dsts.chunks_exact_mut(oh * ow).enumerate() {
+                let plane_index = task * per_task + i;
+                let plane = Plane { c: plane_index % channels, src: &input[plane_index * h * w..][..h * w], h, w, oh, ow, offsets };
+                let dst = match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the CPU supports AVX-512F (`Isa::detect` checked it).
+                    Some(Isa::Avx512) => unsafe { depthwise_plane_avx512(self, plane, dst) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the CPU supports AVX2 and FMA (`Isa::detect` checked it).
+                    Some(Isa::Avx2) => unsafe { depthwise_plane_avx2(self, plane, dst) },
+                    _ => depthwise_plane(self, plane, dst),
+                };
+                if let Some(residual) = residual {
+                    add_assign(dst, &residual[plane_index * oh * ow..][..oh * ow]);
+                }
             }
         });
     }

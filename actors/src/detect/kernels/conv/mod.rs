@@ -480,6 +480,7 @@ mod tests {
         check(8, 8, 8, 5, 1, 0, 1, 9, 12); // depthwise without padding
         check(24, 24, 24, 3, 1, 1, 2, 12, 37); // depthwise, rows in whole blocks of 4
         check(16, 16, 16, 7, 1, 3, 1, 8, 70); // depthwise 7x7, rows in whole blocks, wide rows
+        check(17, 17, 17, 3, 1, 1, 1, 6, 6); // depthwise, small planes not a multiple of a task's
         check(8, 8, 2, 3, 1, 1, 1, 6, 6); // grouped
         check(64, 128, 1, 3, 2, 1, 1, 5, 5); // small late layer: split channels
         check(24, 40, 1, 3, 1, 1, 2, 7, 21); // stride 1 in place: rows not a multiple of 16, batch 2
