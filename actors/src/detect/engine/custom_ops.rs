@@ -113,9 +113,8 @@ fn zip_into(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32
     out
 }
 
-/// A copy of `input` made in parallel pieces, each of which `then` updates in place while it
-/// is in cache. A fresh output's pages are faulted in by the first pass over it: on one
-/// thread (`to_vec`), that pass took as long as the head's sigmoid itself.
+/// A copy of `input` made in parallel pieces (`to_vec` copies on one thread), each of which
+/// `then` updates in place while it is in cache.
 fn copy_then(input: &[f32], then: impl Fn(&mut [f32]) + Sync) -> Vec<f32> {
     let mut out = vec![0.0; input.len()];
     out.par_chunks_mut(ELEMENTWISE_CHUNK).zip(input.par_chunks(ELEMENTWISE_CHUNK)).for_each(|(out, input)| {

@@ -78,7 +78,7 @@ impl ShapeCache {
 /// The inputs of `op` that set the shape of its output.
 fn shape_arguments(op: &Op) -> std::ops::Range<usize> {
     match op {
-        Op::Reshape | Op::Expand | Op::Split { .. } | Op::Unsqueeze { .. } => 1..2,
+        Op::Reshape | Op::Expand | Op::Split { .. } | Op::Unsqueeze { .. } | Op::Reduce { .. } => 1..2,
         Op::Slice | Op::ResizeNearest => 1..usize::MAX,
         Op::Range | Op::ConstantOfShape { .. } => 0..usize::MAX,
         _ => 0..0,
