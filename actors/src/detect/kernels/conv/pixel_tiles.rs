@@ -254,18 +254,23 @@ impl Conv2d {
                 }
                 Reading::InPlace { stride, interior } => {
                     let pl = self.spec.pads.1;
+                    let planes: Vec<*const f32> = (0..cin).map(|c| input.plane(batch, c).as_ptr()).collect();
                     let mut taps = vec![zeros.as_ptr(); cin * kh * kw];
                     for oy in task_runs.clone() {
                         // Tap (c, ky, kx) of output column `ox` is input column
                         // `ox * stride - pl + kx * dw` of row `oy * sh - pt + ky * dh`: the row's
-                        // start plus `kx * dw` here, plus `ox * stride - pl` in the run.
-                        for (kk, tap) in taps.iter_mut().enumerate() {
-                            let (c, ky, kx) = (kk / (kh * kw), kk / kw % kh, kk % kw);
-                            let y = (oy * sh + ky * dh).checked_sub(pt).filter(|&y| y < h);
-                            *tap = match y {
-                                Some(y) => input.plane(batch, c).as_ptr().wrapping_add(y * w + kx * dw),
-                                None => zeros.as_ptr(),
-                            };
+                        // start plus `kx * dw` here, plus `ox * stride - pl` in the run. Built
+                        // without dividing `kk`: the three divisions per tap and row took 8 % of
+                        // 64 -> 64 channels from 160x160 (one thread, 2.09-2.15 ms before,
+                        // 1.93-2.01 after; 16 -> 32 from 320x320 1.26-1.30 before, 1.18 after).
+                        let mut tap = taps.iter_mut();
+                        for &plane in &planes {
+                            for ky in 0..kh {
+                                let row = (oy * sh + ky * dh).checked_sub(pt).filter(|&y| y < h).map(|y| plane.wrapping_add(y * w));
+                                for (kx, tap) in tap.by_ref().take(kw).enumerate() {
+                                    *tap = row.map_or(zeros.as_ptr(), |row| row.wrapping_add(kx * dw));
+                                }
+                            }
                         }
                         for panel in task_panels.clone() {
                             run(&taps, interior.start * stride - pl, *stride, interior.len(), at(panel, oy * ow + interior.start), panel, scratch);
