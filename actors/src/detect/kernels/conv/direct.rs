@@ -7,6 +7,8 @@ use rayon::prelude::*;
 
 use super::super::SendPtr;
 use super::super::isa::{Isa, MAX_NR};
+#[cfg(target_arch = "x86_64")]
+use super::super::x86_64;
 use super::super::{cache, tiling};
 use super::schedule::{self, SCRATCH};
 use super::{Conv2d, ConvInput, add_assign, zeroed};
@@ -239,13 +241,50 @@ fn zero_phase_padding(dst: &mut [MaybeUninit<f32>], layout: &PhaseLayout) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn split_phases_avx2(dst: &mut [MaybeUninit<f32>], src: &[f32], layout: &PhaseLayout) {
-    split_phases(dst, src, layout)
+    match layout.sw {
+        4 => split_phases_by_4(dst, src, layout, 32, |row, out, places| x86_64::avx2::split_row_by_4(row, out, places)),
+        _ => split_phases(dst, src, layout),
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn split_phases_avx512(dst: &mut [MaybeUninit<f32>], src: &[f32], layout: &PhaseLayout) {
-    split_phases(dst, src, layout)
+    match layout.sw {
+        4 => split_phases_by_4(dst, src, layout, 64, |row, out, places| x86_64::avx512::split_row_by_4(row, out, places)),
+        _ => split_phases(dst, src, layout),
+    }
+}
+
+/// [`split_phases`] for stride 4 along rows (Winograd's planes), a row at a time through
+/// `split_row`, which deinterleaves `chunk` columns at once with vector permutes. The plain
+/// loop went one float at a time, with divisions: 4.6 % of YOLO11n's time.
+///
+/// Each row is first copied between its padding (`pl` zeros before it, zeros after it up to a
+/// whole number of chunks), so that every place of its four phase rows, padding included,
+/// comes out of whole chunks; the padding's places get the zeros `zero_phase_padding` also
+/// writes there.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn split_phases_by_4(
+    dst: &mut [MaybeUninit<f32>],
+    src: &[f32],
+    layout: &PhaseLayout,
+    chunk: usize,
+    split_row: impl Fn(&[f32], [&mut [MaybeUninit<f32>]; 4], usize),
+) {
+    let &PhaseLayout { w, pt, pl, sh, sw, plane, wp, .. } = layout;
+    assert!(sw == 4 && pl + w <= 4 * wp, "every pixel of a row falls inside its phase rows");
+    let mut padded = vec![0.0f32; (4 * wp).next_multiple_of(chunk)];
+    for (y, row) in src.chunks_exact(w).enumerate() {
+        let (py, y2) = ((y + pt) % sh, (y + pt) / sh);
+        padded[pl..pl + w].copy_from_slice(row);
+        // The four phase rows lie in consecutive planes, `plane` floats apart.
+        let (_, rest) = dst.split_at_mut(py * sw * plane + y2 * wp);
+        let mut planes = rest.chunks_mut(plane);
+        let out = std::array::from_fn(|_| &mut planes.next().expect("four phase planes")[..wp]);
+        split_row(&padded, out, wp);
+    }
 }
 
 /// Copies one channel (`src`, rows of `w`) into its phase planes (`dst`): pixel
@@ -300,14 +339,30 @@ mod tests {
 
     #[test]
     fn padding_and_pixels_fill_every_phase_plane() {
-        for (h, w, pad, stride) in [(7usize, 9usize, 1usize, 2usize), (8, 6, 0, 2), (5, 5, 2, 3), (6, 7, 1, 1), (4, 4, 3, 2)] {
-            let (hp, wp) = ((h + 2 * pad).div_ceil(stride), (w + 2 * pad).div_ceil(stride));
+        type Split = fn(&mut [MaybeUninit<f32>], &[f32], &PhaseLayout);
+        let mut splits: Vec<(&str, Split)> = vec![("plain", split_phases)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY (both): called only where the CPU has the feature.
+            if Isa::Avx2.supported() {
+                splits.push(("avx2", |d, s, l| unsafe { split_phases_avx2(d, s, l) }));
+            }
+            if Isa::Avx512.supported() {
+                splits.push(("avx512", |d, s, l| unsafe { split_phases_avx512(d, s, l) }));
+            }
+        }
+        // (h, w, pad, stride, places past the last pixel's): stride 4 as Winograd lays it out
+        // (one place more), with rows of one, two and three chunks of the vector splitters.
+        let cases = [(7usize, 9usize, 1usize, 2usize, 0usize), (8, 6, 0, 2, 0), (5, 5, 2, 3, 0), (6, 7, 1, 1, 0), (4, 4, 3, 2, 0)];
+        let by_4 = [(9, 9, 1, 4, 1), (6, 20, 1, 4, 1), (5, 83, 1, 4, 1), (3, 160, 1, 4, 1), (4, 30, 0, 4, 0), (5, 7, 2, 4, 2)];
+        for ((h, w, pad, stride, extra), (name, split)) in cases.into_iter().chain(by_4).flat_map(|case| splits.iter().map(move |&s| (case, s))) {
+            let (hp, wp) = ((h + 2 * pad).div_ceil(stride) + extra, (w + 2 * pad).div_ceil(stride) + extra);
             let layout = PhaseLayout { h, w, pt: pad, pl: pad, sh: stride, sw: stride, plane: hp * wp, hp, wp };
             let src: Vec<f32> = (1..=h * w).map(|i| i as f32).collect();
             // NaN stands for memory nobody wrote.
             let mut dst = vec![MaybeUninit::new(f32::NAN); stride * stride * hp * wp];
             zero_phase_padding(&mut dst, &layout);
-            split_phases(&mut dst, &src, &layout);
+            split(&mut dst, &src, &layout);
             // SAFETY: every element was initialised (with NaN) when the vector was made.
             let planes: Vec<f32> = dst.iter().map(|v| unsafe { v.assume_init() }).collect();
             for (i, &v) in planes.iter().enumerate() {
@@ -315,7 +370,7 @@ mod tests {
                 let (y, x) = ((y2 * stride + phase / stride) as isize - pad as isize, (x2 * stride + phase % stride) as isize - pad as isize);
                 let inside = (0..h as isize).contains(&y) && (0..w as isize).contains(&x);
                 let want = if inside { src[y as usize * w + x as usize] } else { 0.0 };
-                assert_eq!(v, want, "{h}x{w} pad {pad} stride {stride}: phase {phase} ({y2}, {x2})");
+                assert_eq!(v, want, "{name}: {h}x{w} pad {pad} stride {stride}: phase {phase} ({y2}, {x2})");
             }
         }
     }

@@ -264,6 +264,50 @@ pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const 
     }
 }
 
+/// Deinterleaves `row` by 4: place `i` of `out[p]` gets `row[4 i + p]`, for the first `places`
+/// places of each. 32 columns at a time: a permute pairs each register's columns by phase
+/// (`[0, 4, 1, 5, 2, 6, 3, 7]`), 64-bit unpacks join the pairs of two registers, and 128-bit
+/// permutes join two registers' halves. Panics unless `row` is whole chunks of 32 that cover
+/// the places and each `out` holds them.
+#[target_feature(enable = "avx2")]
+pub(in super::super) fn split_row_by_4(row: &[f32], mut out: [&mut [std::mem::MaybeUninit<f32>]; 4], places: usize) {
+    assert!(row.len().is_multiple_of(32) && places <= row.len() / 4 && out.iter().all(|o| o.len() >= places), "split_row_by_4 bounds");
+    let by_phase = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (chunk, columns) in row.chunks_exact(32).enumerate() {
+        let first = chunk * 8;
+        if first >= places {
+            break;
+        }
+        // SAFETY: `columns` holds 32 floats; a full store writes places `first..first + 8`,
+        // which each `out` holds when `places - first >= 8` (checked above).
+        unsafe {
+            // Each register as four 64-bit pairs, pair `p` holding phase `p`.
+            let [a, b, c, d] = std::array::from_fn(|i| _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_loadu_ps(columns.as_ptr().add(8 * i)), by_phase)));
+            // `[a0, b0 | a2, b2]` and `[a1, b1 | a3, b3]` (pairs by phase), and the same of c, d.
+            let (ab_02, ab_13) = (_mm256_unpacklo_pd(a, b), _mm256_unpackhi_pd(a, b));
+            let (cd_02, cd_13) = (_mm256_unpacklo_pd(c, d), _mm256_unpackhi_pd(c, d));
+            let phases = [
+                _mm256_permute2f128_pd::<0x20>(ab_02, cd_02),
+                _mm256_permute2f128_pd::<0x20>(ab_13, cd_13),
+                _mm256_permute2f128_pd::<0x31>(ab_02, cd_02),
+                _mm256_permute2f128_pd::<0x31>(ab_13, cd_13),
+            ];
+            for (out, phase) in out.iter_mut().zip(phases) {
+                let phase = _mm256_castpd_ps(phase);
+                if places - first >= 8 {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(first).cast::<f32>(), phase);
+                } else {
+                    let mut values = [0.0f32; 8];
+                    _mm256_storeu_ps(values.as_mut_ptr(), phase);
+                    for (o, &v) in out[first..places].iter_mut().zip(&values) {
+                        o.write(v);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The transpose of an 8x8 block: row `i` of the result holds element `i` of every input row.
 /// Pairs, then quads within each 128-bit half; then the halves across registers.
 #[target_feature(enable = "avx2")]

@@ -290,6 +290,41 @@ pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const 
     }
 }
 
+/// Deinterleaves `row` by 4: place `i` of `out[p]` gets `row[4 i + p]`, for the first `places`
+/// places of each. 64 columns at a time: two permutes gather phases 0 and 1 (2 and 3) of 32
+/// columns into the halves of a register, and a 128-bit shuffle joins two such halves.
+/// Panics unless `row` is whole chunks of 64 that cover the places and each `out` holds them.
+#[target_feature(enable = "avx512f")]
+pub(in super::super) fn split_row_by_4(row: &[f32], mut out: [&mut [std::mem::MaybeUninit<f32>]; 4], places: usize) {
+    assert!(row.len().is_multiple_of(64) && places <= row.len() / 4 && out.iter().all(|o| o.len() >= places), "split_row_by_4 bounds");
+    let phases_01 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+    let phases_23 = _mm512_add_epi32(phases_01, _mm512_set1_epi32(2));
+    for (chunk, columns) in row.chunks_exact(64).enumerate() {
+        let first = chunk * 16;
+        if first >= places {
+            break;
+        }
+        // SAFETY: `columns` holds 64 floats; place `first + 15` at most is stored, masked to
+        // the `places` that each `out` holds (checked above).
+        unsafe {
+            let [a, b, c, d] = std::array::from_fn(|i| _mm512_loadu_ps(columns.as_ptr().add(16 * i)));
+            let (ab_01, cd_01) = (_mm512_permutex2var_ps(a, phases_01, b), _mm512_permutex2var_ps(c, phases_01, d));
+            let (ab_23, cd_23) = (_mm512_permutex2var_ps(a, phases_23, b), _mm512_permutex2var_ps(c, phases_23, d));
+            let phases = [
+                _mm512_shuffle_f32x4::<0x44>(ab_01, cd_01),
+                _mm512_shuffle_f32x4::<0xEE>(ab_01, cd_01),
+                _mm512_shuffle_f32x4::<0x44>(ab_23, cd_23),
+                _mm512_shuffle_f32x4::<0xEE>(ab_23, cd_23),
+            ];
+            let lanes = (places - first).min(16);
+            let mask = ((1u32 << lanes) - 1) as __mmask16;
+            for (out, phase) in out.iter_mut().zip(phases) {
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(first).cast::<f32>(), mask, phase);
+            }
+        }
+    }
+}
+
 /// The transpose of a 16x16 block: row `i` of the result holds element `i` of every input row.
 /// Pairs, then quads within each 128-bit block; then the 128-bit blocks across registers.
 #[target_feature(enable = "avx512f")]
