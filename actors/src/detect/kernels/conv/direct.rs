@@ -343,11 +343,12 @@ mod tests {
         let mut splits: Vec<(&str, Split)> = vec![("plain", split_phases)];
         #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY (both): called only where the CPU has the feature.
             if Isa::Avx2.supported() {
+                // SAFETY: pushed only where the CPU has AVX2.
                 splits.push(("avx2", |d, s, l| unsafe { split_phases_avx2(d, s, l) }));
             }
             if Isa::Avx512.supported() {
+                // SAFETY: pushed only where the CPU has AVX-512F.
                 splits.push(("avx512", |d, s, l| unsafe { split_phases_avx512(d, s, l) }));
             }
         }
