@@ -223,7 +223,7 @@ pub(in super::super) unsafe fn gather_rows(src: *const f32, offsets: &[usize], d
 }
 
 /// One tile of a pixel-major convolution: `P <= 16` consecutive output pixels times `16 NV`
-/// output channels (`NV` registers per pixel: 16 x 16 tiles for narrow layers, 10 or 14 x 32
+/// output channels (`NV` registers per pixel: 16 x 16 tiles for narrow layers, 10 or 12 x 32
 /// for the others). Each input value is a broadcast operand, read where it lies: tap `kk` of
 /// pixel `j` is `taps[kk][at + j * SX]` (`SX` is the convolution's stride along rows when it
 /// reads its input in place, 1 otherwise). Each accumulator holds 16 channels of one pixel, so
