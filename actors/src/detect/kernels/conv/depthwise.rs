@@ -5,7 +5,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::super::activation::bias_activation;
+use super::super::activation::{Activation, bias_activation};
 use super::super::isa::Isa;
 use super::{Conv2d, add_assign, zeroed};
 
@@ -76,23 +76,22 @@ fn depthwise_plane_avx512<'a>(conv: &Conv2d, plane: Plane<'_>, dst: &'a mut [May
 /// One channel of a depthwise convolution into `dst`, which it initialises and returns.
 #[inline(always)]
 fn depthwise_plane<'a>(conv: &Conv2d, plane: Plane<'_>, dst: &'a mut [MaybeUninit<f32>]) -> &'a mut [f32] {
-    let dst = if conv.spec.stride == (1, 1) && conv.spec.dilation == (1, 1) {
-        depthwise_plane_flat(conv, plane, dst)
-    } else {
-        let dst = zeroed(dst);
-        depthwise_plane_rows(conv, plane, dst);
-        dst
-    };
+    if conv.spec.stride == (1, 1) && conv.spec.dilation == (1, 1) {
+        return depthwise_plane_flat(conv, plane, dst);
+    }
+    let dst = zeroed(dst);
+    depthwise_plane_rows(conv, plane, dst);
     bias_activation(dst, conv.bias[plane.c], conv.spec.activation);
     dst
 }
 
-/// A stride-1 depthwise convolution of one channel over the flattened plane. The plane is
-/// copied once into a zero-padded buffer of width `wp`; output pixel `(oy, ox)` is then
-/// computed at `oy * wp + ox` of an accumulator laid out like the padded plane, where tap
-/// `(ky, kx)` reads the padded plane `ky * wp + kx` further on. So every output is the same
-/// sum of taps at fixed offsets, one vector of outputs at a time (the `wp - ow` columns past
-/// each row are computed and dropped), without bounds per row.
+/// A stride-1 depthwise convolution of one channel, with its bias and activation. The plane
+/// is copied once into a zero-padded buffer of width `wp`, where tap `(ky, kx)` of output
+/// pixel `(oy, ox)` is at `(oy + ky) * wp + ox + kx`. Blocks of rows go straight into `dst`
+/// ([`accumulate_row_blocks`]); the rows left over are computed over the flattened plane
+/// into an accumulator laid out like the padded plane (output `(oy, ox)` at `oy * wp + ox`),
+/// so that every output is the same sum of taps at fixed offsets, one vector at a time (the
+/// `wp - ow` columns past each row are computed and dropped), without bounds per row.
 #[inline(always)]
 fn depthwise_plane_flat<'a>(conv: &Conv2d, plane: Plane<'_>, dst: &'a mut [MaybeUninit<f32>]) -> &'a mut [f32] {
     let Plane { c, src, h, w, oh, ow, offsets } = plane;
@@ -100,7 +99,7 @@ fn depthwise_plane_flat<'a>(conv: &Conv2d, plane: Plane<'_>, dst: &'a mut [Maybe
     let (pt, pl, pb, pr) = conv.spec.pads;
     let (hp, wp) = (h + pt + pb, w + pl + pr);
     let weights = &conv.weights[c * kh * kw..][..kh * kw];
-    PLANES.with_borrow_mut(|(padded, acc)| {
+    let done = PLANES.with_borrow_mut(|(padded, acc)| {
         // Reused across planes: the padding is zeroed again for each (a previous plane of
         // another shape may have left pixels there), and the pixels are copied over the rest.
         // The slack past the plane is read only for the columns past each row, which are
@@ -116,22 +115,36 @@ fn depthwise_plane_flat<'a>(conv: &Conv2d, plane: Plane<'_>, dst: &'a mut [Maybe
             padded_row[pl..pl + w].copy_from_slice(row);
             padded_row[pl + w..].fill(0.0);
         }
-        // The last tap ends at `(kh - 1 + oh) * wp + kw - 1 <= hp * wp`: inside the plane.
-        let len = oh * wp - (kw - 1);
-        if acc.len() < oh * wp + BLOCK_SLACK {
-            acc.resize(oh * wp + BLOCK_SLACK, 0.0);
-        }
-        let done = accumulate_row_blocks(padded, acc, (hp, wp), (oh, ow), (kh, kw), weights);
+        let finish = Finish { bias: conv.bias[c], silu: conv.spec.activation == Activation::Silu };
+        let done = accumulate_row_blocks(padded, dst, (hp, wp), (oh, ow), (kh, kw), weights, finish);
         if done < oh {
-            accumulate_taps(&padded[done * wp..], offsets, weights, &mut acc[done * wp..len]);
+            // The last tap ends at `(kh - 1 + oh) * wp + kw - 1 <= hp * wp`: inside the plane.
+            let len = (oh - done) * wp - (kw - 1);
+            if acc.len() < len {
+                acc.resize(len, 0.0);
+            }
+            accumulate_taps(&padded[done * wp..], offsets, weights, &mut acc[..len]);
+            for (drow, arow) in dst[done * ow..].chunks_exact_mut(ow).zip(acc.chunks(wp)) {
+                drow.iter_mut().zip(&arow[..ow]).for_each(|(d, &v)| _ = d.write(v));
+            }
         }
-        for (drow, arow) in dst.chunks_exact_mut(ow).zip(acc.chunks(wp)) {
-            drow.iter_mut().zip(&arow[..ow]).for_each(|(d, &v)| _ = d.write(v));
-        }
+        done
     });
-    // SAFETY: the loop above wrote every row of `dst` (`oh` rows of `ow`), and
+    // SAFETY: the blocks and the loop above wrote every row of `dst` (`oh` rows of `ow`), and
     // `MaybeUninit<f32>` has the layout of `f32`.
-    unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) }
+    let dst = unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) };
+    if done < oh {
+        bias_activation(&mut dst[done * ow..], conv.bias[c], conv.spec.activation);
+    }
+    dst
+}
+
+/// What every output of a depthwise plane gets before it is stored: its channel's bias, then
+/// SiLU when asked.
+#[derive(Clone, Copy)]
+struct Finish {
+    bias: f32,
+    silu: bool,
 }
 
 thread_local! {
@@ -182,51 +195,57 @@ fn depthwise_plane_rows(conv: &Conv2d, plane: Plane<'_>, dst: &mut [f32]) {
     }
 }
 
-/// Floats past the plane and past the accumulator that [`accumulate_row_blocks`] may read and
-/// write: a block's last vectors run past the row's end.
-const BLOCK_SLACK: usize = 64;
+/// Floats past the plane that [`accumulate_row_blocks`] may read: a block's last vectors run
+/// past the row's end.
+const BLOCK_SLACK: usize = 80;
 
 /// Output rows per block of [`accumulate_row_blocks`].
 const BLOCK_ROWS: usize = 4;
 
-/// The stride-1 depthwise sums (see [`depthwise_plane_flat`]) for the first output rows in
-/// blocks of [`BLOCK_ROWS`] rows by a few vectors: each input vector loaded feeds every output
-/// row of the block whose taps reach it, where one row at a time loads each input vector once
-/// per tap. Returns the rows done (a multiple of `BLOCK_ROWS`); the caller does the rest.
-/// `padded` holds the padded plane (`hp x wp`) and [`BLOCK_SLACK`] `+ kw` floats more, `acc`
-/// `oh * wp + BLOCK_SLACK`.
+/// The first output rows of a stride-1 depthwise plane (see [`depthwise_plane_flat`]), with
+/// their bias and activation, straight into `dst` (`oh x ow`), in blocks of [`BLOCK_ROWS`]
+/// rows by a few vectors: each input vector loaded feeds every output row of the block whose
+/// taps reach it, where one row at a time loads each input vector once per tap. A block is as
+/// many vectors wide as computes the fewest columns past the row's end (80 columns: 5 vectors
+/// of 16; they were 2 blocks of 4 before, 128 columns), and those columns are dropped. Returns
+/// the rows done (a multiple of `BLOCK_ROWS`); the caller does the rest. `padded` holds the
+/// padded plane (`hp x wp`) and [`BLOCK_SLACK`] `+ kw` floats more.
+#[allow(clippy::too_many_arguments)]
 fn accumulate_row_blocks(
     padded: &[f32],
-    acc: &mut [f32],
+    dst: &mut [MaybeUninit<f32>],
     (hp, wp): (usize, usize),
     (oh, ow): (usize, usize),
     (kh, kw): (usize, usize),
     weights: &[f32],
+    finish: Finish,
 ) -> usize {
-    assert!(hp == oh + kh - 1 && ow + kw - 1 <= wp && weights.len() == kh * kw, "a stride-1 plane");
-    assert!(padded.len() >= hp * wp + BLOCK_SLACK + kw && acc.len() >= oh * wp + BLOCK_SLACK, "the slack of the buffers");
+    assert!(hp == oh + kh - 1 && ow + kw - 1 <= wp && weights.len() == kh * kw && dst.len() == oh * ow, "a stride-1 plane");
+    assert!(padded.len() >= hp * wp + BLOCK_SLACK + kw, "the slack of the padded plane");
     let rows = oh / BLOCK_ROWS * BLOCK_ROWS;
     #[cfg(target_arch = "x86_64")]
     {
+        use super::super::epilogue;
         use super::super::simd::{Avx2, Avx512, Lanes};
         /// # Safety
         /// The CPU has `V`'s features; the buffers are as [`accumulate_row_blocks`] asserts,
-        /// and `NV * V::LEN <= BLOCK_SLACK`.
+        /// and `NV * V::LEN <= BLOCK_SLACK` and `V::LEN <= 16`.
         #[inline(always)]
         unsafe fn blocks<V: Lanes, const NV: usize>(
             padded: &[f32],
-            acc: &mut [f32],
+            dst: &mut [MaybeUninit<f32>],
             wp: usize,
             rows: usize,
             ow: usize,
             (kh, kw): (usize, usize),
             weights: &[f32],
+            finish: Finish,
         ) {
             // SAFETY: a block reads rows `oy0 .. oy0 + BLOCK_ROWS + kh - 1` (below `hp`) from
             // column `x0 < ow` for `NV * V::LEN + kw - 1` floats: at most `BLOCK_SLACK + kw`
-            // past the plane's last row start plus `wp`, inside `padded`; it writes rows
-            // `oy0 .. oy0 + BLOCK_ROWS` (below `oh`) for `NV * V::LEN` floats from `x0`, inside
-            // `acc`. The features are the caller's contract.
+            // past the plane's last row start plus `wp`, inside `padded`; it writes columns
+            // `x0..ow` at most of rows `oy0 .. oy0 + BLOCK_ROWS` (below `oh`) of `dst`. The
+            // features are the caller's contract.
             unsafe {
                 for oy0 in (0..rows).step_by(BLOCK_ROWS) {
                     for x0 in (0..ow).step_by(NV * V::LEN) {
@@ -251,29 +270,57 @@ fn accumulate_row_blocks(
                             }
                         }
                         for (r, sums) in sums.iter().enumerate() {
-                            for (v, sum) in sums.iter().enumerate() {
-                                sum.store(acc.as_mut_ptr().add((oy0 + r) * wp + x0 + v * V::LEN));
+                            let out = dst.as_mut_ptr().add((oy0 + r) * ow).cast::<f32>();
+                            for (v, &sum) in sums.iter().enumerate() {
+                                let x = x0 + v * V::LEN;
+                                if x >= ow {
+                                    break;
+                                }
+                                let value = epilogue::finish(sum, finish.bias, finish.silu, None);
+                                if x + V::LEN <= ow {
+                                    value.store(out.add(x));
+                                } else {
+                                    let mut lanes = [0.0f32; 16];
+                                    value.store(lanes.as_mut_ptr());
+                                    std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.add(x), ow - x);
+                                }
                             }
                         }
                     }
                 }
             }
         }
+        /// The vectors per block, up to `most`, that compute the fewest columns past a row of
+        /// `ow` (the widest of those).
+        fn vectors_per_block(ow: usize, lanes: usize, most: usize) -> usize {
+            (1..=most).rev().min_by_key(|&nv| ow.div_ceil(nv * lanes) * nv).expect("at least one")
+        }
+        macro_rules! dispatch {
+            ($lanes:ty, $nv:expr, [$($n:literal)*], $args:tt) => {
+                match $nv {
+                    // SAFETY: the caller's features; `n * LEN <= BLOCK_SLACK` for these `n`.
+                    $($n => unsafe { blocks::<$lanes, $n> $args },)*
+                    _ => unreachable!("vectors_per_block returns one of these"),
+                }
+            };
+        }
         #[target_feature(enable = "avx512f")]
-        fn avx512(padded: &[f32], acc: &mut [f32], wp: usize, rows: usize, ow: usize, kernel: (usize, usize), weights: &[f32]) {
-            // SAFETY: AVX-512F is enabled; the buffers were checked above; 4 x 16 <= 64.
-            unsafe { blocks::<Avx512, 4>(padded, acc, wp, rows, ow, kernel, weights) }
+        #[allow(clippy::too_many_arguments)]
+        fn avx512(padded: &[f32], dst: &mut [MaybeUninit<f32>], wp: usize, rows: usize, ow: usize, (kh, kw): (usize, usize), weights: &[f32], finish: Finish) {
+            // 5 x 4 sums and 5 inputs fit the 32 registers.
+            dispatch!(Avx512, vectors_per_block(ow, 16, 5), [1 2 3 4 5], (padded, dst, wp, rows, ow, (kh, kw), weights, finish))
         }
         #[target_feature(enable = "avx2,fma")]
-        fn avx2(padded: &[f32], acc: &mut [f32], wp: usize, rows: usize, ow: usize, kernel: (usize, usize), weights: &[f32]) {
-            // SAFETY: AVX2 and FMA are enabled; the buffers were checked above; 2 x 8 <= 64.
-            unsafe { blocks::<Avx2, 2>(padded, acc, wp, rows, ow, kernel, weights) }
+        #[allow(clippy::too_many_arguments)]
+        fn avx2(padded: &[f32], dst: &mut [MaybeUninit<f32>], wp: usize, rows: usize, ow: usize, (kh, kw): (usize, usize), weights: &[f32], finish: Finish) {
+            // 2 x 4 sums and 2 inputs fit the 16 registers.
+            dispatch!(Avx2, vectors_per_block(ow, 8, 2), [1 2], (padded, dst, wp, rows, ow, (kh, kw), weights, finish))
         }
         match Isa::detect() {
             // SAFETY: `Isa::detect` checked that the CPU has the features.
-            Some(Isa::Avx512) => unsafe { avx512(padded, acc, wp, rows, ow, (kh, kw), weights) },
+            Some(Isa::Avx512) => unsafe { avx512(padded, dst, wp, rows, ow, (kh, kw), weights, finish) },
             // SAFETY: as above.
-            Some(Isa::Avx2) => unsafe { avx2(padded, acc, wp, rows, ow, (kh, kw), weights) },
+            Some(Isa::Avx2) => unsafe { avx2(padded, dst, wp, rows, ow, (kh, kw), weights, finish) },
             None => return 0,
         }
         rows

@@ -480,6 +480,10 @@ mod tests {
         check(8, 8, 8, 5, 1, 0, 1, 9, 12); // depthwise without padding
         check(24, 24, 24, 3, 1, 1, 2, 12, 37); // depthwise, rows in whole blocks of 4
         check(16, 16, 16, 7, 1, 3, 1, 8, 70); // depthwise 7x7, rows in whole blocks, wide rows
+        // Depthwise rows 20, 40, 60, 80 and 160 wide: blocks of 2 to 5 vectors (1 or 2 with AVX2).
+        for w in [20, 40, 60, 80, 160] {
+            check(4, 4, 4, 3, 1, 1, 1, 9, w);
+        }
         check(17, 17, 17, 3, 1, 1, 1, 6, 6); // depthwise, small planes not a multiple of a task's
         check(8, 8, 2, 3, 1, 1, 1, 6, 6); // grouped
         check(64, 128, 1, 3, 2, 1, 1, 5, 5); // small late layer: split channels
