@@ -10,8 +10,8 @@
 //! with the weight broadcast from memory. The accumulators are rows of the output as they lie,
 //! so the epilogue stores them without a transpose.
 //!
-//! The taps are read where the input lies; only the blocks at the row's ends, whose taps reach
-//! into the padding, first copy their 33 columns with zeros around them.
+//! Input rows are first copied, per output row, into zero-padded rows (a zero before the first
+//! column, zeros past the last), so that no load needs a bounds check.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -78,18 +78,26 @@ impl Conv2d {
     pub(super) fn run_stem(&self, stem: &Stem, input: &ConvInput, oh: usize, ow: usize, out: &mut [MaybeUninit<f32>]) {
         let (n, h, w) = (input.n, input.h, input.w);
         let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
-        assert!(Isa::Avx512.supported() && out.len() == n * cout * oh * ow && cin <= MAX_IN_CHANNELS);
+        assert!(Isa::Avx512.supported() && out.len() == n * cout * oh * ow);
+        // A padded row holds input columns `-1..` at places `0..`, for every load of every
+        // block of 16 output pixels: block `b` reads places `32 b ..= 32 b + 32`.
+        let blocks = ow.div_ceil(LANES);
+        let padded_len = 2 * LANES * blocks + 2;
+        assert!(w < padded_len, "a padded row holds its input row");
         let silu = self.spec.activation == super::super::activation::Activation::Silu;
         let (rows_per_task, row_tasks) = schedule::row_tasks(oh, n, rayon::current_num_threads());
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
         (0..n * row_tasks).into_par_iter().for_each(|task| {
             let (batch, first_row) = (task / row_tasks, task % row_tasks * rows_per_task);
+            let mut padded = vec![0.0f32; cin * 3 * padded_len];
             for oy in first_row..(first_row + rows_per_task).min(oh) {
-                // Input row `2 oy - 1 + ky` of each channel; `None` above and below the image.
-                let mut rows = [None; 3 * MAX_IN_CHANNELS];
-                for (index, row) in rows.iter_mut().take(cin * 3).enumerate() {
+                // Input row `2 oy - 1 + ky` of each channel, or zeros above and below the image.
+                for (index, row) in padded.chunks_exact_mut(padded_len).enumerate() {
                     let (ci, ky) = (index / 3, index % 3);
-                    *row = (2 * oy + ky).checked_sub(1).filter(|&y| y < h).map(|y| &input.plane(batch, ci)[y * w..][..w]);
+                    row.fill(0.0);
+                    if let Some(y) = (2 * oy + ky).checked_sub(1).filter(|&y| y < h) {
+                        row[1..=w].copy_from_slice(&input.plane(batch, ci)[y * w..][..w]);
+                    }
                 }
                 for block in 0..cout.div_ceil(LANES) {
                     let channels = LANES.min(cout - block * LANES);
@@ -97,66 +105,63 @@ impl Conv2d {
                     let bias: &[f32; LANES] = stem.bias[block * LANES..][..LANES].try_into().expect("16 biases");
                     // The block's 16 channels of this output row, from channel 0's pixel 0.
                     let first = ((batch * cout + block * LANES) * oh + oy) * ow;
-                    // SAFETY: AVX-512F (asserted above); `weights` and `bias` hold the block's
-                    // `cin * 9 * 16` and 16 values. The stores go to rows `oy` of channels
-                    // `block * 16..+channels` of image `batch`, `ow` pixels each, inside `out`,
-                    // which only this task writes (tasks own whole output rows).
-                    unsafe { stem_row(&rows[..cin * 3], weights, bias, silu, out_ptr.get().add(first), oh * ow, ow, channels) };
+                    // SAFETY: AVX-512F (asserted above); `padded` holds `cin * 3` rows of
+                    // `padded_len`, which every block's loads stay inside (see above);
+                    // `weights` and `bias` hold the block's `cin * 9 * 16` and 16 values. The
+                    // stores go to rows `oy` of channels `block * 16..+channels` of image
+                    // `batch`, `ow` pixels each, inside `out`, which only this task writes
+                    // (tasks own whole output rows).
+                    unsafe { stem_row(&padded, padded_len, cin, weights, bias, silu, out_ptr.get().add(first), oh * ow, ow, channels) };
                 }
             }
         });
     }
 }
 
-/// Floats a block of 16 output pixels reads from each input row: columns `2 x0 - 1 ..= 2 x0 + 31`.
-const BLOCK_COLUMNS: usize = 2 * LANES + 1;
-
 /// One output row of one block of up to 16 channels: pixel `x` of channel `c` at
-/// `out + c * plane + x`, for `x < ow` and `c < channels`. `rows` holds the input rows the
-/// taps read (`[channel][ky]`), `None` for the zero rows above and below the image.
+/// `out + c * plane + x`, for `x < ow` and `c < channels`.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `out` is valid for those writes.
+/// The CPU has AVX-512F; `padded` holds `cin * 3` rows of `padded_len >= 32 * ceil(ow / 16) +
+/// 2` floats; `out` is valid for those writes.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn stem_row(rows: &[Option<&[f32]>], weights: &[f32], bias: &[f32; LANES], silu: bool, out: *mut f32, plane: usize, ow: usize, channels: usize) {
+unsafe fn stem_row(
+    padded: &[f32],
+    padded_len: usize,
+    cin: usize,
+    weights: &[f32],
+    bias: &[f32; LANES],
+    silu: bool,
+    out: *mut f32,
+    plane: usize,
+    ow: usize,
+    channels: usize,
+) {
     let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    let zeros = [0.0f32; BLOCK_COLUMNS];
-    // The columns of a block at a row's end, with zeros for the padding.
-    let mut edge = [[0.0f32; BLOCK_COLUMNS]; 3 * MAX_IN_CHANNELS];
     for x0 in (0..ow).step_by(LANES) {
         let mut acc = [_mm512_setzero_ps(); LANES];
-        for (index, row) in rows.iter().enumerate() {
-            let (ci, ky) = (index / 3, index % 3);
-            // Column `2 x0 - 1 + j` of the input row at `columns[j]`; output pixel `x0 + i`
-            // reads columns `2 (x0 + i) - 1 + kx`, places `2 i + kx`.
-            let columns: &[f32; BLOCK_COLUMNS] = match row {
-                None => &zeros,
-                Some(row) if x0 > 0 && 2 * x0 + 2 * LANES <= row.len() => row[2 * x0 - 1..][..BLOCK_COLUMNS].try_into().expect("a block's columns"),
-                Some(row) => {
-                    let edge = &mut edge[index];
-                    for (j, value) in edge.iter_mut().enumerate() {
-                        *value = (2 * x0 + j).checked_sub(1).and_then(|x| row.get(x)).copied().unwrap_or(0.0);
+        for ci in 0..cin {
+            for ky in 0..3 {
+                // Place `p` holds input column `p - 1`; output pixel `x` reads columns
+                // `2x - 1 + kx`, places `2x + kx`.
+                let row = padded[(ci * 3 + ky) * padded_len + 2 * x0..][..2 * LANES + 1].as_ptr();
+                // SAFETY: places `0..=32` of the slice above, 33 floats.
+                let taps = unsafe {
+                    let (a, b) = (_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(LANES)));
+                    let (c, d) = (_mm512_loadu_ps(row.add(1)), _mm512_loadu_ps(row.add(LANES + 1)));
+                    [_mm512_permutex2var_ps(a, evens, b), _mm512_permutex2var_ps(c, evens, d), _mm512_permutex2var_ps(c, odds, d)]
+                };
+                for (kx, tap) in taps.into_iter().enumerate() {
+                    let w: &[f32; LANES] = weights[((ci * 3 + ky) * 3 + kx) * LANES..][..LANES].try_into().expect("16 weights");
+                    // Written out with constant indices: as a loop, the compiler kept the
+                    // accumulators in memory, a store after every multiply-add.
+                    macro_rules! multiply_add {
+                        ($($c:literal)*) => { $(acc[$c] = _mm512_fmadd_ps(tap, _mm512_set1_ps(w[$c]), acc[$c]);)* };
                     }
-                    edge
+                    multiply_add!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
                 }
-            };
-            let at = columns.as_ptr();
-            // SAFETY: places `0..=32` of `columns`, 33 floats.
-            let taps = unsafe {
-                let (a, b) = (_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(LANES)));
-                let (c, d) = (_mm512_loadu_ps(at.add(1)), _mm512_loadu_ps(at.add(LANES + 1)));
-                [_mm512_permutex2var_ps(a, evens, b), _mm512_permutex2var_ps(c, evens, d), _mm512_permutex2var_ps(c, odds, d)]
-            };
-            for (kx, tap) in taps.into_iter().enumerate() {
-                let w: &[f32; LANES] = weights[((ci * 3 + ky) * 3 + kx) * LANES..][..LANES].try_into().expect("16 weights");
-                // Written out with constant indices: as a loop, the compiler kept the
-                // accumulators in memory, a store after every multiply-add.
-                macro_rules! multiply_add {
-                    ($($c:literal)*) => { $(acc[$c] = _mm512_fmadd_ps(tap, _mm512_set1_ps(w[$c]), acc[$c]);)* };
-                }
-                multiply_add!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
             }
         }
         let valid = LANES.min(ow - x0);
@@ -190,9 +195,8 @@ mod tests {
             return;
         }
         // RGB into one block and into a block and a part; one channel; sizes odd and even,
-        // narrower than a vector and not a multiple of one; two images; a row with blocks read
-        // in place between the two at its ends.
-        for (cin, cout, n, h, w) in [(3, 16, 1, 40, 64), (3, 20, 2, 9, 37), (1, 16, 1, 7, 5), (4, 8, 1, 33, 50), (3, 16, 1, 6, 101)] {
+        // narrower than a vector and not a multiple of one; two images.
+        for (cin, cout, n, h, w) in [(3, 16, 1, 40, 64), (3, 20, 2, 9, 37), (1, 16, 1, 7, 5), (4, 8, 1, 33, 50)] {
             for activation in [Activation::Silu, Activation::Identity] {
                 let spec = ConvSpec::square(cin, cout, 1, 3, 2, 1, activation);
                 assert!(Stem::applies(&spec, Isa::Avx512));
