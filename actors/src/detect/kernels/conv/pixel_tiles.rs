@@ -468,9 +468,9 @@ mod tests {
 
     #[test]
     fn convolutions_in_pixel_tiles_match_the_definition() {
-        // Rows that end inside a tile (29 pixels in tiles of 10, 23 in tiles of 12, 20 in 16), 16 output channels
-        // or fewer, channels past the last whole panel, stride 1 below Winograd's channels,
-        // batch 2, a 5x5 kernel, no padding.
+        // Rows that end inside a tile (29 pixels in tiles of 10, 23 in tiles of 12, 20 in 16),
+        // 16 output channels or fewer, channels past the last whole panel, stride 1 below
+        // Winograd's channels (4) and size (17x19), batch 2, a 5x5 kernel, no padding.
         check(16, 32, 1, 3, 2, 1, 1, 40, 40);
         check(4, 40, 1, 3, 1, 1, 1, 9, 23);
         check(16, 64, 1, 3, 2, 1, 1, 56, 58);
