@@ -206,8 +206,8 @@ const BLOCK_ROWS: usize = 4;
 /// their bias and activation, straight into `dst` (`oh x ow`), in blocks of [`BLOCK_ROWS`]
 /// rows by a few vectors: each input vector loaded feeds every output row of the block whose
 /// taps reach it, where one row at a time loads each input vector once per tap. A block is as
-/// many vectors wide as computes the fewest columns past the row's end (80 columns: 5 vectors
-/// of 16; they were 2 blocks of 4 before, 128 columns), and those columns are dropped. Returns
+/// many vectors wide as computes the fewest columns past the row's end (80 columns: one block
+/// of 5 vectors of 16, where blocks of 4 would compute 128), and those columns are dropped. Returns
 /// the rows done (a multiple of `BLOCK_ROWS`); the caller does the rest. `padded` holds the
 /// padded plane (`hp x wp`) and [`BLOCK_SLACK`] `+ kw` floats more.
 #[allow(clippy::too_many_arguments)]
