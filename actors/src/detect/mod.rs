@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
+use kernels::parallel::Team;
+
 mod engine;
 mod image;
 // Crate-private: safe calls into the kernels rely on checks made where their inputs are built.
@@ -45,6 +47,8 @@ pub enum DetectError {
     BadInput(String),
     #[error("cannot start the inference threads: {0}")]
     Threads(#[source] rayon::ThreadPoolBuildError),
+    #[error("cannot start the kernels' helper threads: {0}")]
+    Helpers(#[source] std::io::Error),
     #[error("{path} is not a readable image: {message}")]
     BadImage { path: PathBuf, message: String },
 }
@@ -74,6 +78,8 @@ pub struct Detector {
     frames_per_call: Option<usize>,
     classes: usize,
     pool: rayon::ThreadPool,
+    /// The kernels' parallel loops run on this team, led by the thread that calls the model.
+    team: Team,
 }
 
 impl Detector {
@@ -104,6 +110,7 @@ impl Detector {
         let engine = Engine::plan_with(&model, &device, kernels)?;
         let pool =
             rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("streamdet-infer-{i}")).build().map_err(DetectError::Threads)?;
+        let team = Team::new(pool.current_num_threads(), "streamdet-kernels").map_err(DetectError::Helpers)?;
         let frames_per_call = match batch {
             BatchMode::Fixed(n) => Some(n),
             // On the CPU kernels a dynamic batch runs one frame at a time too: one frame's
@@ -114,7 +121,7 @@ impl Detector {
             BatchMode::Dynamic if device.is_cpu() && kernels == Kernels::Native => Some(1),
             BatchMode::Dynamic => None,
         };
-        let mut detector = Detector { engine, info, batch, frames_per_call, classes: 0, pool };
+        let mut detector = Detector { engine, info, batch, frames_per_call, classes: 0, pool, team };
         detector.classes = match &detector.info.class_names {
             names if !names.is_empty() => names.len(),
             // No `names` metadata: the output's rows (4 box coordinates, then one score per
@@ -171,10 +178,15 @@ impl Detector {
         Ok(profile)
     }
 
-    fn run_batches(&self, input: &Tensor, mut profile: Option<&mut OpProfile>) -> Result<Tensor, DetectError> {
-        let n = input.dim(0).map_err(DetectError::from_candle)?;
+    fn run_batches(&self, input: &Tensor, profile: Option<&mut OpProfile>) -> Result<Tensor, DetectError> {
         let input = input.to_device(self.engine.device()).map_err(DetectError::from_candle)?;
-        self.pool.install(|| match self.frames_per_call {
+        self.pool.install(|| self.team.lead(|| self.run_on_team(&input, profile)))
+    }
+
+    /// The body of [`run_batches`](Self::run_batches), on the leader of the kernels' team.
+    fn run_on_team(&self, input: &Tensor, mut profile: Option<&mut OpProfile>) -> Result<Tensor, DetectError> {
+        let n = input.dim(0).map_err(DetectError::from_candle)?;
+        match self.frames_per_call {
             Some(size) if size != n => {
                 if size == 0 || n % size != 0 {
                     return Err(DetectError::BadInput(format!("the model takes batches of {size}, got {n}")));
@@ -187,8 +199,8 @@ impl Detector {
                     .collect::<Result<Vec<_>, _>>()?;
                 Tensor::cat(&parts, 0).map_err(DetectError::from_candle)
             }
-            _ => self.engine.run_profiled(input, profile),
-        })
+            _ => self.engine.run_profiled(input.clone(), profile),
+        }
     }
 
     /// Turns letterboxed frames into the model's input: f32 NCHW scaled to 0..1, in one pass.

@@ -1,8 +1,8 @@
 //! The CPU custom operations: streamdet's kernels wrapped as candle `CustomOp`s, run on
 //! contiguous `f32` CPU storage.
 
+use crate::detect::kernels::parallel;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape};
-use rayon::prelude::*;
 
 use super::{BinaryOp, CResult};
 use crate::detect::kernels::activation::{self, UnaryFn};
@@ -93,7 +93,8 @@ const ELEMENTWISE_CHUNK: usize = 1 << 14;
 /// `f` of each element of `a`, into a new vector, in parallel pieces.
 fn map_into(a: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0.0; a.len()];
-    out.par_chunks_mut(ELEMENTWISE_CHUNK).zip(a.par_chunks(ELEMENTWISE_CHUNK)).for_each(|(out, a)| {
+    parallel::for_each_chunk_mut(&mut out, ELEMENTWISE_CHUNK, |index, out| {
+        let a = &a[index * ELEMENTWISE_CHUNK..][..out.len()];
         for (o, &x) in out.iter_mut().zip(a) {
             *o = f(x);
         }
@@ -105,7 +106,8 @@ fn map_into(a: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
 /// parallel pieces.
 fn zip_into(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0.0; a.len()];
-    out.par_chunks_mut(ELEMENTWISE_CHUNK).zip(a.par_chunks(ELEMENTWISE_CHUNK).zip(b.par_chunks(ELEMENTWISE_CHUNK))).for_each(|(out, (a, b))| {
+    parallel::for_each_chunk_mut(&mut out, ELEMENTWISE_CHUNK, |index, out| {
+        let (a, b) = (&a[index * ELEMENTWISE_CHUNK..][..out.len()], &b[index * ELEMENTWISE_CHUNK..][..out.len()]);
         for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
             *o = f(x, y);
         }
@@ -117,7 +119,8 @@ fn zip_into(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32
 /// `then` updates in place while it is in cache.
 fn copy_then(input: &[f32], then: impl Fn(&mut [f32]) + Sync) -> Vec<f32> {
     let mut out = vec![0.0; input.len()];
-    out.par_chunks_mut(ELEMENTWISE_CHUNK).zip(input.par_chunks(ELEMENTWISE_CHUNK)).for_each(|(out, input)| {
+    parallel::for_each_chunk_mut(&mut out, ELEMENTWISE_CHUNK, |index, out| {
+        let input = &input[index * ELEMENTWISE_CHUNK..][..out.len()];
         out.copy_from_slice(input);
         then(out);
     });
@@ -165,9 +168,9 @@ impl CustomOp1 for CpuSoftmax {
             if inner == 1 {
                 // Rows are short (attention's are 400): a task takes many.
                 let rows_per_task = (16384 / len).max(1);
-                out.par_chunks_mut(len * rows_per_task).for_each(|rows| rows.chunks_exact_mut(len).for_each(activation::softmax_inplace));
+                parallel::for_each_chunk_mut(&mut out, len * rows_per_task, |_, rows| rows.chunks_exact_mut(len).for_each(activation::softmax_inplace));
             } else {
-                out.par_chunks_mut(len * inner).for_each(|block| activation::softmax_columns_inplace(block, len, inner));
+                parallel::for_each_chunk_mut(&mut out, len * inner, |_, block| activation::softmax_columns_inplace(block, len, inner));
             }
         }
         Ok((CpuStorage::F32(out), layout.shape().clone()))
@@ -249,7 +252,8 @@ impl CustomOp1 for CpuUpsample {
         let len = n * c * oh * ow;
         // Not zero-filled first: every element is written below.
         let mut out: Vec<f32> = Vec::with_capacity(len);
-        out.spare_capacity_mut()[..len].par_chunks_mut(oh * ow).zip(input.par_chunks(h * w)).for_each(|(dst, src)| {
+        parallel::for_each_chunk_mut(&mut out.spare_capacity_mut()[..len], oh * ow, |index, dst| {
+            let src = &input[index * h * w..][..h * w];
             for (row, rows_out) in src.chunks_exact(w).zip(dst.chunks_exact_mut(fy * ow)) {
                 let (first, rest) = rows_out.split_at_mut(ow);
                 if fx == 2 {

@@ -1,8 +1,8 @@
 //! The evaluator: runs one step's operator on its input tensors, on the CPU custom operations
 //! where they apply and on candle's operations otherwise (other devices, other layouts).
 
+use crate::detect::kernels::parallel;
 use candle_core::{CpuStorage, DType, Device, Tensor};
-use rayon::prelude::*;
 
 use super::custom_ops::{ConvWithResidual, CpuAttention, CpuBinary, CpuMatMul, CpuMaxPool, CpuPermute, CpuSoftmax, CpuUnary, CpuUpsample};
 use super::fold::CONV_MORE_PARTS;
@@ -57,8 +57,10 @@ fn gather_blocks(sources: &[&[f32]], widths: &[usize], outer: usize, total: usiz
             }
         }
     }
-    pieces.into_par_iter().for_each(|(dst, src)| {
-        for (d, &v) in dst.iter_mut().zip(src) {
+    let pieces: Vec<std::sync::Mutex<_>> = pieces.into_iter().map(std::sync::Mutex::new).collect();
+    parallel::for_each(pieces.len(), |index| {
+        let (dst, src) = &mut *pieces[index].lock().unwrap_or_else(|e| e.into_inner());
+        for (d, &v) in dst.iter_mut().zip(src.iter()) {
             d.write(v);
         }
     });

@@ -321,7 +321,7 @@ pub fn softmax_columns_inplace(block: &mut [f32], len: usize, inner: usize) {
 }
 
 fn softmax_columns_with(vectors: Vectors, block: &mut [f32], len: usize, inner: usize) {
-    use rayon::prelude::*;
+    use crate::detect::kernels::parallel;
     assert!(vectors.supported(), "this CPU lacks the chosen instructions");
     const COLUMNS: usize = 1024;
     assert_eq!(block.len(), len * inner);
@@ -329,7 +329,7 @@ fn softmax_columns_with(vectors: Vectors, block: &mut [f32], len: usize, inner: 
         return;
     }
     let base = super::SendPtr(block.as_mut_ptr());
-    (0..inner.div_ceil(COLUMNS)).into_par_iter().for_each(|chunk| {
+    parallel::for_each(inner.div_ceil(COLUMNS), |chunk| {
         let columns = chunk * COLUMNS..((chunk + 1) * COLUMNS).min(inner);
         // SAFETY: `block` is borrowed for the whole loop, `len * inner` floats; each task
         // touches only its own columns; the CPU has `vectors`' instructions (asserted above).

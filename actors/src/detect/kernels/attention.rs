@@ -8,7 +8,7 @@
 //! rows (`channels x BLOCK`). So nothing is repacked or transposed per block: `K^T` and `V`
 //! are packed once per batch item, and a block packs only its `depth x BLOCK` queries.
 
-use rayon::prelude::*;
+use crate::detect::kernels::parallel;
 
 use super::activation;
 use super::isa::{self, Isa};
@@ -254,17 +254,14 @@ fn attention_on(isa: Isa, q: Operand, k: Operand, v: Operand, alpha: f32, out: &
     let total = batch * channels * queries;
     assert!(ov.items() == batch && ov.rows == channels && ov.cols == queries && ov.extent() == total, "the output view does not fit");
     // Per item, once: `alpha K^T` (`keys x depth`) and `V` as left operands.
-    let operands: Vec<(PackedA, PackedA)> = (0..batch)
-        .into_par_iter()
-        .map(|b| {
-            let mut keys_t = PackedA::strided(isa, &k[kv.item_offset(b)..], keys, depth, kv.col_stride, kv.row_stride);
-            if alpha != 1.0 {
-                keys_t.scale(alpha);
-            }
-            let values = PackedA::strided(isa, &v[vv.item_offset(b)..], channels, keys, vv.row_stride, vv.col_stride);
-            (keys_t, values)
-        })
-        .collect();
+    let operands: Vec<(PackedA, PackedA)> = parallel::map(batch, |b| {
+        let mut keys_t = PackedA::strided(isa, &k[kv.item_offset(b)..], keys, depth, kv.col_stride, kv.row_stride);
+        if alpha != 1.0 {
+            keys_t.scale(alpha);
+        }
+        let values = PackedA::strided(isa, &v[vv.item_offset(b)..], channels, keys, vv.row_stride, vv.col_stride);
+        (keys_t, values)
+    });
     // A block's scores (`S^T`, `keys x BLOCK`) are kept as `BLOCK / nr` packed panels of `nr`
     // queries each (`[panel][keys][nr]`): the first product writes them panel by panel, the
     // softmax runs down each panel's columns, and the second product reads them as its packed
@@ -276,7 +273,7 @@ fn attention_on(isa: Isa, q: Operand, k: Operand, v: Operand, alpha: f32, out: &
     let mut out = vec![0.0f32; total];
     let out_ptr = super::SendPtr(out.as_mut_ptr());
     let blocks = queries.div_ceil(BLOCK);
-    (0..batch * blocks).into_par_iter().for_each(|task| {
+    parallel::for_each(batch * blocks, |task| {
         SCRATCH.with_borrow_mut(|Scratch { queries_packed, scores, mixed, inverse_sums }| {
             let (b, i0) = (task / blocks, task % blocks * BLOCK);
             let rows = BLOCK.min(queries - i0);

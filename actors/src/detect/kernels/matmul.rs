@@ -29,7 +29,7 @@ fn batched_matmul_on(
     b_transposed: bool,
     alpha: f32,
 ) -> Vec<f32> {
-    use rayon::prelude::*;
+    use crate::detect::kernels::parallel;
     assert!(isa.supported());
     assert!(a.len() == batch * m * k && b.len() == batch * k * n);
     if m * n == 0 || k == 0 {
@@ -37,7 +37,7 @@ fn batched_matmul_on(
     }
     // Not zero-filled first: the first pass over `k` writes every element.
     let mut out: Vec<f32> = Vec::with_capacity(batch * m * n);
-    out.spare_capacity_mut()[..batch * m * n].par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+    parallel::for_each_chunk_mut(&mut out.spare_capacity_mut()[..batch * m * n], m * n, |i, c| {
         let (ai, bi) = (&a[i * m * k..][..m * k], &b[i * k * n..][..k * n]);
         let mut packed_b = PackedB::new();
         if b_transposed {

@@ -21,6 +21,7 @@ mod epilogue;
 pub mod isa;
 mod matmul;
 mod pack;
+pub mod parallel;
 pub mod pool;
 mod portable;
 mod simd;

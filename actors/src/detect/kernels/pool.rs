@@ -4,7 +4,7 @@
 //! Rust over whole padded planes, compiled with AVX-512 or AVX2 where the CPU has them so that
 //! they vectorise at that width.
 
-use rayon::prelude::*;
+use crate::detect::kernels::parallel;
 
 use super::isa::{Vectors, vectors};
 
@@ -40,10 +40,11 @@ impl MaxPool {
         let planes = input.len() / (h * w);
         // A few tasks per thread: one task per 20x20 plane spent more on the handing out than on
         // the pooling.
-        let per_task = planes.div_ceil(8 * rayon::current_num_threads()).max(1);
+        let per_task = planes.div_ceil(8 * parallel::threads()).max(1);
         let mut out = vec![0.0f32; planes * oh * ow];
         let vectors = vectors();
-        out.par_chunks_mut(per_task * oh * ow).zip(input.par_chunks(per_task * h * w)).for_each(|(dst, src)| {
+        parallel::for_each_chunk_mut(&mut out, per_task * oh * ow, |task, dst| {
+            let src = &input[task * per_task * h * w..][..dst.len() / (oh * ow) * h * w];
             SCRATCH.with_borrow_mut(|scratch| {
                 scratch.resize(self.scratch_len(h, w), 0.0);
                 for (dst, src) in dst.chunks_exact_mut(oh * ow).zip(src.chunks_exact(h * w)) {

@@ -5,7 +5,7 @@
 //! that wrote them once more, and a convolution that read them again (0.27 ms of YOLOv12n on 2
 //! cores); this reads them once, where they lie.
 
-use rayon::prelude::*;
+use crate::detect::kernels::parallel;
 
 use super::activation;
 use super::isa::{Vectors, vectors};
@@ -67,9 +67,9 @@ impl SoftmaxDot {
         }
         let vectors = vectors();
         // Tasks of whole rows of one image: output row `(b, o, y)` for every `o`.
-        let rows_per_task = (n * h).div_ceil(8 * rayon::current_num_threads()).max(1);
+        let rows_per_task = (n * h).div_ceil(8 * parallel::threads()).max(1);
         let out_ptr = super::SendPtr(out.as_mut_ptr());
-        (0..(n * h).div_ceil(rows_per_task)).into_par_iter().for_each(|task| {
+        parallel::for_each((n * h).div_ceil(rows_per_task), |task| {
             let mut scratch = vec![0.0f32; c * MAX_LANES];
             for row in task * rows_per_task..((task + 1) * rows_per_task).min(n * h) {
                 let (b, y) = (row / h, row % h);

@@ -2,7 +2,7 @@
 //! sees the tensor it starts from, worked out without moving any data. A kernel that reads a
 //! view in place, or one strided copy at the end of the chain, replaces a copy per step.
 
-use rayon::prelude::*;
+use crate::detect::kernels::parallel;
 
 use super::attention::MatrixBatch;
 use super::softmax_dot::ChannelsView;
@@ -200,7 +200,7 @@ impl StridedView {
             out[0] = src[self.offset];
             return out;
         };
-        out.par_chunks_mut(inner.size).enumerate().for_each(|(mut row, dst)| {
+        parallel::for_each_chunk_mut(&mut out, inner.size, |mut row, dst| {
             let mut start = self.offset;
             for run in outer.iter().rev() {
                 start += row % run.size * run.stride;

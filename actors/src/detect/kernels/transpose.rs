@@ -4,7 +4,7 @@
 //! batched 2-D transpose (done in cache-sized blocks) or a permutation that keeps the innermost
 //! axis (done as row copies). Anything else falls back to a strided gather.
 
-use rayon::prelude::*;
+use crate::detect::kernels::parallel;
 
 /// Below this many elements the work is not split across threads.
 const PARALLEL_MIN: usize = 1 << 15;
@@ -96,9 +96,8 @@ fn transpose_2d_batched(input: &[f32], batch: usize, rows: usize, cols: usize, o
             }
         }
     } else {
-        out.par_chunks_mut(plane).enumerate().for_each(|(b, plane_out)| {
-            plane_out.par_chunks_mut(chunk).enumerate().for_each(|(cb, dst)| run(b, cb, dst));
-        });
+        let blocks = plane.div_ceil(chunk);
+        parallel::for_each_chunk_mut(out, chunk, |index, dst| run(index / blocks, index % blocks, dst));
     }
     debug_assert!(col_blocks * chunk >= plane);
 }
@@ -159,7 +158,7 @@ fn permute_rows(input: &[f32], dims: &[usize], perm: &[usize], out: &mut [f32]) 
     if input.len() < PARALLEL_MIN {
         out.chunks_mut(row).enumerate().for_each(|(r, dst)| copy_row(r, dst));
     } else {
-        out.par_chunks_mut(row).enumerate().for_each(|(r, dst)| copy_row(r, dst));
+        parallel::for_each_chunk_mut(out, row, copy_row);
     }
 }
 

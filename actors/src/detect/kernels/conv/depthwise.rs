@@ -3,7 +3,7 @@
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
+use crate::detect::kernels::parallel;
 
 use super::super::activation::{Activation, bias_activation};
 use super::super::isa::Isa;
@@ -26,8 +26,8 @@ impl Conv2d {
         // Small planes several to a task: one 20x20 plane per task spent about as long on the
         // handing out as on the plane.
         let planes = out.len() / (oh * ow).max(1);
-        let per_task = (SMALL_TASK_PIXELS / (oh * ow).max(1)).min(planes.div_ceil(8 * rayon::current_num_threads())).max(1);
-        out.par_chunks_mut(per_task * oh * ow).enumerate().for_each(|(task, dsts)| {
+        let per_task = (SMALL_TASK_PIXELS / (oh * ow).max(1)).min(planes.div_ceil(8 * parallel::threads())).max(1);
+        parallel::for_each_chunk_mut(out, per_task * oh * ow, |task, dsts| {
             for (i, dst) in dsts.chunks_exact_mut(oh * ow).enumerate() {
                 let plane_index = task * per_task + i;
                 let plane = Plane { c: plane_index % channels, src: &input[plane_index * h * w..][..h * w], h, w, oh, ow, offsets };

@@ -3,7 +3,7 @@
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
+use crate::detect::kernels::parallel;
 
 use super::super::SendPtr;
 use super::super::isa::{Isa, MAX_NR};
@@ -29,14 +29,14 @@ impl Conv2d {
         let padded = phase_planes(input, &layout, self.isa());
         let offsets = self.tap_offsets(&layout);
         let pixels = oh * ow;
-        let threads = rayon::current_num_threads();
+        let threads = parallel::threads();
         let units = n * g;
         let (rows_per_task, row_tasks) = schedule::row_tasks(oh, units, threads);
         // Few rows (small late layers): split the output channels too, so both cores work.
         let (m_block, m_blocks) = schedule::channel_blocks(units * row_tasks, m_g, self.panel_rows(), threads);
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
         let padded = &padded;
-        (0..units * row_tasks * m_blocks).into_par_iter().for_each(|task| {
+        parallel::for_each(units * row_tasks * m_blocks, |task| {
             let mb = task % m_blocks;
             let row_task = (task / m_blocks) % row_tasks;
             let (batch, group) = (task / m_blocks / row_tasks / g, task / m_blocks / row_tasks % g);
@@ -173,7 +173,7 @@ pub(super) fn phase_planes(input: &ConvInput, layout: &PhaseLayout, isa: Option<
     let planes_len = input.n * channels * channel_len;
     let mut padded: Vec<f32> = Vec::with_capacity(planes_len + MAX_NR);
     zeroed(&mut padded.spare_capacity_mut()[planes_len..planes_len + MAX_NR]);
-    padded.spare_capacity_mut()[..planes_len].par_chunks_mut(channel_len).enumerate().for_each(|(index, dst)| {
+    parallel::for_each_chunk_mut(&mut padded.spare_capacity_mut()[..planes_len], channel_len, |index, dst| {
         let src = input.plane(index / channels, index % channels);
         // Only the padding is zeroed (the pixels are written next), here rather than by the
         // allocator: in parallel, and just before the copy.

@@ -34,7 +34,7 @@
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
+use crate::detect::kernels::parallel;
 
 use super::super::SendPtr;
 use super::super::activation::Activation;
@@ -190,7 +190,7 @@ impl Conv2d {
         let (kh, kw) = self.spec.kernel;
         let (sh, dh, pt, dw) = (self.spec.stride.0, self.spec.dilation.0, self.spec.pads.0, self.spec.dilation.1);
         let pixels = oh * ow;
-        let threads = rayon::current_num_threads();
+        let threads = parallel::threads();
         let stretch = (pixels / (4 * threads).div_ceil(n)).max(WIDEST_TILE).min(pixels);
         let reading = self.reading(tiles, h, w, ow, stretch);
         // Runs of output pixels: stretches of the plane, or output rows.
@@ -218,7 +218,7 @@ impl Conv2d {
         // straight into them evicts its own rows: such outputs go through a compact strip.
         let compact = cache::rows_share_cache_sets(pixels);
         let (planes, offsets, zeros, reading) = (&planes, &offsets, &zeros, &reading);
-        (0..split.tasks(n)).into_par_iter().for_each(|task| {
+        parallel::for_each(split.tasks(n), |task| {
             let block = task % panel_blocks;
             let run_task = task / panel_blocks % run_tasks;
             let batch = task / panel_blocks / run_tasks;
@@ -315,13 +315,13 @@ impl Conv2d {
         let pixels = oh * ow;
         let panels = cout.div_ceil(tiles.panel);
         let units = n * columns.len();
-        let threads = rayon::current_num_threads();
+        let threads = parallel::threads();
         let (panels_per_block, panel_blocks) = panel_blocks(units, cout, tiles.panel, threads);
         // At least a tile of rows: the rows past the output's are zeros, computed and dropped.
         let rows = oh.max(WIDEST_TILE);
         let (tile, kernel) = tiles.tile(rows, 1);
         let silu = self.spec.activation == Activation::Silu;
-        (0..units * panel_blocks).into_par_iter().for_each(|task| {
+        parallel::for_each(units * panel_blocks, |task| {
             let block = task % panel_blocks;
             let (batch, ox) = (task / panel_blocks / columns.len(), columns[task / panel_blocks % columns.len()]);
             let mut gathered = vec![0.0f32; cin * kh * kw * rows];

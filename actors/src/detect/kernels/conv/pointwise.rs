@@ -4,7 +4,7 @@
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
+use crate::detect::kernels::parallel;
 
 use super::super::SendPtr;
 use super::super::isa::Isa;
@@ -22,14 +22,14 @@ impl Conv2d {
         let (kh, kw) = self.spec.kernel;
         let k = cin_g * kh * kw;
         let pixels = oh * ow;
-        let threads = rayon::current_num_threads();
+        let threads = parallel::threads();
         let tile = schedule::tile_width(k, pixels, 4 * threads / (n * g).max(1), self.isa().map_or(16, Isa::nr));
         let tiles = pixels.div_ceil(tile);
         // Small late layers have few pixels: split the output channels too, so both cores work.
         let (m_block, m_blocks) = schedule::channel_blocks(n * g * tiles, m_g, self.panel_rows(), threads);
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
         let pointwise = self.is_pointwise();
-        (0..n * g * tiles * m_blocks).into_par_iter().for_each(|task| {
+        parallel::for_each(n * g * tiles * m_blocks, |task| {
             SCRATCH.with_borrow_mut(|(cols, packed_b)| {
                 let mb = task % m_blocks;
                 let tile_index = (task / m_blocks) % tiles;

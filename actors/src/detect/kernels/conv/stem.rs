@@ -16,7 +16,7 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
+use crate::detect::kernels::parallel;
 
 use super::super::SendPtr;
 use super::super::epilogue::finish;
@@ -85,9 +85,9 @@ impl Conv2d {
         let padded_len = 2 * LANES * blocks + 2;
         assert!(w < padded_len, "a padded row holds its input row");
         let silu = self.spec.activation == super::super::activation::Activation::Silu;
-        let (rows_per_task, row_tasks) = schedule::row_tasks(oh, n, rayon::current_num_threads());
+        let (rows_per_task, row_tasks) = schedule::row_tasks(oh, n, parallel::threads());
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
-        (0..n * row_tasks).into_par_iter().for_each(|task| {
+        parallel::for_each(n * row_tasks, |task| {
             let (batch, first_row) = (task / row_tasks, task % row_tasks * rows_per_task);
             let mut padded = vec![0.0f32; cin * 3 * padded_len];
             for oy in first_row..(first_row + rows_per_task).min(oh) {

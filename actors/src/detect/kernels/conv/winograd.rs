@@ -29,7 +29,7 @@
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
+use crate::detect::kernels::parallel;
 
 use super::super::isa::Isa;
 use super::super::pack::{PackedA, PackedB};
@@ -136,7 +136,7 @@ impl Conv2d {
     pub(super) fn winograd_for(&self, n: usize, oh: usize, ow: usize) -> Option<&Winograd> {
         let winograd = self.winograd.as_ref()?;
         let tasks = n * tile_blocks(oh, ow, winograd.isa()) * self.winograd_channel_blocks(n, oh, ow, winograd.isa()).1;
-        (tasks >= rayon::current_num_threads()).then_some(winograd)
+        (tasks >= parallel::threads()).then_some(winograd)
     }
 
     /// Whether this call runs by F(4x4, 3x3): as [`winograd_for`](Self::winograd_for), unless
@@ -149,7 +149,7 @@ impl Conv2d {
     /// tiles for every thread, more for small outputs. Each block of channels transforms the
     /// input again, a small cost beside its share of the products.
     fn winograd_channel_blocks(&self, n: usize, oh: usize, ow: usize, isa: Isa) -> (usize, usize) {
-        schedule::channel_blocks(n * tile_blocks(oh, ow, isa), self.spec.out_channels, isa.mr(), rayon::current_num_threads())
+        schedule::channel_blocks(n * tile_blocks(oh, ow, isa), self.spec.out_channels, isa.mr(), parallel::threads())
     }
 
     /// The convolution by F(4x4, 3x3) (see the module's notes), into `out`
@@ -179,7 +179,7 @@ impl Conv2d {
         let pixels = oh * ow;
         let silu = self.spec.activation == super::super::activation::Activation::Silu;
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
-        (0..n * blocks * m_blocks).into_par_iter().for_each(|task| {
+        parallel::for_each(n * blocks * m_blocks, |task| {
             let (batch, block) = (task / m_blocks / blocks, task / m_blocks % blocks);
             let channels = task % m_blocks * m_block..((task % m_blocks + 1) * m_block).min(cout);
             let image = &planes[batch * cin * channel_len..];
