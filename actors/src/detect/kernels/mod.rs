@@ -4,7 +4,8 @@
 //!
 //! Laid out after tract's `linalg`, one concept per file:
 //! - [`isa`]: which microkernel this CPU runs, and the dispatch to it; [`cache`]: the cache
-//!   sizes every blocking constant derives from;
+//!   sizes every blocking constant derives from; [`parallel`]: the team of threads every
+//!   kernel's parallel loop runs on;
 //! - the packed matrix product: packing (`pack`), tiling (`tiling`), the fused epilogue
 //!   (`epilogue`), the batched product (`matmul`), the microkernels per instruction set
 //!   (`x86_64/avx2.rs`, `x86_64/avx512.rs`) and the portable fallback (`portable`);

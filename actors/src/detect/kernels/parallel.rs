@@ -2,19 +2,23 @@
 //!
 //! A model runs some 140 parallel loops per frame, most of them a fraction of a millisecond
 //! long. On rayon's pool, a worker that finds no work soon sleeps, and waking it for the next
-//! loop is a system call and a wait; on a 2-core VM that cost 3-4 ms of system time per
-//! YOLOv12n frame, and the kernels scaled 1.66-1.75x from one thread to two. A [`Team`] keeps
-//! its helpers spinning while a model runs (between runs they sleep), hands each loop to them
-//! through one counter, and deals the tasks out in contiguous shares: thread `t` of `n` first
-//! runs tasks `t * tasks / n ..`, then takes what is left of the others' shares. The kernels
-//! number their tasks along the image (rows, stretches of pixels), so a thread computes the
-//! same part of the image layer after layer and finds the previous layer's output there in
-//! its own L2 cache. Measured on a 2-core Xeon (2 MiB L2 per core), where a share dealt by
-//! who came first left pointwise layers of 40x40 px running no faster on two threads than on
-//! one (128 -> 64 channels, 0.22 ms against 0.23).
+//! loop is a system call; on a 2-core VM that was 3-4 ms of system time per YOLOv12n frame.
+//! Worse, rayon hands tasks to whichever thread comes first, so a layer's input was mostly in
+//! the other core's L2 cache: on a 2-core Xeon (2 MiB L2 per core), YOLOv12n's layers ran
+//! 1.53x (pointwise) to 1.75x faster on two threads than on one, and some pointwise layers of
+//! 40x40 pixels no faster at all (128 -> 64 channels, 0.23 ms on one thread, 0.22 on two).
 //!
-//! Outside a team (tests, benchmarks that call a kernel alone), [`for_each`] runs on the
-//! current rayon pool.
+//! A [`Team`] keeps its helpers spinning while a model runs (between runs they sleep),
+//! announces each loop in one atomic word that a helper joins, and deals the tasks out in
+//! contiguous shares: thread `t` of `n` first runs tasks `t * tasks / n ..`, then takes what
+//! is left of the others' shares. The kernels number their tasks along the image (rows,
+//! stretches of pixels), so a thread computes the same part of the image layer after layer
+//! and finds its input in its own L2 cache. YOLOv12n at 2 threads on that Xeon went from 44.7
+//! to 41.9 ms (sums of per-step times), with 0.08 s of system time per 110 calls instead of
+//! 0.43.
+//!
+//! Outside a team (tests, benchmarks that call a kernel alone, or a second thread calling a
+//! model whose team is busy), [`for_each`] runs on the current rayon pool.
 
 use std::any::Any;
 use std::cell::Cell;
@@ -43,7 +47,8 @@ const CLOSED: u64 = 1 << 15;
 const JOINED: u64 = CLOSED - 1;
 
 /// A loop handed to the helpers: the body, as a pointer whose lifetime [`for_each`] guards
-/// (it waits for every helper to finish before the body goes out of scope), and its tasks.
+/// (it waits for every helper that joined to finish before the body goes out of scope), and
+/// its tasks.
 struct Job {
     body: *const (dyn Fn(usize) + Sync),
     tasks: usize,
@@ -64,7 +69,8 @@ struct Shared {
     cursors: Vec<Cursor>,
     /// Helpers done with the current loop (of those that joined it).
     finished: AtomicUsize,
-    /// While a model runs: helpers spin; otherwise they sleep.
+    /// While a model runs: helpers spin; otherwise they sleep. Also what keeps a second
+    /// thread from leading the team at the same time.
     active: AtomicBool,
     shutdown: AtomicBool,
     /// A helper's task panicked: the payload, re-raised on the leader.
@@ -112,9 +118,10 @@ impl Team {
     }
 
     /// Runs `f` on this thread as the team's leader: the kernels' loops inside it run on the
-    /// whole team, whose helpers spin until `f` returns.
+    /// whole team, whose helpers spin until `f` returns. While another thread leads the team
+    /// (or inside a team already), `f` runs as it would without one.
     pub fn lead<R>(&self, f: impl FnOnce() -> R) -> R {
-        if self.helpers.is_empty() || !LEADING.get().is_null() {
+        if self.helpers.is_empty() || !LEADING.get().is_null() || self.shared.active.swap(true, Ordering::Acquire) {
             return f();
         }
         /// Puts the helpers back to sleep and this thread out of the lead, also on a panic.
@@ -126,7 +133,6 @@ impl Team {
             }
         }
         let shared: &Shared = &self.shared;
-        shared.active.store(true, Ordering::Release);
         for helper in &self.helpers {
             helper.thread().unpark();
         }
@@ -382,6 +388,8 @@ mod tests {
             }
         };
         assert_eq!(team.lead(threads), 3);
+        // A second thread that calls while the team is led runs on the rayon pool instead.
+        team.lead(|| std::thread::scope(|s| s.spawn(|| team.lead(check)).join().unwrap()));
         team.lead(check);
         // Again, after the helpers went back to sleep; and outside the team.
         team.lead(check);
