@@ -256,7 +256,24 @@ pub fn for_each_chunk_mut<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usiz
     });
 }
 
-/// The start of a slice whose disjoint pieces tasks take ([`for_each_chunk_mut`]).
+/// `f(index, piece)` for each range of `data` in `ranges`, run as [`for_each`] runs tasks. The
+/// ranges must lie in `data`, in increasing order, without overlapping (checked).
+pub fn for_each_range_mut<T: Send>(data: &mut [T], ranges: &[std::ops::Range<usize>], f: impl Fn(usize, &mut [T]) + Sync) {
+    let ordered = ranges.iter().all(|r| r.start <= r.end) && ranges.windows(2).all(|w| w[0].end <= w[1].start);
+    assert!(ordered && ranges.last().is_none_or(|r| r.end <= data.len()), "ranges in order, apart and inside the slice");
+    let base = SendMut(data.as_mut_ptr());
+    for_each(ranges.len(), |index| {
+        let range = &ranges[index];
+        // SAFETY: `range` lies inside `data` (checked above), which the exclusive borrow keeps
+        // alive and unaliased for this call; the ranges do not overlap (checked) and each task
+        // gets its own index, so no two tasks' pieces overlap.
+        let piece = unsafe { std::slice::from_raw_parts_mut(base.get().add(range.start), range.len()) };
+        f(index, piece);
+    });
+}
+
+/// The start of a slice whose disjoint pieces tasks take ([`for_each_chunk_mut`],
+/// [`for_each_range_mut`]).
 struct SendMut<T>(*mut T);
 // SAFETY: the tasks that share it each make a slice of their own piece only.
 unsafe impl<T: Send> Sync for SendMut<T> {}
@@ -407,6 +424,13 @@ mod tests {
             });
             assert!(data.iter().enumerate().all(|(i, &x)| i == x));
             assert_eq!(map(5, |t| t * t), vec![0, 1, 4, 9, 16]);
+            let mut data = vec![0usize; 20];
+            for_each_range_mut(&mut data, &[0..3, 3..3, 5..20], |index, piece| piece.fill(index + 1));
+            assert_eq!(data.iter().filter(|&&x| x == 1).count(), 3);
+            assert_eq!(data[3..5], [0, 0]);
+            assert!(data[5..].iter().all(|&x| x == 3));
+            let overlapping = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| for_each_range_mut(&mut data, &[0..4, 3..5], |_, _| {})));
+            assert!(overlapping.is_err(), "overlapping ranges are refused");
         });
     }
 

@@ -96,8 +96,11 @@ fn transpose_2d_batched(input: &[f32], batch: usize, rows: usize, cols: usize, o
             }
         }
     } else {
+        // Blocks of output rows of each plane; the last of a plane may be short.
         let blocks = plane.div_ceil(chunk);
-        parallel::for_each_chunk_mut(out, chunk, |index, dst| run(index / blocks, index % blocks, dst));
+        let ranges: Vec<std::ops::Range<usize>> =
+            (0..batch * blocks).map(|i| (i / blocks * plane + i % blocks * chunk)..(i / blocks * plane + (i % blocks * chunk + chunk).min(plane))).collect();
+        parallel::for_each_range_mut(out, &ranges, |index, dst| run(index / blocks, index % blocks, dst));
     }
     debug_assert!(col_blocks * chunk >= plane);
 }
@@ -201,6 +204,8 @@ mod tests {
             (vec![64, 300], vec![1, 0]),
             (vec![2, 67, 45], vec![0, 2, 1]),
             (vec![1, 192, 1600], vec![0, 2, 1]),
+            // Large enough to run in parallel, with planes that end inside a block of rows.
+            (vec![3, 200, 70], vec![0, 2, 1]),
         ] {
             let input: Vec<f32> = (0..dims.iter().product::<usize>()).map(|i| i as f32).collect();
             assert_eq!(permute(&input, &dims, &perm), reference(&input, &dims, &perm), "{dims:?} {perm:?}");
