@@ -347,7 +347,7 @@ fn load_model(bytes: &[u8], dir: &Path) -> Outcome {
             DetectError::Execution { .. } => "execution",
             DetectError::Tensor(_) => "tensor",
             DetectError::BadInput(_) => "bad_input",
-            DetectError::Threads(_) => "threads",
+            DetectError::Threads(_) | DetectError::Helpers(_) => "threads",
             DetectError::BadImage { .. } => "bad_image",
         }
         .into(),
