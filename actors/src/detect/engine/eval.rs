@@ -45,22 +45,22 @@ fn gather_blocks(sources: &[&[f32]], widths: &[usize], outer: usize, total: usiz
     const PIECE: usize = 1 << 15;
     let mut out: Vec<f32> = Vec::with_capacity(total);
     // The output in order is, for each outer index, each part's block: cut it into pieces
-    // paired with their sources, then copy the pieces in parallel.
-    let mut pieces = Vec::new();
-    let mut rest = &mut out.spare_capacity_mut()[..total];
+    // (consecutive ranges of the output) paired with their sources, then copy the pieces in
+    // parallel.
+    let mut ranges = Vec::new();
+    let mut chunks = Vec::new();
     for o in 0..outer {
         for (source, &width) in sources.iter().zip(widths) {
             for chunk in source[o * width..][..width].chunks(PIECE) {
-                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(chunk.len());
-                pieces.push((dst, chunk));
-                rest = tail;
+                let start = ranges.last().map_or(0, |r: &std::ops::Range<usize>| r.end);
+                ranges.push(start..start + chunk.len());
+                chunks.push(chunk);
             }
         }
     }
-    let pieces: Vec<std::sync::Mutex<_>> = pieces.into_iter().map(std::sync::Mutex::new).collect();
-    parallel::for_each(pieces.len(), |index| {
-        let (dst, src) = &mut *pieces[index].lock().unwrap_or_else(|e| e.into_inner());
-        for (d, &v) in dst.iter_mut().zip(src.iter()) {
+    assert_eq!(ranges.last().map_or(0, |r| r.end), total, "the parts fill the output");
+    parallel::for_each_range_mut(&mut out.spare_capacity_mut()[..total], &ranges, |index, dst| {
+        for (d, &v) in dst.iter_mut().zip(chunks[index]) {
             d.write(v);
         }
     });
