@@ -1,6 +1,8 @@
 //! The CPU custom operations: streamdet's kernels wrapped as candle `CustomOp`s, run on
 //! contiguous `f32` CPU storage.
 
+use std::mem::MaybeUninit;
+
 use crate::detect::kernels::parallel;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape};
 
@@ -92,39 +94,54 @@ const ELEMENTWISE_CHUNK: usize = 1 << 14;
 
 /// `f` of each element of `a`, into a new vector, in parallel pieces.
 fn map_into(a: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0; a.len()];
-    parallel::for_each_chunk_mut(&mut out, ELEMENTWISE_CHUNK, |index, out| {
+    build(a.len(), |index, out| {
         let a = &a[index * ELEMENTWISE_CHUNK..][..out.len()];
-        for (o, &x) in out.iter_mut().zip(a) {
-            *o = f(x);
-        }
-    });
-    out
+        write_all(out, a.iter().map(|&x| f(x)));
+    })
 }
 
 /// `f` of each pair of elements of `a` and `b` (of one length), into a new vector, in
 /// parallel pieces.
 fn zip_into(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0; a.len()];
-    parallel::for_each_chunk_mut(&mut out, ELEMENTWISE_CHUNK, |index, out| {
+    build(a.len(), |index, out| {
         let (a, b) = (&a[index * ELEMENTWISE_CHUNK..][..out.len()], &b[index * ELEMENTWISE_CHUNK..][..out.len()]);
-        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-            *o = f(x, y);
-        }
-    });
-    out
+        write_all(out, a.iter().zip(b).map(|(&x, &y)| f(x, y)));
+    })
 }
 
 /// A copy of `input` made in parallel pieces (`to_vec` copies on one thread), each of which
 /// `then` updates in place while it is in cache.
 fn copy_then(input: &[f32], then: impl Fn(&mut [f32]) + Sync) -> Vec<f32> {
-    let mut out = vec![0.0; input.len()];
-    parallel::for_each_chunk_mut(&mut out, ELEMENTWISE_CHUNK, |index, out| {
-        let input = &input[index * ELEMENTWISE_CHUNK..][..out.len()];
-        out.copy_from_slice(input);
-        then(out);
-    });
+    build(input.len(), |index, out| then(write_all(out, input[index * ELEMENTWISE_CHUNK..][..out.len()].iter().copied())))
+}
+
+/// A vector of `len` floats, made in parallel pieces of [`ELEMENTWISE_CHUNK`] by `fill`, which
+/// must write every float of its piece (its index, the piece) through [`write_all`]. Not
+/// zero-filled first: on one thread, that pass over memory took about as long as the
+/// operation (the detection head's sigmoid of 672,000 floats).
+fn build(len: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    let pieces = &mut out.spare_capacity_mut()[..len];
+    // A piece not written completely panics in `write_all`, and then `out` is dropped empty.
+    parallel::for_each_chunk_mut(pieces, ELEMENTWISE_CHUNK, |index, piece| fill(index, piece));
+    // SAFETY: every piece was written whole by `write_all` (which panics otherwise, before
+    // this line is reached).
+    unsafe { out.set_len(len) };
     out
+}
+
+/// Writes `values` into `out`, which they must fill exactly (a panic otherwise), and returns
+/// it as initialised floats.
+fn write_all(out: &mut [MaybeUninit<f32>], values: impl Iterator<Item = f32>) -> &mut [f32] {
+    let mut written = 0;
+    for (o, v) in out.iter_mut().zip(values) {
+        o.write(v);
+        written += 1;
+    }
+    assert_eq!(written, out.len(), "an element-wise piece left floats unwritten");
+    // SAFETY: all `out.len()` elements were written just above; `MaybeUninit<f32>` has the
+    // layout of `f32`.
+    unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> CResult<&'a [f32]> {
