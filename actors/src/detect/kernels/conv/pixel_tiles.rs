@@ -98,20 +98,19 @@ impl PixelTiles {
         let panel = if cout <= narrow { narrow } else { wide };
         let panels = cout.div_ceil(panel);
         let last = if cout - (panels - 1) * panel <= narrow { narrow } else { panel };
+        let mut padded_bias = bias.to_vec();
+        padded_bias.resize((panels - 1) * panel + last, 0.0);
+        let mut tiles = PixelTiles { isa, weights: PackedB::new(), bias: padded_bias, k, panel, panels, last };
+        let widths: Vec<usize> = (0..panels).map(|p| tiles.width(p)).collect();
+        let floats = tiles.weights.floats_mut((panels - 1) * k * panel + k * last);
         // Panel `p` starts after `p` whole panels.
-        let width = |p: usize| if p + 1 == panels { last } else { panel };
-        let mut packed = PackedB::new();
-        let floats = packed.floats_mut((panels - 1) * k * panel + k * last);
-        for p in 0..panels {
-            let (first, width) = (p * k * panel, width(p));
-            for (index, value) in floats[first..first + k * width].iter_mut().enumerate() {
+        for (p, &width) in widths.iter().enumerate() {
+            for (index, value) in floats[p * k * panel..][..k * width].iter_mut().enumerate() {
                 let (kk, channel) = (index / width, p * panel + index % width);
                 *value = if channel < cout { weights[channel * k + kk] } else { 0.0 };
             }
         }
-        let mut padded_bias = bias.to_vec();
-        padded_bias.resize((panels - 1) * panel + last, 0.0);
-        PixelTiles { isa, weights: packed, bias: padded_bias, k, panel, panels, last }
+        tiles
     }
 
     /// Panel `p`'s weights: `k * width(p)` floats, 64-byte aligned.
