@@ -485,6 +485,7 @@ mod tests {
             check(4, 4, 4, 3, 1, 1, 1, 9, w);
         }
         check(17, 17, 17, 3, 1, 1, 1, 6, 6); // depthwise, small planes not a multiple of a task's
+        check(8, 8, 8, 9, 1, 4, 1, 12, 20); // depthwise 9x9: no block kernel for that side, rows by taps
         check(8, 8, 2, 3, 1, 1, 1, 6, 6); // grouped
         check(64, 128, 1, 3, 2, 1, 1, 5, 5); // small late layer: split channels
         check(24, 40, 1, 3, 1, 1, 2, 7, 21); // stride 1 in place: rows not a multiple of 16, batch 2
