@@ -51,3 +51,31 @@ fn detect_image_class_filter_and_bad_input() {
     let out = streamdet().args(["detect-image", "--classes", "unicorn"]).arg(hopper).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "an unknown class is a usage error");
 }
+
+#[test]
+fn bench_model_profiles_operator_types_and_steps() {
+    let out = streamdet().args(["bench-model", "--runs", "2", "--warmup", "1", "--profile", "steps"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.iter().map(|l| l["type"].as_str().unwrap()).collect::<Vec<_>>(), ["bench", "profile", "steps"]);
+    let steps = lines[2]["steps"].as_array().unwrap();
+    // Every step is counted in its operator type's entry, and the steps come in the plan's order.
+    for (op, entry) in lines[1]["ops"].as_object().unwrap() {
+        assert_eq!(entry["steps"].as_u64(), Some(steps.iter().filter(|s| s["op"] == *op).count() as u64), "{op}");
+    }
+    let indices: Vec<u64> = steps.iter().map(|s| s["index"].as_u64().unwrap()).collect();
+    assert!(indices.windows(2).all(|w| w[0] < w[1]), "{indices:?}");
+    assert!(steps.iter().all(|s| s["ms"].as_f64().is_some_and(|ms| ms >= 0.0)));
+    // The default model's first step: its stem convolution, on the letterboxed frame.
+    assert_eq!((&steps[0]["op"], &steps[0]["layer"]), (&serde_json::json!("Conv kxk"), &serde_json::json!("3->16 k3 s2")));
+    assert_eq!(steps[0]["input"], serde_json::json!([1, 3, 640, 640]));
+    // A plain --profile prints the operator types only.
+    let out = streamdet().args(["bench-model", "--runs", "1", "--warmup", "0", "--profile"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let types: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(types, ["bench", "profile"]);
+}

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use serde_json::json;
-use streamdet_actors::detect::{OpProfile, Size};
+use streamdet_actors::detect::{OpProfile, Size, StepTime};
 
 use super::Failure;
 use super::ModelArgs;
@@ -24,10 +24,20 @@ pub struct Args {
     runs: usize,
     #[arg(long, default_value_t = 3)]
     warmup: usize,
-    /// Also print where the time goes: a `profile` line with milliseconds per operator type,
-    /// averaged over the timed runs.
-    #[arg(long)]
-    profile: bool,
+    /// Also print where the time goes, averaged over as many more runs: a `profile` line with
+    /// milliseconds per operator type (`--profile`), and with `--profile steps` a `steps` line
+    /// too, with each step's layer, input shape and milliseconds, to compare layer by layer.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "ops")]
+    profile: Option<Profile>,
+}
+
+/// How much `--profile` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Profile {
+    /// Milliseconds per operator type.
+    Ops,
+    /// Per operator type, and per step.
+    Steps,
 }
 
 fn median(sorted: &[f64]) -> f64 {
@@ -67,18 +77,38 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
             "max_ms": round2(times[times.len() - 1]), "runs": args.runs,
         })
     );
-    if args.profile {
-        let mut total = OpProfile::new();
+    if let Some(detail) = args.profile {
+        // Each step's time summed over the runs in which it ran: after the timed runs above, the
+        // results that follow from the input's shape are kept, and every run below runs the
+        // same steps.
+        let mut steps: Vec<(StepTime, usize)> = Vec::new();
         for _ in 0..args.runs {
-            for (op, (ms, steps)) in detector.profile(&input)? {
-                let entry = total.entry(op).or_default();
-                entry.0 += ms / args.runs as f64;
-                entry.1 = steps;
+            for step in detector.profile_steps(&input)? {
+                match steps.iter_mut().find(|(s, _)| s.index == step.index) {
+                    Some((sum, count)) => {
+                        sum.ms += step.ms;
+                        *count += 1;
+                    }
+                    None => steps.push((step, 1)),
+                }
             }
+        }
+        let mut total = OpProfile::new();
+        for (step, count) in &steps {
+            let entry = total.entry(step.op.clone()).or_default();
+            entry.0 += step.ms / *count as f64;
+            entry.1 += 1;
         }
         let ops: serde_json::Map<String, serde_json::Value> =
             total.into_iter().map(|(op, (ms, steps))| (op, json!({"ms": round2(ms), "steps": steps}))).collect();
         println!("{}", json!({"type": "profile", "batch": args.batch, "ops": ops}));
+        if detail == Profile::Steps {
+            let steps: Vec<serde_json::Value> = steps
+                .iter()
+                .map(|(s, count)| json!({"index": s.index, "op": s.op, "layer": s.layer, "input": s.input, "ms": (s.ms / *count as f64 * 1000.0).round() / 1000.0}))
+                .collect();
+            println!("{}", json!({"type": "steps", "batch": args.batch, "steps": steps}));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -24,7 +24,7 @@ mod views;
 
 pub use self::image::{ImageError, decode_image};
 pub use crate::frame::{Letterbox, ModelFrame, Size, letterbox_rgb};
-pub use engine::{Engine, Kernels, OpProfile};
+pub use engine::{Engine, Kernels, OpProfile, StepTime};
 pub use model::ModelInfo;
 pub use postprocess::{DetectParams, Detection};
 
@@ -174,32 +174,53 @@ impl Detector {
     /// Runs like [`run_raw`](Self::run_raw) and returns the time spent per operator type.
     pub fn profile(&self, input: &Tensor) -> Result<OpProfile, DetectError> {
         let mut profile = OpProfile::new();
-        self.run_batches(input, Some(&mut profile))?;
+        self.run_batches(
+            input,
+            Some(&mut |step: StepTime| {
+                let entry = profile.entry(step.op).or_default();
+                entry.0 += step.ms;
+                entry.1 += 1;
+            }),
+        )?;
         Ok(profile)
     }
 
-    fn run_batches(&self, input: &Tensor, profile: Option<&mut OpProfile>) -> Result<Tensor, DetectError> {
+    /// Runs like [`run_raw`](Self::run_raw) and returns the time of each step, in the order
+    /// they ran (a model of fixed batch size runs its steps once per call).
+    pub fn profile_steps(&self, input: &Tensor) -> Result<Vec<StepTime>, DetectError> {
+        let mut steps = Vec::new();
+        self.run_batches(input, Some(&mut |step| steps.push(step)))?;
+        Ok(steps)
+    }
+
+    fn run_batches(&self, input: &Tensor, on_step: Option<&mut (dyn FnMut(StepTime) + Send)>) -> Result<Tensor, DetectError> {
         let input = input.to_device(self.engine.device()).map_err(DetectError::from_candle)?;
-        self.pool.install(|| self.team.lead(|| self.run_on_team(&input, profile)))
+        self.pool.install(|| self.team.lead(|| self.run_on_team(&input, on_step)))
     }
 
     /// The body of [`run_batches`](Self::run_batches), on the leader of the kernels' team.
-    fn run_on_team(&self, input: &Tensor, mut profile: Option<&mut OpProfile>) -> Result<Tensor, DetectError> {
+    fn run_on_team(&self, input: &Tensor, mut on_step: Option<&mut (dyn FnMut(StepTime) + Send)>) -> Result<Tensor, DetectError> {
         let n = input.dim(0).map_err(DetectError::from_candle)?;
         match self.frames_per_call {
             Some(size) if size != n => {
                 if size == 0 || n % size != 0 {
                     return Err(DetectError::BadInput(format!("the model takes batches of {size}, got {n}")));
                 }
-                let parts = (0..n / size)
-                    .map(|i| {
-                        let part = input.narrow(0, i * size, size).map_err(DetectError::from_candle)?;
-                        self.engine.run_profiled(part, profile.as_deref_mut())
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let mut parts = Vec::with_capacity(n / size);
+                for i in 0..n / size {
+                    let part = input.narrow(0, i * size, size).map_err(DetectError::from_candle)?;
+                    parts.push(self.run_part(part, on_step.as_deref_mut())?);
+                }
                 Tensor::cat(&parts, 0).map_err(DetectError::from_candle)
             }
-            _ => self.engine.run_profiled(input.clone(), profile),
+            _ => self.run_part(input.clone(), on_step),
+        }
+    }
+
+    fn run_part<'f>(&self, input: Tensor, on_step: Option<&mut (dyn FnMut(StepTime) + Send + 'f)>) -> Result<Tensor, DetectError> {
+        match on_step {
+            Some(on_step) => self.engine.run_timed(input, on_step),
+            None => self.engine.run(input),
         }
     }
 

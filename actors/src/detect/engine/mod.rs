@@ -151,6 +151,18 @@ struct Step {
 /// Milliseconds and step count per operator type, from [`Engine::run_profiled`].
 pub type OpProfile = std::collections::BTreeMap<String, (f64, usize)>;
 
+/// One step of a timed run ([`Engine::run_timed`]): its place in the plan, its entry in an
+/// [`OpProfile`] (`op`), the layer it runs when that says more (a convolution's channels,
+/// kernel and stride: `"64->64 k3 s2"`), the shape of its first input, and its wall time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepTime {
+    pub index: usize,
+    pub op: String,
+    pub layer: String,
+    pub input: Vec<usize>,
+    pub ms: f64,
+}
+
 /// A softmax over channels and the 1x1 convolution that reads it, as one step
 /// ([`fuse::fuse_softmax_conv`]); `view` is the chain of views folded into its input.
 #[derive(Debug)]
@@ -303,7 +315,24 @@ impl Engine {
 
     /// Like [`run`](Self::run); when `profile` is given, adds each step's wall time to the
     /// entry of its operator type (fused convolutions count as `Conv`).
-    pub fn run_profiled(&self, input: Tensor, mut profile: Option<&mut OpProfile>) -> Result<Tensor, DetectError> {
+    pub fn run_profiled(&self, input: Tensor, profile: Option<&mut OpProfile>) -> Result<Tensor, DetectError> {
+        match profile {
+            Some(profile) => self.run_timed(input, &mut |step| {
+                let entry = profile.entry(step.op).or_default();
+                entry.0 += step.ms;
+                entry.1 += 1;
+            }),
+            None => self.run_steps(input, None),
+        }
+    }
+
+    /// Like [`run`](Self::run), and hands `on_step` the wall time of each step it runs (steps
+    /// whose results are kept from an earlier run of the same input shape do not run).
+    pub fn run_timed(&self, input: Tensor, on_step: &mut dyn FnMut(StepTime)) -> Result<Tensor, DetectError> {
+        self.run_steps(input, Some(on_step))
+    }
+
+    fn run_steps(&self, input: Tensor, mut on_step: Option<&mut dyn FnMut(StepTime)>) -> Result<Tensor, DetectError> {
         let mut values: Vec<Option<Tensor>> = vec![None; self.slot_count];
         for (slot, tensor) in &self.constants {
             values[*slot] = Some(tensor.clone());
@@ -326,12 +355,12 @@ impl Engine {
                 continue;
             }
             let args: Vec<Option<&Tensor>> = step.inputs.iter().map(|s| s.and_then(|s| values[s].as_ref())).collect();
-            let started = profile.is_some().then(std::time::Instant::now);
+            let started = on_step.is_some().then(std::time::Instant::now);
             let results = eval::eval(&step.op, &args, &self.target).map_err(|e| execution_error(step, e))?;
-            if let (Some(profile), Some(started)) = (profile.as_deref_mut(), started) {
-                let entry = profile.entry(profile_key(step)).or_default();
-                entry.0 += started.elapsed().as_secs_f64() * 1000.0;
-                entry.1 += 1;
+            if let (Some(on_step), Some(started)) = (on_step.as_deref_mut(), started) {
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                let input = args.first().copied().flatten().map(|t| t.dims().to_vec()).unwrap_or_default();
+                on_step(StepTime { index, op: profile_key(step), layer: layer_of(step), input, ms });
             }
             if derived {
                 shape_derived.extend(step.outputs.iter().copied().zip(results.iter().cloned()));
@@ -366,6 +395,18 @@ fn profile_key(step: &Step) -> String {
             format!("Conv {kind}")
         }
         _ => step.op_type.clone(),
+    }
+}
+
+/// What a step's layer is, beyond its operator type: a convolution's channels, kernel and
+/// stride (`"64->64 k3 s2"`); empty for other steps.
+fn layer_of(step: &Step) -> String {
+    match &step.op {
+        Op::Conv(c) => {
+            let spec = c.conv.spec();
+            format!("{}->{} k{} s{}", spec.in_channels, spec.out_channels, spec.kernel.0, spec.stride.0)
+        }
+        _ => String::new(),
     }
 }
 
