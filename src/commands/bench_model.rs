@@ -1,6 +1,7 @@
 //! `streamdet bench-model`: model latency on random input, one JSON line, comparable with
 //! `../shared/peers/ort_bench.py` for ONNX Runtime.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -78,25 +79,21 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         })
     );
     if let Some(detail) = args.profile {
-        // Each step's time summed over the runs in which it ran: after the timed runs above, the
-        // results that follow from the input's shape are kept, and every run below runs the
-        // same steps.
-        let mut steps: Vec<(StepTime, usize)> = Vec::new();
+        // Each step's milliseconds per call, averaged over the runs (a model of fixed batch
+        // size runs its steps once per part of a larger batch: their times add up). After the
+        // timed runs above, the results that follow from the input's shape are kept, so every
+        // run below runs the same steps.
+        let mut steps: BTreeMap<usize, StepTime> = BTreeMap::new();
         for _ in 0..args.runs {
             for step in detector.profile_steps(&input)? {
-                match steps.iter_mut().find(|(s, _)| s.index == step.index) {
-                    Some((sum, count)) => {
-                        sum.ms += step.ms;
-                        *count += 1;
-                    }
-                    None => steps.push((step, 1)),
-                }
+                let ms = step.ms / args.runs as f64;
+                steps.entry(step.index).and_modify(|s| s.ms += ms).or_insert(StepTime { ms, ..step });
             }
         }
         let mut total = OpProfile::new();
-        for (step, count) in &steps {
+        for step in steps.values() {
             let entry = total.entry(step.op.clone()).or_default();
-            entry.0 += step.ms / *count as f64;
+            entry.0 += step.ms;
             entry.1 += 1;
         }
         let ops: serde_json::Map<String, serde_json::Value> =
@@ -104,8 +101,8 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         println!("{}", json!({"type": "profile", "batch": args.batch, "ops": ops}));
         if detail == Profile::Steps {
             let steps: Vec<serde_json::Value> = steps
-                .iter()
-                .map(|(s, count)| json!({"index": s.index, "op": s.op, "layer": s.layer, "input": s.input, "ms": (s.ms / *count as f64 * 1000.0).round() / 1000.0}))
+                .values()
+                .map(|s| json!({"index": s.index, "op": s.op, "layer": s.layer, "input": s.input, "ms": (s.ms * 1000.0).round() / 1000.0}))
                 .collect();
             println!("{}", json!({"type": "steps", "batch": args.batch, "steps": steps}));
         }
