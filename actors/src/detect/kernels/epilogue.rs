@@ -37,13 +37,27 @@ pub(super) struct TileEpilogue {
 pub(super) unsafe fn finish<V: Lanes>(v: V, bias: f32, silu: bool, residual: Option<*const f32>) -> V {
     // SAFETY: the caller's contract.
     unsafe {
-        let mut v = v.add(V::splat(bias));
-        if silu {
-            v = v.mul(v.sigmoid());
+        let [v] = finish_each([v], [V::splat(bias)], silu);
+        match residual {
+            Some(r) => v.add(V::load(r)),
+            None => v,
         }
-        if let Some(r) = residual {
-            v = v.add(V::load(r));
+    }
+}
+
+/// `N` registers of a finished tile: `+ bias[i]`, then SiLU when asked, the SiLU of all `N`
+/// side by side ([`Lanes::silu_each`]); the residual, where there is one, is the caller's.
+///
+/// # Safety
+/// The CPU has `V`'s features.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn finish_each<V: Lanes, const N: usize>(mut v: [V; N], bias: [V; N], silu: bool) -> [V; N] {
+    // SAFETY: the caller's contract.
+    unsafe {
+        for (v, b) in v.iter_mut().zip(&bias) {
+            *v = v.add(*b);
         }
-        v
+        if silu { V::silu_each(v) } else { v }
     }
 }

@@ -47,21 +47,47 @@ pub(super) unsafe trait Lanes: Copy {
     unsafe fn interleave4(v: [Self; 4]) -> [Self; 4];
 
     /// `e^self`, clamped like the scalar [`exp`](super::activation::exp) so that the result is
-    /// finite: Cephes' range reduction and polynomial, with fused multiply-adds.
+    /// finite.
     #[inline(always)]
     unsafe fn exp(self) -> Self {
         // SAFETY: the trait's contract, passed on.
+        unsafe { Self::exp_each([self])[0] }
+    }
+
+    /// `e^x` of each of `N` vectors: Cephes' range reduction and polynomial, with fused
+    /// multiply-adds, each step taken across all `N` before the next. One vector's `exp` is a
+    /// chain of about twenty dependent operations, ninety cycles long; a kernel that finishes a
+    /// tile one vector at a time waits on that chain (the out-of-order window holds only a few
+    /// of them), while `N` chains side by side keep the vector units busy.
+    #[inline(always)]
+    unsafe fn exp_each<const N: usize>(v: [Self; N]) -> [Self; N] {
+        // SAFETY: the trait's contract, passed on.
         unsafe {
-            let x = self.max(Self::splat(-87.0)).min(Self::splat(88.0));
-            let k = x.mul(Self::splat(std::f32::consts::LOG2_E)).round();
-            let r = k.mul_add(Self::splat(-0.693_359_4), x);
-            let r = k.mul_add(Self::splat(2.121_944_4e-4), r);
-            let mut p = Self::splat(1.987_569_1e-4);
-            for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5e-1] {
-                p = p.mul_add(r, Self::splat(c));
+            let mut x = v;
+            for x in &mut x {
+                *x = x.max(Self::splat(-87.0)).min(Self::splat(88.0));
             }
-            let e = p.mul_add(r.mul(r), r).add(Self::splat(1.0));
-            e.mul(k.pow2i())
+            let mut k = x;
+            for k in &mut k {
+                *k = k.mul(Self::splat(std::f32::consts::LOG2_E)).round();
+            }
+            let mut r = x;
+            for (r, k) in r.iter_mut().zip(&k) {
+                *r = k.mul_add(Self::splat(-0.693_359_4), *r);
+            }
+            for (r, k) in r.iter_mut().zip(&k) {
+                *r = k.mul_add(Self::splat(2.121_944_4e-4), *r);
+            }
+            let mut p = [Self::splat(1.987_569_1e-4); N];
+            for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5e-1] {
+                for (p, r) in p.iter_mut().zip(&r) {
+                    *p = p.mul_add(*r, Self::splat(c));
+                }
+            }
+            for ((p, r), k) in p.iter_mut().zip(&r).zip(&k) {
+                *p = p.mul_add(r.mul(*r), *r).add(Self::splat(1.0)).mul(k.pow2i());
+            }
+            p
         }
     }
 
@@ -69,7 +95,38 @@ pub(super) unsafe trait Lanes: Copy {
     #[inline(always)]
     unsafe fn sigmoid(self) -> Self {
         // SAFETY: the trait's contract, passed on.
-        unsafe { Self::splat(0.0).sub(self).exp().add(Self::splat(1.0)).recip() }
+        unsafe { Self::sigmoid_each([self])[0] }
+    }
+
+    /// The sigmoid of each of `N` vectors, side by side as in [`exp_each`](Self::exp_each).
+    #[inline(always)]
+    unsafe fn sigmoid_each<const N: usize>(v: [Self; N]) -> [Self; N] {
+        // SAFETY: the trait's contract, passed on.
+        unsafe {
+            let mut minus = v;
+            for m in &mut minus {
+                *m = Self::splat(0.0).sub(*m);
+            }
+            let mut e = Self::exp_each(minus);
+            for e in &mut e {
+                *e = e.add(Self::splat(1.0)).recip();
+            }
+            e
+        }
+    }
+
+    /// SiLU (`x * sigmoid(x)`) of each of `N` vectors, side by side as in
+    /// [`exp_each`](Self::exp_each).
+    #[inline(always)]
+    unsafe fn silu_each<const N: usize>(v: [Self; N]) -> [Self; N] {
+        // SAFETY: the trait's contract, passed on.
+        unsafe {
+            let mut s = Self::sigmoid_each(v);
+            for (s, v) in s.iter_mut().zip(&v) {
+                *s = s.mul(*v);
+            }
+            s
+        }
     }
 }
 

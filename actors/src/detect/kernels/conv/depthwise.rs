@@ -271,14 +271,14 @@ fn accumulate_row_blocks(
                                 }
                             }
                         }
-                        for (r, sums) in sums.iter().enumerate() {
+                        for (r, &sums) in sums.iter().enumerate() {
                             let out = dst.as_mut_ptr().add((oy0 + r) * ow).cast::<f32>();
-                            for (v, &sum) in sums.iter().enumerate() {
+                            let values = epilogue::finish_each(sums, [V::splat(finish.bias); NV], finish.silu);
+                            for (v, &value) in values.iter().enumerate() {
                                 let x = x0 + v * V::LEN;
                                 if x >= ow {
                                     break;
                                 }
-                                let value = epilogue::finish(sum, finish.bias, finish.silu, None);
                                 if x + V::LEN <= ow {
                                     value.store(out.add(x));
                                 } else {

@@ -366,11 +366,17 @@ unsafe fn transform_output_with<V: Lanes>(m: *const f32, m_stride: usize, nr: us
                 }
                 *column = output_rows(values);
             }
+            // All the tiles' pixels side by side through the bias and SiLU, `a` major.
+            let mut finished = [V::splat(0.0); TILE * TILE];
+            for (a, pixels) in finished.chunks_exact_mut(TILE).enumerate() {
+                for (pixel, column) in pixels.iter_mut().zip(&columns) {
+                    *pixel = column[a];
+                }
+            }
+            let finished = super::super::epilogue::finish_each(finished, [V::splat(bias); TILE * TILE], silu);
             for a in 0..TILE {
                 let mut pixels = [V::splat(0.0); TILE];
-                for (pixel, column) in pixels.iter_mut().zip(&columns) {
-                    *pixel = super::super::epilogue::finish(column[a], bias, silu, None);
-                }
+                pixels.copy_from_slice(&finished[a * TILE..][..TILE]);
                 for (r, run) in V::interleave4(pixels).into_iter().enumerate() {
                     run.store(out.add(a * TILE * nr + TILE * lane + r * V::LEN));
                 }

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::super::epilogue::{TileEpilogue, finish};
+use super::super::epilogue::{TileEpilogue, finish_each};
 use super::super::pack::{self, PackedB};
 use super::super::simd::Lanes;
 
@@ -165,10 +165,22 @@ pub(in super::super) unsafe fn kernel_6x16(
             }
         }
         if let Some(e) = epilogue {
+            // The tile's registers side by side through the bias and SiLU.
+            let mut flat = [Avx2(_mm256_setzero_ps()); 2 * MR];
+            let mut bias = flat;
+            for (r, row) in acc.iter().enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    flat[2 * r + j] = Avx2(v);
+                    bias[2 * r + j] = Avx2::splat(e.bias[r]);
+                }
+            }
+            let flat = finish_each(flat, bias, e.silu);
             for (r, row) in acc.iter_mut().enumerate() {
                 for (j, v) in row.iter_mut().enumerate() {
-                    let residual = e.residual.map(|(p, ld)| p.add(r * ld + j * 8));
-                    *v = finish(Avx2(*v), e.bias[r], e.silu, residual).0;
+                    *v = flat[2 * r + j].0;
+                    if let Some((p, ld)) = e.residual {
+                        *v = _mm256_add_ps(*v, _mm256_loadu_ps(p.add(r * ld + j * 8)));
+                    }
                 }
             }
         }
@@ -240,13 +252,14 @@ pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const 
         }
         for v in 0..NV {
             let bias = Avx2(_mm256_loadu_ps(bias.add(8 * v)));
+            let mut rows = [Avx2(_mm256_setzero_ps()); P];
+            for (row, a) in rows.iter_mut().zip(&acc) {
+                *row = Avx2(a[v]);
+            }
+            let rows = finish_each(rows, [bias; P], silu);
             let mut block = [_mm256_setzero_ps(); 8];
-            for (b, a) in block.iter_mut().zip(&acc) {
-                let mut x = Avx2(a[v]).add(bias);
-                if silu {
-                    x = x.mul(x.sigmoid());
-                }
-                *b = x.0;
+            for (b, row) in block.iter_mut().zip(&rows) {
+                *b = row.0;
             }
             for (c, &row) in transpose_8x8(block).iter().enumerate().take(channels.saturating_sub(8 * v).min(8)) {
                 let channel = 8 * v + c;
