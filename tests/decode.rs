@@ -24,18 +24,48 @@ pub fn fixtures() -> PathBuf {
     support::root().join("fixtures")
 }
 
-/// Writes `path` into a new buffer from another thread, in `chunk`-byte pieces with a pause
-/// after each, and returns the buffer while the upload goes on.
-fn upload_slowly(path: &Path, chunk: usize, pause: Duration) -> (Buffer, thread::JoinHandle<()>) {
+/// How a test upload hands out its bytes.
+#[derive(Clone, Copy)]
+enum Pace {
+    /// A pause after each piece, whatever the reader does: the reader may fall behind.
+    Pause(Duration),
+    /// The next piece only once the reader has read everything written (or waits further on,
+    /// or has gone): what the first frame needed then no longer depends on how fast this
+    /// machine decodes, only on the piece size.
+    Lockstep,
+}
+
+/// How long a lockstep upload waits for the reader before it writes on regardless (a reader
+/// that decodes without reading, or a bug; never a speed check).
+const LOCKSTEP_STALL: Duration = Duration::from_millis(500);
+
+/// Writes `path` into a new buffer from another thread, in `chunk`-byte pieces at `pace`, and
+/// returns the buffer while the upload goes on.
+fn upload_slowly(path: &Path, chunk: usize, pace: Pace) -> (Buffer, thread::JoinHandle<()>) {
     let data = std::fs::read(path).unwrap();
     let mut writer = buffer::create(&BufferOptions::default()).unwrap();
     let buffer = writer.buffer().clone();
     let handle = thread::spawn(move || {
+        let mut reader_seen = false;
         for piece in data.chunks(chunk) {
             if writer.append(piece).is_err() {
                 return; // aborted by the test
             }
-            thread::sleep(pause);
+            match pace {
+                Pace::Pause(pause) => thread::sleep(pause),
+                Pace::Lockstep => {
+                    let since = Instant::now();
+                    while since.elapsed() < LOCKSTEP_STALL {
+                        match writer.buffer().lag() {
+                            Some(0) => break,
+                            Some(_) => reader_seen = true,
+                            None if reader_seen => break, // the reader is done
+                            None => {}                    // the reader is not open yet
+                        }
+                        thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            }
         }
         writer.finish();
     });
@@ -88,14 +118,15 @@ fn decode_buffer(buffer: &Buffer, options: DecodeOptions) -> Observed {
     Observed { frames, at_first_frame, first_frame_after, result, container: media.container, codec: media.codec, size: (media.width, media.height) }
 }
 
+/// Decodes `name` while uploading it in 4 KiB pieces in lockstep with the decoder.
 fn decode_while_uploading(name: &str, options: DecodeOptions) -> (Observed, u64) {
-    decode_during_upload(name, options, 4096, Duration::from_millis(3))
+    decode_during_upload(name, options, 4096, Pace::Lockstep)
 }
 
-fn decode_during_upload(name: &str, options: DecodeOptions, chunk: usize, pause: Duration) -> (Observed, u64) {
+fn decode_during_upload(name: &str, options: DecodeOptions, chunk: usize, pace: Pace) -> (Observed, u64) {
     let path = fixtures().join(name);
     let total = std::fs::metadata(&path).unwrap().len();
-    let (buffer, writer) = upload_slowly(&path, chunk, pause);
+    let (buffer, writer) = upload_slowly(&path, chunk, pace);
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || tx.send(decode_buffer(&buffer, options)).unwrap());
     let observed = rx.recv_timeout(HANG_GUARD).unwrap_or_else(|_| panic!("{name}: decoding hung"));
@@ -252,7 +283,7 @@ fn live_input_frees_what_the_demuxer_has_read() {
     let path = fixtures().join("live.ts");
     let total = std::fs::metadata(&path).unwrap().len();
     assert!(total > 6 << 20, "the live fixture must outgrow the discard margin");
-    let (buffer, writer) = upload_slowly(&path, 64 << 10, Duration::from_millis(1));
+    let (buffer, writer) = upload_slowly(&path, 64 << 10, Pace::Pause(Duration::from_millis(1)));
     let mut decoder = Decoder::open(buffer.reader(), DecodeOptions { live: true, ..Default::default() }).unwrap();
     let mut frames = 0;
     while decoder.next_frame().unwrap().is_some() {
@@ -263,7 +294,7 @@ fn live_input_frees_what_the_demuxer_has_read() {
     let freed = buffer.discarded_before();
     assert!(freed > 0 && freed < total, "discarded before {freed} of {total}");
     // Without `live`, nothing is discarded.
-    let (buffer, writer) = upload_slowly(&path, 64 << 10, Duration::ZERO);
+    let (buffer, writer) = upload_slowly(&path, 64 << 10, Pace::Pause(Duration::ZERO));
     let mut decoder = Decoder::open(buffer.reader(), DecodeOptions::default()).unwrap();
     while decoder.next_frame().unwrap().is_some() {}
     writer.join().unwrap();
@@ -358,7 +389,7 @@ fn decode_at_playback_pace(name: &str, seconds: f64) -> (Observed, u64) {
     let total = std::fs::metadata(fixtures().join(name)).unwrap().len();
     let chunk = 4096;
     let pause = Duration::from_secs_f64(seconds * chunk as f64 / total as f64);
-    decode_during_upload(name, DecodeOptions::default(), chunk, pause)
+    decode_during_upload(name, DecodeOptions::default(), chunk, Pace::Pause(pause))
 }
 
 #[test]
@@ -430,7 +461,7 @@ fn a_stream_that_grows_past_the_limit_ends_after_its_small_frames() {
     for name in ["switch.h264", "switch.hevc", "switch_vp9.webm", "switch_av1.webm"] {
         for threads in [1, 0] {
             let options = DecodeOptions { threads, ..with_limit((512, 512)) };
-            let (observed, _) = decode_during_upload(name, options, 4096, Duration::from_millis(1));
+            let (observed, _) = decode_during_upload(name, options, 4096, Pace::Pause(Duration::from_millis(1)));
             let frames = observed.frames.len();
             eprintln!("{name}, {threads} threads: {frames} frames, then {:?}", observed.result);
             assert!(observed.frames.iter().all(|f| f.model_frame.letterbox.source == (64, 64)), "{name}");
@@ -450,7 +481,7 @@ fn a_stream_that_grows_past_the_limit_ends_after_its_small_frames() {
     // A limit too narrow for 1024x1024 that FFmpeg's `max_pixels` (an area) lets through:
     // every decoded frame is checked.
     for name in ["switch_vp9.webm", "switch_av1.webm"] {
-        let (observed, _) = decode_during_upload(name, with_limit((1000, 4096)), 4096, Duration::from_millis(1));
+        let (observed, _) = decode_during_upload(name, with_limit((1000, 4096)), 4096, Pace::Pause(Duration::from_millis(1)));
         assert_eq!(observed.frames.len(), 25, "{name}");
         match observed.result {
             Err(DecodeError::TooLarge { width: 1024, height: 1024, max_width: 1000, max_height: 4096 }) => {}
