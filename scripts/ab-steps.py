@@ -23,17 +23,22 @@ import subprocess
 
 
 def run(spec, opts):
-    """One `bench-model --profile steps` of build `spec`: {step: (op, layer, input, ms)}."""
+    """One `bench-model --profile steps` of build `spec`: {key: (index, ms)}, keyed by operator
+    type, layer, input shape and occurrence, so that the steps of two builds match up when one
+    of them has steps the other lacks (a fused or folded step)."""
     path, *settings = spec.split(",")
     env = dict(os.environ, **dict(s.split("=", 1) for s in settings))
     args = [path, "bench-model", "--model", opts.model, "--threads", str(opts.threads), "--runs", "10", "--batch", str(opts.batch), "--profile", "steps"]
     output = subprocess.run(args, env=env, stdout=subprocess.PIPE, text=True, check=True).stdout
     steps = {}
+    seen = collections.Counter()
     for line in output.splitlines():
         event = json.loads(line)
         if event["type"] == "steps":
             for step in event["steps"]:
-                steps[step["index"]] = (step["op"], step["layer"], step["input"], step["ms"])
+                what = (step["op"], step["layer"], tuple(step["input"]))
+                seen[what] += 1
+                steps[what + (seen[what],)] = (step["index"], step["ms"])
     return steps
 
 
@@ -48,24 +53,26 @@ def main():
     parser.add_argument("--show", default=None)
     opts = parser.parse_args()
     times = [collections.defaultdict(list), collections.defaultdict(list)]
-    meta = {}
+    order = {}
     for round_ in range(opts.rounds):
         for i in [0, 1] if round_ % 2 == 0 else [1, 0]:
-            for index, (op, layer, shape, ms) in run([opts.a, opts.b][i], opts).items():
-                times[i][index].append(ms)
-                meta[index] = (op, layer, shape)
+            for key, (index, ms) in run([opts.a, opts.b][i], opts).items():
+                times[i][key].append(ms)
+                order.setdefault(key, (index, i))
 
     def p10(values):
-        return sorted(values)[len(values) // 10]
+        """The 10th percentile; 0 for a step this build does not have."""
+        return sorted(values)[len(values) // 10] if values else 0.0
 
     by_op = collections.defaultdict(lambda: [0.0, 0.0])
-    for index in sorted(meta):
-        a, b = (p10(t[index]) for t in times)
-        op, layer, shape = meta[index]
+    for key in sorted(order, key=lambda k: order[k]):
+        a, b = (p10(t.get(key, [])) for t in times)
+        op, layer, shape, _ = key
         by_op[op][0] += a
         by_op[op][1] += b
         if opts.show and re.search(opts.show, f"{op} {layer}"):
-            print(f"{a:8.3f} {b:8.3f} {b / a:6.2f}  step {index} {op} {layer} {shape}")
+            ratio = f"{b / a:6.2f}" if a and b else "     -"
+            print(f"{a:8.3f} {b:8.3f} {ratio}  step {order[key][0]} {op} {layer} {list(shape)}")
     print(f"{'A ms':>8} {'B ms':>8} {'B/A':>6}")
     for op, (a, b) in sorted(by_op.items(), key=lambda item: -item[1][0]):
         print(f"{a:8.3f} {b:8.3f} {b / a if a else float('nan'):6.2f}  {op}")

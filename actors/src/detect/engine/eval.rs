@@ -6,8 +6,10 @@ use candle_core::{CpuStorage, DType, Device, Tensor};
 
 use super::custom_ops::{ConvWithResidual, CpuAttention, CpuBinary, CpuMatMul, CpuMaxPool, CpuPermute, CpuSoftmax, CpuUnary, CpuUpsample};
 use super::fold::CONV_MORE_PARTS;
+use super::upsampled;
 use super::{AttentionViews, BinaryOp, CResult, ConvOp, Op, ReduceKind, SoftmaxConvOp, Target, tensor_from_data};
 use crate::detect::kernels::activation::{Activation, UnaryFn};
+use crate::detect::kernels::conv::Conv2d;
 use crate::detect::kernels::pool::MaxPool;
 use crate::detect::kernels::{self, attention, packed_gemm};
 use crate::detect::model::TensorValues;
@@ -83,7 +85,7 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
 /// per distinct storage: tensors that share one (the operands of a folded attention, the parts
 /// of a split that a convolution reads back together) share its guard, since a second read
 /// lock on a storage this thread already holds would deadlock once a writer waits for it.
-fn with_cpu_storages<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> CResult<Option<R>> {
+pub(super) fn with_cpu_storages<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> CResult<Option<R>> {
     // A storage's identity is its address, which the tensors keep alive; read with one lock
     // held at a time.
     let key = |t: &Tensor| std::ptr::from_ref::<candle_core::Storage>(&t.storage_and_layout().0).addr();
@@ -230,7 +232,11 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], target: &Target) -> CResul
             let parts = std::iter::once(args.first()).chain(args.iter().skip(CONV_MORE_PARTS).map(Some));
             let parts: Vec<&Tensor> =
                 parts.map(|a| a.copied().flatten()).collect::<Option<_>>().ok_or_else(|| candle_core::Error::Msg("missing concatenation part".into()))?;
-            one(conv_of_parts(c, &parts, args.get(3).copied().flatten(), target)?)
+            let residual = args.get(3).copied().flatten();
+            match &c.upsampled {
+                Some(up) => one(upsampled::conv_with_upsampled_part(c, up, &parts, residual, target)?),
+                None => one(conv_of_parts(c, &parts, residual, target)?),
+            }
         }
         Op::Conv(c) => one(conv(c, x()?, args.get(3).copied().flatten(), target)?),
         Op::Unary(f) if target.native_f32(x()?) => one(x()?.contiguous()?.apply_op1_no_bwd(&CpuUnary(*f))?),
@@ -519,7 +525,7 @@ fn conv(c: &ConvOp, x: &Tensor, residual: Option<&Tensor>, target: &Target) -> C
 
 /// A convolution of the concatenation of `parts` along channels. On the CPU it reads each part
 /// where it lies; otherwise the parts are concatenated first.
-fn conv_of_parts(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tensor>, target: &Target) -> CResult<Tensor> {
+pub(super) fn conv_of_parts(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tensor>, target: &Target) -> CResult<Tensor> {
     if let Some(out) = conv_of_parts_in_place(c, parts, residual, target)? {
         return Ok(out);
     }
@@ -534,7 +540,17 @@ fn conv_of_parts(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tensor>, targe
 /// [`conv_of_parts`] on the CPU kernel, when every part is a CPU `f32` tensor of the same
 /// `[n, _, h, w]` whose channel planes are contiguous; `Ok(None)` otherwise.
 fn conv_of_parts_in_place(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tensor>, target: &Target) -> CResult<Option<Tensor>> {
-    let conv = &c.conv;
+    if c.weight.is_some() {
+        return Ok(None);
+    }
+    let Some((out, dims)) = conv_parts_in_place(&c.conv, parts, residual, target)? else { return Ok(None) };
+    Ok(Some(Tensor::from_vec(out, &dims[..], &Device::Cpu)?))
+}
+
+/// `conv` on the concatenation of `parts` along channels, read where they lie, with its output
+/// dimensions; `Ok(None)` unless every part is a CPU `f32` tensor of the same `[n, _, h, w]`
+/// whose channel planes are contiguous.
+pub(super) fn conv_parts_in_place(conv: &Conv2d, parts: &[&Tensor], residual: Option<&Tensor>, target: &Target) -> CResult<Option<(Vec<f32>, [usize; 4])>> {
     let Some(&[n, _, h, w]) = parts.first().map(|p| p.dims()) else { return Ok(None) };
     let Some((oh, ow)) = conv.output_size(h, w) else {
         candle_core::bail!("conv input {h}x{w} is smaller than the kernel");
@@ -545,7 +561,7 @@ fn conv_of_parts_in_place(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tenso
         target.native_f32(t) && matches!(t.dims(), &[pn, _, ph, pw] if (pn, ph, pw) == (n, h, w)) && planes_contiguous
     };
     let residual_fits = residual.is_none_or(|r| target.native_f32(r) && r.dims() == out_dims);
-    if c.weight.is_some() || !parts.iter().all(|t| usable(t)) || !residual_fits {
+    if !parts.iter().all(|t| usable(t)) || !residual_fits {
         return Ok(None);
     }
     let channels: usize = parts.iter().map(|p| p.dims()[1]).sum();
@@ -570,8 +586,7 @@ fn conv_of_parts_in_place(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tenso
         });
         Some(conv.run_input(&input, residual))
     })?;
-    let Some(Some(out)) = out else { return Ok(None) };
-    Ok(Some(Tensor::from_vec(out, &out_dims[..], &Device::Cpu)?))
+    Ok(out.flatten().map(|out| (out, out_dims)))
 }
 
 fn conv_alone(c: &ConvOp, x: &Tensor) -> CResult<Tensor> {

@@ -24,6 +24,7 @@ mod parse;
 mod shape_cache;
 #[cfg(test)]
 mod test_graphs;
+mod upsampled;
 
 use std::collections::HashMap;
 
@@ -60,6 +61,9 @@ struct ConvOp {
     /// How many more parts of a channel concatenation follow the first (input 0), as inputs
     /// `CONV_MORE_PARTS..`; see [`fold::fold_concats_into_convs`].
     concat_parts: usize,
+    /// Set when one of those parts arrives before its nearest-neighbour upsampling; see
+    /// [`upsampled::fold_upsampled_parts`].
+    upsampled: Option<upsampled::UpsampledPart>,
     /// `[out, in/groups, kh, kw]` on the execution device, for non-CPU devices.
     weight: Option<Tensor>,
     bias: Option<Tensor>,
@@ -278,7 +282,8 @@ impl Engine {
         }
         let output_slot = *slots.get(output).ok_or_else(|| DetectError::BadModelText(format!("output {output:?} is never produced")))?;
         let steps = fold::fold_views(steps, &constants, output_slot, &target);
-        let mut steps = fold::fold_concats_into_convs(steps, output_slot, &target);
+        let steps = fold::fold_concats_into_convs(steps, output_slot, &target);
+        let mut steps = upsampled::fold_upsampled_parts(steps, &constants, output_slot, &target);
 
         // Keep only the constants that a step reads, moved to the device once.
         let mut last_use: HashMap<usize, usize> = HashMap::new();

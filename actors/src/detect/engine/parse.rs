@@ -242,5 +242,5 @@ fn parse_conv(node: &Node, initializers: &HashMap<String, TensorData>, target: &
         let b = Tensor::from_vec(conv.bias().to_vec(), (1, out_channels, 1, 1), device).map_err(DetectError::from_candle)?;
         (Some(w), Some(b))
     };
-    Ok(ConvOp { conv, concat_parts: 0, weight, bias })
+    Ok(ConvOp { conv, concat_parts: 0, upsampled: None, weight, bias })
 }
