@@ -250,12 +250,17 @@ pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const 
                 }
             }
         }
-        for v in 0..NV {
-            let bias = Avx2(_mm256_loadu_ps(bias.add(8 * v)));
-            let mut rows = [Avx2(_mm256_setzero_ps()); P];
-            for (row, a) in rows.iter_mut().zip(&acc) {
-                *row = Avx2(a[v]);
+        // The sums by register of channels, copied out in fully unrolled loops: read as
+        // `acc[j][v]` in the loop over `v` below (which the compiler keeps rolled), `acc`
+        // itself stayed in memory, zeroed by a call to `memset` before every tile.
+        let mut columns = [[Avx2(_mm256_setzero_ps()); P]; NV];
+        for (j, a) in acc.iter().enumerate() {
+            for (v, &a) in a.iter().enumerate() {
+                columns[v][j] = Avx2(a);
             }
+        }
+        for (v, rows) in columns.into_iter().enumerate() {
+            let bias = Avx2(_mm256_loadu_ps(bias.add(8 * v)));
             let rows = finish_each(rows, [bias; P], silu);
             let mut block = [_mm256_setzero_ps(); 8];
             for (b, row) in block.iter_mut().zip(&rows) {

@@ -305,12 +305,17 @@ pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const 
             }
         }
         let lanes: __mmask16 = ((1u32 << P) - 1) as __mmask16;
-        for v in 0..NV {
-            let bias = Avx512(_mm512_loadu_ps(bias.add(16 * v)));
-            let mut rows = [Avx512(_mm512_setzero_ps()); P];
-            for (row, a) in rows.iter_mut().zip(&acc) {
-                *row = Avx512(a[v]);
+        // The sums by register of channels, copied out in fully unrolled loops: read as
+        // `acc[j][v]` in the loop over `v` below (which the compiler keeps rolled), `acc`
+        // itself stayed in memory, zeroed by a call to `memset` before every tile.
+        let mut columns = [[Avx512(_mm512_setzero_ps()); P]; NV];
+        for (j, a) in acc.iter().enumerate() {
+            for (v, &a) in a.iter().enumerate() {
+                columns[v][j] = Avx512(a);
             }
+        }
+        for (v, rows) in columns.into_iter().enumerate() {
+            let bias = Avx512(_mm512_loadu_ps(bias.add(16 * v)));
             let rows = finish_each(rows, [bias; P], silu);
             let mut block = [_mm512_setzero_ps(); 16];
             for (b, row) in block.iter_mut().zip(&rows) {
