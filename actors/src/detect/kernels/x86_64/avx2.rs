@@ -213,13 +213,15 @@ pub(in super::super) unsafe fn gather_rows(src: *const f32, offsets: &[usize], d
 
 /// The AVX2 form of the AVX-512 pixel tile (see there): `P <= 8` consecutive output pixels
 /// times `8 NV` output channels (8 x 8 tiles for narrow layers, 5 or 6 x 16 for the others),
-/// tap `kk` of pixel `j` at `taps[kk][at + j * SX]`, weights `[kk][8 NV]`.
+/// tap `kk` of pixel `j` at `taps[kk][at + j * SX]`, weights `[kk][8 NV]`, partial sums
+/// (`[P][8 NV]`) from `sums_in` and to `sums_out` when they are not null.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA. `taps[kk] + at + j * SX` is a readable float of the allocation
 /// `taps[kk]` points into (or past) for every `kk < taps.len()` and `j < P`; `weights` is
 /// 32-byte aligned and holds `taps.len() * 8 NV` floats; `bias` holds `8 NV`;
-/// `channels <= 8 NV`; `out` and the residual hold `channels` rows of `P` floats.
+/// `channels <= 8 NV`; `out` and the residual hold `channels` rows of `P` floats;
+/// `sums_in` and `sums_out` are null or hold `8 P NV` floats.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const SX: usize>(
@@ -232,11 +234,20 @@ pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const 
     ldo: usize,
     residual: Option<(*const f32, usize)>,
     channels: usize,
+    sums_in: *const f32,
+    sums_out: *mut f32,
 ) {
     const { assert!(P <= 8 && NV > 0) };
     // SAFETY: every access stays within the bounds of the contract.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); NV]; P];
+        if !sums_in.is_null() {
+            for (j, a) in acc.iter_mut().enumerate() {
+                for (v, a) in a.iter_mut().enumerate() {
+                    *a = _mm256_loadu_ps(sums_in.add((j * NV + v) * 8));
+                }
+            }
+        }
         for (kk, &tap) in taps.iter().enumerate() {
             let mut w = [_mm256_setzero_ps(); NV];
             for (v, w) in w.iter_mut().enumerate() {
@@ -249,6 +260,14 @@ pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const 
                     *a = _mm256_fmadd_ps(x, w, *a);
                 }
             }
+        }
+        if !sums_out.is_null() {
+            for (j, a) in acc.iter().enumerate() {
+                for (v, &a) in a.iter().enumerate() {
+                    _mm256_storeu_ps(sums_out.add((j * NV + v) * 8), a);
+                }
+            }
+            return;
         }
         // The sums by register of channels, copied out in fully unrolled loops: read as
         // `acc[j][v]` in the loop over `v` below (which the compiler keeps rolled), `acc`

@@ -259,11 +259,16 @@ pub(in super::super) unsafe fn gather_rows(src: *const f32, offsets: &[usize], d
 /// transposed into rows of pixels, gets the residual's rows (`residual.0`, `residual.1`
 /// apart) and is stored as the first `channels` rows of `out`, `ldo` apart.
 ///
+/// A product too long for its weights to stay in L1 runs in blocks of taps: the sums start
+/// from `sums_in` when it is not null, and when `sums_out` is not null they are stored there
+/// (`[P][16 NV]` floats) instead of being finished.
+///
 /// # Safety
 /// The CPU has AVX-512F. `taps[kk] + at + j * SX` is a readable float of the allocation
 /// `taps[kk]` points into (or past) for every `kk < taps.len()` and `j < P`; `weights` is
 /// 64-byte aligned and holds `taps.len() * 16 NV` floats; `bias` holds `16 NV`;
-/// `channels <= 16 NV`; `out` and the residual hold `channels` rows of `P` floats.
+/// `channels <= 16 NV`; `out` and the residual hold `channels` rows of `P` floats;
+/// `sums_in` and `sums_out` are null or hold `16 P NV` floats.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const SX: usize>(
@@ -276,11 +281,20 @@ pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const 
     ldo: usize,
     residual: Option<(*const f32, usize)>,
     channels: usize,
+    sums_in: *const f32,
+    sums_out: *mut f32,
 ) {
     const { assert!(P <= 16 && NV > 0) };
     // SAFETY: every access stays within the bounds of the contract.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); NV]; P];
+        if !sums_in.is_null() {
+            for (j, a) in acc.iter_mut().enumerate() {
+                for (v, a) in a.iter_mut().enumerate() {
+                    *a = _mm512_loadu_ps(sums_in.add((j * NV + v) * 16));
+                }
+            }
+        }
         for (kk, &tap) in taps.iter().enumerate() {
             let mut w = [_mm512_setzero_ps(); NV];
             for (v, w) in w.iter_mut().enumerate() {
@@ -303,6 +317,14 @@ pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const 
                     *a = _mm512_fmadd_ps(x, w, *a);
                 }
             }
+        }
+        if !sums_out.is_null() {
+            for (j, a) in acc.iter().enumerate() {
+                for (v, &a) in a.iter().enumerate() {
+                    _mm512_storeu_ps(sums_out.add((j * NV + v) * 16), a);
+                }
+            }
+            return;
         }
         let lanes: __mmask16 = ((1u32 << P) - 1) as __mmask16;
         // The sums by register of channels, copied out in fully unrolled loops: read as
