@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 
 use kernels::parallel::Team;
 
+mod allocator;
 mod engine;
 mod image;
 // Crate-private: safe calls into the kernels rely on checks made where their inputs are built.
@@ -95,6 +96,11 @@ impl Detector {
 
     /// Loads `path` for `device` with the given kernels: [`Kernels::Generic`] runs candle's
     /// operations for every step, as a GPU build does, on whatever device.
+    ///
+    /// On the CPU, the first load sets glibc's allocator to serve blocks up to 32 MiB from its
+    /// heap and keep up to 1 GiB of freed heap for the next call, process-wide (unless
+    /// `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_` is set): a call's activations are
+    /// then not page-faulted afresh every call (see `detect/allocator.rs`).
     pub fn load_with(path: &Path, device: Device, threads: usize, kernels: Kernels) -> Result<Self, DetectError> {
         let model = model::OnnxModel::load(path)?;
         let bad = |message: String| DetectError::BadModel { path: path.to_path_buf(), message };
@@ -108,6 +114,9 @@ impl Detector {
         };
         let info = ModelInfo::from_metadata(&model.metadata, input).map_err(bad)?;
         let engine = Engine::plan_with(&model, &device, kernels)?;
+        if device.is_cpu() {
+            allocator::keep_freed_memory_for_the_next_call();
+        }
         let pool =
             rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("streamdet-infer-{i}")).build().map_err(DetectError::Threads)?;
         let team = Team::new(pool.current_num_threads(), "streamdet-kernels").map_err(DetectError::Helpers)?;
