@@ -7,7 +7,10 @@ A and B are streamdet binaries, each optionally followed by environment settings
 (`target/release/streamdet,STREAMDET_WINOGRAD=off`). Each round runs `bench-model --profile
 steps` of both, one after the other (B first every other round); the script prints, per
 operator type and in all, the sum over steps of each step's 10th-percentile time across the
-rounds, and B's ratio to A; `--show` adds the steps whose operator type and layer match REGEX.
+rounds, B's ratio to A, and the geometric mean over rounds of B's ratio to A within a round
+(`paired`: the two runs of a round are seconds apart, so a slow spell of the machine that spans
+them cancels, and so does the second run's handicap, about 1.07 on that Xeon, since the order
+alternates); `--show` adds the steps whose operator type and layer match REGEX.
 
 On a shared machine the ratios drift: the same build against itself came out at 0.96 and 1.06
 (two sets of eight rounds, 2 threads, the 2-core Xeon of docs/benchmarks). Read a change by the
@@ -17,6 +20,7 @@ steps it touches against those it does not, which should come out level.
 import argparse
 import collections
 import json
+import math
 import os
 import re
 import subprocess
@@ -54,11 +58,22 @@ def main():
     opts = parser.parse_args()
     times = [collections.defaultdict(list), collections.defaultdict(list)]
     order = {}
+    # Per round: each build's sum by operator type (and in all, under None).
+    round_sums = []
     for round_ in range(opts.rounds):
+        sums = [collections.Counter(), collections.Counter()]
         for i in [0, 1] if round_ % 2 == 0 else [1, 0]:
             for key, (index, ms) in run([opts.a, opts.b][i], opts).items():
                 times[i][key].append(ms)
                 order.setdefault(key, (index, i))
+                sums[i][key[0]] += ms
+                sums[i][None] += ms
+        round_sums.append(sums)
+
+    def paired(op):
+        """The geometric mean over rounds of B's sum over `op`'s steps to A's in the round."""
+        logs = [math.log(b[op] / a[op]) for a, b in round_sums if a[op] and b[op]]
+        return f"{math.exp(sum(logs) / len(logs)):6.2f}" if logs else "     -"
 
     def p10(values):
         """The 10th percentile; 0 for a step this build does not have."""
@@ -73,11 +88,11 @@ def main():
         if opts.show and re.search(opts.show, f"{op} {layer}"):
             ratio = f"{b / a:6.2f}" if a and b else "     -"
             print(f"{a:8.3f} {b:8.3f} {ratio}  step {order[key][0]} {op} {layer} {list(shape)}")
-    print(f"{'A ms':>8} {'B ms':>8} {'B/A':>6}")
+    print(f"{'A ms':>8} {'B ms':>8} {'B/A':>6} {'paired':>6}")
     for op, (a, b) in sorted(by_op.items(), key=lambda item: -item[1][0]):
-        print(f"{a:8.3f} {b:8.3f} {b / a if a else float('nan'):6.2f}  {op}")
+        print(f"{a:8.3f} {b:8.3f} {b / a if a else float('nan'):6.2f} {paired(op)}  {op}")
     a, b = (sum(v[i] for v in by_op.values()) for i in (0, 1))
-    print(f"{a:8.3f} {b:8.3f} {b / a:6.2f}  all steps")
+    print(f"{a:8.3f} {b:8.3f} {b / a:6.2f} {paired(None)}  all steps")
 
 
 if __name__ == "__main__":

@@ -259,6 +259,9 @@ pub(in super::super) unsafe fn gather_rows(src: *const f32, offsets: &[usize], d
 /// transposed into rows of pixels, gets the residual's rows (`residual.0`, `residual.1`
 /// apart) and is stored as the first `channels` rows of `out`, `ldo` apart.
 ///
+/// With `AHEAD > 0`, the tile fetches tap `kk + AHEAD`'s first pixel into L1 as it runs tap
+/// `kk` (for taps that each read another row, as a pointwise layer's do).
+///
 /// A product too long for its weights to stay in L1 runs in blocks of taps: the sums start
 /// from `sums_in` when it is not null, and when `sums_out` is not null they are stored there
 /// (`[P][16 NV]` floats) instead of being finished.
@@ -271,7 +274,7 @@ pub(in super::super) unsafe fn gather_rows(src: *const f32, offsets: &[usize], d
 /// `sums_in` and `sums_out` are null or hold `16 P NV` floats.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const SX: usize>(
+pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const SX: usize, const AHEAD: usize>(
     taps: &[*const f32],
     at: usize,
     weights: *const f32,
@@ -301,6 +304,11 @@ pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const 
                 *w = _mm512_load_ps(weights.add((kk * NV + v) * 16));
             }
             let p = tap.wrapping_add(at);
+            if AHEAD > 0
+                && let Some(&ahead) = taps.get(kk + AHEAD)
+            {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(at).cast::<i8>());
+            }
             if SX == 1 {
                 // The next tiles of a run read on along the same rows: fetch this row two
                 // tiles ahead. A pointwise layer's tile reads one row from each of its input
