@@ -9,12 +9,13 @@ steps` of both, one after the other (B first every other round); the script prin
 operator type and in all, the sum over steps of each step's 10th-percentile time across the
 rounds, B's ratio to A, and the geometric mean over rounds of B's ratio to A within a round
 (`paired`: the two runs of a round are seconds apart, so a slow spell of the machine that spans
-them cancels, and so does the second run's handicap, about 1.07 on that Xeon, since the order
-alternates); `--show` adds the steps whose operator type and layer match REGEX.
+them cancels; the order alternates, so an advantage of running first or second cancels too);
+`--show` adds the steps whose operator type and layer match REGEX.
 
 On a shared machine the ratios drift: the same build against itself came out at 0.96 and 1.06
-(two sets of eight rounds, 2 threads, the 2-core Xeon of docs/benchmarks). Read a change by the
-steps it touches against those it does not, which should come out level.
+(two sets of eight rounds, 2 threads, the 2-core Xeon of docs/benchmarks), and at 0.96-0.98 by
+operator type in the paired column (six rounds). Read a change by the steps it touches against
+those it does not, which should come out level.
 """
 
 import argparse
