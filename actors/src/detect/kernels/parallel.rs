@@ -17,11 +17,16 @@
 //! to 41.9 ms (sums of per-step times), with 0.08 s of system time per 110 calls instead of
 //! 0.43.
 //!
+//! A loop of [`for_each`] hands out one task at a time; one of [`for_each_range`], ranges
+//! of its units that halve as a share runs out, so a kernel with small units (a row of
+//! output) leaves the thread that finishes first little to wait for.
+//!
 //! Outside a team (tests, benchmarks that call a kernel alone, or a second thread calling a
 //! model whose team is busy), [`for_each`] runs on the current rayon pool.
 
 use std::any::Any;
 use std::cell::Cell;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -50,8 +55,18 @@ const JOINED: u64 = CLOSED - 1;
 /// (it waits for every helper that joined to finish before the body goes out of scope), and
 /// its tasks.
 struct Job {
-    body: *const (dyn Fn(usize) + Sync),
+    body: *const (dyn Fn(Range<usize>) + Sync),
     tasks: usize,
+    claims: Claims,
+}
+
+/// How many tasks a thread claims at a time.
+#[derive(Clone, Copy)]
+enum Claims {
+    /// One.
+    One,
+    /// Half of what is left of the share it claims from, rounded up.
+    Halves,
 }
 
 /// What the leader and its helpers share.
@@ -180,21 +195,49 @@ pub fn for_each(tasks: usize, body: impl Fn(usize) + Sync) {
         (0..tasks).for_each(body);
         return;
     }
-    let leading = LEADING.get();
-    if leading.is_null() {
+    if LEADING.get().is_null() {
         let body = &body;
         (0..tasks).into_par_iter().for_each(body);
         return;
     }
-    // SAFETY: as in `threads`.
-    let shared = unsafe { &*leading };
-    let body: &(dyn Fn(usize) + Sync) = &body;
+    on_team(tasks, Claims::One, &|range: Range<usize>| range.for_each(&body));
+}
+
+/// Runs `body(range)` over ranges of consecutive units that together cover `0..units` once,
+/// in parallel, and returns when all have run; a panic in one is re-raised here.
+///
+/// On a team, each thread claims from its share (or, when done, from the others') half of
+/// what is left at a time: ranges shrink towards the end of a loop to a single unit, so the
+/// thread that finishes first waits for at most a unit of the other's work, where tasks of
+/// equal size left it waiting for half a task on average. A kernel makes its units small (a
+/// row of output) and does per range what a task did.
+pub fn for_each_range(units: usize, body: impl Fn(Range<usize>) + Sync) {
+    if units == 0 {
+        return;
+    }
+    if IN_TASK.get() || units == 1 {
+        body(0..units);
+        return;
+    }
+    if LEADING.get().is_null() {
+        // On the rayon pool: about four ranges per thread.
+        let per_range = units.div_ceil(4 * rayon::current_num_threads());
+        (0..units.div_ceil(per_range)).into_par_iter().for_each(|i| body(i * per_range..((i + 1) * per_range).min(units)));
+        return;
+    }
+    on_team(units, Claims::Halves, &body);
+}
+
+/// Runs a loop of `tasks` on the team this thread leads, which [`LEADING`] holds.
+fn on_team(tasks: usize, claims: Claims, body: &(dyn Fn(Range<usize>) + Sync)) {
+    // SAFETY: as in `threads`; the callers check that `LEADING` is set.
+    let shared = unsafe { &*LEADING.get() };
     // SAFETY: only the lifetime is erased. A helper uses `body` between joining this loop and
     // adding itself to `finished`; `Finish` below closes the loop to further helpers and waits
     // for those that joined before this function returns or unwinds, so `body` outlives every
     // use.
-    let body: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(body) };
-    let mut job = Job { body, tasks };
+    let body: *const (dyn Fn(Range<usize>) + Sync) = unsafe { std::mem::transmute(body) };
+    let mut job = Job { body, tasks, claims };
     for (t, cursor) in shared.cursors.iter().enumerate() {
         cursor.0.store(share_start(t, tasks, shared.cursors.len()), Ordering::Relaxed);
     }
@@ -306,12 +349,26 @@ fn take_tasks(shared: &Shared, job: &Job, me: usize) {
     let threads = shared.cursors.len();
     for owner in (me..threads).chain(0..me) {
         let end = share_start(owner + 1, job.tasks, threads);
+        let cursor = &shared.cursors[owner].0;
         loop {
-            let task = shared.cursors[owner].0.fetch_add(1, Ordering::Relaxed);
-            if task >= end {
+            let claimed = match job.claims {
+                Claims::One => {
+                    let task = cursor.fetch_add(1, Ordering::Relaxed);
+                    task..task + 1
+                }
+                Claims::Halves => {
+                    let first = cursor.load(Ordering::Relaxed);
+                    let last = first + end.saturating_sub(first).div_ceil(2);
+                    if first < end && cursor.compare_exchange_weak(first, last, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+                        continue;
+                    }
+                    first..last
+                }
+            };
+            if claimed.start >= end {
                 break;
             }
-            body(task);
+            body(claimed);
         }
     }
 }
@@ -411,6 +468,43 @@ mod tests {
         // Again, after the helpers went back to sleep; and outside the team.
         team.lead(check);
         check();
+    }
+
+    #[test]
+    fn ranges_cover_every_unit_once_and_shrink_towards_the_end() {
+        let team = Team::new(2, "test-team").unwrap();
+        let check = || {
+            for units in [0, 1, 2, 7, 100, 1000] {
+                let counts: Vec<AtomicUsize> = (0..units).map(|_| AtomicUsize::new(0)).collect();
+                let claims = std::sync::Mutex::new(Vec::new());
+                for_each_range(units, |range| {
+                    assert!(!range.is_empty() && range.end <= units, "{range:?} of {units}");
+                    range.clone().for_each(|u| {
+                        counts[u].fetch_add(1, Ordering::Relaxed);
+                    });
+                    claims.lock().unwrap().push(range);
+                });
+                assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1), "{units} units");
+                let claims = claims.into_inner().unwrap();
+                if units >= 100 && !LEADING.get().is_null() {
+                    // Halves of what is left of a share: a range of a single unit ends it.
+                    assert!(claims.iter().any(|r| r.len() >= units / 4), "{claims:?}");
+                    assert!(claims.iter().any(|r| r.len() == 1), "{claims:?}");
+                }
+            }
+        };
+        team.lead(check);
+        check();
+        // A panic in a range reaches the caller, and the next loop runs every unit.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| team.lead(|| for_each_range(64, |r| assert!(!r.contains(&40))))));
+        assert!(result.is_err());
+        let ran = AtomicUsize::new(0);
+        team.lead(|| {
+            for_each_range(64, |r| {
+                ran.fetch_add(r.len(), Ordering::Relaxed);
+            })
+        });
+        assert_eq!(ran.load(Ordering::Relaxed), 64);
     }
 
     #[test]

@@ -32,8 +32,10 @@ thread_local! {
 }
 
 /// How the runs of output pixels of `images` images (`runs` each: rows, or stretches of a
-/// plane) and `panels` panels of output channels split into parallel tasks: a task takes
-/// `runs_per_task` consecutive runs of one image through `panels_per_block` consecutive panels.
+/// plane) and `panels` panels of output channels split into parallel tasks of equal size: a
+/// task takes `runs_per_task` consecutive runs of one image through `panels_per_block`
+/// consecutive panels. The pixel tiles keep the blocks of panels, and hand out single runs,
+/// done in pieces of at most `runs_per_task`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct RunsByPanels {
     pub(super) runs_per_task: usize,
@@ -76,6 +78,7 @@ impl RunsByPanels {
         best.expect("the loops run at least once").1
     }
 
+    #[cfg(test)]
     pub(super) fn tasks(&self, images: usize) -> usize {
         images * self.run_tasks * self.panel_blocks
     }
