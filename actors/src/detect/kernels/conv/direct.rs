@@ -88,13 +88,18 @@ impl Conv2d {
         let (dh, dw) = self.spec.dilation;
         let &PhaseLayout { sh, sw, plane, wp, .. } = layout;
         let channel_len = sh * sw * plane;
-        (0..self.spec.in_channels / self.spec.groups * kh * kw)
-            .map(|kk| {
-                let (c, ky, kx) = (kk / (kh * kw), kk / kw % kh, kk % kw);
-                let phase = (ky * dh % sh) * sw + kx * dw % sw;
-                c * channel_len + phase * plane + (ky * dh / sh) * wp + kx * dw / sw
-            })
-            .collect()
+        // The parts of each kernel row and of each kernel column, worked out once rather than
+        // by six divisions per tap, which showed in the serial part of a call (the 33 3x3
+        // layers of YOLOv12n: 0.47-0.48 -> 0.41-0.46 ms a call, a slow spell).
+        let rows: Vec<usize> = (0..kh).map(|ky| (ky * dh % sh) * sw * plane + (ky * dh / sh) * wp).collect();
+        let columns: Vec<usize> = (0..kw).map(|kx| (kx * dw % sw) * plane + kx * dw / sw).collect();
+        let mut offsets = Vec::with_capacity(self.spec.in_channels / self.spec.groups * kh * kw);
+        for c in 0..self.spec.in_channels / self.spec.groups {
+            for row in &rows {
+                offsets.extend(columns.iter().map(|column| c * channel_len + row + column));
+            }
+        }
+        offsets
     }
 
     /// Output rows `out_rows` of channels `channels` (of image `batch`, relative to `group`'s
