@@ -22,7 +22,7 @@ use super::super::SendPtr;
 use super::super::epilogue::finish;
 use super::super::isa::Isa;
 use super::super::simd::Avx512;
-use super::{Conv2d, ConvInput, ConvSpec, schedule};
+use super::{Conv2d, ConvInput, ConvSpec};
 
 /// Output pixels per vector, and output channels per block of accumulators.
 const LANES: usize = 16;
@@ -85,12 +85,11 @@ impl Conv2d {
         let padded_len = 2 * LANES * blocks + 2;
         assert!(w < padded_len, "a padded row holds its input row");
         let silu = self.spec.activation == super::super::activation::Activation::Silu;
-        let (rows_per_task, row_tasks) = schedule::row_tasks(oh, n, parallel::threads());
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
-        parallel::for_each(n * row_tasks, |task| {
-            let (batch, first_row) = (task / row_tasks, task % row_tasks * rows_per_task);
+        // Output rows of every image, in ranges that shrink towards the end of the loop.
+        parallel::for_each_range(n * oh, |rows| {
             let mut padded = vec![0.0f32; cin * 3 * padded_len];
-            for oy in first_row..(first_row + rows_per_task).min(oh) {
+            for (batch, oy) in rows.map(|row| (row / oh, row % oh)) {
                 // Input row `2 oy - 1 + ky` of each channel, or zeros above and below the image.
                 for (index, row) in padded.chunks_exact_mut(padded_len).enumerate() {
                     let (ci, ky) = (index / 3, index % 3);
@@ -109,8 +108,8 @@ impl Conv2d {
                     // `padded_len`, which every block's loads stay inside (see above);
                     // `weights` and `bias` hold the block's `cin * 9 * 16` and 16 values. The
                     // stores go to rows `oy` of channels `block * 16..+channels` of image
-                    // `batch`, `ow` pixels each, inside `out`, which only this task writes
-                    // (tasks own whole output rows).
+                    // `batch`, `ow` pixels each, inside `out`, which only this range writes
+                    // (the ranges do not overlap).
                     unsafe { stem_row(&padded, padded_len, cin, weights, bias, silu, out_ptr.get().add(first), oh * ow, ow, channels) };
                 }
             }
