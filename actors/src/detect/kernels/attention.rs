@@ -254,7 +254,7 @@ fn attention_on(isa: Isa, q: Operand, k: Operand, v: Operand, alpha: f32, out: &
     let total = batch * channels * queries;
     assert!(ov.items() == batch && ov.rows == channels && ov.cols == queries && ov.extent() == total, "the output view does not fit");
     // Per item, once: `alpha K^T` (`keys x depth`) and `V` as left operands, packed as two
-    // tasks (for one item, on the calling thread alone they took some 20 µs a layer).
+    // tasks: as one, a single image's packing ran on one thread while the other waited.
     let operands: Vec<PackedA> = parallel::map(2 * batch, |task| {
         let b = task / 2;
         if task % 2 == 0 {
@@ -273,8 +273,8 @@ fn attention_on(isa: Isa, q: Operand, k: Operand, v: Operand, alpha: f32, out: &
     // right operand, with no gather in between.
     let nr = isa.nr();
     let panel_len = keys * nr;
-    // Not zeroed first (on the calling thread that took longer than a layer's softmax): the
-    // tasks write every element, as the `SAFETY` note at the end says.
+    // Not zeroed first: that was a pass over the output on the calling thread alone, while the
+    // other waited; the tasks write every element, as the `SAFETY` note at the end says.
     let mut out: Vec<f32> = Vec::with_capacity(total);
     let out_ptr = super::SendPtr(out.as_mut_ptr());
     let blocks = queries.div_ceil(BLOCK);

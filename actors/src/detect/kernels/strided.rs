@@ -188,8 +188,8 @@ impl StridedView {
 
     /// Copies the viewed elements of `src`, in order, into a new contiguous buffer. Runs of the
     /// innermost axis are copied in parallel; one whose elements are adjacent is one `memcpy`.
-    /// The buffer is not zeroed first: the runs cover it, and zeroing it on the calling thread
-    /// took longer than the copy on both.
+    /// The buffer is not zeroed first: the runs cover it, and zeroing it was a pass on the
+    /// calling thread alone, while the others waited.
     pub fn gather(&self, src: &[f32]) -> Vec<f32> {
         assert!(self.extent() <= src.len(), "the view reaches past its buffer");
         let len = self.len();
