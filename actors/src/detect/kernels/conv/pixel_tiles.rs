@@ -150,6 +150,17 @@ impl PixelTiles {
         unsafe { self.weights.as_ptr().add(p * self.k * self.panel) }
     }
 
+    /// Panel `p` of a layer of `cout` output channels, with SiLU when `silu`.
+    fn panel(&self, p: usize, cout: usize, silu: bool) -> Panel {
+        Panel {
+            weights: self.weights(p),
+            tap_floats: self.width(p),
+            bias: self.bias[p * self.panel..].as_ptr(),
+            silu,
+            channels: self.panel.min(cout - p * self.panel),
+        }
+    }
+
     /// Output channels of panel `p`'s registers.
     fn width(&self, p: usize) -> usize {
         if p + 1 == self.panels { self.last } else { self.panel }
@@ -305,14 +316,7 @@ impl Conv2d {
                 let run = |taps: &[*const f32], start: usize, stride: usize, len: usize, first_out: usize, panel: usize, scratch: &mut Vec<f32>| {
                     let (tile, kernel) = tiles.tile(len, stride, tiles.width(panel), matches!(reading, Reading::Planes { .. }));
                     let run = Run { kernel, tile, taps, at: start, stride, len };
-                    let channels = tiles.panel.min(cout - panel * tiles.panel);
-                    let panel = Panel {
-                        weights: tiles.weights(panel),
-                        tap_floats: tiles.width(panel),
-                        bias: tiles.bias[panel * tiles.panel..].as_ptr(),
-                        silu,
-                        channels,
-                    };
+                    let weights = tiles.panel(panel, cout, silu);
                     let residual = residual.map(|r| r[first_out..].as_ptr());
                     // SAFETY: the CPU has the features of `tiles.isa` (`PixelTiles::new` checked).
                     // The callers below pass taps and starts whose pixels lie inside the input (or
@@ -320,7 +324,7 @@ impl Conv2d {
                     // `panel * tiles.panel ..` of its runs of image `batch` (the ranges of units
                     // do not overlap, and units differ in image, run or panels), inside `out` and
                     // the residual, which have the output's shape.
-                    unsafe { run.emit(&panel, out_ptr.get().add(first_out), pixels, residual, compact, scratch) };
+                    unsafe { run.emit(&weights, out_ptr.get().add(first_out), pixels, residual, compact, scratch) };
                 };
                 SCRATCH.with_borrow_mut(|(scratch, _)| match reading {
                     Reading::Planes { stretch } => {
@@ -423,14 +427,8 @@ impl Conv2d {
                 for panel in block * panels_per_block..((block + 1) * panels_per_block).min(panels) {
                     let (tile, kernel) = tiles.tile(rows, 1, tiles.width(panel), false);
                     let run = Run { kernel, tile, taps: &taps, at: 0, stride: 1, len: rows };
-                    let channels = tiles.panel.min(cout - panel * tiles.panel);
-                    let p = Panel {
-                        weights: tiles.weights(panel),
-                        tap_floats: tiles.width(panel),
-                        bias: tiles.bias[panel * tiles.panel..].as_ptr(),
-                        silu,
-                        channels,
-                    };
+                    let p = tiles.panel(panel, cout, silu);
+                    let channels = p.channels;
                     if column.len() < channels * rows {
                         column.resize(channels * rows, 0.0);
                     }
