@@ -187,7 +187,7 @@ impl StridedView {
     }
 
     /// Copies the viewed elements of `src`, in order, into a new contiguous buffer. Runs of the
-    /// innermost axis are copied in parallel; one whose elements are adjacent is one `memcpy`.
+    /// innermost axis are copied in parallel, slice to slice where their elements are adjacent.
     /// The buffer is not zeroed first: the runs cover it, and zeroing it was a pass on the
     /// calling thread alone, while the others waited.
     pub fn gather(&self, src: &[f32]) -> Vec<f32> {
