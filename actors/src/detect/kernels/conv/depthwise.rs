@@ -206,8 +206,8 @@ const BLOCK_ROWS: usize = 4;
 /// their bias and activation, straight into `dst` (`oh x ow`), in blocks of [`BLOCK_ROWS`]
 /// rows by a few vectors: each input vector loaded feeds every output row of the block whose
 /// taps reach it, where one row at a time loads each input vector once per tap. A block is as
-/// many vectors wide as computes the fewest columns past the row's end (80 columns: one block
-/// of 5 vectors of 16, where blocks of 4 would compute 128), and those columns are dropped. Returns
+/// many vectors wide as takes the fewest operations (80 columns: one block of 5 vectors of 16,
+/// where blocks of 4 would compute 128), and the columns past the row's end are dropped. Returns
 /// the rows done (a multiple of `BLOCK_ROWS`); the caller does the rest. `padded` holds the
 /// padded plane (`hp x wp`) and [`BLOCK_SLACK`] `+ kw` floats more.
 #[allow(clippy::too_many_arguments)]
@@ -292,10 +292,16 @@ fn accumulate_row_blocks(
                 }
             }
         }
-        /// The vectors per block, up to `most`, that compute the fewest columns past a row of
-        /// `ow` (the widest of those).
+        /// The vectors per block, up to `most`, that take the fewest operations along a row of
+        /// `ow`: per tap and output row, a block of `nv` vectors does `nv` multiply-adds and
+        /// one broadcast of the tap's weight (the widest of equals). Counting the columns
+        /// computed alone chose one vector of 8 for rows of 40 and 20 (AVX2), where the
+        /// broadcasts then equal the multiply-adds: two vectors, with 8 and 12 columns past
+        /// the row, took YOLOv12n's depthwise layers 0.85 of their time (0.75-0.83 for the
+        /// 7x7 ones; 2 threads, calls alternating in one process, the AVX2 kernels on an
+        /// AVX-512 Xeon). With 16 lanes the choices for rows of 20, 40, 80 and 160 stay.
         fn vectors_per_block(ow: usize, lanes: usize, most: usize) -> usize {
-            (1..=most).rev().min_by_key(|&nv| ow.div_ceil(nv * lanes) * nv).expect("at least one")
+            (1..=most).rev().min_by_key(|&nv| ow.div_ceil(nv * lanes) * (nv + 1)).expect("at least one")
         }
         /// `blocks` for the kernel sides YOLO models use (3, 5, 7) and `nv` among `$nvs`; a
         /// block for any other side returns no rows, which the caller then computes by taps.
