@@ -480,10 +480,12 @@ mod tests {
         check(8, 8, 8, 5, 1, 0, 1, 9, 12); // depthwise without padding
         check(24, 24, 24, 3, 1, 1, 2, 12, 37); // depthwise, rows in whole blocks of 4
         check(16, 16, 16, 7, 1, 3, 1, 8, 70); // depthwise 7x7, rows in whole blocks, wide rows
-        // Depthwise rows 20, 40, 60, 80 and 160 wide: blocks of 2 to 5 vectors (1 or 2 with AVX2).
-        for w in [20, 40, 60, 80, 160] {
-            check(4, 4, 4, 3, 1, 1, 1, 9, w);
+        // Depthwise rows 20, 40, 60, 80 and 160 wide: blocks of 2 to 5 vectors (1 or 2 with AVX2)
+        // on planes too large for channels in the lanes, and small planes with them (AVX-512).
+        for (h, w) in [(81, 20), (41, 40), (9, 60), (9, 80), (9, 160), (9, 20), (40, 40)] {
+            check(4, 4, 4, 3, 1, 1, 1, h, w);
         }
+        check(40, 40, 40, 7, 1, 3, 2, 20, 20); // depthwise 7x7 on small planes, channels past 32, batch 2
         check(17, 17, 17, 3, 1, 1, 1, 6, 6); // depthwise, small planes not a multiple of a task's
         check(8, 8, 8, 9, 1, 4, 1, 12, 20); // depthwise 9x9: no block kernel for that side, rows by taps
         check(8, 8, 2, 3, 1, 1, 1, 6, 6); // grouped
