@@ -1,6 +1,6 @@
 //! Depthwise convolutions (one input channel per group): a direct kernel per channel plane,
-//! compiled for the CPU's vectors; with AVX-512, small planes of stride 1 instead run 16
-//! channels at a time, with the channels in the vector lanes.
+//! compiled for the CPU's vectors; with AVX-512 or AVX2, small planes of stride 1 instead run
+//! as many channels at a time as a vector has lanes, with the channels in the lanes.
 
 use std::mem::MaybeUninit;
 
@@ -56,12 +56,12 @@ impl Conv2d {
 }
 
 /// The widest output rows, and the most output pixels per plane, for which a stride-1
-/// depthwise convolution runs with channels in the vector lanes (AVX-512,
-/// [`depthwise_avx512`](super::super::x86_64::depthwise_avx512)): rows of 20 or 40 pixels fill
+/// depthwise convolution runs with channels in the vector lanes
+/// ([`depthwise_lanes`](super::super::x86_64::depthwise_lanes)): rows of 20 or 40 pixels fill
 /// vectors of 16 poorly, and a small plane's padding and edges cost about as much as its taps.
 /// YOLOv12n's depthwise layers (2 threads, ten rounds alternating with
-/// `STREAMDET_DEPTHWISE_LANES=off`): 0.81 of their time, 2.20 -> 1.82 ms a call; with its
-/// planes of 80x80 taken too, level with the row kernel (0.997).
+/// `STREAMDET_DEPTHWISE_LANES=off`): AVX-512 0.81 of their time, 2.20 -> 1.82 ms a call; with
+/// its planes of 80x80 taken too, level with the row kernel (0.997).
 #[cfg(target_arch = "x86_64")]
 const CHANNEL_LANES_MAX_WIDTH: usize = 40;
 #[cfg(target_arch = "x86_64")]
@@ -69,7 +69,7 @@ const CHANNEL_LANES_MAX_PIXELS: usize = 40 * 40;
 
 #[cfg(target_arch = "x86_64")]
 impl Conv2d {
-    /// The convolution with channels in the lanes, when it applies: AVX-512, stride 1, no
+    /// The convolution with channels in the lanes, when it applies: AVX-512 or AVX2, stride 1, no
     /// dilation, a 3x3, 5x5 or 7x7 kernel, planes up to [`CHANNEL_LANES_MAX_WIDTH`] and
     /// [`CHANNEL_LANES_MAX_PIXELS`];
     /// `STREAMDET_DEPTHWISE_LANES=off` keeps every plane on the row kernel, to compare the two.
@@ -82,13 +82,14 @@ impl Conv2d {
         residual: Option<&[f32]>,
         out: &mut [MaybeUninit<f32>],
     ) -> bool {
-        use super::super::x86_64::depthwise_avx512::{ChannelGroup, depthwise_rows};
+        use super::super::x86_64::depthwise_lanes::{ChannelGroup, depthwise_rows_avx2, depthwise_rows_avx512};
         static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let enabled = *ENABLED.get_or_init(|| std::env::var("STREAMDET_DEPTHWISE_LANES").map_or(true, |v| v != "off"));
         let (kh, kw) = self.spec.kernel;
         let (pt, pl, _, _) = self.spec.pads;
+        let isa = Isa::detect();
         let applies = enabled
-            && Isa::detect() == Some(Isa::Avx512)
+            && isa.is_some()
             && self.spec.stride == (1, 1)
             && self.spec.dilation == (1, 1)
             && kh == kw
@@ -103,7 +104,11 @@ impl Conv2d {
         }
         let channels = self.spec.out_channels;
         let images = out.len() / (channels * oh * ow);
-        let groups = channels.div_ceil(16);
+        let len = match isa {
+            Some(Isa::Avx512) => 16,
+            _ => 8,
+        };
+        let groups = channels.div_ceil(len);
         // Some four tasks per thread: a group's rows are split when there are few groups (each
         // part transposes `kh - 1` rows more than its own).
         let parts = (4 * parallel::threads()).div_ceil(images * groups).clamp(1, oh);
@@ -113,14 +118,14 @@ impl Conv2d {
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
         parallel::for_each(images * groups * parts, |task| {
             let (image, group, part) = (task / (groups * parts), task / parts % groups, task % parts);
-            let first_channel = group * 16;
-            let lanes = (channels - first_channel).min(16);
+            let first_channel = group * len;
+            let lanes = (channels - first_channel).min(len);
             let first_row = part * rows_per_part;
             let rows = rows_per_part.min(oh - first_row);
             let planes = (first_channel..first_channel + lanes).map(|c| (image * channels + c) * oh * ow + first_row * ow);
             let inputs: Vec<&[f32]> = (first_channel..first_channel + lanes).map(|c| &input[(image * channels + c) * h * w..][..h * w]).collect();
             let mut taps = [0.0f32; 7 * 7 * 16];
-            for (t, tap) in taps.chunks_exact_mut(16).take(kh * kw).enumerate() {
+            for (t, tap) in taps.chunks_exact_mut(len).take(kh * kw).enumerate() {
                 for (lane, weight) in tap.iter_mut().take(lanes).enumerate() {
                     *weight = self.weights[(first_channel + lane) * kh * kw + t];
                 }
@@ -132,18 +137,17 @@ impl Conv2d {
             // rows), inside `out` (`[images][channels][oh][ow]`), which outlives the loop.
             let mut outputs: Vec<&mut [MaybeUninit<f32>]> =
                 planes.clone().map(|start| unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(start).cast::<MaybeUninit<f32>>(), rows * ow) }).collect();
-            let group = ChannelGroup { inputs: &inputs, h, w, pads: (pt, pl), ow, first_row, taps: &taps[..kh * kw * 16], bias: &bias, silu };
-            PLANES.with_borrow_mut(|(scratch, _)| match kh {
-                // SAFETY: the CPU has AVX-512F (`Isa::detect` said so above).
-                3 => unsafe { depthwise_rows::<3>(&group, &mut outputs, scratch) },
-                // SAFETY: as above.
-                5 => unsafe { depthwise_rows::<5>(&group, &mut outputs, scratch) },
-                // SAFETY: as above.
-                _ => unsafe { depthwise_rows::<7>(&group, &mut outputs, scratch) },
+            let group =
+                ChannelGroup { inputs: &inputs, h, w, kernel: kh, pads: (pt, pl), ow, first_row, taps: &taps[..kh * kw * len], bias: &bias[..len], silu };
+            PLANES.with_borrow_mut(|(scratch, _)| match isa {
+                // SAFETY: the CPU has AVX-512F (`Isa::detect` said so).
+                Some(Isa::Avx512) => unsafe { depthwise_rows_avx512(&group, &mut outputs, scratch) },
+                // SAFETY: the CPU has AVX2 and FMA (`Isa::detect` said so).
+                _ => unsafe { depthwise_rows_avx2(&group, &mut outputs, scratch) },
             });
             if let Some(residual) = residual {
                 for (output, start) in outputs.into_iter().zip(planes) {
-                    // SAFETY: `depthwise_rows` initialised every element of the output, and
+                    // SAFETY: the kernel initialised every element of the output, and
                     // `MaybeUninit<f32>` has the layout of `f32`.
                     let output = unsafe { &mut *(output as *mut [MaybeUninit<f32>] as *mut [f32]) };
                     add_assign(output, &residual[start..][..rows * ow]);
