@@ -58,20 +58,27 @@ impl Conv2d {
 /// The widest output rows, and the most output pixels per plane, for which a stride-1
 /// depthwise convolution runs with channels in the vector lanes
 /// ([`depthwise_lanes`](super::super::x86_64::depthwise_lanes)): rows of 20 or 40 pixels fill
-/// vectors of 16 poorly, and a small plane's padding and edges cost about as much as its taps.
-/// YOLOv12n's depthwise layers (2 threads, ten rounds alternating with
-/// `STREAMDET_DEPTHWISE_LANES=off`): AVX-512 0.81 of their time, 2.20 -> 1.82 ms a call; with
-/// its planes of 80x80 taken too, level with the row kernel (0.997).
+/// vectors poorly, and a small plane's padding and edges cost about as much as its taps. The
+/// two transposes cost about as much per pixel as the taps of a 3x3 kernel, so 3x3 kernels
+/// take the lanes for rows up to 20 only. YOLOv12n, 2 threads, calls alternating with
+/// `STREAMDET_DEPTHWISE_LANES=off` (`scripts/ab-steps.py`, 6-8 rounds), each layer's time with
+/// the lanes against without, all rows up to 40 in the lanes: AVX-512, 7x7 at 20x20
+/// 0.61-0.81, 3x3 at 20x20 0.68-0.77, 7x7 at 40x40 0.92-1.01, 3x3 at 40x40 1.02-1.06; AVX2
+/// kernels, 7x7 at 20x20 0.57-0.61, at 40x40 0.67-0.79, 3x3 at 20x20 0.97-1.09, at 40x40
+/// 1.27-1.31; the 80x80 layers (rows in both runs) 0.98-1.01. With the widths below, all
+/// depthwise layers 0.93 (AVX-512) and 0.80 (AVX2) of their time.
 #[cfg(target_arch = "x86_64")]
-const CHANNEL_LANES_MAX_WIDTH: usize = 40;
+fn channel_lanes_max_width(kernel: usize) -> usize {
+    if kernel >= 5 { 40 } else { 20 }
+}
 #[cfg(target_arch = "x86_64")]
 const CHANNEL_LANES_MAX_PIXELS: usize = 40 * 40;
 
 #[cfg(target_arch = "x86_64")]
 impl Conv2d {
     /// The convolution with channels in the lanes, when it applies: AVX-512 or AVX2, stride 1, no
-    /// dilation, a 3x3, 5x5 or 7x7 kernel, planes up to [`CHANNEL_LANES_MAX_WIDTH`] and
-    /// [`CHANNEL_LANES_MAX_PIXELS`];
+    /// dilation, a 3x3, 5x5 or 7x7 kernel, rows up to [`channel_lanes_max_width`] and planes
+    /// up to [`CHANNEL_LANES_MAX_PIXELS`];
     /// `STREAMDET_DEPTHWISE_LANES=off` keeps every plane on the row kernel, to compare the two.
     /// Returns whether it ran.
     fn run_channel_lanes(
@@ -94,7 +101,7 @@ impl Conv2d {
             && self.spec.dilation == (1, 1)
             && kh == kw
             && matches!(kh, 3 | 5 | 7)
-            && ow <= CHANNEL_LANES_MAX_WIDTH
+            && ow <= channel_lanes_max_width(kh)
             && oh * ow <= CHANNEL_LANES_MAX_PIXELS
             && oh > 0
             && ow > 0

@@ -486,6 +486,7 @@ mod tests {
             check(4, 4, 4, 3, 1, 1, 1, h, w);
         }
         check(40, 40, 40, 7, 1, 3, 2, 20, 20); // depthwise 7x7 on small planes, channels past 32, batch 2
+        check(16, 16, 16, 7, 1, 3, 1, 40, 40); // depthwise 7x7, rows of 40 in the lanes
         check(17, 17, 17, 3, 1, 1, 1, 6, 6); // depthwise, small planes not a multiple of a task's
         check(8, 8, 8, 9, 1, 4, 1, 12, 20); // depthwise 9x9: no block kernel for that side, rows by taps
         check(8, 8, 2, 3, 1, 1, 1, 6, 6); // grouped

@@ -347,6 +347,7 @@ pub(in super::super) fn split_row_by_4(row: &[f32], mut out: [&mut [std::mem::Ma
 
 /// The transpose of an 8x8 block: row `i` of the result holds element `i` of every input row.
 /// Pairs, then quads within each 128-bit half; then the halves across registers.
+#[inline]
 #[target_feature(enable = "avx2")]
 pub(super) fn transpose_8x8(r: [__m256; 8]) -> [__m256; 8] {
     let mut t = [_mm256_setzero_ps(); 8];

@@ -400,6 +400,7 @@ pub(in super::super) fn split_row_by_4(row: &[f32], mut out: [&mut [std::mem::Ma
 
 /// The transpose of a 16x16 block: row `i` of the result holds element `i` of every input row.
 /// Pairs, then quads within each 128-bit block; then the 128-bit blocks across registers.
+#[inline]
 #[target_feature(enable = "avx512f")]
 pub(super) fn transpose_16x16(r: [__m512; 16]) -> [__m512; 16] {
     let mut t = [_mm512_setzero_ps(); 16];

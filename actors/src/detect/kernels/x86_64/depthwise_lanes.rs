@@ -60,7 +60,17 @@ unsafe impl ChannelLanes for Avx512 {
     #[inline(always)]
     unsafe fn transpose(rows: [Self; MAX_LANES]) -> [Self; MAX_LANES] {
         // SAFETY: the caller's contract (AVX-512F).
-        unsafe { transpose_16x16(rows.map(|r| r.0)).map(Avx512) }
+        let mut block = unsafe { [_mm512_setzero_ps(); MAX_LANES] };
+        for (b, row) in block.iter_mut().zip(rows) {
+            *b = row.0;
+        }
+        // SAFETY: as above.
+        let block = unsafe { transpose_16x16(block) };
+        let mut out = rows;
+        for (o, b) in out.iter_mut().zip(block) {
+            *o = Avx512(b);
+        }
+        out
     }
 }
 
@@ -86,7 +96,12 @@ unsafe impl ChannelLanes for Avx2 {
     #[inline(always)]
     unsafe fn transpose(mut rows: [Self; MAX_LANES]) -> [Self; MAX_LANES] {
         // SAFETY: the caller's contract (AVX2).
-        let block = unsafe { transpose_8x8(std::array::from_fn(|i| rows[i].0)) };
+        let mut block = unsafe { [_mm256_setzero_ps(); 8] };
+        for (b, row) in block.iter_mut().zip(rows) {
+            *b = row.0;
+        }
+        // SAFETY: as above.
+        let block = unsafe { transpose_8x8(block) };
         for (row, t) in rows.iter_mut().zip(block) {
             *row = Avx2(t);
         }
