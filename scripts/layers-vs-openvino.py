@@ -9,11 +9,11 @@ per-node profiling (fp32, latency hint, one stream, the same threads), one after
 (OpenVINO first every other round), K calls each. Every convolution step of streamdet is matched
 to the model's Conv node of the same kind (depthwise or not), channels, kernel, stride and input
 size, in order of occurrence (a 1x1 convolution that streamdet runs before a 2x upsampling, on a
-quarter of the pixels, to the node at twice its input size, and counted there), and OpenVINO's time for that node (its name, or its name with
-`/WithoutBiases`) is taken: both include what each runtime fused into the convolution (bias,
-SiLU, a residual). The script prints, per kind and input size, both runtimes' milliseconds (the
-median over rounds of each layer's mean, summed), their ratio and GFLOP/s (2 per multiply-add),
-then the N layers with the largest gap.
+quarter of the pixels, to the node at twice its input size, and counted there), and OpenVINO's
+time for that node (its name, or its name with `/WithoutBiases`) is taken: both include what
+each runtime fused into the convolution (bias, SiLU, a residual). The script prints, per kind
+and input size, both runtimes' milliseconds (the median over rounds of each layer's mean,
+summed), their ratio and GFLOP/s (2 per multiply-add), then the N layers with the largest gap.
 
 Read a ratio within one run only: on a shared machine a whole round can run slow, for both
 runtimes alike. OpenVINO's per-node times add up to its whole call (its layout reorders and
