@@ -47,12 +47,14 @@ const POSITIONS: usize = SPAN * SPAN;
 /// Floats per cache line (and per AVX-512 register).
 const LINE: usize = 16;
 /// Output pixels below which a convolution that has pixel tiles
-/// ([`pixel_tiles`](super::pixel_tiles)) runs in them instead: with 25 tiles of 4x4 per
-/// channel at 20x20, the transforms cost more than the multiplies they save. In YOLOv12n
-/// (2 threads), 256 -> 64 channels at 20x20 took 0.35 ms in pixel tiles against 0.37-0.39,
-/// and the five 64 -> 64 at 20x20 0.43-0.44 against 0.49-0.51; at 40x40, 128 -> 64 took 0.51
-/// against 0.30.
-pub(super) const MIN_PIXELS: usize = 32 * 32;
+/// ([`pixel_tiles`](super::pixel_tiles)) runs in them instead: on small outputs the transforms
+/// cost more than the multiplies they save. At 20x20 (25 tiles of 4x4 per channel) Winograd
+/// now wins: in YOLOv12n, calls alternating between the two in one process, the five 64 -> 64
+/// layers at 20x20 took 0.85-0.93 of their time in pixel tiles on 2 threads and 0.83-0.88 on
+/// one, 256 -> 64 1.03 and 0.90; all 3x3 layers at 20x20, YOLOv12n 0.94 (2 threads) and 0.87
+/// (one thread), YOLO11n 0.93 and 0.88, YOLO11n at batch 4 level. (An earlier kernel lost
+/// there: 0.49-0.51 ms against 0.43-0.44 for the 64 -> 64 layers.)
+pub(super) const MIN_PIXELS: usize = 20 * 20;
 
 /// Fewer input (output) channels than this leave the products too small to pay for the
 /// transforms: the direct path runs those. Measured in YOLO11n (2 threads, per-step times of
@@ -500,7 +502,8 @@ mod tests {
                 assert!(conv.winograd_for(1, 8, 8).is_some(), "8x8 to 24 channels has two blocks of channels");
                 assert!(conv.winograd_for(1, 20, 20).is_some(), "20x20 has one block of tiles and two of channels");
                 assert!(conv.runs_winograd(1, 80, 80).is_some(), "80x80 runs by Winograd");
-                assert!(conv.runs_winograd(1, 20, 20).is_none(), "20x20 runs in pixel tiles");
+                assert!(conv.runs_winograd(1, 20, 20).is_some(), "20x20 runs by Winograd");
+                assert!(conv.winograd_for(1, 16, 16).is_some() && conv.runs_winograd(1, 16, 16).is_none(), "16x16 runs in pixel tiles");
                 let input = values(32 * 80 * 80, 7);
                 let error = worst_error(&conv.run(&input, 1, 80, 80, None), &reference(&conv, &input, 1, 80, 80));
                 assert!(error < 1e-4, "{isa:?}: relative error {error}");
