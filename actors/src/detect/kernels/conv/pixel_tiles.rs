@@ -104,13 +104,13 @@ const SMALL_PLANE_UNITS: usize = 8;
 
 /// Pixels per unit of work of a pointwise convolution on a plane of `pixels`, for `threads`.
 ///
-/// A unit is computed as one run of tiles (the units a thread claims at once, on planes of
-/// [`SMALL_PLANE_UNITS`] units per thread or more), and the last tile of a run overlaps the
-/// one before it when the tiles do not fit the run: a 20x20 plane in units of 64 computed 430
-/// pixels for 400, on tiles of 10 pixels. Small planes are cut into two units per thread
-/// instead (400 pixels on 2 threads: 100 each), at least two tiles long. YOLOv12n's pointwise
-/// layers at 20x20, calls alternating in one process: 0.93-0.96 of their time on 2 threads,
-/// 0.87 on one.
+/// The units a thread claims at once are computed as one run of tiles, and the last tile of a
+/// run overlaps the one before it when the tiles do not fit the run: a 20x20 plane in units of
+/// 64 computed 430 pixels for 400, in tiles of 10. A small plane (under [`SMALL_PLANE_UNITS`]
+/// units per thread) is cut into two units per thread instead (400 pixels on 2 threads: four
+/// of 100), each at least two tiles long. YOLOv12n's pointwise layers at 20x20, calls
+/// alternating between the two in one process: 0.93-0.96 of their time on 2 threads, 0.87 on
+/// one.
 fn pointwise_stretch(pixels: usize, threads: usize) -> usize {
     let threads = threads.max(1);
     if pixels < SMALL_PLANE_UNITS * threads * POINTWISE_UNIT { (pixels / (2 * threads)).max(2 * WIDEST_TILE).min(pixels) } else { POINTWISE_UNIT.min(pixels) }
