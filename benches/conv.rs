@@ -1,6 +1,7 @@
 //! Convolution kernel throughput on YOLOv12n's layer shapes: GFLOP/s of the packed
-//! microkernel this CPU runs (AVX-512 or AVX2) and of the portable `gemm`-crate path, on the
-//! same pool of threads.
+//! microkernel this CPU runs (AVX-512 or AVX2; for the shapes that a CPU with AMX runs on its
+//! tiles, those and AVX-512 side by side) and of the portable `gemm`-crate path, on the same
+//! pool of threads, in interleaved rounds (each variant's best).
 //! `cargo bench --bench conv [-- THREADS [SHAPE | attention] [packed]]`, where SHAPE (such as
 //! `32->64`) keeps only the convolutions whose label contains it, `attention` runs only the
 //! attention heads, and `packed` skips the portable path.
@@ -67,24 +68,38 @@ fn main() {
         let input: Vec<f32> = (0..cin * size * size).map(|i| (i % 13) as f32 * 0.05).collect();
         let packed = conv(cin, cout, k, stride, groups).with_packed_weights();
         let packed_name = match packed.isa() {
+            Some(_) if packed.runs_amx() => "AMX".to_string(),
             Some(isa) => format!("{isa:?}"),
             // Depthwise convolutions have their own kernel; without a microkernel, the portable
             // path runs twice.
             None => "unpacked".to_string(),
         };
-        for (name, c) in [("portable".to_string(), conv(cin, cout, k, stride, groups)), (packed_name, packed)] {
-            if packed_only && name == "portable" {
-                continue;
+        let mut variants = vec![(packed_name, packed.clone())];
+        if packed.runs_amx() {
+            variants.push((format!("{:?}", packed.isa().expect("packed")), packed.without_amx()));
+        }
+        if !packed_only {
+            variants.insert(0, ("portable".to_string(), conv(cin, cout, k, stride, groups)));
+        }
+        // Rounds of every variant in turn; each variant's best round is reported, so that a
+        // slow spell of a shared machine falls on all of them.
+        let mut best = vec![f64::INFINITY; variants.len()];
+        for _round in 0..3 {
+            for ((_, c), best) in variants.iter().zip(&mut best) {
+                let (oh, ow) = c.output_size(size, size).unwrap();
+                let flops = 2.0 * (cout * oh * ow * cin / groups * k * k) as f64;
+                std::hint::black_box(pool.install(|| c.run(&input, 1, size, size, None)));
+                let reps = ((0.7e9 / flops) as usize).clamp(3, 70);
+                let start = Instant::now();
+                for _ in 0..reps {
+                    std::hint::black_box(pool.install(|| c.run(&input, 1, size, size, None)));
+                }
+                *best = best.min(start.elapsed().as_secs_f64() / reps as f64);
             }
+        }
+        for ((name, c), secs) in variants.iter().zip(best) {
             let (oh, ow) = c.output_size(size, size).unwrap();
             let flops = 2.0 * (cout * oh * ow * cin / groups * k * k) as f64;
-            std::hint::black_box(pool.install(|| c.run(&input, 1, size, size, None)));
-            let reps = ((2e9 / flops) as usize).clamp(3, 200);
-            let start = Instant::now();
-            for _ in 0..reps {
-                std::hint::black_box(pool.install(|| c.run(&input, 1, size, size, None)));
-            }
-            let secs = start.elapsed().as_secs_f64() / reps as f64;
             println!("conv {cin:>3}->{cout:<3} k{k} s{stride} g{groups:<3} {size:>3}px  {name:<8} {:>7.3} ms  {:>6.1} GFLOP/s", secs * 1e3, flops / secs / 1e9);
         }
     }

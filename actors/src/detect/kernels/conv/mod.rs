@@ -20,6 +20,8 @@
 //! layer); [`schedule`] splits the work into tasks. The input is read through
 //! [`input`].
 
+#[cfg(target_arch = "x86_64")]
+mod amx_tiles;
 mod depthwise;
 mod direct;
 mod im2col;
@@ -100,6 +102,10 @@ pub struct Conv2d {
     /// ([`stem::Stem::applies`]).
     #[cfg(target_arch = "x86_64")]
     stem: Option<stem::Stem>,
+    /// The weights as AMX tiles, on a CPU with AMX
+    /// ([`amx_tiles::AmxTiles::applies`]).
+    #[cfg(target_arch = "x86_64")]
+    amx: Option<amx_tiles::AmxTiles>,
 }
 
 impl Conv2d {
@@ -144,6 +150,8 @@ impl Conv2d {
             pixel_tiles: None,
             #[cfg(target_arch = "x86_64")]
             stem: None,
+            #[cfg(target_arch = "x86_64")]
+            amx: None,
         })
     }
 
@@ -194,8 +202,33 @@ impl Conv2d {
             self.winograd = winograd::Winograd::applies(&self.spec).then(|| winograd::Winograd::new(isa, &self.spec, &self.weights));
             self.pixel_tiles = pixel_tiles::PixelTiles::applies(&self.spec).then(|| pixel_tiles::PixelTiles::new(isa, &self.spec, &self.weights, &self.bias));
             self.stem = stem::Stem::applies(&self.spec, isa).then(|| stem::Stem::new(&self.spec, &self.weights, &self.bias));
+            self.amx =
+                (isa == Isa::Avx512 && amx_tiles::AmxTiles::applies(&self.spec)).then(|| amx_tiles::AmxTiles::new(&self.spec, &self.weights, &self.bias));
         }
         self
+    }
+
+    /// The same convolution without its AMX tiles: it runs on the AVX-512 kernels, to compare
+    /// the two in one process.
+    #[cfg(any(test, feature = "bench-internals"))]
+    pub fn without_amx(mut self) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.amx = None;
+        }
+        self
+    }
+
+    /// Whether the convolution runs on AMX tiles.
+    pub fn runs_amx(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.amx.is_some()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
     }
 
     pub fn output_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
@@ -256,6 +289,14 @@ impl Conv2d {
             self.run_stem(stem, input, oh, ow, spare);
             // SAFETY: each task writes every pixel of its output rows of every channel, and the
             // tasks cover the rows of every image.
+            unsafe { out.set_len(len) };
+            return out;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(amx) = &self.amx {
+            self.run_amx(amx, input, oh, ow, residual, spare);
+            // SAFETY: the blocks cover every pixel of every channel of every image, and each
+            // is written.
             unsafe { out.set_len(len) };
             return out;
         }
@@ -368,7 +409,12 @@ mod tests {
         let spec = ConvSpec::square(cin, cout, groups, k, stride, pad, Activation::Silu);
         let conv = Conv2d::new(spec, values(cout * cin / groups * k * k, 1), values(cout, 2)).unwrap();
         let packed = [Isa::Avx2, Isa::Avx512].into_iter().filter(|isa| isa.supported() && !conv.is_depthwise());
-        std::iter::once(conv.clone()).chain(packed.map(|isa| conv.clone().with_weights_packed_for(isa).unwrap())).collect()
+        let mut all: Vec<Conv2d> = std::iter::once(conv.clone()).chain(packed.map(|isa| conv.clone().with_weights_packed_for(isa).unwrap())).collect();
+        // Where AMX tiles take a shape, the AVX-512 kernels are checked on it too.
+        if let Some(tiled) = all.iter().find(|c| c.runs_amx()) {
+            all.push(tiled.clone().without_amx());
+        }
+        all
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -491,6 +537,8 @@ mod tests {
         check(8, 8, 8, 9, 1, 4, 1, 12, 20); // depthwise 9x9: no block kernel for that side, rows by taps
         check(8, 8, 2, 3, 1, 1, 1, 6, 6); // grouped
         check(64, 128, 1, 3, 2, 1, 1, 5, 5); // small late layer: split channels
+        check(128, 128, 1, 3, 2, 1, 1, 11, 9); // stride 2, many channels (AMX tiles where the CPU has them)
+        check(256, 256, 1, 1, 1, 0, 1, 7, 9); // pointwise, many channels (AMX tiles where the CPU has them)
         check(24, 40, 1, 3, 1, 1, 2, 7, 21); // stride 1 in place: rows not a multiple of 16, batch 2
         check(70, 20, 1, 3, 1, 0, 1, 5, 19); // stride 1 without padding, k > one block of KC
         check(6, 10, 2, 5, 1, 2, 1, 9, 17); // stride 1, grouped, 5x5

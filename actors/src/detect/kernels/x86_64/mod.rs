@@ -4,6 +4,7 @@
 //! at run time by [`isa`](super::isa), which alone calls it. [`depthwise_lanes`] is the
 //! depthwise kernel for small planes, with channels in the lanes, for both.
 
+pub(super) mod amx;
 pub(super) mod avx2;
 pub(super) mod avx512;
 pub(super) mod depthwise_lanes;

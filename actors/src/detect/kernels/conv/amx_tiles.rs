@@ -1,0 +1,406 @@
+//! Convolutions on AMX tiles ([`amx`]), on CPUs that have them: blocks of 32 output channels
+//! by 32 output pixels, the weights split into BF16 parts and laid out as `A` tiles once at
+//! load time, the bias loaded as the sums' starting value, and SiLU and the residual applied
+//! as each block is stored.
+//!
+//! A pointwise convolution converts each block of pixels into `B` tiles in the task that
+//! computes it. Any other kernel first converts the whole input, in parallel, into zero-padded
+//! planes of pair lanes split by stride phase, where every tap of a block of output pixels is
+//! a `B` tile read in place: the block's pixels are consecutive places of the output grid laid
+//! over the phase planes' width (the places past the output's width are computed and dropped),
+//! and a tap is a fixed offset from them.
+
+use std::cell::RefCell;
+use std::mem::MaybeUninit;
+
+use crate::detect::kernels::parallel;
+
+use super::super::SendPtr;
+use super::super::activation::Activation;
+use super::super::x86_64::amx::{self, StepB, TileRow, Tiles};
+use super::{Conv2d, ConvInput, ConvSpec};
+
+/// Output channels and pixels per block, and input channels per step of `k`.
+const BLOCK: usize = 32;
+
+/// Rows of one tile.
+const TILE_ROWS: usize = 16;
+
+/// A pointwise convolution's weights as `A` tiles and its biases as starting sums, made only
+/// when AMX is [`available`](amx::available) (`applies`), which the kernel calls rely on.
+#[derive(Debug, Clone)]
+pub(super) struct AmxTiles {
+    /// `[channel block][step][tap][tile][row]`: per step of input channels and tap, the high
+    /// parts of the block's first and second 16 output channels, then their low parts
+    /// ([`Tiles::block_32x32`]); zeros past the last channel, in either direction.
+    weights: Vec<TileRow>,
+    /// `[channel block][half][row]`: each row 16 copies of its channel's bias.
+    bias: Vec<TileRow>,
+    /// Steps of [`BLOCK`] input channels.
+    steps: usize,
+    /// The kernel's taps, `kh * kw`.
+    taps: usize,
+}
+
+/// One block's sums, as [`Tiles::block_32x32`] stores them.
+#[repr(C, align(64))]
+struct SumBlock([[f32; BLOCK]; BLOCK]);
+
+thread_local! {
+    /// Each thread's `B` tiles of its block of pixels, and its block of sums.
+    static SCRATCH: RefCell<(Vec<TileRow>, Box<SumBlock>)> = RefCell::new((Vec::new(), Box::new(SumBlock([[0.0; BLOCK]; BLOCK]))));
+}
+
+impl AmxTiles {
+    /// Whether a convolution of `spec` runs on AMX tiles: one group, no dilation, on a CPU
+    /// with AMX, and a shape where the tiles were measured faster than the AVX-512 kernels:
+    /// stride-2 kernels and pointwise products, both with many channels.
+    pub(super) fn applies(spec: &ConvSpec) -> bool {
+        let pointwise = spec.kernel == (1, 1) && spec.stride == (1, 1) && spec.pads == (0, 0, 0, 0);
+        let shape = if pointwise {
+            spec.in_channels >= 256 && spec.out_channels >= 256
+        } else {
+            spec.stride == (2, 2) && spec.in_channels >= 128 && spec.out_channels >= 128
+        };
+        shape && Self::runs(spec)
+    }
+
+    /// Whether the tiles can run a convolution of `spec`: one group, no dilation, a stride of 1
+    /// or 2 along rows ([`amx::pair_run`]), on a CPU with AMX.
+    fn runs(spec: &ConvSpec) -> bool {
+        spec.groups == 1 && spec.dilation == (1, 1) && spec.stride.1 <= 2 && amx::available()
+    }
+
+    /// Lays out `weights` (`[out][in]`) and `bias` as tiles.
+    pub(super) fn new(spec: &ConvSpec, weights: &[f32], bias: &[f32]) -> Self {
+        assert!(Self::runs(spec), "AMX tiles for {spec:?}");
+        let (cin, cout) = (spec.in_channels, spec.out_channels);
+        let taps = spec.kernel.0 * spec.kernel.1;
+        let steps = cin.div_ceil(BLOCK);
+        let blocks = cout.div_ceil(BLOCK);
+        let mut tiles = vec![TileRow::default(); blocks * steps * taps * 4 * TILE_ROWS];
+        for (i, row) in tiles.iter_mut().enumerate() {
+            let r = i % TILE_ROWS;
+            let tile = i / TILE_ROWS % 4;
+            let tap = i / TILE_ROWS / 4 % taps;
+            let step = i / TILE_ROWS / 4 / taps % steps;
+            let block = i / TILE_ROWS / 4 / taps / steps;
+            let (low_part, half) = (tile / 2 == 1, tile % 2);
+            let co = block * BLOCK + half * TILE_ROWS + r;
+            for e in 0..BLOCK {
+                let ci = step * BLOCK + e;
+                let w = if co < cout && ci < cin { weights[(co * cin + ci) * taps + tap] } else { 0.0 };
+                let (hi, lo) = amx::split_scalar(w);
+                let part = if low_part { lo } else { hi };
+                row.0[e / 2] |= u32::from(part) << (16 * (e % 2));
+            }
+        }
+        let bias = (0..blocks * 2 * TILE_ROWS)
+            .map(|i| {
+                let co = i / (2 * TILE_ROWS) * BLOCK + i % (2 * TILE_ROWS);
+                TileRow([bias.get(co).copied().unwrap_or(0.0).to_bits(); 16])
+            })
+            .collect();
+        AmxTiles { weights: tiles, bias, steps, taps }
+    }
+}
+
+impl Conv2d {
+    /// Runs the convolution on AMX tiles.
+    pub(super) fn run_amx(&self, amx: &AmxTiles, input: &ConvInput, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+        if self.is_pointwise() {
+            self.run_amx_pointwise(amx, input, residual, out);
+        } else {
+            self.run_amx_planes(amx, input, oh, ow, residual, out);
+        }
+    }
+
+    /// A pointwise convolution: one task per block of 32 pixels of an image.
+    fn run_amx_pointwise(&self, amx: &AmxTiles, input: &ConvInput, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+        let (n, pixels) = (input.n, input.h * input.w);
+        let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
+        let steps = amx.steps;
+        let columns = pixels.div_ceil(BLOCK);
+        let silu = self.spec.activation == Activation::Silu;
+        let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
+        parallel::for_each(n * columns, |task| {
+            let (batch, p0) = (task / columns, task % columns * BLOCK);
+            let valid = BLOCK.min(pixels - p0);
+            let tiles = Tiles::configure().expect("AMX tiles exist only where AMX is available");
+            SCRATCH.with_borrow_mut(|(b, sums)| {
+                // The block's input as `B` tiles, per step the high parts (rows of 32 pixels'
+                // pair lanes, 128 bytes apart), then the low parts.
+                b.resize(steps * 4 * TILE_ROWS, TileRow::default());
+                let row_of = |c: usize, half: usize| -> *const f32 {
+                    if c < cin && 16 * half < valid { input.plane(batch, c)[p0 + 16 * half..].as_ptr() } else { std::ptr::null() }
+                };
+                for (step, tiles) in b.chunks_exact_mut(4 * TILE_ROWS).enumerate() {
+                    let (high, low) = tiles.split_at_mut(2 * TILE_ROWS);
+                    for r in 0..TILE_ROWS {
+                        let c = step * BLOCK + 2 * r;
+                        for half in 0..2 {
+                            let columns = valid.saturating_sub(16 * half).min(16);
+                            let i = 2 * r + half;
+                            // SAFETY: AMX is available, so AVX-512F is; each non-null row has
+                            // `columns` floats from its start (`row_of`: `p0 + 16 * half +
+                            // columns <= pixels`).
+                            unsafe { amx::pair_row(row_of(c, half), row_of(c + 1, half), columns, &mut high[i], &mut low[i]) };
+                        }
+                    }
+                }
+                let list: Vec<StepB> =
+                    b.chunks_exact(4 * TILE_ROWS).map(|tiles| StepB { hi: tiles[0].0.as_ptr(), lo: tiles[2 * TILE_ROWS].0.as_ptr() }).collect();
+                for block in 0..cout.div_ceil(BLOCK) {
+                    let co = block * BLOCK;
+                    let rows = BLOCK.min(cout - co);
+                    // SAFETY: the weights hold `steps * 4` tiles per block and the biases two;
+                    // each step of `b` holds its 16 rows of 128 bytes of either part; `sums` is
+                    // 32 rows of 128 bytes.
+                    unsafe {
+                        tiles.block_32x32(
+                            amx.weights[block * steps * 4 * TILE_ROWS..].as_ptr(),
+                            &list,
+                            2 * std::mem::size_of::<TileRow>(),
+                            amx.bias[block * 2 * TILE_ROWS..].as_ptr(),
+                            sums.0.as_mut_ptr().cast(),
+                        )
+                    };
+                    if silu {
+                        // SAFETY: AVX-512F (as above).
+                        unsafe { amx::silu_rows(&mut sums.0[..rows]) };
+                    }
+                    let first = (batch * cout + co) * pixels + p0;
+                    let mut dst = [std::ptr::null_mut(); BLOCK];
+                    let mut res = [std::ptr::null(); BLOCK];
+                    for r in 0..rows {
+                        // SAFETY: inside `out` (`run` checked its length): row `co + r` of image
+                        // `batch`, from pixel `p0`.
+                        dst[r] = unsafe { out_ptr.get().add(first + r * pixels) };
+                        if let Some(residual) = residual {
+                            res[r] = residual[first + r * pixels..].as_ptr();
+                        }
+                    }
+                    // SAFETY: AVX-512F (as above); each destination and residual row has
+                    // `valid` floats from its start, and the destinations are this task's
+                    // alone: rows of this image, pixels of this block.
+                    unsafe { amx::store_rows(&sums.0[..rows], &dst[..rows], residual.map(|_| &res[..rows]), 0..valid) };
+                }
+            });
+        });
+    }
+}
+
+/// The zero-padded stride-phase planes of a convolution's input, as pair lanes
+/// (`[image][pair][part][phase][place]`, the high part first), and where each tap reads them.
+struct PhasePlanes {
+    data: Vec<u32>,
+    /// Places per phase plane: its rows (`rows x width`) and zero slack after them.
+    plane: usize,
+    width: usize,
+    /// Pairs of input channels: 16 per step, those past the input's channels all zeros.
+    pairs: usize,
+    phases: usize,
+}
+
+impl PhasePlanes {
+    /// Lanes from one pair of channels to the next (a `B` tile's row stride).
+    fn pair_stride(&self) -> usize {
+        2 * self.phases * self.plane
+    }
+}
+
+impl Conv2d {
+    /// The phase planes of `input` for this convolution, whose output is `oh x ow`.
+    fn amx_phase_planes(&self, input: &ConvInput, oh: usize, ow: usize, pairs: usize) -> PhasePlanes {
+        let (kh, kw) = self.spec.kernel;
+        let (sh, sw) = self.spec.stride;
+        let (pt, pl) = (self.spec.pads.0, self.spec.pads.1);
+        let (h, w, cin) = (input.h, input.w, self.spec.in_channels);
+        let rows = oh + (kh - 1) / sh;
+        let width = ow + (kw - 1) / sw;
+        // A block of the output grid reads up to 31 places past the grid's last and a tap's
+        // offset past that: `(kh - 1) / sh` rows (inside `rows`) and `(kw - 1) / sw` places.
+        let plane = (rows * width + BLOCK + (kw - 1) / sw).next_multiple_of(16);
+        let phases = sh * sw;
+        let chunk = 2 * phases * plane;
+        let mut data = vec![0u32; input.n * pairs * chunk];
+        parallel::for_each_chunk_mut(&mut data, chunk, |index, planes| {
+            let (batch, pair) = (index / pairs, index % pairs);
+            let channel = |c: usize| (c < cin).then(|| input.plane(batch, c));
+            let (even, odd) = (channel(2 * pair), channel(2 * pair + 1));
+            if even.is_none() {
+                return;
+            }
+            let (high, low) = planes.split_at_mut(phases * plane);
+            for phase in 0..phases {
+                let (a, b) = (phase / sw, phase % sw);
+                // Places `x` of a phase row read input column `x * sw + b - pl`: those inside
+                // the input, `first..end`.
+                let first = pl.saturating_sub(b).div_ceil(sw).min(width);
+                let end = (w + pl).saturating_sub(b).div_ceil(sw).clamp(first, width);
+                for y in 0..rows {
+                    let Some(iy) = (y * sh + a).checked_sub(pt).filter(|&iy| iy < h) else { continue };
+                    if first == end {
+                        continue;
+                    }
+                    let column = first * sw + b - pl;
+                    let row = |c: Option<&[f32]>| c.map_or(std::ptr::null(), |c| c[iy * w + column..].as_ptr());
+                    let at = phase * plane + y * width + first;
+                    // SAFETY: AMX is available (this convolution has tiles), so AVX-512F is;
+                    // `sw` is 1 or 2 (`applies`); each input row has `(end - first - 1) * sw + 1`
+                    // floats from `column` (`(end - 1) * sw + b - pl < w`), and the plane rows
+                    // `end - first` places from `at`.
+                    unsafe {
+                        amx::pair_run(row(even), row(odd), end - first, sw, high[at..].as_mut_ptr(), low[at..].as_mut_ptr());
+                    }
+                }
+            }
+        });
+        PhasePlanes { data, plane, width, pairs, phases }
+    }
+
+    /// A convolution with a kernel: the phase planes, then one task per block of 32 places of
+    /// the output grid (`oh` rows of the planes' width) of an image.
+    fn run_amx_planes(&self, amx: &AmxTiles, input: &ConvInput, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+        let (kh, kw) = self.spec.kernel;
+        let (sh, sw) = self.spec.stride;
+        let cout = self.spec.out_channels;
+        let steps = amx.steps;
+        let planes = self.amx_phase_planes(input, oh, ow, steps * TILE_ROWS);
+        let width = planes.width;
+        let places = oh * width;
+        let blocks = places.div_ceil(BLOCK);
+        let silu = self.spec.activation == Activation::Silu;
+        let pixels = oh * ow;
+        let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
+        parallel::for_each(input.n * blocks, |task| {
+            let (batch, g0) = (task / blocks, task % blocks * BLOCK);
+            let tiles = Tiles::configure().expect("AMX tiles exist only where AMX is available");
+            // Each step's and tap's `B` tiles, read in place.
+            let image = &planes.data[batch * planes.pairs * planes.pair_stride()..];
+            let mut list = Vec::with_capacity(steps * amx.taps);
+            for step in 0..steps {
+                let pair = &image[step * TILE_ROWS * planes.pair_stride()..];
+                for (ky, kx) in (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky, kx))) {
+                    let phase = (ky % sh) * sw + kx % sw;
+                    let at = phase * planes.plane + g0 + (ky / sh) * width + kx / sw;
+                    let hi = &pair[at..];
+                    let lo = &pair[planes.phases * planes.plane + at..];
+                    list.push(StepB { hi: hi.as_ptr(), lo: lo.as_ptr() });
+                }
+            }
+            SCRATCH.with_borrow_mut(|(_, sums)| {
+                for block in 0..cout.div_ceil(BLOCK) {
+                    let co = block * BLOCK;
+                    let rows = BLOCK.min(cout - co);
+                    // SAFETY: the weights hold `steps * taps * 4` tiles per block and the biases
+                    // two; each `B` tile's 16 rows of 128 bytes lie inside the planes (a
+                    // block's places plus a tap's offset stay inside a plane, slack included,
+                    // and the 16 pairs of a step inside the image's pairs); `sums` is 32 rows
+                    // of 128 bytes.
+                    unsafe {
+                        tiles.block_32x32(
+                            amx.weights[block * steps * amx.taps * 4 * TILE_ROWS..].as_ptr(),
+                            &list,
+                            4 * planes.pair_stride(),
+                            amx.bias[block * 2 * TILE_ROWS..].as_ptr(),
+                            sums.0.as_mut_ptr().cast(),
+                        )
+                    };
+                    if silu {
+                        // SAFETY: AVX-512F (as above).
+                        unsafe { amx::silu_rows(&mut sums.0[..rows]) };
+                    }
+                    // The block's places, one output row at a time; places past the output's
+                    // width are dropped.
+                    let mut g = g0;
+                    while g < (g0 + BLOCK).min(places) {
+                        let (y, x) = (g / width, g % width);
+                        let run_end = (g + width - x).min(g0 + BLOCK);
+                        if x < ow {
+                            let len = (ow - x).min(run_end - g);
+                            let first = (batch * cout + co) * pixels + y * ow + x;
+                            let mut dst = [std::ptr::null_mut(); BLOCK];
+                            let mut res = [std::ptr::null(); BLOCK];
+                            for r in 0..rows {
+                                // SAFETY: inside `out` (`run` checked its length): row `y` of
+                                // channel `co + r` of image `batch`, from column `x`.
+                                dst[r] = unsafe { out_ptr.get().add(first + r * pixels) };
+                                if let Some(residual) = residual {
+                                    res[r] = residual[first + r * pixels..].as_ptr();
+                                }
+                            }
+                            let columns = g - g0..g - g0 + len;
+                            // SAFETY: AVX-512F (as above); each destination and residual row
+                            // has `len` floats from its start (`x + len <= ow`), and the
+                            // destinations are this task's alone: the output pixels of its
+                            // places.
+                            unsafe { amx::store_rows(&sums.0[..rows], &dst[..rows], residual.map(|_| &res[..rows]), columns) };
+                        }
+                        g = run_end;
+                    }
+                }
+            });
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{reference, values};
+    use super::super::{Conv2d, ConvSpec};
+    use super::AmxTiles;
+    use crate::detect::kernels::activation::Activation;
+    use crate::detect::kernels::isa::Isa;
+    use crate::detect::kernels::x86_64::amx;
+
+    #[test]
+    fn matches_the_definition() {
+        if !amx::available() {
+            eprintln!("SKIPPED: no AMX on this CPU (or STREAMDET_AMX=off); the AVX-512 kernels run pointwise convolutions");
+            return;
+        }
+        // Channels within, at and past blocks of 32 in both directions; pixels within a tile,
+        // at blocks and past them; batch 2; SiLU on and off; with and without a residual;
+        // kernels of 1, 2, 3 and 5 with strides 1 and 2, with and without padding.
+        for (cin, cout, k, stride, pad, n, h, w, activation) in [
+            (32, 32, 1, 1, 0, 1, 8, 4, Activation::Silu),
+            (16, 48, 1, 1, 0, 2, 9, 11, Activation::Silu),
+            (70, 33, 1, 1, 0, 1, 5, 13, Activation::Identity),
+            (256, 64, 1, 1, 0, 1, 20, 20, Activation::Silu),
+            (3, 5, 1, 1, 0, 1, 1, 7, Activation::Silu),
+            (16, 32, 3, 1, 1, 1, 20, 20, Activation::Silu),
+            (32, 64, 3, 2, 1, 2, 17, 22, Activation::Silu),
+            (24, 40, 3, 1, 0, 1, 7, 21, Activation::Identity),
+            (5, 9, 3, 2, 0, 1, 12, 16, Activation::Silu),
+            (70, 20, 5, 1, 2, 1, 9, 8, Activation::Silu),
+            (8, 16, 2, 2, 0, 1, 8, 8, Activation::Identity),
+        ] {
+            let spec = ConvSpec::square(cin, cout, 1, k, stride, pad, activation);
+            let mut conv = Conv2d::new(spec, values(cout * cin * k * k, 1), values(cout, 2)).unwrap().with_weights_packed_for(Isa::Avx512).unwrap();
+            // Every shape the tiles can run, also those the engine runs on other kernels.
+            conv.amx = Some(AmxTiles::new(&spec, &conv.weights, &conv.bias));
+            let input = values(n * cin * h * w, 3);
+            let (oh, ow) = conv.output_size(h, w).unwrap();
+            let residual = values(n * cout * oh * ow, 4);
+            for with_residual in [false, true] {
+                let out = conv.run(&input, n, h, w, with_residual.then_some(residual.as_slice()));
+                let mut want = reference(&conv, &input, n, h, w);
+                if with_residual {
+                    want.iter_mut().zip(&residual).for_each(|(w, r)| *w += r);
+                }
+                let worst: f32 = out.iter().zip(&want).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0, f32::max);
+                assert!(worst < 1e-4, "{cin}->{cout} k{k} s{stride} p{pad} {n}x{h}x{w} {activation:?} residual={with_residual}: relative error {worst}");
+            }
+        }
+    }
+
+    #[test]
+    fn splits_floats_into_two_bf16_parts() {
+        for x in [1.0f32, -2.7182817, 1e-3, 65504.0, 0.0, 1.0 + f32::EPSILON * 3.0] {
+            let (hi, lo) = amx::split_scalar(x);
+            let back = f32::from_bits(u32::from(hi) << 16) + f32::from_bits(u32::from(lo) << 16);
+            assert!((back - x).abs() <= x.abs() * 2f32.powi(-16), "{x}: {back}");
+        }
+    }
+}
