@@ -153,41 +153,58 @@ impl Conv2d {
                 for block in 0..cout.div_ceil(BLOCK) {
                     let co = block * BLOCK;
                     let rows = BLOCK.min(cout - co);
-                    // SAFETY: the weights hold `steps * 4` tiles per block and the biases two;
-                    // each step of `b` holds its 16 rows of 128 bytes of either part; `sums` is
-                    // 32 rows of 128 bytes.
-                    unsafe {
-                        tiles.block_32x32(
-                            amx.weights[block * steps * 4 * TILE_ROWS..].as_ptr(),
-                            &list,
-                            2 * std::mem::size_of::<TileRow>(),
-                            amx.bias[block * 2 * TILE_ROWS..].as_ptr(),
-                            sums.0.as_mut_ptr().cast(),
-                        )
-                    };
-                    if silu {
-                        // SAFETY: AVX-512F (as above).
-                        unsafe { amx::silu_rows(&mut sums.0[..rows]) };
-                    }
-                    let first = (batch * cout + co) * pixels + p0;
-                    let mut dst = [std::ptr::null_mut(); BLOCK];
-                    let mut res = [std::ptr::null(); BLOCK];
-                    for r in 0..rows {
-                        // SAFETY: inside `out` (`run` checked its length): row `co + r` of image
-                        // `batch`, from pixel `p0`.
-                        dst[r] = unsafe { out_ptr.get().add(first + r * pixels) };
-                        if let Some(residual) = residual {
-                            res[r] = residual[first + r * pixels..].as_ptr();
-                        }
-                    }
-                    // SAFETY: AVX-512F (as above); each destination and residual row has
-                    // `valid` floats from its start, and the destinations are this task's
-                    // alone: rows of this image, pixels of this block.
-                    unsafe { amx::store_rows(&sums.0[..rows], &dst[..rows], residual.map(|_| &res[..rows]), 0..valid) };
+                    // SAFETY: each step of `b` holds its 16 rows of 128 bytes of either part.
+                    unsafe { amx.block_sums(&tiles, block, &list, 2 * std::mem::size_of::<TileRow>(), silu, sums) };
+                    // SAFETY: rows `co..co + rows` of image `batch` from pixel `p0`, `valid`
+                    // pixels each: inside the output and the residual (`valid <= pixels - p0`),
+                    // and this task's alone.
+                    unsafe { store_block(sums, rows, &out_ptr, residual, (batch * cout + co) * pixels + p0, pixels, 0..valid) };
                 }
             });
         });
     }
+}
+
+impl AmxTiles {
+    /// The sums of output channel block `block` over `list`'s steps into `sums`, then SiLU
+    /// when asked.
+    ///
+    /// # Safety
+    /// `list` holds `steps * taps` steps whose `B` tiles are readable as
+    /// [`Tiles::block_32x32`] reads them, rows `b_stride` bytes apart.
+    unsafe fn block_sums(&self, tiles: &Tiles, block: usize, list: &[StepB], b_stride: usize, silu: bool, sums: &mut SumBlock) {
+        assert_eq!(list.len(), self.steps * self.taps, "a step of B per step of A");
+        let a = &self.weights[block * list.len() * 4 * TILE_ROWS..][..list.len() * 4 * TILE_ROWS];
+        let bias = &self.bias[block * 2 * TILE_ROWS..][..2 * TILE_ROWS];
+        // SAFETY: `a` holds four tiles per step and `bias` two, `sums` is 32 rows of 128 bytes;
+        // `list` is the caller's.
+        unsafe { tiles.block_32x32(a.as_ptr(), list, b_stride, bias.as_ptr(), sums.0.as_mut_ptr().cast()) };
+        if silu {
+            // SAFETY: AMX is available (`tiles` exists), so AVX-512F is.
+            unsafe { amx::silu_rows(&mut sums.0) };
+        }
+    }
+}
+
+/// Stores `columns` of the first `rows` rows of `sums`, row `r` to the output from element
+/// `first + r * pixels`, adding the residual's elements at the same places.
+///
+/// # Safety
+/// AMX is available; each of those rows has `columns.len()` elements inside the output (and
+/// the residual), and no other task writes them.
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_block(sums: &SumBlock, rows: usize, out: &SendPtr, residual: Option<&[f32]>, first: usize, pixels: usize, columns: std::ops::Range<usize>) {
+    let mut dst = [std::ptr::null_mut(); BLOCK];
+    let mut res = [std::ptr::null(); BLOCK];
+    for r in 0..rows {
+        // SAFETY: inside the output (the caller's contract).
+        dst[r] = unsafe { out.get().add(first + r * pixels) };
+        if let Some(residual) = residual {
+            res[r] = residual[first + r * pixels..].as_ptr();
+        }
+    }
+    // SAFETY: AVX-512F comes with AMX; the rows are the caller's.
+    unsafe { amx::store_rows(&sums.0[..rows], &dst[..rows], residual.map(|_| &res[..rows]), columns) };
 }
 
 /// The zero-padded stride-phase planes of a convolution's input, as pair lanes
@@ -293,24 +310,10 @@ impl Conv2d {
                 for block in 0..cout.div_ceil(BLOCK) {
                     let co = block * BLOCK;
                     let rows = BLOCK.min(cout - co);
-                    // SAFETY: the weights hold `steps * taps * 4` tiles per block and the biases
-                    // two; each `B` tile's 16 rows of 128 bytes lie inside the planes (a
+                    // SAFETY: each `B` tile's 16 rows of 128 bytes lie inside the planes (a
                     // block's places plus a tap's offset stay inside a plane, slack included,
-                    // and the 16 pairs of a step inside the image's pairs); `sums` is 32 rows
-                    // of 128 bytes.
-                    unsafe {
-                        tiles.block_32x32(
-                            amx.weights[block * steps * amx.taps * 4 * TILE_ROWS..].as_ptr(),
-                            &list,
-                            4 * planes.pair_stride(),
-                            amx.bias[block * 2 * TILE_ROWS..].as_ptr(),
-                            sums.0.as_mut_ptr().cast(),
-                        )
-                    };
-                    if silu {
-                        // SAFETY: AVX-512F (as above).
-                        unsafe { amx::silu_rows(&mut sums.0[..rows]) };
-                    }
+                    // and the 16 pairs of a step inside the image's pairs).
+                    unsafe { amx.block_sums(&tiles, block, &list, 4 * planes.pair_stride(), silu, sums) };
                     // The block's places, one output row at a time; places past the output's
                     // width are dropped.
                     let mut g = g0;
@@ -320,22 +323,11 @@ impl Conv2d {
                         if x < ow {
                             let len = (ow - x).min(run_end - g);
                             let first = (batch * cout + co) * pixels + y * ow + x;
-                            let mut dst = [std::ptr::null_mut(); BLOCK];
-                            let mut res = [std::ptr::null(); BLOCK];
-                            for r in 0..rows {
-                                // SAFETY: inside `out` (`run` checked its length): row `y` of
-                                // channel `co + r` of image `batch`, from column `x`.
-                                dst[r] = unsafe { out_ptr.get().add(first + r * pixels) };
-                                if let Some(residual) = residual {
-                                    res[r] = residual[first + r * pixels..].as_ptr();
-                                }
-                            }
-                            let columns = g - g0..g - g0 + len;
-                            // SAFETY: AVX-512F (as above); each destination and residual row
-                            // has `len` floats from its start (`x + len <= ow`), and the
-                            // destinations are this task's alone: the output pixels of its
-                            // places.
-                            unsafe { amx::store_rows(&sums.0[..rows], &dst[..rows], residual.map(|_| &res[..rows]), columns) };
+                            // SAFETY: rows `co..co + rows` of image `batch`, `len` pixels of
+                            // output row `y` from column `x` (`x + len <= ow`): inside the
+                            // output and the residual, and this task's alone (the output
+                            // pixels of its places).
+                            unsafe { store_block(sums, rows, &out_ptr, residual, first, pixels, g - g0..g - g0 + len) };
                         }
                         g = run_end;
                     }

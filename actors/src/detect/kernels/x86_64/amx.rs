@@ -218,24 +218,18 @@ unsafe fn split(x: __m512) -> (__m512i, __m512i) {
 }
 
 /// Writes one row of a `B` tile's high part and of its low part: the pairs of `even[j]` and
-/// `odd[j]` for the `valid` first columns of 16, zeros past them. A null row reads as zeros.
+/// `odd[j]` for the `valid` first columns of 16 ([`pair_run`]), zeros past them. A null row
+/// reads as zeros.
 ///
 /// # Safety
 /// AVX-512F; `even` and `odd`, where not null, readable for `valid <= 16` floats.
 #[target_feature(enable = "avx512f")]
 pub(in super::super) unsafe fn pair_row(even: *const f32, odd: *const f32, valid: usize, hi: &mut TileRow, lo: &mut TileRow) {
-    debug_assert!(valid <= 16);
-    let mask: __mmask16 = ((1u32 << valid) - 1) as u16;
-    // SAFETY: masked loads read only the `valid` lanes, which the caller's contract covers;
-    // the stores write the two rows.
-    unsafe {
-        let load = |p: *const f32| if p.is_null() { _mm512_setzero_ps() } else { _mm512_maskz_loadu_ps(mask, p) };
-        let (even_hi, even_lo) = split(load(even));
-        let (odd_hi, odd_lo) = split(load(odd));
-        let pair = |even: __m512i, odd: __m512i| _mm512_or_si512(odd, _mm512_srli_epi32::<16>(even));
-        _mm512_store_si512(hi.0.as_mut_ptr().cast(), pair(even_hi, odd_hi));
-        _mm512_store_si512(lo.0.as_mut_ptr().cast(), pair(even_lo, odd_lo));
-    }
+    assert!(valid <= 16, "a tile row has 16 columns");
+    *hi = TileRow::default();
+    *lo = TileRow::default();
+    // SAFETY: the caller's contract; each row has 16 lanes.
+    unsafe { pair_run(even, odd, valid, 1, hi.0.as_mut_ptr(), lo.0.as_mut_ptr()) };
 }
 
 /// Converts `count` columns of a pair of input rows into pair lanes: column `j` takes
