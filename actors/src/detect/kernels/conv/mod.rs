@@ -16,8 +16,9 @@
 //!
 //! One file per way of running a convolution: [`pointwise`] (1x1 on packed tiles, and every
 //! shape on the portable path with [`im2col`]), [`direct`] (in place over stride-phase planes),
-//! [`depthwise`], and on x86-64 Winograd's, the pixel tiles and the stem (a model's first
-//! layer); [`schedule`] splits the work into tasks. The input is read through
+//! [`depthwise`], and on x86-64 Winograd's, the pixel tiles, the stem (a model's first
+//! layer) and, on CPUs with Intel AMX, its tile units ([`amx_tiles`]: strided and pointwise
+//! layers with many channels); [`schedule`] splits the work into tasks. The input is read through
 //! [`input`].
 
 #[cfg(target_arch = "x86_64")]
