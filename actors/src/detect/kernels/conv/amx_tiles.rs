@@ -26,8 +26,8 @@ const BLOCK: usize = 32;
 /// Rows of one tile.
 const TILE_ROWS: usize = 16;
 
-/// A pointwise convolution's weights as `A` tiles and its biases as starting sums, made only
-/// when AMX is [`available`](amx::available) (`applies`), which the kernel calls rely on.
+/// A convolution's weights as `A` tiles and its biases as starting sums, made only when AMX
+/// is [`available`](amx::available) ([`AmxTiles::runs`]), which the kernel calls rely on.
 #[derive(Debug, Clone)]
 pub(super) struct AmxTiles {
     /// `[channel block][step][tap][tile][row]`: per step of input channels and tap, the high
