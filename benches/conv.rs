@@ -46,6 +46,10 @@ fn main() {
         (256, 64, 3, 1, 1, 20),
         (64, 128, 3, 2, 1, 80),
         (128, 128, 1, 1, 1, 40),
+        (64, 64, 1, 1, 1, 80),
+        (64, 64, 1, 1, 1, 40),
+        (64, 192, 1, 1, 1, 40),
+        (128, 64, 1, 1, 1, 40),
         (256, 32, 1, 1, 1, 80),
         (384, 64, 1, 1, 1, 40),
         (384, 256, 1, 1, 1, 20),
@@ -76,7 +80,10 @@ fn main() {
         };
         let mut variants = vec![(packed_name, packed.clone())];
         if packed.runs_amx() {
-            variants.push((format!("{:?}", packed.isa().expect("packed")), packed.without_amx()));
+            variants.push((format!("{:?}", packed.isa().expect("packed")), packed.clone().without_amx()));
+        }
+        if packed.runs_pointwise_rows() {
+            variants.push(("no rows".to_string(), packed.clone().without_amx().without_pointwise_rows()));
         }
         if !packed_only {
             variants.insert(0, ("portable".to_string(), conv(cin, cout, k, stride, groups)));

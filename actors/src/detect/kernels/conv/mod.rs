@@ -220,6 +220,31 @@ impl Conv2d {
         self
     }
 
+    /// The same convolution with its pointwise runs on [`avx512::conv_tile`](super::x86_64::avx512)
+    /// (channels in the lanes) rather than with the pixels in the lanes, to compare the two in
+    /// one process.
+    #[cfg(any(test, feature = "bench-internals"))]
+    pub fn without_pointwise_rows(mut self) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(tiles) = &mut self.pixel_tiles {
+            tiles.without_rows();
+        }
+        self
+    }
+
+    /// Whether pointwise runs put the pixels in the lanes.
+    #[cfg(any(test, feature = "bench-internals"))]
+    pub fn runs_pointwise_rows(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.pixel_tiles.as_ref().is_some_and(|t| t.has_rows())
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
     /// Whether the convolution runs on AMX tiles.
     pub fn runs_amx(&self) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -414,6 +439,10 @@ mod tests {
         // Where AMX tiles take a shape, the AVX-512 kernels are checked on it too.
         if let Some(tiled) = all.iter().find(|c| c.runs_amx()) {
             all.push(tiled.clone().without_amx());
+        }
+        // Pointwise convolutions are checked with the channels in the lanes too.
+        if let Some(rows) = all.iter().find(|c| c.runs_pointwise_rows()) {
+            all.push(rows.clone().without_amx().without_pointwise_rows());
         }
         all
     }

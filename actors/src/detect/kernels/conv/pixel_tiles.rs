@@ -62,6 +62,8 @@ pub(super) struct PixelTiles {
     panel: usize,
     panels: usize,
     last: usize,
+    /// Pointwise runs may take [`avx512::pointwise_rows`] ([`rows_apply`]): AVX-512 only.
+    rows: bool,
 }
 
 /// Pixels per strip of an output written through a compact buffer (`32 x 128` floats: 16 KiB,
@@ -148,7 +150,8 @@ impl PixelTiles {
         let last = if cout - (panels - 1) * panel <= narrow { narrow } else { panel };
         let mut padded_bias = bias.to_vec();
         padded_bias.resize((panels - 1) * panel + last, 0.0);
-        let mut tiles = PixelTiles { isa, weights: PackedB::new(), bias: padded_bias, k, panel, panels, last };
+        let rows = isa == Isa::Avx512 && spec.kernel == (1, 1) && rows_enabled();
+        let mut tiles = PixelTiles { isa, weights: PackedB::new(), bias: padded_bias, k, panel, panels, last, rows };
         let widths: Vec<usize> = (0..panels).map(|p| tiles.width(p)).collect();
         let floats = tiles.weights.floats_mut((panels - 1) * k * panel + k * last);
         // Panel `p` starts after `p` whole panels.
@@ -159,6 +162,17 @@ impl PixelTiles {
             }
         }
         tiles
+    }
+
+    /// Pointwise runs on [`avx512::conv_tile`] from now on.
+    #[cfg(any(test, feature = "bench-internals"))]
+    pub(super) fn without_rows(&mut self) {
+        self.rows = false;
+    }
+
+    #[cfg(any(test, feature = "bench-internals"))]
+    pub(super) fn has_rows(&self) -> bool {
+        self.rows
     }
 
     /// Panel `p`'s weights: `k * width(p)` floats, 64-byte aligned.
@@ -176,6 +190,64 @@ impl PixelTiles {
             bias: self.bias[p * self.panel..].as_ptr(),
             silu,
             channels: self.panel.min(cout - p * self.panel),
+        }
+    }
+
+    /// A pointwise run of `len` pixels from `first` of each input plane (`taps`) through panel
+    /// `p`, with the pixels in the lanes ([`avx512::pointwise_rows`]): the panel's channels in
+    /// blocks of 12 and 8 (32 = 12 + 12 + 8, 16 = 8 + 8), each tile of [`avx512::ROW_TILE`]
+    /// pixels of the run through every block in turn.
+    /// `out` is the panel's first channel at pixel `first`, channels `ldo` apart; the residual
+    /// has its layout.
+    ///
+    /// # Safety
+    /// `self.rows` (so the CPU has AVX-512F); pixels `first..first + len` of every tap are
+    /// readable; `out` and the residual hold the panel's channels of those pixels, `ldo` apart,
+    /// and no other thread accesses them.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pointwise_rows(
+        &self,
+        taps: &[*const f32],
+        first: usize,
+        len: usize,
+        p: usize,
+        cout: usize,
+        silu: bool,
+        out: *mut f32,
+        ldo: usize,
+        residual: Option<*const f32>,
+    ) {
+        debug_assert!(self.rows);
+        let width = self.width(p);
+        let channels = self.panel.min(cout - p * self.panel);
+        let blocks: &[(usize, usize)] = if width == 32 { &[(0, 12), (12, 12), (24, 8)] } else { &[(0, 8), (8, 8)] };
+        // Each tile of pixels through every block: the tile's input (`k x 32` floats) stays in
+        // L1 from one block to the next, beside the panel's weights.
+        for x in (0..len).step_by(avx512::ROW_TILE) {
+            let lanes = (len - x).min(avx512::ROW_TILE);
+            for &(c0, m) in blocks.iter().filter(|&&(c0, _)| c0 < channels) {
+                let rows = m.min(channels - c0);
+                let kernel = if m == 12 { avx512::pointwise_rows::<12> } else { avx512::pointwise_rows::<8> };
+                // SAFETY: the caller's contract, for pixels `first + x ..` of channels `c0 ..
+                // c0 + rows` of the panel; the panel's weights are `k` rows of `width >= c0 + m`
+                // floats, its biases padded to `width`.
+                unsafe {
+                    let residual = residual.map(|r| (r.add(c0 * ldo + x), ldo));
+                    kernel(
+                        taps,
+                        first + x,
+                        lanes,
+                        self.weights(p).add(c0),
+                        width,
+                        self.bias[p * self.panel + c0..].as_ptr(),
+                        silu,
+                        out.add(c0 * ldo + x),
+                        ldo,
+                        residual,
+                        rows,
+                    );
+                }
+            }
         }
     }
 
@@ -215,6 +287,25 @@ impl PixelTiles {
         };
         choices.into_iter().filter(|&(pixels, _)| pixels <= run).min_by_key(|&(pixels, _)| run.div_ceil(pixels) * pixels).unwrap_or(choices[1])
     }
+}
+
+/// `STREAMDET_POINTWISE_ROWS=off` keeps pointwise convolutions on [`avx512::conv_tile`], to
+/// compare the two on one machine.
+fn rows_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("STREAMDET_POINTWISE_ROWS").map_or(true, |v| v != "off"))
+}
+
+/// Whether a pointwise convolution of `cin` input channels on planes of `pixels` runs with the
+/// pixels in the lanes ([`PixelTiles::pointwise_rows`]). YOLOv12n, 2 threads, the same build
+/// with and without them in alternating rounds: layers of at most 96 input channels on planes
+/// of 40x40 and more took 0.7-0.9 of their time (64 -> 64 at 40x40 0.70-0.79, 48 -> 64 at
+/// 160x160 0.78, 64 -> 192 at 40x40 0.80-0.89), where their tile's epilogue (transposes and
+/// stores of 32 channels) weighs most against its short product. Longer products lost
+/// (128 -> 64 at 40x40 1.02-1.20), and so did the 20x20 planes (1.08-1.41), whose stretches of
+/// 96-112 pixels fit tiles of 32 less well than tiles of 10.
+fn rows_apply(cin: usize, pixels: usize) -> bool {
+    cin <= 96 && pixels >= 1600
 }
 
 /// Input floats per image from which a convolution with a kernel reads its input in place
@@ -276,7 +367,12 @@ impl Conv2d {
         let (sh, dh, pt, dw) = (self.spec.stride.0, self.spec.dilation.0, self.spec.pads.0, self.spec.dilation.1);
         let pixels = oh * ow;
         let threads = parallel::threads();
-        let stretch = pointwise_stretch(pixels, threads);
+        let rows = tiles.rows && rows_apply(cin, pixels);
+        let stretch = match rows {
+            // Stretches of whole vectors of pixels: only the plane's last tile is partial.
+            true => (pointwise_stretch(pixels, threads) / 16 * 16).max(16),
+            false => pointwise_stretch(pixels, threads),
+        };
         let reading = self.reading(tiles, h, w, ow, stretch);
         // Runs of output pixels: stretches of the plane, or output rows.
         let runs = match reading {
@@ -351,7 +447,18 @@ impl Conv2d {
                         let first = task_runs.start * stretch;
                         let end = if task_runs.end == runs { pixels } else { task_runs.end * stretch };
                         for panel in task_panels.clone() {
-                            run(&taps, first, 1, end - first, at(panel, first), panel, scratch);
+                            if rows {
+                                let out = out_ptr.get().wrapping_add(at(panel, first));
+                                let residual = residual.map(|r| r[at(panel, first)..].as_ptr());
+                                // SAFETY: the CPU has AVX-512F (`rows` is set only for it, and
+                                // `PixelTiles::new` checked the ISA); pixels `first..end` of every
+                                // input plane lie inside the plane; this piece alone writes
+                                // channels `panel * tiles.panel ..` of pixels `first..end` of image
+                                // `batch` (as `run` below), inside `out` and the residual.
+                                unsafe { tiles.pointwise_rows(&taps, first, end - first, panel, cout, silu, out, pixels, residual) };
+                            } else {
+                                run(&taps, first, 1, end - first, at(panel, first), panel, scratch);
+                            }
                         }
                     }
                     Reading::PhasePlanes => {
@@ -673,6 +780,18 @@ mod tests {
         check(32, 40, 1, 3, 2, 1, 1, 64, 64);
         check(160, 48, 1, 1, 1, 0, 2, 7, 9);
         check(36, 24, 1, 3, 2, 1, 1, 30, 50);
+    }
+
+    #[test]
+    fn pointwise_convolutions_with_the_pixels_in_the_lanes_match_the_definition() {
+        // Planes of 1600 pixels and more, at most 96 input channels (`rows_apply`): a 41x41
+        // plane (its last tile 17 pixels wide), a wide panel and a narrow one (44 = 32 + 12
+        // channels: blocks of 12, 12 and 8, then 8 and 4), batch 2; 20 channels in one wide
+        // panel (blocks of 12 and 8); 96 input channels.
+        assert!(rows_apply(96, 1600) && !rows_apply(128, 1600) && !rows_apply(64, 400));
+        check(24, 44, 1, 1, 1, 0, 2, 41, 41);
+        check(96, 20, 1, 1, 1, 0, 1, 40, 40);
+        check(5, 16, 1, 1, 1, 0, 1, 40, 41);
     }
 
     #[test]

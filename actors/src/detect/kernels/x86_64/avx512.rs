@@ -363,6 +363,88 @@ pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const 
     }
 }
 
+/// Pixels a [`pointwise_rows`] tile computes: two registers.
+pub(in super::super) const ROW_TILE: usize = 32;
+
+/// One tile of a pointwise convolution with pixels in the lanes: `M` output channels (a
+/// multiple of 4) times `lanes <= 32` consecutive pixels of the plane. Input channel `kk`'s
+/// pixels are two loads from `taps[kk] + at` (masked to `lanes`), and its weight for output
+/// channel `i` is a broadcast of `weights[kk * tap_floats + i]`, so every sum holds 16 pixels
+/// of one output channel and the finished tile is stored as it is, row by row: no transpose,
+/// and whole lines of each channel's plane, where [`conv_tile`] (channels in the lanes)
+/// transposes its sums and stores 10-12 pixels of each of 32 channels. The first `rows`
+/// channels get `bias`, SiLU when asked, the residual's rows (`residual.0`, `residual.1`
+/// apart) and are stored `ldo` apart from `out`.
+///
+/// # Safety
+/// The CPU has AVX-512F. `taps[kk] + at + j` is a readable float for every `kk` and `j <
+/// lanes`; `weights` holds `taps.len()` rows of `tap_floats >= M` floats; `bias` holds `rows`
+/// floats, `rows <= M`; `out` (and the residual) hold `rows` rows of `lanes` floats.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(in super::super) unsafe fn pointwise_rows<const M: usize>(
+    taps: &[*const f32],
+    at: usize,
+    lanes: usize,
+    weights: *const f32,
+    tap_floats: usize,
+    bias: *const f32,
+    silu: bool,
+    out: *mut f32,
+    ldo: usize,
+    residual: Option<(*const f32, usize)>,
+    rows: usize,
+) {
+    const { assert!(M.is_multiple_of(4) && M <= 12) };
+    let mask = |n: usize| ((1u32 << n.min(16)) - 1) as __mmask16;
+    let masks = [mask(lanes), mask(lanes.saturating_sub(16))];
+    // SAFETY: every access stays within the bounds of the contract; masked lanes are neither
+    // read nor written.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; M];
+        for (kk, &tap) in taps.iter().enumerate() {
+            let p = tap.wrapping_add(at);
+            // The next tiles of the run read on along the same planes, one plane per input
+            // channel: more streams than the hardware prefetcher follows.
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(2 * ROW_TILE).cast::<i8>());
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(2 * ROW_TILE + 16).cast::<i8>());
+            let x = [_mm512_maskz_loadu_ps(masks[0], p), _mm512_maskz_loadu_ps(masks[1], p.wrapping_add(16))];
+            let w = weights.add(kk * tap_floats);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*w.add(i));
+                a[0] = _mm512_fmadd_ps(w, x[0], a[0]);
+                a[1] = _mm512_fmadd_ps(w, x[1], a[1]);
+            }
+        }
+        // Four channels (eight registers) at a time, so that eight SiLU chains run side by side.
+        for first in (0..M).step_by(4) {
+            if first >= rows {
+                break;
+            }
+            let mut block = [Avx512(_mm512_setzero_ps()); 8];
+            let mut biases = [Avx512(_mm512_setzero_ps()); 8];
+            for r in 0..4 {
+                let b = Avx512(_mm512_set1_ps(if first + r < rows { *bias.add(first + r) } else { 0.0 }));
+                block[2 * r] = Avx512(acc[first + r][0]);
+                block[2 * r + 1] = Avx512(acc[first + r][1]);
+                biases[2 * r] = b;
+                biases[2 * r + 1] = b;
+            }
+            let block = finish_each(block, biases, silu);
+            for r in 0..4.min(rows - first) {
+                let channel = first + r;
+                for (half, &m) in masks.iter().enumerate() {
+                    let v = match residual {
+                        Some((res, ld)) => _mm512_add_ps(block[2 * r + half].0, _mm512_maskz_loadu_ps(m, res.wrapping_add(channel * ld + 16 * half))),
+                        None => block[2 * r + half].0,
+                    };
+                    _mm512_mask_storeu_ps(out.wrapping_add(channel * ldo + 16 * half), m, v);
+                }
+            }
+        }
+    }
+}
+
 /// Deinterleaves `row` by 4: place `i` of `out[p]` gets `row[4 i + p]`, for the first `places`
 /// places of each. 64 columns at a time: two permutes gather phases 0 and 1 (2 and 3) of 32
 /// columns into the halves of a register, and a 128-bit shuffle joins two such halves.
