@@ -13,6 +13,10 @@ mod metrics;
 mod server;
 mod sessions;
 
+/// Large blocks (tensors above all) start on a cache line: see [`LineAligned`](streamdet_actors::detect::LineAligned).
+#[global_allocator]
+static ALLOCATOR: streamdet_actors::detect::LineAligned = streamdet_actors::detect::LineAligned;
+
 fn main() -> ExitCode {
     // Logs for people go to stderr; RUST_LOG chooses how much (warnings by default).
     tracing_subscriber::fmt()

@@ -25,6 +25,7 @@ mod views;
 
 pub use self::image::{ImageError, decode_image};
 pub use crate::frame::{Letterbox, ModelFrame, Size, letterbox_rgb};
+pub use allocator::LineAligned;
 pub use engine::{Engine, Kernels, OpProfile, StepTime};
 pub use model::ModelInfo;
 pub use postprocess::{DetectParams, Detection};
