@@ -54,8 +54,8 @@ pub(crate) fn keep_freed_memory_for_the_next_call() {
 /// glibc aligns blocks to 16 bytes, so a tensor's rows of floats start anywhere in a line, and
 /// a kernel that loads 16 floats (64 bytes) at a time from them reads two lines for most of
 /// its loads. YOLOv12n, 2 threads, the same build with and without (`STREAMDET_LINE_ALIGNED=off`)
-/// in alternating rounds: the pointwise layers with the pixels in the lanes took 0.91-0.95 of
-/// their time, set against the layers in the same rounds that load nothing so.
+/// in alternating rounds, two sittings: the pointwise layers with the pixels in the lanes took
+/// 0.86-0.96 of their time, set against the layers in the same rounds that load nothing so.
 /// `STREAMDET_LINE_ALIGNED=off` (read once, at the first allocation) leaves every block as the
 /// system allocator makes it, to compare.
 pub struct LineAligned;

@@ -25,6 +25,12 @@
 //! are computed twice, to the same values. The width of the wide tiles is the one that
 //! computes the fewest pixels twice.
 //!
+//! With AVX-512, pointwise convolutions of few input channels on large planes turn the tile
+//! around ([`PixelTiles::pointwise_rows`], [`rows_apply`]): the pixels in the lanes, 32 a tile,
+//! by 12 or 8 output channels, each weight a broadcast and each input plane read as whole
+//! vectors where it lies. The finished sums are rows of pixels already, stored as they are:
+//! on a short product the transposes and the scattered stores of the other tile weigh most.
+//!
 //! Measured (`cargo bench --bench conv`, 2 threads, this AVX-512 machine, against the
 //! channel-major path in the same run): 64 -> 128 channels at 80x80 stride 2 in 0.53-0.57 ms
 //! against 0.65-0.68, 128 -> 256 at 40x40 stride 2 0.60-0.62 against 0.75-0.76; pointwise,
