@@ -176,6 +176,7 @@ impl PixelTiles {
         self.rows = false;
     }
 
+    /// Whether pointwise runs may put the pixels in the lanes ([`rows_apply`] decides per call).
     #[cfg(any(test, feature = "bench-internals"))]
     pub(super) fn has_rows(&self) -> bool {
         self.rows
@@ -304,12 +305,13 @@ fn rows_enabled() -> bool {
 
 /// Whether a pointwise convolution of `cin` input channels on planes of `pixels` runs with the
 /// pixels in the lanes ([`PixelTiles::pointwise_rows`]). YOLOv12n, 2 threads, the same build
-/// with and without them in alternating rounds: layers of at most 96 input channels on planes
-/// of 40x40 and more took 0.7-0.9 of their time (64 -> 64 at 40x40 0.70-0.79, 48 -> 64 at
-/// 160x160 0.78, 64 -> 192 at 40x40 0.80-0.89), where their tile's epilogue (transposes and
-/// stores of 32 channels) weighs most against its short product. Longer products lost
-/// (128 -> 64 at 40x40 1.02-1.20), and so did the 20x20 planes (1.08-1.41), whose stretches of
-/// 96-112 pixels fit tiles of 32 less well than tiles of 10.
+/// with and without them (`STREAMDET_POINTWISE_ROWS`) in alternating rounds, three sittings,
+/// each layer's time set against that of the layers the switch leaves alone in the same rounds:
+/// layers of at most 96 input channels took 0.84-0.91 of their time at 40x40 (64 -> 64 and
+/// 64 -> 192 channels among them) and 0.79-0.84 at 160x160, and were level at 80x80. On such
+/// short products the other tile's epilogue (transposes, and stores of 10-12 pixels to each of
+/// 32 channels) weighs most. Longer products lost (128 -> 64 channels at 40x40 1.1-1.25), and
+/// so did every layer on 20x20 planes (1.2-1.4), in stretches of 96-112 pixels.
 fn rows_apply(cin: usize, pixels: usize) -> bool {
     cin <= 96 && pixels >= 1600
 }
