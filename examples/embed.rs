@@ -18,8 +18,13 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use bytes::Bytes;
 use candle_core::Device;
 use futures_util::StreamExt;
-use streamdet_actors::detect::Detector;
+use streamdet_actors::detect::{Detector, LineAligned};
 use streamdet_actors::pipeline::{Pipeline, PipelineOptions, SessionParams, UploadPace};
+
+/// Tensors start on a cache line, as in the `streamdet` binary (optional; the engine's vector
+/// loads read one line instead of two).
+#[global_allocator]
+static ALLOCATOR: LineAligned = LineAligned;
 
 async fn video(body: web::Payload, pipeline: web::Data<Pipeline>) -> HttpResponse {
     let session = match pipeline.session(SessionParams::default()) {
