@@ -61,16 +61,18 @@ unsafe impl Lanes for Avx2 {
         Avx2(unsafe { _mm256_fmadd_ps(self.0, b.0, c.0) })
     }
     #[inline(always)]
-    unsafe fn round(self) -> Self {
-        // SAFETY: AVX (the caller's contract).
-        Avx2(unsafe { _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self.0) })
+    unsafe fn mul_sub(self, b: Self, c: Self) -> Self {
+        // SAFETY: FMA (the caller's contract).
+        Avx2(unsafe { _mm256_fmsub_ps(self.0, b.0, c.0) })
     }
+    /// `k` added to the exponent field, which is `self * 2^k` while the result is normal (the
+    /// trait's contract).
     #[inline(always)]
-    unsafe fn pow2i(self) -> Self {
-        // SAFETY: AVX2 (the caller's contract). `self + 127` is a valid biased exponent.
+    unsafe fn mul_pow2(self, k: Self) -> Self {
+        // SAFETY: AVX2 (the caller's contract).
         Avx2(unsafe {
-            let biased = _mm256_add_epi32(_mm256_cvtps_epi32(self.0), _mm256_set1_epi32(127));
-            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased))
+            let shifted = _mm256_slli_epi32::<23>(_mm256_cvtps_epi32(k.0));
+            _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(self.0), shifted))
         })
     }
     #[inline(always)]

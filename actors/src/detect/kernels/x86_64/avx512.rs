@@ -61,17 +61,16 @@ unsafe impl Lanes for Avx512 {
         Avx512(unsafe { _mm512_fmadd_ps(self.0, b.0, c.0) })
     }
     #[inline(always)]
-    unsafe fn round(self) -> Self {
+    unsafe fn mul_sub(self, b: Self, c: Self) -> Self {
         // SAFETY: AVX-512F (the caller's contract).
-        Avx512(unsafe { _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self.0) })
+        Avx512(unsafe { _mm512_fmsub_ps(self.0, b.0, c.0) })
     }
+    /// `vscalefps`: one instruction, exact for any integral `k` (it saturates to zero or
+    /// infinity where the result leaves the range of `f32`).
     #[inline(always)]
-    unsafe fn pow2i(self) -> Self {
-        // SAFETY: AVX-512F (the caller's contract). `self + 127` is a valid biased exponent.
-        Avx512(unsafe {
-            let biased = _mm512_add_epi32(_mm512_cvtps_epi32(self.0), _mm512_set1_epi32(127));
-            _mm512_castsi512_ps(_mm512_slli_epi32::<23>(biased))
-        })
+    unsafe fn mul_pow2(self, k: Self) -> Self {
+        // SAFETY: AVX-512F (the caller's contract).
+        Avx512(unsafe { _mm512_scalef_ps(self.0, k.0) })
     }
     #[inline(always)]
     unsafe fn recip(self) -> Self {
@@ -91,67 +90,6 @@ unsafe impl Lanes for Avx512 {
     unsafe fn reduce_sum(self) -> f32 {
         // SAFETY: AVX-512F (the caller's contract).
         unsafe { _mm512_reduce_add_ps(self.0) }
-    }
-    /// `e^x` of each vector with AVX-512's `vscalefps`, which multiplies by `2^k` in one
-    /// instruction: `e^x = 2^k * 2^f` with `k` the nearest integer to `x * log2(e)` and `f = x *
-    /// log2(e) - k` in `[-1/2, 1/2]` (with `log2(e)` in two parts, so that `f` keeps its
-    /// precision), `2^f` by [`pow2_fraction`]. Each step across all `N` vectors before the
-    /// next, as the trait's version.
-    #[inline(always)]
-    unsafe fn exp_each<const N: usize>(v: [Self; N]) -> [Self; N] {
-        // SAFETY: AVX-512F (the caller's contract).
-        unsafe {
-            let mut x = v.map(|v| v.0);
-            for x in &mut x {
-                *x = _mm512_min_ps(_mm512_max_ps(*x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
-            }
-            let mut k = x;
-            for k in &mut k {
-                *k = nearest_integer_of_product(*k, LOG2E_HI);
-            }
-            let mut f = x;
-            for (f, k) in f.iter_mut().zip(&k) {
-                *f = _mm512_fmadd_ps(*f, _mm512_set1_ps(LOG2E_LO), _mm512_fmsub_ps(*f, _mm512_set1_ps(LOG2E_HI), *k));
-            }
-            let p = pow2_fraction(f);
-            let mut e = [Avx512(_mm512_setzero_ps()); N];
-            for ((e, p), k) in e.iter_mut().zip(&p).zip(&k) {
-                *e = Avx512(_mm512_scalef_ps(*p, *k));
-            }
-            e
-        }
-    }
-    /// `1 / (1 + e^-x)` of each vector, in the fewest instructions that keep it within a few
-    /// units in the last place, since every SiLU of every convolution runs it (about a sixteenth
-    /// of a YOLOv12n call before this version): `e^-x = 2^t` with `t = -x * log2(e)`
-    /// (one part suffices: the second part of `log2(e)` moves the sigmoid by under 3e-9, and by
-    /// under 1.2e-6 of itself where it is tiny), `2^t = 2^k * 2^f` as in
-    /// [`exp_each`](Lanes::exp_each). `x` is clamped to `[-88, 87]`, as the trait's version
-    /// clamps `-x`, so that `1 + 2^t` stays finite and the reciprocal's refinement cannot meet
-    /// `inf * 0`.
-    #[inline(always)]
-    unsafe fn sigmoid_each<const N: usize>(v: [Self; N]) -> [Self; N] {
-        // SAFETY: AVX-512F (the caller's contract).
-        unsafe {
-            let mut x = v.map(|v| v.0);
-            for x in &mut x {
-                *x = _mm512_min_ps(_mm512_max_ps(*x, _mm512_set1_ps(-88.0)), _mm512_set1_ps(87.0));
-            }
-            let mut k = x;
-            for k in &mut k {
-                *k = nearest_integer_of_product(*k, -LOG2E_HI);
-            }
-            let mut f = x;
-            for (f, k) in f.iter_mut().zip(&k) {
-                *f = _mm512_fmsub_ps(*f, _mm512_set1_ps(-LOG2E_HI), *k);
-            }
-            let p = pow2_fraction(f);
-            let mut s = [Avx512(_mm512_setzero_ps()); N];
-            for ((s, p), k) in s.iter_mut().zip(&p).zip(&k) {
-                *s = Avx512(_mm512_add_ps(_mm512_scalef_ps(*p, *k), _mm512_set1_ps(1.0))).recip();
-            }
-            s
-        }
     }
     #[inline(always)]
     unsafe fn interleave4(v: [Self; 4]) -> [Self; 4] {
@@ -184,39 +122,6 @@ unsafe impl Lanes for Avx512 {
                 Avx512(_mm512_shuffle_f32x4::<0b11_01_11_01>(high, high2)),
             ]
         }
-    }
-}
-
-/// `log2(e)` as the nearest `f32`, and what that leaves out.
-const LOG2E_HI: f32 = std::f32::consts::LOG2_E;
-const LOG2E_LO: f32 = 1.925_963e-8;
-
-/// `x * c` rounded to the nearest integer (ties to even), for `|x * c| < 2^22`: adding `1.5 *
-/// 2^23` in the multiply's own rounding leaves no fraction bits, and taking it away again
-/// gives the integer, in two instructions on either vector port (a multiply and
-/// `vrndscaleps` are three, two of them on one port).
-#[inline(always)]
-unsafe fn nearest_integer_of_product(x: __m512, c: f32) -> __m512 {
-    const SHIFTER: f32 = 12_582_912.0;
-    // SAFETY: AVX-512F (the caller's contract).
-    unsafe { _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(c), _mm512_set1_ps(SHIFTER)), _mm512_set1_ps(SHIFTER)) }
-}
-
-/// `2^f` of each vector, for `f` in `[-1/2, 1/2]`: the polynomial of degree 5 with the least
-/// largest relative error there (fitted by reweighted least squares; 1.9e-7 in `f32`
-/// arithmetic, against 2.4e-7 for the Taylor polynomial of degree 6), by Horner's rule.
-#[inline(always)]
-unsafe fn pow2_fraction<const N: usize>(f: [__m512; N]) -> [__m512; N] {
-    const COEFFICIENTS: [f32; 5] = [0.001_326_472_7, 0.009_671_513, 0.055_507_336, 0.240_222_42, 0.693_147];
-    // SAFETY: AVX-512F (the caller's contract).
-    unsafe {
-        let mut p = [_mm512_set1_ps(COEFFICIENTS[0]); N];
-        for c in COEFFICIENTS[1..].iter().chain([&1.0]) {
-            for (p, f) in p.iter_mut().zip(&f) {
-                *p = _mm512_fmadd_ps(*p, *f, _mm512_set1_ps(*c));
-            }
-        }
-        p
     }
 }
 
