@@ -58,9 +58,9 @@ impl AmxTiles {
     pub(super) fn applies(spec: &ConvSpec) -> bool {
         let pointwise = spec.kernel == (1, 1) && spec.stride == (1, 1) && spec.pads == (0, 0, 0, 0);
         let shape = if pointwise {
-            spec.in_channels >= 256 && spec.out_channels >= 256
+            spec.in_channels >= 128 && spec.out_channels >= 128
         } else {
-            spec.stride == (2, 2) && spec.in_channels >= 128 && spec.out_channels >= 128
+            spec.stride == (2, 2) && spec.in_channels >= 64 && spec.out_channels >= 128
         };
         shape && Self::runs(spec)
     }
