@@ -8,16 +8,30 @@ use super::custom_ops::{ConvWithResidual, CpuAttention, CpuBinary, CpuMatMul, Cp
 use super::fold::CONV_MORE_PARTS;
 use super::upsampled;
 use super::{AttentionViews, BinaryOp, CResult, ConvOp, Op, ReduceKind, SoftmaxConvOp, Target, tensor_from_data};
-use crate::detect::kernels::activation::{Activation, UnaryFn};
+use crate::detect::kernels::activation::{self, Activation, UnaryFn};
 use crate::detect::kernels::conv::Conv2d;
 use crate::detect::kernels::pool::MaxPool;
 use crate::detect::kernels::{self, attention, packed_gemm};
 use crate::detect::model::TensorValues;
 use crate::detect::views::{self, ViewStep};
 
+/// `f` of each element of `t`: the CPU kernel on a CPU `f32` tensor, candle's operations on
+/// anything else.
+fn unary(t: &Tensor, f: UnaryFn, target: &Target) -> CResult<Tensor> {
+    if target.native_f32(t) {
+        return t.contiguous()?.apply_op1_no_bwd(&CpuUnary(f));
+    }
+    match f {
+        UnaryFn::Sigmoid => candle_nn::ops::sigmoid(t),
+        UnaryFn::Exp => t.exp(),
+        UnaryFn::Silu => t.silu(),
+    }
+}
+
 /// Concatenation of contiguous CPU `f32` tensors along `axis`, copying in parallel (candle's
-/// `cat` copies on one thread); `None` for anything else, which candle then concatenates.
-fn concat_cpu(parts: &[&Tensor], axis: usize) -> CResult<Option<Tensor>> {
+/// `cat` copies on one thread), part `i` through `maps[i]` where that is given; `None` for
+/// anything else, which candle then concatenates.
+fn concat_cpu(parts: &[&Tensor], maps: &[Option<UnaryFn>], axis: usize) -> CResult<Option<Tensor>> {
     let dims = parts[0].dims();
     if parts.iter().any(|p| p.rank() != dims.len() || p.dims()[..axis] != dims[..axis] || p.dims()[axis + 1..] != dims[axis + 1..]) {
         candle_core::bail!("Concat of mismatched shapes {:?}", parts.iter().map(|p| p.dims()).collect::<Vec<_>>());
@@ -32,7 +46,7 @@ fn concat_cpu(parts: &[&Tensor], axis: usize) -> CResult<Option<Tensor>> {
     // Parts may be views of one storage (the halves of a split): one read guard per storage.
     let out = with_cpu_storages(parts, |buffers| {
         let sources: Vec<&[f32]> = buffers.iter().zip(&offsets).map(|(data, &(start, end))| &data[start..end]).collect();
-        gather_blocks(&sources, &widths, outer, total)
+        gather_blocks(&sources, maps, &widths, outer, total)
     })?;
     let Some(out) = out else { return Ok(None) };
     let mut shape = dims.to_vec();
@@ -40,9 +54,9 @@ fn concat_cpu(parts: &[&Tensor], axis: usize) -> CResult<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(out, shape, &Device::Cpu)?))
 }
 
-/// For each of `outer` rows, each source's next `width` floats, in order: the body of a
-/// concatenation, copied in parallel pieces.
-fn gather_blocks(sources: &[&[f32]], widths: &[usize], outer: usize, total: usize) -> Vec<f32> {
+/// For each of `outer` rows, each source's next `width` floats, in order, source `i`'s through
+/// `maps[i]` where that is given: the body of a concatenation, copied in parallel pieces.
+fn gather_blocks(sources: &[&[f32]], maps: &[Option<UnaryFn>], widths: &[usize], outer: usize, total: usize) -> Vec<f32> {
     /// Floats per copy task: enough to amortise a task, few enough to share among threads.
     const PIECE: usize = 1 << 15;
     let mut out: Vec<f32> = Vec::with_capacity(total);
@@ -52,18 +66,22 @@ fn gather_blocks(sources: &[&[f32]], widths: &[usize], outer: usize, total: usiz
     let mut ranges = Vec::new();
     let mut chunks = Vec::new();
     for o in 0..outer {
-        for (source, &width) in sources.iter().zip(widths) {
+        for (i, (source, &width)) in sources.iter().zip(widths).enumerate() {
+            let map = maps.get(i).copied().flatten();
             for chunk in source[o * width..][..width].chunks(PIECE) {
                 let start = ranges.last().map_or(0, |r: &std::ops::Range<usize>| r.end);
                 ranges.push(start..start + chunk.len());
-                chunks.push(chunk);
+                chunks.push((chunk, map));
             }
         }
     }
     assert_eq!(ranges.last().map_or(0, |r| r.end), total, "the parts fill the output");
     parallel::for_each_range_mut(&mut out.spare_capacity_mut()[..total], &ranges, |index, dst| {
-        for (d, &v) in dst.iter_mut().zip(chunks[index]) {
-            d.write(v);
+        let (chunk, map) = chunks[index];
+        let written = dst.write_copy_of_slice(chunk);
+        if let Some(f) = map {
+            // On the piece just written, while it is in L1.
+            activation::map_inplace(written, f);
         }
     });
     // SAFETY: the pieces tile the first `total` elements exactly, and each was written.
@@ -239,12 +257,7 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], target: &Target) -> CResul
             }
         }
         Op::Conv(c) => one(conv(c, x()?, args.get(3).copied().flatten(), target)?),
-        Op::Unary(f) if target.native_f32(x()?) => one(x()?.contiguous()?.apply_op1_no_bwd(&CpuUnary(*f))?),
-        Op::Unary(f) => one(match f {
-            UnaryFn::Sigmoid => candle_nn::ops::sigmoid(x()?)?,
-            UnaryFn::Exp => x()?.exp()?,
-            UnaryFn::Silu => x()?.silu()?,
-        }),
+        Op::Unary(f) => one(unary(x()?, *f, target)?),
         Op::Binary(b) => {
             let (l, r) = (x()?, input(args, 1)?);
             if target.native_f32(l) && target.native_f32(r) && (l.dims() == r.dims() || r.elem_count() == 1) {
@@ -277,14 +290,21 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], target: &Target) -> CResul
             }
             Ok(parts)
         }
-        Op::Concat { axis } => {
+        Op::Concat { axis, maps } => {
             let parts: Vec<&Tensor> = args.iter().flatten().copied().collect();
             let first = parts.first().ok_or_else(|| candle_core::Error::Msg("Concat of nothing".into()))?;
             let axis = normalize_axis(*axis, first.rank())?;
-            match if target.native { concat_cpu(&parts, axis)? } else { None } {
-                Some(t) => one(t),
-                None => one(Tensor::cat(&parts, axis)?),
+            if maps.len() > parts.len() {
+                candle_core::bail!("Concat of {} parts with {} functions", parts.len(), maps.len());
             }
+            if let Some(t) = if target.native { concat_cpu(&parts, maps, axis)? } else { None } {
+                return one(t);
+            }
+            let mapped = parts.iter().enumerate().map(|(i, &p)| match maps.get(i).copied().flatten() {
+                Some(f) => unary(p, f, target),
+                None => Ok(p.clone()),
+            });
+            one(Tensor::cat(&mapped.collect::<CResult<Vec<_>>>()?, axis)?)
         }
         Op::MaxPool { kernel, stride, pads } => {
             let t = x()?;
@@ -530,7 +550,7 @@ pub(super) fn conv_of_parts(c: &ConvOp, parts: &[&Tensor], residual: Option<&Ten
         return Ok(out);
     }
     let axis = 1;
-    let x = match if target.native { concat_cpu(parts, axis)? } else { None } {
+    let x = match if target.native { concat_cpu(parts, &[], axis)? } else { None } {
         Some(t) => t,
         None => Tensor::cat(parts, axis)?,
     };

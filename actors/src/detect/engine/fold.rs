@@ -165,7 +165,10 @@ pub(super) fn fold_concats_into_convs(mut steps: Vec<Step>, output_slot: usize, 
     }
     let mut dead = vec![false; steps.len()];
     for i in 0..steps.len() {
-        let Op::Concat { axis: 1 | -3 } = steps[i].op else { continue };
+        let Op::Concat { axis: 1 | -3, ref maps } = steps[i].op else { continue };
+        if !maps.is_empty() {
+            continue;
+        }
         let Some(parts) = steps[i].inputs.iter().copied().collect::<Option<Vec<usize>>>() else { continue };
         let &[slot] = steps[i].outputs.as_slice() else { continue };
         if slot == output_slot || parts.len() < 2 {
@@ -194,6 +197,42 @@ pub(super) fn fold_concats_into_convs(mut steps: Vec<Step>, output_slot: usize, 
     steps.into_iter().zip(dead).filter(|(_, d)| !d).map(|(s, _)| s).collect()
 }
 
+/// Lets a `Concat` apply an element-wise function to an input as it copies it, on the CPU, when
+/// that input is the result of a unary step (the sigmoid of a detection head's class scores)
+/// that nothing else reads: the unary step goes, and with it a pass over its tensor and the
+/// tensor itself.
+pub(super) fn fold_unary_into_concats(mut steps: Vec<Step>, output_slot: usize, target: &Target) -> Vec<Step> {
+    if !target.native {
+        return steps;
+    }
+    let mut dead = vec![false; steps.len()];
+    for i in 0..steps.len() {
+        if !matches!(steps[i].op, Op::Concat { .. }) {
+            continue;
+        }
+        let mut maps = vec![None; steps[i].inputs.len()];
+        for (part, map) in maps.iter_mut().enumerate() {
+            let Some(slot) = steps[i].inputs[part] else { continue };
+            let reads = steps.iter().flat_map(|s| &s.inputs).filter(|&&s| s == Some(slot)).count();
+            let Some(producer) = steps.iter().position(|s| s.outputs == [slot]) else { continue };
+            let Op::Unary(f) = steps[producer].op else { continue };
+            let Some(&Some(source)) = steps[producer].inputs.first() else { continue };
+            if reads != 1 || slot == output_slot || dead[producer] {
+                continue;
+            }
+            steps[i].inputs[part] = Some(source);
+            *map = Some(f);
+            dead[producer] = true;
+        }
+        if maps.iter().any(Option::is_some)
+            && let Op::Concat { maps: folded, .. } = &mut steps[i].op
+        {
+            *folded = maps;
+        }
+    }
+    steps.into_iter().zip(dead).filter(|(_, d)| !d).map(|(s, _)| s).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::Tensor;
@@ -201,6 +240,7 @@ mod tests {
     use super::*;
     use crate::detect::engine::fuse::tests::{attention_head, candle_attention};
     use crate::detect::engine::test_graphs::{assert_close, floats, ints, model, node, plan_and_run, scalar, tensor};
+    use crate::detect::kernels::activation::UnaryFn;
     use crate::detect::model::{Attribute, TensorData};
 
     fn perm(p: &[i64]) -> Attribute {
@@ -291,6 +331,30 @@ mod tests {
         nodes.push(node("Concat", &["y1", "y2", "s"], &["out"], &[("axis", Attribute::Int(1))]));
         let (engine, _) = plan_and_run(&model(nodes, &initializers), &x);
         assert_eq!(engine.steps.iter().filter(|s| s.op_type == "Concat").count(), 2);
+    }
+
+    #[test]
+    fn a_concatenation_applies_the_function_of_a_part_that_only_it_reads() {
+        let nodes = vec![
+            node("Sigmoid", &["x"], &["s"], &[]),
+            node("Exp", &["x"], &["e"], &[]),
+            node("Mul", &["e", "e"], &["m"], &[]),
+            node("Concat", &["s", "e", "m"], &["out"], &[("axis", Attribute::Int(2))]),
+        ];
+        let x = tensor(&floats(&[2, 3, 5], 18));
+        let (engine, got) = plan_and_run(&model(nodes, &[]), &x);
+        // The sigmoid goes into the concatenation; the exponential, which `Mul` reads too, stays.
+        assert_eq!(step_types(&engine.steps), ["Exp", "Mul", "Concat"]);
+        assert!(matches!(&engine.steps[2].op, Op::Concat { maps, .. } if maps == &[Some(UnaryFn::Sigmoid), None, None]));
+        let e = x.exp().unwrap();
+        assert_close(&got, &Tensor::cat(&[candle_nn::ops::sigmoid(&x).unwrap(), e.clone(), (&e * &e).unwrap()], 2).unwrap());
+
+        // A part read twice keeps its own step.
+        let nodes = vec![node("Sigmoid", &["x"], &["s"], &[]), node("Concat", &["s", "x", "s"], &["out"], &[("axis", Attribute::Int(1))])];
+        let (engine, got) = plan_and_run(&model(nodes, &[]), &x);
+        assert_eq!(step_types(&engine.steps), ["Sigmoid", "Concat"]);
+        let s = candle_nn::ops::sigmoid(&x).unwrap();
+        assert_close(&got, &Tensor::cat(&[&s, &x, &s], 1).unwrap());
     }
 
     #[test]

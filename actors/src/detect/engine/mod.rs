@@ -80,6 +80,9 @@ enum Op {
     },
     Concat {
         axis: i64,
+        /// Per input, an element-wise function applied as it is copied, folded from the step
+        /// that made the input ([`fold::fold_unary_into_concats`]); empty when none is.
+        maps: Vec<Option<UnaryFn>>,
     },
     MaxPool {
         kernel: (usize, usize),
@@ -283,7 +286,8 @@ impl Engine {
         let output_slot = *slots.get(output).ok_or_else(|| DetectError::BadModelText(format!("output {output:?} is never produced")))?;
         let steps = fold::fold_views(steps, &constants, output_slot, &target);
         let steps = fold::fold_concats_into_convs(steps, output_slot, &target);
-        let mut steps = upsampled::fold_upsampled_parts(steps, &constants, output_slot, &target);
+        let steps = upsampled::fold_upsampled_parts(steps, &constants, output_slot, &target);
+        let mut steps = fold::fold_unary_into_concats(steps, output_slot, &target);
 
         // Keep only the constants that a step reads, moved to the device once.
         let mut last_use: HashMap<usize, usize> = HashMap::new();
