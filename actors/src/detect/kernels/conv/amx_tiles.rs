@@ -53,14 +53,18 @@ thread_local! {
 
 impl AmxTiles {
     /// Whether a convolution of `spec` runs on AMX tiles: one group, no dilation, on a CPU
-    /// with AMX, and a shape where the tiles were measured faster than the AVX-512 kernels:
-    /// stride-2 kernels and pointwise products, both with many channels.
+    /// with AMX, and a shape where the tiles were measured faster than the AVX-512 kernels
+    /// (Winograd's included, for stride 1): products over many input channels.
     pub(super) fn applies(spec: &ConvSpec) -> bool {
         let pointwise = spec.kernel == (1, 1) && spec.stride == (1, 1) && spec.pads == (0, 0, 0, 0);
         let shape = if pointwise {
             spec.in_channels >= 128 && spec.out_channels >= 128
         } else {
-            spec.stride == (2, 2) && spec.in_channels >= 64 && spec.out_channels >= 128
+            match spec.stride {
+                (2, 2) => spec.in_channels >= 64 && spec.out_channels >= 128,
+                (1, 1) => spec.in_channels >= 128 && spec.out_channels >= 64,
+                _ => false,
+            }
         };
         shape && Self::runs(spec)
     }
