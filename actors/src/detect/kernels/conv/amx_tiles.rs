@@ -26,6 +26,10 @@ const BLOCK: usize = 32;
 /// Rows of one tile.
 const TILE_ROWS: usize = 16;
 
+/// The largest output plane, in pixels, on which [`AmxTiles::on_small_planes`] shapes take the
+/// tiles (20x20).
+const SMALL_PLANE: usize = 400;
+
 /// A convolution's weights as `A` tiles and its biases as starting sums, made only when AMX
 /// is [`available`](amx::available) ([`AmxTiles::runs`]), which the kernel calls rely on.
 #[derive(Debug, Clone)]
@@ -40,6 +44,8 @@ pub(super) struct AmxTiles {
     steps: usize,
     /// The kernel's taps, `kh * kw`.
     taps: usize,
+    /// [`AmxTiles::on_any_plane`] of the convolution.
+    any_plane: bool,
 }
 
 /// One block's sums, as [`Tiles::block_32x32`] stores them.
@@ -52,21 +58,42 @@ thread_local! {
 }
 
 impl AmxTiles {
-    /// Whether a convolution of `spec` runs on AMX tiles: one group, no dilation, on a CPU
+    /// Whether a convolution of `spec` may run on AMX tiles: one group, no dilation, on a CPU
     /// with AMX, and a shape where the tiles were measured faster than the AVX-512 kernels
-    /// (Winograd's included, for stride 1): products over many input channels.
+    /// (Winograd's included, for stride 1) on every plane ([`on_any_plane`](Self::on_any_plane))
+    /// or on small ones ([`takes`](Self::takes) decides per call).
     pub(super) fn applies(spec: &ConvSpec) -> bool {
-        let pointwise = spec.kernel == (1, 1) && spec.stride == (1, 1) && spec.pads == (0, 0, 0, 0);
-        let shape = if pointwise {
-            spec.in_channels >= 128 && spec.out_channels >= 128
-        } else {
-            match spec.stride {
-                (2, 2) => spec.in_channels >= 64 && spec.out_channels >= 128,
-                (1, 1) => spec.in_channels >= 128 && spec.out_channels >= 64,
-                _ => false,
-            }
-        };
-        shape && Self::runs(spec)
+        Self::runs(spec) && (Self::on_any_plane(spec) || Self::on_small_planes(spec))
+    }
+
+    /// Products over many input channels, on planes of any size.
+    fn on_any_plane(spec: &ConvSpec) -> bool {
+        let (cin, cout) = (spec.in_channels, spec.out_channels);
+        match (Self::pointwise(spec), spec.stride) {
+            (true, _) => cin >= 128 && cout >= 128,
+            (false, (2, 2)) => cin >= 64 && cout >= 128,
+            (false, (1, 1)) => cin >= 128 && cout >= 64,
+            (false, _) => false,
+        }
+    }
+
+    /// Stride-1 kernels over fewer input channels, on outputs of at most [`SMALL_PLANE`]
+    /// pixels, where Winograd's tiles are few. YOLOv12n and YOLO11n (2 threads, interleaved
+    /// rounds against the build without): their 64 -> 64 3x3 layers at 20x20 took 0.62-0.89
+    /// of their time; at 40x40 the tiles did not gain on such layers (32 -> 32 and 64 -> 64
+    /// 3x3 0.73-1.07), and pointwise layers of under 128 channels there mostly lost (64 ->
+    /// 64 and 80 -> 80, 1.19-1.43).
+    fn on_small_planes(spec: &ConvSpec) -> bool {
+        !Self::pointwise(spec) && spec.stride == (1, 1) && spec.in_channels >= 64 && spec.out_channels >= 64
+    }
+
+    fn pointwise(spec: &ConvSpec) -> bool {
+        spec.kernel == (1, 1) && spec.stride == (1, 1) && spec.pads == (0, 0, 0, 0)
+    }
+
+    /// Whether the tiles take an output of `pixels` per channel.
+    pub(super) fn takes(&self, pixels: usize) -> bool {
+        self.any_plane || pixels <= SMALL_PLANE
     }
 
     /// Whether the tiles can run a convolution of `spec`: one group, no dilation, a stride of 1
@@ -105,7 +132,7 @@ impl AmxTiles {
                 TileRow([bias.get(co).copied().unwrap_or(0.0).to_bits(); 16])
             })
             .collect();
-        AmxTiles { weights: tiles, bias, steps, taps }
+        AmxTiles { weights: tiles, bias, steps, taps, any_plane: Self::on_any_plane(spec) }
     }
 }
 
@@ -375,7 +402,7 @@ mod tests {
             let spec = ConvSpec::square(cin, cout, 1, k, stride, pad, activation);
             let mut conv = Conv2d::new(spec, values(cout * cin * k * k, 1), values(cout, 2)).unwrap().with_weights_packed_for(Isa::Avx512).unwrap();
             // Every shape the tiles can run, also those the engine runs on other kernels.
-            conv.amx = Some(AmxTiles::new(&spec, &conv.weights, &conv.bias));
+            conv.amx = Some(AmxTiles { any_plane: true, ..AmxTiles::new(&spec, &conv.weights, &conv.bias) });
             let input = values(n * cin * h * w, 3);
             let (oh, ow) = conv.output_size(h, w).unwrap();
             let residual = values(n * cout * oh * ow, 4);
@@ -389,6 +416,24 @@ mod tests {
                 assert!(worst < 1e-4, "{cin}->{cout} k{k} s{stride} p{pad} {n}x{h}x{w} {activation:?} residual={with_residual}: relative error {worst}");
             }
         }
+    }
+
+    #[test]
+    fn shorter_products_take_the_tiles_on_small_planes_only() {
+        let small = ConvSpec::square(64, 64, 1, 3, 1, 1, Activation::Silu);
+        let wide = ConvSpec::square(128, 128, 1, 1, 1, 0, Activation::Silu);
+        let pointwise = ConvSpec::square(64, 64, 1, 1, 1, 0, Activation::Silu);
+        assert!(!AmxTiles::on_any_plane(&small) && AmxTiles::on_small_planes(&small));
+        assert!(AmxTiles::on_any_plane(&wide));
+        assert!(!AmxTiles::on_any_plane(&pointwise) && !AmxTiles::on_small_planes(&pointwise));
+        if !amx::available() {
+            eprintln!("SKIPPED: no AMX on this CPU (or STREAMDET_AMX=off); the rule alone was checked");
+            return;
+        }
+        let tiles = |spec: &ConvSpec| AmxTiles::new(spec, &values(spec.out_channels * spec.in_channels * 9, 1), &values(spec.out_channels, 2));
+        let (small, wide) = (tiles(&small), tiles(&wide));
+        assert!(small.takes(20 * 20) && !small.takes(40 * 40));
+        assert!(wide.takes(80 * 80));
     }
 
     #[test]

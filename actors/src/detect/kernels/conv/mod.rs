@@ -245,7 +245,8 @@ impl Conv2d {
         }
     }
 
-    /// Whether the convolution runs on AMX tiles.
+    /// Whether the convolution has AMX tiles (which take the output planes
+    /// `AmxTiles::takes` allows).
     pub fn runs_amx(&self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
@@ -319,7 +320,7 @@ impl Conv2d {
             return out;
         }
         #[cfg(target_arch = "x86_64")]
-        if let Some(amx) = &self.amx {
+        if let Some(amx) = self.amx.as_ref().filter(|amx| amx.takes(oh * ow)) {
             self.run_amx(amx, input, oh, ow, residual, spare);
             // SAFETY: the blocks cover every pixel of every channel of every image, and each
             // is written.
