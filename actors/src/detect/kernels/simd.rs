@@ -58,28 +58,43 @@ pub(super) unsafe trait Lanes: Copy {
         unsafe { Self::exp_each([self])[0] }
     }
 
-    /// `e^x` of each of `N` vectors: `e^x = 2^k * 2^f` with `k` the nearest integer to `x *
-    /// log2(e)` and `f = x * log2(e) - k` in `[-1/2, 1/2]` (with `log2(e)` in two parts, so that
-    /// `f` keeps its precision), `2^f` by [`pow2_fraction`](Self::pow2_fraction), each step
-    /// taken across all `N` before the next. One vector's `exp` is a chain of a dozen dependent
-    /// operations, some sixty cycles long; a kernel that finishes a tile one vector at a time
-    /// waits on that chain (the out-of-order window holds only a few of them), while `N`
-    /// chains side by side keep the vector units busy.
+    /// `e^x` of each of `N` vectors, `x` clamped to `[-87, 88]` so that the result is finite:
+    /// [`pow2_of_product`](Self::pow2_of_product) with `c = log2(e)` in two parts, so that the
+    /// fraction keeps its precision. Each step is taken across all `N` before the next: one
+    /// vector's `exp` is a chain of a dozen dependent operations, some sixty cycles long; a
+    /// kernel that finishes a tile one vector at a time waits on that chain (the out-of-order
+    /// window holds only a few of them), while `N` chains side by side keep the vector units
+    /// busy.
     #[inline(always)]
     unsafe fn exp_each<const N: usize>(v: [Self; N]) -> [Self; N] {
+        // SAFETY: the trait's contract, passed on.
+        unsafe { Self::pow2_of_product(v, (-87.0, 88.0), LOG2E_HI, Some(LOG2E_LO)) }
+    }
+
+    /// `2^(x * c)` of each vector, `x` first clamped to `range`, which must keep `x * c` in
+    /// `-125.5..=127` (the result is then a normal float): `2^k * 2^f` with `k` the nearest
+    /// integer to `x * c` and `f = x * c - k` in `[-1/2, 1/2]` (plus `x * c_rest`, where `c`
+    /// is the nearest `f32` to a constant and `c_rest` what that leaves out), `2^f` by
+    /// [`pow2_fraction`](Self::pow2_fraction).
+    #[inline(always)]
+    unsafe fn pow2_of_product<const N: usize>(v: [Self; N], range: (f32, f32), c: f32, c_rest: Option<f32>) -> [Self; N] {
         // SAFETY: the trait's contract, passed on.
         unsafe {
             let mut x = v;
             for x in &mut x {
-                *x = x.max(Self::splat(-87.0)).min(Self::splat(88.0));
+                *x = x.max(Self::splat(range.0)).min(Self::splat(range.1));
             }
             let mut k = x;
             for k in &mut k {
-                *k = k.nearest_integer_of_product(LOG2E_HI);
+                *k = k.nearest_integer_of_product(c);
             }
             let mut f = x;
             for (f, k) in f.iter_mut().zip(&k) {
-                *f = f.mul_add(Self::splat(LOG2E_LO), f.mul_sub(Self::splat(LOG2E_HI), *k));
+                let fraction = f.mul_sub(Self::splat(c), *k);
+                *f = match c_rest {
+                    Some(rest) => f.mul_add(Self::splat(rest), fraction),
+                    None => fraction,
+                };
             }
             let mut e = Self::pow2_fraction(f);
             for (e, k) in e.iter_mut().zip(&k) {
@@ -138,21 +153,9 @@ pub(super) unsafe trait Lanes: Copy {
     unsafe fn sigmoid_each<const N: usize>(v: [Self; N]) -> [Self; N] {
         // SAFETY: the trait's contract, passed on.
         unsafe {
-            let mut x = v;
-            for x in &mut x {
-                *x = x.max(Self::splat(-88.0)).min(Self::splat(87.0));
-            }
-            let mut k = x;
-            for k in &mut k {
-                *k = k.nearest_integer_of_product(-LOG2E_HI);
-            }
-            let mut f = x;
-            for (f, k) in f.iter_mut().zip(&k) {
-                *f = f.mul_sub(Self::splat(-LOG2E_HI), *k);
-            }
-            let mut s = Self::pow2_fraction(f);
-            for (s, k) in s.iter_mut().zip(&k) {
-                *s = s.mul_pow2(*k).add(Self::splat(1.0)).recip();
+            let mut s = Self::pow2_of_product(v, (-88.0, 87.0), -LOG2E_HI, None);
+            for s in &mut s {
+                *s = s.add(Self::splat(1.0)).recip();
             }
             s
         }
