@@ -291,17 +291,19 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], target: &Target) -> CResul
             Ok(parts)
         }
         Op::Concat { axis, maps } => {
-            let parts: Vec<&Tensor> = args.iter().flatten().copied().collect();
+            if maps.len() > args.len() {
+                candle_core::bail!("Concat of {} inputs with {} functions", args.len(), maps.len());
+            }
+            // Each present input with the function of its place (`maps` follows the inputs).
+            let (parts, maps): (Vec<&Tensor>, Vec<Option<UnaryFn>>) =
+                args.iter().enumerate().filter_map(|(i, a)| a.map(|t| (t, maps.get(i).copied().flatten()))).unzip();
             let first = parts.first().ok_or_else(|| candle_core::Error::Msg("Concat of nothing".into()))?;
             let axis = normalize_axis(*axis, first.rank())?;
-            if maps.len() > parts.len() {
-                candle_core::bail!("Concat of {} parts with {} functions", parts.len(), maps.len());
-            }
-            if let Some(t) = if target.native { concat_cpu(&parts, maps, axis)? } else { None } {
+            if let Some(t) = if target.native { concat_cpu(&parts, &maps, axis)? } else { None } {
                 return one(t);
             }
-            let mapped = parts.iter().enumerate().map(|(i, &p)| match maps.get(i).copied().flatten() {
-                Some(f) => unary(p, f, target),
+            let mapped = parts.iter().zip(&maps).map(|(&p, map)| match map {
+                Some(f) => unary(p, *f, target),
                 None => Ok(p.clone()),
             });
             one(Tensor::cat(&mapped.collect::<CResult<Vec<_>>>()?, axis)?)
