@@ -79,8 +79,8 @@ impl AmxTiles {
 
     /// Stride-1 kernels over fewer input channels, on outputs of at most [`SMALL_PLANE`]
     /// pixels, where Winograd's tiles are few. YOLOv12n and YOLO11n (2 threads, interleaved
-    /// rounds against the build without): their 64 -> 64 3x3 layers at 20x20 took 0.62-0.89
-    /// of their time; at 40x40 the tiles did not gain on such layers (32 -> 32 and 64 -> 64
+    /// rounds against the build without): their 64 -> 64 3x3 layers at 20x20 took 0.61-0.71
+    /// of their time (the 3x3 layers Winograd kept, 0.92-0.98); at 40x40 the tiles did not gain on such layers (32 -> 32 and 64 -> 64
     /// 3x3 0.73-1.07), and pointwise layers of under 128 channels there mostly lost (64 ->
     /// 64 and 80 -> 80, 1.19-1.43).
     fn on_small_planes(spec: &ConvSpec) -> bool {
@@ -442,7 +442,10 @@ mod tests {
             eprintln!("SKIPPED: no AMX on this CPU (or STREAMDET_AMX=off); the rule alone was checked");
             return;
         }
-        let tiles = |spec: &ConvSpec| AmxTiles::new(spec, &values(spec.out_channels * spec.in_channels * 9, 1), &values(spec.out_channels, 2));
+        let tiles = |spec: &ConvSpec| {
+            let taps = spec.kernel.0 * spec.kernel.1;
+            AmxTiles::new(spec, &values(spec.out_channels * spec.in_channels * taps, 1), &values(spec.out_channels, 2))
+        };
         let (small, wide) = (tiles(&small), tiles(&wide));
         assert!(small.takes(20 * 20) && !small.takes(40 * 40));
         assert!(wide.takes(80 * 80));
