@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, DType, Device, Tensor};
 use super::custom_ops::{ConvWithResidual, CpuAttention, CpuBinary, CpuMatMul, CpuMaxPool, CpuPermute, CpuSoftmax, CpuUnary, CpuUpsample};
 use super::fold::CONV_MORE_PARTS;
 use super::upsampled;
-use super::{AttentionViews, BinaryOp, CResult, ConvOp, Op, ReduceKind, SoftmaxConvOp, Target, tensor_from_data};
+use super::{AttentionViews, BinaryOp, CResult, ConvOp, NestedConcat, Op, ReduceKind, SoftmaxConvOp, Target, tensor_from_data};
 use crate::detect::kernels::activation::{self, Activation, UnaryFn};
 use crate::detect::kernels::conv::Conv2d;
 use crate::detect::kernels::pool::MaxPool;
@@ -28,35 +28,127 @@ fn unary(t: &Tensor, f: UnaryFn, target: &Target) -> CResult<Tensor> {
     }
 }
 
-/// Concatenation of contiguous CPU `f32` tensors along `axis`, copying in parallel (candle's
-/// `cat` copies on one thread), part `i` through `maps[i]` where that is given; `None` for
-/// anything else, which candle then concatenates.
-fn concat_cpu(parts: &[&Tensor], maps: &[Option<UnaryFn>], axis: usize) -> CResult<Option<Tensor>> {
-    let dims = parts[0].dims();
-    if parts.iter().any(|p| p.rank() != dims.len() || p.dims()[..axis] != dims[..axis] || p.dims()[axis + 1..] != dims[axis + 1..]) {
-        candle_core::bail!("Concat of mismatched shapes {:?}", parts.iter().map(|p| p.dims()).collect::<Vec<_>>());
+/// One part of a concatenation: an input, or the inputs of a concatenation folded into it.
+struct ConcatPart<'a> {
+    tensors: Vec<&'a Tensor>,
+    map: Option<UnaryFn>,
+    nested: Option<&'a NestedConcat>,
+}
+
+impl ConcatPart<'_> {
+    /// The part's shape, and for a nested concatenation the axis its inputs are joined along;
+    /// an error when those inputs do not fit together or a reshape does not fit them.
+    fn dims(&self) -> CResult<(Vec<usize>, Option<usize>)> {
+        let first = self.tensors[0].dims();
+        let Some(nested) = self.nested else { return Ok((first.to_vec(), None)) };
+        let axis = normalize_axis(nested.axis, first.len())?;
+        let mut dims = joined_dims(&self.tensors.iter().map(|t| t.dims()).collect::<Vec<_>>(), axis)?;
+        for spec in &nested.reshapes {
+            dims = views::reshape_dims(&dims, spec)?;
+        }
+        Ok((dims, Some(axis)))
     }
+
+    /// The part as one tensor, through its function: what candle concatenates.
+    fn materialize(&self, target: &Target) -> CResult<Tensor> {
+        let joined = match self.nested {
+            None => self.tensors[0].clone(),
+            Some(nested) => {
+                let (dims, _) = self.dims()?;
+                let axis = normalize_axis(nested.axis, self.tensors[0].rank())?;
+                Tensor::cat(&self.tensors, axis)?.reshape(dims)?
+            }
+        };
+        match self.map {
+            Some(f) => unary(&joined, f, target),
+            None => Ok(joined),
+        }
+    }
+}
+
+/// The parts of a concatenation from its step's inputs: each present input with the function
+/// of its place, or a nested concatenation's inputs (`maps` and `nested` follow the parts).
+fn concat_parts<'a>(args: &[Option<&'a Tensor>], maps: &[Option<UnaryFn>], nested: &'a [Option<NestedConcat>]) -> CResult<Vec<ConcatPart<'a>>> {
+    let mut args = args.iter().copied();
+    let mut parts = Vec::new();
+    for place in 0.. {
+        let nest = nested.get(place).and_then(Option::as_ref);
+        let count = nest.map_or(1, |n| n.parts);
+        let taken: Vec<Option<&Tensor>> = args.by_ref().take(count).collect();
+        if taken.is_empty() {
+            break;
+        }
+        let map = maps.get(place).copied().flatten();
+        match (nest, taken.iter().copied().collect::<Option<Vec<&Tensor>>>()) {
+            (Some(_), Some(tensors)) if tensors.len() == count => parts.push(ConcatPart { tensors, map, nested: nest }),
+            (Some(_), _) => candle_core::bail!("a nested concatenation of {count} inputs without all of them"),
+            (None, Some(tensors)) => parts.push(ConcatPart { tensors, map, nested: None }),
+            // An absent input leaves its part out.
+            (None, None) => {}
+        }
+    }
+    Ok(parts)
+}
+
+/// The shape of tensors of `dims` joined along `axis`; an error unless they agree elsewhere.
+fn joined_dims(dims: &[&[usize]], axis: usize) -> CResult<Vec<usize>> {
+    let first = dims[0];
+    if dims.iter().any(|d| d.len() != first.len() || d[..axis] != first[..axis] || d[axis + 1..] != first[axis + 1..]) {
+        candle_core::bail!("Concat of mismatched shapes {dims:?}");
+    }
+    let mut joined = first.to_vec();
+    joined[axis] = dims.iter().map(|d| d[axis]).sum();
+    Ok(joined)
+}
+
+/// Concatenation of contiguous CPU `f32` tensors along `axis`, copying in parallel (candle's
+/// `cat` copies on one thread), each part through its function where it has one, a nested
+/// concatenation's inputs straight into place; `None` for anything else, which candle then
+/// concatenates.
+fn concat_cpu(parts: &[ConcatPart], axis: usize) -> CResult<Option<Tensor>> {
+    let shapes = parts.iter().map(ConcatPart::dims).collect::<CResult<Vec<_>>>()?;
+    let dims = joined_dims(&shapes.iter().map(|(d, _)| d.as_slice()).collect::<Vec<_>>(), axis)?;
     let outer: usize = dims[..axis].iter().product();
     let inner: usize = dims[axis + 1..].iter().product();
-    let widths: Vec<usize> = parts.iter().map(|p| p.dims()[axis] * inner).collect();
+    let widths: Vec<usize> = shapes.iter().map(|(d, _)| d[axis] * inner).collect();
     let total = outer * widths.iter().sum::<usize>();
-    let Some(offsets) = parts.iter().map(|t| t.layout().contiguous_offsets()).collect::<Option<Vec<_>>>() else {
+    let tensors: Vec<&Tensor> = parts.iter().flat_map(|p| p.tensors.iter().copied()).collect();
+    let Some(offsets) = tensors.iter().map(|t| t.layout().contiguous_offsets()).collect::<Option<Vec<_>>>() else {
         return Ok(None);
     };
+    let maps: Vec<Option<UnaryFn>> = parts.iter().map(|p| p.map).collect();
     // Parts may be views of one storage (the halves of a split): one read guard per storage.
-    let out = with_cpu_storages(parts, |buffers| {
-        let sources: Vec<&[f32]> = buffers.iter().zip(&offsets).map(|(data, &(start, end))| &data[start..end]).collect();
-        gather_blocks(&sources, maps, &widths, outer, total)
+    let out = with_cpu_storages(&tensors, |buffers| {
+        let mut slices = buffers.iter().zip(&offsets).map(|(data, &(start, end))| &data[start..end]);
+        let sources: Vec<Vec<&[f32]>> = parts
+            .iter()
+            .zip(&shapes)
+            .map(|(part, (_, nested_axis))| {
+                let own: Vec<&[f32]> = slices.by_ref().take(part.tensors.len()).collect();
+                match nested_axis {
+                    Some(axis) => joined_blocks(&part.tensors, &own, *axis),
+                    None => own,
+                }
+            })
+            .collect();
+        gather_blocks(&sources, &maps, &widths, outer, total)
     })?;
     let Some(out) = out else { return Ok(None) };
-    let mut shape = dims.to_vec();
-    shape[axis] = parts.iter().map(|p| p.dims()[axis]).sum();
-    Ok(Some(Tensor::from_vec(out, shape, &Device::Cpu)?))
+    Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
+}
+
+/// The elements of `tensors` joined along `axis` (their shapes checked), as the blocks of
+/// their data in the order of the result: for each index before the axis, each tensor's block.
+fn joined_blocks<'a>(tensors: &[&Tensor], data: &[&'a [f32]], axis: usize) -> Vec<&'a [f32]> {
+    let outer: usize = tensors[0].dims()[..axis].iter().product();
+    let widths: Vec<usize> = tensors.iter().map(|t| t.dims()[axis..].iter().product()).collect();
+    (0..outer).flat_map(|o| data.iter().zip(&widths).map(move |(d, &w)| &d[o * w..][..w])).collect()
 }
 
 /// For each of `outer` rows, each source's next `width` floats, in order, source `i`'s through
-/// `maps[i]` where that is given: the body of a concatenation, copied in parallel pieces.
-fn gather_blocks(sources: &[&[f32]], maps: &[Option<UnaryFn>], widths: &[usize], outer: usize, total: usize) -> Vec<f32> {
+/// `maps[i]` where that is given: the body of a concatenation, copied in parallel pieces. A
+/// source is a run of blocks read one after another (one block for a plain input).
+fn gather_blocks(sources: &[Vec<&[f32]>], maps: &[Option<UnaryFn>], widths: &[usize], outer: usize, total: usize) -> Vec<f32> {
     /// Floats per copy task: enough to amortise a task, few enough to share among threads.
     const PIECE: usize = 1 << 15;
     let mut out: Vec<f32> = Vec::with_capacity(total);
@@ -65,13 +157,23 @@ fn gather_blocks(sources: &[&[f32]], maps: &[Option<UnaryFn>], widths: &[usize],
     // parallel.
     let mut ranges = Vec::new();
     let mut chunks = Vec::new();
-    for o in 0..outer {
-        for (i, (source, &width)) in sources.iter().zip(widths).enumerate() {
+    // Where each source's next floats start: a block and a place in it.
+    let mut cursors = vec![(0usize, 0usize); sources.len()];
+    for _ in 0..outer {
+        for (i, (blocks, &width)) in sources.iter().zip(widths).enumerate() {
             let map = maps.get(i).copied().flatten();
-            for chunk in source[o * width..][..width].chunks(PIECE) {
-                let start = ranges.last().map_or(0, |r: &std::ops::Range<usize>| r.end);
-                ranges.push(start..start + chunk.len());
-                chunks.push((chunk, map));
+            let mut left = width;
+            while left > 0 {
+                let (block, at) = cursors[i];
+                let data = &blocks[block][at..];
+                let taken = left.min(data.len());
+                for chunk in data[..taken].chunks(PIECE) {
+                    let start = ranges.last().map_or(0, |r: &std::ops::Range<usize>| r.end);
+                    ranges.push(start..start + chunk.len());
+                    chunks.push((chunk, map));
+                }
+                left -= taken;
+                cursors[i] = if taken == data.len() { (block + 1, 0) } else { (block, at + taken) };
             }
         }
     }
@@ -290,22 +392,17 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], target: &Target) -> CResul
             }
             Ok(parts)
         }
-        Op::Concat { axis, maps } => {
+        Op::Concat { axis, maps, nested } => {
             if maps.len() > args.len() {
                 candle_core::bail!("Concat of {} inputs with {} functions", args.len(), maps.len());
             }
-            // Each present input with the function of its place (`maps` follows the inputs).
-            let (parts, maps): (Vec<&Tensor>, Vec<Option<UnaryFn>>) =
-                args.iter().enumerate().filter_map(|(i, a)| a.map(|t| (t, maps.get(i).copied().flatten()))).unzip();
+            let parts = concat_parts(args, maps, nested)?;
             let first = parts.first().ok_or_else(|| candle_core::Error::Msg("Concat of nothing".into()))?;
-            let axis = normalize_axis(*axis, first.rank())?;
-            if let Some(t) = if target.native { concat_cpu(&parts, &maps, axis)? } else { None } {
+            let axis = normalize_axis(*axis, first.dims()?.0.len())?;
+            if let Some(t) = if target.native { concat_cpu(&parts, axis)? } else { None } {
                 return one(t);
             }
-            let mapped = parts.iter().zip(&maps).map(|(&p, map)| match map {
-                Some(f) => unary(p, *f, target),
-                None => Ok(p.clone()),
-            });
+            let mapped = parts.iter().map(|p| p.materialize(target));
             one(Tensor::cat(&mapped.collect::<CResult<Vec<_>>>()?, axis)?)
         }
         Op::MaxPool { kernel, stride, pads } => {
@@ -552,7 +649,8 @@ pub(super) fn conv_of_parts(c: &ConvOp, parts: &[&Tensor], residual: Option<&Ten
         return Ok(out);
     }
     let axis = 1;
-    let x = match if target.native { concat_cpu(parts, &[], axis)? } else { None } {
+    let plain: Vec<ConcatPart> = parts.iter().map(|&t| ConcatPart { tensors: vec![t], map: None, nested: None }).collect();
+    let x = match if target.native { concat_cpu(&plain, axis)? } else { None } {
         Some(t) => t,
         None => Tensor::cat(parts, axis)?,
     };
@@ -646,6 +744,7 @@ pub(super) fn max_pool(x: &Tensor, kernel: (usize, usize), stride: (usize, usize
 
 #[cfg(test)]
 mod tests {
+    use super::super::Kernels;
     use super::*;
 
     #[test]
@@ -668,5 +767,33 @@ mod tests {
             assert_eq!(read.unwrap(), Some((3, true, vec![4.0, 5.0, 6.0, 7.0], 3)));
         });
         assert_eq!(whole.to_vec1::<f32>().unwrap()[..4], [1.0; 4]);
+    }
+
+    #[test]
+    fn a_nested_concatenation_is_the_same_copied_in_place_or_by_candle() {
+        // Rows of 3 then of 5, joined along the last axis and reshaped, then joined again with
+        // a plain part and through a function. A transposed input cannot be copied in place:
+        // candle joins it.
+        let values = |n: usize| Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap().affine(0.1, -1.0).unwrap();
+        let (a, b, plain) = (values(12).reshape((2, 2, 3)).unwrap(), values(20).reshape((2, 2, 5)).unwrap(), values(16).reshape((2, 8)).unwrap());
+        let nested = vec![None, Some(NestedConcat { axis: -1, parts: 2, reshapes: vec![vec![2, -1]] })];
+        let op = Op::Concat { axis: 1, maps: vec![None, Some(UnaryFn::Sigmoid)], nested };
+        let inner = Tensor::cat(&[&a, &b], 2).unwrap().reshape((2, 16)).unwrap();
+        let want = Tensor::cat(&[plain.clone(), candle_nn::ops::sigmoid(&inner).unwrap()], 1).unwrap();
+        let transposed = values(20).reshape((5, 2, 2)).unwrap().permute((1, 2, 0)).unwrap();
+        let want_transposed = {
+            let inner = Tensor::cat(&[&a, &transposed], 2).unwrap().reshape((2, 16)).unwrap();
+            Tensor::cat(&[plain.clone(), candle_nn::ops::sigmoid(&inner).unwrap()], 1).unwrap()
+        };
+        for kernels in [Kernels::Native, Kernels::Generic] {
+            let target = Target::new(&Device::Cpu, kernels);
+            for (second, want) in [(&b, &want), (&transposed, &want_transposed)] {
+                let got = eval(&op, &[Some(&plain), Some(&a), Some(second)], &target).unwrap();
+                let diff = (&got[0] - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff < 1e-6, "{kernels:?}: {diff}");
+            }
+        }
+        // A nested part without all its inputs is an error.
+        assert!(eval(&op, &[Some(&plain), Some(&a)], &Target::new(&Device::Cpu, Kernels::Native)).is_err());
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 
 use super::eval::ints;
-use super::{Op, Step, Target};
+use super::{NestedConcat, Op, Step, Target};
 use crate::detect::views::ViewStep;
 
 /// The view a step makes of its input, when it is one: a `Transpose`, a `Reshape` to a
@@ -165,7 +165,7 @@ pub(super) fn fold_concats_into_convs(mut steps: Vec<Step>, output_slot: usize, 
     }
     let mut dead = vec![false; steps.len()];
     for i in 0..steps.len() {
-        let Op::Concat { axis: 1 | -3, ref maps } = steps[i].op else { continue };
+        let Op::Concat { axis: 1 | -3, ref maps, .. } = steps[i].op else { continue };
         if !maps.is_empty() {
             continue;
         }
@@ -231,6 +231,83 @@ pub(super) fn fold_unary_into_concats(mut steps: Vec<Step>, output_slot: usize, 
         }
     }
     steps.into_iter().zip(dead).filter(|(_, d)| !d).map(|(s, _)| s).collect()
+}
+
+/// Lets a `Concat` copy the inputs of a concatenation that only it reads, possibly through
+/// reshapes to constant shapes, straight into its own result, on the CPU: the inner
+/// concatenation and the reshapes go, and with them a copy of every element they carry (a
+/// detection head joins each scale's box and class channels, and then the scales).
+pub(super) fn fold_nested_concats(mut steps: Vec<Step>, constants: &HashMap<usize, Tensor>, output_slot: usize, target: &Target) -> Vec<Step> {
+    if !target.native {
+        return steps;
+    }
+    let mut dead = vec![false; steps.len()];
+    for i in 0..steps.len() {
+        let Op::Concat { nested, .. } = &steps[i].op else { continue };
+        if !nested.is_empty() || steps[i].inputs.iter().any(Option::is_none) {
+            continue;
+        }
+        let found: Vec<Option<(NestedConcat, Vec<usize>)>> =
+            steps[i].inputs.iter().map(|&slot| slot.and_then(|slot| nested_concat(&steps, slot, constants, output_slot))).collect();
+        if found.iter().all(Option::is_none) {
+            continue;
+        }
+        let mut inputs = Vec::new();
+        let mut nested = Vec::new();
+        for (&input, found) in steps[i].inputs.iter().zip(found) {
+            match found {
+                Some((concat, chain)) => {
+                    let inner = *chain.last().expect("the chain ends at the concatenation");
+                    inputs.extend(steps[inner].inputs.iter().copied());
+                    nested.push(Some(concat));
+                    for step in chain {
+                        dead[step] = true;
+                    }
+                }
+                None => {
+                    inputs.push(input);
+                    nested.push(None);
+                }
+            }
+        }
+        steps[i].inputs = inputs;
+        if let Op::Concat { nested: folded, .. } = &mut steps[i].op {
+            *folded = nested;
+        }
+    }
+    steps.into_iter().zip(dead).filter(|(_, d)| !d).map(|(s, _)| s).collect()
+}
+
+/// The concatenation that makes `slot` through reshapes to constant shapes, when nothing else
+/// reads it or them: the concatenation as a part of another, and the steps of the chain (the
+/// concatenation last). Only a plain one qualifies: every input present, no function of a
+/// part, no nested part.
+fn nested_concat(steps: &[Step], slot: usize, constants: &HashMap<usize, Tensor>, output_slot: usize) -> Option<(NestedConcat, Vec<usize>)> {
+    let mut chain = Vec::new();
+    let mut reshapes = Vec::new();
+    let mut slot = slot;
+    loop {
+        let reads = steps.iter().flat_map(|s| &s.inputs).filter(|&&s| s == Some(slot)).count();
+        if slot == output_slot || reads != 1 {
+            return None;
+        }
+        let producer = steps.iter().position(|s| s.outputs == [slot])?;
+        let step = &steps[producer];
+        chain.push(producer);
+        match &step.op {
+            Op::Reshape => {
+                let shape = step.inputs.get(1).copied().flatten().and_then(|s| constants.get(&s))?;
+                reshapes.push(ints(shape).ok()?);
+                slot = step.inputs.first().copied().flatten()?;
+            }
+            Op::Concat { axis, maps, nested } if maps.iter().all(Option::is_none) && nested.is_empty() && step.inputs.iter().all(Option::is_some) => {
+                // Walked from the outer concatenation back: the last reshape found is the first applied.
+                reshapes.reverse();
+                return Some((NestedConcat { axis: *axis, parts: step.inputs.len(), reshapes }, chain));
+            }
+            _ => return None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -355,6 +432,53 @@ mod tests {
         assert_eq!(step_types(&engine.steps), ["Sigmoid", "Concat"]);
         let s = candle_nn::ops::sigmoid(&x).unwrap();
         assert_close(&got, &Tensor::cat(&[&s, &x, &s], 1).unwrap());
+    }
+
+    #[test]
+    fn a_concatenation_copies_the_parts_of_one_that_only_it_reads_into_place() {
+        // A detection head's shape: two concatenations along channels, each reshaped to rows,
+        // joined along the rows' axis.
+        let nodes = vec![
+            node("Exp", &["x"], &["e"], &[]),
+            node("Mul", &["x", "x"], &["m"], &[]),
+            node("Concat", &["x", "e"], &["c1"], &[("axis", Attribute::Int(1))]),
+            node("Reshape", &["c1", "rows"], &["r1"], &[]),
+            node("Concat", &["m", "x", "e"], &["c2"], &[("axis", Attribute::Int(1))]),
+            node("Reshape", &["c2", "rows"], &["r2"], &[]),
+            node("Concat", &["r1", "r2"], &["out"], &[("axis", Attribute::Int(2))]),
+        ];
+        let x = tensor(&floats(&[2, 2, 3, 4], 19));
+        let initializers = [("rows", ints(&[0, 2, -1]))];
+        let (engine, got) = plan_and_run(&model(nodes, &initializers), &x);
+        assert_eq!(step_types(&engine.steps), ["Exp", "Mul", "Concat"]);
+        let nested = |parts: usize| Some(NestedConcat { axis: 1, parts, reshapes: vec![vec![0, 2, -1]] });
+        assert!(matches!(&engine.steps[2].op, Op::Concat { nested: n, .. } if n == &[nested(2), nested(3)]), "{:?}", engine.steps[2].op);
+        let (e, m) = (x.exp().unwrap(), (&x * &x).unwrap());
+        let r1 = Tensor::cat(&[&x, &e], 1).unwrap().reshape((2, 2, 24)).unwrap();
+        let r2 = Tensor::cat(&[&m, &x, &e], 1).unwrap().reshape((2, 2, 36)).unwrap();
+        assert_close(&got, &Tensor::cat(&[r1, r2], 2).unwrap());
+
+        // Through the function of a part, along another axis, twice in one step; a
+        // concatenation that something else reads stays.
+        let nodes = vec![
+            node("Exp", &["x"], &["e"], &[]),
+            node("Concat", &["x", "x"], &["t"], &[("axis", Attribute::Int(3))]),
+            node("Concat", &["e", "x"], &["j"], &[("axis", Attribute::Int(3))]),
+            node("Sigmoid", &["j"], &["s"], &[]),
+            node("Concat", &["e", "e"], &["kept"], &[("axis", Attribute::Int(3))]),
+            node("Mul", &["kept", "kept"], &["k"], &[]),
+            node("Concat", &["t", "s", "k", "kept"], &["out"], &[("axis", Attribute::Int(1))]),
+        ];
+        let (engine, got) = plan_and_run(&model(nodes, &[]), &x);
+        assert_eq!(step_types(&engine.steps), ["Exp", "Concat", "Mul", "Concat"]);
+        let nested = Some(NestedConcat { axis: 3, parts: 2, reshapes: Vec::new() });
+        assert!(matches!(&engine.steps[3].op, Op::Concat { nested: n, maps, .. }
+            if n == &[nested.clone(), nested, None, None] && maps == &[None, Some(UnaryFn::Sigmoid), None, None]));
+        let e = x.exp().unwrap();
+        let kept = Tensor::cat(&[&e, &e], 3).unwrap();
+        let want =
+            [Tensor::cat(&[&x, &x], 3).unwrap(), candle_nn::ops::sigmoid(&Tensor::cat(&[&e, &x], 3).unwrap()).unwrap(), (&kept * &kept).unwrap(), kept.clone()];
+        assert_close(&got, &Tensor::cat(&want, 1).unwrap());
     }
 
     #[test]

@@ -80,9 +80,13 @@ enum Op {
     },
     Concat {
         axis: i64,
-        /// Per input, an element-wise function applied as it is copied, folded from the step
-        /// that made the input ([`fold::fold_unary_into_concats`]); empty when none is.
+        /// Per part, an element-wise function applied as it is copied, folded from the step
+        /// that made it ([`fold::fold_unary_into_concats`]); empty when none is.
         maps: Vec<Option<UnaryFn>>,
+        /// Per part, the concatenation that made it when that one is folded in
+        /// ([`fold::fold_nested_concats`]): its inputs stand in the part's place among the
+        /// step's inputs. Empty when no part is one.
+        nested: Vec<Option<NestedConcat>>,
     },
     MaxPool {
         kernel: (usize, usize),
@@ -141,6 +145,16 @@ enum Op {
     Expand,
     Constant(TensorData),
     Identity,
+}
+
+/// A concatenation folded into the one that reads it ([`fold::fold_nested_concats`]): its
+/// `parts` inputs, joined along `axis`, then reshaped to each of `reshapes` in turn, make one
+/// part of the outer concatenation.
+#[derive(Debug, Clone, PartialEq)]
+struct NestedConcat {
+    axis: i64,
+    parts: usize,
+    reshapes: Vec<Vec<i64>>,
 }
 
 #[derive(Debug)]
@@ -287,7 +301,8 @@ impl Engine {
         let steps = fold::fold_views(steps, &constants, output_slot, &target);
         let steps = fold::fold_concats_into_convs(steps, output_slot, &target);
         let steps = upsampled::fold_upsampled_parts(steps, &constants, output_slot, &target);
-        let mut steps = fold::fold_unary_into_concats(steps, output_slot, &target);
+        let steps = fold::fold_unary_into_concats(steps, output_slot, &target);
+        let mut steps = fold::fold_nested_concats(steps, &constants, output_slot, &target);
 
         // Keep only the constants that a step reads, moved to the device once.
         let mut last_use: HashMap<usize, usize> = HashMap::new();
