@@ -9,8 +9,9 @@ use crate::detect::model::{Attribute, Node, TensorData, TensorValues};
 
 /// Runs every fusion pass over `nodes`, in the order each relies on: the attention pass
 /// matches what the softmax, scale and transpose passes left.
-pub(super) fn fuse(nodes: &[Node], initializers: &HashMap<String, TensorData>) -> Vec<Node> {
-    let nodes = fuse_conv_silu(nodes);
+pub(super) fn fuse(nodes: &[Node], initializers: &HashMap<String, TensorData>, fixed_batch: Option<usize>) -> Vec<Node> {
+    let nodes = split_joined_parts(nodes, initializers, fixed_batch);
+    let nodes = fuse_conv_silu(&nodes);
     let nodes = fuse_conv_residual(&nodes, initializers);
     let nodes = fuse_softmax_conv(&nodes, initializers);
     let nodes = fuse_softmax(&nodes, initializers);
@@ -42,6 +43,113 @@ fn fuse_conv_silu(nodes: &[Node]) -> Vec<Node> {
         // The fused node takes the Mul's place, after everything the Mul waited for.
         Some((node, vec![ci, si]))
     })
+}
+
+/// Rewrites the split of a join of joined parts into the joins of the parts (a detection
+/// head's: each scale's box and class channels joined, reshaped to rows, joined over the scales,
+/// then split into boxes and classes again):
+/// `c_i = Concat<1>(x_i, y_i); r_i = Reshape(c_i, [n, a + b, -1]); j = Concat<2>(r_0, ..);
+/// x, y = Split<1, [a, b]>(j)` becomes `x = Concat<2>(Reshape(x_i, [n, a, -1]), ..)`, and the
+/// same for `y`, when each `x_i` (`y_i`) is a convolution of `a` (`b`) output channels and
+/// nothing else reads `c_i`, `r_i` or `j`. The class scores are then copied once, into the
+/// output ([`fold::fold_nested_concats`](super::fold::fold_nested_concats)), where they were
+/// copied into the join and out of it again. `n` must be 0 (the batch as it is) or the model's
+/// fixed batch size, so that the reshape keeps the images apart either way.
+fn split_joined_parts(nodes: &[Node], initializers: &HashMap<String, TensorData>, fixed_batch: Option<usize>) -> Vec<Node> {
+    let (uses, producer) = uses_and_producers(nodes);
+    let ints = |name: &str| match initializers.get(name).map(|t| &t.values) {
+        Some(TensorValues::I64(v)) => Some(v.clone()),
+        _ => None,
+    };
+    let axis = |node: &Node| match node.attributes.get("axis") {
+        Some(Attribute::Int(a)) => *a,
+        _ => 0,
+    };
+    // The node that makes `value`, when nothing else reads `value`.
+    let only_reader = |value: &str, op_type: &str| producer.get(value).copied().filter(|&i| nodes[i].op_type == op_type && uses.get(value) == Some(&1));
+    let conv_channels = |value: &str| {
+        let conv = &nodes[*producer.get(value)?];
+        let weights = initializers.get(conv.inputs.get(1)?)?;
+        (conv.op_type == "Conv").then(|| weights.shape.first().map(|&c| c as i64)).flatten()
+    };
+    let mut dropped = vec![false; nodes.len()];
+    let mut replacement: HashMap<usize, Vec<Node>> = HashMap::new();
+    for (si, split) in nodes.iter().enumerate() {
+        let rewritten = (|| {
+            if split.op_type != "Split" || !matches!(axis(split), 1 | -2) {
+                return None;
+            }
+            let sizes = match (split.inputs.get(1).filter(|s| !s.is_empty()), split.attributes.get("split")) {
+                (Some(sizes), _) => ints(sizes)?,
+                (None, Some(Attribute::Ints(sizes))) => sizes.clone(),
+                _ => return None,
+            };
+            if sizes.len() < 2 || sizes.len() != split.outputs.len() || split.outputs.iter().any(String::is_empty) {
+                return None;
+            }
+            let total: i64 = sizes.iter().sum();
+            let ji = only_reader(split.inputs.first()?, "Concat").filter(|&j| matches!(axis(&nodes[j]), 2 | -1))?;
+            let mut absorbed = vec![ji];
+            let mut made = Vec::new();
+            let mut joins: Vec<Vec<String>> = vec![Vec::new(); sizes.len()];
+            for (i, rows) in nodes[ji].inputs.iter().enumerate() {
+                let ri = only_reader(rows, "Reshape")?;
+                let &[batch, channels, -1] = ints(nodes[ri].inputs.get(1)?)?.as_slice() else { return None };
+                // With `allowzero`, a 0 is a dimension of 0, not the input's.
+                let copies_batch = batch == 0 && !matches!(nodes[ri].attributes.get("allowzero"), Some(Attribute::Int(1)));
+                let keeps_images = copies_batch || fixed_batch.is_some_and(|n| n as i64 == batch);
+                let ci = only_reader(nodes[ri].inputs.first()?, "Concat").filter(|&c| matches!(axis(&nodes[c]), 1 | -3))?;
+                if channels != total || !keeps_images || nodes[ci].inputs.len() != sizes.len() {
+                    return None;
+                }
+                for (k, (part, &size)) in nodes[ci].inputs.iter().zip(&sizes).enumerate() {
+                    if conv_channels(part) != Some(size) {
+                        return None;
+                    }
+                    let name = format!("{}:streamdet.part{k}.scale{i}", split.name);
+                    let shape = format!("{name}.shape");
+                    let attributes = HashMap::from([("value".to_string(), Attribute::Ints(vec![batch, size, -1]))]);
+                    made.push(Node { name: shape.clone(), op_type: "Constant".into(), inputs: Vec::new(), outputs: vec![shape.clone()], attributes });
+                    made.push(Node {
+                        name: name.clone(),
+                        op_type: "Reshape".into(),
+                        inputs: vec![part.clone(), shape],
+                        outputs: vec![name.clone()],
+                        attributes: HashMap::new(),
+                    });
+                    joins[k].push(name);
+                }
+                absorbed.extend([ri, ci]);
+            }
+            for (k, (inputs, output)) in joins.into_iter().zip(&split.outputs).enumerate() {
+                let attributes = HashMap::from([("axis".to_string(), Attribute::Int(2))]);
+                made.push(Node {
+                    name: format!("{}:streamdet.join{k}", split.name),
+                    op_type: "Concat".into(),
+                    inputs,
+                    outputs: vec![output.clone()],
+                    attributes,
+                });
+            }
+            Some((made, absorbed))
+        })();
+        if let Some((made, absorbed)) = rewritten.filter(|(_, absorbed)| absorbed.iter().all(|&a| !dropped[a])) {
+            for a in absorbed {
+                dropped[a] = true;
+            }
+            dropped[si] = true;
+            replacement.insert(si, made);
+        }
+    }
+    nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| match replacement.remove(&i) {
+            Some(made) => made,
+            None if dropped[i] => Vec::new(),
+            None => vec![n.clone()],
+        })
+        .collect()
 }
 
 /// How often each value is read, and which node produces it.
@@ -377,7 +485,7 @@ pub(super) mod tests {
             node("Conv", &["p", "w", "b"], &["out"], &[("kernel_shape", perm(&[1, 1]))]),
         ];
         let initializers = [("shape", ints(&[1, 4, 16, 9])), ("w", w.clone()), ("b", b.clone())];
-        let fused = fuse(&nodes, &initializers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect());
+        let fused = fuse(&nodes, &initializers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(), Some(1));
         assert_eq!(op_types(&fused), ["Reshape", "Transpose", "streamdet.SoftmaxConv"]);
 
         let x = input(&[1, 64, 9]);
@@ -553,7 +661,7 @@ pub(super) mod tests {
         let mut nodes = attention_head();
         nodes.push(node("Identity", &["o"], &["out"], &[]));
         let initializers = [("alpha", scalar(0.5))];
-        let fused = fuse(&nodes, &initializers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect());
+        let fused = fuse(&nodes, &initializers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(), Some(1));
         assert_eq!(op_types(&fused), ["Split", "streamdet.Attention", "Identity"]);
         let attention = &fused[1];
         assert_eq!(attention.inputs, ["qs", "k", "v"]);
@@ -566,5 +674,81 @@ pub(super) mod tests {
         let x = input(&[2, 12, 5]);
         let (_, got) = plan_and_run(&model(nodes, &initializers), &x);
         assert_close(&got, &candle_attention(&x));
+    }
+
+    /// A detection head at two scales of `x` (`[1, 2, 4, 4]`): each scale's box (3 channels)
+    /// and class (2) convolutions joined, reshaped to `[batch, 5, -1]`, joined over the scales
+    /// and split again; the boxes through `Exp`, the classes through `Sigmoid`, joined into the
+    /// output. The nodes and their initializers.
+    fn split_head(batch: i64) -> (Vec<Node>, Vec<(&'static str, TensorData)>) {
+        let shapes: [(&str, [usize; 4]); 5] =
+            [("wb0", [3, 2, 1, 1]), ("wc0", [2, 2, 1, 1]), ("wd", [2, 2, 3, 3]), ("wb1", [3, 2, 1, 1]), ("wc1", [2, 2, 1, 1])];
+        let mut initializers: Vec<(&str, TensorData)> = shapes.iter().enumerate().map(|(i, (name, shape))| (*name, floats(shape, 30 + i as u64))).collect();
+        initializers.push(("rows", ints(&[batch, 5, -1])));
+        initializers.push(("sizes", ints(&[3, 2])));
+        let nodes = vec![
+            node("Conv", &["x", "wb0"], &["b0"], &[]),
+            node("Conv", &["x", "wc0"], &["c0"], &[]),
+            node("Conv", &["x", "wd"], &["d"], &[("strides", perm(&[2, 2])), ("pads", perm(&[1, 1, 1, 1]))]),
+            node("Conv", &["d", "wb1"], &["b1"], &[]),
+            node("Conv", &["d", "wc1"], &["c1"], &[]),
+            node("Concat", &["b0", "c0"], &["k0"], &[("axis", int(1))]),
+            node("Reshape", &["k0", "rows"], &["r0"], &[]),
+            node("Concat", &["b1", "c1"], &["k1"], &[("axis", int(1))]),
+            node("Reshape", &["k1", "rows"], &["r1"], &[]),
+            node("Concat", &["r0", "r1"], &["j"], &[("axis", int(2))]),
+            node("Split", &["j", "sizes"], &["boxes", "classes"], &[("axis", int(1))]),
+            node("Exp", &["boxes"], &["e"], &[]),
+            node("Sigmoid", &["classes"], &["s"], &[]),
+            node("Concat", &["e", "s"], &["out"], &[("axis", int(1))]),
+        ];
+        (nodes, initializers)
+    }
+
+    /// [`split_head`] by candle, with its weights.
+    fn split_head_reference(x: &Tensor, initializers: &[(&str, TensorData)]) -> Tensor {
+        let weights: Vec<Tensor> = initializers[..5].iter().map(|(_, w)| tensor(w)).collect();
+        let conv = |x: &Tensor, w: &Tensor, pad, stride| x.conv2d(w, pad, stride, 1, 1).unwrap();
+        let d = conv(x, &weights[2], 1, 2);
+        let rows = |parts: [Tensor; 2]| Tensor::cat(&parts, 1).unwrap().flatten_from(2).unwrap();
+        let scales = [rows([conv(x, &weights[0], 0, 1), conv(x, &weights[1], 0, 1)]), rows([conv(&d, &weights[3], 0, 1), conv(&d, &weights[4], 0, 1)])];
+        let joined = Tensor::cat(&scales, 2).unwrap();
+        let (boxes, classes) = (joined.narrow(1, 0, 3).unwrap(), joined.narrow(1, 3, 2).unwrap());
+        Tensor::cat(&[boxes.exp().unwrap(), candle_nn::ops::sigmoid(&classes.contiguous().unwrap()).unwrap()], 1).unwrap()
+    }
+
+    #[test]
+    fn a_split_of_joined_parts_becomes_the_joins_of_the_parts() {
+        let x = input(&[1, 2, 4, 4]);
+        let with_batch = |batch: Option<usize>, mut m: crate::detect::model::OnnxModel| {
+            m.inputs[0].shape = vec![batch, Some(2), Some(4), Some(4)];
+            m
+        };
+        // Batch 0 in the reshape keeps the images apart whatever the batch; 1 does when the
+        // model's batch is fixed at 1.
+        for (rows_batch, model_batch) in [(0, None), (1, Some(1))] {
+            let (nodes, initializers) = split_head(rows_batch);
+            let fused = split_joined_parts(&nodes, &initializers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(), model_batch);
+            let types = op_types(&fused);
+            assert!(!types.contains(&"Split"), "{types:?}");
+            assert_eq!(types.iter().filter(|&&t| t == "Reshape").count(), 4);
+            assert_eq!(types.iter().filter(|&&t| t == "Concat").count(), 3);
+            let (engine, got) = plan_and_run(&with_batch(model_batch, model(nodes, &initializers)), &x);
+            // Both joins, each read only by the output's concatenation (through its function),
+            // are copied by it straight from the convolutions: one concatenation is left.
+            assert_eq!(engine.steps.iter().filter(|s| s.op_type == "Concat").count(), 1);
+            assert_close(&got, &split_head_reference(&x, &initializers));
+        }
+        // A batch that may be larger than the reshape's 1: left as it is.
+        let (nodes, initializers) = split_head(1);
+        let fused = split_joined_parts(&nodes, &initializers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(), None);
+        assert!(op_types(&fused).contains(&"Split"));
+        let (_, got) = plan_and_run(&with_batch(None, model(nodes, &initializers)), &x);
+        assert_close(&got, &split_head_reference(&x, &initializers));
+        // Parts whose channels the split does not follow: left as they are.
+        let (mut nodes, initializers) = split_head(0);
+        nodes[5].inputs.swap(0, 1);
+        let fused = split_joined_parts(&nodes, &initializers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(), None);
+        assert!(op_types(&fused).contains(&"Split"));
     }
 }

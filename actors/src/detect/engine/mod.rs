@@ -262,7 +262,9 @@ impl Engine {
         let target = Target::new(device, kernels);
         let input = model.inputs.first().ok_or_else(|| DetectError::BadModelText("the graph has no input".into()))?;
         let output = model.outputs.first().ok_or_else(|| DetectError::BadModelText("the graph has no output".into()))?;
-        let nodes = fuse::fuse(&model.nodes, &model.initializers);
+        // A fixed batch size: the model's first input dimension when it is not symbolic.
+        let fixed_batch = input.shape.first().copied().flatten();
+        let nodes = fuse::fuse(&model.nodes, &model.initializers, fixed_batch);
 
         let mut slots: HashMap<String, usize> = HashMap::new();
         let slot_of = |name: &str, slots: &mut HashMap<String, usize>| {
