@@ -247,6 +247,7 @@ impl Conv2d {
 
     /// Whether the convolution has AMX tiles (which take the output planes
     /// `AmxTiles::takes` allows).
+    #[cfg(any(test, feature = "bench-internals"))]
     pub fn runs_amx(&self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {

@@ -322,6 +322,9 @@ pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const 
     }
 }
 
+/// Blocks of four output channels a [`pointwise_rows`] tile computes, at most.
+const MAX_ROW_BLOCKS: usize = 3;
+
 /// Pixels a [`pointwise_rows`] tile computes: two registers.
 pub(in super::super) const ROW_TILE: usize = 32;
 
@@ -354,7 +357,7 @@ pub(in super::super) unsafe fn pointwise_rows<const M: usize>(
     residual: Option<(*const f32, usize)>,
     rows: usize,
 ) {
-    const { assert!(M.is_multiple_of(4) && M <= 12) };
+    const { assert!(M.is_multiple_of(4) && M <= 4 * MAX_ROW_BLOCKS) };
     let mask = |n: usize| ((1u32 << n.min(16)) - 1) as __mmask16;
     let masks = [mask(lanes), mask(lanes.saturating_sub(16))];
     // SAFETY: every access stays within the bounds of the contract; masked lanes are neither
@@ -376,19 +379,23 @@ pub(in super::super) unsafe fn pointwise_rows<const M: usize>(
             }
         }
         // Four channels (eight registers) at a time, so that eight SiLU chains run side by side.
-        for first in (0..M).step_by(4) {
+        // The sums are first copied into those blocks in a fully unrolled loop: read as
+        // `acc[first + r]` in the loop over blocks (which the compiler keeps rolled), `acc`
+        // itself stayed in memory, zeroed by a call to `memset` before every tile.
+        let mut blocks = [[Avx512(_mm512_setzero_ps()); 8]; MAX_ROW_BLOCKS];
+        for (channel, a) in acc.iter().enumerate() {
+            blocks[channel / 4][2 * (channel % 4)] = Avx512(a[0]);
+            blocks[channel / 4][2 * (channel % 4) + 1] = Avx512(a[1]);
+        }
+        for (index, block) in blocks.into_iter().enumerate().take(M / 4) {
+            let first = 4 * index;
             if first >= rows {
                 break;
             }
-            let mut block = [Avx512(_mm512_setzero_ps()); 8];
-            let mut biases = [Avx512(_mm512_setzero_ps()); 8];
-            for r in 0..4 {
-                let b = Avx512(_mm512_set1_ps(if first + r < rows { *bias.add(first + r) } else { 0.0 }));
-                block[2 * r] = Avx512(acc[first + r][0]);
-                block[2 * r + 1] = Avx512(acc[first + r][1]);
-                biases[2 * r] = b;
-                biases[2 * r + 1] = b;
-            }
+            let biases = std::array::from_fn(|i| {
+                let channel = first + i / 2;
+                Avx512(_mm512_set1_ps(if channel < rows { *bias.add(channel) } else { 0.0 }))
+            });
             let block = finish_each(block, biases, silu);
             for r in 0..4.min(rows - first) {
                 let channel = first + r;
