@@ -37,7 +37,8 @@ impl PackedA {
         // Written in the order it is stored, each step of `k` a column of a panel's rows: an
         // interleave of the panel's rows where each row is stored whole (weights, attention's
         // values), one copy per column where the rows are adjacent (attention's keys), a gather
-        // otherwise; only a last, partial panel's missing rows are zeros. Filled element by
+        // otherwise (an interleaved panel is zeroed as it is appended, while it is in L1; the
+        // others write only a partial panel's missing rows as zeros). Filled element by
         // element, row by row, into a zeroed buffer, the packing of attention's operands took
         // some 1.6 % of YOLOv12n's CPU time (`perf` samples, 2 threads: 1.3 % the packing, 0.3 %
         // zeroing its buffers); written this way, 0.9 %.
