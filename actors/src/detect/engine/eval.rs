@@ -348,17 +348,7 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], target: &Target) -> CResul
     let x = || input(args, 0);
     let one = |t: Tensor| Ok(vec![t]);
     match op {
-        Op::Conv(c) if c.concat_parts > 0 => {
-            let parts = std::iter::once(args.first()).chain(args.iter().skip(CONV_MORE_PARTS).map(Some));
-            let parts: Vec<&Tensor> =
-                parts.map(|a| a.copied().flatten()).collect::<Option<_>>().ok_or_else(|| candle_core::Error::Msg("missing concatenation part".into()))?;
-            let residual = args.get(3).copied().flatten();
-            match &c.upsampled {
-                Some(up) => one(upsampled::conv_with_upsampled_part(c, up, &parts, residual, target)?),
-                None => one(conv_of_parts(c, &parts, residual, target)?),
-            }
-        }
-        Op::Conv(c) => one(conv(c, x()?, args.get(3).copied().flatten(), target)?),
+        Op::Conv(c) => one(conv_step(c, args, &[], target)?),
         Op::Unary(f) => one(unary(x()?, *f, target)?),
         Op::Binary(b) => {
             let (l, r) = (x()?, input(args, 1)?);
@@ -625,6 +615,35 @@ fn broadcast_shape(a: &[usize], b: &[usize]) -> CResult<Vec<usize>> {
         .collect()
 }
 
+/// [`Op::Conv`] on its arguments. `cold[i]` says that argument `i` was written long before
+/// this step ([`InputPart::cold`](kernels::conv::InputPart::cold)); arguments past the end of
+/// `cold` are not.
+pub(super) fn conv_step(c: &ConvOp, args: &[Option<&Tensor>], cold: &[bool], target: &Target) -> CResult<Tensor> {
+    let is_cold = |i: usize| cold.get(i).copied().unwrap_or(false);
+    let residual = args.get(3).copied().flatten();
+    if c.concat_parts > 0 {
+        let arguments = std::iter::once(0).chain(CONV_MORE_PARTS..args.len());
+        let parts: Vec<&Tensor> = arguments
+            .clone()
+            .map(|i| args.get(i).copied().flatten())
+            .collect::<Option<_>>()
+            .ok_or_else(|| candle_core::Error::Msg("missing concatenation part".into()))?;
+        let cold: Vec<bool> = arguments.map(is_cold).collect();
+        return match &c.upsampled {
+            Some(up) => upsampled::conv_with_upsampled_part(c, up, &parts, &cold, residual, target),
+            None => conv_of_parts(c, &parts, &cold, residual, target),
+        };
+    }
+    let x = input(args, 0)?;
+    if is_cold(0) {
+        // Read in place, where the kernels learn that it is cold.
+        if let Some(out) = conv_of_parts_in_place(c, &[x], &[true], residual, target)? {
+            return Ok(out);
+        }
+    }
+    conv(c, x, residual, target)
+}
+
 /// A convolution, plus `residual` when the graph adds one to its output.
 fn conv(c: &ConvOp, x: &Tensor, residual: Option<&Tensor>, target: &Target) -> CResult<Tensor> {
     let Some(residual) = residual else { return conv_alone(c, x) };
@@ -642,10 +661,11 @@ fn conv(c: &ConvOp, x: &Tensor, residual: Option<&Tensor>, target: &Target) -> C
     }
 }
 
-/// A convolution of the concatenation of `parts` along channels. On the CPU it reads each part
-/// where it lies; otherwise the parts are concatenated first.
-pub(super) fn conv_of_parts(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tensor>, target: &Target) -> CResult<Tensor> {
-    if let Some(out) = conv_of_parts_in_place(c, parts, residual, target)? {
+/// A convolution of the concatenation of `parts` along channels (`cold` as in [`conv_step`], one
+/// per part). On the CPU it reads each part where it lies; otherwise the parts are concatenated
+/// first.
+pub(super) fn conv_of_parts(c: &ConvOp, parts: &[&Tensor], cold: &[bool], residual: Option<&Tensor>, target: &Target) -> CResult<Tensor> {
+    if let Some(out) = conv_of_parts_in_place(c, parts, cold, residual, target)? {
         return Ok(out);
     }
     let axis = 1;
@@ -659,18 +679,24 @@ pub(super) fn conv_of_parts(c: &ConvOp, parts: &[&Tensor], residual: Option<&Ten
 
 /// [`conv_of_parts`] on the CPU kernel, when every part is a CPU `f32` tensor of the same
 /// `[n, _, h, w]` whose channel planes are contiguous; `Ok(None)` otherwise.
-fn conv_of_parts_in_place(c: &ConvOp, parts: &[&Tensor], residual: Option<&Tensor>, target: &Target) -> CResult<Option<Tensor>> {
+fn conv_of_parts_in_place(c: &ConvOp, parts: &[&Tensor], cold: &[bool], residual: Option<&Tensor>, target: &Target) -> CResult<Option<Tensor>> {
     if c.weight.is_some() {
         return Ok(None);
     }
-    let Some((out, dims)) = conv_parts_in_place(&c.conv, parts, residual, target)? else { return Ok(None) };
+    let Some((out, dims)) = conv_parts_in_place(&c.conv, parts, cold, residual, target)? else { return Ok(None) };
     Ok(Some(Tensor::from_vec(out, &dims[..], &Device::Cpu)?))
 }
 
-/// `conv` on the concatenation of `parts` along channels, read where they lie, with its output
-/// dimensions; `Ok(None)` unless every part is a CPU `f32` tensor of the same `[n, _, h, w]`
-/// whose channel planes are contiguous.
-pub(super) fn conv_parts_in_place(conv: &Conv2d, parts: &[&Tensor], residual: Option<&Tensor>, target: &Target) -> CResult<Option<(Vec<f32>, [usize; 4])>> {
+/// `conv` on the concatenation of `parts` along channels, read where they lie (`cold` as in
+/// [`conv_step`], one per part), with its output dimensions; `Ok(None)` unless every part is a
+/// CPU `f32` tensor of the same `[n, _, h, w]` whose channel planes are contiguous.
+pub(super) fn conv_parts_in_place(
+    conv: &Conv2d,
+    parts: &[&Tensor],
+    cold: &[bool],
+    residual: Option<&Tensor>,
+    target: &Target,
+) -> CResult<Option<(Vec<f32>, [usize; 4])>> {
     let Some(&[n, _, h, w]) = parts.first().map(|p| p.dims()) else { return Ok(None) };
     let Some((oh, ow)) = conv.output_size(h, w) else {
         candle_core::bail!("conv input {h}x{w} is smaller than the kernel");
@@ -697,7 +723,13 @@ pub(super) fn conv_parts_in_place(conv: &Conv2d, parts: &[&Tensor], residual: Op
         let input_parts = parts
             .iter()
             .zip(buffers)
-            .map(|(t, data)| kernels::conv::InputPart { data: &data[t.layout().start_offset()..], channels: t.dims()[1], image_stride: t.layout().stride()[0] })
+            .enumerate()
+            .map(|(i, (t, data))| kernels::conv::InputPart {
+                data: &data[t.layout().start_offset()..],
+                channels: t.dims()[1],
+                image_stride: t.layout().stride()[0],
+                cold: cold.get(i).copied().unwrap_or(false),
+            })
             .collect();
         let input = kernels::conv::ConvInput::new(input_parts, n, h, w)?;
         let residual = residual.as_ref().zip(buffers.last()).map(|(r, data)| {

@@ -372,6 +372,12 @@ impl Engine {
         for (slot, value) in cached.iter().flatten() {
             values[*slot] = Some(value.clone());
         }
+        // Bytes of step outputs written so far, and how far that count had got when each slot
+        // was written: a convolution's input written more than the cores' L2 caches hold before
+        // the step runs is cold ([`eval::conv_step`]).
+        let mut written = 0usize;
+        let mut written_at = vec![0usize; self.slot_count];
+        let cold_after = super::kernels::cache::l2_bytes() * super::kernels::parallel::threads();
         for (index, step) in self.steps.iter().enumerate() {
             let derived = self.shape_cache.is_derived(index);
             if derived && cached.is_some() {
@@ -382,7 +388,14 @@ impl Engine {
             }
             let args: Vec<Option<&Tensor>> = step.inputs.iter().map(|s| s.and_then(|s| values[s].as_ref())).collect();
             let started = on_step.is_some().then(std::time::Instant::now);
-            let results = eval::eval(&step.op, &args, &self.target).map_err(|e| execution_error(step, e))?;
+            let results = match &step.op {
+                Op::Conv(c) => {
+                    let cold: Vec<bool> = step.inputs.iter().map(|s| s.is_some_and(|s| written - written_at[s] > cold_after)).collect();
+                    eval::conv_step(c, &args, &cold, &self.target).map(|out| vec![out])
+                }
+                op => eval::eval(op, &args, &self.target),
+            }
+            .map_err(|e| execution_error(step, e))?;
             if let (Some(on_step), Some(started)) = (on_step.as_deref_mut(), started) {
                 let ms = started.elapsed().as_secs_f64() * 1000.0;
                 let input = args.first().copied().flatten().map(|t| t.dims().to_vec()).unwrap_or_default();
@@ -392,6 +405,8 @@ impl Engine {
                 shape_derived.extend(step.outputs.iter().copied().zip(results.iter().cloned()));
             }
             for (slot, value) in step.outputs.iter().zip(results) {
+                written_at[*slot] = written;
+                written += value.elem_count() * value.dtype().size_in_bytes();
                 values[*slot] = Some(value);
             }
             for slot in &step.release {

@@ -139,9 +139,17 @@ fn whole_scales(resize: &Step, constants: &HashMap<usize, Tensor>) -> Option<(us
 /// upsampling by `up.factors` to the others' size (an error otherwise, as the concatenation's
 /// would be). Falls back to upsampling it first when a part is not a CPU tensor the kernels
 /// read in place.
-pub(super) fn conv_with_upsampled_part(c: &ConvOp, up: &UpsampledPart, parts: &[&Tensor], residual: Option<&Tensor>, target: &Target) -> CResult<Tensor> {
+pub(super) fn conv_with_upsampled_part(
+    c: &ConvOp,
+    up: &UpsampledPart,
+    parts: &[&Tensor],
+    cold: &[bool],
+    residual: Option<&Tensor>,
+    target: &Target,
+) -> CResult<Tensor> {
     let low = parts[up.part];
     let rest: Vec<&Tensor> = parts.iter().enumerate().filter(|&(i, _)| i != up.part).map(|(_, &t)| t).collect();
+    let rest_cold: Vec<bool> = (0..parts.len()).filter(|&i| i != up.part).map(|i| cold.get(i).copied().unwrap_or(false)).collect();
     let (Some(&[n, _, h, w]), &[ln, channels, lh, lw]) = (rest.first().map(|t| t.dims()), low.dims()) else {
         candle_core::bail!("convolution parts of shapes {:?}", parts.iter().map(|p| p.dims()).collect::<Vec<_>>());
     };
@@ -157,7 +165,7 @@ pub(super) fn conv_with_upsampled_part(c: &ConvOp, up: &UpsampledPart, parts: &[
             let (start, end) = low.layout().contiguous_offsets().expect("made contiguous above");
             split.low.run(&buffers[0][start..end], n, lh, lw, None)
         })?;
-        if let (Some(low_sums), Some((mut out, dims))) = (low_sums, conv_parts_in_place(&split.rest, &rest, None, target)?) {
+        if let (Some(low_sums), Some((mut out, dims))) = (low_sums, conv_parts_in_place(&split.rest, &rest, &rest_cold, None, target)?) {
             let spec = c.conv.spec();
             add_upsampled(&mut out, &low_sums, (h, w), (lh, lw), spec.out_channels, c.conv.bias(), spec.activation);
             return Tensor::from_vec(out, &dims[..], &Device::Cpu);
@@ -167,7 +175,11 @@ pub(super) fn conv_with_upsampled_part(c: &ConvOp, up: &UpsampledPart, parts: &[
         if target.native_f32(low) { low.contiguous()?.apply_op1_no_bwd(&CpuUpsample { height: h, width: w })? } else { low.upsample_nearest2d(h, w)? };
     let mut whole = parts.to_vec();
     whole[up.part] = &upsampled;
-    conv_of_parts(c, &whole, residual, target)
+    let mut cold = cold.to_vec();
+    if let Some(fresh) = cold.get_mut(up.part) {
+        *fresh = false;
+    }
+    conv_of_parts(c, &whole, &cold, residual, target)
 }
 
 /// `out = activation(out + up(low) + bias)`, plane by plane: `out` is `[n][channels][h][w]`,

@@ -33,11 +33,24 @@ pub fn b_block_floats() -> usize {
 
 /// The first CPU's level-1 data cache, as Linux reports it (`48K`); `None` elsewhere.
 fn l1_data_bytes() -> Option<usize> {
+    cache_bytes("1", "Data")
+}
+
+/// Bytes of L2 cache per core: this CPU's own (Linux's report), or [`L2_BYTES`] when unknown.
+/// The blocking does not follow it (see the module's notes); the engine reads it to tell a
+/// convolution's input that has left the caches (`InputPart::cold`).
+pub fn l2_bytes() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| cache_bytes("2", "Unified").unwrap_or(L2_BYTES).max(L2_BYTES))
+}
+
+/// The first CPU's cache of `level` and `kind` (`Data`, `Unified`), as Linux reports it.
+fn cache_bytes(level: &str, kind: &str) -> Option<usize> {
     let caches = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
     (0..8).find_map(|index| {
         let dir = caches.join(format!("index{index}"));
         let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok().map(|s| s.trim().to_string());
-        if read("level")? != "1" || read("type")? != "Data" {
+        if read("level")? != level || read("type")? != kind {
             return None;
         }
         parse_size(&read("size")?)
@@ -80,6 +93,7 @@ mod tests {
             (Some(48 * 1024), Some(1 << 20), Some(512), None, None)
         );
         assert_eq!(L2_FLOATS, 64 * 1024);
+        assert!(l2_bytes() >= L2_BYTES);
         assert_eq!(SCRATCH_TILE_COLUMNS, 1024);
         assert!(rows_share_cache_sets(160 * 160) && rows_share_cache_sets(320 * 320) && !rows_share_cache_sets(80 * 80));
     }

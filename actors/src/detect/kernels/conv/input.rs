@@ -8,6 +8,10 @@ pub struct InputPart<'a> {
     pub data: &'a [f32],
     pub channels: usize,
     pub image_stride: usize,
+    /// Written long enough ago to have left the cores' L2 caches (a skip connection's tensor,
+    /// made many layers before): the kernels fetch it ahead of use. A hint only: a wrong value
+    /// costs time, never changes a result.
+    pub cold: bool,
 }
 
 /// A convolution's input, `[n][channels][h][w]`, as the channels of one or more tensors one
@@ -31,7 +35,7 @@ impl<'a> ConvInput<'a> {
 
     /// One row-major tensor.
     pub fn contiguous(data: &'a [f32], n: usize, channels: usize, h: usize, w: usize) -> Self {
-        ConvInput { parts: vec![InputPart { data, channels, image_stride: channels * h * w }], n, h, w }
+        ConvInput { parts: vec![InputPart { data, channels, image_stride: channels * h * w, cold: false }], n, h, w }
     }
 
     pub fn channels(&self) -> usize {
@@ -48,6 +52,15 @@ impl<'a> ConvInput<'a> {
             c -= part.channels;
         }
         panic!("channel past the input's channels");
+    }
+
+    /// The channel planes of image `b` that belong to cold parts ([`InputPart::cold`]).
+    pub(super) fn cold_planes(&self, b: usize) -> impl Iterator<Item = &'a [f32]> + '_ {
+        let plane = self.h * self.w;
+        self.parts
+            .iter()
+            .filter(|part| part.cold)
+            .flat_map(move |part| (0..part.channels).map(move |c| &part.data[b * part.image_stride + c * plane..][..plane]))
     }
 
     /// The input as one row-major buffer: borrowed when it is one, gathered otherwise.

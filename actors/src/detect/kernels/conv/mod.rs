@@ -481,9 +481,10 @@ mod tests {
         for (cin, cout, groups, k, stride) in [(12, 16, 1, 1, 1), (12, 16, 1, 3, 1), (12, 8, 1, 3, 2), (12, 12, 12, 3, 1), (12, 8, 2, 3, 1)] {
             let first = values(n * 5 * h * w, 5);
             let wide = values(n * 14 * h * w, 6);
+            // The first part cold: read ahead of use, to the same result.
             let parts = vec![
-                InputPart { data: &first, channels: 5, image_stride: 5 * h * w },
-                InputPart { data: &wide[7 * h * w..], channels: 7, image_stride: 14 * h * w },
+                InputPart { data: &first, channels: 5, image_stride: 5 * h * w, cold: true },
+                InputPart { data: &wide[7 * h * w..], channels: 7, image_stride: 14 * h * w, cold: false },
             ];
             let input = ConvInput::new(parts, n, h, w).unwrap();
             let whole = input.to_contiguous().into_owned();
@@ -493,7 +494,7 @@ mod tests {
         }
         // A part shorter than its images is refused.
         let short = values(10, 1);
-        assert!(ConvInput::new(vec![InputPart { data: &short, channels: 1, image_stride: 9 }], 2, 3, 3).is_none());
+        assert!(ConvInput::new(vec![InputPart { data: &short, channels: 1, image_stride: 9, cold: false }], 2, 3, 3).is_none());
     }
 
     #[test]
