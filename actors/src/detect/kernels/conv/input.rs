@@ -54,13 +54,16 @@ impl<'a> ConvInput<'a> {
         panic!("channel past the input's channels");
     }
 
-    /// The channel planes of image `b` that belong to cold parts ([`InputPart::cold`]).
-    pub(super) fn cold_planes(&self, b: usize) -> impl Iterator<Item = &'a [f32]> + '_ {
+    /// Asks the CPU to bring `pixels` (clamped to the plane) of image `b`'s cold channel planes
+    /// ([`InputPart::cold`]) into its L2 cache, without waiting for them.
+    pub(super) fn fetch_cold(&self, b: usize, pixels: std::ops::Range<usize>) {
         let plane = self.h * self.w;
-        self.parts
-            .iter()
-            .filter(|part| part.cold)
-            .flat_map(move |part| (0..part.channels).map(move |c| &part.data[b * part.image_stride + c * plane..][..plane]))
+        let pixels = pixels.start.min(plane)..pixels.end.min(plane);
+        for part in self.parts.iter().filter(|part| part.cold) {
+            for c in 0..part.channels {
+                fetch_into_l2(&part.data[b * part.image_stride + c * plane..][pixels.clone()]);
+            }
+        }
     }
 
     /// The input as one row-major buffer: borrowed when it is one, gathered otherwise.
@@ -72,4 +75,17 @@ impl<'a> ConvInput<'a> {
             _ => std::borrow::Cow::Owned((0..self.n).flat_map(|b| (0..channels).flat_map(move |c| self.plane(b, c).iter().copied())).collect()),
         }
     }
+}
+
+/// Asks the CPU to bring `floats` into its L2 cache, a line at a time, without waiting.
+fn fetch_into_l2(floats: &[f32]) {
+    const LINE_FLOATS: usize = 16;
+    #[cfg(target_arch = "x86_64")]
+    for line in floats.chunks(LINE_FLOATS) {
+        // SAFETY: a prefetch reads nothing into the program and never faults; the address is
+        // inside `floats` all the same.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (floats, LINE_FLOATS);
 }

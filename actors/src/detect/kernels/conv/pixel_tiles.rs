@@ -296,16 +296,6 @@ impl PixelTiles {
     }
 }
 
-/// Asks the CPU to bring `floats` into its L2 cache, without waiting for them.
-fn prefetch_l2(floats: &[f32]) {
-    const LINE_FLOATS: usize = 16;
-    for line in floats.chunks(LINE_FLOATS) {
-        // SAFETY: a prefetch reads nothing into the program and never faults; the address is
-        // inside `floats` all the same.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr().cast()) };
-    }
-}
-
 /// `STREAMDET_POINTWISE_ROWS=off` keeps pointwise convolutions on [`avx512::conv_tile`], to
 /// compare the two on one machine.
 fn rows_enabled() -> bool {
@@ -476,10 +466,7 @@ impl Conv2d {
                         // reads at most 96 planes a whole line at a time: 48 -> 64 at 160x160
                         // took 1.19 of its time with it.
                         if !rows {
-                            let ahead = if first_of_range { first } else { end }..(2 * end - first).min(pixels);
-                            for plane in input.cold_planes(batch) {
-                                prefetch_l2(&plane[ahead.clone()]);
-                            }
+                            input.fetch_cold(batch, if first_of_range { first } else { end }..2 * end - first);
                         }
                         for panel in task_panels.clone() {
                             if rows {
