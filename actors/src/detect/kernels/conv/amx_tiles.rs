@@ -106,9 +106,9 @@ impl AmxTiles {
     }
 
     /// Stride-2 kernels of 64 to 127 output channels, on outputs of at most [`MEDIUM_PLANE`]
-    /// pixels. YOLOv12n (2 threads, 14 interleaved rounds against the AVX-512 tiles): 64 -> 64
-    /// channels 3x3 from 80x80 took 0.79 of its time (0.92 in 8 other rounds); from 160x160
-    /// 1.13-1.15, which stays on the AVX-512 tiles.
+    /// pixels. YOLOv12n (2 threads, three sets of 8-14 rounds interleaved with the AVX-512
+    /// tiles): 64 -> 64 channels 3x3 from 80x80 took 0.79-0.92 of its time (YOLO11n's 0.90);
+    /// from 160x160 1.13-1.15, which stays on the AVX-512 tiles.
     fn on_medium_planes(spec: &ConvSpec) -> bool {
         !Self::pointwise(spec) && spec.stride == (2, 2) && spec.in_channels >= 64 && spec.out_channels >= 64
     }
