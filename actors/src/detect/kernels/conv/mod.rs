@@ -221,8 +221,8 @@ impl Conv2d {
     }
 
     /// The same convolution with its pointwise runs on [`avx512::conv_tile`](super::x86_64::avx512)
-    /// (channels in the lanes) rather than with the pixels in the lanes, to compare the two in
-    /// one process.
+    /// (channels in the lanes), and its small 3x3 ones by Winograd, rather than with the pixels
+    /// in the lanes, to compare the two in one process.
     #[cfg(any(test, feature = "bench-internals"))]
     pub fn without_pointwise_rows(mut self) -> Self {
         #[cfg(target_arch = "x86_64")]
@@ -232,7 +232,8 @@ impl Conv2d {
         self
     }
 
-    /// Whether pointwise runs put the pixels in the lanes.
+    /// Whether runs may put the pixels in the lanes (pointwise ones, and small 3x3 ones on
+    /// large outputs).
     #[cfg(any(test, feature = "bench-internals"))]
     pub fn runs_pointwise_rows(&self) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -328,8 +329,12 @@ impl Conv2d {
             unsafe { out.set_len(len) };
             return out;
         }
+        // The small 3x3 layers whose pixel tiles put the pixels in the lanes on this output
+        // run so rather than by Winograd (`pixel_tiles::rows_take_kernel`).
         #[cfg(target_arch = "x86_64")]
-        if let Some(winograd) = self.runs_winograd(n, oh, ow) {
+        let rows_instead = self.pixel_tiles_for(oh, ow).is_some_and(|t| !self.is_pointwise() && t.rows_for(&self.spec, self.spec.in_channels * h * w, oh * ow));
+        #[cfg(target_arch = "x86_64")]
+        if let Some(winograd) = self.runs_winograd(n, oh, ow).filter(|_| !rows_instead) {
             self.run_winograd(winograd, input, oh, ow, residual, spare);
             // SAFETY: the tiles cover every output pixel of every channel, and each is written.
             unsafe { out.set_len(len) };
@@ -442,7 +447,7 @@ mod tests {
         if let Some(tiled) = all.iter().find(|c| c.runs_amx()) {
             all.push(tiled.clone().without_amx());
         }
-        // Pointwise convolutions are checked with the channels in the lanes too.
+        // Where the pixels may go in the lanes, the channels are checked in the lanes too.
         if let Some(rows) = all.iter().find(|c| c.runs_pointwise_rows()) {
             all.push(rows.clone().without_amx().without_pointwise_rows());
         }
@@ -546,6 +551,22 @@ mod tests {
         // A depthwise convolution keeps its own kernel.
         let depthwise = variants(8, 8, 8, 3, 1, 1).remove(0);
         assert_eq!(depthwise.with_packed_weights().isa(), None);
+    }
+
+    #[test]
+    fn small_3x3_layers_on_large_outputs_match_with_the_pixels_in_the_lanes() {
+        // At most 16 channels each way, outputs of 160x160 and more: the pixels go in the
+        // lanes where the CPU has AVX-512 (Winograd checked beside them, `variants`); rows of
+        // 161 end in a partial tile; the residual goes through the same stores.
+        check(16, 8, 1, 3, 1, 1, 1, 160, 161);
+        check(8, 16, 1, 3, 1, 1, 1, 161, 160);
+        if Isa::Avx512.supported() {
+            let spec = ConvSpec::square(16, 8, 1, 3, 1, 1, Activation::Silu);
+            let conv = Conv2d::new(spec, values(8 * 16 * 9, 1), vec![0.0; 8]).unwrap().with_weights_packed_for(Isa::Avx512).unwrap();
+            let tiles = conv.pixel_tiles_for(160, 160).expect("pixel tiles");
+            assert!(tiles.rows_for(&conv.spec, 16 * 160 * 160, 160 * 160), "160x160 takes the rows");
+            assert!(!tiles.rows_for(&conv.spec, 16 * 80 * 80, 80 * 80), "80x80 stays on Winograd");
+        }
     }
 
     #[test]

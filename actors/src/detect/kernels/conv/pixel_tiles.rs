@@ -30,6 +30,9 @@
 //! by 12 or 8 output channels, each weight a broadcast and each input plane read as whole
 //! vectors where it lies. The finished sums are rows of pixels already, stored as they are:
 //! on a short product the transposes and the scattered stores of the other tile weigh most.
+//! The same tile runs 3x3 stride-1 convolutions of at most 16 channels each way on large
+//! outputs ([`rows_take_kernel`]) an output row at a time, each tap a row of a zero-padded
+//! input plane, in place of Winograd.
 //!
 //! Measured (`cargo bench --bench conv`, 2 threads, this AVX-512 machine, against the
 //! channel-major path in the same run): 64 -> 128 channels at 80x80 stride 2 in 0.53-0.57 ms
@@ -68,7 +71,8 @@ pub(super) struct PixelTiles {
     panel: usize,
     panels: usize,
     last: usize,
-    /// Pointwise runs may take [`avx512::pointwise_rows`] ([`rows_apply`]): AVX-512 only.
+    /// Runs may take [`avx512::pointwise_rows`] ([`PixelTiles::rows_for`]): AVX-512 only,
+    /// pointwise convolutions and the small 3x3 ones of [`rows_take_kernel`].
     rows: bool,
 }
 
@@ -156,7 +160,7 @@ impl PixelTiles {
         let last = if cout - (panels - 1) * panel <= narrow { narrow } else { panel };
         let mut padded_bias = bias.to_vec();
         padded_bias.resize((panels - 1) * panel + last, 0.0);
-        let rows = isa == Isa::Avx512 && spec.kernel == (1, 1) && rows_enabled();
+        let rows = isa == Isa::Avx512 && rows_enabled() && (spec.kernel == (1, 1) || rows_take_kernel(spec));
         let mut tiles = PixelTiles { isa, weights: PackedB::new(), bias: padded_bias, k, panel, panels, last, rows };
         let widths: Vec<usize> = (0..panels).map(|p| tiles.width(p)).collect();
         let floats = tiles.weights.floats_mut((panels - 1) * k * panel + k * last);
@@ -176,10 +180,19 @@ impl PixelTiles {
         self.rows = false;
     }
 
-    /// Whether pointwise runs may put the pixels in the lanes ([`rows_apply`] decides per call).
+    /// Whether runs may put the pixels in the lanes ([`PixelTiles::rows_for`] decides per call).
     #[cfg(any(test, feature = "bench-internals"))]
     pub(super) fn has_rows(&self) -> bool {
         self.rows
+    }
+
+    /// Whether a run of a convolution of `spec` from an input of `input_floats` per image into
+    /// `pixels` output pixels puts the pixels in the lanes: pointwise ones as [`rows_apply`]
+    /// says; the 3x3 ones that have rows on large outputs whose input is read through phase
+    /// planes (which a row of pixels-in-lanes tiles reads as consecutive floats, every tap).
+    pub(super) fn rows_for(&self, spec: &ConvSpec, input_floats: usize, pixels: usize) -> bool {
+        self.rows
+            && if spec.kernel == (1, 1) { rows_apply(spec.in_channels, pixels) } else { pixels >= KERNEL_ROWS_MIN_PIXELS && input_floats < IN_PLACE_MIN_FLOATS }
     }
 
     /// Panel `p`'s weights: `k * width(p)` floats, 64-byte aligned.
@@ -296,8 +309,8 @@ impl PixelTiles {
     }
 }
 
-/// `STREAMDET_POINTWISE_ROWS=off` keeps pointwise convolutions on [`avx512::conv_tile`], to
-/// compare the two on one machine.
+/// `STREAMDET_POINTWISE_ROWS=off` keeps pointwise convolutions on [`avx512::conv_tile`] and
+/// the small 3x3 ones of [`rows_take_kernel`] on Winograd, to compare on one machine.
 fn rows_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("STREAMDET_POINTWISE_ROWS").map_or(true, |v| v != "off"))
@@ -315,6 +328,23 @@ fn rows_enabled() -> bool {
 fn rows_apply(cin: usize, pixels: usize) -> bool {
     cin <= 96 && pixels >= 1600
 }
+
+/// Whether a 3x3 stride-1 convolution of `spec` may run with the pixels in the lanes, an output
+/// row at a time from its zero-padded input planes ([`PixelTiles::rows_for`] decides per call):
+/// one of at most 16 input and output channels. Its weights are short (`k` of 72-144) and its
+/// channels fill at most one register, so Winograd's transforms and the other tile's 16
+/// channel lanes (half of them empty at 8 output channels) cost more than the product.
+fn rows_take_kernel(spec: &ConvSpec) -> bool {
+    spec.kernel == (3, 3) && spec.stride == (1, 1) && spec.dilation == (1, 1) && spec.in_channels <= 16 && spec.out_channels <= 16
+}
+
+/// Output pixels from which a convolution that [`rows_take_kernel`] takes the pixels-in-lanes
+/// tile. Against Winograd, interleaved rounds (`scripts/ab-steps.py`, 8-10 each), at 160x160:
+/// YOLO11n at 2 threads 16 -> 8 channels 0.78 and 0.56 of its time, 8 -> 16 0.79 and 0.65
+/// (the untouched layers 0.93-0.98), at 1 thread 0.76 and 0.73; YOLOv12n 8 -> 16 0.70 and 0.69.
+/// At 80x80 16 -> 16 came out level (0.80-1.13 over four layers) and 32 -> 16 lost (1.20-1.33;
+/// hence at most 16 input channels).
+const KERNEL_ROWS_MIN_PIXELS: usize = 160 * 160;
 
 /// Input floats per image from which a convolution with a kernel reads its input in place
 /// rather than through phase planes. Reading in place skips the copy into the planes, which
@@ -375,7 +405,7 @@ impl Conv2d {
         let (sh, dh, pt, dw) = (self.spec.stride.0, self.spec.dilation.0, self.spec.pads.0, self.spec.dilation.1);
         let pixels = oh * ow;
         let threads = parallel::threads();
-        let rows = tiles.rows && rows_apply(cin, pixels);
+        let rows = tiles.rows_for(&self.spec, cin * h * w, pixels);
         let stretch = match rows {
             // Stretches of whole vectors of pixels: only the plane's last tile is partial.
             true => (pointwise_stretch(pixels, threads) / 16 * 16).max(16),
@@ -488,7 +518,18 @@ impl Conv2d {
                         let taps: Vec<*const f32> = offsets.iter().map(|&o| image[o..].as_ptr()).collect();
                         for panel in task_panels.clone() {
                             for oy in task_runs.clone() {
-                                run(&taps, oy * layout.wp, 1, ow, at(panel, oy * ow), panel, scratch);
+                                if rows {
+                                    let out = out_ptr.get().wrapping_add(at(panel, oy * ow));
+                                    let residual = residual.map(|r| r[at(panel, oy * ow)..].as_ptr());
+                                    // SAFETY: `rows` holds only for AVX-512F (as above); the taps
+                                    // are the phase planes' offsets, and `ow` pixels from
+                                    // `oy * wp` of each lie inside them (as `run` below reads);
+                                    // this piece alone writes channels `panel * tiles.panel ..`
+                                    // of output row `oy` of image `batch`, `pixels` apart.
+                                    unsafe { tiles.pointwise_rows(&taps, oy * layout.wp, ow, panel, cout, silu, out, pixels, residual) };
+                                } else {
+                                    run(&taps, oy * layout.wp, 1, ow, at(panel, oy * ow), panel, scratch);
+                                }
                             }
                         }
                     }
