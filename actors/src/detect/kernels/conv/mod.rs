@@ -332,9 +332,10 @@ impl Conv2d {
         // The small 3x3 layers whose pixel tiles put the pixels in the lanes on this output
         // run so rather than by Winograd (`pixel_tiles::rows_take_kernel`).
         #[cfg(target_arch = "x86_64")]
-        let rows_instead = self.pixel_tiles_for(oh, ow).is_some_and(|t| !self.is_pointwise() && t.rows_for(&self.spec, self.spec.in_channels * h * w, oh * ow));
-        #[cfg(target_arch = "x86_64")]
-        if let Some(winograd) = self.runs_winograd(n, oh, ow).filter(|_| !rows_instead) {
+        if let Some(winograd) = self
+            .runs_winograd(n, oh, ow)
+            .filter(|_| !self.pixel_tiles_for(oh, ow).is_some_and(|t| t.rows_for(&self.spec, self.spec.in_channels * h * w, oh * ow)))
+        {
             self.run_winograd(winograd, input, oh, ow, residual, spare);
             // SAFETY: the tiles cover every output pixel of every channel, and each is written.
             unsafe { out.set_len(len) };
