@@ -323,10 +323,14 @@ fn rows_enabled() -> bool {
 /// layers of at most 96 input channels took 0.84-0.91 of their time at 40x40 (64 -> 64 and
 /// 64 -> 192 channels among them) and 0.79-0.84 at 160x160, and were level at 80x80. On such
 /// short products the other tile's epilogue (transposes, and stores of 10-12 pixels to each of
-/// 32 channels) weighs most. Longer products lost (128 -> 64 channels at 40x40 1.1-1.25), and
-/// so did every layer on 20x20 planes (1.2-1.4), in stretches of 96-112 pixels.
+/// 32 channels) weighs most. Longer products lost then on a Xeon (128 -> 64 channels at 40x40
+/// 1.1-1.25); since the tile fetches the lines it stores ahead, they gain on an AMD EPYC (Zen
+/// 4): 128 to 256 input channels at 40x40 0.82-0.99 of their time at 2 threads (YOLOv12n,
+/// YOLO11n; 192 -> 128 0.89-0.92, 256 -> 32 0.82) and 0.86-0.94 at 1, interleaved rounds
+/// against the build that took at most 96. Every layer on 20x20 planes loses (1.2-1.4 on the
+/// Xeon, in stretches of 96-112 pixels; 0.93-1.22 on the EPYC, most above 1.05).
 fn rows_apply(cin: usize, pixels: usize) -> bool {
-    cin <= 96 && pixels >= 1600
+    cin <= 256 && pixels >= 1600
 }
 
 /// Whether a 3x3 stride-1 convolution of `spec` may run with the pixels in the lanes, an output
@@ -493,7 +497,7 @@ impl Conv2d {
                         // rounds: 256 -> 32 channels at 80x80 (half its input 33 MB old) 0.79 of
                         // its time, 384 -> 64 0.93, 192 -> 64 0.89; fetching the first piece
                         // too, 0.87 more on 256 -> 32. Not for the pixels-in-lanes tile, which
-                        // reads at most 96 planes a whole line at a time: 48 -> 64 at 160x160
+                        // reads at most 256 planes a whole line at a time: 48 -> 64 at 160x160
                         // took 1.19 of its time with it.
                         if !rows {
                             input.fetch_cold(batch, if first_of_range { first } else { end }..2 * end - first);
@@ -847,13 +851,14 @@ mod tests {
 
     #[test]
     fn pointwise_convolutions_with_the_pixels_in_the_lanes_match_the_definition() {
-        // Planes of 1600 pixels and more, at most 96 input channels (`rows_apply`): a 41x41
+        // Planes of 1600 pixels and more, at most 256 input channels (`rows_apply`): a 41x41
         // plane (its last tile 17 pixels wide), a wide panel and a narrow one (44 = 32 + 12
         // channels: blocks of 12, 12 and 8, then 8 and 4), batch 2; 20 channels in one wide
-        // panel (blocks of 12 and 8); 96 input channels.
-        assert!(rows_apply(96, 1600) && !rows_apply(128, 1600) && !rows_apply(64, 400));
+        // panel (blocks of 12 and 8); 96 and 256 input channels.
+        assert!(rows_apply(256, 1600) && !rows_apply(257, 1600) && !rows_apply(64, 400));
         check(24, 44, 1, 1, 1, 0, 2, 41, 41);
         check(96, 20, 1, 1, 1, 0, 1, 40, 40);
+        check(256, 44, 1, 1, 1, 0, 1, 40, 41);
         check(5, 16, 1, 1, 1, 0, 1, 40, 41);
     }
 
