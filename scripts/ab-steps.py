@@ -13,7 +13,7 @@ them cancels; the order alternates, so an advantage of running first or second c
 `--show` adds the steps whose operator type and layer match REGEX.
 
 On a shared machine the ratios drift: the same build against itself came out at 0.96 and 1.06
-(two sets of eight rounds, 2 threads, the 2-core Xeon of docs/benchmarks), and at 0.96-0.98 by
+(two sets of eight rounds, 2 threads, the 2-core Xeon of an earlier docs/benchmarks run), and at 0.96-0.98 by
 operator type in the paired column (six rounds). Read a change by the steps it touches against
 those it does not, which should come out level.
 """
