@@ -20,7 +20,12 @@
 //! Work is split into blocks of one panel of tiles (`nr`, 32 with AVX-512), and for small
 //! outputs into blocks of output channels too; each block transforms its input, runs the 36
 //! products and transforms the result into output pixels, applying the bias, SiLU and the
-//! residual on the way. The output transform leaves each row of a tile's pixels interleaved
+//! residual on the way. Blocks of output channels share their tiles' transformed input, which
+//! a loop of its own transforms first, by ranges of input channels: when each block
+//! transformed it, a 20x20 output (one panel of tiles, four blocks of channels on 2 threads)
+//! transformed its input four times. YOLO11n and YOLOv12n, 2 threads, interleaved rounds
+//! against that: the 3x3 layers at 20x20 took 0.83-1.00 of their time (256 -> 64 channels
+//! 0.65-0.83), 0.82-0.98 on one thread (two blocks of channels there). The output transform leaves each row of a tile's pixels interleaved
 //! in registers ([`Lanes::interleave4`]), so a run of tiles is copied out as runs of pixels.
 //!
 //! Measured with `cargo bench --bench conv` (this AVX-512 machine, 1 thread): 64 -> 64
@@ -125,6 +130,9 @@ thread_local! {
     /// Each rayon worker's transformed input (`V`, packed panels) and products (`M`), reused
     /// across blocks and calls.
     static SCRATCH: std::cell::RefCell<(PackedB, Vec<f32>)> = const { std::cell::RefCell::new((PackedB::new(), Vec::new())) };
+    /// The calling thread's transformed input of a call's blocks of tiles, when blocks of
+    /// output channels share it.
+    static SHARED_INPUT: std::cell::RefCell<PackedB> = const { std::cell::RefCell::new(PackedB::new()) };
 }
 
 /// Blocks of one panel of tiles in each image's output.
@@ -181,76 +189,115 @@ impl Conv2d {
         let pixels = oh * ow;
         let silu = self.spec.activation == super::super::activation::Activation::Silu;
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
-        parallel::for_each(n * blocks * m_blocks, |task| {
-            let (batch, block) = (task / m_blocks / blocks, task / m_blocks % blocks);
-            let channels = task % m_blocks * m_block..((task % m_blocks + 1) * m_block).min(cout);
+        // The 36 matrices of `V` (and of `M`) lie one cache line more than their size
+        // apart: a power of two apart, the 36 stores (loads) of one tile's transform would
+        // all map to the same L1 cache sets and evict each other.
+        let (v_stride, m_stride) = (cin * nr + LINE, cout * nr + LINE);
+        let block_input = |batch: usize, block: usize, channels: std::ops::Range<usize>| {
             let image = &planes[batch * cin * channel_len..];
             // The last tap of the block's last tile is at `cin * channel_len + nr - 1` at most
             // (see `taps`: the last place of the last phase plane is `16 * plane - 1`, and the
             // block's tiles run past `tiles` by up to `nr - 1`): inside the next image's planes
             // or the slack after the last.
-            assert!(image.len() >= cin * channel_len + nr, "the phase planes' slack covers a block");
-            let first_tile = block * nr;
-            // The 36 matrices of `V` (and of `M`) lie one cache line more than their size
-            // apart: a power of two apart, the 36 stores (loads) of one tile's transform would
-            // all map to the same L1 cache sets and evict each other.
-            let (v_stride, m_stride) = (cin * nr + LINE, cout * nr + LINE);
-            SCRATCH.with_borrow_mut(|(transformed, products)| {
-                let transformed = transformed.floats_mut(POSITIONS * v_stride);
-                if products.len() < POSITIONS * m_stride {
-                    products.resize(POSITIONS * m_stride, 0.0);
-                }
-                // SAFETY: `isa` is supported (`winograd` was packed for it); every load is
-                // inside `image` (asserted above) and every store inside `transformed`
-                // (`POSITIONS` matrices of `cin x nr`, `v_stride` apart).
-                unsafe {
-                    let input = BlockInput { tiles: image[first_tile..].as_ptr(), channel_len, channels: cin, taps: &taps, nr };
-                    transform_input(isa, &input, transformed.as_mut_ptr(), v_stride)
-                };
-                for (p, u) in winograd.positions.iter().enumerate() {
-                    // SAFETY: `V[p]` is one packed panel (`cin x nr`) at a multiple of 16 floats
-                    // from the start of an aligned buffer; `M[p]` is `cout x nr`.
+            assert!(image.len() >= cin * channel_len + nr && channels.end <= cin, "the phase planes' slack covers a block");
+            BlockInput { tiles: image[block * nr + channels.start * channel_len..].as_ptr(), channel_len, channels: channels.len(), taps: &taps, nr }
+        };
+        SHARED_INPUT.with_borrow_mut(|shared| {
+            // With blocks of output channels, the blocks of one block of tiles share its
+            // transformed input: transformed once before them, by ranges of input channels in
+            // parallel, rather than by each.
+            let per_block = POSITIONS * v_stride;
+            let shared = if m_blocks > 1 {
+                let parts = (2 * parallel::threads()).min(cin);
+                let per_part = cin.div_ceil(parts);
+                let matrices = shared.floats_mut(n * blocks * per_block);
+                let buffer = SendPtr(matrices.as_mut_ptr());
+                parallel::for_each(n * blocks * parts, |task| {
+                    let (block, channels) = (task / parts, task % parts * per_part..((task % parts + 1) * per_part).min(cin));
+                    // SAFETY: `isa` is supported; every load is inside the phase planes
+                    // (`block_input` asserts it); this task alone writes rows `channels` of the
+                    // `POSITIONS` matrices (`cin x nr`, `v_stride` apart) of block `block`, inside
+                    // `shared` (`n * blocks` such blocks).
                     unsafe {
-                        tiling::gemm_panels(
-                            u,
-                            channels.clone(),
-                            transformed.as_ptr().add(p * v_stride),
-                            nr,
-                            products.as_mut_ptr().add(p * m_stride + channels.start * nr),
-                            nr,
-                            None,
+                        transform_input(
+                            isa,
+                            &block_input(block / blocks, block % blocks, channels.clone()),
+                            buffer.get().add(block * per_block + channels.start * nr),
+                            v_stride,
                         )
                     };
-                }
-                let mut pixels_of_tiles = [0f32; TILE * TILE * super::super::isa::MAX_NR];
-                for co in channels {
-                    // SAFETY: `isa` is supported; `products` holds `POSITIONS` matrices of
-                    // `cout x nr`, `m_stride` apart, and `pixels_of_tiles` `TILE * TILE * nr`.
-                    unsafe { transform_output(isa, products.as_ptr().add(co * nr), m_stride, nr, self.bias[co], silu, pixels_of_tiles.as_mut_ptr()) };
-                    let channel_first = (batch * cout + co) * pixels;
-                    // The block's tiles in runs along rows of tiles; each run is a run of
-                    // pixels on each of its 4 output rows.
-                    let mut lane = 0;
-                    while lane < nr.min(tiles - first_tile) {
-                        let (ty, tx) = ((first_tile + lane) / wq, (first_tile + lane) % wq);
-                        let run = (wq - tx).min(nr - lane);
-                        // Without the row's extra tile, and clipped to the output's width.
-                        let columns = (TILE * run.min(tw - tx.min(tw))).min(ow - (TILE * tx).min(ow));
-                        for a in 0..TILE.min(oh - TILE * ty) {
-                            let first = channel_first + (TILE * ty + a) * ow + TILE * tx;
-                            let source = &pixels_of_tiles[a * TILE * nr + TILE * lane..][..columns];
-                            // SAFETY: `columns` pixels of row 4ty + a of channel `co` of image
-                            // `batch` from column 4tx, inside the output; only this block's
-                            // tiles write them.
-                            let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(first), columns) };
-                            dst.copy_from_slice(source);
-                            if let Some(residual) = residual {
-                                add_assign(dst, &residual[first..][..columns]);
-                            }
-                        }
-                        lane += run;
+                });
+                Some(&*matrices)
+            } else {
+                None
+            };
+            parallel::for_each(n * blocks * m_blocks, |task| {
+                let (batch, block) = (task / m_blocks / blocks, task / m_blocks % blocks);
+                let channels = task % m_blocks * m_block..((task % m_blocks + 1) * m_block).min(cout);
+                let first_tile = block * nr;
+                SCRATCH.with_borrow_mut(|(transformed, products)| {
+                    if products.len() < POSITIONS * m_stride {
+                        products.resize(POSITIONS * m_stride, 0.0);
                     }
-                }
+                    let transformed = match shared {
+                        // Block `batch * blocks + block` of the shared matrices, written before this
+                        // loop began.
+                        Some(shared) => shared[(batch * blocks + block) * per_block..].as_ptr(),
+                        None => {
+                            let transformed = transformed.floats_mut(POSITIONS * v_stride);
+                            // SAFETY: `isa` is supported (`winograd` was packed for it); every load
+                            // is inside the phase planes (`block_input` asserts it) and every store
+                            // inside `transformed` (`POSITIONS` matrices of `cin x nr`, `v_stride`
+                            // apart).
+                            unsafe { transform_input(isa, &block_input(batch, block, 0..cin), transformed.as_mut_ptr(), v_stride) };
+                            transformed.as_ptr()
+                        }
+                    };
+                    for (p, u) in winograd.positions.iter().enumerate() {
+                        // SAFETY: `V[p]` is one packed panel (`cin x nr`) at a multiple of 16 floats
+                        // from the start of an aligned buffer; `M[p]` is `cout x nr`.
+                        unsafe {
+                            tiling::gemm_panels(
+                                u,
+                                channels.clone(),
+                                transformed.add(p * v_stride),
+                                nr,
+                                products.as_mut_ptr().add(p * m_stride + channels.start * nr),
+                                nr,
+                                None,
+                            )
+                        };
+                    }
+                    let mut pixels_of_tiles = [0f32; TILE * TILE * super::super::isa::MAX_NR];
+                    for co in channels {
+                        // SAFETY: `isa` is supported; `products` holds `POSITIONS` matrices of
+                        // `cout x nr`, `m_stride` apart, and `pixels_of_tiles` `TILE * TILE * nr`.
+                        unsafe { transform_output(isa, products.as_ptr().add(co * nr), m_stride, nr, self.bias[co], silu, pixels_of_tiles.as_mut_ptr()) };
+                        let channel_first = (batch * cout + co) * pixels;
+                        // The block's tiles in runs along rows of tiles; each run is a run of
+                        // pixels on each of its 4 output rows.
+                        let mut lane = 0;
+                        while lane < nr.min(tiles - first_tile) {
+                            let (ty, tx) = ((first_tile + lane) / wq, (first_tile + lane) % wq);
+                            let run = (wq - tx).min(nr - lane);
+                            // Without the row's extra tile, and clipped to the output's width.
+                            let columns = (TILE * run.min(tw - tx.min(tw))).min(ow - (TILE * tx).min(ow));
+                            for a in 0..TILE.min(oh - TILE * ty) {
+                                let first = channel_first + (TILE * ty + a) * ow + TILE * tx;
+                                let source = &pixels_of_tiles[a * TILE * nr + TILE * lane..][..columns];
+                                // SAFETY: `columns` pixels of row 4ty + a of channel `co` of image
+                                // `batch` from column 4tx, inside the output; only this block's
+                                // tiles write them.
+                                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(first), columns) };
+                                dst.copy_from_slice(source);
+                                if let Some(residual) = residual {
+                                    add_assign(dst, &residual[first..][..columns]);
+                                }
+                            }
+                            lane += run;
+                        }
+                    }
+                });
             });
         });
     }
@@ -462,8 +509,12 @@ mod tests {
             (64, 64, 1, 3, 3, 1),
             (48, 70, 2, 23, 38, 1),
             (8, 16, 1, 34, 35, 1),
+            (64, 64, 2, 20, 20, 1),
         ];
-        for isa in isa::all_supported() {
+        // On 2 and 3 threads, the small outputs run in blocks of output channels that share
+        // their transformed input; on one, most of them do not.
+        let pools: Vec<rayon::ThreadPool> = [1, 2, 3].map(|threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()).into();
+        for (isa, pool) in isa::all_supported().into_iter().flat_map(|isa| pools.iter().map(move |pool| (isa, pool))) {
             for (cin, cout, n, h, w, pad) in shapes {
                 let spec = ConvSpec::square(cin, cout, 1, 3, 1, pad, Activation::Silu);
                 let conv = Conv2d::new(spec, values(cout * cin * 9, 1), values(cout, 2)).unwrap().with_weights_packed_for(isa).unwrap();
@@ -474,7 +525,16 @@ mod tests {
                 for with_residual in [false, true] {
                     // NaN marks any pixel left unwritten.
                     let mut out = vec![MaybeUninit::new(f32::NAN); n * cout * oh * ow];
-                    conv.run_winograd(winograd, &ConvInput::contiguous(&input, n, cin, h, w), oh, ow, with_residual.then_some(residual.as_slice()), &mut out);
+                    pool.install(|| {
+                        conv.run_winograd(
+                            winograd,
+                            &ConvInput::contiguous(&input, n, cin, h, w),
+                            oh,
+                            ow,
+                            with_residual.then_some(residual.as_slice()),
+                            &mut out,
+                        )
+                    });
                     // SAFETY: initialised (NaN) when the vector was made.
                     let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
                     let mut want = reference(&conv, &input, n, h, w);
@@ -482,7 +542,8 @@ mod tests {
                         want.iter_mut().zip(&residual).for_each(|(w, r)| *w += r);
                     }
                     let error = worst_error(&got, &want);
-                    assert!(error < 1e-4, "{isa:?} {cin}->{cout} {n}x{h}x{w} pad {pad} residual {with_residual}: relative error {error}");
+                    let threads = pool.current_num_threads();
+                    assert!(error < 1e-4, "{isa:?} {threads} threads {cin}->{cout} {n}x{h}x{w} pad {pad} residual {with_residual}: relative error {error}");
                 }
             }
         }
