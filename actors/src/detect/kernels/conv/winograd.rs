@@ -24,8 +24,9 @@
 //! a loop of its own transforms first, by ranges of input channels: when each block
 //! transformed it, a 20x20 output (one panel of tiles, four blocks of channels on 2 threads)
 //! transformed its input four times. YOLO11n and YOLOv12n, 2 threads, interleaved rounds
-//! against that: the 3x3 layers at 20x20 took 0.83-1.00 of their time (256 -> 64 channels
-//! 0.65-0.83), 0.82-0.98 on one thread (two blocks of channels there). The output transform leaves each row of a tile's pixels interleaved
+//! against that, three sittings: the 3x3 layers at 20x20 took 0.83-1.07 of their time, most
+//! below 0.97 (256 -> 64 channels 0.65-0.92), 0.82-0.98 on one thread (two blocks of channels
+//! there). The output transform leaves each row of a tile's pixels interleaved
 //! in registers ([`Lanes::interleave4`]), so a run of tiles is copied out as runs of pixels.
 //!
 //! Measured with `cargo bench --bench conv` (this AVX-512 machine, 1 thread): 64 -> 64
