@@ -448,10 +448,11 @@ mod tests {
         if let Some(tiled) = all.iter().find(|c| c.runs_amx()) {
             all.push(tiled.clone().without_amx());
         }
-        // Where the pixels may go in the lanes, the channels are checked in the lanes too.
-        if let Some(rows) = all.iter().find(|c| c.runs_pointwise_rows()) {
-            all.push(rows.clone().without_amx().without_pointwise_rows());
-        }
+        // Where the pixels may go in the lanes (with either ISA), the channels are checked in
+        // the lanes too.
+        let in_channel_lanes: Vec<Conv2d> =
+            all.iter().filter(|c| c.runs_pointwise_rows() && !c.runs_amx()).map(|c| c.clone().without_pointwise_rows()).collect();
+        all.extend(in_channel_lanes);
         all
     }
 

@@ -25,9 +25,10 @@
 //! are computed twice, to the same values. The width of the wide tiles is the one that
 //! computes the fewest pixels twice.
 //!
-//! With AVX-512, pointwise convolutions of few input channels on large planes turn the tile
-//! around ([`PixelTiles::pointwise_rows`], [`rows_apply`]): the pixels in the lanes, 32 a tile,
-//! by 12 or 8 output channels, each weight a broadcast and each input plane read as whole
+//! Pointwise convolutions of few input channels on large planes turn the tile around
+//! ([`PixelTiles::pointwise_rows`], [`rows_apply`]): the pixels in the lanes, 32 a tile by 12 or
+//! 8 output channels with AVX-512 (16 by 6 or 4 with AVX2, on the largest planes only), each
+//! weight a broadcast and each input plane read as whole
 //! vectors where it lies. The finished sums are rows of pixels already, stored as they are:
 //! on a short product the transposes and the scattered stores of the other tile weigh most.
 //! The same tile runs 3x3 stride-1 convolutions of at most 16 channels each way on large
@@ -71,7 +72,7 @@ pub(super) struct PixelTiles {
     panel: usize,
     panels: usize,
     last: usize,
-    /// Runs may take [`avx512::pointwise_rows`] ([`PixelTiles::rows_for`]): AVX-512 only,
+    /// Runs may take the tile with the pixels in the lanes ([`PixelTiles::rows_for`]):
     /// pointwise convolutions and the small 3x3 ones of [`rows_take_kernel`].
     rows: bool,
 }
@@ -131,6 +132,9 @@ fn pointwise_stretch(pixels: usize, threads: usize) -> usize {
 /// No tile is wider than this many pixels ([`PixelTiles::tile`]).
 const WIDEST_TILE: usize = 16;
 
+/// One tile with the pixels in the lanes: `pointwise_rows` of [`avx512`] or [`avx2`].
+type RowKernel = unsafe fn(&[*const f32], usize, usize, *const f32, usize, *const f32, bool, *mut f32, usize, Option<(*const f32, usize)>, usize);
+
 /// One tile's kernel: `conv_tile` of [`avx512`] or [`avx2`].
 type TileKernel = unsafe fn(&[*const f32], usize, *const f32, *const f32, bool, *mut f32, usize, Option<(*const f32, usize)>, usize, *const f32, *mut f32);
 
@@ -160,7 +164,7 @@ impl PixelTiles {
         let last = if cout - (panels - 1) * panel <= narrow { narrow } else { panel };
         let mut padded_bias = bias.to_vec();
         padded_bias.resize((panels - 1) * panel + last, 0.0);
-        let rows = isa == Isa::Avx512 && rows_enabled() && (spec.kernel == (1, 1) || rows_take_kernel(spec));
+        let rows = rows_enabled() && (spec.kernel == (1, 1) || rows_take_kernel(spec));
         let mut tiles = PixelTiles { isa, weights: PackedB::new(), bias: padded_bias, k, panel, panels, last, rows };
         let widths: Vec<usize> = (0..panels).map(|p| tiles.width(p)).collect();
         let floats = tiles.weights.floats_mut((panels - 1) * k * panel + k * last);
@@ -192,7 +196,11 @@ impl PixelTiles {
     /// planes (which a row of pixels-in-lanes tiles reads as consecutive floats, every tap).
     pub(super) fn rows_for(&self, spec: &ConvSpec, input_floats: usize, pixels: usize) -> bool {
         self.rows
-            && if spec.kernel == (1, 1) { rows_apply(spec.in_channels, pixels) } else { pixels >= KERNEL_ROWS_MIN_PIXELS && input_floats < IN_PLACE_MIN_FLOATS }
+            && if spec.kernel == (1, 1) {
+                rows_apply(self.isa, spec.in_channels, pixels)
+            } else {
+                pixels >= KERNEL_ROWS_MIN_PIXELS && input_floats < IN_PLACE_MIN_FLOATS
+            }
     }
 
     /// Panel `p`'s weights: `k * width(p)` floats, 64-byte aligned.
@@ -214,14 +222,15 @@ impl PixelTiles {
     }
 
     /// A pointwise run of `len` pixels from `first` of each input plane (`taps`) through panel
-    /// `p`, with the pixels in the lanes ([`avx512::pointwise_rows`]): the panel's channels in
-    /// blocks of 12 and 8 (32 = 12 + 12 + 8, 16 = 8 + 8), each tile of [`avx512::ROW_TILE`]
-    /// pixels of the run through every block in turn.
+    /// `p`, with the pixels in the lanes ([`avx512::pointwise_rows`], [`avx2::pointwise_rows`]):
+    /// the panel's channels in blocks of 12 and 8 with AVX-512 (32 = 12 + 12 + 8, 16 = 8 + 8),
+    /// of 6 and 4 with AVX2 (16 = 6 + 6 + 4, 8 = 4 + 4), each tile of 32 (16) pixels of the run
+    /// through every block in turn.
     /// `out` is the panel's first channel at pixel `first`, channels `ldo` apart; the residual
     /// has its layout.
     ///
     /// # Safety
-    /// `self.rows` (so the CPU has AVX-512F); pixels `first..first + len` of every tap are
+    /// `self.rows`; pixels `first..first + len` of every tap are
     /// readable; `out` and the residual hold the panel's channels of those pixels, `ldo` apart,
     /// and no other thread accesses them.
     #[allow(clippy::too_many_arguments)]
@@ -240,17 +249,26 @@ impl PixelTiles {
         debug_assert!(self.rows);
         let width = self.width(p);
         let channels = self.panel.min(cout - p * self.panel);
-        let blocks: &[(usize, usize)] = if width == 32 { &[(0, 12), (12, 12), (24, 8)] } else { &[(0, 8), (8, 8)] };
-        // Each tile of pixels through every block: the tile's input (`k x 32` floats) stays in
-        // L1 from one block to the next, beside the panel's weights.
-        for x in (0..len).step_by(avx512::ROW_TILE) {
-            let lanes = (len - x).min(avx512::ROW_TILE);
-            for &(c0, m) in blocks.iter().filter(|&&(c0, _)| c0 < channels) {
+        // Blocks of channels `(first, count, kernel)`: as many sums as registers allow beside
+        // the tile's inputs and a weight (24 and 12 of them).
+        let (tile, blocks): (usize, &[(usize, usize, RowKernel)]) = match (self.isa, width) {
+            (Isa::Avx512, 32) => {
+                (avx512::ROW_TILE, &[(0, 12, avx512::pointwise_rows::<12>), (12, 12, avx512::pointwise_rows::<12>), (24, 8, avx512::pointwise_rows::<8>)])
+            }
+            (Isa::Avx512, _) => (avx512::ROW_TILE, &[(0, 8, avx512::pointwise_rows::<8>), (8, 8, avx512::pointwise_rows::<8>)]),
+            (Isa::Avx2, 16) => (avx2::ROW_TILE, &[(0, 6, avx2::pointwise_rows::<6>), (6, 6, avx2::pointwise_rows::<6>), (12, 4, avx2::pointwise_rows::<4>)]),
+            (Isa::Avx2, _) => (avx2::ROW_TILE, &[(0, 4, avx2::pointwise_rows::<4>), (4, 4, avx2::pointwise_rows::<4>)]),
+        };
+        // Each tile of pixels through every block: the tile's input (`k x tile` floats) stays
+        // in L1 from one block to the next, beside the panel's weights.
+        for x in (0..len).step_by(tile) {
+            let lanes = (len - x).min(tile);
+            for &(c0, m, kernel) in blocks.iter().filter(|&&(c0, _, _)| c0 < channels) {
                 let rows = m.min(channels - c0);
-                let kernel = if m == 12 { avx512::pointwise_rows::<12> } else { avx512::pointwise_rows::<8> };
                 // SAFETY: the caller's contract, for pixels `first + x ..` of channels `c0 ..
-                // c0 + rows` of the panel; the panel's weights are `k` rows of `width >= c0 + m`
-                // floats, its biases padded to `width`.
+                // c0 + rows` of the panel (the CPU has the features of `self.isa`, whose kernels
+                // these are); the panel's weights are `k` rows of `width >= c0 + m` floats, its
+                // biases padded to `width`.
                 unsafe {
                     let residual = residual.map(|r| (r.add(c0 * ldo + x), ldo));
                     kernel(
@@ -329,8 +347,17 @@ fn rows_enabled() -> bool {
 /// YOLO11n; 192 -> 128 0.89-0.92, 256 -> 32 0.82) and 0.86-0.94 at 1, interleaved rounds
 /// against the build that took at most 96. Every layer on 20x20 planes loses (1.2-1.4 on the
 /// Xeon, in stretches of 96-112 pixels; 0.93-1.22 on the EPYC, most above 1.05).
-fn rows_apply(cin: usize, pixels: usize) -> bool {
-    cin <= 256 && pixels >= 1600
+///
+/// The AVX2 tile (16 pixels by 6 or 4 channels, where 16 registers allow) gains on large
+/// planes only: on the EPYC with the kernels capped at AVX2 (`STREAMDET_CPU_KERNEL=avx2`),
+/// YOLO11n, 2 threads, interleaved rounds against the channels in the lanes: at 160x160 32 ->
+/// 32 and 48 -> 64 channels 0.85 and 0.87 of their time, at 80x80 0.93-1.10, at 40x40 1.01-1.19.
+fn rows_apply(isa: Isa, cin: usize, pixels: usize) -> bool {
+    let fewest_pixels = match isa {
+        Isa::Avx512 => 1600,
+        Isa::Avx2 => 160 * 160,
+    };
+    cin <= 256 && pixels >= fewest_pixels
 }
 
 /// Whether a 3x3 stride-1 convolution of `spec` may run with the pixels in the lanes, an output
@@ -506,8 +533,7 @@ impl Conv2d {
                             if rows {
                                 let out = out_ptr.get().wrapping_add(at(panel, first));
                                 let residual = residual.map(|r| r[at(panel, first)..].as_ptr());
-                                // SAFETY: the CPU has AVX-512F (`rows` is set only for it, and
-                                // `PixelTiles::new` checked the ISA); pixels `first..end` of every
+                                // SAFETY: `rows` holds; pixels `first..end` of every
                                 // input plane lie inside the plane; this piece alone writes
                                 // channels `panel * tiles.panel ..` of pixels `first..end` of image
                                 // `batch` (as `run` below), inside `out` and the residual.
@@ -525,7 +551,7 @@ impl Conv2d {
                                 if rows {
                                     let out = out_ptr.get().wrapping_add(at(panel, oy * ow));
                                     let residual = residual.map(|r| r[at(panel, oy * ow)..].as_ptr());
-                                    // SAFETY: `rows` holds only for AVX-512F (as above); the taps
+                                    // SAFETY: `rows` holds; the taps
                                     // are the phase planes' offsets, and `ow` pixels from
                                     // `oy * wp` of each lie inside them (as `run` below reads);
                                     // this piece alone writes channels `panel * tiles.panel ..`
@@ -855,7 +881,11 @@ mod tests {
         // plane (its last tile 17 pixels wide), a wide panel and a narrow one (44 = 32 + 12
         // channels: blocks of 12, 12 and 8, then 8 and 4), batch 2; 20 channels in one wide
         // panel (blocks of 12 and 8); 96 and 256 input channels.
-        assert!(rows_apply(256, 1600) && !rows_apply(257, 1600) && !rows_apply(64, 400));
+        assert!(rows_apply(Isa::Avx512, 256, 1600) && !rows_apply(Isa::Avx512, 257, 1600) && !rows_apply(Isa::Avx512, 64, 400));
+        assert!(rows_apply(Isa::Avx2, 48, 160 * 160) && !rows_apply(Isa::Avx2, 48, 80 * 80));
+        // With AVX2, from 160x160 only: a 161x161 plane (its last tile one pixel), panels of 16
+        // and 8 channels (24: blocks of 6, 6 and 4, then 4 and 4).
+        check(20, 24, 1, 1, 1, 0, 1, 161, 161);
         check(24, 44, 1, 1, 1, 0, 2, 41, 41);
         check(96, 20, 1, 1, 1, 0, 1, 40, 40);
         check(256, 44, 1, 1, 1, 0, 1, 40, 41);

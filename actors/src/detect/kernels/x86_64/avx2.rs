@@ -303,6 +303,108 @@ pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const 
     }
 }
 
+/// Pixels a [`pointwise_rows`] tile computes: two registers.
+pub(in super::super) const ROW_TILE: usize = 16;
+
+/// The AVX2 form of the AVX-512 tile with the pixels in the lanes (see there): `M` output
+/// channels (2, 4 or 6: two registers each, and the inputs and a weight beside them in 16
+/// registers) times `lanes <= 16` consecutive pixels of the plane. Input channel `kk`'s pixels
+/// are two loads from `taps[kk] + at`, its weight for output channel `i` a broadcast of
+/// `weights[kk * tap_floats + i]`. The first `rows` channels get `bias`, SiLU when asked, the
+/// residual's rows (`residual.0`, `residual.1` apart) and are stored `ldo` apart from `out`.
+/// A tile of fewer than 16 pixels (only a plane's last, and none of YOLO's planes has one)
+/// reads and writes through masked moves, which are slow on some CPUs but touch nothing past
+/// `lanes`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA. `taps[kk] + at + j` is a readable float for every `kk` and `j <
+/// lanes`; `weights` holds `taps.len()` rows of `tap_floats >= M` floats; `bias` holds `rows`
+/// floats, `rows <= M`; `out` (and the residual) hold `rows` rows of `lanes` floats.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(in super::super) unsafe fn pointwise_rows<const M: usize>(
+    taps: &[*const f32],
+    at: usize,
+    lanes: usize,
+    weights: *const f32,
+    tap_floats: usize,
+    bias: *const f32,
+    silu: bool,
+    out: *mut f32,
+    ldo: usize,
+    residual: Option<(*const f32, usize)>,
+    rows: usize,
+) {
+    const { assert!(M.is_multiple_of(2) && M <= 6) };
+    let whole = lanes >= ROW_TILE;
+    // The masks of a partial tile's halves. (Made where they are used: held through the loop of
+    // a whole tile, they would take two of the 16 registers that the sums need.)
+    let masks = || {
+        let places = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        [
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes.min(8) as i32), places),
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes.saturating_sub(8).min(8) as i32), places),
+        ]
+    };
+    // SAFETY: every access stays within the bounds of the contract; a partial tile's masked
+    // moves neither read nor write past `lanes`.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+        for (kk, &tap) in taps.iter().enumerate() {
+            let p = tap.wrapping_add(at);
+            // The next tiles of the run read on along the same planes, one plane per input
+            // channel: more streams than the hardware prefetcher follows.
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(2 * ROW_TILE).cast::<i8>());
+            let x = if whole {
+                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.wrapping_add(8))]
+            } else {
+                let masks = masks();
+                [_mm256_maskload_ps(p, masks[0]), _mm256_maskload_ps(p.wrapping_add(8), masks[1])]
+            };
+            let w = weights.add(kk * tap_floats);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let w = _mm256_set1_ps(*w.add(i));
+                a[0] = _mm256_fmadd_ps(w, x[0], a[0]);
+                a[1] = _mm256_fmadd_ps(w, x[1], a[1]);
+            }
+        }
+        // Two channels (four registers) at a time, their SiLU chains side by side. The sums
+        // are first copied into those blocks in a fully unrolled loop (as the AVX-512 tile's:
+        // indexed in the rolled loop below, `acc` would stay in memory).
+        let mut blocks = [[Avx2(_mm256_setzero_ps()); 4]; 3];
+        for (channel, a) in acc.iter().enumerate() {
+            blocks[channel / 2][2 * (channel % 2)] = Avx2(a[0]);
+            blocks[channel / 2][2 * (channel % 2) + 1] = Avx2(a[1]);
+        }
+        for (index, block) in blocks.into_iter().enumerate().take(M / 2) {
+            let first = 2 * index;
+            if first >= rows {
+                break;
+            }
+            let biases = std::array::from_fn(|i| {
+                let channel = first + i / 2;
+                Avx2(_mm256_set1_ps(if channel < rows { *bias.add(channel) } else { 0.0 }))
+            });
+            let block = finish_each(block, biases, silu);
+            for r in 0..2.min(rows - first) {
+                let channel = first + r;
+                for (half, mask) in masks().into_iter().enumerate() {
+                    let v = match residual {
+                        Some((res, ld)) if whole => _mm256_add_ps(block[2 * r + half].0, _mm256_loadu_ps(res.wrapping_add(channel * ld + 8 * half))),
+                        Some((res, ld)) => _mm256_add_ps(block[2 * r + half].0, _mm256_maskload_ps(res.wrapping_add(channel * ld + 8 * half), mask)),
+                        None => block[2 * r + half].0,
+                    };
+                    let to = out.wrapping_add(channel * ldo + 8 * half);
+                    if whole { _mm256_storeu_ps(to, v) } else { _mm256_maskstore_ps(to, mask, v) }
+                }
+                // The line this channel's row stores two tiles on, fetched ahead (as the
+                // AVX-512 tile does: a store to a line not in the cache waits for it).
+                _mm_prefetch::<_MM_HINT_T0>(out.wrapping_add(channel * ldo + 2 * ROW_TILE).cast::<i8>());
+            }
+        }
+    }
+}
+
 /// Deinterleaves `row` by 4: place `i` of `out[p]` gets `row[4 i + p]`, for the first `places`
 /// places of each. 32 columns at a time: a permute pairs each register's columns by phase
 /// (`[0, 4, 1, 5, 2, 6, 3, 7]`), 64-bit unpacks join the pairs of two registers, and 128-bit
