@@ -28,23 +28,6 @@ pub(super) struct TileEpilogue {
     pub(super) residual: Option<(*const f32, usize)>,
 }
 
-/// One register of a finished tile: `+ bias`, SiLU when asked, `+ residual` when given.
-///
-/// # Safety
-/// The CPU has `V`'s features; `residual`, if given, points at `V::LEN` readable floats.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-pub(super) unsafe fn finish<V: Lanes>(v: V, bias: f32, silu: bool, residual: Option<*const f32>) -> V {
-    // SAFETY: the caller's contract.
-    unsafe {
-        let [v] = finish_each([v], [V::splat(bias)], silu);
-        match residual {
-            Some(r) => v.add(V::load(r)),
-            None => v,
-        }
-    }
-}
-
 /// `N` registers of a finished tile: `+ bias[i]`, then SiLU when asked, the SiLU of all `N`
 /// side by side ([`Lanes::silu_each`]); the residual, where there is one, is the caller's.
 ///

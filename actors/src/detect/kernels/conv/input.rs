@@ -66,6 +66,18 @@ impl<'a> ConvInput<'a> {
         }
     }
 
+    /// Asks the CPU to bring `pixels` (clamped to the plane) of every channel plane of image `b`
+    /// into its L2 cache, without waiting for them.
+    pub(super) fn fetch(&self, b: usize, pixels: std::ops::Range<usize>) {
+        let plane = self.h * self.w;
+        let pixels = pixels.start.min(plane)..pixels.end.min(plane);
+        for part in &self.parts {
+            for c in 0..part.channels {
+                fetch_into_l2(&part.data[b * part.image_stride + c * plane..][pixels.clone()]);
+            }
+        }
+    }
+
     /// The input as one row-major buffer: borrowed when it is one, gathered otherwise.
     pub(super) fn to_contiguous(&self) -> std::borrow::Cow<'a, [f32]> {
         let channels = self.channels();

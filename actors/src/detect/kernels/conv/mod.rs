@@ -202,7 +202,7 @@ impl Conv2d {
         {
             self.winograd = winograd::Winograd::applies(&self.spec).then(|| winograd::Winograd::new(isa, &self.spec, &self.weights));
             self.pixel_tiles = pixel_tiles::PixelTiles::applies(&self.spec).then(|| pixel_tiles::PixelTiles::new(isa, &self.spec, &self.weights, &self.bias));
-            self.stem = stem::Stem::applies(&self.spec, isa).then(|| stem::Stem::new(&self.spec, &self.weights, &self.bias));
+            self.stem = stem::Stem::applies(&self.spec).then(|| stem::Stem::new(isa, &self.spec, &self.weights, &self.bias));
             self.amx =
                 (isa == Isa::Avx512 && amx_tiles::AmxTiles::applies(&self.spec)).then(|| amx_tiles::AmxTiles::new(&self.spec, &self.weights, &self.bias));
         }

@@ -1,17 +1,26 @@
 //! The stem of a detection model: a 3x3 convolution with stride 2 and padding 1 over a few
-//! input channels (an RGB image), with AVX-512.
+//! input channels (an RGB image), with AVX-512 or AVX2.
 //!
 //! The other kernels keep output channels in the vector lanes and broadcast each input value;
 //! with `K = 27` that leaves a tile doing as much work in its epilogue (SiLU, a transpose) as in
-//! its products, and loads one input float per multiply-add. Here the lanes hold 16 adjacent
-//! output pixels of one channel instead. For each input row a tap reads, two pairs of loads and
-//! three permutes give the tap's 16 inputs for `kx = 0, 1, 2` (the even and odd columns, and
-//! the even ones shifted by one); each is multiplied into all 16 output channels' accumulators
-//! with the weight broadcast from memory. The accumulators are rows of the output as they lie,
-//! so the epilogue stores them without a transpose.
+//! its products, and loads one input float per multiply-add. Here the lanes hold adjacent
+//! output pixels of one channel instead (16 with AVX-512, 8 with AVX2). For each input row a
+//! tap reads, two pairs of loads and a few permutes give the tap's inputs for `kx = 0, 1, 2`
+//! (the even and odd columns, and the even ones shifted by one); each is multiplied into a
+//! block of output channels' accumulators (16 with AVX-512, 8 with AVX2, where 16 registers
+//! hold the accumulators, the three taps and a weight) with the weight broadcast from memory.
+//! The accumulators are rows of the output as they lie, so the epilogue stores them without a
+//! transpose.
 //!
-//! Input rows are first copied, per output row, into zero-padded rows (a zero before the first
-//! column, zeros past the last), so that no load needs a bounds check.
+//! The input rows are read where they lie: a row above or below the image adds nothing and is
+//! skipped, and the loads at the image's left and right edges are masked to its columns (AVX2:
+//! copied with zeros). The two input rows the next output row needs are fetched ahead. They
+//! were first copied, per output row, into zero-padded rows: 16 % of the stem's samples on one
+//! thread of an AMD EPYC (Zen 4), and 4 % zeroing them. YOLO11n, interleaved rounds against
+//! that (`scripts/ab-steps.py`): 0.85 of its time on one thread, level on two (0.99; 1.16
+//! without the fetch ahead, the copy having streamed the cold image in). With the kernels capped
+//! at AVX2 the stem had gone through the pixel tiles: this kernel took 0.78 of their time on
+//! two threads.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -19,33 +28,32 @@ use std::mem::MaybeUninit;
 use crate::detect::kernels::parallel;
 
 use super::super::SendPtr;
-use super::super::epilogue::finish;
+use super::super::epilogue::finish_each;
 use super::super::isa::Isa;
-use super::super::simd::Avx512;
+use super::super::simd::{Avx2, Avx512};
 use super::{Conv2d, ConvInput, ConvSpec};
 
-/// Output pixels per vector, and output channels per block of accumulators.
-const LANES: usize = 16;
 /// Taps per input channel.
 const TAPS: usize = 9;
 /// The most input channels the stem takes: beyond a few, the channel-major kernels have
 /// enough `K` to be efficient.
 const MAX_IN_CHANNELS: usize = 4;
 
-/// The weights rearranged for the stem: for each block of 16 output channels, each input
-/// channel and each tap, the 16 channels' weights (zero past the last channel); and the
-/// biases, padded the same way.
+/// The weights rearranged for the stem: for each block of output channels (`lanes`, the ISA's
+/// floats per vector), each input channel and each tap, the block's weights (zero past the
+/// last channel); and the biases, padded the same way.
 #[derive(Debug, Clone)]
 pub(super) struct Stem {
+    isa: Isa,
+    lanes: usize,
     weights: Vec<f32>,
     bias: Vec<f32>,
 }
 
 impl Stem {
     /// Whether a convolution of `spec` runs as the stem on `isa`'s CPU.
-    pub(super) fn applies(spec: &ConvSpec, isa: Isa) -> bool {
-        isa == Isa::Avx512
-            && spec.kernel == (3, 3)
+    pub(super) fn applies(spec: &ConvSpec) -> bool {
+        spec.kernel == (3, 3)
             && spec.stride == (2, 2)
             && spec.dilation == (1, 1)
             && spec.pads == (1, 1, 1, 1)
@@ -53,131 +61,233 @@ impl Stem {
             && spec.in_channels <= MAX_IN_CHANNELS
     }
 
-    /// `weights` in ONNX's `[out][in][3][3]` order, and one bias per output channel.
-    pub(super) fn new(spec: &ConvSpec, weights: &[f32], bias: &[f32]) -> Self {
+    /// `weights` in ONNX's `[out][in][3][3]` order, and one bias per output channel, for
+    /// `isa` (which this CPU supports).
+    pub(super) fn new(isa: Isa, spec: &ConvSpec, weights: &[f32], bias: &[f32]) -> Self {
+        assert!(isa.supported(), "the stem for {isa:?}, which this CPU cannot run");
         let (cin, cout) = (spec.in_channels, spec.out_channels);
         assert_eq!(weights.len(), cout * cin * TAPS, "3x3 weights");
-        let blocks = cout.div_ceil(LANES);
-        let mut rearranged = vec![0.0; blocks * cin * TAPS * LANES];
+        let lanes = match isa {
+            Isa::Avx512 => 16,
+            Isa::Avx2 => 8,
+        };
+        let blocks = cout.div_ceil(lanes);
+        let mut rearranged = vec![0.0; blocks * cin * TAPS * lanes];
         for co in 0..cout {
             for ci in 0..cin {
                 for tap in 0..TAPS {
-                    rearranged[((co / LANES * cin + ci) * TAPS + tap) * LANES + co % LANES] = weights[(co * cin + ci) * TAPS + tap];
+                    rearranged[((co / lanes * cin + ci) * TAPS + tap) * lanes + co % lanes] = weights[(co * cin + ci) * TAPS + tap];
                 }
             }
         }
         let mut padded_bias = bias.to_vec();
-        padded_bias.resize(blocks * LANES, 0.0);
-        Stem { weights: rearranged, bias: padded_bias }
+        padded_bias.resize(blocks * lanes, 0.0);
+        Stem { isa, lanes, weights: rearranged, bias: padded_bias }
     }
 }
 
 impl Conv2d {
-    /// The stem's convolution (see the module's notes) of `input` into `out`
-    /// (`[n][out_channels][oh][ow]`). The CPU has AVX-512F: the stem is made only for it.
+    /// The stem over `input` into `out` (`[n][cout][oh][ow]`), in tasks of output rows.
     pub(super) fn run_stem(&self, stem: &Stem, input: &ConvInput, oh: usize, ow: usize, out: &mut [MaybeUninit<f32>]) {
         let (n, h, w) = (input.n, input.h, input.w);
         let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
-        assert!(Isa::Avx512.supported() && out.len() == n * cout * oh * ow);
-        // A padded row holds input columns `-1..` at places `0..`, for every load of every
-        // block of 16 output pixels: block `b` reads places `32 b ..= 32 b + 32`.
-        let blocks = ow.div_ceil(LANES);
-        let padded_len = 2 * LANES * blocks + 2;
-        assert!(w < padded_len, "a padded row holds its input row");
+        assert!(out.len() == n * cout * oh * ow && cin <= MAX_IN_CHANNELS);
+        // Output column `ox` reads input columns `2 ox - 1 ..= 2 ox + 1`: inside the image or
+        // its padding of one.
+        assert!(w <= 2 * ow && 2 * ow <= w + 1, "a {w}-pixel row into {ow} outputs");
+        let lanes = stem.lanes;
         let silu = self.spec.activation == super::super::activation::Activation::Silu;
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
-        // Output rows of every image, in ranges that shrink towards the end of the loop.
         parallel::for_each_range(n * oh, |rows| {
-            let mut padded = vec![0.0f32; cin * 3 * padded_len];
             for (batch, oy) in rows.map(|row| (row / oh, row % oh)) {
-                // Input row `2 oy - 1 + ky` of each channel, or zeros above and below the image.
-                for (index, row) in padded.chunks_exact_mut(padded_len).enumerate() {
+                // Row `2 oy - 1 + ky` of each input channel, `(ci, ky)` in order; `None` above or
+                // below the image.
+                let mut taps: [Option<&[f32]>; 3 * MAX_IN_CHANNELS] = [None; 3 * MAX_IN_CHANNELS];
+                for (index, tap) in taps.iter_mut().enumerate().take(3 * cin) {
                     let (ci, ky) = (index / 3, index % 3);
-                    row.fill(0.0);
-                    if let Some(y) = (2 * oy + ky).checked_sub(1).filter(|&y| y < h) {
-                        row[1..=w].copy_from_slice(&input.plane(batch, ci)[y * w..][..w]);
-                    }
+                    *tap = (2 * oy + ky).checked_sub(1).filter(|&y| y < h).map(|y| &input.plane(batch, ci)[y * w..][..w]);
                 }
-                for block in 0..cout.div_ceil(LANES) {
-                    let channels = LANES.min(cout - block * LANES);
-                    let weights = &stem.weights[block * cin * TAPS * LANES..][..cin * TAPS * LANES];
-                    let bias: &[f32; LANES] = stem.bias[block * LANES..][..LANES].try_into().expect("16 biases");
-                    // The block's 16 channels of this output row, from channel 0's pixel 0.
-                    let first = ((batch * cout + block * LANES) * oh + oy) * ow;
-                    // SAFETY: AVX-512F (asserted above); `padded` holds `cin * 3` rows of
-                    // `padded_len`, which every block's loads stay inside (see above);
-                    // `weights` and `bias` hold the block's `cin * 9 * 16` and 16 values. The
-                    // stores go to rows `oy` of channels `block * 16..+channels` of image
-                    // `batch`, `ow` pixels each, inside `out`, which only this range writes
-                    // (the ranges do not overlap).
-                    unsafe { stem_row(&padded, padded_len, cin, weights, bias, silu, out_ptr.get().add(first), oh * ow, ow, channels) };
+                // The two input rows the next output row reads first, fetched while this one is
+                // computed: the kernel reads its rows a vector at a time, nine rows (and sixteen
+                // output rows) at once, more streams than the hardware prefetchers follow.
+                input.fetch(batch, (2 * oy + 2) * w..(2 * oy + 4) * w);
+                for block in 0..cout.div_ceil(lanes) {
+                    let channels = lanes.min(cout - block * lanes);
+                    let weights = &stem.weights[block * cin * TAPS * lanes..][..cin * TAPS * lanes];
+                    let bias = &stem.bias[block * lanes..][..lanes];
+                    let first = ((batch * cout + block * lanes) * oh + oy) * ow;
+                    // SAFETY: the ISA is this CPU's (`Stem::new` checked); the taps are rows of
+                    // `w` floats; the weights hold `cin * 9` vectors and the bias one; output row
+                    // `oy` of channels `block * lanes ..` of image `batch` (`oh * ow` apart) lies
+                    // inside `out`, and this task alone writes it.
+                    unsafe {
+                        let out = out_ptr.get().add(first);
+                        match stem.isa {
+                            Isa::Avx512 => stem_row_avx512(&taps[..3 * cin], w, weights, bias, silu, out, oh * ow, ow, channels),
+                            Isa::Avx2 => stem_row_avx2(&taps[..3 * cin], w, weights, bias, silu, out, oh * ow, ow, channels),
+                        }
+                    }
                 }
             }
         });
     }
 }
 
-/// One output row of one block of up to 16 channels: pixel `x` of channel `c` at
-/// `out + c * plane + x`, for `x < ow` and `c < channels`.
+/// The lanes of a 16-float load from column `start` (which may be negative) of a row of `w`
+/// columns that lie inside the row.
+fn lanes_inside(start: isize, w: usize) -> u16 {
+    let low = (-start).clamp(0, 16);
+    let high = (w as isize - start).clamp(0, 16);
+    if high <= low { 0 } else { ((1u32 << high) - (1u32 << low)) as u16 }
+}
+
+/// One output row of one block of up to 16 output channels: `taps[ci * 3 + ky]` is the input
+/// row `2 oy - 1 + ky` of channel `ci` (`None` in the padding), `w` floats; `weights` holds 16
+/// floats per `(ci, ky, kx)`; channel `c < channels` of the row goes to `out + c * plane`.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `padded` holds `cin * 3` rows of `padded_len >= 32 * ceil(ow / 16) +
-/// 2` floats; `out` is valid for those writes.
+/// The CPU has AVX-512F. Every tap holds `w` floats, `w <= 2 ow <= w + 1`; `weights` holds
+/// `taps.len() * 3 * 16` floats and `bias` 16; `out` holds `channels` rows of `ow` floats,
+/// `plane` apart, `channels <= 16`.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn stem_row(
-    padded: &[f32],
-    padded_len: usize,
-    cin: usize,
+unsafe fn stem_row_avx512(
+    taps: &[Option<&[f32]>],
+    w: usize,
     weights: &[f32],
-    bias: &[f32; LANES],
+    bias: &[f32],
     silu: bool,
     out: *mut f32,
     plane: usize,
     ow: usize,
     channels: usize,
 ) {
+    const LANES: usize = 16;
     let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     for x0 in (0..ow).step_by(LANES) {
         let mut acc = [_mm512_setzero_ps(); LANES];
-        for ci in 0..cin {
-            for ky in 0..3 {
-                // Place `p` holds input column `p - 1`; output pixel `x` reads columns
-                // `2x - 1 + kx`, places `2x + kx`.
-                let row = padded[(ci * 3 + ky) * padded_len + 2 * x0..][..2 * LANES + 1].as_ptr();
-                // SAFETY: places `0..=32` of the slice above, 33 floats.
-                let taps = unsafe {
-                    let (a, b) = (_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(LANES)));
-                    let (c, d) = (_mm512_loadu_ps(row.add(1)), _mm512_loadu_ps(row.add(LANES + 1)));
-                    [_mm512_permutex2var_ps(a, evens, b), _mm512_permutex2var_ps(c, evens, d), _mm512_permutex2var_ps(c, odds, d)]
-                };
-                for (kx, tap) in taps.into_iter().enumerate() {
-                    let w: &[f32; LANES] = weights[((ci * 3 + ky) * 3 + kx) * LANES..][..LANES].try_into().expect("16 weights");
-                    // Written out with constant indices: as a loop, the compiler kept the
-                    // accumulators in memory, a store after every multiply-add.
-                    macro_rules! multiply_add {
-                        ($($c:literal)*) => { $(acc[$c] = _mm512_fmadd_ps(tap, _mm512_set1_ps(w[$c]), acc[$c]);)* };
-                    }
-                    multiply_add!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+        // Columns `2 x0 - 1 ..` (the loads `a`, `b`) and `2 x0 ..` (`c`, `d`), 32 each.
+        let start = 2 * x0 as isize;
+        let interior = x0 > 0 && 2 * x0 + 2 * LANES <= w;
+        let masks = [lanes_inside(start - 1, w), lanes_inside(start + 15, w), lanes_inside(start, w), lanes_inside(start + 16, w)];
+        for (index, tap) in taps.iter().enumerate() {
+            // A row of the padding adds nothing.
+            let Some(row) = tap else { continue };
+            let p = row.as_ptr().wrapping_add(2 * x0);
+            // SAFETY: inside the image, `2 x0 - 1 .. 2 x0 + 32` are columns of the row; at its
+            // edges the masks keep every load to the row's columns.
+            let [a, b, c, d] = unsafe {
+                if interior {
+                    [_mm512_loadu_ps(p.sub(1)), _mm512_loadu_ps(p.add(15)), _mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))]
+                } else {
+                    [
+                        _mm512_maskz_loadu_ps(masks[0], p.wrapping_sub(1)),
+                        _mm512_maskz_loadu_ps(masks[1], p.wrapping_add(15)),
+                        _mm512_maskz_loadu_ps(masks[2], p),
+                        _mm512_maskz_loadu_ps(masks[3], p.wrapping_add(16)),
+                    ]
                 }
+            };
+            let inputs = [_mm512_permutex2var_ps(a, evens, b), _mm512_permutex2var_ps(c, evens, d), _mm512_permutex2var_ps(c, odds, d)];
+            for (kx, x) in inputs.into_iter().enumerate() {
+                let w: &[f32; LANES] = weights[(index * 3 + kx) * LANES..][..LANES].try_into().expect("16 weights");
+                macro_rules! multiply_add {
+                    ($($c:literal)*) => { $(acc[$c] = _mm512_fmadd_ps(x, _mm512_set1_ps(w[$c]), acc[$c]);)* };
+                }
+                multiply_add!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
             }
         }
         let valid = LANES.min(ow - x0);
         let mask: __mmask16 = if valid == LANES { !0 } else { (1u16 << valid) - 1 };
-        // Constant indices again, so that `acc` stays in registers (see above).
-        macro_rules! store {
-            ($($c:literal)*) => {$(
-                if $c < channels {
-                    // SAFETY: AVX-512F (this function's features); no residual.
-                    let v = unsafe { finish(Avx512(acc[$c]), bias[$c], silu, None) };
-                    // SAFETY: pixels `x0..x0 + valid` of channel `c`'s row (the caller's
-                    // contract).
-                    unsafe { _mm512_mask_storeu_ps(out.add($c * plane + x0), mask, v.0) };
-                }
-            )*};
+        // Eight channels at a time, their SiLU chains side by side.
+        for half in 0..2 {
+            let first = 8 * half;
+            if first >= channels {
+                break;
+            }
+            let sums: [Avx512; 8] = std::array::from_fn(|c| Avx512(acc[first + c]));
+            let biases: [Avx512; 8] = std::array::from_fn(|c| Avx512(_mm512_set1_ps(bias[first + c])));
+            // SAFETY: AVX-512F (the caller's contract).
+            let rows = unsafe { finish_each(sums, biases, silu) };
+            for (c, row) in rows.iter().enumerate().take(channels - first) {
+                // SAFETY: the caller's contract: channel `first + c`'s row holds `ow` floats, of
+                // which the mask keeps `x0 .. x0 + valid`.
+                unsafe { _mm512_mask_storeu_ps(out.add((first + c) * plane + x0), mask, row.0) };
+            }
         }
-        store!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+    }
+}
+
+/// [`stem_row_avx512`] with AVX2: 8 output pixels by a block of up to 8 output channels,
+/// `weights` 8 floats per `(ci, ky, kx)`. AVX2's masked moves are slow on some CPUs, so the
+/// rows' edges go through a zero-padded copy of the 17 columns a block reads, and a last
+/// partial block of pixels through a buffer.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA. As for [`stem_row_avx512`], with 8 in place of 16.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn stem_row_avx2(taps: &[Option<&[f32]>], w: usize, weights: &[f32], bias: &[f32], silu: bool, out: *mut f32, plane: usize, ow: usize, channels: usize) {
+    const LANES: usize = 8;
+    // `[0, 2, 4, 6 | 1, 3, 5, 7]`: each half of a register's evens, then its odds.
+    let by_parity = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for x0 in (0..ow).step_by(LANES) {
+        let mut acc = [_mm256_setzero_ps(); LANES];
+        let interior = x0 > 0 && 2 * x0 + 2 * LANES <= w;
+        for (index, tap) in taps.iter().enumerate() {
+            let Some(row) = tap else { continue };
+            // Columns `2 x0 - 1 .. 2 x0 + 16`: in place inside the image, else copied with
+            // zeros for the columns outside it.
+            let mut edge = [0f32; 2 * LANES + 1];
+            let p = if interior {
+                row[2 * x0 - 1..2 * x0 + 2 * LANES].as_ptr()
+            } else {
+                for (i, value) in edge.iter_mut().enumerate() {
+                    if let Some(&v) = (2 * x0 + i).checked_sub(1).and_then(|x| row.get(x)) {
+                        *value = v;
+                    }
+                }
+                edge.as_ptr()
+            };
+            // SAFETY: `p` points at 17 readable floats (`2 x0 - 1 + 16 < 2 x0 + 16 <= w` inside
+            // the image; `edge` at its edges).
+            let [a, b, c, d] = unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(1)), _mm256_loadu_ps(p.add(9))] };
+            let [a, b, c, d] = [
+                _mm256_permutevar8x32_ps(a, by_parity),
+                _mm256_permutevar8x32_ps(b, by_parity),
+                _mm256_permutevar8x32_ps(c, by_parity),
+                _mm256_permutevar8x32_ps(d, by_parity),
+            ];
+            let inputs = [_mm256_permute2f128_ps::<0x20>(a, b), _mm256_permute2f128_ps::<0x20>(c, d), _mm256_permute2f128_ps::<0x31>(c, d)];
+            for (kx, x) in inputs.into_iter().enumerate() {
+                let w: &[f32; LANES] = weights[(index * 3 + kx) * LANES..][..LANES].try_into().expect("8 weights");
+                macro_rules! multiply_add {
+                    ($($c:literal)*) => { $(acc[$c] = _mm256_fmadd_ps(x, _mm256_set1_ps(w[$c]), acc[$c]);)* };
+                }
+                multiply_add!(0 1 2 3 4 5 6 7);
+            }
+        }
+        let valid = LANES.min(ow - x0);
+        // The eight channels' SiLU chains side by side.
+        let sums: [Avx2; LANES] = std::array::from_fn(|c| Avx2(acc[c]));
+        let biases: [Avx2; LANES] = std::array::from_fn(|c| Avx2(_mm256_set1_ps(bias[c])));
+        // SAFETY: AVX2 and FMA (the caller's contract).
+        let rows = unsafe { finish_each(sums, biases, silu) };
+        for (c, row) in rows.iter().enumerate().take(channels) {
+            // SAFETY: the caller's contract: channel `c`'s row holds `ow` floats, of which
+            // `x0 .. x0 + valid` are written.
+            unsafe {
+                let to = out.add(c * plane + x0);
+                if valid == LANES {
+                    _mm256_storeu_ps(to, row.0);
+                } else {
+                    let mut lanes = [0f32; LANES];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), row.0);
+                    std::ptr::copy_nonoverlapping(lanes.as_ptr(), to, valid);
+                }
+            }
+        }
     }
 }
 
@@ -189,24 +299,30 @@ mod tests {
 
     #[test]
     fn matches_the_definition() {
-        if !Isa::Avx512.supported() {
-            eprintln!("SKIPPED: no AVX-512 on this CPU; the stem runs only with it");
+        let isas: Vec<Isa> = [Isa::Avx2, Isa::Avx512].into_iter().filter(|isa| isa.supported()).collect();
+        if isas.is_empty() {
+            eprintln!("SKIPPED: no AVX2 or AVX-512 on this CPU; the stem runs only with them");
             return;
         }
         // RGB into one block and into a block and a part; one channel; sizes odd and even,
-        // narrower than a vector and not a multiple of one; two images.
-        for (cin, cout, n, h, w) in [(3, 16, 1, 40, 64), (3, 20, 2, 9, 37), (1, 16, 1, 7, 5), (4, 8, 1, 33, 50)] {
-            for activation in [Activation::Silu, Activation::Identity] {
-                let spec = ConvSpec::square(cin, cout, 1, 3, 2, 1, activation);
-                assert!(Stem::applies(&spec, Isa::Avx512));
-                let weights = (0..cout * cin * 9).map(|i| ((i * 37) % 19) as f32 / 19.0 - 0.5).collect();
-                let conv = Conv2d::new(spec, weights, (0..cout).map(|c| c as f32 * 0.1 - 0.5).collect()).unwrap().with_weights_packed_for(Isa::Avx512).unwrap();
-                let input: Vec<f32> = (0..n * cin * h * w).map(|i| ((i * 29) % 23) as f32 / 23.0 - 0.5).collect();
-                let want = reference(&conv, &input, n, h, w);
-                let got = conv.run(&input, n, h, w, None);
-                assert_eq!(got.len(), want.len());
-                for (i, (g, r)) in got.iter().zip(&want).enumerate() {
-                    assert!((g - r).abs() < 1e-5, "{cin}->{cout} {n}x{h}x{w} {activation:?} [{i}] {g} vs {r}");
+        // narrower than a vector and not a multiple of one, and wide enough for blocks inside
+        // the row (read in place) between the edges' (masked or copied); two images.
+        let shapes = [(3, 16, 1, 40, 64), (3, 20, 2, 9, 37), (1, 16, 1, 7, 5), (4, 8, 1, 33, 50), (3, 16, 1, 6, 101), (3, 24, 1, 5, 96)];
+        for isa in isas {
+            for (cin, cout, n, h, w) in shapes {
+                for activation in [Activation::Silu, Activation::Identity] {
+                    let spec = ConvSpec::square(cin, cout, 1, 3, 2, 1, activation);
+                    assert!(Stem::applies(&spec));
+                    let weights = (0..cout * cin * 9).map(|i| ((i * 37) % 19) as f32 / 19.0 - 0.5).collect();
+                    let conv = Conv2d::new(spec, weights, (0..cout).map(|c| c as f32 * 0.1 - 0.5).collect()).unwrap().with_weights_packed_for(isa).unwrap();
+                    assert!(conv.stem.is_some(), "{isa:?} runs the stem");
+                    let input: Vec<f32> = (0..n * cin * h * w).map(|i| ((i * 29) % 23) as f32 / 23.0 - 0.5).collect();
+                    let want = reference(&conv, &input, n, h, w);
+                    let got = conv.run(&input, n, h, w, None);
+                    assert_eq!(got.len(), want.len());
+                    for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+                        assert!((g - r).abs() < 1e-5, "{isa:?} {cin}->{cout} {n}x{h}x{w} {activation:?} [{i}] {g} vs {r}");
+                    }
                 }
             }
         }
