@@ -360,6 +360,18 @@ fn rows_apply(isa: Isa, cin: usize, pixels: usize) -> bool {
     cin <= 256 && pixels >= fewest_pixels
 }
 
+/// Whether a pointwise convolution of `cin` input channels on planes of `pixels` runs as the
+/// channel-major product (the 6x16 microkernel, pixels in its lanes) rather than in pixel tiles,
+/// with AVX2: on small planes with at least 256 input channels. On the AMD EPYC (Zen 4) with
+/// the kernels capped at AVX2, YOLO11n, 2 threads, interleaved rounds between the two, two
+/// sittings: its layers at 20x20 of 256 input channels took 0.86-0.91 of their time in the
+/// product (256 -> 256, 256 -> 128), 384 -> 128 and 256 -> 80 0.89-0.99, 384 -> 256 and 512 ->
+/// 256 0.96-1.05 (level); those of 64 to 128 input channels lost (1.03-1.21), as did every
+/// layer with AVX-512 (1.01-1.19).
+fn avx2_gemm_takes(cin: usize, pixels: usize) -> bool {
+    cin >= 256 && pixels <= 20 * 20
+}
+
 /// Whether a 3x3 stride-1 convolution of `spec` may run with the pixels in the lanes, an output
 /// row at a time from its zero-padded input planes ([`PixelTiles::rows_for`] decides per call):
 /// one of at most 16 input and output channels. Its weights are short (`k` of 72-144) and its
@@ -400,11 +412,14 @@ enum Reading {
 
 impl Conv2d {
     /// The pixel tiles for an output of `oh x ow`, when this convolution has them: a run of
-    /// pixels (a row, or the whole plane for a pointwise convolution) must hold a tile.
+    /// pixels (a row, or the whole plane for a pointwise convolution) must hold a tile, and a
+    /// long pointwise product on a small plane with AVX2 is left to the channel-major product
+    /// ([`avx2_gemm_takes`]).
     pub(super) fn pixel_tiles_for(&self, oh: usize, ow: usize) -> Option<&PixelTiles> {
         let tiles = self.pixel_tiles.as_ref()?;
-        let run = if self.is_pointwise() { oh * ow } else { ow };
-        (run >= tiles.shortest_run(run)).then_some(tiles)
+        let pointwise = self.is_pointwise();
+        let run = if pointwise { oh * ow } else { ow };
+        (run >= tiles.shortest_run(run) && !(pointwise && tiles.isa == Isa::Avx2 && avx2_gemm_takes(self.spec.in_channels, oh * ow))).then_some(tiles)
     }
 
     /// How this convolution's tiles read an input of `h x w` pixels into an output `ow` wide.
