@@ -888,6 +888,10 @@ mod tests {
         check(32, 40, 1, 3, 2, 1, 1, 64, 64);
         check(160, 48, 1, 1, 1, 0, 2, 7, 9);
         check(36, 24, 1, 3, 2, 1, 1, 30, 50);
+        // A long pointwise product on a small plane: with AVX2 through the channel-major
+        // product instead.
+        assert!(avx2_gemm_takes(256, 400) && !avx2_gemm_takes(128, 400) && !avx2_gemm_takes(256, 1600));
+        check(256, 24, 1, 1, 1, 0, 1, 20, 20);
     }
 
     #[test]
