@@ -14,13 +14,13 @@
 //!
 //! The input rows are read where they lie: a row above or below the image adds nothing and is
 //! skipped, and the loads at the image's left and right edges are masked to its columns (AVX2:
-//! copied with zeros). The two input rows the next output row needs are fetched ahead. They
-//! were first copied, per output row, into zero-padded rows: 16 % of the stem's samples on one
-//! thread of an AMD EPYC (Zen 4), and 4 % zeroing them. YOLO11n, interleaved rounds against
-//! that (`scripts/ab-steps.py`): 0.85 of its time on one thread, level on two (0.99; 1.16
-//! without the fetch ahead, the copy having streamed the cold image in). With the kernels capped
-//! at AVX2 the stem had gone through the pixel tiles: this kernel took 0.78 of their time on
-//! two threads.
+//! copied with zeros). The two input rows the next output row needs are fetched ahead: the
+//! image comes from memory, and the kernel reads nine rows at once, more streams than the
+//! hardware prefetchers follow. The rows were first copied, per output row, into zero-padded
+//! rows (16 % of the stem's samples on one thread of an AMD EPYC, Zen 4, and 4 % zeroing them).
+//! Against that, interleaved rounds (`scripts/ab-steps.py`): YOLO11n's stem took 0.79 of its
+//! time on one thread and YOLOv12n's 0.92 on two; with the kernels capped at AVX2, where the
+//! stem had gone through the pixel tiles, 0.75 of their time on two threads.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -200,22 +200,21 @@ unsafe fn stem_row_avx512(
         }
         let valid = LANES.min(ow - x0);
         let mask: __mmask16 = if valid == LANES { !0 } else { (1u16 << valid) - 1 };
-        // Eight channels at a time, their SiLU chains side by side.
-        for half in 0..2 {
-            let first = 8 * half;
-            if first >= channels {
-                break;
-            }
-            let sums: [Avx512; 8] = std::array::from_fn(|c| Avx512(acc[first + c]));
-            let biases: [Avx512; 8] = std::array::from_fn(|c| Avx512(_mm512_set1_ps(bias[first + c])));
-            // SAFETY: AVX-512F (the caller's contract).
-            let rows = unsafe { finish_each(sums, biases, silu) };
-            for (c, row) in rows.iter().enumerate().take(channels - first) {
-                // SAFETY: the caller's contract: channel `first + c`'s row holds `ow` floats, of
-                // which the mask keeps `x0 .. x0 + valid`.
-                unsafe { _mm512_mask_storeu_ps(out.add((first + c) * plane + x0), mask, row.0) };
-            }
+        // One channel at a time: the sums of the others hold most of the registers. (Eight
+        // SiLU chains side by side spilled: YOLOv12n's stem took 1.28 of its time.)
+        macro_rules! store {
+            ($($c:literal)*) => {$(
+                if $c < channels {
+                    // SAFETY: the caller's contract (AVX-512F; channel `$c`'s row holds `ow`
+                    // floats, of which the mask keeps `x0 .. x0 + valid`).
+                    unsafe {
+                        let [v] = finish_each([Avx512(acc[$c])], [Avx512(_mm512_set1_ps(bias[$c]))], silu);
+                        _mm512_mask_storeu_ps(out.add($c * plane + x0), mask, v.0);
+                    }
+                }
+            )*};
         }
+        store!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
     }
 }
 
