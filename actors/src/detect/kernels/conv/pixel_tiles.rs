@@ -386,7 +386,8 @@ fn rows_take_kernel(spec: &ConvSpec) -> bool {
 /// YOLO11n at 2 threads 16 -> 8 channels 0.78 and 0.56 of its time, 8 -> 16 0.79 and 0.65
 /// (the untouched layers 0.93-0.98), at 1 thread 0.76 and 0.73; YOLOv12n 8 -> 16 0.70 and 0.69.
 /// At 80x80 16 -> 16 came out level (0.80-1.13 over four layers) and 32 -> 16 lost (1.20-1.33;
-/// hence at most 16 input channels).
+/// hence at most 16 input channels). With the AVX2 tile (the EPYC capped at AVX2, YOLO11n, 2
+/// threads), 16 -> 8 and 8 -> 16 at 160x160 took 0.79 and 0.93 of their time.
 const KERNEL_ROWS_MIN_PIXELS: usize = 160 * 160;
 
 /// Input floats per image from which a convolution with a kernel reads its input in place

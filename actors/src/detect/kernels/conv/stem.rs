@@ -191,9 +191,9 @@ unsafe fn stem_row_avx512(
             };
             let inputs = [_mm512_permutex2var_ps(a, evens, b), _mm512_permutex2var_ps(c, evens, d), _mm512_permutex2var_ps(c, odds, d)];
             for (kx, x) in inputs.into_iter().enumerate() {
-                let w: &[f32; LANES] = weights[(index * 3 + kx) * LANES..][..LANES].try_into().expect("16 weights");
+                let tap_weights: &[f32; LANES] = weights[(index * 3 + kx) * LANES..][..LANES].try_into().expect("16 weights");
                 macro_rules! multiply_add {
-                    ($($c:literal)*) => { $(acc[$c] = _mm512_fmadd_ps(x, _mm512_set1_ps(w[$c]), acc[$c]);)* };
+                    ($($c:literal)*) => { $(acc[$c] = _mm512_fmadd_ps(x, _mm512_set1_ps(tap_weights[$c]), acc[$c]);)* };
                 }
                 multiply_add!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
             }
@@ -260,15 +260,15 @@ unsafe fn stem_row_avx2(taps: &[Option<&[f32]>], w: usize, weights: &[f32], bias
             ];
             let inputs = [_mm256_permute2f128_ps::<0x20>(a, b), _mm256_permute2f128_ps::<0x20>(c, d), _mm256_permute2f128_ps::<0x31>(c, d)];
             for (kx, x) in inputs.into_iter().enumerate() {
-                let w: &[f32; LANES] = weights[(index * 3 + kx) * LANES..][..LANES].try_into().expect("8 weights");
+                let tap_weights: &[f32; LANES] = weights[(index * 3 + kx) * LANES..][..LANES].try_into().expect("8 weights");
                 macro_rules! multiply_add {
-                    ($($c:literal)*) => { $(acc[$c] = _mm256_fmadd_ps(x, _mm256_set1_ps(w[$c]), acc[$c]);)* };
+                    ($($c:literal)*) => { $(acc[$c] = _mm256_fmadd_ps(x, _mm256_set1_ps(tap_weights[$c]), acc[$c]);)* };
                 }
                 multiply_add!(0 1 2 3 4 5 6 7);
             }
         }
         let valid = LANES.min(ow - x0);
-        // The eight channels' SiLU chains side by side.
+        // The eight channels' SiLU chains side by side (with eight sums, the registers hold them).
         let sums: [Avx2; LANES] = std::array::from_fn(|c| Avx2(acc[c]));
         let biases: [Avx2; LANES] = std::array::from_fn(|c| Avx2(_mm256_set1_ps(bias[c])));
         // SAFETY: AVX2 and FMA (the caller's contract).

@@ -312,7 +312,7 @@ pub(in super::super) const ROW_TILE: usize = 16;
 /// are two loads from `taps[kk] + at`, its weight for output channel `i` a broadcast of
 /// `weights[kk * tap_floats + i]`. The first `rows` channels get `bias`, SiLU when asked, the
 /// residual's rows (`residual.0`, `residual.1` apart) and are stored `ldo` apart from `out`.
-/// A tile of fewer than 16 pixels (only a plane's last, and none of YOLO's planes has one)
+/// A tile of fewer than 16 pixels (only a run's last, and at 640x640 no YOLO layer has one)
 /// reads and writes through masked moves, which are slow on some CPUs but touch nothing past
 /// `lanes`.
 ///
