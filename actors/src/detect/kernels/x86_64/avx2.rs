@@ -405,44 +405,57 @@ pub(in super::super) unsafe fn pointwise_rows<const M: usize>(
     }
 }
 
-/// Deinterleaves `row` by 4: place `i` of `out[p]` gets `row[4 i + p]`, for the first `places`
-/// places of each. 32 columns at a time: a permute pairs each register's columns by phase
-/// (`[0, 4, 1, 5, 2, 6, 3, 7]`), 64-bit unpacks join the pairs of two registers, and 128-bit
-/// permutes join two registers' halves. Panics unless `row` is whole chunks of 32 that cover
-/// the places and each `out` holds them.
+/// Deinterleaves `row` by 4 after `pad` zeros: place `i` of `out[p]` gets `row[4 i + p - pad]`,
+/// or zero where that column lies outside the row, for the first `places` places of each. 32
+/// columns at a time, read where they lie (masked at the row's ends, as the AVX-512 form does
+/// and for the same reason): a permute pairs each register's columns by phase (`[0, 4, 1, 5,
+/// 2, 6, 3, 7]`), 64-bit unpacks join the pairs of two registers, and 128-bit permutes join two
+/// registers' halves. Panics unless each `out` holds the places.
 #[target_feature(enable = "avx2")]
-pub(in super::super) fn split_row_by_4(row: &[f32], mut out: [&mut [std::mem::MaybeUninit<f32>]; 4], places: usize) {
-    assert!(row.len().is_multiple_of(32) && places <= row.len() / 4 && out.iter().all(|o| o.len() >= places), "split_row_by_4 bounds");
+pub(in super::super) fn split_row_by_4(row: &[f32], pad: usize, mut out: [&mut [std::mem::MaybeUninit<f32>]; 4], places: usize) {
+    assert!(out.iter().all(|o| o.len() >= places), "split_row_by_4 bounds");
     let by_phase = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (chunk, columns) in row.chunks_exact(32).enumerate() {
-        let first = chunk * 8;
-        if first >= places {
-            break;
+    let lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let width = row.len() as isize;
+    // The 8 columns from `start` (which may lie before the row or past its end), zeros outside
+    // the row.
+    let load = |start: isize| {
+        let (inside_from, inside_to) = ((-start).clamp(0, 8) as i32, (width - start).clamp(0, 8) as i32);
+        if (inside_from, inside_to) == (0, 8) {
+            // SAFETY: columns `start..start + 8`, all inside `row`.
+            return unsafe { _mm256_loadu_ps(row.as_ptr().offset(start)) };
         }
-        // SAFETY: `columns` holds 32 floats; a full store writes places `first..first + 8`,
-        // which each `out` holds when `places - first >= 8` (checked above).
-        unsafe {
-            // Each register as four 64-bit pairs, pair `p` holding phase `p`.
-            let [a, b, c, d] = std::array::from_fn(|i| _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_loadu_ps(columns.as_ptr().add(8 * i)), by_phase)));
-            // `[a0, b0 | a2, b2]` and `[a1, b1 | a3, b3]` (pairs by phase), and the same of c, d.
-            let (ab_02, ab_13) = (_mm256_unpacklo_pd(a, b), _mm256_unpackhi_pd(a, b));
-            let (cd_02, cd_13) = (_mm256_unpacklo_pd(c, d), _mm256_unpackhi_pd(c, d));
-            let phases = [
-                _mm256_permute2f128_pd::<0x20>(ab_02, cd_02),
-                _mm256_permute2f128_pd::<0x20>(ab_13, cd_13),
-                _mm256_permute2f128_pd::<0x31>(ab_02, cd_02),
-                _mm256_permute2f128_pd::<0x31>(ab_13, cd_13),
-            ];
-            for (out, phase) in out.iter_mut().zip(phases) {
-                let phase = _mm256_castpd_ps(phase);
-                if places - first >= 8 {
-                    _mm256_storeu_ps(out.as_mut_ptr().add(first).cast::<f32>(), phase);
-                } else {
-                    let mut values = [0.0f32; 8];
-                    _mm256_storeu_ps(values.as_mut_ptr(), phase);
-                    for (o, &v) in out[first..places].iter_mut().zip(&values) {
-                        o.write(v);
-                    }
+        let mask =
+            _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(inside_from), lane_index), _mm256_cmpgt_epi32(_mm256_set1_epi32(inside_to), lane_index));
+        // SAFETY: the lanes loaded are columns `start + lane` for `lane` in `inside_from..
+        // inside_to`, all inside `row`; masked lanes are not read, so `start` may point
+        // outside it (the pointer is only formed, with wrapping arithmetic).
+        unsafe { _mm256_maskload_ps(row.as_ptr().wrapping_offset(start), mask) }
+    };
+    for first in (0..places).step_by(8) {
+        let columns = (4 * first) as isize - pad as isize;
+        // Each register as four 64-bit pairs, pair `p` holding phase `p`.
+        let [a, b, c, d] = std::array::from_fn(|i| _mm256_castps_pd(_mm256_permutevar8x32_ps(load(columns + 8 * i as isize), by_phase)));
+        // `[a0, b0 | a2, b2]` and `[a1, b1 | a3, b3]` (pairs by phase), and the same of c, d.
+        let (ab_02, ab_13) = (_mm256_unpacklo_pd(a, b), _mm256_unpackhi_pd(a, b));
+        let (cd_02, cd_13) = (_mm256_unpacklo_pd(c, d), _mm256_unpackhi_pd(c, d));
+        let phases = [
+            _mm256_permute2f128_pd::<0x20>(ab_02, cd_02),
+            _mm256_permute2f128_pd::<0x20>(ab_13, cd_13),
+            _mm256_permute2f128_pd::<0x31>(ab_02, cd_02),
+            _mm256_permute2f128_pd::<0x31>(ab_13, cd_13),
+        ];
+        for (out, phase) in out.iter_mut().zip(phases) {
+            let phase = _mm256_castpd_ps(phase);
+            if places - first >= 8 {
+                // SAFETY: places `first..first + 8`, inside each `out` (checked above).
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(first).cast::<f32>(), phase) };
+            } else {
+                let mut values = [0.0f32; 8];
+                // SAFETY: `values` holds 8 floats.
+                unsafe { _mm256_storeu_ps(values.as_mut_ptr(), phase) };
+                for (o, &v) in out[first..places].iter_mut().zip(&values) {
+                    o.write(v);
                 }
             }
         }

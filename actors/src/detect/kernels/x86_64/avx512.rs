@@ -426,37 +426,46 @@ pub(in super::super) unsafe fn pointwise_rows<const M: usize>(
     }
 }
 
-/// Deinterleaves `row` by 4: place `i` of `out[p]` gets `row[4 i + p]`, for the first `places`
-/// places of each. 64 columns at a time: two permutes gather phases 0 and 1 (2 and 3) of 32
-/// columns into the halves of a register, and a 128-bit shuffle joins two such halves.
-/// Panics unless `row` is whole chunks of 64 that cover the places and each `out` holds them.
+/// Deinterleaves `row` by 4 after `pad` zeros: place `i` of `out[p]` gets `row[4 i + p - pad]`,
+/// or zero where that column lies outside the row, for the first `places` places of each. 64
+/// columns at a time, read where they lie (masked at the row's ends): two permutes gather
+/// phases 0 and 1 (2 and 3) of 32 columns into the halves of a register, and a 128-bit shuffle
+/// joins two such halves. Reading the row in place rather than from a zero-padded copy: the
+/// copy's stores were still in flight when the vector loads that straddle them read it back,
+/// which the CPU cannot forward (a fifth of the splitter's samples on the first load).
+/// Panics unless each `out` holds the places.
 #[target_feature(enable = "avx512f")]
-pub(in super::super) fn split_row_by_4(row: &[f32], mut out: [&mut [std::mem::MaybeUninit<f32>]; 4], places: usize) {
-    assert!(row.len().is_multiple_of(64) && places <= row.len() / 4 && out.iter().all(|o| o.len() >= places), "split_row_by_4 bounds");
+pub(in super::super) fn split_row_by_4(row: &[f32], pad: usize, mut out: [&mut [std::mem::MaybeUninit<f32>]; 4], places: usize) {
+    assert!(out.iter().all(|o| o.len() >= places), "split_row_by_4 bounds");
     let phases_01 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
     let phases_23 = _mm512_add_epi32(phases_01, _mm512_set1_epi32(2));
-    for (chunk, columns) in row.chunks_exact(64).enumerate() {
-        let first = chunk * 16;
-        if first >= places {
-            break;
-        }
-        // SAFETY: `columns` holds 64 floats; place `first + 15` at most is stored, masked to
-        // the `places` that each `out` holds (checked above).
-        unsafe {
-            let [a, b, c, d] = std::array::from_fn(|i| _mm512_loadu_ps(columns.as_ptr().add(16 * i)));
-            let (ab_01, cd_01) = (_mm512_permutex2var_ps(a, phases_01, b), _mm512_permutex2var_ps(c, phases_01, d));
-            let (ab_23, cd_23) = (_mm512_permutex2var_ps(a, phases_23, b), _mm512_permutex2var_ps(c, phases_23, d));
-            let phases = [
-                _mm512_shuffle_f32x4::<0x44>(ab_01, cd_01),
-                _mm512_shuffle_f32x4::<0xEE>(ab_01, cd_01),
-                _mm512_shuffle_f32x4::<0x44>(ab_23, cd_23),
-                _mm512_shuffle_f32x4::<0xEE>(ab_23, cd_23),
-            ];
-            let lanes = (places - first).min(16);
-            let mask = ((1u32 << lanes) - 1) as __mmask16;
-            for (out, phase) in out.iter_mut().zip(phases) {
-                _mm512_mask_storeu_ps(out.as_mut_ptr().add(first).cast::<f32>(), mask, phase);
-            }
+    let width = row.len() as isize;
+    // The 16 columns from `start` (which may lie before the row or past its end), zeros
+    // outside the row.
+    let load = |start: isize| {
+        let (inside_from, inside_to) = ((-start).clamp(0, 16) as u32, (width - start).clamp(0, 16) as u32);
+        let mask = if inside_to > inside_from { (((1u32 << inside_to) - 1) & !((1u32 << inside_from) - 1)) as __mmask16 } else { 0 };
+        // SAFETY: the lanes loaded are columns `start + lane` for `lane` in `inside_from..
+        // inside_to`, all inside `row`; masked lanes are not read, so `start` may point
+        // outside it (the pointer is only formed, with wrapping arithmetic).
+        unsafe { _mm512_maskz_loadu_ps(mask, row.as_ptr().wrapping_offset(start)) }
+    };
+    for first in (0..places).step_by(16) {
+        let columns = (4 * first) as isize - pad as isize;
+        let [a, b, c, d] = std::array::from_fn(|i| load(columns + 16 * i as isize));
+        let (ab_01, cd_01) = (_mm512_permutex2var_ps(a, phases_01, b), _mm512_permutex2var_ps(c, phases_01, d));
+        let (ab_23, cd_23) = (_mm512_permutex2var_ps(a, phases_23, b), _mm512_permutex2var_ps(c, phases_23, d));
+        let phases = [
+            _mm512_shuffle_f32x4::<0x44>(ab_01, cd_01),
+            _mm512_shuffle_f32x4::<0xEE>(ab_01, cd_01),
+            _mm512_shuffle_f32x4::<0x44>(ab_23, cd_23),
+            _mm512_shuffle_f32x4::<0xEE>(ab_23, cd_23),
+        ];
+        let lanes = (places - first).min(16);
+        let mask = ((1u32 << lanes) - 1) as __mmask16;
+        for (out, phase) in out.iter_mut().zip(phases) {
+            // SAFETY: places `first..first + lanes`, inside each `out` (checked above).
+            unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(first).cast::<f32>(), mask, phase) };
         }
     }
 }
