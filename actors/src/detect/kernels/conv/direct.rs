@@ -374,7 +374,6 @@ mod tests {
             let mut dst = vec![MaybeUninit::new(f32::NAN); stride * stride * hp * wp];
             zero_phase_padding(&mut dst, &layout, splits_whole_rows(isa, &layout));
             split(&mut dst, &src, &layout);
-            let name = format!("{isa:?}");
             // SAFETY: every element was initialised (with NaN) when the vector was made.
             let planes: Vec<f32> = dst.iter().map(|v| unsafe { v.assume_init() }).collect();
             for (i, &v) in planes.iter().enumerate() {
@@ -382,7 +381,7 @@ mod tests {
                 let (y, x) = ((y2 * stride + phase / stride) as isize - pad as isize, (x2 * stride + phase % stride) as isize - pad as isize);
                 let inside = (0..h as isize).contains(&y) && (0..w as isize).contains(&x);
                 let want = if inside { src[y as usize * w + x as usize] } else { 0.0 };
-                assert_eq!(v, want, "{name}: {h}x{w} pad {pad} stride {stride}: phase {phase} ({y2}, {x2})");
+                assert_eq!(v, want, "{isa:?}: {h}x{w} pad {pad} stride {stride}: phase {phase} ({y2}, {x2})");
             }
         }
     }
