@@ -558,16 +558,22 @@ mod tests {
     #[test]
     fn small_3x3_layers_on_large_outputs_match_with_the_pixels_in_the_lanes() {
         // At most 16 channels each way, outputs of 160x160 and more: the pixels go in the
-        // lanes where the CPU has AVX-512 (Winograd checked beside them, `variants`); rows of
-        // 161 end in a partial tile; the residual goes through the same stores.
+        // lanes with AVX2 (Winograd checked beside them, `variants`); rows of 161 end in a
+        // partial tile; the residual goes through the same stores.
         check(16, 8, 1, 3, 1, 1, 1, 160, 161);
         check(8, 16, 1, 3, 1, 1, 1, 161, 160);
-        if Isa::Avx512.supported() {
-            let spec = ConvSpec::square(16, 8, 1, 3, 1, 1, Activation::Silu);
-            let conv = Conv2d::new(spec, values(8 * 16 * 9, 1), vec![0.0; 8]).unwrap().with_weights_packed_for(Isa::Avx512).unwrap();
+        let spec = ConvSpec::square(16, 8, 1, 3, 1, 1, Activation::Silu);
+        let packed_for = |isa| Conv2d::new(spec, values(8 * 16 * 9, 1), vec![0.0; 8]).unwrap().with_weights_packed_for(isa).unwrap();
+        if Isa::Avx2.supported() {
+            let conv = packed_for(Isa::Avx2);
             let tiles = conv.pixel_tiles_for(160, 160).expect("pixel tiles");
             assert!(tiles.rows_for(&conv.spec, 16 * 160 * 160, 160 * 160), "160x160 takes the rows");
             assert!(!tiles.rows_for(&conv.spec, 16 * 80 * 80, 80 * 80), "80x80 stays on Winograd");
+        }
+        if Isa::Avx512.supported() {
+            let conv = packed_for(Isa::Avx512);
+            let tiles = conv.pixel_tiles_for(160, 160).expect("pixel tiles");
+            assert!(!tiles.rows_for(&conv.spec, 16 * 160 * 160, 160 * 160), "AVX-512 leaves 160x160 to Winograd");
         }
     }
 

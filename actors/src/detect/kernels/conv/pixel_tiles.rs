@@ -31,9 +31,9 @@
 //! weight a broadcast and each input plane read as whole
 //! vectors where it lies. The finished sums are rows of pixels already, stored as they are:
 //! on a short product the transposes and the scattered stores of the other tile weigh most.
-//! The same tile runs 3x3 stride-1 convolutions of at most 16 channels each way on large
-//! outputs ([`rows_take_kernel`]) an output row at a time, each tap a row of a zero-padded
-//! input plane, in place of Winograd.
+//! With AVX2 the same tile runs 3x3 stride-1 convolutions of at most 16 channels each way on
+//! large outputs ([`rows_take_kernel`]) an output row at a time, each tap a row of a
+//! zero-padded input plane, in place of Winograd.
 //!
 //! Measured (`cargo bench --bench conv`, 2 threads, this AVX-512 machine, against the
 //! channel-major path in the same run): 64 -> 128 channels at 80x80 stride 2 in 0.53-0.57 ms
@@ -164,7 +164,7 @@ impl PixelTiles {
         let last = if cout - (panels - 1) * panel <= narrow { narrow } else { panel };
         let mut padded_bias = bias.to_vec();
         padded_bias.resize((panels - 1) * panel + last, 0.0);
-        let rows = rows_enabled() && (spec.kernel == (1, 1) || rows_take_kernel(spec));
+        let rows = rows_enabled() && (spec.kernel == (1, 1) || rows_take_kernel(isa, spec));
         let mut tiles = PixelTiles { isa, weights: PackedB::new(), bias: padded_bias, k, panel, panels, last, rows };
         let widths: Vec<usize> = (0..panels).map(|p| tiles.width(p)).collect();
         let floats = tiles.weights.floats_mut((panels - 1) * k * panel + k * last);
@@ -373,12 +373,16 @@ fn avx2_gemm_takes(cin: usize, pixels: usize) -> bool {
 }
 
 /// Whether a 3x3 stride-1 convolution of `spec` may run with the pixels in the lanes, an output
-/// row at a time from its zero-padded input planes ([`PixelTiles::rows_for`] decides per call):
-/// one of at most 16 input and output channels. Its weights are short (`k` of 72-144) and its
-/// channels fill at most one register, so Winograd's transforms and the other tile's 16
-/// channel lanes (half of them empty at 8 output channels) cost more than the product.
-fn rows_take_kernel(spec: &ConvSpec) -> bool {
-    spec.kernel == (3, 3) && spec.stride == (1, 1) && spec.dilation == (1, 1) && spec.in_channels <= 16 && spec.out_channels <= 16
+/// row at a time from its zero-padded input planes ([`PixelTiles::rows_for`] decides per call),
+/// with `isa`'s tiles: one of at most 16 input and output channels, with AVX2. Its weights are
+/// short (`k` of 72-144) and its channels fill at most one register, so Winograd's transforms
+/// and the other tile's channel lanes (half of them empty at 8 output channels) cost more than
+/// the product. With AVX-512, Winograd now runs them faster: YOLOv12n, interleaved rounds
+/// against the rows, 16 -> 8 and 8 -> 16 channels at 160x160 took 0.90 and 0.83 of their time
+/// on one thread, 0.99 and 0.92 on two (YOLO11n 0.98 and 1.01), where with the AVX2 tiles
+/// (the AMD EPYC capped at AVX2) Winograd lost (1.11-1.16 for 16 -> 8, 0.94-1.15 for 8 -> 16).
+fn rows_take_kernel(isa: Isa, spec: &ConvSpec) -> bool {
+    isa == Isa::Avx2 && spec.kernel == (3, 3) && spec.stride == (1, 1) && spec.dilation == (1, 1) && spec.in_channels <= 16 && spec.out_channels <= 16
 }
 
 /// Output pixels from which a convolution that [`rows_take_kernel`] takes the pixels-in-lanes
