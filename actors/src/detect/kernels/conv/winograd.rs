@@ -190,15 +190,10 @@ impl Conv2d {
         let pixels = oh * ow;
         let silu = self.spec.activation == super::super::activation::Activation::Silu;
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
-        // The 36 matrices of `V` lie one cache line more than their size apart: a power of
-        // two apart, the 36 stores of one tile's transform would all map to the same L1 cache
-        // sets and evict each other. `M` is kept by output channel instead (`[cout][36][nr]`:
-        // each product writes its rows `36 * nr` floats apart), so that the output transform of
-        // a channel reads one stretch of memory rather than a line from each of 36 matrices.
-        // YOLOv12n, interleaved rounds against `[36][cout][nr]`: the 3x3 stride-1 layers took
-        // 0.89-0.95 of their time on one thread (the pointwise ones, untouched, 0.97), 0.80-0.86
-        // at 80x80 on two.
-        let v_stride = cin * nr + LINE;
+        // The 36 matrices of `V` (and of `M`) lie one cache line more than their size
+        // apart: a power of two apart, the 36 stores (loads) of one tile's transform would
+        // all map to the same L1 cache sets and evict each other.
+        let (v_stride, m_stride) = (cin * nr + LINE, cout * nr + LINE);
         let block_input = |batch: usize, block: usize, channels: std::ops::Range<usize>| {
             let image = &planes[batch * cin * channel_len..];
             // The last tap of the block's last tile is at `cin * channel_len + nr - 1` at most
@@ -242,8 +237,8 @@ impl Conv2d {
                 let channels = task % m_blocks * m_block..((task % m_blocks + 1) * m_block).min(cout);
                 let first_tile = block * nr;
                 SCRATCH.with_borrow_mut(|(transformed, products)| {
-                    if products.len() < POSITIONS * cout * nr {
-                        products.resize(POSITIONS * cout * nr, 0.0);
+                    if products.len() < POSITIONS * m_stride {
+                        products.resize(POSITIONS * m_stride, 0.0);
                     }
                     let transformed = match shared {
                         // Block `batch * blocks + block` of the shared matrices, written before this
@@ -261,26 +256,24 @@ impl Conv2d {
                     };
                     for (p, u) in winograd.positions.iter().enumerate() {
                         // SAFETY: `V[p]` is one packed panel (`cin x nr`) at a multiple of 16 floats
-                        // from the start of an aligned buffer; `M[p]` is rows `channels` of
-                        // `nr`, `POSITIONS * nr` apart, inside `products` (`cout` channels'
-                        // `POSITIONS` rows).
+                        // from the start of an aligned buffer; `M[p]` is `cout x nr`.
                         unsafe {
                             tiling::gemm_panels(
                                 u,
                                 channels.clone(),
                                 transformed.add(p * v_stride),
                                 nr,
-                                products.as_mut_ptr().add(p * nr + channels.start * POSITIONS * nr),
-                                POSITIONS * nr,
+                                products.as_mut_ptr().add(p * m_stride + channels.start * nr),
+                                nr,
                                 None,
                             )
                         };
                     }
                     let mut pixels_of_tiles = [0f32; TILE * TILE * super::super::isa::MAX_NR];
                     for co in channels {
-                        // SAFETY: `isa` is supported; `products` holds the `POSITIONS` rows of
-                        // `nr` of each of `cout` channels, and `pixels_of_tiles` `TILE * TILE * nr`.
-                        unsafe { transform_output(isa, products.as_ptr().add(co * POSITIONS * nr), nr, self.bias[co], silu, pixels_of_tiles.as_mut_ptr()) };
+                        // SAFETY: `isa` is supported; `products` holds `POSITIONS` matrices of
+                        // `cout x nr`, `m_stride` apart, and `pixels_of_tiles` `TILE * TILE * nr`.
+                        unsafe { transform_output(isa, products.as_ptr().add(co * nr), m_stride, nr, self.bias[co], silu, pixels_of_tiles.as_mut_ptr()) };
                         let channel_first = (batch * cout + co) * pixels;
                         // The block's tiles in runs along rows of tiles; each run is a run of
                         // pixels on each of its 4 output rows.
@@ -391,15 +384,16 @@ unsafe fn transform_input_with<V: Lanes>(input: &BlockInput, v: *mut f32, v_stri
     }
 }
 
-/// One output channel of the `nr` tiles of `M`, its 36 rows of `nr` one after another from
-/// `m`: `Aᵀ m A` plus `bias`, then SiLU when asked, into `out` as 4 rows of pixels, one
+/// One output channel of the `nr` tiles of `M`, whose 36 rows of `nr` are `m_stride` apart
+/// from `m`: `Aᵀ m A` plus `bias`, then SiLU when asked, into `out` as 4 rows of pixels, one
 /// per row of the tiles: row `a` holds, for each tile in turn, its 4 pixels of that row
 /// (`[TILE][nr][TILE]`), so that a run of tiles along an output row is a run of pixels.
 ///
 /// # Safety
-/// The CPU has `V`'s features; `m` holds `36 * nr` readable floats, and `out` `TILE * TILE * nr` writable ones.
+/// The CPU has `V`'s features; `m + p * m_stride` holds `nr` readable floats for every
+/// position `p`, and `out` `TILE * TILE * nr` writable ones.
 #[inline(always)]
-unsafe fn transform_output_with<V: Lanes>(m: *const f32, nr: usize, bias: f32, silu: bool, out: *mut f32) {
+unsafe fn transform_output_with<V: Lanes>(m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, out: *mut f32) {
     // SAFETY: the caller's contract covers every load and store.
     unsafe {
         for lane in (0..nr).step_by(V::LEN) {
@@ -409,7 +403,7 @@ unsafe fn transform_output_with<V: Lanes>(m: *const f32, nr: usize, bias: f32, s
             for (i, row) in rows.iter_mut().enumerate() {
                 let mut products = [V::splat(0.0); SPAN];
                 for (j, value) in products.iter_mut().enumerate() {
-                    *value = V::load(m.add((i * SPAN + j) * nr + lane));
+                    *value = V::load(m.add((i * SPAN + j) * m_stride + lane));
                 }
                 *row = output_rows(products);
             }
@@ -470,23 +464,23 @@ unsafe fn transform_input(isa: Isa, input: &BlockInput, v: *mut f32, v_stride: u
 ///
 /// # Safety
 /// As for [`transform_output_with`]; `isa` is supported.
-unsafe fn transform_output(isa: Isa, m: *const f32, nr: usize, bias: f32, silu: bool, out: *mut f32) {
+unsafe fn transform_output(isa: Isa, m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, out: *mut f32) {
     use super::super::simd::{Avx2, Avx512};
     #[target_feature(enable = "avx512f")]
-    unsafe fn avx512(m: *const f32, nr: usize, bias: f32, silu: bool, out: *mut f32) {
+    unsafe fn avx512(m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, out: *mut f32) {
         // SAFETY: the caller's contract; AVX-512F is enabled.
-        unsafe { transform_output_with::<Avx512>(m, nr, bias, silu, out) }
+        unsafe { transform_output_with::<Avx512>(m, m_stride, nr, bias, silu, out) }
     }
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2(m: *const f32, nr: usize, bias: f32, silu: bool, out: *mut f32) {
+    unsafe fn avx2(m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, out: *mut f32) {
         // SAFETY: the caller's contract; AVX2 and FMA are enabled.
-        unsafe { transform_output_with::<Avx2>(m, nr, bias, silu, out) }
+        unsafe { transform_output_with::<Avx2>(m, m_stride, nr, bias, silu, out) }
     }
     // SAFETY: the caller's contract; `isa` is supported, so the CPU has its features.
     unsafe {
         match isa {
-            Isa::Avx512 => avx512(m, nr, bias, silu, out),
-            Isa::Avx2 => avx2(m, nr, bias, silu, out),
+            Isa::Avx512 => avx512(m, m_stride, nr, bias, silu, out),
+            Isa::Avx2 => avx2(m, m_stride, nr, bias, silu, out),
         }
     }
 }
