@@ -377,10 +377,15 @@ fn avx2_gemm_takes(cin: usize, pixels: usize) -> bool {
 /// with `isa`'s tiles: one of at most 16 input and output channels, with AVX2. Its weights are
 /// short (`k` of 72-144) and its channels fill at most one register, so Winograd's transforms
 /// and the other tile's channel lanes (half of them empty at 8 output channels) cost more than
-/// the product. With AVX-512, Winograd now runs them faster: YOLOv12n, interleaved rounds
-/// against the rows, 16 -> 8 and 8 -> 16 channels at 160x160 took 0.90 and 0.83 of their time
-/// on one thread, 0.99 and 0.92 on two (YOLO11n 0.98 and 1.01), where with the AVX2 tiles
-/// (the AMD EPYC capped at AVX2) Winograd lost (1.11-1.16 for 16 -> 8, 0.94-1.15 for 8 -> 16).
+/// the product. With AVX-512, Winograd now runs them faster: on an AMD EPYC (Zen 4), `cargo
+/// bench --bench conv` (the best of 8-12 runs, four sets), 16 -> 8 and 8 -> 16 channels at
+/// 160x160 took 0.52-0.69 and 0.57-0.60 ms by Winograd against 0.68-0.74 and 0.71-0.73 in the
+/// rows on one thread, 0.34-0.38 against 0.39-0.42 and 0.38-0.48 against 0.41-0.44 on two
+/// (three runs); in YOLOv12n, interleaved rounds, 0.83-1.00 of their time on one thread and
+/// 0.89-0.99 on two in three sittings (1.08-1.09 in a fourth, whose untouched layers moved by
+/// 1.03; YOLO11n 0.98 and 1.01 on two). With the AVX2 tiles (the same CPU capped at AVX2)
+/// Winograd lost in the model (1.11-1.16 for 16 -> 8, 0.94-1.15 for 8 -> 16), so the rows keep
+/// them there.
 fn rows_take_kernel(isa: Isa, spec: &ConvSpec) -> bool {
     isa == Isa::Avx2 && spec.kernel == (3, 3) && spec.stride == (1, 1) && spec.dilation == (1, 1) && spec.in_channels <= 16 && spec.out_channels <= 16
 }
