@@ -381,9 +381,9 @@ fn avx2_gemm_takes(cin: usize, pixels: usize) -> bool {
 /// bench --bench conv` (the best of 8-12 runs, four sets), 16 -> 8 and 8 -> 16 channels at
 /// 160x160 took 0.52-0.69 and 0.57-0.60 ms by Winograd against 0.68-0.74 and 0.71-0.73 in the
 /// rows on one thread, 0.34-0.38 against 0.39-0.42 and 0.38-0.48 against 0.41-0.44 on two
-/// (three runs); in YOLOv12n, interleaved rounds, 0.83-1.00 of their time on one thread and
-/// 0.89-0.99 on two in three sittings (1.08-1.09 in a fourth, whose untouched layers moved by
-/// 1.03; YOLO11n 0.98 and 1.01 on two). With the AVX2 tiles (the same CPU capped at AVX2)
+/// (three runs); in YOLOv12n, interleaved rounds, 0.83-1.00 of their time on one thread in two
+/// sittings (1.08-1.09 in a third, whose untouched layers moved by 1.03) and 0.89-0.99 on two
+/// in two (YOLO11n 0.98 and 1.01). With the AVX2 tiles (the same CPU capped at AVX2)
 /// Winograd lost in the model (1.11-1.16 for 16 -> 8, 0.94-1.15 for 8 -> 16), so the rows keep
 /// them there.
 fn rows_take_kernel(isa: Isa, spec: &ConvSpec) -> bool {
