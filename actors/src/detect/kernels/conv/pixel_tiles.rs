@@ -25,6 +25,14 @@
 //! are computed twice, to the same values. The width of the wide tiles is the one that
 //! computes the fewest pixels twice.
 //!
+//! Tiles of 5 or 6 pixels by 64 channels (four registers, as oneDNN's direct kernels block
+//! them) changed nothing on the stride-2 layers of an AMD EPYC (Zen 4), whether they read the
+//! phase planes as they are or planes with 16 channels interleaved per pixel (`[c / 16][phase]
+//! [row][column][16]`, each tile's whole product in registers): `cargo bench --bench conv` gave
+//! 128 -> 128 channels from 80x80 0.89-0.91 of the time on two threads, but in YOLOv12n (2
+//! threads, interleaved rounds) the four stride-2 layers on phase planes took 0.93-1.07 of
+//! theirs.
+//!
 //! Pointwise convolutions of few input channels on large planes turn the tile around
 //! ([`PixelTiles::pointwise_rows`], [`rows_apply`]): the pixels in the lanes, 32 a tile by 12 or
 //! 8 output channels with AVX-512 (16 by 6 or 4 with AVX2, on the largest planes only), each
@@ -404,7 +412,9 @@ const KERNEL_ROWS_MIN_PIXELS: usize = 160 * 160;
 /// costs most where the input is large: in YOLOv12n, 3 -> 16 channels from 640x640 went from
 /// 0.74-0.78 to 0.64 ms, 64 -> 64 from 160x160 from 1.23-1.40 to 1.13-1.15; but a stride-2
 /// tile then spans twice the cache lines, and below this size the planes are faster (128 ->
-/// 128 channels from 80x80: 1.05-1.07 against 1.17-1.18 ms in place).
+/// 128 channels from 80x80: 1.05-1.07 against 1.17-1.18 ms in place). On an AMD EPYC (Zen 4)
+/// every stride-2 layer read in place came out level (YOLOv12n, 2 threads, 0.93-1.02 of the
+/// layers' time): what the copy costs, the wider rows lose again.
 const IN_PLACE_MIN_FLOATS: usize = 1 << 20;
 
 /// How a convolution's tiles find their inputs.
@@ -510,7 +520,11 @@ impl Conv2d {
         // of consecutive runs through one block, at most `piece_runs` long, each through its
         // panels in turn: the input of a piece stays in L2 from one panel to the next. YOLOv12n
         // (2 threads, calls alternating with tasks of equal size): the threads' waits for each
-        // other at the ends of all loops went from 3.5 to 2.2 ms a call.
+        // other at the ends of all loops went from 3.5 to 2.2 ms a call. On the AMD EPYC (Zen 4),
+        // neither units of a single panel nor half of a stride-2 layer's panels to each thread
+        // (each reading all the input and half the weights) changed those layers' time (0.90-1.03),
+        // and nor did fetching the panels' weights into L2 at the start of each range (the
+        // pointwise layers at 40x40 and 20x20 0.95-1.04).
         parallel::for_each_range(n * runs * panel_blocks, |units| {
             let mut unit = units.start;
             while unit < units.end {
