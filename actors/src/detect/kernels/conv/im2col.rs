@@ -32,13 +32,17 @@ impl Conv2d {
                 let j_hi = j_hi.clamp(j_lo, run);
                 dst[..j_lo].fill(0.0);
                 dst[j_hi..].fill(0.0);
-                let first = (ix0 + (j_lo * sw) as isize) as usize;
-                let inside = &mut dst[j_lo..j_hi];
-                if sw == 1 {
-                    inside.copy_from_slice(&src[first..first + inside.len()]);
-                } else {
-                    for (d, &v) in inside.iter_mut().zip(src[first..].iter().step_by(sw)) {
-                        *d = v;
+                // A run that reads only padding (one that begins in the right-hand padding, as
+                // the small tiles of many threads can) has no `first` inside the row.
+                if j_lo < j_hi {
+                    let first = (ix0 + (j_lo * sw) as isize) as usize;
+                    let inside = &mut dst[j_lo..j_hi];
+                    if sw == 1 {
+                        inside.copy_from_slice(&src[first..first + inside.len()]);
+                    } else {
+                        for (d, &v) in inside.iter_mut().zip(src[first..].iter().step_by(sw)) {
+                            *d = v;
+                        }
                     }
                 }
             }

@@ -608,4 +608,11 @@ mod tests {
         check(4, 6, 1, 3, 3, 1, 1, 10, 11); // stride 3
         check(8, 16, 1, 3, 1, 1, 2, 5, 32); // rows of whole panels, one product per row
     }
+
+    #[test]
+    fn matches_the_definition_on_sixteen_threads() {
+        // A machine with 16 cores splits the same layers into more, smaller tasks than 2 do:
+        // tasks that begin in the padding, and more parts than channels.
+        rayon::ThreadPoolBuilder::new().num_threads(16).build().unwrap().install(matches_the_definition);
+    }
 }

@@ -209,8 +209,10 @@ impl Conv2d {
             // parallel, rather than by each.
             let per_block = POSITIONS * v_stride;
             let shared = if m_blocks > 1 {
-                let parts = (2 * parallel::threads()).min(cin);
-                let per_part = cin.div_ceil(parts);
+                // No part may be empty: 48 channels in 32 parts of 2 would leave parts
+                // starting past the last channel (16 threads).
+                let per_part = cin.div_ceil((2 * parallel::threads()).min(cin));
+                let parts = cin.div_ceil(per_part);
                 let matrices = shared.floats_mut(n * blocks * per_block);
                 let buffer = SendPtr(matrices.as_mut_ptr());
                 parallel::for_each(n * blocks * parts, |task| {
@@ -513,8 +515,9 @@ mod tests {
             (64, 64, 2, 20, 20, 1),
         ];
         // On 2 and 3 threads, the small outputs run in blocks of output channels that share
-        // their transformed input; on one, most of them do not.
-        let pools: Vec<rayon::ThreadPool> = [1, 2, 3].map(|threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()).into();
+        // their transformed input; on one, most of them do not. On 16, the input channels
+        // (48) do not fill twice as many parts evenly.
+        let pools: Vec<rayon::ThreadPool> = [1, 2, 3, 16].map(|threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()).into();
         for (isa, pool) in isa::all_supported().into_iter().flat_map(|isa| pools.iter().map(move |pool| (isa, pool))) {
             for (cin, cout, n, h, w, pad) in shapes {
                 let spec = ConvSpec::square(cin, cout, 1, 3, 1, pad, Activation::Silu);
