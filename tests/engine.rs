@@ -37,22 +37,24 @@ fn fresh_seed() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
-/// Compares our raw output with ONNX Runtime's, on our CPU kernels and on candle's operations
-/// (the path a GPU build takes): box rows within 0.05 px, scores within 1e-3.
+/// Compares our raw output with ONNX Runtime's on each of [`support::engine_targets`] (our CPU
+/// kernels and candle's operations, or candle's operations on a GPU): box rows within 0.05 px,
+/// scores within 1e-3.
 fn check_raw_parity(model: &Path, batch: usize) {
-    for kernels in [Kernels::Native, Kernels::Generic] {
-        check_raw_parity_with(model, batch, kernels);
+    for (device, kernels) in support::engine_targets() {
+        check_raw_parity_with(model, batch, device, kernels);
     }
 }
 
-fn check_raw_parity_with(model: &Path, batch: usize, kernels: Kernels) {
-    let detector = Detector::load_with(model, Device::Cpu, 0, kernels).unwrap();
+fn check_raw_parity_with(model: &Path, batch: usize, device: Device, kernels: Kernels) {
+    let place = support::target_name(&device, kernels);
+    let detector = Detector::load_with(model, device, 0, kernels).unwrap();
     let detect::Size { width: w, height: h } = detector.input_size();
     let seed = fresh_seed();
     let input = random_input(batch * 3 * h * w, seed);
     let tensor = Tensor::from_vec(input.clone(), (batch, 3, h, w), &Device::Cpu).unwrap();
     let started = std::time::Instant::now();
-    let ours_tensor = detector.run_raw(&tensor).unwrap();
+    let ours_tensor = detector.run_raw(&tensor).unwrap().to_device(&Device::Cpu).unwrap();
     let ms = started.elapsed().as_secs_f64() * 1e3;
     let ours: Vec<f32> = ours_tensor.flatten_all().unwrap().to_vec1().unwrap();
     let (theirs, shape) = onnx_runtime(model, &input, [batch, 3, h, w]);
@@ -66,7 +68,7 @@ fn check_raw_parity_with(model: &Path, batch: usize, kernels: Kernels) {
         if row < 4 { box_diff = box_diff.max(d) } else { score_diff = score_diff.max(d) }
     }
     eprintln!(
-        "parity {} ({kernels:?} kernels, {ms:.0} ms, batch {batch}, seed {seed}): max |box diff| {box_diff:.5} px, max |score diff| {score_diff:.2e}",
+        "parity {} ({place}, {ms:.0} ms, batch {batch}, seed {seed}): max |box diff| {box_diff:.5} px, max |score diff| {score_diff:.2e}",
         model.file_name().unwrap().to_string_lossy()
     );
     assert!(box_diff <= 0.05, "boxes differ by {box_diff} px");
@@ -110,14 +112,15 @@ fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
 
 #[test]
 fn photo_detections_match_onnx_runtime() {
-    for kernels in [Kernels::Native, Kernels::Generic] {
-        photo_detections_match_onnx_runtime_with(kernels);
+    for (device, kernels) in support::engine_targets() {
+        photo_detections_match_onnx_runtime_with(device, kernels);
     }
 }
 
-fn photo_detections_match_onnx_runtime_with(kernels: Kernels) {
+fn photo_detections_match_onnx_runtime_with(device: Device, kernels: Kernels) {
+    let place = support::target_name(&device, kernels);
     let model = support::default_model();
-    let detector = Detector::load_with(&model, Device::Cpu, 0, kernels).unwrap();
+    let detector = Detector::load_with(&model, device, 0, kernels).unwrap();
     let params = DetectParams::default();
     let mut classes_seen = Vec::new();
     for photo in support::photos() {
@@ -132,7 +135,7 @@ fn photo_detections_match_onnx_runtime_with(kernels: Kernels) {
         let raw = Tensor::from_vec(raw, shape, &Device::Cpu).unwrap();
         let theirs = detector.detections(&raw, &frames, &params).unwrap().remove(0);
         let name = photo.file_name().unwrap().to_string_lossy();
-        eprintln!("{name} ({kernels:?} kernels): ours {:?}", ours.iter().map(|d| (&d.class_name, d.confidence)).collect::<Vec<_>>());
+        eprintln!("{name} ({place}): ours {:?}", ours.iter().map(|d| (&d.class_name, d.confidence)).collect::<Vec<_>>());
         assert_eq!(ours.len(), theirs.len(), "{name}: {ours:?} vs {theirs:?}");
         for (a, b) in ours.iter().zip(&theirs) {
             assert_eq!(a.class_id, b.class_id, "{name}");

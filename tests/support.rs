@@ -3,6 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use candle_core::Device;
+use streamdet_actors::detect::Kernels;
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -31,6 +34,26 @@ pub fn python() -> PathBuf {
     let path = std::env::var_os("STREAMDET_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"));
     assert!(path.exists(), "{} is missing: run `bash scripts/setup.sh`", path.display());
     path
+}
+
+/// Where the engine tests run the model. By default on the CPU, on both our kernels and candle's
+/// operations; with `STREAMDET_TEST_DEVICE=cuda`, in a build with the `cuda` feature, on GPU 0
+/// through candle's operations, the path `device = "cuda"` takes.
+pub fn engine_targets() -> Vec<(Device, Kernels)> {
+    match std::env::var("STREAMDET_TEST_DEVICE").as_deref() {
+        Err(std::env::VarError::NotPresent) | Ok("cpu") => vec![(Device::Cpu, Kernels::Native), (Device::Cpu, Kernels::Generic)],
+        Ok("cuda") => {
+            let gpu = Device::new_cuda(0).unwrap_or_else(|e| panic!("STREAMDET_TEST_DEVICE=cuda needs a build with --features cuda and a GPU: {e}"));
+            vec![(gpu, Kernels::Generic)]
+        }
+        other => panic!("STREAMDET_TEST_DEVICE must be cpu or cuda, not {other:?}"),
+    }
+}
+
+/// How a test names one of [`engine_targets`] in what it prints.
+pub fn target_name(device: &Device, kernels: Kernels) -> String {
+    let device = if device.is_cuda() { "cuda" } else { "cpu" };
+    format!("{device}, {kernels:?} kernels")
 }
 
 /// Runs a command and returns its stdout, failing the test with its stderr otherwise.

@@ -649,7 +649,7 @@ fn conv(c: &ConvOp, x: &Tensor, residual: Option<&Tensor>, target: &Target) -> C
     let Some(residual) = residual else { return conv_alone(c, x) };
     let fits = match (x.dims(), residual.dims()) {
         (&[n, _, h, w], &[rn, rc, rh, rw]) => {
-            c.weight.is_none() && target.native_f32(residual) && c.conv.output_size(h, w) == Some((rh, rw)) && (n, c.conv.spec().out_channels) == (rn, rc)
+            c.candle.is_none() && target.native_f32(residual) && c.conv.output_size(h, w) == Some((rh, rw)) && (n, c.conv.spec().out_channels) == (rn, rc)
         }
         _ => false,
     };
@@ -680,7 +680,7 @@ pub(super) fn conv_of_parts(c: &ConvOp, parts: &[&Tensor], cold: &[bool], residu
 /// [`conv_of_parts`] on the CPU kernel, when every part is a CPU `f32` tensor of the same
 /// `[n, _, h, w]` whose channel planes are contiguous; `Ok(None)` otherwise.
 fn conv_of_parts_in_place(c: &ConvOp, parts: &[&Tensor], cold: &[bool], residual: Option<&Tensor>, target: &Target) -> CResult<Option<Tensor>> {
-    if c.weight.is_some() {
+    if c.candle.is_some() {
         return Ok(None);
     }
     let Some((out, dims)) = conv_parts_in_place(&c.conv, parts, cold, residual, target)? else { return Ok(None) };
@@ -742,21 +742,21 @@ pub(super) fn conv_parts_in_place(
 }
 
 fn conv_alone(c: &ConvOp, x: &Tensor) -> CResult<Tensor> {
-    match (&c.weight, &c.bias) {
-        (Some(weight), Some(bias)) => {
+    match &c.candle {
+        Some(candle) => {
             let conv = c.conv.spec();
             let (t, l, b, r) = conv.pads;
             let (x, pad) = if t == b && l == r && t == l { (x.clone(), t) } else { (x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?, 0) };
             if conv.stride.0 != conv.stride.1 || conv.dilation.0 != conv.dilation.1 {
                 candle_core::bail!("anisotropic stride or dilation needs the CPU kernel");
             }
-            let y = x.conv2d(weight, pad, conv.stride.0, conv.dilation.0, conv.groups)?.broadcast_add(bias)?;
+            let y = x.conv2d(&candle.weight, pad, conv.stride.0, conv.dilation.0, candle.groups)?.broadcast_add(&candle.bias)?;
             match conv.activation {
                 Activation::Identity => Ok(y),
                 Activation::Silu => y.silu(),
             }
         }
-        _ => x.contiguous()?.to_dtype(DType::F32)?.apply_op1_no_bwd(&c.conv),
+        None => x.contiguous()?.to_dtype(DType::F32)?.apply_op1_no_bwd(&c.conv),
     }
 }
 

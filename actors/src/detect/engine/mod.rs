@@ -64,9 +64,20 @@ struct ConvOp {
     /// Set when one of those parts arrives before its nearest-neighbour upsampling; see
     /// [`upsampled::fold_upsampled_parts`].
     upsampled: Option<upsampled::UpsampledPart>,
-    /// `[out, in/groups, kh, kw]` on the execution device, for non-CPU devices.
-    weight: Option<Tensor>,
-    bias: Option<Tensor>,
+    /// The weights as candle's `conv2d` takes them, on plans that run candle's operations.
+    candle: Option<CandleConv>,
+}
+
+/// A convolution's weights for candle's `conv2d`, on the execution device.
+#[derive(Debug)]
+struct CandleConv {
+    /// `[out, in / groups, kh, kw]`.
+    weight: Tensor,
+    /// The groups `weight` is for: 1 when a grouped convolution's kernels are spread into one
+    /// block-diagonal kernel (see [`parse::candle_conv`]).
+    groups: usize,
+    /// `[1, out, 1, 1]`.
+    bias: Tensor,
 }
 
 #[derive(Debug)]
@@ -397,6 +408,9 @@ impl Engine {
             }
             .map_err(|e| execution_error(step, e))?;
             if let (Some(on_step), Some(started)) = (on_step.as_deref_mut(), started) {
+                // A GPU runs the step's kernels after they are queued: its time is known once
+                // they have finished.
+                self.target.device.synchronize().map_err(|e| execution_error(step, e))?;
                 let ms = started.elapsed().as_secs_f64() * 1000.0;
                 let input = args.first().copied().flatten().map(|t| t.dims().to_vec()).unwrap_or_default();
                 on_step(StepTime { index, op: profile_key(step), layer: layer_of(step), input, ms });
