@@ -7,7 +7,14 @@ use std::process::Command;
 fn the_benchmark_harness_writes_a_report_with_numbers_and_charts() {
     let out = tempfile::tempdir().unwrap();
     let printed = crate::support::run_ok(
-        Command::new(env!("CARGO_BIN_EXE_streamdet")).current_dir(crate::support::root()).args(["bench", "--quick", "--tiny", "--out"]).arg(out.path()),
+        Command::new(env!("CARGO_BIN_EXE_streamdet"))
+            .current_dir(crate::support::root())
+            .args(["bench", "--quick", "--tiny", "--out"])
+            .arg(out.path())
+            // A configuration that names the GPU: the harness still measures the CPU engine
+            // against the CPU peers (in a build without CUDA, a process that opened the GPU
+            // would fail).
+            .env("STREAMDET_MODEL_DEVICE", "cuda"),
     );
     let line: serde_json::Value = serde_json::from_str(printed.trim().lines().last().unwrap()).unwrap();
     assert_eq!(line["type"], "report");

@@ -80,9 +80,18 @@ fn json_output(cmd: &mut Command) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(line)?)
 }
 
+/// `streamdet` itself, run on the CPU whatever the configuration names: the harness compares it
+/// with CPU runtimes at their thread counts (a GPU's figures come from `bench-model` and
+/// `scripts/gpu-peers.py`).
+fn streamdet_on_cpu() -> anyhow::Result<Command> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.env("STREAMDET_MODEL_DEVICE", "cpu");
+    Ok(cmd)
+}
+
 /// Median milliseconds per call of our engine: `streamdet bench-model` in a fresh process.
 pub fn our_model_ms(model: &Path, batch: usize, threads: usize, runs: usize) -> anyhow::Result<f64> {
-    let mut cmd = Command::new(std::env::current_exe()?);
+    let mut cmd = streamdet_on_cpu()?;
     cmd.args(["bench-model", "--model"]).arg(model);
     cmd.args(["--batch", &batch.to_string(), "--threads", &threads.to_string(), "--runs", &runs.to_string()]);
     json_output(&mut cmd)?["median_ms"].as_f64().context("no median_ms")
@@ -116,7 +125,7 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// `streamdet serve` on a free loopback port with `env` overrides.
     pub fn ours(model: &Path, threads: usize, env: &[(&str, String)]) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(std::env::current_exe()?);
+        let mut cmd = streamdet_on_cpu()?;
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--model"]).arg(model).args(["--threads", &threads.to_string()]);
         cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str()))).stdout(Stdio::piped()).stderr(Stdio::null());
         let mut child = cmd.spawn().context("cannot start streamdet serve")?;
