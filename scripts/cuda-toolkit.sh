@@ -14,6 +14,11 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dir="$(realpath -m "${1:-$root/.cuda}")"
 [ -x "$dir/bin/nvcc" ] && [ -e "$dir/lib/libcuda.so" ] && { echo "$dir is ready"; exit 0; }
+# DIR is replaced below: only an earlier (partial) toolkit or an empty folder may be.
+if [ -n "$(ls -A "$dir" 2>/dev/null)" ] && [ ! -e "$dir/bin/nvcc" ]; then
+  echo "$dir holds something other than a CUDA toolkit: not replacing it" >&2
+  exit 1
+fi
 wheels=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
   nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35)
 download="$(mktemp -d)"
