@@ -2,9 +2,10 @@
 //! microkernel this CPU runs (AVX-512 or AVX2; for the shapes that a CPU with AMX runs on its
 //! tiles, those and AVX-512 side by side) and of the portable `gemm`-crate path, on the same
 //! pool of threads, in interleaved rounds (each variant's best).
-//! `cargo bench --bench conv [-- THREADS [SHAPE | attention] [packed]]`, where SHAPE (such as
-//! `32->64`) keeps only the convolutions whose label contains it, `attention` runs only the
-//! attention heads, and `packed` skips the portable path.
+//! `cargo bench --bench conv [-- THREADS [SHAPE | attention | tile] [packed]]`, where SHAPE (such
+//! as `32->64`) keeps only the convolutions whose label contains it, `attention` runs only the
+//! attention heads, `tile` only the pixel tile's loop over the taps of planes of YOLO's sizes
+//! (on one thread), and `packed` skips the portable path.
 //! The kernels are crate-private; the `bench-internals` feature of `streamdet-actors`, enabled
 //! by this package's dev-dependency on it, makes them reachable from here.
 
@@ -69,10 +70,16 @@ fn main() {
         (80, 80, 3, 1, 80, 80),
     ];
     println!("threads {threads}");
-    if only.is_none() {
+    let tile_only = std::env::args().any(|a| a == "tile");
+    if only.is_none() && !tile_only {
         attention(&pool);
     }
     if std::env::args().any(|a| a == "attention") {
+        return;
+    }
+    if tile_only {
+        #[cfg(target_arch = "x86_64")]
+        tile();
         return;
     }
     for (cin, cout, k, stride, groups, size) in shapes {
@@ -142,6 +149,24 @@ fn attention(pool: &rayon::ThreadPool) {
         }
         let secs = start.elapsed().as_secs_f64() / reps as f64;
         println!("attention {batch} x [400 queries, 400 keys, 32 deep]  {:>7.3} ms  {:>6.1} GFLOP/s", secs * 1e3, flops / secs / 1e9);
+    }
+}
+
+/// The pixel tile's loop over 128 taps, each in a plane of its own (as a pointwise convolution
+/// with 128 input channels reads them), on planes of YOLO's sizes at 640x640 (20x20 to 160x160)
+/// and the same planes one cache line (16 floats) longer, for each microkernel this CPU runs:
+/// GFLOP/s on one thread, the best of three rounds.
+#[cfg(target_arch = "x86_64")]
+fn tile() {
+    use streamdet_actors::detect::kernels::conv::tile_gflops;
+    use streamdet_actors::detect::kernels::isa::Isa;
+    for isa in [Isa::Avx2, Isa::Avx512].into_iter().filter(|isa| isa.supported()) {
+        for side in [20, 40, 80, 160] {
+            let plane = side * side;
+            let best = |floats: usize| (0..3).filter_map(|_| tile_gflops(isa, 128, floats, 2e9)).fold(0.0, f64::max);
+            let (exact, longer) = (best(plane), best(plane + 16));
+            println!("tile {isa:?}, 128 taps, planes of {side}x{side}: {exact:>6.1} GFLOP/s; one line longer: {longer:>6.1} ({:.2})", exact / longer);
+        }
     }
 }
 

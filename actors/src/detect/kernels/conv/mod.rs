@@ -44,6 +44,8 @@ use super::isa::Isa;
 use super::pack::PackedA;
 
 pub use input::{ConvInput, InputPart};
+#[cfg(all(target_arch = "x86_64", feature = "bench-internals"))]
+pub use pixel_tiles::tile_gflops;
 
 /// A convolution's shape: everything but its weights. Plain data; [`Conv2d::new`] checks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -335,6 +335,63 @@ impl PixelTiles {
     }
 }
 
+/// The widest tile's multiply-add rate on this thread, in GFLOP/s (2 per multiply-add): `isa`'s
+/// tile of pixels by channels (6 x 16 with AVX2, 12 x 32 with AVX-512) over `taps` taps, each
+/// in a plane of its own `plane_floats` floats after the one before, as a pointwise
+/// convolution reads its input, for some `flops` floating-point operations; the sums are
+/// stored unfinished, so the loop over the taps is all that is timed. `None` when this CPU
+/// cannot run `isa`. The micro-benchmark (`benches/conv.rs`) sets planes of YOLO's sizes
+/// beside the same planes one cache line longer: at 640x640 the planes of 40x40 pixels and more
+/// are whole multiples of 256 bytes long, which puts the lines that a tile reads (the same
+/// pixels of every plane) in 16 (40x40), 4 (80x80) or one (160x160) of the 64 sets of a
+/// 32 KiB, 8-way L1, more lines than those sets hold.
+#[cfg(feature = "bench-internals")]
+pub fn tile_gflops(isa: Isa, taps: usize, plane_floats: usize, flops: f64) -> Option<f64> {
+    if !isa.supported() || taps == 0 {
+        return None;
+    }
+    let (pixels, channels, kernel): (usize, usize, TileKernel) = match isa {
+        Isa::Avx2 => (6, 16, avx2::conv_tile::<6, 2, 1>),
+        Isa::Avx512 => (12, 32, avx512::conv_tile::<12, 2, 1, 0>),
+    };
+    // Two tiles side by side in every plane, the kernel alternating between them.
+    let plane_floats = plane_floats.max(2 * pixels);
+    let input = vec![0.5f32; taps * plane_floats];
+    let taps: Vec<*const f32> = input.chunks_exact(plane_floats).map(<[f32]>::as_ptr).collect();
+    let mut weights = PackedB::new();
+    weights.floats_mut(taps.len() * channels).fill(0.01);
+    let bias = vec![0.0f32; channels];
+    let mut sums = vec![0.0f32; pixels * channels];
+    let mut out = vec![0.0f32; pixels * channels];
+    let per_call = (2 * taps.len() * pixels * channels) as f64;
+    let calls = ((flops / per_call) as usize).max(1);
+    let start = std::time::Instant::now();
+    for call in 0..calls {
+        // SAFETY: the CPU runs `isa` (checked above); every tap points at a plane of
+        // `plane_floats >= 2 * pixels` floats, and pixels `at..at + pixels` with `at` at most
+        // `pixels` lie inside it; the weights are line-aligned (`PackedB`) and hold `channels`
+        // floats per tap; `bias` holds `channels` and `out` `channels` rows of `pixels`; the
+        // sums go to `sums` (`pixels * channels` floats).
+        unsafe {
+            kernel(
+                &taps,
+                (call % 2) * pixels,
+                weights.as_ptr(),
+                bias.as_ptr(),
+                false,
+                out.as_mut_ptr(),
+                pixels,
+                None,
+                channels,
+                std::ptr::null(),
+                sums.as_mut_ptr(),
+            )
+        };
+    }
+    std::hint::black_box(&sums);
+    Some(per_call * calls as f64 / start.elapsed().as_secs_f64() / 1e9)
+}
+
 /// `STREAMDET_POINTWISE_ROWS=off` keeps pointwise convolutions on [`avx512::conv_tile`] and
 /// the small 3x3 ones of [`rows_take_kernel`] on Winograd, to compare on one machine.
 fn rows_enabled() -> bool {
