@@ -6,8 +6,8 @@ use candle_core::{CpuStorage, DType, Device, Tensor};
 
 use super::custom_ops::{ConvWithResidual, CpuAttention, CpuBinary, CpuMatMul, CpuMaxPool, CpuPermute, CpuSoftmax, CpuUnary, CpuUpsample};
 use super::fold::CONV_MORE_PARTS;
-use super::upsampled;
 use super::{AttentionViews, BinaryOp, CResult, ConvOp, NestedConcat, Op, ReduceKind, SoftmaxConvOp, Target, tensor_from_data};
+use super::{spread, upsampled};
 use crate::detect::kernels::activation::{self, Activation, UnaryFn};
 use crate::detect::kernels::conv::Conv2d;
 use crate::detect::kernels::pool::MaxPool;
@@ -635,11 +635,9 @@ pub(super) fn conv_step(c: &ConvOp, args: &[Option<&Tensor>], cold: &[bool], tar
         };
     }
     let x = input(args, 0)?;
-    if is_cold(0) {
-        // Read in place, where the kernels learn that it is cold.
-        if let Some(out) = conv_of_parts_in_place(c, &[x], &[true], residual, target)? {
-            return Ok(out);
-        }
+    // Read in place (where the kernels learn whether it is cold, and take planes at any pitch).
+    if let Some(out) = conv_of_parts_in_place(c, &[x], &[is_cold(0)], residual, target)? {
+        return Ok(out);
     }
     conv(c, x, residual, target)
 }
@@ -683,30 +681,51 @@ fn conv_of_parts_in_place(c: &ConvOp, parts: &[&Tensor], cold: &[bool], residual
     if c.candle.is_some() {
         return Ok(None);
     }
-    let Some((out, dims)) = conv_parts_in_place(&c.conv, parts, cold, residual, target)? else { return Ok(None) };
-    Ok(Some(Tensor::from_vec(out, &dims[..], &Device::Cpu)?))
+    let Some(out) = conv_parts_in_place(&c.conv, parts, cold, residual, c.spread_output, target)? else { return Ok(None) };
+    Ok(Some(spread::planes_tensor(out.data, out.dims, out.pitch)?))
+}
+
+/// A convolution's output from [`conv_parts_in_place`]: `dims` (`[n, c, h, w]`), its channel
+/// planes `pitch` floats apart in `data`, zeros between them.
+pub(super) struct ConvOutput {
+    pub data: Vec<f32>,
+    pub dims: [usize; 4],
+    pub pitch: usize,
+}
+
+/// Image `b`'s channel `c` of `t` (`[n, c, h, w]`, its storage `data`) as a convolution reads
+/// it in place: `None` unless its rows are contiguous and its planes `h * w` or more apart.
+pub(super) fn input_part<'a>(t: &Tensor, data: &'a [f32], cold: bool) -> Option<kernels::conv::InputPart<'a>> {
+    let &[_, channels, h, w] = t.dims() else { return None };
+    let &[image_stride, plane_stride, row_stride, 1] = t.layout().stride() else { return None };
+    (row_stride == w && plane_stride >= h * w).then(|| kernels::conv::InputPart {
+        data: &data[t.layout().start_offset()..],
+        channels,
+        image_stride,
+        plane_stride,
+        cold,
+    })
 }
 
 /// `conv` on the concatenation of `parts` along channels, read where they lie (`cold` as in
-/// [`conv_step`], one per part), with its output dimensions; `Ok(None)` unless every part is a
-/// CPU `f32` tensor of the same `[n, _, h, w]` whose channel planes are contiguous.
+/// [`conv_step`], one per part); its output planes spread when `spread` allows
+/// ([`spread::output_pitch`]). `Ok(None)` unless every part is a CPU `f32` tensor of the same
+/// `[n, _, h, w]` whose rows are contiguous ([`input_part`]).
 pub(super) fn conv_parts_in_place(
     conv: &Conv2d,
     parts: &[&Tensor],
     cold: &[bool],
     residual: Option<&Tensor>,
+    spread: bool,
     target: &Target,
-) -> CResult<Option<(Vec<f32>, [usize; 4])>> {
+) -> CResult<Option<ConvOutput>> {
     let Some(&[n, _, h, w]) = parts.first().map(|p| p.dims()) else { return Ok(None) };
     let Some((oh, ow)) = conv.output_size(h, w) else {
         candle_core::bail!("conv input {h}x{w} is smaller than the kernel");
     };
-    let out_dims = [n, conv.spec().out_channels, oh, ow];
-    let usable = |t: &Tensor| {
-        let planes_contiguous = matches!(t.layout().stride(), &[_, s1, s2, 1] if s1 == h * w && s2 == w);
-        target.native_f32(t) && matches!(t.dims(), &[pn, _, ph, pw] if (pn, ph, pw) == (n, h, w)) && planes_contiguous
-    };
-    let residual_fits = residual.is_none_or(|r| target.native_f32(r) && r.dims() == out_dims);
+    let dims = [n, conv.spec().out_channels, oh, ow];
+    let usable = |t: &Tensor| target.native_f32(t) && matches!(t.dims(), &[pn, _, ph, pw] if (pn, ph, pw) == (n, h, w));
+    let residual_fits = residual.is_none_or(|r| target.native_f32(r) && r.dims() == dims);
     if !parts.iter().all(|t| usable(t)) || !residual_fits {
         return Ok(None);
     }
@@ -714,31 +733,27 @@ pub(super) fn conv_parts_in_place(
     if channels != conv.spec().in_channels {
         candle_core::bail!("conv expects {} input channels, its parts have {channels}", conv.spec().in_channels);
     }
-    let residual = residual.map(|r| r.contiguous()).transpose()?;
-    // The residual is a tensor of its own (made contiguous, it may share a part's storage):
-    // read under the same guards as the parts.
+    let writes_pitched = conv.writes_pitched(oh, ow);
+    // The output takes the residual's pitch (the kernels read the residual where they write
+    // the output); a residual of another pitch than the output may have is packed first.
+    let residual = match residual.map(|r| (r, spread::plane_pitch(r))) {
+        Some((r, Some(pitch))) if pitch == oh * ow || (spread && writes_pitched) => Some((r.clone(), pitch)),
+        Some((r, _)) => Some((r.contiguous()?, oh * ow)),
+        None => None,
+    };
+    let pitch = residual.as_ref().map_or_else(|| spread::output_pitch(spread, writes_pitched, oh, ow), |(_, pitch)| *pitch);
+    // The residual is a tensor of its own (it may share a part's storage): read under the same
+    // guards as the parts.
     let mut tensors = parts.to_vec();
-    tensors.extend(residual.as_ref());
+    tensors.extend(residual.as_ref().map(|(r, _)| r));
     let out = with_cpu_storages(&tensors, |buffers| {
-        let input_parts = parts
-            .iter()
-            .zip(buffers)
-            .enumerate()
-            .map(|(i, (t, data))| kernels::conv::InputPart {
-                data: &data[t.layout().start_offset()..],
-                channels: t.dims()[1],
-                image_stride: t.layout().stride()[0],
-                cold: cold.get(i).copied().unwrap_or(false),
-            })
-            .collect();
+        let input_parts =
+            parts.iter().zip(buffers).enumerate().map(|(i, (t, data))| input_part(t, data, cold.get(i).copied().unwrap_or(false))).collect::<Option<_>>()?;
         let input = kernels::conv::ConvInput::new(input_parts, n, h, w)?;
-        let residual = residual.as_ref().zip(buffers.last()).map(|(r, data)| {
-            let (start, end) = r.layout().contiguous_offsets().expect("made contiguous above");
-            &data[start..end]
-        });
-        Some(conv.run_input(&input, residual))
+        let residual = residual.as_ref().zip(buffers.last()).map(|((r, _), data)| &data[r.layout().start_offset()..]);
+        Some(conv.run_input_pitched(&input, residual, pitch))
     })?;
-    Ok(out.flatten().map(|out| (out, out_dims)))
+    Ok(out.flatten().map(|data| ConvOutput { data, dims, pitch }))
 }
 
 fn conv_alone(c: &ConvOp, x: &Tensor) -> CResult<Tensor> {

@@ -22,6 +22,7 @@ mod fold;
 mod fuse;
 mod parse;
 mod shape_cache;
+mod spread;
 #[cfg(test)]
 mod test_graphs;
 mod upsampled;
@@ -66,6 +67,9 @@ struct ConvOp {
     upsampled: Option<upsampled::UpsampledPart>,
     /// The weights as candle's `conv2d` takes them, on plans that run candle's operations.
     candle: Option<CandleConv>,
+    /// Whether the output's channel planes may lie further apart than their size (every
+    /// reader takes them in place); see [`spread::mark_spread_outputs`].
+    spread_output: bool,
 }
 
 /// A convolution's weights for candle's `conv2d`, on the execution device.
@@ -315,7 +319,8 @@ impl Engine {
         let steps = fold::fold_concats_into_convs(steps, output_slot, &target);
         let steps = upsampled::fold_upsampled_parts(steps, &constants, output_slot, &target);
         let steps = fold::fold_unary_into_concats(steps, output_slot, &target);
-        let mut steps = fold::fold_nested_concats(steps, &constants, output_slot, &target);
+        let steps = fold::fold_nested_concats(steps, &constants, output_slot, &target);
+        let mut steps = spread::mark_spread_outputs(steps, output_slot, &target);
 
         // Keep only the constants that a step reads, moved to the device once.
         let mut last_use: HashMap<usize, usize> = HashMap::new();

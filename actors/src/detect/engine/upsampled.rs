@@ -13,14 +13,15 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use super::custom_ops::CpuUpsample;
-use super::eval::{conv_of_parts, conv_parts_in_place, with_cpu_storages};
+use super::eval::{conv_of_parts, conv_parts_in_place, input_part, with_cpu_storages};
 use super::fold::CONV_MORE_PARTS;
+use super::spread;
 use super::{CResult, ConvOp, Op, Step, Target};
 use crate::detect::kernels::activation::{Activation, bias_activation};
-use crate::detect::kernels::conv::{Conv2d, ConvSpec};
+use crate::detect::kernels::conv::{Conv2d, ConvInput, ConvSpec};
 use crate::detect::kernels::parallel;
 
 /// Which part of a convolution's concatenation arrives before its upsampling, and the
@@ -160,15 +161,16 @@ pub(super) fn conv_with_upsampled_part(
     let offset: usize = parts[..up.part].iter().map(|p| p.dims()[1]).sum();
     let split = if residual.is_none() && target.native_f32(low) { up.split(&c.conv, offset, channels) } else { None };
     if let Some(split) = split {
-        let low = low.contiguous()?;
-        let low_sums = with_cpu_storages(&[&low], |buffers| {
-            let (start, end) = low.layout().contiguous_offsets().expect("made contiguous above");
-            split.low.run(&buffers[0][start..end], n, lh, lw, None)
+        let low_sums = with_cpu_storages(&[low], |buffers| {
+            let input = ConvInput::new(vec![input_part(low, buffers[0], false)?], n, lh, lw)?;
+            Some(split.low.run_input(&input, None))
         })?;
-        if let (Some(low_sums), Some((mut out, dims))) = (low_sums, conv_parts_in_place(&split.rest, &rest, &rest_cold, None, target)?) {
+        if let Some(low_sums) = low_sums.flatten()
+            && let Some(mut out) = conv_parts_in_place(&split.rest, &rest, &rest_cold, None, c.spread_output, target)?
+        {
             let spec = c.conv.spec();
-            add_upsampled(&mut out, &low_sums, (h, w), (lh, lw), spec.out_channels, c.conv.bias(), spec.activation);
-            return Tensor::from_vec(out, &dims[..], &Device::Cpu);
+            add_upsampled(&mut out.data, out.pitch, &low_sums, (h, w), (lh, lw), spec.out_channels, c.conv.bias(), spec.activation);
+            return spread::planes_tensor(out.data, out.dims, out.pitch);
         }
     }
     let upsampled =
@@ -182,11 +184,22 @@ pub(super) fn conv_with_upsampled_part(
     conv_of_parts(c, &whole, &cold, residual, target)
 }
 
-/// `out = activation(out + up(low) + bias)`, plane by plane: `out` is `[n][channels][h][w]`,
-/// `low` `[n][channels][lh][lw]`, and `h, w` whole multiples of `lh, lw`.
-fn add_upsampled(out: &mut [f32], low: &[f32], (h, w): (usize, usize), (lh, lw): (usize, usize), channels: usize, bias: &[f32], activation: Activation) {
+/// `out = activation(out + up(low) + bias)`, plane by plane: `out` is `[n][channels]` planes of
+/// `h x w`, `pitch` apart, `low` `[n][channels][lh][lw]`, and `h, w` whole multiples of `lh, lw`.
+#[allow(clippy::too_many_arguments)]
+fn add_upsampled(
+    out: &mut [f32],
+    pitch: usize,
+    low: &[f32],
+    (h, w): (usize, usize),
+    (lh, lw): (usize, usize),
+    channels: usize,
+    bias: &[f32],
+    activation: Activation,
+) {
     let (fy, fx) = (h / lh, w / lw);
-    parallel::for_each_chunk_mut(out, h * w, |plane_index, plane| {
+    parallel::for_each_chunk_mut(out, pitch, |plane_index, plane| {
+        let plane = &mut plane[..h * w];
         let low = &low[plane_index * lh * lw..][..lh * lw];
         for (y, row) in plane.chunks_exact_mut(w).enumerate() {
             let low_row = &low[y / fy * lw..][..lw];

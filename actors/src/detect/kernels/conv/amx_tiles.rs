@@ -485,8 +485,8 @@ mod tests {
         assert!(conv.runs_amx());
         let (first, second) = (values(n * 48 * h * w, 3), values(n * 80 * h * w, 4));
         let parts = vec![
-            InputPart { data: &first, channels: 48, image_stride: 48 * h * w, cold: true },
-            InputPart { data: &second, channels: 80, image_stride: 80 * h * w, cold: false },
+            InputPart { data: &first, channels: 48, image_stride: 48 * h * w, plane_stride: h * w, cold: true },
+            InputPart { data: &second, channels: 80, image_stride: 80 * h * w, plane_stride: h * w, cold: false },
         ];
         let input = ConvInput::new(parts, n, h, w).unwrap();
         assert_eq!(conv.run_input(&input, None), conv.run(&input.to_contiguous(), n, h, w, None));

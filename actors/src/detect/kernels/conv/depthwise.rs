@@ -10,16 +10,17 @@ use crate::detect::kernels::parallel;
 use super::super::SendPtr;
 use super::super::activation::{Activation, bias_activation};
 use super::super::isa::Isa;
-use super::{Conv2d, add_assign, zeroed};
+use super::{Conv2d, ConvInput, add_assign, zeroed};
 
 /// Output pixels below which a task takes several planes.
 const SMALL_TASK_PIXELS: usize = 4096;
 
 impl Conv2d {
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn run_depthwise(&self, input: &[f32], h: usize, w: usize, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+    /// Into `out`: `[n][out_channels]` planes of `oh x ow`, `pitch` apart (and the residual so).
+    pub(super) fn run_depthwise(&self, input: &ConvInput, oh: usize, ow: usize, pitch: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+        let (h, w) = (input.h, input.w);
         #[cfg(target_arch = "x86_64")]
-        if self.run_channel_lanes(input, (h, w), (oh, ow), residual, out) {
+        if self.run_channel_lanes(input, (oh, ow), pitch, residual, out) {
             return;
         }
         let channels = self.spec.out_channels;
@@ -32,12 +33,15 @@ impl Conv2d {
         let offsets = &offsets;
         // Small planes several to a task: one 20x20 plane per task spent about as long on the
         // handing out as on the plane.
-        let planes = out.len() / (oh * ow).max(1);
+        let planes = input.n * channels;
         let per_task = (SMALL_TASK_PIXELS / (oh * ow).max(1)).min(planes.div_ceil(8 * parallel::threads())).max(1);
-        parallel::for_each_chunk_mut(out, per_task * oh * ow, |task, dsts| {
-            for (i, dst) in dsts.chunks_exact_mut(oh * ow).enumerate() {
+        parallel::for_each_chunk_mut(&mut out[..planes * pitch], per_task * pitch, |task, dsts| {
+            // The last plane may end without its padding: chunks of `pitch`, each cut to its pixels.
+            for (i, dst) in dsts.chunks_mut(pitch).enumerate() {
+                let dst = &mut dst[..oh * ow];
                 let plane_index = task * per_task + i;
-                let plane = Plane { c: plane_index % channels, src: &input[plane_index * h * w..][..h * w], h, w, oh, ow, offsets };
+                let (c, src) = (plane_index % channels, input.plane(plane_index / channels, plane_index % channels));
+                let plane = Plane { c, src, h, w, oh, ow, offsets };
                 let dst = match isa {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: the CPU supports AVX-512F (`Isa::detect` checked it).
@@ -48,7 +52,7 @@ impl Conv2d {
                     _ => depthwise_plane(self, plane, dst),
                 };
                 if let Some(residual) = residual {
-                    add_assign(dst, &residual[plane_index * oh * ow..][..oh * ow]);
+                    add_assign(dst, &residual[plane_index * pitch..][..oh * ow]);
                 }
             }
         });
@@ -81,19 +85,13 @@ impl Conv2d {
     /// up to [`CHANNEL_LANES_MAX_PIXELS`];
     /// `STREAMDET_DEPTHWISE_LANES=off` keeps every plane on the row kernel, to compare the two.
     /// Returns whether it ran.
-    fn run_channel_lanes(
-        &self,
-        input: &[f32],
-        (h, w): (usize, usize),
-        (oh, ow): (usize, usize),
-        residual: Option<&[f32]>,
-        out: &mut [MaybeUninit<f32>],
-    ) -> bool {
+    fn run_channel_lanes(&self, input: &ConvInput, (oh, ow): (usize, usize), pitch: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) -> bool {
         use super::super::x86_64::depthwise_lanes::{ChannelGroup, depthwise_rows_avx2, depthwise_rows_avx512};
         static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let enabled = *ENABLED.get_or_init(|| std::env::var("STREAMDET_DEPTHWISE_LANES").map_or(true, |v| v != "off"));
         let (kh, kw) = self.spec.kernel;
         let (pt, pl, _, _) = self.spec.pads;
+        let (images, h, w) = (input.n, input.h, input.w);
         let isa = Isa::detect();
         let applies = enabled
             && isa.is_some()
@@ -110,7 +108,6 @@ impl Conv2d {
             return false;
         }
         let channels = self.spec.out_channels;
-        let images = out.len() / (channels * oh * ow);
         let len = match isa {
             Some(Isa::Avx512) => 16,
             _ => 8,
@@ -129,8 +126,8 @@ impl Conv2d {
             let lanes = (channels - first_channel).min(len);
             let first_row = part * rows_per_part;
             let rows = rows_per_part.min(oh - first_row);
-            let planes = (first_channel..first_channel + lanes).map(|c| (image * channels + c) * oh * ow + first_row * ow);
-            let inputs: Vec<&[f32]> = (first_channel..first_channel + lanes).map(|c| &input[(image * channels + c) * h * w..][..h * w]).collect();
+            let planes = (first_channel..first_channel + lanes).map(|c| (image * channels + c) * pitch + first_row * ow);
+            let inputs: Vec<&[f32]> = (first_channel..first_channel + lanes).map(|c| input.plane(image, c)).collect();
             let mut taps = [0.0f32; 7 * 7 * 16];
             for (t, tap) in taps.chunks_exact_mut(len).take(kh * kw).enumerate() {
                 for (lane, weight) in tap.iter_mut().take(lanes).enumerate() {
@@ -141,7 +138,7 @@ impl Conv2d {
             bias[..lanes].copy_from_slice(&self.bias[first_channel..first_channel + lanes]);
             // SAFETY: this task alone writes rows `first_row .. first_row + rows` of the planes
             // of channels `first_channel ..` of image `image` (tasks differ in image, group or
-            // rows), inside `out` (`[images][channels][oh][ow]`), which outlives the loop.
+            // rows), inside `out` (`[images][channels]` planes `pitch` apart), which outlives the loop.
             let mut outputs: Vec<&mut [MaybeUninit<f32>]> =
                 planes.clone().map(|start| unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(start).cast::<MaybeUninit<f32>>(), rows * ow) }).collect();
             let group =

@@ -19,8 +19,9 @@ impl Conv2d {
     /// input a kernel tap sees for 16 consecutive output pixels is 16 consecutive floats of one
     /// phase plane; for each output row the microkernel then reads every patch row in place, at
     /// a fixed offset from the row's start (`gemm_offsets`). Output rows run in parallel.
+    /// Into `out`: `[n][out_channels]` planes of `oh x ow`, `pitch` apart (and the residual so).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn run_direct(&self, input: &ConvInput, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+    pub(super) fn run_direct(&self, input: &ConvInput, oh: usize, ow: usize, pitch: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let n = input.n;
         let g = self.spec.groups;
         let (cin_g, m_g) = (self.spec.in_channels / g, self.spec.out_channels / g);
@@ -28,7 +29,6 @@ impl Conv2d {
         let (channel_len, wp) = (layout.sh * layout.sw * layout.plane, layout.wp);
         let padded = phase_planes(input, &layout, self.isa());
         let offsets = self.tap_offsets(&layout);
-        let pixels = oh * ow;
         let threads = parallel::threads();
         let units = n * g;
         let (rows_per_task, row_tasks) = schedule::row_tasks(oh, units, threads);
@@ -46,16 +46,16 @@ impl Conv2d {
             let image = &padded[(batch * self.spec.in_channels + group * cin_g) * channel_len..];
             let task_rows = row_task * rows_per_task..((row_task + 1) * rows_per_task).min(oh);
             let packed = &self.packed[group];
-            if !ow.is_multiple_of(packed.isa().nr()) || cache::rows_share_cache_sets(pixels) {
+            if !ow.is_multiple_of(packed.isa().nr()) || cache::rows_share_cache_sets(pitch) {
                 // Rows that end inside a panel would waste its last columns (a 40-pixel row is
                 // 1.25 panels of 32): the product runs over several rows at once instead, into
                 // a compact tile (which also suits outputs whose channel planes alias).
                 // SAFETY: as below, for the rows of this task.
-                unsafe { self.direct_rows_flattened(group, m0..m0 + rows, image, &offsets, wp, (oh, ow), task_rows, batch, residual, out_ptr) };
+                unsafe { self.direct_rows_flattened(group, m0..m0 + rows, image, &offsets, wp, ow, pitch, task_rows, batch, residual, out_ptr) };
                 return;
             }
             for oy in task_rows {
-                let first = (batch * self.spec.out_channels + channel0) * pixels + oy * ow;
+                let first = (batch * self.spec.out_channels + channel0) * pitch + oy * ow;
                 // SAFETY: this task writes rows `channel0..channel0+rows` of output row `oy` of
                 // image `batch` — a region no other task writes — inside `out`. Each patch row
                 // starts at `image[oy * wp + offsets[kk]]` and the kernel reads at most
@@ -63,8 +63,8 @@ impl Conv2d {
                 // slack after the last one.
                 unsafe {
                     let dst = out_ptr.get().add(first);
-                    let epilogue = self.epilogue(channel0..channel0 + rows, residual.map(|r| (r[first..].as_ptr(), pixels)));
-                    tiling::gemm_offsets(&self.packed[group], m0..m0 + rows, image.as_ptr().add(oy * wp), &offsets, ow, dst, pixels, Some(&epilogue));
+                    let epilogue = self.epilogue(channel0..channel0 + rows, residual.map(|r| (r[first..].as_ptr(), pitch)));
+                    tiling::gemm_offsets(&self.packed[group], m0..m0 + rows, image.as_ptr().add(oy * wp), &offsets, ow, dst, pitch, Some(&epilogue));
                 }
             }
         });
@@ -123,7 +123,8 @@ impl Conv2d {
         image: &[f32],
         offsets: &[usize],
         wp: usize,
-        (oh, ow): (usize, usize),
+        ow: usize,
+        pitch: usize,
         out_rows: std::ops::Range<usize>,
         batch: usize,
         residual: Option<&[f32]>,
@@ -131,7 +132,6 @@ impl Conv2d {
     ) {
         // Columns per product: about 32 panels, so that the scratch tile stays in L2.
         const COLUMNS: usize = cache::SCRATCH_TILE_COLUMNS;
-        let pixels = oh * ow;
         let packed = &self.packed[group];
         let channel0 = group * (self.spec.out_channels / self.spec.groups) + channels.start;
         let rows = channels.len();
@@ -154,7 +154,7 @@ impl Conv2d {
                 };
                 for r in 0..rows {
                     for oy in oy0..oy1 {
-                        let first = (batch * self.spec.out_channels + channel0 + r) * pixels + oy * ow;
+                        let first = (batch * self.spec.out_channels + channel0 + r) * pitch + oy * ow;
                         // SAFETY: row `oy` of output channel `channel0 + r`: this task's alone.
                         let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(first), ow) };
                         dst.copy_from_slice(&scratch[r * width + (oy - oy0) * wp..][..ow]);

@@ -2,12 +2,15 @@
 //! another (a concatenation along channels that is never copied).
 
 /// One tensor whose channels are part of a convolution's input: image `b`'s channel `c` is the
-/// `h * w` floats at `b * image_stride + c * h * w` of `data`.
+/// `h * w` floats at `b * image_stride + c * plane_stride` of `data`.
 #[derive(Debug, Clone, Copy)]
 pub struct InputPart<'a> {
     pub data: &'a [f32],
     pub channels: usize,
     pub image_stride: usize,
+    /// At least `h * w`: planes may lie further apart than their size
+    /// ([`spread_plane_pitch`](super::super::cache::spread_plane_pitch)).
+    pub plane_stride: usize,
     /// Written long enough ago to have left the cores' L2 caches (a skip connection's tensor,
     /// made many layers before): the kernels fetch it ahead of use. A hint only: a wrong value
     /// costs time, never changes a result.
@@ -26,16 +29,22 @@ pub struct ConvInput<'a> {
 }
 
 impl<'a> ConvInput<'a> {
-    /// The parts' channels, in order; `None` when a part is too short for `n` images of
-    /// `h x w`, or when there is no part.
+    /// The parts' channels, in order; `None` when a part's planes are closer than `h * w` or
+    /// the part is too short for `n` images of them, or when there is no part.
     pub fn new(parts: Vec<InputPart<'a>>, n: usize, h: usize, w: usize) -> Option<Self> {
-        let fits = |p: &InputPart| n == 0 || p.channels * h * w == 0 || (n - 1) * p.image_stride + p.channels * h * w <= p.data.len();
+        // One past the last float of the last plane (of a part with images and channels).
+        let end = |p: &InputPart| -> Option<usize> {
+            let last_image = (n - 1).checked_mul(p.image_stride)?;
+            let last_plane = (p.channels - 1).checked_mul(p.plane_stride)?;
+            last_image.checked_add(last_plane)?.checked_add(h * w)
+        };
+        let fits = |p: &InputPart| p.plane_stride >= h * w && (n == 0 || p.channels * h * w == 0 || end(p).is_some_and(|end| end <= p.data.len()));
         (!parts.is_empty() && parts.iter().all(fits)).then_some(ConvInput { parts, n, h, w })
     }
 
     /// One row-major tensor.
     pub fn contiguous(data: &'a [f32], n: usize, channels: usize, h: usize, w: usize) -> Self {
-        ConvInput { parts: vec![InputPart { data, channels, image_stride: channels * h * w, cold: false }], n, h, w }
+        ConvInput { parts: vec![InputPart { data, channels, image_stride: channels * h * w, plane_stride: h * w, cold: false }], n, h, w }
     }
 
     pub fn channels(&self) -> usize {
@@ -47,7 +56,7 @@ impl<'a> ConvInput<'a> {
         let plane = self.h * self.w;
         for part in &self.parts {
             if c < part.channels {
-                return &part.data[b * part.image_stride + c * plane..][..plane];
+                return &part.data[b * part.image_stride + c * part.plane_stride..][..plane];
             }
             c -= part.channels;
         }
@@ -61,7 +70,7 @@ impl<'a> ConvInput<'a> {
         let pixels = pixels.start.min(plane)..pixels.end.min(plane);
         for part in self.parts.iter().filter(|part| part.cold) {
             for c in 0..part.channels {
-                fetch_into_l2(&part.data[b * part.image_stride + c * plane..][pixels.clone()]);
+                fetch_into_l2(&part.data[b * part.image_stride + c * part.plane_stride..][pixels.clone()]);
             }
         }
     }
@@ -73,7 +82,7 @@ impl<'a> ConvInput<'a> {
         let pixels = pixels.start.min(plane)..pixels.end.min(plane);
         for part in &self.parts {
             for c in 0..part.channels {
-                fetch_into_l2(&part.data[b * part.image_stride + c * plane..][pixels.clone()]);
+                fetch_into_l2(&part.data[b * part.image_stride + c * part.plane_stride..][pixels.clone()]);
             }
         }
     }
@@ -83,7 +92,9 @@ impl<'a> ConvInput<'a> {
         let channels = self.channels();
         let plane = self.h * self.w;
         match self.parts.as_slice() {
-            [part] if part.image_stride == channels * plane => std::borrow::Cow::Borrowed(&part.data[..self.n * channels * plane]),
+            [part] if part.image_stride == channels * plane && part.plane_stride == plane => {
+                std::borrow::Cow::Borrowed(&part.data[..self.n * channels * plane])
+            }
             _ => std::borrow::Cow::Owned((0..self.n).flat_map(|b| (0..channels).flat_map(move |c| self.plane(b, c).iter().copied())).collect()),
         }
     }

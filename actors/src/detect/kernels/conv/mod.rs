@@ -304,32 +304,66 @@ impl Conv2d {
 
     /// Like [`run`](Self::run), on an input made of parts.
     pub fn run_input(&self, input: &ConvInput, residual: Option<&[f32]>) -> Vec<f32> {
+        let (oh, ow) = self.output_size(input.h, input.w).expect("caller checked the output size");
+        self.run_input_pitched(input, residual, oh * ow)
+    }
+
+    /// Whether [`run_input_pitched`](Self::run_input_pitched) takes a pitch other than the
+    /// planes' size for an output of `oh x ow` (every way but AMX tiles does).
+    pub fn writes_pitched(&self, oh: usize, ow: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self.amx.as_ref().is_some_and(|amx| amx.takes(oh * ow)) {
+            return false;
+        }
+        let _ = (oh, ow);
+        true
+    }
+
+    /// Like [`run_input`](Self::run_input), with the output's channel planes `pitch` floats
+    /// apart (`[n][out_channels][pitch]`, each plane's `oh x ow` pixels first, then zeros): a
+    /// pitch from [`spread_plane_pitch`](super::cache::spread_plane_pitch) keeps the next
+    /// layer's reads of the planes from evicting each other. `residual` has the same layout.
+    /// A pitch other than `oh * ow` needs [`writes_pitched`](Self::writes_pitched).
+    pub fn run_input_pitched(&self, input: &ConvInput, residual: Option<&[f32]>, pitch: usize) -> Vec<f32> {
         let (n, h, w) = (input.n, input.h, input.w);
         let (oh, ow) = self.output_size(h, w).expect("caller checked the output size");
-        let len = n * self.spec.out_channels * oh * ow;
+        let pixels = oh * ow;
+        assert!(pitch >= pixels && (pitch == pixels || self.writes_pitched(oh, ow)), "a pitch of {pitch} for {oh}x{ow} planes");
+        let planes = n * self.spec.out_channels;
+        let len = planes * pitch;
         assert_eq!(input.channels(), self.spec.in_channels, "input channels");
         if let Some(residual) = residual {
-            assert_eq!(residual.len(), len, "residual length");
+            // The last plane's padding may be absent (a channel split of a pitched tensor).
+            assert!(residual.len() >= len - (pitch - pixels), "residual length");
         }
-        // Not zero-filled first: every element is written below, and zeroing a layer's output
-        // is a pass through memory of its own.
+        // Not zero-filled first: every pixel is written below, and zeroing a layer's output is
+        // a pass through memory of its own. The floats between planes are zeroed here.
         let mut out: Vec<f32> = Vec::with_capacity(len);
         let spare = &mut out.spare_capacity_mut()[..len];
+        if pitch > pixels {
+            for plane in spare.chunks_exact_mut(pitch) {
+                zeroed(&mut plane[pixels..]);
+            }
+        }
+        self.run_kernel(input, residual, (oh, ow), pitch, spare);
+        // SAFETY: every way of running writes all pixels of every plane (the GEMM tiles cover
+        // every output channel and pixel; the depthwise planes are zeroed, then accumulated), and
+        // the floats between planes were zeroed above.
+        unsafe { out.set_len(len) };
+        out
+    }
+
+    /// Runs the convolution into `out` (`[n][out_channels][pitch]`), by the fastest way the
+    /// shape and the CPU allow.
+    fn run_kernel(&self, input: &ConvInput, residual: Option<&[f32]>, (oh, ow): (usize, usize), pitch: usize, out: &mut [MaybeUninit<f32>]) {
+        let (n, h, w) = (input.n, input.h, input.w);
         #[cfg(target_arch = "x86_64")]
         if let (Some(stem), None) = (&self.stem, residual) {
-            self.run_stem(stem, input, oh, ow, spare);
-            // SAFETY: each task writes every pixel of its output rows of every channel, and the
-            // tasks cover the rows of every image.
-            unsafe { out.set_len(len) };
-            return out;
+            return self.run_stem(stem, input, oh, ow, pitch, out);
         }
         #[cfg(target_arch = "x86_64")]
         if let Some(amx) = self.amx.as_ref().filter(|amx| amx.takes(oh * ow)) {
-            self.run_amx(amx, input, oh, ow, residual, spare);
-            // SAFETY: the blocks cover every pixel of every channel of every image, and each
-            // is written.
-            unsafe { out.set_len(len) };
-            return out;
+            return self.run_amx(amx, input, oh, ow, residual, out);
         }
         // The small 3x3 layers whose pixel tiles put the pixels in the lanes on this output
         // run so rather than by Winograd (`pixel_tiles::rows_take_kernel`).
@@ -338,34 +372,23 @@ impl Conv2d {
             .runs_winograd(n, oh, ow)
             .filter(|_| !self.pixel_tiles_for(oh, ow).is_some_and(|t| t.rows_for(&self.spec, self.spec.in_channels * h * w, oh * ow)))
         {
-            self.run_winograd(winograd, input, oh, ow, residual, spare);
-            // SAFETY: the tiles cover every output pixel of every channel, and each is written.
-            unsafe { out.set_len(len) };
-            return out;
+            return self.run_winograd(winograd, input, oh, ow, pitch, residual, out);
         }
         #[cfg(target_arch = "x86_64")]
         if let Some(tiles) = self.pixel_tiles_for(oh, ow) {
-            self.run_pixel_tiles(tiles, input, oh, ow, residual, spare);
-            // SAFETY: the tiles cover every pixel of every row of every channel, and each is
-            // written.
-            unsafe { out.set_len(len) };
-            return out;
+            return self.run_pixel_tiles(tiles, input, oh, ow, pitch, residual, out);
         }
         if self.is_depthwise() {
-            self.run_depthwise(&input.to_contiguous(), h, w, oh, ow, residual, spare);
+            self.run_depthwise(input, oh, ow, pitch, residual, out);
         } else if !self.packed.is_empty() && !self.is_pointwise() {
-            self.run_direct(input, oh, ow, residual, spare);
+            self.run_direct(input, oh, ow, pitch, residual, out);
         } else if !self.packed.is_empty() {
-            self.run_gemm(input, oh, ow, residual, spare);
+            self.run_gemm(input, oh, ow, pitch, residual, out);
         } else {
             // The portable path reads its input as one buffer.
             let whole = input.to_contiguous();
-            self.run_gemm(&ConvInput::contiguous(&whole, n, self.spec.in_channels, h, w), oh, ow, residual, spare);
+            self.run_gemm(&ConvInput::contiguous(&whole, n, self.spec.in_channels, h, w), oh, ow, pitch, residual, out);
         }
-        // SAFETY: every path initialises all `len` elements (the GEMM tiles cover every output
-        // channel and pixel; the depthwise planes are zeroed, then accumulated).
-        unsafe { out.set_len(len) };
-        out
     }
 }
 
@@ -478,8 +501,23 @@ mod tests {
                         "cin={cin} cout={cout} g={groups} k={k} s={stride} residual={with_residual}: [{i}] {a} vs {b}"
                     );
                 }
+                // The same with the planes of the input, the output and the residual further
+                // apart than their size: NaN between the input's planes shows any read of them.
+                let in_pitch = h * w + 5;
+                let pitched_input = spread(&input, h * w, in_pitch, f32::NAN);
+                let part = InputPart { data: &pitched_input, channels: cin, image_stride: cin * in_pitch, plane_stride: in_pitch, cold: false };
+                let pitched = ConvInput::new(vec![part], n, h, w).unwrap();
+                let pitch = if conv.writes_pitched(oh, ow) { oh * ow + 3 } else { oh * ow };
+                let pitched_residual = spread(&residual, oh * ow, pitch, 0.0);
+                let pitched_out = conv.run_input_pitched(&pitched, with_residual.then_some(pitched_residual.as_slice()), pitch);
+                assert_eq!(pitched_out, spread(&out, oh * ow, pitch, 0.0), "cin={cin} cout={cout} g={groups} k={k} s={stride} pitch {pitch}");
             }
         }
+    }
+
+    /// `planes` of `size` floats, `pitch` apart, with `fill` between them.
+    fn spread(planes: &[f32], size: usize, pitch: usize, fill: f32) -> Vec<f32> {
+        planes.chunks_exact(size).flat_map(|plane| plane.iter().copied().chain(std::iter::repeat_n(fill, pitch - size))).collect()
     }
 
     #[test]
@@ -492,8 +530,8 @@ mod tests {
             let wide = values(n * 14 * h * w, 6);
             // The first part cold: read ahead of use, to the same result.
             let parts = vec![
-                InputPart { data: &first, channels: 5, image_stride: 5 * h * w, cold: true },
-                InputPart { data: &wide[7 * h * w..], channels: 7, image_stride: 14 * h * w, cold: false },
+                InputPart { data: &first, channels: 5, image_stride: 5 * h * w, plane_stride: h * w, cold: true },
+                InputPart { data: &wide[7 * h * w..], channels: 7, image_stride: 14 * h * w, plane_stride: h * w, cold: false },
             ];
             let input = ConvInput::new(parts, n, h, w).unwrap();
             let whole = input.to_contiguous().into_owned();
@@ -503,7 +541,7 @@ mod tests {
         }
         // A part shorter than its images is refused.
         let short = values(10, 1);
-        assert!(ConvInput::new(vec![InputPart { data: &short, channels: 1, image_stride: 9, cold: false }], 2, 3, 3).is_none());
+        assert!(ConvInput::new(vec![InputPart { data: &short, channels: 1, image_stride: 9, plane_stride: 9, cold: false }], 2, 3, 3).is_none());
     }
 
     #[test]

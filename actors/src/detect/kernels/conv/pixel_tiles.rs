@@ -520,8 +520,19 @@ impl Conv2d {
     }
 
     /// The convolution in tiles of pixels by channels (see the module's notes), into `out`
-    /// (`[n][out_channels][oh][ow]`), adding `residual` (the output's shape) last.
-    pub(super) fn run_pixel_tiles(&self, tiles: &PixelTiles, input: &ConvInput, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+    /// (`[n][out_channels]` planes of `oh x ow`, `pitch` apart), adding `residual` (the output's
+    /// layout) last.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run_pixel_tiles(
+        &self,
+        tiles: &PixelTiles,
+        input: &ConvInput,
+        oh: usize,
+        ow: usize,
+        pitch: usize,
+        residual: Option<&[f32]>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
         let (n, h, w) = (input.n, input.h, input.w);
         let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
         let (kh, kw) = self.spec.kernel;
@@ -569,7 +580,7 @@ impl Conv2d {
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
         // Channel planes a whole number of pages apart share their L1 sets, so a tile stored
         // straight into them evicts its own rows: such outputs go through a compact strip.
-        let compact = cache::rows_share_cache_sets(pixels);
+        let compact = cache::rows_share_cache_sets(pitch);
         let (planes, offsets, zeros, reading) = (&planes, &offsets, &zeros, &reading);
         // The work goes out in units of one run of one image through one block of panels,
         // numbered along the runs (the blocks of a run consecutive), in ranges that shrink
@@ -592,7 +603,7 @@ impl Conv2d {
                 unit += len;
                 let task_panels = block * panels_per_block..((block + 1) * panels_per_block).min(panels);
                 // The output of panel `panel` at pixel `p` of channel 0 of the panel.
-                let at = |panel: usize, p: usize| (batch * cout + panel * tiles.panel) * pixels + p;
+                let at = |panel: usize, p: usize| (batch * cout + panel * tiles.panel) * pitch + p;
                 let run = |taps: &[*const f32], start: usize, stride: usize, len: usize, first_out: usize, panel: usize, scratch: &mut Vec<f32>| {
                     let (tile, kernel) = tiles.tile(len, stride, tiles.width(panel), matches!(reading, Reading::Planes { .. }));
                     let run = Run { kernel, tile, taps, at: start, stride, len };
@@ -604,7 +615,7 @@ impl Conv2d {
                     // `panel * tiles.panel ..` of its runs of image `batch` (the ranges of units
                     // do not overlap, and units differ in image, run or panels), inside `out` and
                     // the residual, which have the output's shape.
-                    unsafe { run.emit(&weights, out_ptr.get().add(first_out), pixels, residual, compact, scratch) };
+                    unsafe { run.emit(&weights, out_ptr.get().add(first_out), pitch, residual, compact, scratch) };
                 };
                 SCRATCH.with_borrow_mut(|(scratch, _)| match reading {
                     Reading::Planes { stretch } => {
@@ -633,7 +644,7 @@ impl Conv2d {
                                 // input plane lie inside the plane; this piece alone writes
                                 // channels `panel * tiles.panel ..` of pixels `first..end` of image
                                 // `batch` (as `run` below), inside `out` and the residual.
-                                unsafe { tiles.pointwise_rows(&taps, first, end - first, panel, cout, silu, out, pixels, residual) };
+                                unsafe { tiles.pointwise_rows(&taps, first, end - first, panel, cout, silu, out, pitch, residual) };
                             } else {
                                 run(&taps, first, 1, end - first, at(panel, first), panel, scratch);
                             }
@@ -651,8 +662,8 @@ impl Conv2d {
                                     // are the phase planes' offsets, and `ow` pixels from
                                     // `oy * wp` of each lie inside them (as `run` below reads);
                                     // this piece alone writes channels `panel * tiles.panel ..`
-                                    // of output row `oy` of image `batch`, `pixels` apart.
-                                    unsafe { tiles.pointwise_rows(&taps, oy * layout.wp, ow, panel, cout, silu, out, pixels, residual) };
+                                    // of output row `oy` of image `batch`, `pitch` apart.
+                                    unsafe { tiles.pointwise_rows(&taps, oy * layout.wp, ow, panel, cout, silu, out, pitch, residual) };
                                 } else {
                                     run(&taps, oy * layout.wp, 1, ow, at(panel, oy * ow), panel, scratch);
                                 }
@@ -690,7 +701,7 @@ impl Conv2d {
         if let Reading::InPlace { stride, interior } = reading {
             let columns: Vec<usize> = (0..interior.start).chain(interior.end..ow).collect();
             if !columns.is_empty() {
-                self.border_columns(tiles, input, (oh, ow), *stride, &columns, residual, out_ptr);
+                self.border_columns(tiles, input, (oh, ow), pitch, *stride, &columns, residual, out_ptr);
             }
         }
     }
@@ -704,6 +715,7 @@ impl Conv2d {
         tiles: &PixelTiles,
         input: &ConvInput,
         (oh, ow): (usize, usize),
+        pitch: usize,
         stride: usize,
         columns: &[usize],
         residual: Option<&[f32]>,
@@ -714,7 +726,6 @@ impl Conv2d {
         let (kh, kw) = self.spec.kernel;
         let (sh, dh, pt) = (self.spec.stride.0, self.spec.dilation.0, self.spec.pads.0);
         let (dw, pl) = (self.spec.dilation.1, self.spec.pads.1);
-        let pixels = oh * ow;
         let panels = cout.div_ceil(tiles.panel);
         let units = n * columns.len();
         let threads = parallel::threads();
@@ -752,7 +763,7 @@ impl Conv2d {
                     unsafe { run.emit(&p, column.as_mut_ptr(), rows, None, false, &mut Vec::new()) };
                     for (c, values) in column.chunks_exact(rows).take(channels).enumerate() {
                         for (oy, &v) in values[..oh].iter().enumerate() {
-                            let index = (batch * cout + panel * tiles.panel + c) * pixels + oy * ow + ox;
+                            let index = (batch * cout + panel * tiles.panel + c) * pitch + oy * ow + ox;
                             let v = v + residual.map_or(0.0, |r| r[index]);
                             // SAFETY: pixel `(oy, ox)` of channel `panel * tiles.panel + c`: this
                             // task's alone (tasks differ in image, column or panels), inside `out`.

@@ -14,7 +14,8 @@ use super::{Conv2d, ConvInput, add_assign};
 
 impl Conv2d {
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn run_gemm(&self, input: &ConvInput, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+    /// Into `out`: `[n][out_channels]` planes of `oh x ow`, `pitch` apart (and the residual so).
+    pub(super) fn run_gemm(&self, input: &ConvInput, oh: usize, ow: usize, pitch: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let (n, h, w) = (input.n, input.h, input.w);
         let g = self.spec.groups;
         let cin_g = self.spec.in_channels / g;
@@ -62,16 +63,16 @@ impl Conv2d {
                 // `k x width` elements with row stride `rhs_rs`. The packed weights were made for a
                 // supported ISA (`PackedA` checks), so packing the input for it is sound.
                 unsafe {
-                    let first = (batch * self.spec.out_channels + channel0) * pixels + p0;
+                    let first = (batch * self.spec.out_channels + channel0) * pitch + p0;
                     let dst = out_ptr.get().add(first);
-                    let residual = residual.map(|r| (r[first..].as_ptr(), pixels));
+                    let residual = residual.map(|r| (r[first..].as_ptr(), pitch));
                     if let Some(packed) = packed {
                         // Only pointwise convolutions come here with packed weights (the others run
                         // in place, `run_direct`). Packing their scattered channel rows into panels
                         // measured faster than reading them in place.
                         let row = |kk: usize| plane(kk)[p0..].as_ptr();
                         pack::pack_b_rows(packed.isa(), &row, k, width, packed_b);
-                        if cache::rows_share_cache_sets(pixels) {
+                        if cache::rows_share_cache_sets(pitch) {
                             // Such rows evict each other from L1: a product written to a compact
                             // tile and copied out row by row measured 10-15 % faster on such layers
                             // (and slower on others).
@@ -82,7 +83,7 @@ impl Conv2d {
                             let epilogue = self.epilogue(channel0..channel0 + rows, None);
                             tiling::gemm(packed, m0..m0 + rows, packed_b, width, cols.as_mut_ptr(), width, Some(&epilogue));
                             for r in 0..rows {
-                                let d = std::slice::from_raw_parts_mut(dst.add(r * pixels), width);
+                                let d = std::slice::from_raw_parts_mut(dst.add(r * pitch), width);
                                 d.copy_from_slice(&cols[r * width..][..width]);
                                 if let Some((res, ld)) = residual {
                                     add_assign(d, std::slice::from_raw_parts(res.add(r * ld), width));
@@ -90,7 +91,7 @@ impl Conv2d {
                             }
                         } else {
                             let epilogue = self.epilogue(channel0..channel0 + rows, residual);
-                            tiling::gemm(packed, m0..m0 + rows, packed_b, width, dst, pixels, Some(&epilogue));
+                            tiling::gemm(packed, m0..m0 + rows, packed_b, width, dst, pitch, Some(&epilogue));
                         }
                     } else {
                         let lhs = &self.weights[channel0 * k..][..rows * k];
@@ -102,7 +103,7 @@ impl Conv2d {
                             rhs_rs,
                             width,
                             dst,
-                            pixels,
+                            pitch,
                             &self.bias[channel0..channel0 + rows],
                             self.spec.activation,
                             residual,

@@ -91,11 +91,12 @@ impl Stem {
 }
 
 impl Conv2d {
-    /// The stem over `input` into `out` (`[n][cout][oh][ow]`), in tasks of output rows.
-    pub(super) fn run_stem(&self, stem: &Stem, input: &ConvInput, oh: usize, ow: usize, out: &mut [MaybeUninit<f32>]) {
+    /// The stem over `input` into `out` (`[n][cout]` planes of `oh x ow`, `pitch` apart), in
+    /// tasks of output rows.
+    pub(super) fn run_stem(&self, stem: &Stem, input: &ConvInput, oh: usize, ow: usize, pitch: usize, out: &mut [MaybeUninit<f32>]) {
         let (n, h, w) = (input.n, input.h, input.w);
         let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
-        assert!(out.len() == n * cout * oh * ow && cin <= MAX_IN_CHANNELS);
+        assert!(pitch >= oh * ow && out.len() == n * cout * pitch && cin <= MAX_IN_CHANNELS);
         // Output column `ox` reads input columns `2 ox - 1 ..= 2 ox + 1`: inside the image or
         // its padding of one.
         assert!(w <= 2 * ow && 2 * ow <= w + 1, "a {w}-pixel row into {ow} outputs");
@@ -119,16 +120,16 @@ impl Conv2d {
                     let channels = lanes.min(cout - block * lanes);
                     let weights = &stem.weights[block * cin * TAPS * lanes..][..cin * TAPS * lanes];
                     let bias = &stem.bias[block * lanes..][..lanes];
-                    let first = ((batch * cout + block * lanes) * oh + oy) * ow;
+                    let first = (batch * cout + block * lanes) * pitch + oy * ow;
                     // SAFETY: the ISA is this CPU's (`Stem::new` checked); the taps are rows of
                     // `w` floats; the weights hold `cin * 9` vectors and the bias one; output row
-                    // `oy` of channels `block * lanes ..` of image `batch` (`oh * ow` apart) lies
+                    // `oy` of channels `block * lanes ..` of image `batch` (`pitch` apart) lies
                     // inside `out`, and this task alone writes it.
                     unsafe {
                         let out = out_ptr.get().add(first);
                         match stem.isa {
-                            Isa::Avx512 => stem_row_avx512(&taps[..3 * cin], w, weights, bias, silu, out, oh * ow, ow, channels),
-                            Isa::Avx2 => stem_row_avx2(&taps[..3 * cin], w, weights, bias, silu, out, oh * ow, ow, channels),
+                            Isa::Avx512 => stem_row_avx512(&taps[..3 * cin], w, weights, bias, silu, out, pitch, ow, channels),
+                            Isa::Avx2 => stem_row_avx2(&taps[..3 * cin], w, weights, bias, silu, out, pitch, ow, channels),
                         }
                     }
                 }

@@ -164,8 +164,19 @@ impl Conv2d {
     }
 
     /// The convolution by F(4x4, 3x3) (see the module's notes), into `out`
-    /// (`[n][out_channels][oh][ow]`), adding `residual` (the output's shape) last.
-    pub(super) fn run_winograd(&self, winograd: &Winograd, input: &ConvInput, oh: usize, ow: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+    /// (`[n][out_channels]` planes of `oh x ow`, `pitch` apart), adding `residual` (the
+    /// output's layout) last.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run_winograd(
+        &self,
+        winograd: &Winograd,
+        input: &ConvInput,
+        oh: usize,
+        ow: usize,
+        pitch: usize,
+        residual: Option<&[f32]>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
         let (n, h, w) = (input.n, input.h, input.w);
         let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
         let isa = winograd.isa();
@@ -187,7 +198,6 @@ impl Conv2d {
         let tiles = th * wq;
         let blocks = tiles.div_ceil(nr);
         let (m_block, m_blocks) = self.winograd_channel_blocks(n, oh, ow, isa);
-        let pixels = oh * ow;
         let silu = self.spec.activation == super::super::activation::Activation::Silu;
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
         // The 36 matrices of `V` (and of `M`) lie one cache line more than their size
@@ -276,7 +286,7 @@ impl Conv2d {
                         // SAFETY: `isa` is supported; `products` holds `POSITIONS` matrices of
                         // `cout x nr`, `m_stride` apart, and `pixels_of_tiles` `TILE * TILE * nr`.
                         unsafe { transform_output(isa, products.as_ptr().add(co * nr), m_stride, nr, self.bias[co], silu, pixels_of_tiles.as_mut_ptr()) };
-                        let channel_first = (batch * cout + co) * pixels;
+                        let channel_first = (batch * cout + co) * pitch;
                         // The block's tiles in runs along rows of tiles; each run is a run of
                         // pixels on each of its 4 output rows.
                         let mut lane = 0;
@@ -535,6 +545,7 @@ mod tests {
                             &ConvInput::contiguous(&input, n, cin, h, w),
                             oh,
                             ow,
+                            oh * ow,
                             with_residual.then_some(residual.as_slice()),
                             &mut out,
                         )
