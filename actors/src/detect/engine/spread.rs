@@ -57,7 +57,7 @@ pub(super) fn mark_spread_outputs(mut steps: Vec<Step>, output_slot: usize, targ
 /// [`planes_tensor`]); `None` otherwise.
 pub(super) fn plane_pitch(t: &Tensor) -> Option<usize> {
     match (t.dims(), t.layout().stride()) {
-        (&[n, c, h, w], &[s0, pitch, s2, 1]) if s2 == w && pitch >= h * w && w > 0 && pitch % w == 0 && (n == 1 || s0 == c * pitch) => Some(pitch),
+        (&[n, c, h, w], &[s0, pitch, s2, 1]) if s2 == w && pitch >= h * w && w > 0 && pitch.is_multiple_of(w) && (n == 1 || s0 == c * pitch) => Some(pitch),
         _ => None,
     }
 }
@@ -73,7 +73,7 @@ pub(super) fn planes_tensor(data: Vec<f32>, [n, c, h, w]: [usize; 4], pitch: usi
     if pitch == h * w {
         return Tensor::from_vec(data, (n, c, h, w), &Device::Cpu);
     }
-    if w == 0 || pitch % w != 0 || pitch < h * w {
+    if w == 0 || !pitch.is_multiple_of(w) || pitch < h * w {
         candle_core::bail!("a pitch of {pitch} for planes of {h}x{w}");
     }
     Tensor::from_vec(data, (n, c, pitch / w, w), &Device::Cpu)?.narrow(2, 0, h)

@@ -120,7 +120,7 @@ mod tests {
         assert_eq!(spread_plane_pitch(20, 20), 20 * 20);
         for (h, w) in [(160, 160), (80, 80), (40, 40), (20, 20), (320, 320), (64, 64), (1024, 1), (7, 9), (1, 1), (0, 5)] {
             let pitch = spread_plane_pitch(h, w);
-            assert!(pitch >= h * w && pitch <= (h + 16) * w && (w == 0 || pitch % w == 0), "{h}x{w}: {pitch}");
+            assert!(pitch >= h * w && pitch <= (h + 16) * w && (w == 0 || pitch.is_multiple_of(w)), "{h}x{w}: {pitch}");
             assert!(pitch == h * w || !rows_share_cache_sets(pitch), "{h}x{w}: {pitch}");
         }
     }
