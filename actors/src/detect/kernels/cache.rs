@@ -89,8 +89,8 @@ pub const fn rows_share_cache_sets(stride: usize) -> bool {
 /// A 1x1 convolution reads the same pixels of every input plane at once: planes a page apart
 /// put all those lines in one L1 set of 8 ways, and they evict each other before the next tile
 /// reads them. On a Zen 3 (AVX2), YOLO11n and YOLOv12n at 2 threads, in-process rounds
-/// alternating with packed planes: 48 -> 64 channels at 160x160 0.79-0.88 of its time, 32 -> 32
-/// 0.82-0.89. Planes of 80x80 (a quarter page more than six) gained nothing so, and some of
+/// alternating with packed planes: 48 -> 64 channels at 160x160 0.72-0.88 of its time, 32 -> 32
+/// 0.71-0.89. Planes of 80x80 (a quarter page more than six) gained nothing so, and some of
 /// their layers took 1.06-1.12 of their time.
 pub fn spread_plane_pitch(h: usize, w: usize) -> usize {
     const LINE_FLOATS: usize = 64 / FLOAT;
