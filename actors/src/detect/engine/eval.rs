@@ -693,8 +693,8 @@ pub(super) struct ConvOutput {
     pub pitch: usize,
 }
 
-/// Image `b`'s channel `c` of `t` (`[n, c, h, w]`, its storage `data`) as a convolution reads
-/// it in place: `None` unless its rows are contiguous and its planes `h * w` or more apart.
+/// `t` (`[n, c, h, w]`, its storage `data`) as one part of a convolution's input, read where
+/// it lies: `None` unless its rows are contiguous and its planes `h * w` or more apart.
 pub(super) fn input_part<'a>(t: &Tensor, data: &'a [f32], cold: bool) -> Option<kernels::conv::InputPart<'a>> {
     let &[_, channels, h, w] = t.dims() else { return None };
     let &[image_stride, plane_stride, row_stride, 1] = t.layout().stride() else { return None };

@@ -7,7 +7,7 @@
 //!
 //! On a Zen 3 (AVX2), 2 threads, rounds in one process alternating with packed planes (median
 //! of the paired ratios, two sittings each): YOLOv12n and YOLO11n 0.98-0.99 of their time, all
-//! of it in the 1x1 layers at 160x160 (0.71-0.89); the other layers level.
+//! of it in the 1x1 layers at 160x160 (0.72-0.86); the other layers level.
 
 use candle_core::{Device, Tensor};
 

@@ -10,19 +10,20 @@ use crate::detect::kernels::parallel;
 use super::super::SendPtr;
 use super::super::activation::{Activation, bias_activation};
 use super::super::isa::Isa;
-use super::{Conv2d, ConvInput, add_assign, zeroed};
+use super::{Conv2d, ConvInput, OutputPlanes, add_assign, zeroed};
 
 /// Output pixels below which a task takes several planes.
 const SMALL_TASK_PIXELS: usize = 4096;
 
 impl Conv2d {
-    /// Into `out`: `[n][out_channels]` planes of `oh x ow`, `pitch` apart (and the residual so).
-    pub(super) fn run_depthwise(&self, input: &ConvInput, oh: usize, ow: usize, pitch: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+    /// Into `out` (`planes`), adding `residual` last.
+    pub(super) fn run_depthwise(&self, input: &ConvInput, planes: OutputPlanes, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let (h, w) = (input.h, input.w);
         #[cfg(target_arch = "x86_64")]
-        if self.run_channel_lanes(input, (oh, ow), pitch, residual, out) {
+        if self.run_channel_lanes(input, planes, residual, out) {
             return;
         }
+        let OutputPlanes { oh, ow, pitch } = planes;
         let channels = self.spec.out_channels;
         let isa = Isa::detect();
         let (kh, kw) = self.spec.kernel;
@@ -85,7 +86,13 @@ impl Conv2d {
     /// up to [`CHANNEL_LANES_MAX_PIXELS`];
     /// `STREAMDET_DEPTHWISE_LANES=off` keeps every plane on the row kernel, to compare the two.
     /// Returns whether it ran.
-    fn run_channel_lanes(&self, input: &ConvInput, (oh, ow): (usize, usize), pitch: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) -> bool {
+    fn run_channel_lanes(
+        &self,
+        input: &ConvInput,
+        OutputPlanes { oh, ow, pitch }: OutputPlanes,
+        residual: Option<&[f32]>,
+        out: &mut [MaybeUninit<f32>],
+    ) -> bool {
         use super::super::x86_64::depthwise_lanes::{ChannelGroup, depthwise_rows_avx2, depthwise_rows_avx512};
         static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let enabled = *ENABLED.get_or_init(|| std::env::var("STREAMDET_DEPTHWISE_LANES").map_or(true, |v| v != "off"));

@@ -11,7 +11,7 @@ use super::super::isa::{Isa, MAX_NR};
 use super::super::x86_64;
 use super::super::{cache, tiling};
 use super::schedule::{self, SCRATCH};
-use super::{Conv2d, ConvInput, add_assign, zeroed};
+use super::{Conv2d, ConvInput, OutputPlanes, add_assign, zeroed};
 
 impl Conv2d {
     /// A convolution without im2col. The input is copied once into zero-padded planes split by
@@ -19,10 +19,10 @@ impl Conv2d {
     /// input a kernel tap sees for 16 consecutive output pixels is 16 consecutive floats of one
     /// phase plane; for each output row the microkernel then reads every patch row in place, at
     /// a fixed offset from the row's start (`gemm_offsets`). Output rows run in parallel.
-    /// Into `out`: `[n][out_channels]` planes of `oh x ow`, `pitch` apart (and the residual so).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn run_direct(&self, input: &ConvInput, oh: usize, ow: usize, pitch: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+    /// Into `out` (`planes`), adding `residual` last.
+    pub(super) fn run_direct(&self, input: &ConvInput, planes: OutputPlanes, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let n = input.n;
+        let OutputPlanes { oh, ow, pitch } = planes;
         let g = self.spec.groups;
         let (cin_g, m_g) = (self.spec.in_channels / g, self.spec.out_channels / g);
         let layout = self.phase_layout(input.h, input.w);

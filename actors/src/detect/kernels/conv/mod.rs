@@ -47,6 +47,16 @@ pub use input::{ConvInput, InputPart};
 #[cfg(all(target_arch = "x86_64", feature = "bench-internals"))]
 pub use pixel_tiles::tile_gflops;
 
+/// Where a way of running a convolution writes its output: `[n][out_channels]` planes of
+/// `oh x ow` pixels, `pitch` floats apart (`pitch >= oh * ow`; the floats between planes are
+/// not the kernel's to write), the residual laid out the same.
+#[derive(Debug, Clone, Copy)]
+struct OutputPlanes {
+    oh: usize,
+    ow: usize,
+    pitch: usize,
+}
+
 /// A convolution's shape: everything but its weights. Plain data; [`Conv2d::new`] checks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvSpec {
@@ -345,7 +355,7 @@ impl Conv2d {
                 zeroed(&mut plane[pixels..]);
             }
         }
-        self.run_kernel(input, residual, (oh, ow), pitch, spare);
+        self.run_kernel(input, residual, OutputPlanes { oh, ow, pitch }, spare);
         // SAFETY: every way of running writes all pixels of every plane (the GEMM tiles cover
         // every output channel and pixel; the depthwise planes are zeroed, then accumulated), and
         // the floats between planes were zeroed above.
@@ -355,11 +365,12 @@ impl Conv2d {
 
     /// Runs the convolution into `out` (`[n][out_channels][pitch]`), by the fastest way the
     /// shape and the CPU allow.
-    fn run_kernel(&self, input: &ConvInput, residual: Option<&[f32]>, (oh, ow): (usize, usize), pitch: usize, out: &mut [MaybeUninit<f32>]) {
+    fn run_kernel(&self, input: &ConvInput, residual: Option<&[f32]>, planes: OutputPlanes, out: &mut [MaybeUninit<f32>]) {
         let (n, h, w) = (input.n, input.h, input.w);
+        let OutputPlanes { oh, ow, .. } = planes;
         #[cfg(target_arch = "x86_64")]
         if let (Some(stem), None) = (&self.stem, residual) {
-            return self.run_stem(stem, input, oh, ow, pitch, out);
+            return self.run_stem(stem, input, planes, out);
         }
         #[cfg(target_arch = "x86_64")]
         if let Some(amx) = self.amx.as_ref().filter(|amx| amx.takes(oh * ow)) {
@@ -372,22 +383,22 @@ impl Conv2d {
             .runs_winograd(n, oh, ow)
             .filter(|_| !self.pixel_tiles_for(oh, ow).is_some_and(|t| t.rows_for(&self.spec, self.spec.in_channels * h * w, oh * ow)))
         {
-            return self.run_winograd(winograd, input, oh, ow, pitch, residual, out);
+            return self.run_winograd(winograd, input, planes, residual, out);
         }
         #[cfg(target_arch = "x86_64")]
         if let Some(tiles) = self.pixel_tiles_for(oh, ow) {
-            return self.run_pixel_tiles(tiles, input, oh, ow, pitch, residual, out);
+            return self.run_pixel_tiles(tiles, input, planes, residual, out);
         }
         if self.is_depthwise() {
-            self.run_depthwise(input, oh, ow, pitch, residual, out);
+            self.run_depthwise(input, planes, residual, out);
         } else if !self.packed.is_empty() && !self.is_pointwise() {
-            self.run_direct(input, oh, ow, pitch, residual, out);
+            self.run_direct(input, planes, residual, out);
         } else if !self.packed.is_empty() {
-            self.run_gemm(input, oh, ow, pitch, residual, out);
+            self.run_gemm(input, planes, residual, out);
         } else {
             // The portable path reads its input as one buffer.
             let whole = input.to_contiguous();
-            self.run_gemm(&ConvInput::contiguous(&whole, n, self.spec.in_channels, h, w), oh, ow, pitch, residual, out);
+            self.run_gemm(&ConvInput::contiguous(&whole, n, self.spec.in_channels, h, w), planes, residual, out);
         }
     }
 }

@@ -62,7 +62,7 @@ use super::super::pack::PackedB;
 use super::super::x86_64::{avx2, avx512};
 use super::direct::phase_planes;
 use super::schedule::{self, SCRATCH};
-use super::{Conv2d, ConvInput, ConvSpec, add_assign};
+use super::{Conv2d, ConvInput, ConvSpec, OutputPlanes, add_assign};
 
 /// A convolution's weights in panels of `panel` output channels (one or two registers: 16 or
 /// 32 with AVX-512, 8 or 16 with AVX2), `[panel][kk][channel]` with `kk = (c, ky, kx)` (zeros
@@ -520,20 +520,10 @@ impl Conv2d {
     }
 
     /// The convolution in tiles of pixels by channels (see the module's notes), into `out`
-    /// (`[n][out_channels]` planes of `oh x ow`, `pitch` apart), adding `residual` (the output's
-    /// layout) last.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn run_pixel_tiles(
-        &self,
-        tiles: &PixelTiles,
-        input: &ConvInput,
-        oh: usize,
-        ow: usize,
-        pitch: usize,
-        residual: Option<&[f32]>,
-        out: &mut [MaybeUninit<f32>],
-    ) {
+    /// (`output`), adding `residual` last.
+    pub(super) fn run_pixel_tiles(&self, tiles: &PixelTiles, input: &ConvInput, output: OutputPlanes, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let (n, h, w) = (input.n, input.h, input.w);
+        let OutputPlanes { oh, ow, pitch } = output;
         let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
         let (kh, kw) = self.spec.kernel;
         let (sh, dh, pt, dw) = (self.spec.stride.0, self.spec.dilation.0, self.spec.pads.0, self.spec.dilation.1);
@@ -701,7 +691,7 @@ impl Conv2d {
         if let Reading::InPlace { stride, interior } = reading {
             let columns: Vec<usize> = (0..interior.start).chain(interior.end..ow).collect();
             if !columns.is_empty() {
-                self.border_columns(tiles, input, (oh, ow), pitch, *stride, &columns, residual, out_ptr);
+                self.border_columns(tiles, input, output, *stride, &columns, residual, out_ptr);
             }
         }
     }
@@ -714,8 +704,7 @@ impl Conv2d {
         &self,
         tiles: &PixelTiles,
         input: &ConvInput,
-        (oh, ow): (usize, usize),
-        pitch: usize,
+        OutputPlanes { oh, ow, pitch }: OutputPlanes,
         stride: usize,
         columns: &[usize],
         residual: Option<&[f32]>,

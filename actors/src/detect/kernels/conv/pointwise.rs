@@ -10,13 +10,14 @@ use super::super::SendPtr;
 use super::super::isa::Isa;
 use super::super::{cache, pack, portable, tiling};
 use super::schedule::{self, SCRATCH};
-use super::{Conv2d, ConvInput, add_assign};
+use super::{Conv2d, ConvInput, OutputPlanes, add_assign};
 
 impl Conv2d {
     #[allow(clippy::too_many_arguments)]
-    /// Into `out`: `[n][out_channels]` planes of `oh x ow`, `pitch` apart (and the residual so).
-    pub(super) fn run_gemm(&self, input: &ConvInput, oh: usize, ow: usize, pitch: usize, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+    /// Into `out` (`planes`), adding `residual` last.
+    pub(super) fn run_gemm(&self, input: &ConvInput, planes: OutputPlanes, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let (n, h, w) = (input.n, input.h, input.w);
+        let OutputPlanes { oh, ow, pitch } = planes;
         let g = self.spec.groups;
         let cin_g = self.spec.in_channels / g;
         let m_g = self.spec.out_channels / g;

@@ -35,7 +35,7 @@ use super::super::SendPtr;
 use super::super::epilogue::finish_each;
 use super::super::isa::Isa;
 use super::super::simd::{Avx2, Avx512};
-use super::{Conv2d, ConvInput, ConvSpec};
+use super::{Conv2d, ConvInput, ConvSpec, OutputPlanes};
 
 /// Taps per input channel.
 const TAPS: usize = 9;
@@ -91,10 +91,10 @@ impl Stem {
 }
 
 impl Conv2d {
-    /// The stem over `input` into `out` (`[n][cout]` planes of `oh x ow`, `pitch` apart), in
-    /// tasks of output rows.
-    pub(super) fn run_stem(&self, stem: &Stem, input: &ConvInput, oh: usize, ow: usize, pitch: usize, out: &mut [MaybeUninit<f32>]) {
+    /// The stem over `input` into `out` (`planes`), in tasks of output rows.
+    pub(super) fn run_stem(&self, stem: &Stem, input: &ConvInput, planes: OutputPlanes, out: &mut [MaybeUninit<f32>]) {
         let (n, h, w) = (input.n, input.h, input.w);
+        let OutputPlanes { oh, ow, pitch } = planes;
         let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
         assert!(pitch >= oh * ow && out.len() == n * cout * pitch && cin <= MAX_IN_CHANNELS);
         // Output column `ox` reads input columns `2 ox - 1 ..= 2 ox + 1`: inside the image or

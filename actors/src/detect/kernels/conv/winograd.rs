@@ -42,7 +42,7 @@ use super::super::pack::{PackedA, PackedB};
 use super::super::simd::Lanes;
 use super::super::{SendPtr, tiling};
 use super::direct::{PhaseLayout, phase_planes};
-use super::{Conv2d, ConvInput, ConvSpec, add_assign, schedule};
+use super::{Conv2d, ConvInput, ConvSpec, OutputPlanes, add_assign, schedule};
 
 /// Output pixels along each side of a tile.
 const TILE: usize = 4;
@@ -163,21 +163,11 @@ impl Conv2d {
         schedule::channel_blocks(n * tile_blocks(oh, ow, isa), self.spec.out_channels, isa.mr(), parallel::threads())
     }
 
-    /// The convolution by F(4x4, 3x3) (see the module's notes), into `out`
-    /// (`[n][out_channels]` planes of `oh x ow`, `pitch` apart), adding `residual` (the
-    /// output's layout) last.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn run_winograd(
-        &self,
-        winograd: &Winograd,
-        input: &ConvInput,
-        oh: usize,
-        ow: usize,
-        pitch: usize,
-        residual: Option<&[f32]>,
-        out: &mut [MaybeUninit<f32>],
-    ) {
+    /// The convolution by F(4x4, 3x3) (see the module's notes), into `out` (`planes`), adding
+    /// `residual` last.
+    pub(super) fn run_winograd(&self, winograd: &Winograd, input: &ConvInput, planes: OutputPlanes, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let (n, h, w) = (input.n, input.h, input.w);
+        let OutputPlanes { oh, ow, pitch } = planes;
         let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
         let isa = winograd.isa();
         let nr = isa.nr();
@@ -543,9 +533,7 @@ mod tests {
                         conv.run_winograd(
                             winograd,
                             &ConvInput::contiguous(&input, n, cin, h, w),
-                            oh,
-                            ow,
-                            oh * ow,
+                            OutputPlanes { oh, ow, pitch: oh * ow },
                             with_residual.then_some(residual.as_slice()),
                             &mut out,
                         )
