@@ -37,7 +37,8 @@ impl Conv2d {
         let planes = input.n * channels;
         let per_task = (SMALL_TASK_PIXELS / (oh * ow).max(1)).min(planes.div_ceil(8 * parallel::threads())).max(1);
         parallel::for_each_chunk_mut(&mut out[..planes * pitch], per_task * pitch, |task, dsts| {
-            // The last plane may end without its padding: chunks of `pitch`, each cut to its pixels.
+            // Chunks of `pitch`, each cut to its plane's pixels (the floats after them are not
+            // this kernel's to write).
             for (i, dst) in dsts.chunks_mut(pitch).enumerate() {
                 let dst = &mut dst[..oh * ow];
                 let plane_index = task * per_task + i;
@@ -145,7 +146,8 @@ impl Conv2d {
             bias[..lanes].copy_from_slice(&self.bias[first_channel..first_channel + lanes]);
             // SAFETY: this task alone writes rows `first_row .. first_row + rows` of the planes
             // of channels `first_channel ..` of image `image` (tasks differ in image, group or
-            // rows), inside `out` (`[images][channels]` planes `pitch` apart), which outlives the loop.
+            // rows), inside `out` (`[images][channels]` planes `pitch` apart), which outlives
+            // the loop.
             let mut outputs: Vec<&mut [MaybeUninit<f32>]> =
                 planes.clone().map(|start| unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(start).cast::<MaybeUninit<f32>>(), rows * ow) }).collect();
             let group =

@@ -356,9 +356,11 @@ impl Conv2d {
             }
         }
         self.run_kernel(input, residual, OutputPlanes { oh, ow, pitch }, spare);
-        // SAFETY: every way of running writes all pixels of every plane (the GEMM tiles cover
-        // every output channel and pixel; the depthwise planes are zeroed, then accumulated), and
-        // the floats between planes were zeroed above.
+        // SAFETY: every way of running writes all pixels of every plane: the stem's tasks every
+        // pixel of their output rows of every channel, the tasks covering every image's rows;
+        // AMX's blocks, Winograd's tiles and the pixel tiles (border columns included) every
+        // pixel of every channel; the GEMM tiles every output channel and pixel; the depthwise
+        // planes are zeroed, then accumulated. The floats between planes were zeroed above.
         unsafe { out.set_len(len) };
         out
     }
