@@ -27,7 +27,11 @@
 //! against that, three sittings: the 3x3 layers at 20x20 took 0.83-1.07 of their time, most
 //! below 0.97 (256 -> 64 channels 0.65-0.92), 0.82-0.98 on one thread (two blocks of channels
 //! there). The output transform leaves each row of a tile's pixels interleaved
-//! in registers ([`Lanes::interleave4`]), so a run of tiles is copied out as runs of pixels.
+//! in registers ([`Lanes::interleave4`]): a vector holds one output row of a group of 2 (4)
+//! tiles, stored in place where the group lies whole inside the output, through a buffer and
+//! clipped at its edges. (Through the buffer for every tile, then copied out by runs, the 3x3
+//! stride-1 layers took 1.005-1.007 of the time, each 1.03-1.10 on the small outputs: YOLO11n
+//! and YOLOv12n, 2 threads, 30 interleaved rounds.)
 //!
 //! Measured with `cargo bench --bench conv` (this AVX-512 machine, 1 thread): 64 -> 64
 //! channels at 80x80 in 0.93 ms against 2.27 ms direct; in YOLOv12n the 3x3 stride-1 layers
@@ -271,33 +275,58 @@ impl Conv2d {
                             )
                         };
                     }
+                    // The block's tiles in groups of one vector's pixels of a row: a group that
+                    // lies whole inside the output, on one row of tiles, is stored in place, at
+                    // `in_place[group]` from its channel's first pixel; the others go through
+                    // `pixels_of_tiles`, clipped.
+                    let per_group = isa_lanes(isa) / TILE;
+                    let groups = nr / per_group;
+                    let mut in_place = [THROUGH_BUFFER; super::super::isa::MAX_NR];
+                    for (group, place) in in_place[..groups].iter_mut().enumerate() {
+                        let tile = first_tile + group * per_group;
+                        let (ty, tx) = (tile / wq, tile % wq);
+                        if tile + per_group <= tiles && tx + per_group <= tw && TILE * (tx + per_group) <= ow && TILE * (ty + 1) <= oh {
+                            *place = TILE * ty * ow + TILE * tx;
+                        }
+                    }
                     let mut pixels_of_tiles = [0f32; TILE * TILE * super::super::isa::MAX_NR];
                     for co in channels {
-                        // SAFETY: `isa` is supported; `products` holds `POSITIONS` matrices of
-                        // `cout x nr`, `m_stride` apart, and `pixels_of_tiles` `TILE * TILE * nr`.
-                        unsafe { transform_output(isa, products.as_ptr().add(co * nr), m_stride, nr, self.bias[co], silu, pixels_of_tiles.as_mut_ptr()) };
                         let channel_first = (batch * cout + co) * pitch;
-                        // The block's tiles in runs along rows of tiles; each run is a run of
-                        // pixels on each of its 4 output rows.
-                        let mut lane = 0;
-                        while lane < nr.min(tiles - first_tile) {
-                            let (ty, tx) = ((first_tile + lane) / wq, (first_tile + lane) % wq);
-                            let run = (wq - tx).min(nr - lane);
-                            // Without the row's extra tile, and clipped to the output's width.
-                            let columns = (TILE * run.min(tw - tx.min(tw))).min(ow - (TILE * tx).min(ow));
-                            for a in 0..TILE.min(oh - TILE * ty) {
-                                let first = channel_first + (TILE * ty + a) * ow + TILE * tx;
-                                let source = &pixels_of_tiles[a * TILE * nr + TILE * lane..][..columns];
-                                // SAFETY: `columns` pixels of row 4ty + a of channel `co` of image
-                                // `batch` from column 4tx, inside the output; only this block's
-                                // tiles write them.
-                                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(first), columns) };
-                                dst.copy_from_slice(source);
-                                if let Some(residual) = residual {
-                                    add_assign(dst, &residual[first..][..columns]);
+                        let destination = TileDestination {
+                            // SAFETY: channel `co` of image `batch` starts inside the output.
+                            out: unsafe { out_ptr.get().add(channel_first) },
+                            residual: residual.map(|residual| residual[channel_first..][..oh * ow].as_ptr()),
+                            row: ow,
+                            in_place: &in_place[..groups],
+                            buffer: pixels_of_tiles.as_mut_ptr(),
+                        };
+                        // SAFETY: `isa` is supported; `products` holds `POSITIONS` matrices of
+                        // `cout x nr`, `m_stride` apart, and `pixels_of_tiles` `TILE * TILE * nr`;
+                        // a group stored in place lies whole inside the output (and residual)
+                        // plane of channel `co`, where only this block's tiles write.
+                        unsafe { transform_output(isa, products.as_ptr().add(co * nr), m_stride, nr, self.bias[co], silu, &destination) };
+                        // The other groups' tiles, without the rows' extra tiles, clipped to the
+                        // output.
+                        for group in (0..groups).filter(|&group| in_place[group] == THROUGH_BUFFER) {
+                            for lane in group * per_group..((group + 1) * per_group).min(tiles - first_tile.min(tiles)) {
+                                let (ty, tx) = ((first_tile + lane) / wq, (first_tile + lane) % wq);
+                                if tx >= tw {
+                                    continue;
+                                }
+                                let columns = TILE.min(ow - TILE * tx);
+                                for a in 0..TILE.min(oh - TILE * ty) {
+                                    let first = channel_first + (TILE * ty + a) * ow + TILE * tx;
+                                    let source = &pixels_of_tiles[a * TILE * nr + TILE * lane..][..columns];
+                                    // SAFETY: `columns` pixels of row 4ty + a of channel `co` of
+                                    // image `batch` from column 4tx, inside the output; only this
+                                    // block's tiles write them.
+                                    let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(first), columns) };
+                                    dst.copy_from_slice(source);
+                                    if let Some(residual) = residual {
+                                        add_assign(dst, &residual[first..][..columns]);
+                                    }
                                 }
                             }
-                            lane += run;
                         }
                     }
                 });
@@ -387,15 +416,18 @@ unsafe fn transform_input_with<V: Lanes>(input: &BlockInput, v: *mut f32, v_stri
 }
 
 /// One output channel of the `nr` tiles of `M`, whose 36 rows of `nr` are `m_stride` apart
-/// from `m`: `Aᵀ m A` plus `bias`, then SiLU when asked, into `out` as 4 rows of pixels, one
-/// per row of the tiles: row `a` holds, for each tile in turn, its 4 pixels of that row
-/// (`[TILE][nr][TILE]`), so that a run of tiles along an output row is a run of pixels.
+/// from `m`: `Aᵀ m A` plus `bias`, then SiLU when asked, stored as `destination` says.
 ///
 /// # Safety
 /// The CPU has `V`'s features; `m + p * m_stride` holds `nr` readable floats for every
-/// position `p`, and `out` `TILE * TILE * nr` writable ones.
+/// position `p`; `destination.buffer` holds `TILE * TILE * nr` writable floats;
+/// `destination.in_place` has `nr / (V::LEN / TILE)` groups, and each group stored in place
+/// has its `TILE` rows of `V::LEN` floats writable (and readable in the residual).
 #[inline(always)]
-unsafe fn transform_output_with<V: Lanes>(m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, out: *mut f32) {
+unsafe fn transform_output_with<V: Lanes>(m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, destination: &TileDestination) {
+    let &TileDestination { out, residual, row, in_place, buffer } = destination;
+    let per_group = V::LEN / TILE;
+    assert_eq!(in_place.len(), nr / per_group, "a place for every group of tiles");
     // SAFETY: the caller's contract covers every load and store.
     unsafe {
         for lane in (0..nr).step_by(V::LEN) {
@@ -429,12 +461,47 @@ unsafe fn transform_output_with<V: Lanes>(m: *const f32, m_stride: usize, nr: us
             for a in 0..TILE {
                 let mut pixels = [V::splat(0.0); TILE];
                 pixels.copy_from_slice(&finished[a * TILE..][..TILE]);
+                // Run `r` holds the row's pixels of tiles `lane + r * per_group ..` (a group).
                 for (r, run) in V::interleave4(pixels).into_iter().enumerate() {
-                    run.store(out.add(a * TILE * nr + TILE * lane + r * V::LEN));
+                    match in_place[lane / per_group + r] {
+                        THROUGH_BUFFER => run.store(buffer.add(a * TILE * nr + TILE * lane + r * V::LEN)),
+                        place => {
+                            let at = place + a * row;
+                            match residual {
+                                Some(residual) => run.add(V::load(residual.add(at))).store(out.add(at)),
+                                None => run.store(out.add(at)),
+                            }
+                        }
+                    }
                 }
             }
         }
     }
+}
+
+/// Marks a group of tiles that is not stored in place ([`TileDestination::in_place`]).
+const THROUGH_BUFFER: usize = usize::MAX;
+
+/// Floats per vector of `isa`.
+fn isa_lanes(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx2 => 8,
+        Isa::Avx512 => 16,
+    }
+}
+
+/// Where [`transform_output_with`] puts one output channel's pixels of a block's tiles, a
+/// vector (a group of `V::LEN / 4` tiles, 4 pixels each) of a tile row at a time: group `g`'s
+/// row `a` at `out + in_place[g] + a * row` (plus the residual's floats at the same place from
+/// `residual`), or, where `in_place[g]` is [`THROUGH_BUFFER`], at `buffer + a * 4 * nr +
+/// 4 * (first tile of the group)` (`[TILE][nr][TILE]`: a run of tiles along an output row is a
+/// run of pixels there).
+struct TileDestination<'a> {
+    out: *mut f32,
+    residual: Option<*const f32>,
+    row: usize,
+    in_place: &'a [usize],
+    buffer: *mut f32,
 }
 
 /// [`transform_input_with`] on `isa`'s vectors.
@@ -466,23 +533,23 @@ unsafe fn transform_input(isa: Isa, input: &BlockInput, v: *mut f32, v_stride: u
 ///
 /// # Safety
 /// As for [`transform_output_with`]; `isa` is supported.
-unsafe fn transform_output(isa: Isa, m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, out: *mut f32) {
+unsafe fn transform_output(isa: Isa, m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, destination: &TileDestination) {
     use super::super::simd::{Avx2, Avx512};
     #[target_feature(enable = "avx512f")]
-    unsafe fn avx512(m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, out: *mut f32) {
+    unsafe fn avx512(m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, destination: &TileDestination) {
         // SAFETY: the caller's contract; AVX-512F is enabled.
-        unsafe { transform_output_with::<Avx512>(m, m_stride, nr, bias, silu, out) }
+        unsafe { transform_output_with::<Avx512>(m, m_stride, nr, bias, silu, destination) }
     }
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2(m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, out: *mut f32) {
+    unsafe fn avx2(m: *const f32, m_stride: usize, nr: usize, bias: f32, silu: bool, destination: &TileDestination) {
         // SAFETY: the caller's contract; AVX2 and FMA are enabled.
-        unsafe { transform_output_with::<Avx2>(m, m_stride, nr, bias, silu, out) }
+        unsafe { transform_output_with::<Avx2>(m, m_stride, nr, bias, silu, destination) }
     }
     // SAFETY: the caller's contract; `isa` is supported, so the CPU has its features.
     unsafe {
         match isa {
-            Isa::Avx512 => avx512(m, m_stride, nr, bias, silu, out),
-            Isa::Avx2 => avx2(m, m_stride, nr, bias, silu, out),
+            Isa::Avx512 => avx512(m, m_stride, nr, bias, silu, destination),
+            Isa::Avx2 => avx2(m, m_stride, nr, bias, silu, destination),
         }
     }
 }
