@@ -290,25 +290,26 @@ pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const 
             for (c, &row) in transpose_8x8(block).iter().enumerate().take(channels.saturating_sub(8 * v).min(8)) {
                 let channel = 8 * v + c;
                 // `P` of the 8 lanes are this row's pixels.
-                store_first_lanes::<P>(row, out.add(channel * ldo), residual.map(|(r, ld)| r.add(channel * ld)));
+                store_first_lanes(row, out.add(channel * ldo), residual.map(|(r, ld)| r.add(channel * ld)), P);
             }
         }
     }
 }
 
-/// The first `P` lanes of `row`, plus as many floats from `residual` when there is one, stored
-/// at `out`, with whole moves of 4, 2 and 1 floats: AVX2's masked moves are slow on some
-/// CPUs, and a buffer stored whole, then read back in parts, stalls the parts' loads. (Through
-/// such a buffer, the pointwise layers of YOLO11n and YOLOv12n took 1.015-1.017 of their time,
-/// the short products at 80x80 and 40x40 1.03-1.07: 2 threads, 30 interleaved rounds.)
+/// The first `count` lanes of `row` (all 8 when `count >= 8`), plus as many floats from
+/// `residual` when there is one, stored at `out`, with whole moves of 8, 4, 2 and 1 floats:
+/// AVX2's masked stores are slow on AMD's CPUs, and a buffer stored whole, then read back in
+/// parts, stalls the parts' loads. (Through such a buffer, the pointwise layers of YOLO11n and
+/// YOLOv12n took 1.015-1.017 of their time, the short products at 80x80 and 40x40 1.03-1.07:
+/// 2 threads, 30 interleaved rounds.)
 ///
 /// # Safety
-/// The CPU has AVX2; `out` (and `residual`) hold `P <= 8` floats.
+/// The CPU has AVX2; `out` (and `residual`) hold `count.min(8)` floats.
 #[inline(always)]
-unsafe fn store_first_lanes<const P: usize>(row: __m256, out: *mut f32, residual: Option<*const f32>) {
-    // SAFETY: the caller's contract: each piece lies inside the `P` floats.
+pub(super) unsafe fn store_first_lanes(row: __m256, out: *mut f32, residual: Option<*const f32>, count: usize) {
+    // SAFETY: the caller's contract: each piece lies inside the `count` floats.
     unsafe {
-        if P == 8 {
+        if count >= 8 {
             let row = match residual {
                 Some(r) => _mm256_add_ps(row, _mm256_loadu_ps(r)),
                 None => row,
@@ -317,7 +318,7 @@ unsafe fn store_first_lanes<const P: usize>(row: __m256, out: *mut f32, residual
         }
         let halves = [_mm256_castps256_ps128(row), _mm256_extractf128_ps::<1>(row)];
         for (half, &values) in halves.iter().enumerate() {
-            let (first, count) = (4 * half, P.saturating_sub(4 * half).min(4));
+            let (first, count) = (4 * half, count.saturating_sub(4 * half).min(4));
             let values = match residual {
                 Some(r) => _mm_add_ps(values, load_first(r.add(first), count)),
                 None => values,
@@ -562,28 +563,21 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX2");
             return;
         }
-        fn check<const P: usize>() {
+        for count in 1..=8 {
             let row: Vec<f32> = (1..=8).map(|i| i as f32).collect();
-            let residual: Vec<f32> = (0..P).map(|i| 100.0 * (i + 1) as f32).collect();
+            let residual: Vec<f32> = (0..count).map(|i| 100.0 * (i + 1) as f32).collect();
             for with_residual in [false, true] {
-                // NaN past the `P` floats shows a store beyond them.
+                // NaN past the `count` floats shows a store beyond them.
                 let mut out = [f32::NAN; 9];
-                // SAFETY: the CPU has AVX2 (checked above); `out` and `residual` hold `P` floats.
-                unsafe { store_first_lanes::<P>(_mm256_loadu_ps(row.as_ptr()), out.as_mut_ptr(), with_residual.then_some(residual.as_ptr())) };
+                // SAFETY: the CPU has AVX2 (checked above); `out` and `residual` hold `count`
+                // floats.
+                unsafe { store_first_lanes(_mm256_loadu_ps(row.as_ptr()), out.as_mut_ptr(), with_residual.then_some(residual.as_ptr()), count) };
                 for (i, &value) in out.iter().enumerate() {
-                    let want = if i < P { row[i] + if with_residual { residual[i] } else { 0.0 } } else { f32::NAN };
-                    assert!(value == want || (value.is_nan() && want.is_nan()), "P {P} residual {with_residual}: place {i} holds {value}");
+                    let want = if i < count { row[i] + if with_residual { residual[i] } else { 0.0 } } else { f32::NAN };
+                    assert!(value == want || (value.is_nan() && want.is_nan()), "{count} lanes, residual {with_residual}: place {i} holds {value}");
                 }
             }
         }
-        check::<1>();
-        check::<2>();
-        check::<3>();
-        check::<4>();
-        check::<5>();
-        check::<6>();
-        check::<7>();
-        check::<8>();
     }
 
     #[test]
