@@ -57,6 +57,14 @@ impl Isa {
         }
     }
 
+    /// Floats per vector register.
+    pub const fn lanes(self) -> usize {
+        match self {
+            Isa::Avx2 => 8,
+            Isa::Avx512 => 16,
+        }
+    }
+
     /// Rows of `A` per panel and per microkernel call.
     pub const fn mr(self) -> usize {
         match self {

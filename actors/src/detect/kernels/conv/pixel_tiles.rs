@@ -162,10 +162,7 @@ impl PixelTiles {
         let k = spec.in_channels * spec.kernel.0 * spec.kernel.1;
         let cout = spec.out_channels;
         // One register of channels per tile for narrow layers, two for the others.
-        let narrow = match isa {
-            Isa::Avx512 => 16,
-            Isa::Avx2 => 8,
-        };
+        let narrow = isa.lanes();
         let wide = 2 * narrow;
         let panel = if cout <= narrow { narrow } else { wide };
         let panels = cout.div_ceil(panel);

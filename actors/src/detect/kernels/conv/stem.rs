@@ -71,10 +71,7 @@ impl Stem {
         assert!(isa.supported(), "the stem for {isa:?}, which this CPU cannot run");
         let (cin, cout) = (spec.in_channels, spec.out_channels);
         assert_eq!(weights.len(), cout * cin * TAPS, "3x3 weights");
-        let lanes = match isa {
-            Isa::Avx512 => 16,
-            Isa::Avx2 => 8,
-        };
+        let lanes = isa.lanes();
         let blocks = cout.div_ceil(lanes);
         let mut rearranged = vec![0.0; blocks * cin * TAPS * lanes];
         for co in 0..cout {

@@ -279,7 +279,7 @@ impl Conv2d {
                     // lies whole inside the output, on one row of tiles, is stored in place, at
                     // `in_place[group]` from its channel's first pixel; the others go through
                     // `pixels_of_tiles`, clipped.
-                    let per_group = isa_lanes(isa) / TILE;
+                    let per_group = isa.lanes() / TILE;
                     let groups = nr / per_group;
                     let mut in_place = [THROUGH_BUFFER; super::super::isa::MAX_NR];
                     for (group, place) in in_place[..groups].iter_mut().enumerate() {
@@ -481,14 +481,6 @@ unsafe fn transform_output_with<V: Lanes>(m: *const f32, m_stride: usize, nr: us
 
 /// Marks a group of tiles that is not stored in place ([`TileDestination::in_place`]).
 const THROUGH_BUFFER: usize = usize::MAX;
-
-/// Floats per vector of `isa`.
-fn isa_lanes(isa: Isa) -> usize {
-    match isa {
-        Isa::Avx2 => 8,
-        Isa::Avx512 => 16,
-    }
-}
 
 /// Where [`transform_output_with`] puts one output channel's pixels of a block's tiles, a
 /// vector (a group of `V::LEN / 4` tiles, 4 pixels each) of a tile row at a time: group `g`'s

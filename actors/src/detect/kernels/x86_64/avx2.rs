@@ -320,10 +320,10 @@ pub(super) unsafe fn store_first_lanes(row: __m256, out: *mut f32, residual: Opt
         for (half, &values) in halves.iter().enumerate() {
             let (first, count) = (4 * half, count.saturating_sub(4 * half).min(4));
             let values = match residual {
-                Some(r) => _mm_add_ps(values, load_first(r.add(first), count)),
+                Some(r) => _mm_add_ps(values, load_low(r.add(first), count)),
                 None => values,
             };
-            store_first(out.add(first), values, count);
+            store_low(out.add(first), values, count);
         }
     }
 }
@@ -333,7 +333,7 @@ pub(super) unsafe fn store_first_lanes(row: __m256, out: *mut f32, residual: Opt
 /// # Safety
 /// The CPU has AVX2; `p` holds `count` floats.
 #[inline(always)]
-unsafe fn load_first(p: *const f32, count: usize) -> __m128 {
+unsafe fn load_low(p: *const f32, count: usize) -> __m128 {
     // SAFETY: the caller's contract.
     unsafe {
         match count {
@@ -351,7 +351,7 @@ unsafe fn load_first(p: *const f32, count: usize) -> __m128 {
 /// # Safety
 /// The CPU has AVX2; `p` holds `count` floats.
 #[inline(always)]
-unsafe fn store_first(p: *mut f32, v: __m128, count: usize) {
+unsafe fn store_low(p: *mut f32, v: __m128, count: usize) {
     // SAFETY: the caller's contract.
     unsafe {
         match count {
