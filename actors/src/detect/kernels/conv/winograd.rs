@@ -285,7 +285,9 @@ impl Conv2d {
                     for (group, place) in in_place[..groups].iter_mut().enumerate() {
                         let tile = first_tile + group * per_group;
                         let (ty, tx) = (tile / wq, tile % wq);
-                        if tile + per_group <= tiles && tx + per_group <= tw && TILE * (tx + per_group) <= ow && TILE * (ty + 1) <= oh {
+                        // Whole inside the output: then also inside its row of tiles (`tw <
+                        // wq`) and among the image's tiles.
+                        if TILE * (tx + per_group) <= ow && TILE * (ty + 1) <= oh {
                             *place = TILE * ty * ow + TILE * tx;
                         }
                     }
@@ -308,7 +310,7 @@ impl Conv2d {
                         // The other groups' tiles, without the rows' extra tiles, clipped to the
                         // output.
                         for group in (0..groups).filter(|&group| in_place[group] == THROUGH_BUFFER) {
-                            for lane in group * per_group..((group + 1) * per_group).min(tiles - first_tile.min(tiles)) {
+                            for lane in group * per_group..((group + 1) * per_group).min(tiles - first_tile) {
                                 let (ty, tx) = ((first_tile + lane) / wq, (first_tile + lane) % wq);
                                 if tx >= tw {
                                     continue;
