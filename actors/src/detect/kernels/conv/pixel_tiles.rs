@@ -434,6 +434,18 @@ fn avx2_gemm_takes(cin: usize, pixels: usize) -> bool {
     cin >= 256 && pixels <= 20 * 20
 }
 
+/// Whether a 3x3 stride-2 convolution of `spec` into `pixels` output pixels runs as the
+/// channel-major product over the phase planes ([`run_direct`](Conv2d::run_direct): the 6x16
+/// microkernel, pixels in its lanes) rather than in pixel tiles, with AVX2: one of at least 128
+/// input channels into an output of 40x40 or more, a long product (`k` of 1152 and more) over
+/// many pixels. On a Zen 3 EPYC, YOLO11n and YOLOv12n at 2 threads, 20 rounds alternating with
+/// pixel tiles in one process: 128 -> 128 channels from 80x80 took 0.91-0.95 of its time (0.87-
+/// 0.92 in three earlier sittings); the same layers from 40x40 (128 -> 128, 128 -> 256) lost,
+/// 1.11-1.15, and 64 -> 64 from 80x80 1.05.
+fn avx2_direct_takes(spec: &ConvSpec, pixels: usize) -> bool {
+    spec.kernel == (3, 3) && spec.stride == (2, 2) && spec.dilation == (1, 1) && spec.in_channels >= 128 && pixels >= 40 * 40
+}
+
 /// Whether a 3x3 stride-1 convolution of `spec` may run with the pixels in the lanes, an output
 /// row at a time from its zero-padded input planes ([`PixelTiles::rows_for`] decides per call),
 /// with `isa`'s tiles: one of at most 16 input and output channels, with AVX2. Its weights are
@@ -486,14 +498,20 @@ enum Reading {
 
 impl Conv2d {
     /// The pixel tiles for an output of `oh x ow`, when this convolution has them: a run of
-    /// pixels (a row, or the whole plane for a pointwise convolution) must hold a tile, and a
-    /// long pointwise product on a small plane with AVX2 is left to the channel-major product
-    /// ([`avx2_gemm_takes`]).
+    /// pixels (a row, or the whole plane for a pointwise convolution) must hold a tile, and
+    /// with AVX2 a long pointwise product on a small plane ([`avx2_gemm_takes`]) and a long
+    /// stride-2 one on a large output ([`avx2_direct_takes`]) are left to the channel-major
+    /// product.
     pub(super) fn pixel_tiles_for(&self, oh: usize, ow: usize) -> Option<&PixelTiles> {
         let tiles = self.pixel_tiles.as_ref()?;
         let pointwise = self.is_pointwise();
         let run = if pointwise { oh * ow } else { ow };
-        (run >= tiles.shortest_run(run) && !(pointwise && tiles.isa == Isa::Avx2 && avx2_gemm_takes(self.spec.in_channels, oh * ow))).then_some(tiles)
+        let channel_major = tiles.isa == Isa::Avx2
+            && match pointwise {
+                true => avx2_gemm_takes(self.spec.in_channels, oh * ow),
+                false => avx2_direct_takes(&self.spec, oh * ow),
+            };
+        (run >= tiles.shortest_run(run) && !channel_major).then_some(tiles)
     }
 
     /// How this convolution's tiles read an input of `h x w` pixels into an output `ow` wide.
@@ -970,6 +988,11 @@ mod tests {
         // product instead.
         assert!(avx2_gemm_takes(256, 400) && !avx2_gemm_takes(128, 400) && !avx2_gemm_takes(256, 1600));
         check(256, 24, 1, 1, 1, 0, 1, 20, 20);
+        // A long stride-2 product on a large output: with AVX2 through the channel-major
+        // product over the phase planes.
+        let strided = |cin: usize| ConvSpec::square(cin, 16, 1, 3, 2, 1, Activation::Silu);
+        assert!(avx2_direct_takes(&strided(128), 1600) && !avx2_direct_takes(&strided(64), 1600) && !avx2_direct_takes(&strided(128), 400));
+        check(128, 24, 1, 3, 2, 1, 1, 80, 81);
     }
 
     #[test]
