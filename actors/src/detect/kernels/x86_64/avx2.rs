@@ -46,6 +46,11 @@ unsafe impl Lanes for Avx2 {
         Avx2(unsafe { _mm256_mul_ps(self.0, o.0) })
     }
     #[inline(always)]
+    unsafe fn div(self, o: Self) -> Self {
+        // SAFETY: AVX (the caller's contract).
+        Avx2(unsafe { _mm256_div_ps(self.0, o.0) })
+    }
+    #[inline(always)]
     unsafe fn max(self, o: Self) -> Self {
         // SAFETY: AVX (the caller's contract).
         Avx2(unsafe { _mm256_max_ps(self.0, o.0) })
@@ -68,11 +73,13 @@ unsafe impl Lanes for Avx2 {
     /// `k` added to the exponent field, which is `self * 2^k` while the result is normal (the
     /// trait's contract).
     #[inline(always)]
-    unsafe fn mul_pow2(self, k: Self) -> Self {
+    unsafe fn mul_pow2(self, _k: Self, shifted: Self) -> Self {
+        // `k` from the low bits of `shifted`, moved into the exponent field (the bits above
+        // them shift out): one instruction less than converting `k` to integers first.
         // SAFETY: AVX2 (the caller's contract).
         Avx2(unsafe {
-            let shifted = _mm256_slli_epi32::<23>(_mm256_cvtps_epi32(k.0));
-            _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(self.0), shifted))
+            let exponent = _mm256_slli_epi32::<23>(_mm256_castps_si256(shifted.0));
+            _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(self.0), exponent))
         })
     }
     #[inline(always)]

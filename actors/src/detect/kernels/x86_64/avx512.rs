@@ -46,6 +46,11 @@ unsafe impl Lanes for Avx512 {
         Avx512(unsafe { _mm512_mul_ps(self.0, o.0) })
     }
     #[inline(always)]
+    unsafe fn div(self, o: Self) -> Self {
+        // SAFETY: AVX-512F (the caller's contract).
+        Avx512(unsafe { _mm512_div_ps(self.0, o.0) })
+    }
+    #[inline(always)]
     unsafe fn max(self, o: Self) -> Self {
         // SAFETY: AVX-512F (the caller's contract).
         Avx512(unsafe { _mm512_max_ps(self.0, o.0) })
@@ -68,7 +73,7 @@ unsafe impl Lanes for Avx512 {
     /// `vscalefps`: one instruction, exact for any integral `k` (it saturates to zero or
     /// infinity where the result leaves the range of `f32`).
     #[inline(always)]
-    unsafe fn mul_pow2(self, k: Self) -> Self {
+    unsafe fn mul_pow2(self, k: Self, _shifted: Self) -> Self {
         // SAFETY: AVX-512F (the caller's contract).
         Avx512(unsafe { _mm512_scalef_ps(self.0, k.0) })
     }
