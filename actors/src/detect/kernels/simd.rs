@@ -34,7 +34,13 @@ pub(super) unsafe trait Lanes: Copy {
     unsafe fn add(self, o: Self) -> Self;
     unsafe fn sub(self, o: Self) -> Self;
     unsafe fn mul(self, o: Self) -> Self;
-    unsafe fn div(self, o: Self) -> Self;
+    /// `self / d`, by whichever of two ways is faster with this instruction set: a division
+    /// (AVX2: one instruction on a divider that works beside the other units, where the
+    /// reciprocal estimate, its refinement and the product are three on the busy ports), or
+    /// that reciprocal and product (AVX-512: a 512-bit division takes some 10 cycles a vector
+    /// on Intel's cores, Skylake to Ice Lake, longer than the dozen other instructions of a
+    /// SiLU together).
+    unsafe fn ratio(self, d: Self) -> Self;
     unsafe fn max(self, o: Self) -> Self;
     unsafe fn min(self, o: Self) -> Self;
     /// `self * b + c` with one rounding.
@@ -164,33 +170,32 @@ pub(super) unsafe trait Lanes: Copy {
     }
 
     /// The sigmoid of each of `N` vectors, side by side as in [`exp_each`](Self::exp_each):
-    /// `1 / (1 + e^-x)`, one division. (A division is one instruction beside the dozen of the
-    /// exponential, and the divider works beside the other units; the reciprocal estimate and
-    /// its refinement were three instructions on the busy ports.)
+    /// `1 / (1 + e^-x)` ([`ratio`](Self::ratio)).
     #[inline(always)]
     unsafe fn sigmoid_each<const N: usize>(v: [Self; N]) -> [Self; N] {
         // SAFETY: the trait's contract, passed on.
         unsafe {
             let mut s = Self::exp_of_negated_each(v);
             for s in &mut s {
-                *s = Self::splat(1.0).div(s.add(Self::splat(1.0)));
+                *s = Self::splat(1.0).ratio(s.add(Self::splat(1.0)));
             }
             s
         }
     }
 
     /// SiLU (`x * sigmoid(x)`) of each of `N` vectors, side by side as in
-    /// [`exp_each`](Self::exp_each): `x / (1 + e^-x)`, one division where the sigmoid and a
-    /// product would be two instructions more. Every convolution of a YOLO model but the last
-    /// ends in it; with AVX2 on a Zen 3 EPYC it took some 6 % of a call (YOLO11n and YOLOv12n,
-    /// 2 threads, against `max(x, 0)` in its place).
+    /// [`exp_each`](Self::exp_each): `x / (1 + e^-x)` ([`ratio`](Self::ratio)). Every
+    /// convolution of a YOLO model but the last ends in it: with AVX2 on a Zen 3 EPYC it took
+    /// some 6 % of a call (YOLO11n and YOLOv12n, 2 threads, against `max(x, 0)` in its place).
+    /// As `x * (1 / (1 + e^-x))` there, the reciprocal refined once, and with `2^k` built from
+    /// `k` converted to integers, the calls took 1.03 of their time.
     #[inline(always)]
     unsafe fn silu_each<const N: usize>(v: [Self; N]) -> [Self; N] {
         // SAFETY: the trait's contract, passed on.
         unsafe {
             let mut s = Self::exp_of_negated_each(v);
             for (s, v) in s.iter_mut().zip(&v) {
-                *s = v.div(s.add(Self::splat(1.0)));
+                *s = v.ratio(s.add(Self::splat(1.0)));
             }
             s
         }

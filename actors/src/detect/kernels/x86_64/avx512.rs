@@ -46,9 +46,9 @@ unsafe impl Lanes for Avx512 {
         Avx512(unsafe { _mm512_mul_ps(self.0, o.0) })
     }
     #[inline(always)]
-    unsafe fn div(self, o: Self) -> Self {
+    unsafe fn ratio(self, d: Self) -> Self {
         // SAFETY: AVX-512F (the caller's contract).
-        Avx512(unsafe { _mm512_div_ps(self.0, o.0) })
+        unsafe { self.mul(d.recip()) }
     }
     #[inline(always)]
     unsafe fn max(self, o: Self) -> Self {
