@@ -184,8 +184,8 @@ pub(super) unsafe trait Lanes: Copy {
     }
 
     /// SiLU (`x * sigmoid(x)`) of each of `N` vectors, side by side as in
-    /// [`exp_each`](Self::exp_each): `x / (1 + e^-x)` ([`ratio`](Self::ratio)). Every
-    /// convolution of a YOLO model but the last ends in it: with AVX2 on a Zen 3 EPYC it took
+    /// [`exp_each`](Self::exp_each): `x / (1 + e^-x)` ([`ratio`](Self::ratio)). Most
+    /// convolutions of a YOLO model end in it: with AVX2 on a Zen 3 EPYC it took
     /// some 6 % of a call (YOLO11n and YOLOv12n, 2 threads, against `max(x, 0)` in its place).
     /// As `x * (1 / (1 + e^-x))` there, the reciprocal refined once, and with `2^k` built from
     /// `k` converted to integers, the calls took 1.03 of their time.
