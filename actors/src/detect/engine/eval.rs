@@ -7,9 +7,9 @@ use candle_core::{CpuStorage, DType, Device, Tensor};
 use super::custom_ops::{ConvWithResidual, CpuAttention, CpuBinary, CpuMatMul, CpuMaxPool, CpuPermute, CpuSoftmax, CpuUnary, CpuUpsample};
 use super::fold::CONV_MORE_PARTS;
 use super::{AttentionViews, BinaryOp, CResult, ConvOp, NestedConcat, Op, ReduceKind, SoftmaxConvOp, Target, tensor_from_data};
-use super::{spread, upsampled};
+use super::{blocked, spread, upsampled};
 use crate::detect::kernels::activation::{self, Activation, UnaryFn};
-use crate::detect::kernels::conv::Conv2d;
+use crate::detect::kernels::conv::{ChannelLayout, Conv2d};
 use crate::detect::kernels::pool::MaxPool;
 use crate::detect::kernels::{self, attention, packed_gemm};
 use crate::detect::model::TensorValues;
@@ -619,6 +619,28 @@ fn broadcast_shape(a: &[usize], b: &[usize]) -> CResult<Vec<usize>> {
 /// this step ([`InputPart::cold`](kernels::conv::InputPart::cold)); arguments past the end of
 /// `cold` are not.
 pub(super) fn conv_step(c: &ConvOp, args: &[Option<&Tensor>], cold: &[bool], target: &Target) -> CResult<Tensor> {
+    let any_blocked = args.iter().flatten().any(|t| blocked::blocked_dims(t).is_some());
+    if !any_blocked && !c.blocked_output {
+        return conv_step_in_planes(c, args, cold, target);
+    }
+    // In blocks ([`blocked`]): the kernel that takes them reads the parts where they lie.
+    let arguments: Vec<usize> = std::iter::once(0).chain(CONV_MORE_PARTS..args.len()).collect();
+    let parts: Option<Vec<&Tensor>> = arguments.iter().map(|&i| args.get(i).copied().flatten()).collect();
+    let cold_parts: Vec<bool> = arguments.iter().map(|&i| cold.get(i).copied().unwrap_or(false)).collect();
+    if let (Some(parts), None) = (parts, &c.upsampled)
+        && let Some(out) = conv_of_parts_in_place(c, &parts, &cold_parts, args.get(3).copied().flatten(), c.blocked_output, target)?
+    {
+        return Ok(out);
+    }
+    // Any other way reads and writes planes.
+    let planes: Vec<Option<Tensor>> = args.iter().map(|a| a.map(blocked::to_planes).transpose()).collect::<CResult<_>>()?;
+    let planes: Vec<Option<&Tensor>> = planes.iter().map(Option::as_ref).collect();
+    let out = conv_step_in_planes(c, &planes, cold, target)?;
+    if c.blocked_output { blocked::to_blocks(&out) } else { Ok(out) }
+}
+
+/// [`conv_step`] on arguments in planes, into planes.
+fn conv_step_in_planes(c: &ConvOp, args: &[Option<&Tensor>], cold: &[bool], target: &Target) -> CResult<Tensor> {
     let is_cold = |i: usize| cold.get(i).copied().unwrap_or(false);
     let residual = args.get(3).copied().flatten();
     if c.concat_parts > 0 {
@@ -636,7 +658,7 @@ pub(super) fn conv_step(c: &ConvOp, args: &[Option<&Tensor>], cold: &[bool], tar
     }
     let x = input(args, 0)?;
     // Read in place (where the kernels learn whether it is cold, and take planes at any pitch).
-    if let Some(out) = conv_of_parts_in_place(c, &[x], &[is_cold(0)], residual, target)? {
+    if let Some(out) = conv_of_parts_in_place(c, &[x], &[is_cold(0)], residual, false, target)? {
         return Ok(out);
     }
     conv(c, x, residual, target)
@@ -663,7 +685,7 @@ fn conv(c: &ConvOp, x: &Tensor, residual: Option<&Tensor>, target: &Target) -> C
 /// per part). On the CPU it reads each part where it lies; otherwise the parts are concatenated
 /// first.
 pub(super) fn conv_of_parts(c: &ConvOp, parts: &[&Tensor], cold: &[bool], residual: Option<&Tensor>, target: &Target) -> CResult<Tensor> {
-    if let Some(out) = conv_of_parts_in_place(c, parts, cold, residual, target)? {
+    if let Some(out) = conv_of_parts_in_place(c, parts, cold, residual, false, target)? {
         return Ok(out);
     }
     let axis = 1;
@@ -676,21 +698,44 @@ pub(super) fn conv_of_parts(c: &ConvOp, parts: &[&Tensor], cold: &[bool], residu
 }
 
 /// [`conv_of_parts`] on the CPU kernel, when every part is a CPU `f32` tensor of the same
-/// `[n, _, h, w]` whose channel planes are contiguous; `Ok(None)` otherwise.
-fn conv_of_parts_in_place(c: &ConvOp, parts: &[&Tensor], cold: &[bool], residual: Option<&Tensor>, target: &Target) -> CResult<Option<Tensor>> {
+/// `[n, _, h, w]` whose channel planes (or blocks) are contiguous; `Ok(None)` otherwise. The
+/// output is in blocks when `blocked_out`.
+fn conv_of_parts_in_place(
+    c: &ConvOp,
+    parts: &[&Tensor],
+    cold: &[bool],
+    residual: Option<&Tensor>,
+    blocked_out: bool,
+    target: &Target,
+) -> CResult<Option<Tensor>> {
     if c.candle.is_some() {
         return Ok(None);
     }
-    let Some(out) = conv_parts_in_place(&c.conv, parts, cold, residual, c.spread_output, target)? else { return Ok(None) };
-    Ok(Some(spread::planes_tensor(out.data, out.dims, out.pitch)?))
+    let Some(out) = conv_parts_in_place(&c.conv, parts, cold, residual, c.spread_output, blocked_out, target)? else { return Ok(None) };
+    Ok(Some(match out.layout {
+        ChannelLayout::Planes => spread::planes_tensor(out.data, out.dims, out.pitch)?,
+        ChannelLayout::Blocked => blocked::blocked_tensor(out.data, out.dims)?,
+    }))
 }
 
 /// A convolution's output from [`conv_parts_in_place`]: `dims` (`[n, c, h, w]`), its channel
-/// planes `pitch` floats apart in `data`, zeros between them.
+/// planes `pitch` floats apart in `data`, zeros between them; or in blocks of 8 channels
+/// ([`blocked`]; `pitch` is then `h * w`).
 pub(super) struct ConvOutput {
     pub data: Vec<f32>,
     pub dims: [usize; 4],
     pub pitch: usize,
+    pub layout: ChannelLayout,
+}
+
+/// `t` (in planes or blocks, its storage `data`) as one part of a convolution's input, read
+/// where it lies, and its layout: `None` unless its rows (each block's rows) are contiguous and
+/// its planes (blocks) `h * w` (`8 h w`) or more apart.
+fn input_part_laid_out<'a>(t: &Tensor, data: &'a [f32], cold: bool) -> Option<(kernels::conv::InputPart<'a>, ChannelLayout)> {
+    let Some([_, channels, h, w]) = blocked::blocked_dims(t) else { return input_part(t, data, cold).map(|part| (part, ChannelLayout::Planes)) };
+    let &[image_stride, block_stride, row_stride, 8, 1] = t.layout().stride() else { return None };
+    let part = kernels::conv::InputPart { data: &data[t.layout().start_offset()..], channels, image_stride, plane_stride: block_stride / 8, cold };
+    (row_stride == 8 * w && block_stride.is_multiple_of(8) && block_stride >= 8 * h * w).then_some((part, ChannelLayout::Blocked))
 }
 
 /// `t` (`[n, c, h, w]`, its storage `data`) as one part of a convolution's input, read where
@@ -709,29 +754,40 @@ pub(super) fn input_part<'a>(t: &Tensor, data: &'a [f32], cold: bool) -> Option<
 
 /// `conv` on the concatenation of `parts` along channels, read where they lie (`cold` as in
 /// [`conv_step`], one per part); its output planes spread when `spread` allows
-/// ([`spread::output_pitch`]). `Ok(None)` unless every part is a CPU `f32` tensor of the same
-/// `[n, _, h, w]` whose rows are contiguous ([`input_part`]).
+/// ([`spread::output_pitch`]), or its output in blocks when `blocked_out` (with a residual in
+/// blocks, which is made so when it is not). `Ok(None)` unless every part is a CPU `f32` tensor
+/// of the same `[n, _, h, w]` whose rows are contiguous ([`input_part`]), all in planes or all
+/// in blocks.
 pub(super) fn conv_parts_in_place(
     conv: &Conv2d,
     parts: &[&Tensor],
     cold: &[bool],
     residual: Option<&Tensor>,
     spread: bool,
+    blocked_out: bool,
     target: &Target,
 ) -> CResult<Option<ConvOutput>> {
-    let Some(&[n, _, h, w]) = parts.first().map(|p| p.dims()) else { return Ok(None) };
+    let Some([n, _, h, w]) = parts.first().and_then(|p| blocked::logical_dims(p)) else { return Ok(None) };
     let Some((oh, ow)) = conv.output_size(h, w) else {
         candle_core::bail!("conv input {h}x{w} is smaller than the kernel");
     };
     let dims = [n, conv.spec().out_channels, oh, ow];
-    let usable = |t: &Tensor| target.native_f32(t) && matches!(t.dims(), &[pn, _, ph, pw] if (pn, ph, pw) == (n, h, w));
-    let residual_fits = residual.is_none_or(|r| target.native_f32(r) && r.dims() == dims);
-    if !parts.iter().all(|t| usable(t)) || !residual_fits {
+    let usable = |t: &Tensor| target.native_f32(t) && matches!(blocked::logical_dims(t), Some([pn, _, ph, pw]) if (pn, ph, pw) == (n, h, w));
+    let residual_fits = residual.is_none_or(|r| target.native_f32(r) && blocked::logical_dims(r) == Some(dims));
+    let in_blocks = |t: &&Tensor| blocked::blocked_dims(t).is_some();
+    let one_layout = parts.iter().all(in_blocks) || !parts.iter().any(in_blocks);
+    if !parts.iter().all(|t| usable(t)) || !residual_fits || !one_layout || (blocked_out && !dims[1].is_multiple_of(kernels::conv::BLOCK)) {
         return Ok(None);
     }
-    let channels: usize = parts.iter().map(|p| p.dims()[1]).sum();
+    let channels: usize = parts.iter().filter_map(|p| blocked::logical_dims(p)).map(|d| d[1]).sum();
     if channels != conv.spec().in_channels {
         candle_core::bail!("conv expects {} input channels, its parts have {channels}", conv.spec().in_channels);
+    }
+    if blocked_out || parts.iter().any(in_blocks) {
+        return Ok(conv_blocks_in_place(conv, parts, cold, residual, blocked_out, [n, h, w], dims)?.map(|data| {
+            let layout = if blocked_out { ChannelLayout::Blocked } else { ChannelLayout::Planes };
+            ConvOutput { data, dims, pitch: oh * ow, layout }
+        }));
     }
     let writes_pitched = conv.writes_pitched(oh, ow);
     // The output takes the residual's pitch (the kernels read the residual where they write
@@ -753,7 +809,44 @@ pub(super) fn conv_parts_in_place(
         let residual = residual.as_ref().zip(buffers.last()).map(|((r, _), data)| &data[r.layout().start_offset()..]);
         Some(conv.run_input_pitched(&input, residual, pitch))
     })?;
-    Ok(out.flatten().map(|data| ConvOutput { data, dims, pitch }))
+    Ok(out.flatten().map(|data| ConvOutput { data, dims, pitch, layout: ChannelLayout::Planes }))
+}
+
+/// [`conv_parts_in_place`] where the parts are in blocks or the output is to be: the residual
+/// is made the output's layout (packed), and the output's planes are `oh * ow` apart.
+fn conv_blocks_in_place(
+    conv: &Conv2d,
+    parts: &[&Tensor],
+    cold: &[bool],
+    residual: Option<&Tensor>,
+    blocked_out: bool,
+    [n, h, w]: [usize; 3],
+    dims: [usize; 4],
+) -> CResult<Option<Vec<f32>>> {
+    let residual = match residual {
+        Some(r) if blocked_out => Some(blocked::to_blocks(r)?.contiguous()?),
+        Some(r) => Some(blocked::to_planes(r)?.contiguous()?),
+        None => None,
+    };
+    let mut tensors = parts.to_vec();
+    tensors.extend(residual.as_ref());
+    let out = with_cpu_storages(&tensors, |buffers| {
+        let laid_out: Vec<_> = parts
+            .iter()
+            .zip(buffers)
+            .enumerate()
+            .map(|(i, (t, data))| input_part_laid_out(t, data, cold.get(i).copied().unwrap_or(false)))
+            .collect::<Option<_>>()?;
+        let in_blocks = laid_out.iter().all(|(_, layout)| *layout == ChannelLayout::Blocked);
+        let parts = laid_out.into_iter().map(|(part, _)| part).collect();
+        let input = if in_blocks { kernels::conv::ConvInput::blocked(parts, n, h, w)? } else { kernels::conv::ConvInput::new(parts, n, h, w)? };
+        let residual = residual.as_ref().zip(buffers.last()).map(|(r, data)| &data[r.layout().start_offset()..]);
+        Some(match blocked_out {
+            true => conv.run_input_blocked(&input, residual),
+            false => conv.run_input_pitched(&input, residual, dims[2] * dims[3]),
+        })
+    })?;
+    Ok(out.flatten())
 }
 
 fn conv_alone(c: &ConvOp, x: &Tensor) -> CResult<Tensor> {

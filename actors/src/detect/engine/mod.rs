@@ -8,7 +8,9 @@
 //! value gets a slot that is freed after its last use. On the CPU the plan then moves less data:
 //! chains of reshapes, transposes and splits fold into the step that reads them
 //! ([`fold::fold_views`]), and convolutions read a channel concatenation where its parts lie
-//! ([`fold::fold_concats_into_convs`]). Running the plan is a loop over steps ([`eval`]).
+//! ([`fold::fold_concats_into_convs`]), and the tensors that only pointwise convolutions pass
+//! between them stay in blocks of 8 channels ([`blocked`]). Running the plan is a loop over
+//! steps ([`eval`]).
 //!
 //! On the CPU, convolutions, attention and most element-wise work run on streamdet's own
 //! kernels ([`super::kernels`], wrapped as candle operations in [`custom_ops`]); on other
@@ -16,6 +18,7 @@
 //!
 //! This module holds the plan's types and the [`Engine`] that builds and runs it.
 
+mod blocked;
 mod custom_ops;
 mod eval;
 mod fold;
@@ -70,6 +73,9 @@ struct ConvOp {
     /// Whether the output's channel planes may lie further apart than their size (every
     /// reader takes them in place); see [`spread::mark_spread_outputs`].
     spread_output: bool,
+    /// Whether the output stays in blocks of 8 channels (every reader takes them in place);
+    /// see [`blocked::mark_blocked_outputs`].
+    blocked_output: bool,
 }
 
 /// A convolution's weights for candle's `conv2d`, on the execution device.
@@ -320,7 +326,8 @@ impl Engine {
         let steps = upsampled::fold_upsampled_parts(steps, &constants, output_slot, &target);
         let steps = fold::fold_unary_into_concats(steps, output_slot, &target);
         let steps = fold::fold_nested_concats(steps, &constants, output_slot, &target);
-        let mut steps = spread::mark_spread_outputs(steps, output_slot, &target);
+        let steps = spread::mark_spread_outputs(steps, output_slot, &target);
+        let mut steps = blocked::mark_blocked_outputs(steps, output_slot, &target);
 
         // Keep only the constants that a step reads, moved to the device once.
         let mut last_use: HashMap<usize, usize> = HashMap::new();

@@ -235,7 +235,7 @@ fn parse_conv(node: &Node, initializers: &HashMap<String, TensorData>, target: &
     let conv = Conv2d::new(spec, weights, bias).map_err(|e| unsupported(node, e.to_string()))?.with_packed_weights();
     // The CPU kernel packs the weights itself; candle's conv2d takes them as a tensor.
     let candle = if target.native { None } else { Some(candle_conv(&conv, &target.device).map_err(DetectError::from_candle)?) };
-    Ok(ConvOp { conv, concat_parts: 0, upsampled: None, candle, spread_output: false })
+    Ok(ConvOp { conv, concat_parts: 0, upsampled: None, candle, spread_output: false, blocked_output: false })
 }
 
 /// The most floats a grouped convolution's kernels may take once spread into one dense kernel

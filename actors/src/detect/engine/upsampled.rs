@@ -166,7 +166,7 @@ pub(super) fn conv_with_upsampled_part(
             Some(split.low.run_input(&input, None))
         })?;
         if let Some(low_sums) = low_sums.flatten()
-            && let Some(mut out) = conv_parts_in_place(&split.rest, &rest, &rest_cold, None, c.spread_output, target)?
+            && let Some(mut out) = conv_parts_in_place(&split.rest, &rest, &rest_cold, None, c.spread_output, false, target)?
         {
             let spec = c.conv.spec();
             add_upsampled(&mut out.data, out.pitch, &low_sums, (h, w), (lh, lw), spec.out_channels, c.conv.bias(), spec.activation);

@@ -1,8 +1,24 @@
 //! A convolution's input read where it lies: the channels of one or more tensors, one after
 //! another (a concatenation along channels that is never copied).
 
+/// Channels per block of a tensor in [`ChannelLayout::Blocked`]: one AVX2 register.
+pub const BLOCK: usize = 8;
+
+/// How the channels of a `[n, c, h, w]` tensor lie in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelLayout {
+    /// `[n][c][h][w]`: each channel a plane of pixels, planes `plane_stride` apart.
+    Planes,
+    /// `[n][c / 8][h][w][8]`: blocks of [`BLOCK`] channels (`c` a multiple of 8), each pixel's 8
+    /// values side by side, blocks `8 * plane_stride` apart. A pointwise convolution's tile reads
+    /// the 8 channels of its pixels from one stretch of memory and stores its sums whole, where
+    /// planes scatter both over as many lines as channels.
+    Blocked,
+}
+
 /// One tensor whose channels are part of a convolution's input: image `b`'s channel `c` is the
-/// `h * w` floats at `b * image_stride + c * plane_stride` of `data`.
+/// `h * w` floats at `b * image_stride + c * plane_stride` of `data` (in
+/// [`ChannelLayout::Planes`]; in blocks, see [`ConvInput::blocked`]).
 #[derive(Debug, Clone, Copy)]
 pub struct InputPart<'a> {
     pub data: &'a [f32],
@@ -26,6 +42,7 @@ pub struct ConvInput<'a> {
     pub(super) n: usize,
     pub(super) h: usize,
     pub(super) w: usize,
+    layout: ChannelLayout,
 }
 
 impl<'a> ConvInput<'a> {
@@ -39,20 +56,84 @@ impl<'a> ConvInput<'a> {
             last_image.checked_add(last_plane)?.checked_add(h * w)
         };
         let fits = |p: &InputPart| p.plane_stride >= h * w && (n == 0 || p.channels * h * w == 0 || end(p).is_some_and(|end| end <= p.data.len()));
-        (!parts.is_empty() && parts.iter().all(fits)).then_some(ConvInput { parts, n, h, w })
+        (!parts.is_empty() && parts.iter().all(fits)).then_some(ConvInput { parts, n, h, w, layout: ChannelLayout::Planes })
+    }
+
+    /// The parts' channels, in order, each part in [`ChannelLayout::Blocked`]: image `b`'s
+    /// channel `c` at pixel `p` is float `b * image_stride + (c / 8) * 8 * plane_stride + 8 p +
+    /// c % 8` of its `data`. `None` when a part's channels are not whole blocks, its blocks are
+    /// closer than `8 * h * w`, or it is too short for `n` images of them, or when there is no
+    /// part.
+    pub fn blocked(parts: Vec<InputPart<'a>>, n: usize, h: usize, w: usize) -> Option<Self> {
+        let end = |p: &InputPart| -> Option<usize> {
+            let last_image = (n - 1).checked_mul(p.image_stride)?;
+            let last_block = (p.channels / BLOCK - 1).checked_mul(BLOCK * p.plane_stride)?;
+            last_image.checked_add(last_block)?.checked_add(BLOCK * h * w)
+        };
+        let fits = |p: &InputPart| {
+            p.channels.is_multiple_of(BLOCK) && p.plane_stride >= h * w && (n == 0 || p.channels * h * w == 0 || end(p).is_some_and(|end| end <= p.data.len()))
+        };
+        (!parts.is_empty() && parts.iter().all(fits)).then_some(ConvInput { parts, n, h, w, layout: ChannelLayout::Blocked })
     }
 
     /// One row-major tensor.
     pub fn contiguous(data: &'a [f32], n: usize, channels: usize, h: usize, w: usize) -> Self {
-        ConvInput { parts: vec![InputPart { data, channels, image_stride: channels * h * w, plane_stride: h * w, cold: false }], n, h, w }
+        ConvInput {
+            parts: vec![InputPart { data, channels, image_stride: channels * h * w, plane_stride: h * w, cold: false }],
+            n,
+            h,
+            w,
+            layout: ChannelLayout::Planes,
+        }
+    }
+
+    pub fn layout(&self) -> ChannelLayout {
+        self.layout
+    }
+
+    /// Where channel `c` of image `b` starts: its plane, or (in blocks) its lane of pixel 0's
+    /// block; the next pixel is 1 float on (8 in blocks).
+    pub(super) fn channel_start(&self, b: usize, mut c: usize) -> *const f32 {
+        for part in &self.parts {
+            if c < part.channels {
+                let at = match self.layout {
+                    ChannelLayout::Planes => b * part.image_stride + c * part.plane_stride,
+                    ChannelLayout::Blocked => b * part.image_stride + (c - c % BLOCK) * part.plane_stride + c % BLOCK,
+                };
+                return part.data[at..].as_ptr();
+            }
+            c -= part.channels;
+        }
+        panic!("channel past the input's channels");
+    }
+
+    /// The input in [`ChannelLayout::Planes`], packed: `[n][channels][h * w]`.
+    pub(super) fn to_planes(&self) -> Vec<f32> {
+        let (channels, pixels) = (self.channels(), self.h * self.w);
+        match self.layout {
+            ChannelLayout::Planes => self.to_contiguous().into_owned(),
+            ChannelLayout::Blocked => {
+                let mut out = Vec::with_capacity(self.n * channels * pixels);
+                for b in 0..self.n {
+                    for part in &self.parts {
+                        for c in 0..part.channels {
+                            let block = &part.data[b * part.image_stride + (c - c % BLOCK) * part.plane_stride..][..BLOCK * pixels];
+                            out.extend(block.iter().skip(c % BLOCK).step_by(BLOCK));
+                        }
+                    }
+                }
+                out
+            }
+        }
     }
 
     pub fn channels(&self) -> usize {
         self.parts.iter().map(|p| p.channels).sum()
     }
 
-    /// Channel `c` of image `b`.
+    /// Channel `c` of image `b` (in [`ChannelLayout::Planes`]).
     pub(super) fn plane(&self, b: usize, mut c: usize) -> &'a [f32] {
+        assert_eq!(self.layout, ChannelLayout::Planes, "a plane of a blocked input");
         let plane = self.h * self.w;
         for part in &self.parts {
             if c < part.channels {
@@ -69,8 +150,18 @@ impl<'a> ConvInput<'a> {
         let plane = self.h * self.w;
         let pixels = pixels.start.min(plane)..pixels.end.min(plane);
         for part in self.parts.iter().filter(|part| part.cold) {
-            for c in 0..part.channels {
-                fetch_into_l2(&part.data[b * part.image_stride + c * part.plane_stride..][pixels.clone()]);
+            match self.layout {
+                ChannelLayout::Planes => {
+                    for c in 0..part.channels {
+                        fetch_into_l2(&part.data[b * part.image_stride + c * part.plane_stride..][pixels.clone()]);
+                    }
+                }
+                ChannelLayout::Blocked => {
+                    let floats = BLOCK * pixels.start..BLOCK * pixels.end;
+                    for c in (0..part.channels).step_by(BLOCK) {
+                        fetch_into_l2(&part.data[b * part.image_stride + c * part.plane_stride..][floats.clone()]);
+                    }
+                }
             }
         }
     }
@@ -78,6 +169,7 @@ impl<'a> ConvInput<'a> {
     /// Asks the CPU to bring `pixels` (clamped to the plane) of every channel plane of image `b`
     /// into its L2 cache, without waiting for them.
     pub(super) fn fetch(&self, b: usize, pixels: std::ops::Range<usize>) {
+        assert_eq!(self.layout, ChannelLayout::Planes, "planes of a blocked input");
         let plane = self.h * self.w;
         let pixels = pixels.start.min(plane)..pixels.end.min(plane);
         for part in &self.parts {
@@ -89,6 +181,7 @@ impl<'a> ConvInput<'a> {
 
     /// The input as one row-major buffer: borrowed when it is one, gathered otherwise.
     pub(super) fn to_contiguous(&self) -> std::borrow::Cow<'a, [f32]> {
+        assert_eq!(self.layout, ChannelLayout::Planes, "planes of a blocked input");
         let channels = self.channels();
         let plane = self.h * self.w;
         match self.parts.as_slice() {
@@ -98,6 +191,31 @@ impl<'a> ConvInput<'a> {
             _ => std::borrow::Cow::Owned((0..self.n).flat_map(|b| (0..channels).flat_map(move |c| self.plane(b, c).iter().copied())).collect()),
         }
     }
+}
+
+/// `planes` (channel planes of `pixels` floats, whole blocks of them) in
+/// [`ChannelLayout::Blocked`].
+pub(super) fn planes_to_blocks(planes: &[f32], pixels: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; planes.len()];
+    for (blocks, planes) in out.chunks_exact_mut(BLOCK * pixels.max(1)).zip(planes.chunks_exact(BLOCK * pixels.max(1))) {
+        for (c, plane) in planes.chunks_exact(pixels).enumerate() {
+            for (value, pixel) in plane.iter().zip(blocks[c..].iter_mut().step_by(BLOCK)) {
+                *pixel = *value;
+            }
+        }
+    }
+    out
+}
+
+/// `blocks` ([`ChannelLayout::Blocked`], of `pixels` pixels) as channel planes.
+pub(super) fn blocks_to_planes(blocks: &[f32], pixels: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(blocks.len());
+    for block in blocks.chunks_exact(BLOCK * pixels.max(1)) {
+        for c in 0..BLOCK {
+            out.extend(block.iter().skip(c).step_by(BLOCK));
+        }
+    }
+    out
 }
 
 /// Asks the CPU to bring `floats` into its L2 cache, a line at a time, without waiting.

@@ -43,7 +43,7 @@ use super::epilogue::Epilogue;
 use super::isa::Isa;
 use super::pack::PackedA;
 
-pub use input::{ConvInput, InputPart};
+pub use input::{BLOCK, ChannelLayout, ConvInput, InputPart};
 #[cfg(all(target_arch = "x86_64", feature = "bench-internals"))]
 pub use pixel_tiles::tile_gflops;
 
@@ -335,6 +335,10 @@ impl Conv2d {
     /// layer's reads of the planes from evicting each other. `residual` has the same layout.
     /// A pitch other than `oh * ow` needs [`writes_pitched`](Self::writes_pitched).
     pub fn run_input_pitched(&self, input: &ConvInput, residual: Option<&[f32]>, pitch: usize) -> Vec<f32> {
+        if input.layout() == ChannelLayout::Blocked && self.blocked_tiles(input).is_none() {
+            let planes = input.to_planes();
+            return self.run_input_pitched(&ConvInput::contiguous(&planes, input.n, self.spec.in_channels, input.h, input.w), residual, pitch);
+        }
         let (n, h, w) = (input.n, input.h, input.w);
         let (oh, ow) = self.output_size(h, w).expect("caller checked the output size");
         let pixels = oh * ow;
@@ -365,11 +369,71 @@ impl Conv2d {
         out
     }
 
+    /// Whether this convolution reads and writes tensors in [`ChannelLayout::Blocked`] in its
+    /// own kernel, without converting them: a pointwise one in AVX2 pixel tiles (whose
+    /// registers are one block wide) whose output channels are whole blocks, and whose product
+    /// is short enough that the pixel tiles run it on any plane (on small planes, the long ones
+    /// go to the channel-major product, which reads planes: `pixel_tiles::avx2_gemm_takes`).
+    /// Others take and give blocked tensors too, through a copy in planes.
+    pub fn runs_blocked(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(tiles) = &self.pixel_tiles {
+            return self.is_pointwise()
+                && tiles.isa() == Isa::Avx2
+                && self.spec.out_channels.is_multiple_of(BLOCK)
+                && self.spec.in_channels < pixel_tiles::AVX2_GEMM_MIN_CHANNELS;
+        }
+        false
+    }
+
+    /// The pixel tiles that run this convolution on `input` in blocks ([`runs_blocked`](Self::runs_blocked)),
+    /// when its plane holds a tile: whatever else would run it on planes.
+    #[cfg(target_arch = "x86_64")]
+    fn blocked_tiles(&self, input: &ConvInput) -> Option<&pixel_tiles::PixelTiles> {
+        let pixels = input.h * input.w;
+        self.pixel_tiles.as_ref().filter(|tiles| self.runs_blocked() && pixels >= tiles.shortest_run(pixels) && input.channels().is_multiple_of(BLOCK))
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn blocked_tiles(&self, _input: &ConvInput) -> Option<&()> {
+        None
+    }
+
+    /// Like [`run_input`](Self::run_input), with the output in [`ChannelLayout::Blocked`]
+    /// (`[n][out_channels / 8][oh][ow][8]`), and `residual` in that layout too. The input may
+    /// be in either layout. The output channels must be whole blocks.
+    pub fn run_input_blocked(&self, input: &ConvInput, residual: Option<&[f32]>) -> Vec<f32> {
+        let (n, cout) = (input.n, self.spec.out_channels);
+        assert!(cout.is_multiple_of(BLOCK), "{cout} output channels in blocks of {BLOCK}");
+        let (oh, ow) = self.output_size(input.h, input.w).expect("caller checked the output size");
+        let pixels = oh * ow;
+        let len = n * cout * pixels;
+        if let Some(residual) = residual {
+            assert!(residual.len() >= len, "residual length");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(tiles) = self.blocked_tiles(input) {
+            let mut out: Vec<f32> = Vec::with_capacity(len);
+            self.run_pixel_tiles(tiles, input, OutputPlanes { oh, ow, pitch: pixels }, ChannelLayout::Blocked, residual, &mut out.spare_capacity_mut()[..len]);
+            // SAFETY: the pixel tiles write every pixel of every block of every image.
+            unsafe { out.set_len(len) };
+            return out;
+        }
+        let residual = residual.map(|r| input::blocks_to_planes(&r[..len], pixels));
+        input::planes_to_blocks(&self.run_input_pitched(input, residual.as_deref(), pixels), pixels)
+    }
+
     /// Runs the convolution into `out` (`[n][out_channels][pitch]`), by the fastest way the
     /// shape and the CPU allow.
     fn run_kernel(&self, input: &ConvInput, residual: Option<&[f32]>, planes: OutputPlanes, out: &mut [MaybeUninit<f32>]) {
         let (n, h, w) = (input.n, input.h, input.w);
         let OutputPlanes { oh, ow, .. } = planes;
+        // A blocked input is read in place by the kernel that takes it (`run_input_pitched`
+        // made it planes for any other).
+        #[cfg(target_arch = "x86_64")]
+        if let Some(tiles) = self.blocked_tiles(input).filter(|_| input.layout() == ChannelLayout::Blocked) {
+            return self.run_pixel_tiles(tiles, input, planes, ChannelLayout::Planes, residual, out);
+        }
         #[cfg(target_arch = "x86_64")]
         if let (Some(stem), None) = (&self.stem, residual) {
             return self.run_stem(stem, input, planes, out);
@@ -389,7 +453,7 @@ impl Conv2d {
         }
         #[cfg(target_arch = "x86_64")]
         if let Some(tiles) = self.pixel_tiles_for(oh, ow) {
-            return self.run_pixel_tiles(tiles, input, planes, residual, out);
+            return self.run_pixel_tiles(tiles, input, planes, ChannelLayout::Planes, residual, out);
         }
         if self.is_depthwise() {
             self.run_depthwise(input, planes, residual, out);
@@ -555,6 +619,55 @@ mod tests {
         // A part shorter than its images is refused.
         let short = values(10, 1);
         assert!(ConvInput::new(vec![InputPart { data: &short, channels: 1, image_stride: 9, plane_stride: 9, cold: false }], 2, 3, 3).is_none());
+    }
+
+    #[test]
+    fn blocked_tensors_give_the_same_output() {
+        // Pointwise ones run blocks in their own tiles with AVX2 (a 16-channel panel and an 8 one,
+        // a plane whose last tile overlaps, a plane of 160x160 whose planes would take the
+        // pixels-in-lanes tile, a small plane that a long product would take to the
+        // channel-major one); the others (a 3x3 layer, output channels not whole blocks) through
+        // planes. The input is two blocked parts, the second a channel split of a larger tensor,
+        // batch 2.
+        for (cin, cout, k, n, h, w) in [(16, 24, 1, 2, 7, 9), (32, 16, 1, 1, 160, 160), (256, 32, 1, 1, 10, 10), (16, 16, 3, 2, 7, 9), (16, 12, 1, 2, 7, 9)] {
+            let pixels = h * w;
+            let first = input::planes_to_blocks(&values(n * 8 * pixels, 5), pixels);
+            let wide = input::planes_to_blocks(&values(n * (cin + 8) * pixels, 6), pixels);
+            let parts = vec![
+                InputPart { data: &first, channels: 8, image_stride: 8 * pixels, plane_stride: pixels, cold: true },
+                InputPart { data: &wide[16 * pixels..], channels: cin - 8, image_stride: (cin + 8) * pixels, plane_stride: pixels, cold: false },
+            ];
+            let input = ConvInput::blocked(parts, n, h, w).unwrap();
+            let planes = input.to_planes();
+            for conv in variants(cin, cout, 1, k, 1, k / 2) {
+                let (oh, ow) = conv.output_size(h, w).unwrap();
+                let residual = values(n * cout * oh * ow, 4);
+                let want = conv.run(&planes, n, h, w, Some(&residual));
+                let close = |got: &[f32], want: &[f32], what: &str| {
+                    assert_eq!(got.len(), want.len());
+                    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                        assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{cin}->{cout} k{k} {h}x{w} {what}: [{i}] {a} vs {b}");
+                    }
+                };
+                close(&conv.run_input(&input, Some(&residual)), &want, "blocked in");
+                if cout.is_multiple_of(BLOCK) {
+                    let blocked_residual = input::planes_to_blocks(&residual, oh * ow);
+                    let want = input::planes_to_blocks(&want, oh * ow);
+                    close(&conv.run_input_blocked(&input, Some(&blocked_residual)), &want, "blocked in and out");
+                    let from_planes = ConvInput::contiguous(&planes, n, cin, h, w);
+                    close(&conv.run_input_blocked(&from_planes, Some(&blocked_residual)), &want, "blocked out");
+                }
+            }
+        }
+        // Channels that are not whole blocks, and a part too short for its blocks, are refused.
+        let data = values(2 * 8 * 9, 1);
+        let part = |channels: usize, image_stride: usize| InputPart { data: &data, channels, image_stride, plane_stride: 9, cold: false };
+        assert!(ConvInput::blocked(vec![part(8, 72)], 2, 3, 3).is_some());
+        assert!(ConvInput::blocked(vec![part(4, 72)], 2, 3, 3).is_none());
+        assert!(ConvInput::blocked(vec![part(8, 80)], 2, 3, 3).is_none());
+        let blocks = input::planes_to_blocks(&data, 9);
+        assert_eq!(input::blocks_to_planes(&blocks, 9), data);
+        assert_eq!(&blocks[..3], &[data[0], data[9], data[18]]);
     }
 
     #[test]

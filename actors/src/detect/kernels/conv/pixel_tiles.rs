@@ -62,7 +62,7 @@ use super::super::pack::PackedB;
 use super::super::x86_64::{avx2, avx512};
 use super::direct::phase_planes;
 use super::schedule::{self, SCRATCH};
-use super::{Conv2d, ConvInput, ConvSpec, OutputPlanes, add_assign};
+use super::{BLOCK, ChannelLayout, Conv2d, ConvInput, ConvSpec, OutputPlanes, add_assign};
 
 /// A convolution's weights in panels of `panel` output channels (one or two registers: 16 or
 /// 32 with AVX-512, 8 or 16 with AVX2), `[panel][kk][channel]` with `kk = (c, ky, kx)` (zeros
@@ -300,8 +300,34 @@ impl PixelTiles {
     }
 
     /// The fewest pixels a run needs to hold a tile of every panel's kernel.
-    fn shortest_run(&self, run: usize) -> usize {
+    pub(super) fn shortest_run(&self, run: usize) -> usize {
         self.tile(run, 1, self.panel, false).0.max(self.tile(run, 1, self.last, false).0)
+    }
+
+    pub(super) fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Like [`tile`](Self::tile), for a pointwise run with AVX2 whose input lies in planes
+    /// (`step` 1) or in blocks (`step` 8, [`BLOCK`] floats from one pixel to the next), and
+    /// whose output goes to planes or (`blocked_out`) to blocks.
+    fn blocked_tile(&self, run: usize, step: usize, width: usize, blocked_out: bool) -> (usize, TileKernel) {
+        assert_eq!(self.isa, Isa::Avx2, "blocked tensors are read by the AVX2 tiles only");
+        macro_rules! kernels {
+            ($sx:literal, $blocked:literal) => {
+                match width {
+                    8 => [(8, avx2::conv_tile::<8, 1, $sx, $blocked> as TileKernel); 2],
+                    _ => [(6, avx2::conv_tile::<6, 2, $sx, $blocked> as TileKernel), (5, avx2::conv_tile::<5, 2, $sx, $blocked> as TileKernel)],
+                }
+            };
+        }
+        let choices = match (step == BLOCK, blocked_out) {
+            (true, true) => kernels!(8, true),
+            (true, false) => kernels!(8, false),
+            (false, true) => kernels!(1, true),
+            (false, false) => kernels!(1, false),
+        };
+        choices.into_iter().filter(|&(pixels, _)| pixels <= run).min_by_key(|&(pixels, _)| run.div_ceil(pixels) * pixels).unwrap_or(choices[1])
     }
 
     /// Pixels per tile for runs of `run` pixels whose inputs are `stride` (1 or 2) floats
@@ -316,8 +342,8 @@ impl PixelTiles {
                     (Isa::Avx512, _) => {
                         [(12, avx512::conv_tile::<12, 2, $sx, $ahead> as TileKernel), (10, avx512::conv_tile::<10, 2, $sx, $ahead> as TileKernel)]
                     }
-                    (Isa::Avx2, 8) => [(8, avx2::conv_tile::<8, 1, $sx> as TileKernel); 2],
-                    (Isa::Avx2, _) => [(6, avx2::conv_tile::<6, 2, $sx> as TileKernel), (5, avx2::conv_tile::<5, 2, $sx> as TileKernel)],
+                    (Isa::Avx2, 8) => [(8, avx2::conv_tile::<8, 1, $sx, false> as TileKernel); 2],
+                    (Isa::Avx2, _) => [(6, avx2::conv_tile::<6, 2, $sx, false> as TileKernel), (5, avx2::conv_tile::<5, 2, $sx, false> as TileKernel)],
                 }
             };
         }
@@ -348,7 +374,7 @@ pub fn tile_gflops(isa: Isa, taps: usize, plane_floats: usize, flops: f64) -> Op
         return None;
     }
     let (pixels, channels, kernel): (usize, usize, TileKernel) = match isa {
-        Isa::Avx2 => (6, 16, avx2::conv_tile::<6, 2, 1>),
+        Isa::Avx2 => (6, 16, avx2::conv_tile::<6, 2, 1, false>),
         Isa::Avx512 => (12, 32, avx512::conv_tile::<12, 2, 1, 0>),
     };
     // Two tiles side by side in every plane, the kernel alternating between them.
@@ -431,8 +457,12 @@ fn rows_apply(isa: Isa, cin: usize, pixels: usize) -> bool {
 /// 256 0.96-1.05 (level); those of 64 to 128 input channels lost (1.03-1.21), as did every
 /// layer with AVX-512 (1.01-1.19).
 fn avx2_gemm_takes(cin: usize, pixels: usize) -> bool {
-    cin >= 256 && pixels <= 20 * 20
+    cin >= AVX2_GEMM_MIN_CHANNELS && pixels <= 20 * 20
 }
+
+/// The fewest input channels of a pointwise convolution that [`avx2_gemm_takes`] to the
+/// channel-major product.
+pub(super) const AVX2_GEMM_MIN_CHANNELS: usize = 256;
 
 /// Whether a 3x3 stride-2 convolution of `spec` into `pixels` output pixels runs as the
 /// channel-major product over the phase planes ([`run_direct`](Conv2d::run_direct): the 6x16
@@ -535,16 +565,33 @@ impl Conv2d {
     }
 
     /// The convolution in tiles of pixels by channels (see the module's notes), into `out`
-    /// (`output`), adding `residual` last.
-    pub(super) fn run_pixel_tiles(&self, tiles: &PixelTiles, input: &ConvInput, output: OutputPlanes, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+    /// (`output`, its channels laid out as `out_layout` says), adding `residual` (laid out as
+    /// the output) last. An input or output in [`ChannelLayout::Blocked`] is for pointwise
+    /// convolutions on AVX2 tiles ([`Conv2d::runs_blocked`]), an output so with planes
+    /// `oh * ow` apart.
+    pub(super) fn run_pixel_tiles(
+        &self,
+        tiles: &PixelTiles,
+        input: &ConvInput,
+        output: OutputPlanes,
+        out_layout: ChannelLayout,
+        residual: Option<&[f32]>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
         let (n, h, w) = (input.n, input.h, input.w);
         let OutputPlanes { oh, ow, pitch } = output;
+        let blocked_out = out_layout == ChannelLayout::Blocked;
+        let blocked = input.layout() == ChannelLayout::Blocked || blocked_out;
+        assert!(!blocked || (self.runs_blocked() && (!blocked_out || pitch == oh * ow)), "blocked tensors in a convolution that does not run them");
+        // Floats from one pixel to the next, in the input and in the output.
+        let in_step = if input.layout() == ChannelLayout::Blocked { BLOCK } else { 1 };
+        let out_step = if blocked_out { BLOCK } else { 1 };
         let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
         let (kh, kw) = self.spec.kernel;
         let (sh, dh, pt, dw) = (self.spec.stride.0, self.spec.dilation.0, self.spec.pads.0, self.spec.dilation.1);
         let pixels = oh * ow;
         let threads = parallel::threads();
-        let rows = tiles.rows_for(&self.spec, cin * h * w, pixels);
+        let rows = !blocked && tiles.rows_for(&self.spec, cin * h * w, pixels);
         let stretch = match rows {
             // Stretches of whole vectors of pixels: only the plane's last tile is partial.
             true => (pointwise_stretch(pixels, threads) / 16 * 16).max(16),
@@ -585,7 +632,7 @@ impl Conv2d {
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
         // Channel planes a whole number of pages apart share their L1 sets, so a tile stored
         // straight into them evicts its own rows: such outputs go through a compact strip.
-        let compact = cache::rows_share_cache_sets(pitch);
+        let compact = !blocked_out && cache::rows_share_cache_sets(pitch);
         let (planes, offsets, zeros, reading) = (&planes, &offsets, &zeros, &reading);
         // The work goes out in units of one run of one image through one block of panels,
         // numbered along the runs (the blocks of a run consecutive), in ranges that shrink
@@ -607,11 +654,15 @@ impl Conv2d {
                 let first_of_range = unit == units.start;
                 unit += len;
                 let task_panels = block * panels_per_block..((block + 1) * panels_per_block).min(panels);
-                // The output of panel `panel` at pixel `p` of channel 0 of the panel.
-                let at = |panel: usize, p: usize| (batch * cout + panel * tiles.panel) * pitch + p;
+                // The output of panel `panel` at pixel `p` of channel 0 of the panel (in blocks,
+                // the panel's first block starts where its first plane would).
+                let at = |panel: usize, p: usize| (batch * cout + panel * tiles.panel) * pitch + p * out_step;
                 let run = |taps: &[*const f32], start: usize, stride: usize, len: usize, first_out: usize, panel: usize, scratch: &mut Vec<f32>| {
-                    let (tile, kernel) = tiles.tile(len, stride, tiles.width(panel), matches!(reading, Reading::Planes { .. }));
-                    let run = Run { kernel, tile, taps, at: start, stride, len };
+                    let (tile, kernel) = match blocked {
+                        true => tiles.blocked_tile(len, stride, tiles.width(panel), blocked_out),
+                        false => tiles.tile(len, stride, tiles.width(panel), matches!(reading, Reading::Planes { .. })),
+                    };
+                    let run = Run { kernel, tile, taps, at: start, stride, len, out_step };
                     let weights = tiles.panel(panel, cout, silu);
                     let residual = residual.map(|r| r[first_out..].as_ptr());
                     // SAFETY: the CPU has the features of `tiles.isa` (`PixelTiles::new` checked).
@@ -620,12 +671,12 @@ impl Conv2d {
                     // `panel * tiles.panel ..` of its runs of image `batch` (the ranges of units
                     // do not overlap, and units differ in image, run or panels), inside `out` and
                     // the residual, which have the output's shape.
-                    unsafe { run.emit(&weights, out_ptr.get().add(first_out), pitch, residual, compact, scratch) };
+                    unsafe { run.emit(&weights, out_ptr.get().add(first_out), pitch * out_step, residual, compact, scratch) };
                 };
                 SCRATCH.with_borrow_mut(|(scratch, _)| match reading {
                     Reading::Planes { stretch } => {
                         // The stretches of the range are one run.
-                        let taps: Vec<*const f32> = (0..cin).map(|c| input.plane(batch, c).as_ptr()).collect();
+                        let taps: Vec<*const f32> = (0..cin).map(|c| input.channel_start(batch, c)).collect();
                         let first = task_runs.start * stretch;
                         let end = if task_runs.end == runs { pixels } else { task_runs.end * stretch };
                         // The planes of a skip connection's tensor, made many layers before,
@@ -651,7 +702,7 @@ impl Conv2d {
                                 // `batch` (as `run` below), inside `out` and the residual.
                                 unsafe { tiles.pointwise_rows(&taps, first, end - first, panel, cout, silu, out, pitch, residual) };
                             } else {
-                                run(&taps, first, 1, end - first, at(panel, first), panel, scratch);
+                                run(&taps, first * in_step, in_step, end - first, at(panel, first), panel, scratch);
                             }
                         }
                     }
@@ -755,7 +806,7 @@ impl Conv2d {
             SCRATCH.with_borrow_mut(|(column, _)| {
                 for panel in block * panels_per_block..((block + 1) * panels_per_block).min(panels) {
                     let (tile, kernel) = tiles.tile(rows, 1, tiles.width(panel), false);
-                    let run = Run { kernel, tile, taps: &taps, at: 0, stride: 1, len: rows };
+                    let run = Run { kernel, tile, taps: &taps, at: 0, stride: 1, len: rows, out_step: 1 };
                     let p = tiles.panel(panel, cout, silu);
                     let channels = p.channels;
                     if column.len() < channels * rows {
@@ -798,7 +849,8 @@ struct Panel {
 }
 
 /// A run of `len` output pixels whose tap `kk` of pixel `x` is at `taps[kk] + at + x * stride`,
-/// computed in tiles of `tile` pixels by `kernel` (made for that stride).
+/// computed in tiles of `tile` pixels by `kernel` (made for that stride), its output pixels
+/// `out_step` floats apart (1 in planes, 8 in blocks).
 struct Run<'a> {
     kernel: TileKernel,
     tile: usize,
@@ -806,12 +858,14 @@ struct Run<'a> {
     at: usize,
     stride: usize,
     len: usize,
+    out_step: usize,
 }
 
 impl Run<'_> {
-    /// Computes the run into `out` (its first pixel in the panel's first channel; channels
-    /// `ldo` apart), adding the residual (the same layout, when given). When `compact`, it
-    /// goes through strips of `scratch` first, copied out row by row.
+    /// Computes the run into `out` (its first pixel in the panel's first channel; channels, or
+    /// blocks of them, `ldo` apart), adding the residual (the same layout, when given). When
+    /// `compact` (never in blocks), it goes through strips of `scratch` first, copied out row
+    /// by row.
     ///
     /// # Safety
     /// The CPU has the features of the kernel's ISA. `taps[kk] + at + x * stride` is a
@@ -820,7 +874,8 @@ impl Run<'_> {
     /// residual) hold `panel.channels` rows of `len` floats, `ldo` apart, that no other thread
     /// accesses. `len` is at least `tile`.
     unsafe fn emit(&self, panel: &Panel, out: *mut f32, ldo: usize, residual: Option<*const f32>, compact: bool, scratch: &mut Vec<f32>) {
-        let Run { kernel, tile, taps, at, stride, len } = *self;
+        let Run { kernel, tile, taps, at, stride, len, out_step } = *self;
+        debug_assert!(!compact || out_step == 1);
         let strip = if compact { (COMPACT_STRIP / tile).max(1) * tile } else { len };
         let mut strip_start = 0;
         while strip_start < len {
@@ -836,7 +891,7 @@ impl Run<'_> {
             let (dst, ld, residual_here) = match compact {
                 true => (scratch.as_mut_ptr(), width, None),
                 // SAFETY: pixel `start` of the run lies inside `out` and the residual.
-                false => unsafe { (out.add(start), ldo, residual.map(|r| r.add(start))) },
+                false => unsafe { (out.add(start * out_step), ldo, residual.map(|r| r.add(start * out_step))) },
             };
             // Tile `i` over the taps `k0..k1`: its sums start from `sums` unless `k0` is the
             // first tap, and stay there unless `k1` is past the last (then they are finished).
@@ -855,9 +910,9 @@ impl Run<'_> {
                 // tile's sums (the tap blocks below) or is never read or written.
                 unsafe {
                     let weights = panel.weights.add(k0 * panel.tap_floats);
-                    let residual = residual_here.map(|r| (r.add(x), ldo));
+                    let residual = residual_here.map(|r| (r.add(x * out_step), ldo));
                     let at = at + (start + x) * stride;
-                    kernel(&taps[k0..k1], at, weights, panel.bias, panel.silu, dst.add(x), ld, residual, panel.channels, sums_in, sums_out);
+                    kernel(&taps[k0..k1], at, weights, panel.bias, panel.silu, dst.add(x * out_step), ld, residual, panel.channels, sums_in, sums_out);
                 }
             };
             let block = TAP_BLOCK_FLOATS / panel.tap_floats;

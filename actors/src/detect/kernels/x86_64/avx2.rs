@@ -225,15 +225,21 @@ pub(in super::super) unsafe fn gather_rows(src: *const f32, offsets: &[usize], d
 /// tap `kk` of pixel `j` at `taps[kk][at + j * SX]`, weights `[kk][8 NV]`, partial sums
 /// (`[P][8 NV]`) from `sums_in` and to `sums_out` when they are not null.
 ///
+/// The finished tile goes to `out` as rows of pixels, one per channel, `ldo` apart; or, when
+/// `BLOCKED`, as blocks of 8 channels ([`ChannelLayout::Blocked`](super::super::conv::ChannelLayout)):
+/// each register of sums is one pixel's 8 channels, stored whole at `out + v * ldo + 8 j`
+/// with no transpose (the residual read the same way).
+///
 /// # Safety
 /// The CPU has AVX2 and FMA. `taps[kk] + at + j * SX` is a readable float of the allocation
 /// `taps[kk]` points into (or past) for every `kk < taps.len()` and `j < P`; `weights` is
 /// 32-byte aligned and holds `taps.len() * 8 NV` floats; `bias` holds `8 NV`;
-/// `channels <= 8 NV`; `out` and the residual hold `channels` rows of `P` floats;
-/// `sums_in` and `sums_out` are null or hold `8 P NV` floats.
+/// `channels <= 8 NV`; `out` and the residual hold `channels` rows of `P` floats (when
+/// `BLOCKED`: `channels` is a multiple of 8, and they hold `channels / 8` blocks of `8 P`
+/// floats); `sums_in` and `sums_out` are null or hold `8 P NV` floats.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const SX: usize>(
+pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const SX: usize, const BLOCKED: bool>(
     taps: &[*const f32],
     at: usize,
     weights: *const f32,
@@ -288,8 +294,21 @@ pub(in super::super) unsafe fn conv_tile<const P: usize, const NV: usize, const 
             }
         }
         for (v, rows) in columns.into_iter().enumerate() {
+            if BLOCKED && 8 * v >= channels {
+                break;
+            }
             let bias = Avx2(_mm256_loadu_ps(bias.add(8 * v)));
             let rows = finish_each(rows, [bias; P], silu);
+            if BLOCKED {
+                for (j, row) in rows.iter().enumerate() {
+                    let row = match residual {
+                        Some((r, ld)) => _mm256_add_ps(row.0, _mm256_loadu_ps(r.add(v * ld + 8 * j))),
+                        None => row.0,
+                    };
+                    _mm256_storeu_ps(out.add(v * ldo + 8 * j), row);
+                }
+                continue;
+            }
             let mut block = [_mm256_setzero_ps(); 8];
             for (b, row) in block.iter_mut().zip(&rows) {
                 *b = row.0;

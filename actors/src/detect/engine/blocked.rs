@@ -1,0 +1,214 @@
+//! Convolution outputs kept in blocks of 8 channels ([`ChannelLayout::Blocked`]) between
+//! pointwise convolutions: a tensor `[n, c, h, w]` held as `[n, c / 8, h, w, 8]`.
+//!
+//! A pointwise convolution's tile of pixels by channels reads, for each input channel, one
+//! value of each of its pixels, and stores its sums for each output channel. In planes those
+//! are as many lines as channels, each partly used, and a transpose of the sums before the
+//! stores; in blocks each pixel's 8 channels are one stretch of memory, read whole and
+//! stored as they come from the registers. A tensor is kept so only where the convolution
+//! that makes it and every step that reads it take blocks in their own kernels
+//! ([`Conv2d::runs_blocked`]): the pointwise layers of an attention block's chain (`qkv`,
+//! `proj`, the MLP, their skip connections and the concatenation after them), the
+//! heads' pointwise pairs. The tensor's 5-D shape says so to every step: one that does not
+//! take blocks cannot mistake it for planes.
+
+use std::collections::HashSet;
+
+use candle_core::{Device, Tensor};
+
+use super::fold::CONV_MORE_PARTS;
+use super::{CResult, Op, Step, Target};
+use crate::detect::kernels::conv::BLOCK;
+
+/// `STREAMDET_BLOCKED=off` keeps every tensor in planes, to compare the two.
+fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("STREAMDET_BLOCKED").map_or(true, |v| v != "off"))
+}
+
+/// Where a convolution step reads slot `slot`: as a part of its input (`inputs[0]` or from
+/// [`CONV_MORE_PARTS`] on), as its residual (`inputs[3]`), or as a weight or bias.
+fn is_part(index: usize) -> bool {
+    index == 0 || index >= CONV_MORE_PARTS
+}
+const RESIDUAL: usize = 3;
+
+/// The slots of a convolution step's input parts.
+fn parts(step: &Step) -> impl Iterator<Item = usize> + '_ {
+    step.inputs.iter().enumerate().filter(|&(i, _)| is_part(i)).filter_map(|(_, s)| *s)
+}
+
+/// Marks the convolutions whose outputs stay in blocks: on the CPU kernels, each output that a
+/// convolution taking blocks makes ([`Conv2d::runs_blocked`]) and only such convolutions read,
+/// as input parts or skip connections, and not the graph's output. A convolution reads all its
+/// parts in one layout, and its skip connection in its output's: the marks are withdrawn until
+/// both hold everywhere.
+pub(super) fn mark_blocked_outputs(mut steps: Vec<Step>, output_slot: usize, target: &Target) -> Vec<Step> {
+    if !target.native || !enabled() {
+        return steps;
+    }
+    let takes_blocks = |s: &Step| matches!(&s.op, Op::Conv(c) if c.candle.is_none() && c.upsampled.is_none() && c.conv.runs_blocked());
+    let reads_in_blocks =
+        |reader: &Step, slot: usize| takes_blocks(reader) && reader.inputs.iter().enumerate().all(|(i, s)| *s != Some(slot) || is_part(i) || i == RESIDUAL);
+    let mut blocked: HashSet<usize> = steps
+        .iter()
+        .filter(|step| takes_blocks(step))
+        .filter_map(|step| match step.outputs.as_slice() {
+            &[out] if out != output_slot => Some(out),
+            _ => None,
+        })
+        .filter(|&out| {
+            let mut readers = steps.iter().filter(|s| s.inputs.contains(&Some(out))).peekable();
+            readers.peek().is_some() && readers.all(|r| reads_in_blocks(r, out))
+        })
+        .collect();
+    loop {
+        let before = blocked.len();
+        for step in steps.iter().filter(|s| takes_blocks(s)) {
+            let parts: Vec<usize> = parts(step).collect();
+            if !parts.iter().all(|p| blocked.contains(p)) {
+                parts.iter().for_each(|p| _ = blocked.remove(p));
+            }
+            if let (Some(Some(residual)), &[out]) = (step.inputs.get(RESIDUAL), step.outputs.as_slice())
+                && blocked.contains(residual) != blocked.contains(&out)
+            {
+                blocked.remove(residual);
+                blocked.remove(&out);
+            }
+        }
+        if blocked.len() == before {
+            break;
+        }
+    }
+    for step in &mut steps {
+        if let (Op::Conv(conv), &[out]) = (&mut step.op, step.outputs.as_slice())
+            && blocked.contains(&out)
+        {
+            conv.blocked_output = true;
+            conv.spread_output = false;
+        }
+    }
+    steps
+}
+
+/// `[n, c, h, w]` when `t` is a blocked tensor `[n, c / 8, h, w, 8]`.
+pub(super) fn blocked_dims(t: &Tensor) -> Option<[usize; 4]> {
+    match *t.dims() {
+        [n, blocks, h, w, BLOCK] => Some([n, blocks * BLOCK, h, w]),
+        _ => None,
+    }
+}
+
+/// `[n, c, h, w]` of a tensor in either layout.
+pub(super) fn logical_dims(t: &Tensor) -> Option<[usize; 4]> {
+    match *t.dims() {
+        [n, c, h, w] => Some([n, c, h, w]),
+        _ => blocked_dims(t),
+    }
+}
+
+/// `data` (`[n][c / 8][h][w][8]`) as a blocked tensor.
+pub(super) fn blocked_tensor(data: Vec<f32>, [n, c, h, w]: [usize; 4]) -> CResult<Tensor> {
+    if !c.is_multiple_of(BLOCK) {
+        candle_core::bail!("{c} channels in blocks of {BLOCK}");
+    }
+    Tensor::from_vec(data, (n, c / BLOCK, h, w, BLOCK), &Device::Cpu)
+}
+
+/// `t` in planes (`[n, c, h, w]`), whichever layout it is in.
+pub(super) fn to_planes(t: &Tensor) -> CResult<Tensor> {
+    match blocked_dims(t) {
+        Some([n, c, h, w]) => t.permute((0, 1, 4, 2, 3))?.reshape((n, c, h, w)),
+        None => Ok(t.clone()),
+    }
+}
+
+/// `t` (`[n, c, h, w]`, `c` whole blocks) in blocks, whichever layout it is in.
+pub(super) fn to_blocks(t: &Tensor) -> CResult<Tensor> {
+    if blocked_dims(t).is_some() {
+        return Ok(t.clone());
+    }
+    let &[n, c, h, w] = t.dims() else { candle_core::bail!("blocks of a {:?} tensor", t.dims()) };
+    if !c.is_multiple_of(BLOCK) {
+        candle_core::bail!("{c} channels in blocks of {BLOCK}");
+    }
+    t.reshape((n, c / BLOCK, BLOCK, h, w))?.permute((0, 1, 3, 4, 2))?.contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::engine::test_graphs::{floats, model, node, plan_and_run, tensor};
+    use crate::detect::model::{Attribute, TensorData};
+
+    #[test]
+    fn pointwise_chains_pass_blocks_and_compute_the_same() {
+        // a = conv(x); r = conv(a) + a; c = conv(concat(r, a)); out = conv3x3(c).
+        let weights = [("wa", [16, 16, 1, 1]), ("wb", [16, 16, 1, 1]), ("wc", [8, 32, 1, 1]), ("wd", [8, 8, 3, 3])];
+        let mut initializers: Vec<(&str, TensorData)> = Vec::new();
+        for (i, (name, shape)) in weights.iter().enumerate() {
+            initializers.push((name, floats(shape, 20 + i as u64)));
+        }
+        let bias = ["ba", "bb", "bc", "bd"];
+        for (i, (name, (_, shape))) in bias.iter().zip(&weights).enumerate() {
+            initializers.push((name, floats(&shape[..1], 30 + i as u64)));
+        }
+        let nodes = vec![
+            node("Conv", &["x", "wa", "ba"], &["a"], &[]),
+            node("Conv", &["a", "wb", "bb"], &["b"], &[]),
+            node("Add", &["b", "a"], &["r"], &[]),
+            node("Concat", &["r", "a"], &["cat"], &[("axis", Attribute::Int(1))]),
+            node("Conv", &["cat", "wc", "bc"], &["c"], &[]),
+            node("Conv", &["c", "wd", "bd"], &["out"], &[("pads", Attribute::Ints(vec![1, 1, 1, 1]))]),
+        ];
+        // Batch 2, a plane whose last tile overlaps the one before.
+        let x = tensor(&floats(&[2, 16, 6, 7], 40));
+        let (engine, got) = plan_and_run(&model(nodes, &initializers), &x);
+        let convs: Vec<&super::super::ConvOp> = engine.steps.iter().filter_map(|s| if let Op::Conv(c) = &s.op { Some(c.as_ref()) } else { None }).collect();
+        assert_eq!(convs.len(), 4);
+        // Where the pointwise kernels take blocks (AVX2), `a` and `r` stay in them; `c`, which a
+        // 3x3 convolution reads, and the output do not.
+        let in_blocks = convs[0].conv.runs_blocked();
+        let marks: Vec<bool> = convs.iter().map(|c| c.blocked_output).collect();
+        assert_eq!(marks, [in_blocks, in_blocks, false, false]);
+
+        let conv = |t: &Tensor, w: &str, b: &str, pad: usize| {
+            let find = |name: &str| tensor(&initializers.iter().find(|(n, _)| *n == name).unwrap().1);
+            let bias = find(b);
+            let channels = bias.dims()[0];
+            t.conv2d(&find(w), pad, 1, 1, 1).unwrap().broadcast_add(&bias.reshape((1, channels, 1, 1)).unwrap()).unwrap()
+        };
+        let a = conv(&x, "wa", "ba", 0);
+        let r = (conv(&a, "wb", "bb", 0) + &a).unwrap();
+        let c = conv(&Tensor::cat(&[&r, &a], 1).unwrap(), "wc", "bc", 0);
+        // Four layers of random weights make values in the tens: compared relative to the
+        // largest.
+        let want = conv(&c, "wd", "bd", 1);
+        assert_eq!(got.dims(), want.dims());
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = flat(&want).into_iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in flat(&got).into_iter().zip(flat(&want)).enumerate() {
+            assert!((g - w).abs() <= 1e-5 * scale, "element {i}: {g} against candle's {w}");
+        }
+    }
+
+    #[test]
+    fn blocks_hold_each_pixels_channels_together() {
+        let (n, c, h, w) = (2, 16, 3, 5);
+        let planes = Tensor::arange(0f32, (n * c * h * w) as f32, &Device::Cpu).unwrap().reshape((n, c, h, w)).unwrap();
+        let blocks = to_blocks(&planes).unwrap();
+        assert_eq!(blocks.dims(), &[n, c / 8, h, w, 8]);
+        assert_eq!((blocked_dims(&blocks), logical_dims(&blocks), logical_dims(&planes)), (Some([n, c, h, w]), Some([n, c, h, w]), Some([n, c, h, w])));
+        assert_eq!(blocked_dims(&planes), None);
+        // Pixel (1, 2) of image 1, channels 8..16: one stretch of 8 floats.
+        let values: Vec<f32> = blocks.get(1).unwrap().get(1).unwrap().get(1).unwrap().get(2).unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = (8..16).map(|ch| ((n - 1) * c * h * w + ch * h * w + w + 2) as f32).collect();
+        assert_eq!(values, want);
+        let back = to_planes(&blocks).unwrap();
+        assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), planes.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let data = blocks.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(blocked_tensor(data, [n, c, h, w]).unwrap().dims(), blocks.dims());
+        assert!(blocked_tensor(vec![0.0; 12], [1, 12, 1, 1]).is_err());
+        assert!(to_blocks(&Tensor::zeros((1, 12, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap()).is_err());
+    }
+}
