@@ -10,7 +10,7 @@ use crate::detect::kernels::parallel;
 use super::super::SendPtr;
 use super::super::activation::{Activation, bias_activation};
 use super::super::isa::Isa;
-use super::{Conv2d, ConvInput, OutputPlanes, add_assign, zeroed};
+use super::{BLOCK, ChannelLayout, Conv2d, ConvInput, OutputPlanes, add_assign, zeroed};
 
 /// Output pixels below which a task takes several planes.
 const SMALL_TASK_PIXELS: usize = 4096;
@@ -20,7 +20,7 @@ impl Conv2d {
     pub(super) fn run_depthwise(&self, input: &ConvInput, planes: OutputPlanes, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         let (h, w) = (input.h, input.w);
         #[cfg(target_arch = "x86_64")]
-        if self.run_channel_lanes(input, planes, residual, out) {
+        if self.run_channel_lanes(input, planes, ChannelLayout::Planes, residual, out) {
             return;
         }
         let OutputPlanes { oh, ow, pitch } = planes;
@@ -82,39 +82,53 @@ const CHANNEL_LANES_MAX_PIXELS: usize = 40 * 40;
 
 #[cfg(target_arch = "x86_64")]
 impl Conv2d {
-    /// The convolution with channels in the lanes, when it applies: AVX-512 or AVX2, stride 1, no
-    /// dilation, a 3x3, 5x5 or 7x7 kernel, rows up to [`channel_lanes_max_width`] and planes
-    /// up to [`CHANNEL_LANES_MAX_PIXELS`];
-    /// `STREAMDET_DEPTHWISE_LANES=off` keeps every plane on the row kernel, to compare the two.
-    /// Returns whether it ran.
-    fn run_channel_lanes(
-        &self,
-        input: &ConvInput,
-        OutputPlanes { oh, ow, pitch }: OutputPlanes,
-        residual: Option<&[f32]>,
-        out: &mut [MaybeUninit<f32>],
-    ) -> bool {
-        use super::super::x86_64::depthwise_lanes::{ChannelGroup, depthwise_rows_avx2, depthwise_rows_avx512};
+    /// Whether [`run_channel_lanes`](Self::run_channel_lanes) runs this convolution from an input
+    /// of `h x w` into one of `oh x ow` (channels in the lanes): one whose shape
+    /// [`channel_lanes_suit`](Self::channel_lanes_suit), its rows up to
+    /// [`channel_lanes_max_width`] and planes up to [`CHANNEL_LANES_MAX_PIXELS`], or with tensors
+    /// in blocks (`blocked`) every size: the lanes are the blocks, and no transposes are left to
+    /// outweigh the taps. `STREAMDET_DEPTHWISE_LANES=off` keeps every plane in planes on the
+    /// row kernel, to compare the two.
+    pub(super) fn channel_lanes_take(&self, (h, w): (usize, usize), (oh, ow): (usize, usize), blocked: bool) -> bool {
         static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let enabled = *ENABLED.get_or_init(|| std::env::var("STREAMDET_DEPTHWISE_LANES").map_or(true, |v| v != "off"));
         let (kh, kw) = self.spec.kernel;
-        let (pt, pl, _, _) = self.spec.pads;
+        let size_fits = blocked || (enabled && ow <= channel_lanes_max_width(kh) && oh * ow <= CHANNEL_LANES_MAX_PIXELS);
+        self.channel_lanes_suit(blocked) && size_fits && oh > 0 && ow > 0 && h > 0 && self.spec.pads.1 + w < ow + kw
+    }
+
+    /// Whether the channels-in-lanes kernel suits this convolution's shape: a depthwise one of
+    /// stride 1, no dilation, a 3x3, 5x5 or 7x7 kernel, with AVX-512 or AVX2; in blocks
+    /// (`blocked`), with AVX2 (whose lanes are a block) and channels in whole blocks.
+    pub(super) fn channel_lanes_suit(&self, blocked: bool) -> bool {
+        let (kh, kw) = self.spec.kernel;
+        let isa = Isa::detect();
+        let isa_fits = if blocked { isa == Some(Isa::Avx2) && self.spec.out_channels.is_multiple_of(BLOCK) } else { isa.is_some() };
+        self.is_depthwise() && isa_fits && self.spec.stride == (1, 1) && self.spec.dilation == (1, 1) && kh == kw && matches!(kh, 3 | 5 | 7)
+    }
+
+    /// The convolution with channels in the lanes, when [`channel_lanes_take`](Self::channel_lanes_take)
+    /// says it applies: from an input in planes or blocks, into `out` in planes or (`out_layout`)
+    /// blocks, adding `residual` (laid out as the output). Returns whether it ran.
+    pub(super) fn run_channel_lanes(
+        &self,
+        input: &ConvInput,
+        OutputPlanes { oh, ow, pitch }: OutputPlanes,
+        out_layout: ChannelLayout,
+        residual: Option<&[f32]>,
+        out: &mut [MaybeUninit<f32>],
+    ) -> bool {
+        use super::super::x86_64::depthwise_lanes::{ChannelGroup, GroupInput, GroupOutput, depthwise_rows_avx2, depthwise_rows_avx512};
+        let (kh, kw) = self.spec.kernel;
+        let (pt, pl) = (self.spec.pads.0, self.spec.pads.1);
         let (images, h, w) = (input.n, input.h, input.w);
         let isa = Isa::detect();
-        let applies = enabled
-            && isa.is_some()
-            && self.spec.stride == (1, 1)
-            && self.spec.dilation == (1, 1)
-            && kh == kw
-            && matches!(kh, 3 | 5 | 7)
-            && ow <= channel_lanes_max_width(kh)
-            && oh * ow <= CHANNEL_LANES_MAX_PIXELS
-            && oh > 0
-            && ow > 0
-            && pl + w < ow + kw;
-        if !applies {
+        let blocked_in = input.layout() == ChannelLayout::Blocked;
+        let blocked_out = out_layout == ChannelLayout::Blocked;
+        if !self.channel_lanes_take((h, w), (oh, ow), blocked_in || blocked_out) {
             return false;
         }
+        assert!(!blocked_out || pitch == oh * ow, "blocks of packed planes");
         let channels = self.spec.out_channels;
         let len = match isa {
             Some(Isa::Avx512) => 16,
@@ -135,7 +149,14 @@ impl Conv2d {
             let first_row = part * rows_per_part;
             let rows = rows_per_part.min(oh - first_row);
             let planes = (first_channel..first_channel + lanes).map(|c| (image * channels + c) * pitch + first_row * ow);
-            let inputs: Vec<&[f32]> = (first_channel..first_channel + lanes).map(|c| input.plane(image, c)).collect();
+            let inputs: Vec<&[f32]> = match blocked_in {
+                true => Vec::new(),
+                false => (first_channel..first_channel + lanes).map(|c| input.plane(image, c)).collect(),
+            };
+            let group_input = match blocked_in {
+                true => GroupInput::Block(input.block(image, first_channel)),
+                false => GroupInput::Planes(&inputs),
+            };
             let mut taps = [0.0f32; 7 * 7 * 16];
             for (t, tap) in taps.chunks_exact_mut(len).take(kh * kw).enumerate() {
                 for (lane, weight) in tap.iter_mut().take(lanes).enumerate() {
@@ -144,20 +165,51 @@ impl Conv2d {
             }
             let mut bias = [0.0f32; 16];
             bias[..lanes].copy_from_slice(&self.bias[first_channel..first_channel + lanes]);
+            let group = ChannelGroup {
+                input: group_input,
+                channels: lanes,
+                h,
+                w,
+                kernel: kh,
+                pads: (pt, pl),
+                ow,
+                first_row,
+                taps: &taps[..kh * kw * len],
+                bias: &bias[..len],
+                silu,
+            };
+            let run = |outputs: GroupOutput<'_, '_>| {
+                PLANES.with_borrow_mut(|(scratch, _)| match isa {
+                    // SAFETY: the CPU has AVX-512F (`Isa::detect` said so).
+                    Some(Isa::Avx512) => unsafe { depthwise_rows_avx512(&group, outputs, scratch) },
+                    // SAFETY: the CPU has AVX2 and FMA (`Isa::detect` said so).
+                    _ => unsafe { depthwise_rows_avx2(&group, outputs, scratch) },
+                })
+            };
+            if blocked_out {
+                // The group's block: its channels are `len = 8` from `first_channel`.
+                let start = (image * channels + first_channel) * pitch + first_row * ow * BLOCK;
+                // SAFETY: this task alone writes rows `first_row .. first_row + rows` of the block
+                // of channels `first_channel ..` of image `image` (tasks differ in image, group or
+                // rows), inside `out` (`[images][channels / 8]` blocks of `8 pitch`), which
+                // outlives the loop.
+                let block = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(start).cast::<MaybeUninit<f32>>(), rows * ow * BLOCK) };
+                run(GroupOutput::Block(block));
+                if let Some(residual) = residual {
+                    // SAFETY: the kernel initialised every element of the block, and
+                    // `MaybeUninit<f32>` has the layout of `f32`.
+                    let block = unsafe { &mut *(block as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                    add_assign(block, &residual[start..][..rows * ow * BLOCK]);
+                }
+                return;
+            }
             // SAFETY: this task alone writes rows `first_row .. first_row + rows` of the planes
             // of channels `first_channel ..` of image `image` (tasks differ in image, group or
             // rows), inside `out` (`[images][channels]` planes `pitch` apart), which outlives
             // the loop.
             let mut outputs: Vec<&mut [MaybeUninit<f32>]> =
                 planes.clone().map(|start| unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(start).cast::<MaybeUninit<f32>>(), rows * ow) }).collect();
-            let group =
-                ChannelGroup { inputs: &inputs, h, w, kernel: kh, pads: (pt, pl), ow, first_row, taps: &taps[..kh * kw * len], bias: &bias[..len], silu };
-            PLANES.with_borrow_mut(|(scratch, _)| match isa {
-                // SAFETY: the CPU has AVX-512F (`Isa::detect` said so).
-                Some(Isa::Avx512) => unsafe { depthwise_rows_avx512(&group, &mut outputs, scratch) },
-                // SAFETY: the CPU has AVX2 and FMA (`Isa::detect` said so).
-                _ => unsafe { depthwise_rows_avx2(&group, &mut outputs, scratch) },
-            });
+            run(GroupOutput::Planes(&mut outputs));
             if let Some(residual) = residual {
                 for (output, start) in outputs.into_iter().zip(planes) {
                     // SAFETY: the kernel initialised every element of the output, and

@@ -107,6 +107,19 @@ impl<'a> ConvInput<'a> {
         panic!("channel past the input's channels");
     }
 
+    /// The block of channels `c .. c + 8` of image `b` (in [`ChannelLayout::Blocked`], `c` a
+    /// multiple of 8): `h * w` pixels of 8 floats.
+    pub(super) fn block(&self, b: usize, mut c: usize) -> &'a [f32] {
+        assert!(self.layout == ChannelLayout::Blocked && c.is_multiple_of(BLOCK), "a block of a blocked input");
+        for part in &self.parts {
+            if c < part.channels {
+                return &part.data[b * part.image_stride + c * part.plane_stride..][..BLOCK * self.h * self.w];
+            }
+            c -= part.channels;
+        }
+        panic!("channel past the input's channels");
+    }
+
     /// The input in [`ChannelLayout::Planes`], packed: `[n][channels][h * w]`.
     pub(super) fn to_planes(&self) -> Vec<f32> {
         let (channels, pixels) = (self.channels(), self.h * self.w);

@@ -335,7 +335,7 @@ impl Conv2d {
     /// layer's reads of the planes from evicting each other. `residual` has the same layout.
     /// A pitch other than `oh * ow` needs [`writes_pitched`](Self::writes_pitched).
     pub fn run_input_pitched(&self, input: &ConvInput, residual: Option<&[f32]>, pitch: usize) -> Vec<f32> {
-        if input.layout() == ChannelLayout::Blocked && self.blocked_tiles(input).is_none() {
+        if input.layout() == ChannelLayout::Blocked && !self.reads_blocks_in_place(input) {
             let planes = input.to_planes();
             return self.run_input_pitched(&ConvInput::contiguous(&planes, input.n, self.spec.in_channels, input.h, input.w), residual, pitch);
         }
@@ -370,19 +370,35 @@ impl Conv2d {
     }
 
     /// Whether this convolution reads and writes tensors in [`ChannelLayout::Blocked`] in its
-    /// own kernel, without converting them: a pointwise one in AVX2 pixel tiles (whose
-    /// registers are one block wide) whose output channels are whole blocks, and whose product
-    /// is short enough that the pixel tiles run it on any plane (on small planes, the long ones
-    /// go to the channel-major product, which reads planes: `pixel_tiles::avx2_gemm_takes`).
+    /// own kernel, without converting them, its output channels whole blocks: a pointwise one
+    /// in AVX2 pixel tiles (whose registers are one block wide), whose product is short enough
+    /// that the pixel tiles run it on any plane (on small planes, the long ones go to the
+    /// channel-major product, which reads planes: `pixel_tiles::avx2_gemm_takes`); a depthwise
+    /// one with AVX2 whose channels go in the lanes
+    /// ([`channel_lanes_take`](Self::channel_lanes_take), for outputs the size of the input).
     /// Others take and give blocked tensors too, through a copy in planes.
     pub fn runs_blocked(&self) -> bool {
+        if !self.spec.out_channels.is_multiple_of(BLOCK) {
+            return false;
+        }
         #[cfg(target_arch = "x86_64")]
         if let Some(tiles) = &self.pixel_tiles {
-            return self.is_pointwise()
-                && tiles.isa() == Isa::Avx2
-                && self.spec.out_channels.is_multiple_of(BLOCK)
-                && self.spec.in_channels < pixel_tiles::AVX2_GEMM_MIN_CHANNELS;
+            return self.is_pointwise() && tiles.isa() == Isa::Avx2 && self.spec.in_channels < pixel_tiles::AVX2_GEMM_MIN_CHANNELS;
         }
+        #[cfg(target_arch = "x86_64")]
+        if self.is_depthwise() {
+            return self.channel_lanes_suit(true);
+        }
+        false
+    }
+
+    /// Whether this convolution reads `input`, in blocks, in its own kernel.
+    fn reads_blocks_in_place(&self, input: &ConvInput) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some((oh, ow)) = self.output_size(input.h, input.w) {
+            return self.blocked_tiles(input).is_some() || self.channel_lanes_take((input.h, input.w), (oh, ow), true);
+        }
+        let _ = input;
         false
     }
 
@@ -419,6 +435,17 @@ impl Conv2d {
             unsafe { out.set_len(len) };
             return out;
         }
+        #[cfg(target_arch = "x86_64")]
+        if self.channel_lanes_take((input.h, input.w), (oh, ow), true) {
+            let mut out: Vec<f32> = Vec::with_capacity(len);
+            let ran =
+                self.run_channel_lanes(input, OutputPlanes { oh, ow, pitch: pixels }, ChannelLayout::Blocked, residual, &mut out.spare_capacity_mut()[..len]);
+            assert!(ran, "the depthwise kernel takes what it said it takes");
+            // SAFETY: the kernel wrote every pixel of every block of every image (its tasks
+            // cover every group's rows).
+            unsafe { out.set_len(len) };
+            return out;
+        }
         let residual = residual.map(|r| input::blocks_to_planes(&r[..len], pixels));
         input::planes_to_blocks(&self.run_input_pitched(input, residual.as_deref(), pixels), pixels)
     }
@@ -433,6 +460,10 @@ impl Conv2d {
         #[cfg(target_arch = "x86_64")]
         if let Some(tiles) = self.blocked_tiles(input).filter(|_| input.layout() == ChannelLayout::Blocked) {
             return self.run_pixel_tiles(tiles, input, planes, ChannelLayout::Planes, residual, out);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if input.layout() == ChannelLayout::Blocked && self.run_channel_lanes(input, planes, ChannelLayout::Planes, residual, out) {
+            return;
         }
         #[cfg(target_arch = "x86_64")]
         if let (Some(stem), None) = (&self.stem, residual) {
@@ -626,10 +657,19 @@ mod tests {
         // Pointwise ones run blocks in their own tiles with AVX2 (a 16-channel panel and an 8 one,
         // a plane whose last tile overlaps, a plane of 160x160 whose planes would take the
         // pixels-in-lanes tile, a small plane that a long product would take to the
-        // channel-major one); the others (a 3x3 layer, output channels not whole blocks) through
-        // planes. The input is two blocked parts, the second a channel split of a larger tensor,
-        // batch 2.
-        for (cin, cout, k, n, h, w) in [(16, 24, 1, 2, 7, 9), (32, 16, 1, 1, 160, 160), (256, 32, 1, 1, 10, 10), (16, 16, 3, 2, 7, 9), (16, 12, 1, 2, 7, 9)] {
+        // channel-major one), depthwise ones of stride 1 in their lanes (3x3 on a large plane,
+        // 7x7); the others (a 3x3 layer, output channels not whole blocks) through planes. The
+        // input is two blocked parts, the second a channel split of a larger tensor, batch 2.
+        let cases = [
+            (16, 24, 1, 1, 2, 7, 9),
+            (32, 16, 1, 1, 1, 160, 160),
+            (256, 32, 1, 1, 1, 10, 10),
+            (16, 16, 16, 3, 2, 50, 47),
+            (24, 24, 24, 7, 1, 12, 9),
+            (16, 16, 1, 3, 2, 7, 9),
+            (16, 12, 1, 1, 2, 7, 9),
+        ];
+        for (cin, cout, groups, k, n, h, w) in cases {
             let pixels = h * w;
             let first = input::planes_to_blocks(&values(n * 8 * pixels, 5), pixels);
             let wide = input::planes_to_blocks(&values(n * (cin + 8) * pixels, 6), pixels);
@@ -639,7 +679,7 @@ mod tests {
             ];
             let input = ConvInput::blocked(parts, n, h, w).unwrap();
             let planes = input.to_planes();
-            for conv in variants(cin, cout, 1, k, 1, k / 2) {
+            for conv in variants(cin, cout, groups, k, 1, k / 2) {
                 let (oh, ow) = conv.output_size(h, w).unwrap();
                 let residual = values(n * cout * oh * ow, 4);
                 let want = conv.run(&planes, n, h, w, Some(&residual));

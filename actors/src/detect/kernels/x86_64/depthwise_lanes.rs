@@ -112,11 +112,26 @@ unsafe impl ChannelLanes for Avx2 {
     }
 }
 
+/// A group's input: each channel's plane (`h x w`), or, in blocks of 8 channels with AVX2,
+/// the group's block (`h x w` pixels of 8 floats), which is the layout the kernel computes in.
+pub(in super::super) enum GroupInput<'a> {
+    Planes(&'a [&'a [f32]]),
+    Block(&'a [f32]),
+}
+
+/// Where a group's output goes: one slice per channel (`rows x ow`), or, in blocks, the
+/// group's block (`rows x ow` pixels of 8 floats).
+pub(in super::super) enum GroupOutput<'a, 'b> {
+    Planes(&'a mut [&'b mut [MaybeUninit<f32>]]),
+    Block(&'a mut [MaybeUninit<f32>]),
+}
+
 /// One group's share of a stride-1 `kernel x kernel` depthwise convolution: output rows
 /// `first_row .. first_row + rows` of as many channels as a vector has lanes, or fewer.
 pub(in super::super) struct ChannelGroup<'a> {
-    /// Each channel's input plane, `h x w`.
-    pub inputs: &'a [&'a [f32]],
+    pub input: GroupInput<'a>,
+    /// The group's channels: at most the lanes; all of them in blocks.
+    pub channels: usize,
     pub h: usize,
     pub w: usize,
     /// 3, 5 or 7.
@@ -136,7 +151,7 @@ pub(in super::super) struct ChannelGroup<'a> {
 /// Computes `group` into `outputs` with 16 channels in the lanes of AVX-512F (see
 /// [`rows_in_lanes`]).
 #[target_feature(enable = "avx512f")]
-pub(in super::super) fn depthwise_rows_avx512(group: &ChannelGroup<'_>, outputs: &mut [&mut [MaybeUninit<f32>]], scratch: &mut Vec<f32>) {
+pub(in super::super) fn depthwise_rows_avx512(group: &ChannelGroup<'_>, outputs: GroupOutput<'_, '_>, scratch: &mut Vec<f32>) {
     // Blocks of 10 pixels: their sums and the input vectors under them (at most 16 for 7x7)
     // take 27 of the 32 registers.
     match group.kernel {
@@ -153,7 +168,7 @@ pub(in super::super) fn depthwise_rows_avx512(group: &ChannelGroup<'_>, outputs:
 /// Computes `group` into `outputs` with 8 channels in the lanes of AVX2 (see
 /// [`rows_in_lanes`]).
 #[target_feature(enable = "avx2,fma")]
-pub(in super::super) fn depthwise_rows_avx2(group: &ChannelGroup<'_>, outputs: &mut [&mut [MaybeUninit<f32>]], scratch: &mut Vec<f32>) {
+pub(in super::super) fn depthwise_rows_avx2(group: &ChannelGroup<'_>, outputs: GroupOutput<'_, '_>, scratch: &mut Vec<f32>) {
     // Blocks as wide as leave the sums, the input vectors under them and a tap's weights in
     // the 16 registers: 6 + 8 + 1 for 3x3, 5 + 9 + 1 for 5x5, 4 + 10 + 1 for 7x7.
     match group.kernel {
@@ -168,29 +183,39 @@ pub(in super::super) fn depthwise_rows_avx2(group: &ChannelGroup<'_>, outputs: &
 }
 
 /// Computes `group` into `outputs` (one per input channel, each `rows x ow`, the rows from
-/// `group.first_row`), initialising every element, in blocks of `P` pixels; `scratch` holds
-/// the padded pixels between calls. Panics unless the sizes agree: 1 to `LEN` channels, planes
-/// of `h x w`, `K * K` taps of `LEN`, `LEN` biases, and an input whose padded rows fit the
-/// output (`pl + w <= ow + K - 1`).
+/// `group.first_row`; or the group's block of `rows x ow` pixels), initialising every element,
+/// in blocks of `P` pixels; `scratch` holds the padded pixels between calls. Panics unless the
+/// sizes agree: 1 to `LEN` channels (`LEN` in blocks), planes (a block) of `h x w`, `K * K`
+/// taps of `LEN`, `LEN` biases, and an input whose padded rows fit the output (`pl + w <= ow +
+/// K - 1`).
 ///
 /// # Safety
 /// The CPU has `V`'s features.
 #[inline(always)]
-unsafe fn rows_in_lanes<V: ChannelLanes, const K: usize, const P: usize>(
-    group: &ChannelGroup<'_>,
-    outputs: &mut [&mut [MaybeUninit<f32>]],
-    scratch: &mut Vec<f32>,
-) {
+unsafe fn rows_in_lanes<V: ChannelLanes, const K: usize, const P: usize>(group: &ChannelGroup<'_>, outputs: GroupOutput<'_, '_>, scratch: &mut Vec<f32>) {
     const { assert!(K >= 1 && P >= 1 && P + K - 1 <= MAX_LANES) };
-    let &ChannelGroup { inputs, h, w, kernel, pads: (pt, pl), ow, first_row, taps, bias, silu } = group;
+    let &ChannelGroup { ref input, channels: lanes, h, w, kernel, pads: (pt, pl), ow, first_row, taps, bias, silu } = group;
     let len = V::LEN;
-    let lanes = inputs.len();
-    assert!(kernel == K && (1..=len).contains(&lanes) && outputs.len() == lanes, "1 to LEN channels, as many outputs");
-    assert!(inputs.iter().all(|p| p.len() == h * w) && taps.len() == K * K * len && bias.len() == len, "planes of h x w, K x K taps");
-    assert!(ow > 0 && outputs[0].len().is_multiple_of(ow) && outputs.iter().all(|o| o.len() == outputs[0].len()), "outputs of whole rows");
+    assert!(kernel == K && (1..=len).contains(&lanes), "1 to LEN channels");
+    let input_fits = match input {
+        GroupInput::Planes(inputs) => inputs.len() == lanes && inputs.iter().all(|p| p.len() == h * w),
+        GroupInput::Block(block) => lanes == len && block.len() == h * w * len,
+    };
+    assert!(input_fits && taps.len() == K * K * len && bias.len() == len, "planes (a block) of h x w, K x K taps");
+    let output_len = match &outputs {
+        GroupOutput::Planes(outputs) => {
+            assert!(outputs.len() == lanes && outputs.iter().all(|o| o.len() == outputs[0].len()), "as many outputs as channels");
+            outputs[0].len()
+        }
+        GroupOutput::Block(block) => {
+            assert!(lanes == len && block.len().is_multiple_of(len), "a block of whole pixels");
+            block.len() / len
+        }
+    };
+    assert!(ow > 0 && output_len.is_multiple_of(ow), "outputs of whole rows");
     let wp = ow + K - 1;
     assert!(pl + w <= wp, "the input's padded rows fit the output");
-    let rows = outputs[0].len() / ow;
+    let rows = output_len / ow;
     let padded_rows = rows + K - 1;
     // The padded pixels, then one output row of pixels.
     scratch.resize(padded_rows * wp * len + ow * len, 0.0);
@@ -208,6 +233,14 @@ unsafe fn rows_in_lanes<V: ChannelLanes, const K: usize, const P: usize>(
             };
             row[..pl * len].fill(0.0);
             row[(pl + w) * len..].fill(0.0);
+            let inputs = match input {
+                GroupInput::Planes(inputs) => *inputs,
+                GroupInput::Block(block) => {
+                    // Already pixels of the group's channels.
+                    row[pl * len..(pl + w) * len].copy_from_slice(&block[y * w * len..][..w * len]);
+                    continue;
+                }
+            };
             for x in (0..w).step_by(len) {
                 let n = (w - x).min(len);
                 let mut columns = [zero; MAX_LANES];
@@ -223,25 +256,33 @@ unsafe fn rows_in_lanes<V: ChannelLanes, const K: usize, const P: usize>(
         }
 
         let bias = V::load(bias.as_ptr());
+        let (out_row, mut outputs) = match outputs {
+            // Sums go straight to the block's rows.
+            GroupOutput::Block(block) => (block.as_mut_ptr().cast::<f32>(), None),
+            GroupOutput::Planes(outputs) => (out_row.as_mut_ptr(), Some(outputs)),
+        };
         for r in 0..rows {
+            // Output row `r`'s pixels: the scratch row, or row `r` of the block.
+            let out_row = if outputs.is_some() { out_row } else { out_row.add(r * ow * len) };
             let mut x0 = 0;
             // A block of `P` pixels from `x0` (`x0 + P <= ow`) reads padded rows `r .. r + K`
             // (`< padded_rows`) from pixel `x0` for `P + K - 1 <= wp - x0` pixels, and writes
             // pixels `x0 .. x0 + P` of the output row; the pixels past the last block, one by one.
             while x0 + P <= ow {
-                block::<V, K, P>(padded.as_ptr().add((r * wp + x0) * len), wp, taps.as_ptr(), bias, silu, out_row.as_mut_ptr().add(x0 * len));
+                block::<V, K, P>(padded.as_ptr().add((r * wp + x0) * len), wp, taps.as_ptr(), bias, silu, out_row.add(x0 * len));
                 x0 += P;
             }
             for x in x0..ow {
-                block::<V, K, 1>(padded.as_ptr().add((r * wp + x) * len), wp, taps.as_ptr(), bias, silu, out_row.as_mut_ptr().add(x * len));
+                block::<V, K, 1>(padded.as_ptr().add((r * wp + x) * len), wp, taps.as_ptr(), bias, silu, out_row.add(x * len));
             }
+            let Some(outputs) = outputs.as_deref_mut() else { continue };
             // Back to the channels' planes, `len` pixels at a time.
             for x in (0..ow).step_by(len) {
                 let n = (ow - x).min(len);
                 let mut pixels = [zero; MAX_LANES];
                 for (j, pixel) in pixels.iter_mut().enumerate().take(n) {
                     // Pixel `x + j < ow` of the output row.
-                    *pixel = V::load(out_row.as_ptr().add((x + j) * len));
+                    *pixel = V::load(out_row.add((x + j) * len));
                 }
                 for (plane, channel) in outputs.iter_mut().zip(V::transpose(pixels)) {
                     // `n` floats from `r * ow + x` (`x + n <= ow`, `r < rows`) of an output of
@@ -293,9 +334,10 @@ mod tests {
         (0..len).map(|i| ((i * 7919 + seed * 104_729) % 2000) as f32 / 1000.0 - 1.0).collect()
     }
 
-    type Kernel = fn(&ChannelGroup<'_>, &mut [&mut [MaybeUninit<f32>]], &mut Vec<f32>);
+    type Kernel = fn(&ChannelGroup<'_>, GroupOutput<'_, '_>, &mut Vec<f32>);
 
-    /// One group through `run` (`len` lanes) against the definition.
+    /// One group through `run` (`len` lanes) against the definition; with AVX2's 8 lanes and
+    /// as many channels, from and into a block too.
     #[allow(clippy::too_many_arguments)]
     fn check(run: Kernel, len: usize, k: usize, lanes: usize, (h, w): (usize, usize), first_row: usize, rows: usize, silu: bool) {
         let (pt, pl) = (k / 2, k / 2);
@@ -311,14 +353,46 @@ mod tests {
         let mut bias = vec![0.0; len];
         bias[..lanes].copy_from_slice(&values(lanes, 200));
         let planes: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
-        let group = ChannelGroup { inputs: &planes, h, w, kernel: k, pads: (pt, pl), ow, first_row, taps: &taps, bias: &bias, silu };
+        let group = ChannelGroup {
+            input: GroupInput::Planes(&planes),
+            channels: lanes,
+            h,
+            w,
+            kernel: k,
+            pads: (pt, pl),
+            ow,
+            first_row,
+            taps: &taps,
+            bias: &bias,
+            silu,
+        };
         let mut outputs = vec![vec![MaybeUninit::new(f32::NAN); rows * ow]; lanes];
         let mut slices: Vec<&mut [MaybeUninit<f32>]> = outputs.iter_mut().map(Vec::as_mut_slice).collect();
-        run(&group, &mut slices, &mut Vec::new());
-        for (c, output) in outputs.iter().enumerate() {
-            for (i, got) in output.iter().enumerate() {
-                // SAFETY: every element was initialised (to NaN before the call).
-                let got = unsafe { got.assume_init() };
+        run(&group, GroupOutput::Planes(&mut slices), &mut Vec::new());
+        // SAFETY: every element was initialised (to NaN before the call).
+        let got: Vec<Vec<f32>> = outputs.iter().map(|o| o.iter().map(|v| unsafe { v.assume_init() }).collect()).collect();
+        if len == 8 && lanes == 8 {
+            // The same group from a block, into planes; from planes and from a block, into a
+            // block.
+            let block: Vec<f32> = (0..h * w).flat_map(|p| inputs.iter().map(move |plane| plane[p])).collect();
+            let from_block = ChannelGroup { input: GroupInput::Block(&block), ..group };
+            let mut outputs = vec![vec![MaybeUninit::new(f32::NAN); rows * ow]; lanes];
+            let mut slices: Vec<&mut [MaybeUninit<f32>]> = outputs.iter_mut().map(Vec::as_mut_slice).collect();
+            run(&from_block, GroupOutput::Planes(&mut slices), &mut Vec::new());
+            // SAFETY: as above.
+            assert_eq!(outputs.iter().map(|o| o.iter().map(|v| unsafe { v.assume_init() }).collect::<Vec<f32>>()).collect::<Vec<_>>(), got);
+            for group in [&from_block, &ChannelGroup { input: GroupInput::Planes(&planes), ..from_block }] {
+                let mut out = vec![MaybeUninit::new(f32::NAN); rows * ow * 8];
+                run(group, GroupOutput::Block(&mut out), &mut Vec::new());
+                // SAFETY: as above.
+                let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+                for (c, plane) in got.iter().enumerate() {
+                    assert_eq!(&out.iter().skip(c).step_by(8).copied().collect::<Vec<f32>>(), plane);
+                }
+            }
+        }
+        for (c, output) in got.iter().enumerate() {
+            for (i, &got) in output.iter().enumerate() {
                 let (oy, ox) = (first_row + i / ow, i % ow);
                 let mut want = bias[c];
                 for ky in 0..k {
