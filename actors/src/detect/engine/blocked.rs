@@ -1,16 +1,22 @@
 //! Convolution outputs kept in blocks of 8 channels ([`ChannelLayout::Blocked`]) between
-//! pointwise convolutions: a tensor `[n, c, h, w]` held as `[n, c / 8, h, w, 8]`.
+//! pointwise and depthwise convolutions: a tensor `[n, c, h, w]` held as `[n, c / 8, h, w, 8]`.
 //!
 //! A pointwise convolution's tile of pixels by channels reads, for each input channel, one
 //! value of each of its pixels, and stores its sums for each output channel. In planes those
 //! are as many lines as channels, each partly used, and a transpose of the sums before the
 //! stores; in blocks each pixel's 8 channels are one stretch of memory, read whole and
-//! stored as they come from the registers. A tensor is kept so only where the convolution
-//! that makes it and every step that reads it take blocks in their own kernels
-//! ([`Conv2d::runs_blocked`]): the pointwise layers of an attention block's chain (`qkv`,
-//! `proj`, the MLP, their skip connections and the concatenation after them), the
-//! heads' pointwise pairs. The tensor's 5-D shape says so to every step: one that does not
-//! take blocks cannot mistake it for planes.
+//! stored as they come from the registers. A depthwise convolution with the channels in the
+//! lanes computes in blocks anyway, and transposes in and out of planes. A tensor is kept so
+//! only where the convolution that makes it and every step that reads it take blocks in their
+//! own kernels ([`Conv2d::runs_blocked`]): the pointwise layers of an attention block's chain
+//! (`qkv`, `proj`, the MLP, their skip connections and the concatenation after them), the
+//! heads' depthwise and pointwise layers of the class branch. The tensor's 5-D shape says so
+//! to every step: one that does not take blocks cannot mistake it for planes.
+//!
+//! YOLOv12n and YOLO11n on a Zen 3 (AVX2), 2 threads, 150 rounds in one process alternating
+//! with every tensor in planes: the calls 0.985 of their time, the pointwise layers 0.97-0.975
+//! (those of the attention blocks' MLP at 40x40 0.79-0.88), the depthwise ones 0.76-0.80
+//! (0.56-0.63 at 80x80).
 
 use std::collections::HashSet;
 
@@ -189,6 +195,39 @@ mod tests {
         let scale = flat(&want).into_iter().fold(1.0f32, |m, v| m.max(v.abs()));
         for (i, (g, w)) in flat(&got).into_iter().zip(flat(&want)).enumerate() {
             assert!((g - w).abs() <= 1e-5 * scale, "element {i}: {g} against candle's {w}");
+        }
+    }
+
+    #[test]
+    fn a_convolution_that_does_not_take_blocks_gets_planes() {
+        // On candle's operations (the generic path) and on the kernels: the same output from a
+        // blocked input as from its planes, in the layout the step is marked for.
+        let initializers = [("w", floats(&[8, 16, 3, 3], 50)), ("b", floats(&[8], 51))];
+        let nodes = vec![node("Conv", &["x", "w", "b"], &["out"], &[("pads", Attribute::Ints(vec![1, 1, 1, 1]))])];
+        let x = tensor(&floats(&[2, 16, 6, 7], 52));
+        let blocks = to_blocks(&x).unwrap();
+        for kernels in [super::super::Kernels::Generic, super::super::Kernels::Native] {
+            let engine = super::super::Engine::plan_with(&model(nodes.clone(), &initializers), &Device::Cpu, kernels).unwrap();
+            let step = &engine.steps[0];
+            let Op::Conv(conv) = &step.op else { panic!("a convolution step") };
+            let args = |x: &Tensor| -> Vec<Option<Tensor>> {
+                step.inputs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| if i == 0 { Some(x.clone()) } else { s.map(|s| engine.constants.iter().find(|(c, _)| *c == s).unwrap().1.clone()) })
+                    .collect()
+            };
+            let run = |x: &Tensor| {
+                let args = args(x);
+                let refs: Vec<Option<&Tensor>> = args.iter().map(Option::as_ref).collect();
+                super::super::eval::conv_step(conv, &refs, &[], &engine.target).unwrap()
+            };
+            let (want, got) = (run(&x), run(&blocks));
+            assert_eq!(got.dims(), want.dims(), "{kernels:?}");
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (g, w) in flat(&got).into_iter().zip(flat(&want)) {
+                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{kernels:?}: {g} against {w}");
+            }
         }
     }
 
