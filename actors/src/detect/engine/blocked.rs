@@ -1,5 +1,6 @@
 //! Convolution outputs kept in blocks of 8 channels ([`ChannelLayout::Blocked`]) between
-//! pointwise and depthwise convolutions: a tensor `[n, c, h, w]` held as `[n, c / 8, h, w, 8]`.
+//! pointwise and depthwise convolutions, and into stride-2 ones: a tensor `[n, c, h, w]` held
+//! as `[n, c / 8, h, w, 8]`.
 //!
 //! A pointwise convolution's tile of pixels by channels reads, for each input channel, one
 //! value of each of its pixels, and stores its sums for each output channel. In planes those
@@ -7,11 +8,15 @@
 //! stores; in blocks each pixel's 8 channels are one stretch of memory, read whole and
 //! stored as they come from the registers. A depthwise convolution with the channels in the
 //! lanes computes in blocks anyway, and transposes in and out of planes. A tensor is kept so
-//! only where the convolution that makes it and every step that reads it take blocks in their
-//! own kernels ([`Conv2d::runs_blocked`]): the pointwise layers of an attention block's chain
-//! (`qkv`, `proj`, the MLP, their skip connections and the concatenation after them), the
-//! heads' depthwise and pointwise layers of the class branch. The tensor's 5-D shape says so
-//! to every step: one that does not take blocks cannot mistake it for planes.
+//! only where the convolution that makes it writes blocks in its own kernel
+//! ([`Conv2d::runs_blocked`]) and every step that reads it reads them so
+//! ([`Conv2d::reads_blocked`]): the pointwise layers of an attention block's chain (`qkv`,
+//! `proj`, the MLP, their skip connections and the concatenation after them), the heads'
+//! depthwise and pointwise layers of the class branch, and a pointwise layer whose only reader
+//! is a stride-2 layer (YOLO's 64 -> 64 channels from 160x160), whose tile then reads each
+//! pixel's 8 channels from one stretch of a row, in order, where planes are a stream of lines
+//! per input channel. The tensor's 5-D shape says so to every step: one that does not take
+//! blocks cannot mistake it for planes.
 //!
 //! YOLOv12n and YOLO11n on a Zen 3 (AVX2), 2 threads, 150 rounds in one process alternating
 //! with every tensor in planes: the calls 0.985 of their time, the pointwise layers 0.97-0.975
@@ -24,7 +29,7 @@ use candle_core::{Device, Tensor};
 
 use super::fold::CONV_MORE_PARTS;
 use super::{CResult, Op, Step, Target};
-use crate::detect::kernels::conv::BLOCK;
+use crate::detect::kernels::conv::{BLOCK, Conv2d};
 
 /// `STREAMDET_BLOCKED=off` keeps every tensor in planes, to compare the two.
 fn enabled() -> bool {
@@ -45,20 +50,22 @@ fn parts(step: &Step) -> impl Iterator<Item = usize> + '_ {
 }
 
 /// Marks the convolutions whose outputs stay in blocks: on the CPU kernels, each output that a
-/// convolution taking blocks makes ([`Conv2d::runs_blocked`]) and only such convolutions read,
-/// as input parts or skip connections, and not the graph's output. A convolution reads all its
+/// convolution writing blocks makes ([`Conv2d::runs_blocked`]) and only convolutions reading
+/// them read ([`Conv2d::reads_blocked`]), as input parts or skip connections, and not the
+/// graph's output. A convolution reads all its
 /// parts in one layout, and its skip connection in its output's: the marks are withdrawn until
 /// both hold everywhere.
 pub(super) fn mark_blocked_outputs(mut steps: Vec<Step>, output_slot: usize, target: &Target) -> Vec<Step> {
     if !target.native || !enabled() {
         return steps;
     }
-    let takes_blocks = |s: &Step| matches!(&s.op, Op::Conv(c) if c.candle.is_none() && c.upsampled.is_none() && c.conv.runs_blocked());
-    let reads_in_blocks =
-        |reader: &Step, slot: usize| takes_blocks(reader) && reader.inputs.iter().enumerate().all(|(i, s)| *s != Some(slot) || is_part(i) || i == RESIDUAL);
+    let native = |s: &Step, can: fn(&Conv2d) -> bool| matches!(&s.op, Op::Conv(c) if c.candle.is_none() && c.upsampled.is_none() && can(&c.conv));
+    let reads_in_blocks = |reader: &Step, slot: usize| {
+        native(reader, Conv2d::reads_blocked) && reader.inputs.iter().enumerate().all(|(i, s)| *s != Some(slot) || is_part(i) || i == RESIDUAL)
+    };
     let mut blocked: HashSet<usize> = steps
         .iter()
-        .filter(|step| takes_blocks(step))
+        .filter(|step| native(step, Conv2d::runs_blocked))
         .filter_map(|step| match step.outputs.as_slice() {
             &[out] if out != output_slot => Some(out),
             _ => None,
@@ -70,7 +77,7 @@ pub(super) fn mark_blocked_outputs(mut steps: Vec<Step>, output_slot: usize, tar
         .collect();
     loop {
         let before = blocked.len();
-        for step in steps.iter().filter(|s| takes_blocks(s)) {
+        for step in steps.iter().filter(|s| matches!(s.op, Op::Conv(_))) {
             let parts: Vec<usize> = parts(step).collect();
             if !parts.iter().all(|p| blocked.contains(p)) {
                 parts.iter().for_each(|p| _ = blocked.remove(p));
@@ -190,6 +197,32 @@ mod tests {
         // Four layers of random weights make values in the tens: compared relative to the
         // largest.
         let want = conv(&c, "wd", "bd", 1);
+        assert_eq!(got.dims(), want.dims());
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = flat(&want).into_iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in flat(&got).into_iter().zip(flat(&want)).enumerate() {
+            assert!((g - w).abs() <= 1e-5 * scale, "element {i}: {g} against candle's {w}");
+        }
+    }
+
+    #[test]
+    fn a_stride_2_layer_reads_its_input_in_blocks() {
+        // a = conv(x); out = conv3x3 stride 2 (a), on rows wide enough for a tile of interior
+        // columns (and the border columns on each side).
+        let initializers = [("wa", floats(&[16, 16, 1, 1], 60)), ("ba", floats(&[16], 61)), ("ws", floats(&[8, 16, 3, 3], 62)), ("bs", floats(&[8], 63))];
+        let strided = [("pads", Attribute::Ints(vec![1, 1, 1, 1])), ("strides", Attribute::Ints(vec![2, 2]))];
+        let nodes = vec![node("Conv", &["x", "wa", "ba"], &["a"], &[]), node("Conv", &["a", "ws", "bs"], &["out"], &strided)];
+        let x = tensor(&floats(&[2, 16, 9, 21], 64));
+        let (engine, got) = plan_and_run(&model(nodes, &initializers), &x);
+        let convs: Vec<&super::super::ConvOp> = engine.steps.iter().filter_map(|s| if let Op::Conv(c) = &s.op { Some(c.as_ref()) } else { None }).collect();
+        // Where the stride-2 tiles read blocks (AVX2), `a` is one.
+        assert!(!convs[1].blocked_output);
+        assert_eq!(convs[0].blocked_output, convs[0].conv.runs_blocked() && convs[1].conv.reads_blocked());
+
+        let find = |name: &str| tensor(&initializers.iter().find(|(n, _)| *n == name).unwrap().1);
+        let with_bias = |t: Tensor, b: &str| t.broadcast_add(&find(b).reshape((1, (), 1, 1)).unwrap()).unwrap();
+        let a = with_bias(x.conv2d(&find("wa"), 0, 1, 1, 1).unwrap(), "ba");
+        let want = with_bias(a.conv2d(&find("ws"), 1, 2, 1, 1).unwrap(), "bs");
         assert_eq!(got.dims(), want.dims());
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let scale = flat(&want).into_iter().fold(1.0f32, |m, v| m.max(v.abs()));

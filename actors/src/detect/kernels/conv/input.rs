@@ -144,6 +144,15 @@ impl<'a> ConvInput<'a> {
         self.parts.iter().map(|p| p.channels).sum()
     }
 
+    /// Channel `c` of image `b` from its first pixel, and the floats from one pixel to the
+    /// next: its plane and 1, or (in blocks) its block from the channel's lane and 8.
+    pub(super) fn channel(&self, b: usize, c: usize) -> (&'a [f32], usize) {
+        match self.layout {
+            ChannelLayout::Planes => (self.plane(b, c), 1),
+            ChannelLayout::Blocked => (&self.block(b, c - c % BLOCK)[c % BLOCK..], BLOCK),
+        }
+    }
+
     /// Channel `c` of image `b` (in [`ChannelLayout::Planes`]).
     pub(super) fn plane(&self, b: usize, mut c: usize) -> &'a [f32] {
         assert_eq!(self.layout, ChannelLayout::Planes, "a plane of a blocked input");

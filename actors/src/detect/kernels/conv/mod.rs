@@ -375,7 +375,7 @@ impl Conv2d {
     /// that the pixel tiles run it on any plane (on small planes, the long ones go to the
     /// channel-major product, which reads planes: `pixel_tiles::avx2_gemm_takes`); a depthwise
     /// one with AVX2 whose channels go in the lanes
-    /// ([`channel_lanes_take`](Self::channel_lanes_take), for outputs the size of the input).
+    /// ([`channel_lanes_suit`](Self::channel_lanes_suit): stride 1, a 3x3 to 7x7 kernel).
     /// Others take and give blocked tensors too, through a copy in planes.
     pub fn runs_blocked(&self) -> bool {
         if !self.spec.out_channels.is_multiple_of(BLOCK) {
@@ -392,11 +392,37 @@ impl Conv2d {
         false
     }
 
+    /// Whether this convolution may be given its input in [`ChannelLayout::Blocked`], to read
+    /// in its own kernel: one that [`runs_blocked`](Self::runs_blocked), or a stride-2 one with
+    /// AVX2 pixel tiles, which reads its rows in place, each tap's pixels 16 floats apart
+    /// ([`blocked_strided_tiles`](Self::blocked_strided_tiles) says on which inputs; on others
+    /// it gets planes first). In blocks the 8 channels of a pixel share its cache lines, which
+    /// the tile reads through in order: a few streams of lines where planes are one stream per
+    /// input channel, more than the hardware prefetchers follow.
+    pub fn reads_blocked(&self) -> bool {
+        self.runs_blocked() || self.strided_tiles_read_blocks()
+    }
+
+    fn strided_tiles_read_blocks(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(tiles) = &self.pixel_tiles {
+            return tiles.isa() == Isa::Avx2
+                && self.spec.stride == (2, 2)
+                && !self.is_pointwise()
+                && self.spec.in_channels.is_multiple_of(BLOCK)
+                && self.stem.is_none()
+                && self.amx.is_none();
+        }
+        false
+    }
+
     /// Whether this convolution reads `input`, in blocks, in its own kernel.
     fn reads_blocks_in_place(&self, input: &ConvInput) -> bool {
         #[cfg(target_arch = "x86_64")]
         if let Some((oh, ow)) = self.output_size(input.h, input.w) {
-            return self.blocked_tiles(input).is_some() || self.channel_lanes_take((input.h, input.w), (oh, ow), true);
+            return self.blocked_tiles(input).is_some()
+                || self.channel_lanes_take((input.h, input.w), (oh, ow), true)
+                || self.blocked_strided_tiles(input).is_some();
         }
         let _ = input;
         false
@@ -464,6 +490,10 @@ impl Conv2d {
         #[cfg(target_arch = "x86_64")]
         if input.layout() == ChannelLayout::Blocked && self.run_channel_lanes(input, planes, ChannelLayout::Planes, residual, out) {
             return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(tiles) = self.blocked_strided_tiles(input) {
+            return self.run_pixel_tiles(tiles, input, planes, ChannelLayout::Planes, residual, out);
         }
         #[cfg(target_arch = "x86_64")]
         if let (Some(stem), None) = (&self.stem, residual) {
@@ -658,18 +688,25 @@ mod tests {
         // a plane whose last tile overlaps, a plane of 160x160 whose planes would take the
         // pixels-in-lanes tile, a small plane that a long product would take to the
         // channel-major one), depthwise ones of stride 1 in their lanes (3x3 on a large plane,
-        // 7x7); the others (a 3x3 layer, output channels not whole blocks) through planes. The
-        // input is two blocked parts, the second a channel split of a larger tensor, batch 2.
+        // 7x7), 3x3 ones of stride 2 read in place (their border columns gathered from the
+        // blocks: an odd width, an even one, 64 input channels); the others (a 3x3 layer of
+        // stride 1, one of stride 2 too narrow for a tile of interior columns, output channels
+        // not whole blocks) through planes. The input is two blocked parts, the second a
+        // channel split of a larger tensor, batch 2.
         let cases = [
-            (16, 24, 1, 1, 2, 7, 9),
-            (32, 16, 1, 1, 1, 160, 160),
-            (256, 32, 1, 1, 1, 10, 10),
-            (16, 16, 16, 3, 2, 50, 47),
-            (24, 24, 24, 7, 1, 12, 9),
-            (16, 16, 1, 3, 2, 7, 9),
-            (16, 12, 1, 1, 2, 7, 9),
+            (16, 24, 1, 1, 1, 2, 7, 9),
+            (32, 16, 1, 1, 1, 1, 160, 160),
+            (256, 32, 1, 1, 1, 1, 10, 10),
+            (16, 16, 16, 3, 1, 2, 50, 47),
+            (24, 24, 24, 7, 1, 1, 12, 9),
+            (16, 24, 1, 3, 2, 2, 15, 19),
+            (24, 16, 1, 3, 2, 1, 9, 16),
+            (64, 16, 1, 3, 2, 1, 40, 41),
+            (16, 16, 1, 3, 1, 2, 7, 9),
+            (16, 16, 1, 3, 2, 1, 6, 5),
+            (16, 12, 1, 1, 1, 2, 7, 9),
         ];
-        for (cin, cout, groups, k, n, h, w) in cases {
+        for (cin, cout, groups, k, stride, n, h, w) in cases {
             let pixels = h * w;
             let first = input::planes_to_blocks(&values(n * 8 * pixels, 5), pixels);
             let wide = input::planes_to_blocks(&values(n * (cin + 8) * pixels, 6), pixels);
@@ -679,7 +716,7 @@ mod tests {
             ];
             let input = ConvInput::blocked(parts, n, h, w).unwrap();
             let planes = input.to_planes();
-            for conv in variants(cin, cout, groups, k, 1, k / 2) {
+            for conv in variants(cin, cout, groups, k, stride, k / 2) {
                 let (oh, ow) = conv.output_size(h, w).unwrap();
                 let residual = values(n * cout * oh * ow, 4);
                 let want = conv.run(&planes, n, h, w, Some(&residual));
@@ -689,6 +726,12 @@ mod tests {
                         assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{cin}->{cout} k{k} {h}x{w} {what}: [{i}] {a} vs {b}");
                     }
                 };
+                // The AVX2 tiles of stride 2 read the blocks in place wherever a tile of interior
+                // columns fits.
+                #[cfg(target_arch = "x86_64")]
+                if stride == 2 && conv.reads_blocked() {
+                    assert_eq!(conv.blocked_strided_tiles(&input).is_some(), w > 5, "{cin}->{cout} {h}x{w}");
+                }
                 close(&conv.run_input(&input, Some(&residual)), &want, "blocked in");
                 if cout.is_multiple_of(BLOCK) {
                     let blocked_residual = input::planes_to_blocks(&residual, oh * ow);

@@ -308,9 +308,10 @@ impl PixelTiles {
         self.isa
     }
 
-    /// Like [`tile`](Self::tile), for a pointwise run with AVX2 whose input lies in planes
-    /// (`step` 1) or in blocks (`step` 8, [`BLOCK`] floats from one pixel to the next), and
-    /// whose output goes to planes or (`blocked_out`) to blocks.
+    /// Like [`tile`](Self::tile), for a run with AVX2 whose taps' pixels are `step` floats
+    /// apart: a pointwise run's in planes (1) or in blocks (8, [`BLOCK`] floats from one pixel
+    /// to the next), a stride-2 run's in blocks (16); its output goes to planes or
+    /// (`blocked_out`) to blocks.
     fn blocked_tile(&self, run: usize, step: usize, width: usize, blocked_out: bool) -> (usize, TileKernel) {
         assert_eq!(self.isa, Isa::Avx2, "blocked tensors are read by the AVX2 tiles only");
         macro_rules! kernels {
@@ -321,11 +322,13 @@ impl PixelTiles {
                 }
             };
         }
-        let choices = match (step == BLOCK, blocked_out) {
-            (true, true) => kernels!(8, true),
-            (true, false) => kernels!(8, false),
-            (false, true) => kernels!(1, true),
-            (false, false) => kernels!(1, false),
+        let choices = match (step, blocked_out) {
+            (1, true) => kernels!(1, true),
+            (1, false) => kernels!(1, false),
+            (BLOCK, true) => kernels!(8, true),
+            (BLOCK, false) => kernels!(8, false),
+            (16, false) => kernels!(16, false),
+            _ => unreachable!("no blocked tile reads taps {step} floats a pixel into {blocked_out:?} blocks"),
         };
         choices.into_iter().filter(|&(pixels, _)| pixels <= run).min_by_key(|&(pixels, _)| run.div_ceil(pixels) * pixels).unwrap_or(choices[1])
     }
@@ -544,24 +547,46 @@ impl Conv2d {
         (run >= tiles.shortest_run(run) && !channel_major).then_some(tiles)
     }
 
-    /// How this convolution's tiles read an input of `h x w` pixels into an output `ow` wide.
-    fn reading(&self, tiles: &PixelTiles, h: usize, w: usize, ow: usize, stretch: usize) -> Reading {
+    /// How this convolution's tiles read an input of `h x w` pixels (`layout`) into an output
+    /// `ow` wide. A blocked input is read in place (the caller checked that it can be,
+    /// [`blocked_strided_tiles`](Self::blocked_strided_tiles)) unless the layer is pointwise.
+    fn reading(&self, tiles: &PixelTiles, (h, w): (usize, usize), layout: ChannelLayout, ow: usize, stretch: usize) -> Reading {
         if self.is_pointwise() {
             return Reading::Planes { stretch };
+        }
+        if layout == ChannelLayout::Blocked {
+            let interior = self.in_place_interior(tiles, w, ow).expect("a blocked input to a layer that cannot read it in place");
+            return Reading::InPlace { stride: self.spec.stride.1, interior };
         }
         if self.spec.in_channels * h * w < IN_PLACE_MIN_FLOATS {
             return Reading::PhasePlanes;
         }
+        match self.in_place_interior(tiles, w, ow) {
+            Some(interior) => Reading::InPlace { stride: self.spec.stride.1, interior },
+            None => Reading::PhasePlanes,
+        }
+    }
+
+    /// The output columns whose taps all fall inside an input row `w` wide, when this
+    /// convolution's tiles can read its rows in place: stride 1 or 2 along them, and enough
+    /// such columns for a tile.
+    fn in_place_interior(&self, tiles: &PixelTiles, w: usize, ow: usize) -> Option<std::ops::Range<usize>> {
         let (sw, dw, pl, kw) = (self.spec.stride.1, self.spec.dilation.1, self.spec.pads.1, self.spec.kernel.1);
         // Output column `ox` reads input columns `ox * sw - pl + kx * dw`, `kx < kw`.
         let first = pl.div_ceil(sw);
         let span = (kw - 1) * dw;
         let end = if w + pl > span { ((w + pl - span - 1) / sw + 1).min(ow) } else { 0 };
-        if sw <= 2 && end >= first + tiles.shortest_run(end.saturating_sub(first)) {
-            Reading::InPlace { stride: sw, interior: first..end }
-        } else {
-            Reading::PhasePlanes
-        }
+        (sw <= 2 && end >= first + tiles.shortest_run(end.saturating_sub(first))).then_some(first..end)
+    }
+
+    /// The pixel tiles that run this convolution on `input` in blocks, read in place: one that
+    /// [`reads_blocked`](Self::reads_blocked) with a stride of 2, on an input wide enough for
+    /// a tile of interior columns. (Such a layer on planes may run otherwise: in phase planes
+    /// or on the channel-major product.)
+    pub(super) fn blocked_strided_tiles(&self, input: &ConvInput) -> Option<&PixelTiles> {
+        let (_, ow) = self.output_size(input.h, input.w)?;
+        let tiles = self.pixel_tiles.as_ref()?;
+        (input.layout() == ChannelLayout::Blocked && self.strided_tiles_read_blocks() && self.in_place_interior(tiles, input.w, ow).is_some()).then_some(tiles)
     }
 
     /// The convolution in tiles of pixels by channels (see the module's notes), into `out`
@@ -581,10 +606,12 @@ impl Conv2d {
         let (n, h, w) = (input.n, input.h, input.w);
         let OutputPlanes { oh, ow, pitch } = output;
         let blocked_out = out_layout == ChannelLayout::Blocked;
-        let blocked = input.layout() == ChannelLayout::Blocked || blocked_out;
-        assert!(!blocked || (self.runs_blocked() && (!blocked_out || pitch == oh * ow)), "blocked tensors in a convolution that does not run them");
+        let blocked_in = input.layout() == ChannelLayout::Blocked;
+        let blocked = blocked_in || blocked_out;
+        assert!(!blocked_in || self.reads_blocked(), "a blocked input to a convolution that does not read blocks");
+        assert!(!blocked_out || (self.runs_blocked() && pitch == oh * ow), "a blocked output from a convolution that does not write blocks");
         // Floats from one pixel to the next, in the input and in the output.
-        let in_step = if input.layout() == ChannelLayout::Blocked { BLOCK } else { 1 };
+        let in_step = if blocked_in { BLOCK } else { 1 };
         let out_step = if blocked_out { BLOCK } else { 1 };
         let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
         let (kh, kw) = self.spec.kernel;
@@ -597,7 +624,7 @@ impl Conv2d {
             true => (pointwise_stretch(pixels, threads) / 16 * 16).max(16),
             false => pointwise_stretch(pixels, threads),
         };
-        let reading = self.reading(tiles, h, w, ow, stretch);
+        let reading = self.reading(tiles, (h, w), input.layout(), ow, stretch);
         // Runs of output pixels: stretches of the plane, or output rows.
         let runs = match reading {
             Reading::Planes { stretch } => pixels / stretch,
@@ -611,7 +638,7 @@ impl Conv2d {
         let channel_len = layout.sh * layout.sw * layout.plane;
         // What taps of rows above or below the image read: zeros, as far as a row reaches.
         let zeros = match reading {
-            Reading::InPlace { stride, .. } => vec![0.0f32; ow * stride + WIDEST_TILE * 2],
+            Reading::InPlace { stride, .. } => vec![0.0f32; (ow * stride + WIDEST_TILE * 2) * in_step],
             Reading::Planes { .. } | Reading::PhasePlanes => Vec::new(),
         };
         let panels = cout.div_ceil(tiles.panel);
@@ -728,7 +755,8 @@ impl Conv2d {
                     }
                     Reading::InPlace { stride, interior } => {
                         let pl = self.spec.pads.1;
-                        let planes: Vec<*const f32> = (0..cin).map(|c| input.plane(batch, c).as_ptr()).collect();
+                        // Each channel's first pixel; in blocks, its lane of the first pixel's block.
+                        let planes: Vec<*const f32> = (0..cin).map(|c| input.channel_start(batch, c)).collect();
                         let mut taps = vec![zeros.as_ptr(); cin * kh * kw];
                         for oy in task_runs.clone() {
                             // Tap (c, ky, kx) of output column `ox` is input column
@@ -740,14 +768,22 @@ impl Conv2d {
                             let mut tap = taps.iter_mut();
                             for &plane in &planes {
                                 for ky in 0..kh {
-                                    let row = (oy * sh + ky * dh).checked_sub(pt).filter(|&y| y < h).map(|y| plane.wrapping_add(y * w));
+                                    let row = (oy * sh + ky * dh).checked_sub(pt).filter(|&y| y < h).map(|y| plane.wrapping_add(y * w * in_step));
                                     for (kx, tap) in tap.by_ref().take(kw).enumerate() {
-                                        *tap = row.map_or(zeros.as_ptr(), |row| row.wrapping_add(kx * dw));
+                                        *tap = row.map_or(zeros.as_ptr(), |row| row.wrapping_add(kx * dw * in_step));
                                     }
                                 }
                             }
                             for panel in task_panels.clone() {
-                                run(&taps, interior.start * stride - pl, *stride, interior.len(), at(panel, oy * ow + interior.start), panel, scratch);
+                                run(
+                                    &taps,
+                                    (interior.start * stride - pl) * in_step,
+                                    stride * in_step,
+                                    interior.len(),
+                                    at(panel, oy * ow + interior.start),
+                                    panel,
+                                    scratch,
+                                );
                             }
                         }
                     }
@@ -794,11 +830,11 @@ impl Conv2d {
             let mut gathered = vec![0.0f32; cin * kh * kw * rows];
             for (kk, values) in gathered.chunks_exact_mut(rows).enumerate() {
                 let (c, ky, kx) = (kk / (kh * kw), kk / kw % kh, kk % kw);
-                let plane = input.plane(batch, c);
+                let (channel, step) = input.channel(batch, c);
                 let Some(x) = (ox * stride + kx * dw).checked_sub(pl).filter(|&x| x < w) else { continue };
                 for (oy, value) in values[..oh].iter_mut().enumerate() {
                     if let Some(y) = (oy * sh + ky * dh).checked_sub(pt).filter(|&y| y < h) {
-                        *value = plane[y * w + x];
+                        *value = channel[(y * w + x) * step];
                     }
                 }
             }
