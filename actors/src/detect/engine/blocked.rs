@@ -12,11 +12,14 @@
 //! ([`Conv2d::runs_blocked`]) and every step that reads it reads them so
 //! ([`Conv2d::reads_blocked`]): the pointwise layers of an attention block's chain (`qkv`,
 //! `proj`, the MLP, their skip connections and the concatenation after them), the heads'
-//! depthwise and pointwise layers of the class branch, and a pointwise layer whose only reader
-//! is a stride-2 layer (YOLO's 64 -> 64 channels from 160x160), whose tile then reads each
-//! pixel's 8 channels from one stretch of a row, in order, where planes are a stream of lines
-//! per input channel. The tensor's 5-D shape says so to every step: one that does not take
-//! blocks cannot mistake it for planes.
+//! depthwise and pointwise layers of the class branch, and the outputs that stride-2 layers
+//! read (the backbone's 64 -> 64 channels from 160x160, 128 -> 128 from 80x80 and 128 -> 256
+//! from 40x40), whose tile then reads each pixel's 8 channels from one stretch of a row, in
+//! order, where planes are a stream of lines per input channel. The latter two are also read
+//! by a neck's pointwise layer beside an upsampled part
+//! ([`upsampled`](super::upsampled)), whose product over the other parts reads blocks. The
+//! tensor's 5-D shape says so to every step: one that does not take blocks cannot mistake it
+//! for planes.
 //!
 //! YOLOv12n and YOLO11n on a Zen 3 (AVX2), 2 threads, 150 rounds in one process alternating
 //! with every tensor in planes: the calls 0.985 of their time, the pointwise layers 0.97-0.975
@@ -44,9 +47,14 @@ fn is_part(index: usize) -> bool {
 }
 const RESIDUAL: usize = 3;
 
-/// The slots of a convolution step's input parts.
+/// The slots of a convolution step's input parts, but an upsampled one (which is read in
+/// planes, at its own size).
 fn parts(step: &Step) -> impl Iterator<Item = usize> + '_ {
-    step.inputs.iter().enumerate().filter(|&(i, _)| is_part(i)).filter_map(|(_, s)| *s)
+    let upsampled = match &step.op {
+        Op::Conv(c) => c.upsampled.as_ref().map(|up| up.input_index()),
+        _ => None,
+    };
+    step.inputs.iter().enumerate().filter(move |&(i, _)| is_part(i) && Some(i) != upsampled).filter_map(|(_, s)| *s)
 }
 
 /// Marks the convolutions whose outputs stay in blocks: on the CPU kernels, each output that a
@@ -61,7 +69,18 @@ pub(super) fn mark_blocked_outputs(mut steps: Vec<Step>, output_slot: usize, tar
     }
     let native = |s: &Step, can: fn(&Conv2d) -> bool| matches!(&s.op, Op::Conv(c) if c.candle.is_none() && c.upsampled.is_none() && can(&c.conv));
     let reads_in_blocks = |reader: &Step, slot: usize| {
-        native(reader, Conv2d::reads_blocked) && reader.inputs.iter().enumerate().all(|(i, s)| *s != Some(slot) || is_part(i) || i == RESIDUAL)
+        let reads = |i: usize, s: &Option<usize>| *s != Some(slot) || is_part(i) || i == RESIDUAL;
+        match &reader.op {
+            // The parts of a concatenation with an upsampled one, but that one, go to a
+            // pointwise product over their channels alone (the split's), which reads blocks
+            // as this convolution's tiles would (with fewer input channels: where those are
+            // too many for the tiles, the product gets planes first).
+            Op::Conv(c) if c.candle.is_none() && c.upsampled.is_some() => {
+                let up = c.upsampled.as_ref().map(|up| up.input_index());
+                c.conv.tiles_take_blocks() && reader.inputs.iter().enumerate().all(|(i, s)| reads(i, s) && (Some(i) != up || *s != Some(slot)))
+            }
+            _ => native(reader, Conv2d::reads_blocked) && reader.inputs.iter().enumerate().all(|(i, s)| reads(i, s)),
+        }
     };
     let mut blocked: HashSet<usize> = steps
         .iter()
@@ -229,6 +248,60 @@ mod tests {
         for (i, (g, w)) in flat(&got).into_iter().zip(flat(&want)).enumerate() {
             assert!((g - w).abs() <= 1e-5 * scale, "element {i}: {g} against candle's {w}");
         }
+    }
+
+    #[test]
+    fn a_neck_reads_blocks_beside_its_upsampled_part() {
+        // a = conv(x); low = conv3x3 stride 2 (a); out = conv(concat(resize(low), a)): `a`, read
+        // by the stride-2 layer and by the neck's product over its own channels, stays in blocks
+        // (AVX2); `low`, the upsampled part, in planes.
+        let s = |v: &str| Attribute::String(v.into());
+        let scales = TensorData { shape: vec![4], values: crate::detect::model::TensorValues::F32(vec![1.0, 1.0, 2.0, 2.0]) };
+        let initializers = [
+            ("wa", floats(&[16, 16, 1, 1], 70)),
+            ("ba", floats(&[16], 71)),
+            ("ws", floats(&[8, 16, 3, 3], 72)),
+            ("bs", floats(&[8], 73)),
+            ("wn", floats(&[16, 24, 1, 1], 74)),
+            ("bn", floats(&[16], 75)),
+            ("scales", scales),
+        ];
+        let nodes = vec![
+            node("Conv", &["x", "wa", "ba"], &["a"], &[]),
+            node("Conv", &["a", "ws", "bs"], &["low"], &[("pads", Attribute::Ints(vec![1, 1, 1, 1])), ("strides", Attribute::Ints(vec![2, 2]))]),
+            node(
+                "Resize",
+                &["low", "", "scales"],
+                &["up"],
+                &[("mode", s("nearest")), ("coordinate_transformation_mode", s("asymmetric")), ("nearest_mode", s("floor"))],
+            ),
+            node("Concat", &["up", "a"], &["cat"], &[("axis", Attribute::Int(1))]),
+            node("Conv", &["cat", "wn", "bn"], &["out"], &[]),
+        ];
+        let x = tensor(&floats(&[2, 16, 10, 22], 76));
+        let (engine, got) = plan_and_run(&model(nodes, &initializers), &x);
+        let convs: Vec<&super::super::ConvOp> = engine.steps.iter().filter_map(|s| if let Op::Conv(c) = &s.op { Some(c.as_ref()) } else { None }).collect();
+        assert_eq!(convs.len(), 3);
+        assert!(convs[2].upsampled.is_some());
+        let marks: Vec<bool> = convs.iter().map(|c| c.blocked_output).collect();
+        let in_blocks = convs[0].conv.runs_blocked() && convs[1].conv.reads_blocked();
+        assert_eq!(marks, [in_blocks, false, false]);
+
+        let find = |name: &str| tensor(&initializers.iter().find(|(n, _)| *n == name).unwrap().1);
+        let with_bias = |t: Tensor, b: &str| t.broadcast_add(&find(b).reshape((1, (), 1, 1)).unwrap()).unwrap();
+        let a = with_bias(x.conv2d(&find("wa"), 0, 1, 1, 1).unwrap(), "ba");
+        let low = with_bias(a.conv2d(&find("ws"), 1, 2, 1, 1).unwrap(), "bs");
+        let cat = Tensor::cat(&[&low.upsample_nearest2d(10, 22).unwrap(), &a], 1).unwrap();
+        let want = with_bias(cat.conv2d(&find("wn"), 0, 1, 1, 1).unwrap(), "bn");
+        assert_eq!(got.dims(), want.dims());
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = flat(&want).into_iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in flat(&got).into_iter().zip(flat(&want)).enumerate() {
+            assert!((g - w).abs() <= 1e-5 * scale, "element {i}: {g} against candle's {w}");
+        }
+        // A second run takes the split the first made.
+        let again = engine.run(x.clone()).unwrap();
+        assert_eq!(flat(&again), flat(&got));
     }
 
     #[test]

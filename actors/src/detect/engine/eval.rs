@@ -620,7 +620,9 @@ fn broadcast_shape(a: &[usize], b: &[usize]) -> CResult<Vec<usize>> {
 /// `cold` are not.
 pub(super) fn conv_step(c: &ConvOp, args: &[Option<&Tensor>], cold: &[bool], target: &Target) -> CResult<Tensor> {
     let any_blocked = args.iter().flatten().any(|t| blocked::blocked_dims(t).is_some());
-    if !any_blocked && !c.blocked_output {
+    // A convolution with an upsampled part writes planes; the product over its other parts
+    // reads them as they come ([`upsampled::conv_with_upsampled_part`]).
+    if (!any_blocked && !c.blocked_output) || c.upsampled.is_some() {
         return conv_step_in_planes(c, args, cold, target);
     }
     // In blocks ([`blocked`]): the kernel that takes them reads the parts where they lie.

@@ -19,7 +19,7 @@ use super::custom_ops::CpuUpsample;
 use super::eval::{conv_of_parts, conv_parts_in_place, input_part, with_cpu_storages};
 use super::fold::CONV_MORE_PARTS;
 use super::spread;
-use super::{CResult, ConvOp, Op, Step, Target};
+use super::{CResult, ConvOp, Op, Step, Target, blocked};
 use crate::detect::kernels::activation::{Activation, bias_activation};
 use crate::detect::kernels::conv::{Conv2d, ConvInput, ConvSpec};
 use crate::detect::kernels::parallel;
@@ -48,6 +48,11 @@ struct Split {
 impl UpsampledPart {
     fn new(part: usize, factors: (usize, usize)) -> Self {
         UpsampledPart { part, factors, split: OnceLock::new() }
+    }
+
+    /// Where the convolution step takes the upsampled part among its inputs.
+    pub(super) fn input_index(&self) -> usize {
+        if self.part == 0 { 0 } else { CONV_MORE_PARTS + self.part - 1 }
     }
 
     /// The split for the part at input channels `offset..offset + channels`: the one made at
@@ -111,10 +116,10 @@ pub(super) fn fold_upsampled_parts(mut steps: Vec<Step>, constants: &HashMap<usi
                 .then(|| (part, producer, resize.inputs[0], factors))
         });
         let Some((part, producer, Some(low_slot), factors)) = resized else { continue };
-        let input = if part == 0 { 0 } else { CONV_MORE_PARTS + part - 1 };
-        steps[i].inputs[input] = Some(low_slot);
+        let upsampled = UpsampledPart::new(part, factors);
+        steps[i].inputs[upsampled.input_index()] = Some(low_slot);
         if let Op::Conv(c) = &mut steps[i].op {
-            c.upsampled = Some(UpsampledPart::new(part, factors));
+            c.upsampled = Some(upsampled);
         }
         dead[producer] = true;
     }
@@ -138,8 +143,9 @@ fn whole_scales(resize: &Step, constants: &HashMap<usize, Tensor>) -> Option<(us
 
 /// The convolution of `c`'s concatenation of `parts`, where part `up.part` is given before its
 /// upsampling by `up.factors` to the others' size (an error otherwise, as the concatenation's
-/// would be). Falls back to upsampling it first when a part is not a CPU tensor the kernels
-/// read in place.
+/// would be). The other parts may be in blocks ([`blocked`](super::blocked)), which the
+/// product over their channels reads in place; the output is in planes. Falls back to
+/// upsampling the part first when a part is not a CPU tensor the kernels read in place.
 pub(super) fn conv_with_upsampled_part(
     c: &ConvOp,
     up: &UpsampledPart,
@@ -151,14 +157,14 @@ pub(super) fn conv_with_upsampled_part(
     let low = parts[up.part];
     let rest: Vec<&Tensor> = parts.iter().enumerate().filter(|&(i, _)| i != up.part).map(|(_, &t)| t).collect();
     let rest_cold: Vec<bool> = (0..parts.len()).filter(|&i| i != up.part).map(|i| cold.get(i).copied().unwrap_or(false)).collect();
-    let (Some(&[n, _, h, w]), &[ln, channels, lh, lw]) = (rest.first().map(|t| t.dims()), low.dims()) else {
+    let (Some([n, _, h, w]), &[ln, channels, lh, lw]) = (rest.first().and_then(|t| blocked::logical_dims(t)), low.dims()) else {
         candle_core::bail!("convolution parts of shapes {:?}", parts.iter().map(|p| p.dims()).collect::<Vec<_>>());
     };
     let (fy, fx) = up.factors;
     if ln != n || lh * fy != h || lw * fx != w {
         candle_core::bail!("Concat of mismatched shapes: {:?} upsampled by {fy}x{fx} and {:?}", low.dims(), rest[0].dims());
     }
-    let offset: usize = parts[..up.part].iter().map(|p| p.dims()[1]).sum();
+    let offset: usize = parts[..up.part].iter().filter_map(|p| blocked::logical_dims(p)).map(|dims| dims[1]).sum();
     let split = if residual.is_none() && target.native_f32(low) { up.split(&c.conv, offset, channels) } else { None };
     if let Some(split) = split {
         let low_sums = with_cpu_storages(&[low], |buffers| {
@@ -175,8 +181,9 @@ pub(super) fn conv_with_upsampled_part(
     }
     let upsampled =
         if target.native_f32(low) { low.contiguous()?.apply_op1_no_bwd(&CpuUpsample { height: h, width: w })? } else { low.upsample_nearest2d(h, w)? };
-    let mut whole = parts.to_vec();
-    whole[up.part] = &upsampled;
+    let mut whole: Vec<Tensor> = parts.iter().map(|&p| blocked::to_planes(p)).collect::<CResult<_>>()?;
+    whole[up.part] = upsampled;
+    let whole: Vec<&Tensor> = whole.iter().collect();
     let mut cold = cold.to_vec();
     if let Some(fresh) = cold.get_mut(up.part) {
         *fresh = false;

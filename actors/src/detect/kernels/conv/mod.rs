@@ -382,12 +382,22 @@ impl Conv2d {
             return false;
         }
         #[cfg(target_arch = "x86_64")]
-        if let Some(tiles) = &self.pixel_tiles {
-            return self.is_pointwise() && tiles.isa() == Isa::Avx2 && self.spec.in_channels < pixel_tiles::AVX2_GEMM_MIN_CHANNELS;
+        if self.pixel_tiles.is_some() {
+            return self.is_pointwise() && self.tiles_take_blocks() && self.spec.in_channels < pixel_tiles::AVX2_GEMM_MIN_CHANNELS;
         }
         #[cfg(target_arch = "x86_64")]
         if self.is_depthwise() {
             return self.channel_lanes_suit(true);
+        }
+        false
+    }
+
+    /// Whether this convolution runs on the AVX2 pixel tiles, whose registers are one block
+    /// wide, with its output channels in whole blocks.
+    pub fn tiles_take_blocks(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(tiles) = &self.pixel_tiles {
+            return tiles.isa() == Isa::Avx2 && self.spec.out_channels.is_multiple_of(BLOCK);
         }
         false
     }
