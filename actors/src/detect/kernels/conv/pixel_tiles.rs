@@ -824,21 +824,27 @@ impl Conv2d {
         // At least a tile of rows: the rows past the output's are zeros, computed and dropped.
         let rows = oh.max(WIDEST_TILE);
         let silu = self.spec.activation == Activation::Silu;
-        parallel::for_each(units * panel_blocks, |task| {
-            let block = task % panel_blocks;
-            let (batch, ox) = (task / panel_blocks / columns.len(), columns[task / panel_blocks % columns.len()]);
-            let mut gathered = vec![0.0f32; cin * kh * kw * rows];
-            for (kk, values) in gathered.chunks_exact_mut(rows).enumerate() {
-                let (c, ky, kx) = (kk / (kh * kw), kk / kw % kh, kk % kw);
-                let (channel, step) = input.channel(batch, c);
-                let Some(x) = (ox * stride + kx * dw).checked_sub(pl).filter(|&x| x < w) else { continue };
-                for (oy, value) in values[..oh].iter_mut().enumerate() {
-                    if let Some(y) = (oy * sh + ky * dh).checked_sub(pt).filter(|&y| y < h) {
-                        *value = channel[(y * w + x) * step];
-                    }
+        // Each column's taps, `rows` values per tap, gathered once for all its blocks of
+        // panels (in parallel by tap: a layer has one or two such columns): gathered by each
+        // block, they took as long as the blocks' products.
+        let k = cin * kh * kw;
+        let mut gathered = vec![0.0f32; units * k * rows];
+        parallel::for_each_chunk_mut(&mut gathered, rows, |index, values| {
+            let (unit, kk) = (index / k, index % k);
+            let (batch, ox) = (unit / columns.len(), columns[unit % columns.len()]);
+            let (c, ky, kx) = (kk / (kh * kw), kk / kw % kh, kk % kw);
+            let (channel, step) = input.channel(batch, c);
+            let Some(x) = (ox * stride + kx * dw).checked_sub(pl).filter(|&x| x < w) else { return };
+            for (oy, value) in values[..oh].iter_mut().enumerate() {
+                if let Some(y) = (oy * sh + ky * dh).checked_sub(pt).filter(|&y| y < h) {
+                    *value = channel[(y * w + x) * step];
                 }
             }
-            let taps: Vec<*const f32> = gathered.chunks_exact(rows).map(<[f32]>::as_ptr).collect();
+        });
+        parallel::for_each(units * panel_blocks, |task| {
+            let (unit, block) = (task / panel_blocks, task % panel_blocks);
+            let (batch, ox) = (unit / columns.len(), columns[unit % columns.len()]);
+            let taps: Vec<*const f32> = gathered[unit * k * rows..][..k * rows].chunks_exact(rows).map(<[f32]>::as_ptr).collect();
             SCRATCH.with_borrow_mut(|(column, _)| {
                 for panel in block * panels_per_block..((block + 1) * panels_per_block).min(panels) {
                     let (tile, kernel) = tiles.tile(rows, 1, tiles.width(panel), false);
