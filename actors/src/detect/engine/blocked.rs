@@ -173,6 +173,17 @@ mod tests {
     use crate::detect::engine::test_graphs::{floats, model, node, plan_and_run, tensor};
     use crate::detect::model::{Attribute, TensorData};
 
+    /// `got` against candle's `want`, element by element, relative to the largest value: layers
+    /// of random weights make values in the tens.
+    fn assert_near(got: &Tensor, want: &Tensor) {
+        assert_eq!(got.dims(), want.dims());
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = flat(want).into_iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in flat(got).into_iter().zip(flat(want)).enumerate() {
+            assert!((g - w).abs() <= 1e-5 * scale, "element {i}: {g} against candle's {w}");
+        }
+    }
+
     #[test]
     fn pointwise_chains_pass_blocks_and_compute_the_same() {
         // a = conv(x); r = conv(a) + a; c = conv(concat(r, a)); out = conv3x3(c).
@@ -213,15 +224,8 @@ mod tests {
         let a = conv(&x, "wa", "ba", 0);
         let r = (conv(&a, "wb", "bb", 0) + &a).unwrap();
         let c = conv(&Tensor::cat(&[&r, &a], 1).unwrap(), "wc", "bc", 0);
-        // Four layers of random weights make values in the tens: compared relative to the
-        // largest.
         let want = conv(&c, "wd", "bd", 1);
-        assert_eq!(got.dims(), want.dims());
-        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let scale = flat(&want).into_iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        for (i, (g, w)) in flat(&got).into_iter().zip(flat(&want)).enumerate() {
-            assert!((g - w).abs() <= 1e-5 * scale, "element {i}: {g} against candle's {w}");
-        }
+        assert_near(&got, &want);
     }
 
     #[test]
@@ -242,12 +246,7 @@ mod tests {
         let with_bias = |t: Tensor, b: &str| t.broadcast_add(&find(b).reshape((1, (), 1, 1)).unwrap()).unwrap();
         let a = with_bias(x.conv2d(&find("wa"), 0, 1, 1, 1).unwrap(), "ba");
         let want = with_bias(a.conv2d(&find("ws"), 1, 2, 1, 1).unwrap(), "bs");
-        assert_eq!(got.dims(), want.dims());
-        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let scale = flat(&want).into_iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        for (i, (g, w)) in flat(&got).into_iter().zip(flat(&want)).enumerate() {
-            assert!((g - w).abs() <= 1e-5 * scale, "element {i}: {g} against candle's {w}");
-        }
+        assert_near(&got, &want);
     }
 
     #[test]
@@ -293,15 +292,10 @@ mod tests {
         let low = with_bias(a.conv2d(&find("ws"), 1, 2, 1, 1).unwrap(), "bs");
         let cat = Tensor::cat(&[&low.upsample_nearest2d(10, 22).unwrap(), &a], 1).unwrap();
         let want = with_bias(cat.conv2d(&find("wn"), 0, 1, 1, 1).unwrap(), "bn");
-        assert_eq!(got.dims(), want.dims());
-        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let scale = flat(&want).into_iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        for (i, (g, w)) in flat(&got).into_iter().zip(flat(&want)).enumerate() {
-            assert!((g - w).abs() <= 1e-5 * scale, "element {i}: {g} against candle's {w}");
-        }
+        assert_near(&got, &want);
         // A second run takes the split the first made.
-        let again = engine.run(x.clone()).unwrap();
-        assert_eq!(flat(&again), flat(&got));
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(&engine.run(x.clone()).unwrap()), flat(&got));
     }
 
     #[test]
