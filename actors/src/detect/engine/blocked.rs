@@ -59,8 +59,8 @@ fn parts(step: &Step) -> impl Iterator<Item = usize> + '_ {
 
 /// Marks the convolutions whose outputs stay in blocks: on the CPU kernels, each output that a
 /// convolution writing blocks makes ([`Conv2d::runs_blocked`]) and only convolutions reading
-/// them read ([`Conv2d::reads_blocked`]), as input parts or skip connections, and not the
-/// graph's output. A convolution reads all its
+/// them read ([`Conv2d::reads_blocked`]), as input parts or skip connections (or `Shape`, which
+/// then gives the logical shape), and not the graph's output. A convolution reads all its
 /// parts in one layout, and its skip connection in its output's: the marks are withdrawn until
 /// both hold everywhere.
 pub(super) fn mark_blocked_outputs(mut steps: Vec<Step>, output_slot: usize, target: &Target) -> Vec<Step> {
@@ -79,6 +79,9 @@ pub(super) fn mark_blocked_outputs(mut steps: Vec<Step>, output_slot: usize, tar
                 let up = c.upsampled.as_ref().map(|up| up.input_index());
                 c.conv.tiles_take_blocks() && reader.inputs.iter().enumerate().all(|(i, s)| reads(i, s) && (Some(i) != up || *s != Some(slot)))
             }
+            // A dynamic export's anchors come from the shapes of the heads' inputs: `Shape`
+            // reads a blocked tensor's logical shape.
+            Op::Shape { .. } => true,
             _ => native(reader, Conv2d::reads_blocked) && reader.inputs.iter().enumerate().all(|(i, s)| reads(i, s)),
         }
     };
@@ -113,11 +116,13 @@ pub(super) fn mark_blocked_outputs(mut steps: Vec<Step>, output_slot: usize, tar
         }
     }
     for step in &mut steps {
-        if let (Op::Conv(conv), &[out]) = (&mut step.op, step.outputs.as_slice())
-            && blocked.contains(&out)
-        {
-            conv.blocked_output = true;
-            conv.spread_output = false;
+        match (&mut step.op, step.outputs.as_slice()) {
+            (Op::Conv(conv), &[out]) if blocked.contains(&out) => {
+                conv.blocked_output = true;
+                conv.spread_output = false;
+            }
+            (Op::Shape { of_blocked }, _) => *of_blocked = step.inputs.first().copied().flatten().is_some_and(|input| blocked.contains(&input)),
+            _ => {}
         }
     }
     steps
@@ -246,6 +251,32 @@ mod tests {
         let with_bias = |t: Tensor, b: &str| t.broadcast_add(&find(b).reshape((1, (), 1, 1)).unwrap()).unwrap();
         let a = with_bias(x.conv2d(&find("wa"), 0, 1, 1, 1).unwrap(), "ba");
         let want = with_bias(a.conv2d(&find("ws"), 1, 2, 1, 1).unwrap(), "bs");
+        assert_near(&got, &want);
+    }
+
+    #[test]
+    fn a_winograd_layer_and_shape_read_blocks() {
+        // a = conv(x); out = Reshape(conv3x3(a), Shape(a)): the 3x3 layer (Winograd at 20x20)
+        // splits its phase planes from blocks, and `Shape` gives `a`'s logical shape.
+        let initializers = [("wa", floats(&[24, 16, 1, 1], 80)), ("ba", floats(&[24], 81)), ("ww", floats(&[24, 24, 3, 3], 82)), ("bw", floats(&[24], 83))];
+        let nodes = vec![
+            node("Conv", &["x", "wa", "ba"], &["a"], &[]),
+            node("Conv", &["a", "ww", "bw"], &["w"], &[("pads", Attribute::Ints(vec![1, 1, 1, 1]))]),
+            node("Shape", &["a"], &["shape"], &[]),
+            node("Reshape", &["w", "shape"], &["out"], &[]),
+        ];
+        let x = tensor(&floats(&[2, 16, 20, 20], 84));
+        let (engine, got) = plan_and_run(&model(nodes, &initializers), &x);
+        let convs: Vec<&super::super::ConvOp> = engine.steps.iter().filter_map(|s| if let Op::Conv(c) = &s.op { Some(c.as_ref()) } else { None }).collect();
+        // Where Winograd reads blocks (AVX2), `a` is one, and the shape step knows it.
+        assert_eq!(convs[0].blocked_output, convs[0].conv.runs_blocked() && convs[1].conv.reads_blocked());
+        let shape_of_blocked = engine.steps.iter().any(|s| matches!(s.op, Op::Shape { of_blocked: true }));
+        assert_eq!(shape_of_blocked, convs[0].blocked_output);
+
+        let find = |name: &str| tensor(&initializers.iter().find(|(n, _)| *n == name).unwrap().1);
+        let with_bias = |t: Tensor, b: &str| t.broadcast_add(&find(b).reshape((1, (), 1, 1)).unwrap()).unwrap();
+        let a = with_bias(x.conv2d(&find("wa"), 0, 1, 1, 1).unwrap(), "ba");
+        let want = with_bias(a.conv2d(&find("ww"), 1, 1, 1, 1).unwrap(), "bw");
         assert_near(&got, &want);
     }
 

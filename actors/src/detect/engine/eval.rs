@@ -536,8 +536,15 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], target: &Target) -> CResul
             }
             one(out)
         }
-        Op::Shape => {
-            let dims: Vec<i64> = x()?.dims().iter().map(|&d| d as i64).collect();
+        Op::Shape { of_blocked } => {
+            let x = x()?;
+            let dims = match of_blocked {
+                true => super::blocked::blocked_dims(x)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("the shape of a blocked tensor, given {:?}", x.dims())))?
+                    .to_vec(),
+                false => x.dims().to_vec(),
+            };
+            let dims: Vec<i64> = dims.into_iter().map(|d| d as i64).collect();
             let len = dims.len();
             one(Tensor::from_vec(dims, len, device)?)
         }

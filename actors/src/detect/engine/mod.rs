@@ -149,7 +149,11 @@ enum Op {
         axes: Option<Vec<i64>>,
         keepdims: bool,
     },
-    Shape,
+    /// The input's shape; `of_blocked`: the input is a blocked tensor
+    /// ([`blocked`]), whose shape is its logical `[n, c, h, w]`.
+    Shape {
+        of_blocked: bool,
+    },
     Gather {
         axis: i64,
     },

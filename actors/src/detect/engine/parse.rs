@@ -140,7 +140,7 @@ pub(super) fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, 
             if node.attributes.contains_key("start") || node.attributes.contains_key("end") {
                 return Err(unsupported(node, "start/end"));
             }
-            Op::Shape
+            Op::Shape { of_blocked: false }
         }
         "Gather" => Op::Gather { axis: attr_int(node, "axis", 0)? },
         "Unsqueeze" => Op::Unsqueeze { axes: attr_ints(node, "axes")? },

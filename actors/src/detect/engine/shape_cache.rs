@@ -42,7 +42,7 @@ impl ShapeCache {
         let mut derived = Vec::with_capacity(steps.len());
         for step in steps {
             let known = |slot: &usize| constants.contains(slot) || derived_slots.contains(slot);
-            let is_derived = matches!(step.op, Op::Shape) || (step.inputs.iter().flatten().next().is_some() && step.inputs.iter().flatten().all(known));
+            let is_derived = matches!(step.op, Op::Shape { .. }) || (step.inputs.iter().flatten().next().is_some() && step.inputs.iter().flatten().all(known));
             let arguments = shape_arguments(&step.op);
             let from_data = step.inputs.iter().enumerate().any(|(i, slot)| arguments.contains(&i) && slot.is_some_and(|slot| !known(&slot)));
             if !is_derived && from_data {

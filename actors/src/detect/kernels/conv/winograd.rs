@@ -126,7 +126,7 @@ impl Winograd {
         Winograd { positions }
     }
 
-    fn isa(&self) -> Isa {
+    pub(super) fn isa(&self) -> Isa {
         self.positions[0].isa()
     }
 }

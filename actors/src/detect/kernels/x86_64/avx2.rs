@@ -547,6 +547,44 @@ pub(in super::super) fn split_row_by_4(row: &[f32], pad: usize, mut out: [&mut [
     }
 }
 
+/// Deinterleaves a row of a block of 8 channels (`row`, `[w][8]`) by 4 after `pad` zeros
+/// into each channel's 4 phase rows, as [`split_row_by_4`] does a plane's row: place `i` of
+/// phase `p` of channel `c` gets channel `c` of pixel `4 i + p - pad` (zero where that lies
+/// outside the row), for `places` places; channel `c`'s phase-`p` row starts at
+/// `dst[c * channel_len + p * plane + at]`. Eight places of a phase are 8 pixels' blocks (one
+/// load each, 4 pixels apart), transposed into 8 channels' rows: every float goes through one
+/// 8x8 transpose. Panics unless `dst` holds the rows.
+#[target_feature(enable = "avx2")]
+pub(in super::super) fn split_block_row_by_4(
+    row: &[f32],
+    pad: usize,
+    dst: &mut [std::mem::MaybeUninit<f32>],
+    (channel_len, plane, at): (usize, usize, usize),
+    places: usize,
+) {
+    assert!(places > 0 && dst.len() >= 7 * channel_len + 3 * plane + at + places, "split_block_row_by_4 bounds");
+    let w = row.len() / 8;
+    for phase in 0..4 {
+        for first in (0..places).step_by(8) {
+            let mut pixels = [_mm256_setzero_ps(); 8];
+            for (k, pixel) in pixels.iter_mut().enumerate() {
+                // Column `x - pad` of the row; places past `places` lie past its end.
+                let x = 4 * (first + k) + phase;
+                if x >= pad && x - pad < w {
+                    // SAFETY: pixel `x - pad < w`: its 8 floats lie inside `row`.
+                    *pixel = unsafe { _mm256_loadu_ps(row.as_ptr().add(8 * (x - pad))) };
+                }
+            }
+            let count = (places - first).min(8);
+            for (c, channel) in transpose_8x8(pixels).into_iter().enumerate() {
+                // SAFETY: places `first..first + count` of channel `c`'s phase row, inside `dst`
+                // (checked above).
+                unsafe { store_first_lanes(channel, dst.as_mut_ptr().add(c * channel_len + phase * plane + at + first).cast::<f32>(), None, count) };
+            }
+        }
+    }
+}
+
 /// The transpose of an 8x8 block: row `i` of the result holds element `i` of every input row.
 /// Pairs, then quads within each 128-bit half; then the halves across registers.
 #[inline]
