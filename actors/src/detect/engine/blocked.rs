@@ -255,28 +255,40 @@ mod tests {
     }
 
     #[test]
-    fn a_winograd_layer_and_shape_read_blocks() {
-        // a = conv(x); out = Reshape(conv3x3(a), Shape(a)): the 3x3 layer (Winograd at 20x20)
-        // splits its phase planes from blocks, and `Shape` gives `a`'s logical shape.
-        let initializers = [("wa", floats(&[24, 16, 1, 1], 80)), ("ba", floats(&[24], 81)), ("ww", floats(&[24, 24, 3, 3], 82)), ("bw", floats(&[24], 83))];
+    fn a_winograd_layer_reads_and_writes_blocks_and_shape_reads_them() {
+        // a = conv(x); w = conv3x3(a); out = Reshape(conv(w), Shape(a)): the 3x3 layer
+        // (Winograd at 20x20) splits its phase planes from blocks and writes blocks, and `Shape`
+        // gives `a`'s logical shape.
+        let initializers = [
+            ("wa", floats(&[24, 16, 1, 1], 80)),
+            ("ba", floats(&[24], 81)),
+            ("ww", floats(&[24, 24, 3, 3], 82)),
+            ("bw", floats(&[24], 83)),
+            ("wp", floats(&[24, 24, 1, 1], 85)),
+            ("bp", floats(&[24], 86)),
+        ];
         let nodes = vec![
             node("Conv", &["x", "wa", "ba"], &["a"], &[]),
             node("Conv", &["a", "ww", "bw"], &["w"], &[("pads", Attribute::Ints(vec![1, 1, 1, 1]))]),
+            node("Conv", &["w", "wp", "bp"], &["p"], &[]),
             node("Shape", &["a"], &["shape"], &[]),
-            node("Reshape", &["w", "shape"], &["out"], &[]),
+            node("Reshape", &["p", "shape"], &["out"], &[]),
         ];
         let x = tensor(&floats(&[2, 16, 20, 20], 84));
         let (engine, got) = plan_and_run(&model(nodes, &initializers), &x);
         let convs: Vec<&super::super::ConvOp> = engine.steps.iter().filter_map(|s| if let Op::Conv(c) = &s.op { Some(c.as_ref()) } else { None }).collect();
-        // Where Winograd reads blocks (AVX2), `a` is one, and the shape step knows it.
+        // Where Winograd reads and writes blocks (AVX2), `a` and `w` are, and the shape step
+        // knows `a` is.
         assert_eq!(convs[0].blocked_output, convs[0].conv.runs_blocked() && convs[1].conv.reads_blocked());
+        assert_eq!(convs[1].blocked_output, convs[1].conv.runs_blocked() && convs[2].conv.reads_blocked());
         let shape_of_blocked = engine.steps.iter().any(|s| matches!(s.op, Op::Shape { of_blocked: true }));
         assert_eq!(shape_of_blocked, convs[0].blocked_output);
 
         let find = |name: &str| tensor(&initializers.iter().find(|(n, _)| *n == name).unwrap().1);
         let with_bias = |t: Tensor, b: &str| t.broadcast_add(&find(b).reshape((1, (), 1, 1)).unwrap()).unwrap();
         let a = with_bias(x.conv2d(&find("wa"), 0, 1, 1, 1).unwrap(), "ba");
-        let want = with_bias(a.conv2d(&find("ww"), 1, 1, 1, 1).unwrap(), "bw");
+        let w = with_bias(a.conv2d(&find("ww"), 1, 1, 1, 1).unwrap(), "bw");
+        let want = with_bias(w.conv2d(&find("wp"), 0, 1, 1, 1).unwrap(), "bp");
         assert_near(&got, &want);
     }
 

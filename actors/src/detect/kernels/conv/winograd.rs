@@ -33,6 +33,10 @@
 //! stride-1 layers took 1.005-1.007 of the time, each 1.03-1.10 on the small outputs: YOLO11n
 //! and YOLOv12n, 2 threads, 30 interleaved rounds.)
 //!
+//! With AVX2 the output may go to blocks of 8 channels instead
+//! ([`ChannelLayout::Blocked`]): the finished pixels of 8 channels of 8 tiles, transposed so
+//! that each register holds one pixel's 8 channels, stored whole.
+//!
 //! Measured with `cargo bench --bench conv` (this AVX-512 machine, 1 thread): 64 -> 64
 //! channels at 80x80 in 0.93 ms against 2.27 ms direct; in YOLOv12n the 3x3 stride-1 layers
 //! went from 5.9 to 3.4 ms.
@@ -46,7 +50,7 @@ use super::super::pack::{PackedA, PackedB};
 use super::super::simd::Lanes;
 use super::super::{SendPtr, tiling};
 use super::direct::{PhaseLayout, phase_planes};
-use super::{Conv2d, ConvInput, ConvSpec, OutputPlanes, add_assign, schedule};
+use super::{BLOCK, ChannelLayout, Conv2d, ConvInput, ConvSpec, OutputPlanes, add_assign, schedule};
 
 /// Output pixels along each side of a tile.
 const TILE: usize = 4;
@@ -140,6 +144,11 @@ thread_local! {
     static SHARED_INPUT: std::cell::RefCell<PackedB> = const { std::cell::RefCell::new(PackedB::new()) };
 }
 
+/// The greatest common divisor of `a` and `b`.
+const fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 /// Blocks of one panel of tiles in each image's output.
 fn tile_blocks(oh: usize, ow: usize, isa: Isa) -> usize {
     (oh.div_ceil(TILE) * (ow.div_ceil(TILE) + 1)).div_ceil(isa.nr())
@@ -150,7 +159,7 @@ impl Conv2d {
     /// tiles times blocks of output channels give every thread one.
     pub(super) fn winograd_for(&self, n: usize, oh: usize, ow: usize) -> Option<&Winograd> {
         let winograd = self.winograd.as_ref()?;
-        let tasks = n * tile_blocks(oh, ow, winograd.isa()) * self.winograd_channel_blocks(n, oh, ow, winograd.isa()).1;
+        let tasks = n * tile_blocks(oh, ow, winograd.isa()) * self.winograd_channel_blocks(n, oh, ow, winograd.isa(), false).1;
         (tasks >= parallel::threads()).then_some(winograd)
     }
 
@@ -166,21 +175,39 @@ impl Conv2d {
     /// tiles on 2 threads), one block of channels took 0.81-0.89 of the time of two in
     /// YOLO11n and YOLOv12n (64 -> 64 channels; 256 -> 64 0.95), and at 40x40 and 80x80 two
     /// blocks of channels lost (1.03-1.15) though they share out the odd block of tiles.
-    fn winograd_channel_blocks(&self, n: usize, oh: usize, ow: usize, isa: Isa) -> (usize, usize) {
+    /// With `blocked_out`, blocks start on whole blocks of 8 channels too.
+    fn winograd_channel_blocks(&self, n: usize, oh: usize, ow: usize, isa: Isa, blocked_out: bool) -> (usize, usize) {
         let tasks = n * tile_blocks(oh, ow, isa);
+        // Blocks of channels are whole panels of the product (`mr` rows), and whole blocks of
+        // 8 channels where the output is in blocks.
+        let unit = if blocked_out { isa.mr() * BLOCK / gcd(isa.mr(), BLOCK) } else { isa.mr() };
         match tasks >= parallel::threads() {
-            true => (self.spec.out_channels.div_ceil(isa.mr()) * isa.mr(), 1),
-            false => schedule::channel_blocks(tasks, self.spec.out_channels, isa.mr(), parallel::threads()),
+            true => (self.spec.out_channels.div_ceil(unit) * unit, 1),
+            false => schedule::channel_blocks(tasks, self.spec.out_channels, unit, parallel::threads()),
         }
     }
 
-    /// The convolution by F(4x4, 3x3) (see the module's notes), into `out` (`planes`), adding
-    /// `residual` last.
-    pub(super) fn run_winograd(&self, winograd: &Winograd, input: &ConvInput, planes: OutputPlanes, residual: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
+    /// The convolution by F(4x4, 3x3) (see the module's notes), into `out` (`planes`, its
+    /// channels laid out as `out_layout` says), adding `residual` (laid out as the output) last.
+    /// An output in [`ChannelLayout::Blocked`] is for AVX2, with planes `oh * ow` apart.
+    pub(super) fn run_winograd(
+        &self,
+        winograd: &Winograd,
+        input: &ConvInput,
+        planes: OutputPlanes,
+        out_layout: ChannelLayout,
+        residual: Option<&[f32]>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
         let (n, h, w) = (input.n, input.h, input.w);
         let OutputPlanes { oh, ow, pitch } = planes;
         let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
         let isa = winograd.isa();
+        let blocked_out = out_layout == ChannelLayout::Blocked;
+        assert!(
+            !blocked_out || (isa == Isa::Avx2 && cout.is_multiple_of(BLOCK) && pitch == oh * ow),
+            "a blocked output from Winograd's AVX2 tiles, in packed planes"
+        );
         let nr = isa.nr();
         let (th, tw) = (oh.div_ceil(TILE), ow.div_ceil(TILE));
         // Tile `ty` reads padded rows `4ty..4ty + 6`: one place more than the tiles in each
@@ -198,7 +225,7 @@ impl Conv2d {
         });
         let tiles = th * wq;
         let blocks = tiles.div_ceil(nr);
-        let (m_block, m_blocks) = self.winograd_channel_blocks(n, oh, ow, isa);
+        let (m_block, m_blocks) = self.winograd_channel_blocks(n, oh, ow, isa, blocked_out);
         let silu = self.spec.activation == super::super::activation::Activation::Silu;
         let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
         // The 36 matrices of `V` (and of `M`) lie one cache line more than their size
@@ -281,6 +308,42 @@ impl Conv2d {
                                 None,
                             )
                         };
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    if blocked_out {
+                        // Where each tile's pixels lie inside the output: the first one's 8 floats
+                        // from the block of the channels' first, and the tile clipped.
+                        let mut places = [TilePlace::default(); super::super::isa::MAX_NR];
+                        for (lane, place) in places[..nr].iter_mut().enumerate() {
+                            let tile = first_tile + lane;
+                            let (ty, tx) = (tile / wq, tile % wq);
+                            if tile < tiles && tx < tw {
+                                let (y, x) = (TILE * ty, TILE * tx);
+                                *place = TilePlace { at: (y * ow + x) * BLOCK, rows: TILE.min(oh - y), columns: TILE.min(ow - x) };
+                            }
+                        }
+                        for first in channels.step_by(BLOCK) {
+                            // The 8 channels' blocks start where their first plane would.
+                            let block = (batch * cout + first) * pitch;
+                            // SAFETY: the CPU has AVX2 and FMA (asserted above); `products` holds
+                            // `POSITIONS` matrices of `cout x nr`, `m_stride` apart; `bias` holds
+                            // the 8 channels; each place lies inside the block of image `batch`
+                            // (a pixel inside the output), which only this task's tiles write.
+                            unsafe {
+                                transform_output_blocked(
+                                    products.as_ptr().add(first * nr),
+                                    m_stride,
+                                    nr,
+                                    &self.bias[first..first + BLOCK],
+                                    silu,
+                                    &places[..nr],
+                                    ow,
+                                    out_ptr.get().add(block),
+                                    residual.map(|r| r[block..].as_ptr()),
+                                )
+                            };
+                        }
+                        return;
                     }
                     // The block's tiles in groups of one vector's pixels of a row: a group that
                     // lies whole inside the output, on one row of tiles, is stored in place, at
@@ -440,33 +503,7 @@ unsafe fn transform_output_with<V: Lanes>(m: *const f32, m_stride: usize, nr: us
     // SAFETY: the caller's contract covers every load and store.
     unsafe {
         for lane in (0..nr).step_by(V::LEN) {
-            // (Loops rather than `array::from_fn`: a closure would not inherit the caller's
-            // target features, and its vectors would go through memory.)
-            let mut rows = [[V::splat(0.0); TILE]; SPAN];
-            for (i, row) in rows.iter_mut().enumerate() {
-                let mut products = [V::splat(0.0); SPAN];
-                for (j, value) in products.iter_mut().enumerate() {
-                    *value = V::load(m.add((i * SPAN + j) * m_stride + lane));
-                }
-                *row = output_rows(products);
-            }
-            // `columns[b][a]`: pixel (a, b) of each tile.
-            let mut columns = [[V::splat(0.0); TILE]; TILE];
-            for (b, column) in columns.iter_mut().enumerate() {
-                let mut values = [V::splat(0.0); SPAN];
-                for (value, row) in values.iter_mut().zip(&rows) {
-                    *value = row[b];
-                }
-                *column = output_rows(values);
-            }
-            // All the tiles' pixels side by side through the bias and SiLU, `a` major.
-            let mut finished = [V::splat(0.0); TILE * TILE];
-            for (a, pixels) in finished.chunks_exact_mut(TILE).enumerate() {
-                for (pixel, column) in pixels.iter_mut().zip(&columns) {
-                    *pixel = column[a];
-                }
-            }
-            let finished = super::super::epilogue::finish_each(finished, [V::splat(bias); TILE * TILE], silu);
+            let finished = finished_pixels::<V>(m.add(lane), m_stride, bias, silu);
             for a in 0..TILE {
                 let mut pixels = [V::splat(0.0); TILE];
                 pixels.copy_from_slice(&finished[a * TILE..][..TILE]);
@@ -481,6 +518,116 @@ unsafe fn transform_output_with<V: Lanes>(m: *const f32, m_stride: usize, nr: us
                                 None => run.store(out.add(at)),
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `Aᵀ m A` plus `bias`, then SiLU when asked, for the `V::LEN` tiles of `M` from `m` (its 36
+/// rows `m_stride` apart): each tile's 16 pixels, `4 a + b` for pixel `(a, b)`, a vector of
+/// the tiles each.
+///
+/// # Safety
+/// The CPU has `V`'s features; `m + p * m_stride` holds `V::LEN` readable floats for every
+/// position `p`.
+#[inline(always)]
+unsafe fn finished_pixels<V: Lanes>(m: *const f32, m_stride: usize, bias: f32, silu: bool) -> [V; TILE * TILE] {
+    // SAFETY: the caller's contract covers every load.
+    unsafe {
+        // (Loops rather than `array::from_fn`: a closure would not inherit the caller's
+        // target features, and its vectors would go through memory.)
+        let mut rows = [[V::splat(0.0); TILE]; SPAN];
+        for (i, row) in rows.iter_mut().enumerate() {
+            let mut products = [V::splat(0.0); SPAN];
+            for (j, value) in products.iter_mut().enumerate() {
+                *value = V::load(m.add((i * SPAN + j) * m_stride));
+            }
+            *row = output_rows(products);
+        }
+        // `columns[b][a]`: pixel (a, b) of each tile.
+        let mut columns = [[V::splat(0.0); TILE]; TILE];
+        for (b, column) in columns.iter_mut().enumerate() {
+            let mut values = [V::splat(0.0); SPAN];
+            for (value, row) in values.iter_mut().zip(&rows) {
+                *value = row[b];
+            }
+            *column = output_rows(values);
+        }
+        // All the tiles' pixels side by side through the bias and SiLU, `a` major.
+        let mut finished = [V::splat(0.0); TILE * TILE];
+        for (a, pixels) in finished.chunks_exact_mut(TILE).enumerate() {
+            for (pixel, column) in pixels.iter_mut().zip(&columns) {
+                *pixel = column[a];
+            }
+        }
+        super::super::epilogue::finish_each(finished, [V::splat(bias); TILE * TILE], silu)
+    }
+}
+
+/// Where a tile's pixels go in a blocked output: pixel `(a, b)` at `at + (a * row + b) * 8`
+/// for `a < rows` and `b < columns` (the tile clipped to the output; none for a tile past it).
+#[derive(Clone, Copy, Default)]
+struct TilePlace {
+    at: usize,
+    rows: usize,
+    columns: usize,
+}
+
+/// Eight output channels of a block's `nr` tiles, from `M` (channel `c`'s rows of `nr` at
+/// `m + c * nr`, positions `m_stride` apart), finished (`Aᵀ m A`, the bias, SiLU when asked)
+/// and stored in blocks of 8 channels ([`ChannelLayout::Blocked`](super::ChannelLayout)):
+/// each pixel's 8 channels, a register after an 8x8 transpose, where `places` (one per tile)
+/// puts it in `out` (plus the residual's 8 floats at the same place), outputs `row` pixels
+/// wide.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `m + c * nr + p * m_stride` holds `nr` readable floats for `c <
+/// 8` and every position `p`; `bias` holds 8 floats; `places` holds `nr`, and each pixel they
+/// place has 8 writable floats in `out` (readable in the residual) that no other thread
+/// accesses.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn transform_output_blocked(
+    m: *const f32,
+    m_stride: usize,
+    nr: usize,
+    bias: &[f32],
+    silu: bool,
+    places: &[TilePlace],
+    row: usize,
+    out: *mut f32,
+    residual: Option<*const f32>,
+) {
+    use super::super::simd::Avx2;
+    use std::arch::x86_64::*;
+    const LANES: usize = 8;
+    // SAFETY: the caller's contract covers every load and store.
+    unsafe {
+        for lane in (0..nr).step_by(LANES) {
+            // `pixels[c][q]`: pixel `q` of the 8 tiles from `lane`, channel `c`.
+            let mut pixels = [[_mm256_setzero_ps(); TILE * TILE]; LANES];
+            for (c, channel) in pixels.iter_mut().enumerate() {
+                for (value, pixel) in channel.iter_mut().zip(finished_pixels::<Avx2>(m.add(c * nr + lane), m_stride, bias[c], silu)) {
+                    *value = pixel.0;
+                }
+            }
+            for q in 0..TILE * TILE {
+                let mut channels = [_mm256_setzero_ps(); LANES];
+                for (value, channel) in channels.iter_mut().zip(&pixels) {
+                    *value = channel[q];
+                }
+                let (a, b) = (q / TILE, q % TILE);
+                for (tile, place) in super::super::x86_64::avx2::transpose_8x8(channels).into_iter().zip(&places[lane..lane + LANES]) {
+                    if a < place.rows && b < place.columns {
+                        let at = place.at + (a * row + b) * BLOCK;
+                        let tile = match residual {
+                            Some(residual) => _mm256_add_ps(tile, _mm256_loadu_ps(residual.add(at))),
+                            None => tile,
+                        };
+                        _mm256_storeu_ps(out.add(at), tile);
                     }
                 }
             }
@@ -594,27 +741,41 @@ mod tests {
                 let input = values(n * cin * h * w, 3);
                 let (oh, ow) = conv.output_size(h, w).unwrap();
                 let residual = values(n * cout * oh * ow, 4);
-                for with_residual in [false, true] {
+                // In blocks too, with AVX2 and whole blocks of output channels (the residual in
+                // blocks as well).
+                let layouts = [ChannelLayout::Planes, ChannelLayout::Blocked];
+                let blocks_fit = isa == Isa::Avx2 && cout.is_multiple_of(BLOCK);
+                for (with_residual, layout) in
+                    [false, true].into_iter().flat_map(|r| layouts.map(|l| (r, l))).filter(|&(_, l)| blocks_fit || l == ChannelLayout::Planes)
+                {
+                    let pixels = oh * ow;
+                    let blocked = layout == ChannelLayout::Blocked;
+                    let residual_laid_out = if blocked { super::super::input::planes_to_blocks(&residual, pixels) } else { residual.clone() };
                     // NaN marks any pixel left unwritten.
-                    let mut out = vec![MaybeUninit::new(f32::NAN); n * cout * oh * ow];
+                    let mut out = vec![MaybeUninit::new(f32::NAN); n * cout * pixels];
                     pool.install(|| {
                         conv.run_winograd(
                             winograd,
                             &ConvInput::contiguous(&input, n, cin, h, w),
-                            OutputPlanes { oh, ow, pitch: oh * ow },
-                            with_residual.then_some(residual.as_slice()),
+                            OutputPlanes { oh, ow, pitch: pixels },
+                            layout,
+                            with_residual.then_some(residual_laid_out.as_slice()),
                             &mut out,
                         )
                     });
                     // SAFETY: initialised (NaN) when the vector was made.
                     let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+                    let got = if blocked { super::super::input::blocks_to_planes(&got, pixels) } else { got };
                     let mut want = reference(&conv, &input, n, h, w);
                     if with_residual {
                         want.iter_mut().zip(&residual).for_each(|(w, r)| *w += r);
                     }
                     let error = worst_error(&got, &want);
                     let threads = pool.current_num_threads();
-                    assert!(error < 1e-4, "{isa:?} {threads} threads {cin}->{cout} {n}x{h}x{w} pad {pad} residual {with_residual}: relative error {error}");
+                    assert!(
+                        error < 1e-4,
+                        "{isa:?} {threads} threads {cin}->{cout} {n}x{h}x{w} pad {pad} residual {with_residual} {layout:?}: relative error {error}"
+                    );
                 }
             }
         }
@@ -635,7 +796,7 @@ mod tests {
                 assert!(conv.winograd_for(1, 20, 20).is_some(), "20x20 has two blocks of tiles (AVX2), or one and two of channels");
                 // A block of tiles for each thread: one block of channels, else two.
                 let channel_blocks = if tile_blocks(20, 20, isa) >= 2 { 1 } else { 2 };
-                assert_eq!(conv.winograd_channel_blocks(1, 20, 20, isa).1, channel_blocks, "{isa:?} at 20x20");
+                assert_eq!(conv.winograd_channel_blocks(1, 20, 20, isa, false).1, channel_blocks, "{isa:?} at 20x20");
                 assert!(conv.runs_winograd(1, 80, 80).is_some(), "80x80 runs by Winograd");
                 assert!(conv.runs_winograd(1, 20, 20).is_some(), "20x20 runs by Winograd");
                 assert!(conv.winograd_for(1, 16, 16).is_some() && conv.runs_winograd(1, 16, 16).is_none(), "16x16 runs in pixel tiles");

@@ -589,7 +589,7 @@ pub(in super::super) fn split_block_row_by_4(
 /// Pairs, then quads within each 128-bit half; then the halves across registers.
 #[inline]
 #[target_feature(enable = "avx2")]
-pub(super) fn transpose_8x8(r: [__m256; 8]) -> [__m256; 8] {
+pub(in super::super) fn transpose_8x8(r: [__m256; 8]) -> [__m256; 8] {
     let mut t = [_mm256_setzero_ps(); 8];
     for i in 0..4 {
         t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
