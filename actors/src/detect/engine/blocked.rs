@@ -1,6 +1,6 @@
 //! Convolution outputs kept in blocks of 8 channels ([`ChannelLayout::Blocked`]) between
-//! pointwise and depthwise convolutions, and into stride-2 ones: a tensor `[n, c, h, w]` held
-//! as `[n, c / 8, h, w, 8]`.
+//! pointwise, depthwise and Winograd's 3x3 convolutions, into stride-2 ones, and through the
+//! channel splits between them: a tensor `[n, c, h, w]` held as `[n, c / 8, h, w, 8]`.
 //!
 //! A pointwise convolution's tile of pixels by channels reads, for each input channel, one
 //! value of each of its pixels, and stores its sums for each output channel. In planes those
@@ -17,16 +17,20 @@
 //! from 40x40), whose tile then reads each pixel's 8 channels from one stretch of a row, in
 //! order, where planes are a stream of lines per input channel. The latter two are also read
 //! by a neck's pointwise layer beside an upsampled part
-//! ([`upsampled`](super::upsampled)), whose product over the other parts reads blocks. The
-//! tensor's 5-D shape says so to every step: one that does not take blocks cannot mistake it
-//! for planes.
+//! ([`upsampled`](super::upsampled)), whose product over the other parts reads blocks. With
+//! AVX2, Winograd's 3x3 layers read blocks (their phase planes split from them) and write them,
+//! so the heads' inputs and branches, and the C3k2 blocks (a pointwise layer, a channel split
+//! into halves that are views of its blocks, a bottleneck's two 3x3 layers and the pointwise
+//! layer over all three) stay in blocks end to end. The tensor's 5-D shape says so to every
+//! step: one that does not take blocks cannot mistake it for planes; a `Shape` or `Split` that
+//! reads one is marked so.
 //!
 //! YOLOv12n and YOLO11n on a Zen 3 (AVX2), 2 threads, 150 rounds in one process alternating
 //! with every tensor in planes: the calls 0.985 of their time, the pointwise layers 0.97-0.975
 //! (those of the attention blocks' MLP at 40x40 0.79-0.88), the depthwise ones 0.76-0.80
 //! (0.56-0.63 at 80x80).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use candle_core::{Device, Tensor};
 
@@ -60,13 +64,15 @@ fn parts(step: &Step) -> impl Iterator<Item = usize> + '_ {
 /// Marks the convolutions whose outputs stay in blocks: on the CPU kernels, each output that a
 /// convolution writing blocks makes ([`Conv2d::runs_blocked`]) and only convolutions reading
 /// them read ([`Conv2d::reads_blocked`]), as input parts or skip connections (or `Shape`, which
-/// then gives the logical shape), and not the graph's output. A convolution reads all its
+/// then gives the logical shape, or a channel split into whole blocks whose outputs are all so
+/// read: those go with their input), and not the graph's output. A convolution reads all its
 /// parts in one layout, and its skip connection in its output's: the marks are withdrawn until
 /// both hold everywhere.
-pub(super) fn mark_blocked_outputs(mut steps: Vec<Step>, output_slot: usize, target: &Target) -> Vec<Step> {
+pub(super) fn mark_blocked_outputs(mut steps: Vec<Step>, constants: &HashMap<usize, Tensor>, output_slot: usize, target: &Target) -> Vec<Step> {
     if !target.native || !enabled() {
         return steps;
     }
+    let splits_blocks = |s: &Step| splits_whole_blocks(s, constants);
     let native = |s: &Step, can: fn(&Conv2d) -> bool| matches!(&s.op, Op::Conv(c) if c.candle.is_none() && c.upsampled.is_none() && can(&c.conv));
     let reads_in_blocks = |reader: &Step, slot: usize| {
         let reads = |i: usize, s: &Option<usize>| *s != Some(slot) || is_part(i) || i == RESIDUAL;
@@ -82,6 +88,9 @@ pub(super) fn mark_blocked_outputs(mut steps: Vec<Step>, output_slot: usize, tar
             // A dynamic export's anchors come from the shapes of the heads' inputs: `Shape`
             // reads a blocked tensor's logical shape.
             Op::Shape { .. } => true,
+            // A split into whole blocks passes on views of them, which its outputs' readers
+            // must take (the loop below keeps a split's input and outputs together).
+            Op::Split { .. } => splits_blocks(reader) && reader.inputs.first() == Some(&Some(slot)),
             _ => native(reader, Conv2d::reads_blocked) && reader.inputs.iter().enumerate().all(|(i, s)| reads(i, s)),
         }
     };
@@ -92,6 +101,7 @@ pub(super) fn mark_blocked_outputs(mut steps: Vec<Step>, output_slot: usize, tar
             &[out] if out != output_slot => Some(out),
             _ => None,
         })
+        .chain(steps.iter().filter(|step| splits_blocks(step)).flat_map(|step| step.outputs.iter().copied().filter(|&out| out != output_slot)))
         .filter(|&out| {
             let mut readers = steps.iter().filter(|s| s.inputs.contains(&Some(out))).peekable();
             readers.peek().is_some() && readers.all(|r| reads_in_blocks(r, out))
@@ -99,6 +109,13 @@ pub(super) fn mark_blocked_outputs(mut steps: Vec<Step>, output_slot: usize, tar
         .collect();
     loop {
         let before = blocked.len();
+        // A split's input and outputs are all in blocks or none.
+        for step in steps.iter().filter(|s| splits_blocks(s)) {
+            let slots = || step.inputs.first().copied().flatten().into_iter().chain(step.outputs.iter().copied());
+            if !slots().all(|s| blocked.contains(&s)) {
+                slots().for_each(|s| _ = blocked.remove(&s));
+            }
+        }
         for step in steps.iter().filter(|s| matches!(s.op, Op::Conv(_))) {
             let parts: Vec<usize> = parts(step).collect();
             if !parts.iter().all(|p| blocked.contains(p)) {
@@ -121,11 +138,48 @@ pub(super) fn mark_blocked_outputs(mut steps: Vec<Step>, output_slot: usize, tar
                 conv.blocked_output = true;
                 conv.spread_output = false;
             }
-            (Op::Shape { of_blocked }, _) => *of_blocked = step.inputs.first().copied().flatten().is_some_and(|input| blocked.contains(&input)),
+            (Op::Shape { of_blocked } | Op::Split { of_blocked, .. }, _) => {
+                *of_blocked = step.inputs.first().copied().flatten().is_some_and(|input| blocked.contains(&input))
+            }
             _ => {}
         }
     }
     steps
+}
+
+/// Whether `step` splits channels (axis 1 of `[n, c, h, w]`) into whole blocks, its sizes given
+/// or constant: then, on a blocked tensor, its outputs are views of the input's blocks.
+fn splits_whole_blocks(step: &Step, constants: &HashMap<usize, Tensor>) -> bool {
+    let Op::Split { axis: 1 | -3, sizes, .. } = &step.op else { return false };
+    let sizes = match sizes {
+        Some(sizes) => sizes.clone(),
+        None => match step.inputs.get(1).copied().flatten().and_then(|s| constants.get(&s)) {
+            Some(t) => match super::eval::ints(t) {
+                Ok(sizes) => sizes,
+                Err(_) => return false,
+            },
+            None => return false,
+        },
+    };
+    !sizes.is_empty() && sizes.iter().all(|&s| s > 0 && (s as usize).is_multiple_of(BLOCK))
+}
+
+/// The channel split of a blocked tensor `t` (`sizes` in channels, whole blocks) into views of
+/// its blocks.
+pub(super) fn split_blocks(t: &Tensor, sizes: &[usize]) -> CResult<Vec<Tensor>> {
+    let channels = blocked_dims(t).map(|[_, c, _, _]| c);
+    if channels != Some(sizes.iter().sum()) || sizes.iter().any(|s| !s.is_multiple_of(BLOCK)) {
+        candle_core::bail!("a split of a {:?} tensor in blocks into {sizes:?} channels", t.dims());
+    }
+    let mut start = 0;
+    sizes
+        .iter()
+        .map(|&s| {
+            let part = t.narrow(1, start / BLOCK, s / BLOCK);
+            start += s;
+            part
+        })
+        .collect()
 }
 
 /// `[n, c, h, w]` when `t` is a blocked tensor `[n, c / 8, h, w, 8]`.
@@ -289,6 +343,45 @@ mod tests {
         let a = with_bias(x.conv2d(&find("wa"), 0, 1, 1, 1).unwrap(), "ba");
         let w = with_bias(a.conv2d(&find("ww"), 1, 1, 1, 1).unwrap(), "bw");
         let want = with_bias(w.conv2d(&find("wp"), 0, 1, 1, 1).unwrap(), "bp");
+        assert_near(&got, &want);
+    }
+
+    #[test]
+    fn a_channel_split_passes_views_of_blocks() {
+        // a = conv(x); p, q = Split(a); m = conv3x3(q) + q; out = conv(concat(p, q, m)): a C3k2
+        // block. `a`, `p`, `q` and `m` stay in blocks (AVX2), the halves views of `a`'s.
+        let initializers = [
+            ("wa", floats(&[48, 16, 1, 1], 90)),
+            ("ba", floats(&[48], 91)),
+            ("sizes", crate::detect::engine::test_graphs::ints(&[24, 24])),
+            ("wm", floats(&[24, 24, 3, 3], 92)),
+            ("bm", floats(&[24], 93)),
+            ("wo", floats(&[8, 72, 1, 1], 94)),
+            ("bo", floats(&[8], 95)),
+        ];
+        let nodes = vec![
+            node("Conv", &["x", "wa", "ba"], &["a"], &[]),
+            node("Split", &["a", "sizes"], &["p", "q"], &[("axis", Attribute::Int(1))]),
+            node("Conv", &["q", "wm", "bm"], &["c"], &[("pads", Attribute::Ints(vec![1, 1, 1, 1]))]),
+            node("Add", &["c", "q"], &["m"], &[]),
+            node("Concat", &["p", "q", "m"], &["cat"], &[("axis", Attribute::Int(1))]),
+            node("Conv", &["cat", "wo", "bo"], &["out"], &[]),
+        ];
+        let x = tensor(&floats(&[2, 16, 20, 20], 96));
+        let (engine, got) = plan_and_run(&model(nodes, &initializers), &x);
+        let convs: Vec<&super::super::ConvOp> = engine.steps.iter().filter_map(|s| if let Op::Conv(c) = &s.op { Some(c.as_ref()) } else { None }).collect();
+        let split_of_blocked = engine.steps.iter().any(|s| matches!(s.op, Op::Split { of_blocked: true, .. }));
+        // Where the 3x3 layer reads and writes blocks (AVX2 Winograd), the block is all blocks.
+        let blocks = convs[1].conv.runs_blocked() && convs[1].conv.reads_blocked() && convs[2].conv.reads_blocked();
+        assert_eq!((convs[0].blocked_output, split_of_blocked, convs[1].blocked_output), (blocks, blocks, blocks));
+
+        let find = |name: &str| tensor(&initializers.iter().find(|(n, _)| *n == name).unwrap().1);
+        let with_bias = |t: Tensor, b: &str| t.broadcast_add(&find(b).reshape((1, (), 1, 1)).unwrap()).unwrap();
+        let a = with_bias(x.conv2d(&find("wa"), 0, 1, 1, 1).unwrap(), "ba");
+        let (p, q) = (a.narrow(1, 0, 24).unwrap(), a.narrow(1, 24, 24).unwrap());
+        let m = (with_bias(q.conv2d(&find("wm"), 1, 1, 1, 1).unwrap(), "bm") + &q).unwrap();
+        let cat = Tensor::cat(&[&p, &q, &m], 1).unwrap();
+        let want = with_bias(cat.conv2d(&find("wo"), 0, 1, 1, 1).unwrap(), "bo");
         assert_near(&got, &want);
     }
 

@@ -362,15 +362,18 @@ pub(super) fn eval(op: &Op, args: &[Option<&Tensor>], target: &Target) -> CResul
                 BinaryOp::Div => l.broadcast_div(r)?,
             })
         }
-        Op::Split { axis, sizes } => {
+        Op::Split { axis, sizes, of_blocked } => {
             let t = x()?;
-            let axis = normalize_axis(*axis, t.rank())?;
-            let dim = t.dim(axis)?;
             let sizes: Vec<usize> = match (args.get(1).copied().flatten(), sizes) {
                 (Some(s), _) => ints(s)?.into_iter().map(|v| v as usize).collect(),
                 (None, Some(s)) => s.iter().map(|&v| v as usize).collect(),
                 (None, None) => candle_core::bail!("Split without sizes is not supported"),
             };
+            if *of_blocked {
+                return blocked::split_blocks(t, &sizes);
+            }
+            let axis = normalize_axis(*axis, t.rank())?;
+            let dim = t.dim(axis)?;
             if sizes.iter().sum::<usize>() != dim {
                 candle_core::bail!("split sizes {sizes:?} do not add up to {dim}");
             }

@@ -17,7 +17,7 @@ fn view_step(step: &Step, slot: usize, constants: &HashMap<usize, Tensor>) -> Op
     match &step.op {
         Op::Transpose { perm } => Some(ViewStep::Permute(perm.clone())),
         Op::Reshape => Some(ViewStep::Reshape(constant(1)?)),
-        Op::Split { axis, sizes } => {
+        Op::Split { axis, sizes, .. } => {
             let sizes = match sizes {
                 Some(s) => s.clone(),
                 None => constant(1)?,

@@ -98,6 +98,9 @@ enum Op {
     Split {
         axis: i64,
         sizes: Option<Vec<i64>>,
+        /// The input is a blocked tensor ([`blocked`]) split into whole blocks of channels:
+        /// the outputs are views of its blocks.
+        of_blocked: bool,
     },
     Concat {
         axis: i64,
@@ -331,7 +334,7 @@ impl Engine {
         let steps = fold::fold_unary_into_concats(steps, output_slot, &target);
         let steps = fold::fold_nested_concats(steps, &constants, output_slot, &target);
         let steps = spread::mark_spread_outputs(steps, output_slot, &target);
-        let mut steps = blocked::mark_blocked_outputs(steps, output_slot, &target);
+        let mut steps = blocked::mark_blocked_outputs(steps, &constants, output_slot, &target);
 
         // Keep only the constants that a step reads, moved to the device once.
         let mut last_use: HashMap<usize, usize> = HashMap::new();

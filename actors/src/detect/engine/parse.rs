@@ -79,7 +79,7 @@ pub(super) fn parse_op(node: &Node, initializers: &HashMap<String, TensorData>, 
         "Sub" => Op::Binary(BinaryOp::Sub),
         "Mul" => Op::Binary(BinaryOp::Mul),
         "Div" => Op::Binary(BinaryOp::Div),
-        "Split" => Op::Split { axis: attr_int(node, "axis", 0)?, sizes: attr_ints(node, "split")? },
+        "Split" => Op::Split { axis: attr_int(node, "axis", 0)?, sizes: attr_ints(node, "split")?, of_blocked: false },
         "Concat" => Op::Concat { axis: attr_int(node, "axis", 0)?, maps: Vec::new(), nested: Vec::new() },
         "MaxPool" => {
             if attr_int(node, "ceil_mode", 0)? != 0 || node.outputs.len() > 1 {
