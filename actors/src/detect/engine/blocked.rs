@@ -232,6 +232,17 @@ mod tests {
     use crate::detect::engine::test_graphs::{floats, model, node, plan_and_run, tensor};
     use crate::detect::model::{Attribute, TensorData};
 
+    /// The convolution steps of `engine`'s plan, in order.
+    fn conv_steps(engine: &super::super::Engine) -> Vec<&super::super::ConvOp> {
+        engine.steps.iter().filter_map(|s| if let Op::Conv(c) = &s.op { Some(c.as_ref()) } else { None }).collect()
+    }
+
+    /// `x` convolved by candle with initializer `w` (`pad` on every side, `stride`), plus bias `b`.
+    fn candle_conv(x: &Tensor, initializers: &[(&str, TensorData)], (w, b): (&str, &str), pad: usize, stride: usize) -> Tensor {
+        let find = |name: &str| tensor(&initializers.iter().find(|(n, _)| *n == name).unwrap().1);
+        x.conv2d(&find(w), pad, stride, 1, 1).unwrap().broadcast_add(&find(b).reshape((1, (), 1, 1)).unwrap()).unwrap()
+    }
+
     /// `got` against candle's `want`, element by element, relative to the largest value: layers
     /// of random weights make values in the tens.
     fn assert_near(got: &Tensor, want: &Tensor) {
@@ -266,7 +277,7 @@ mod tests {
         // Batch 2, a plane whose last tile overlaps the one before.
         let x = tensor(&floats(&[2, 16, 6, 7], 40));
         let (engine, got) = plan_and_run(&model(nodes, &initializers), &x);
-        let convs: Vec<&super::super::ConvOp> = engine.steps.iter().filter_map(|s| if let Op::Conv(c) = &s.op { Some(c.as_ref()) } else { None }).collect();
+        let convs = conv_steps(&engine);
         assert_eq!(convs.len(), 4);
         // Where the pointwise kernels take blocks (AVX2), `a` and `r` stay in them; `c`, which a
         // 3x3 convolution reads, and the output do not.
@@ -274,12 +285,7 @@ mod tests {
         let marks: Vec<bool> = convs.iter().map(|c| c.blocked_output).collect();
         assert_eq!(marks, [in_blocks, in_blocks, false, false]);
 
-        let conv = |t: &Tensor, w: &str, b: &str, pad: usize| {
-            let find = |name: &str| tensor(&initializers.iter().find(|(n, _)| *n == name).unwrap().1);
-            let bias = find(b);
-            let channels = bias.dims()[0];
-            t.conv2d(&find(w), pad, 1, 1, 1).unwrap().broadcast_add(&bias.reshape((1, channels, 1, 1)).unwrap()).unwrap()
-        };
+        let conv = |t: &Tensor, w: &str, b: &str, pad: usize| candle_conv(t, &initializers, (w, b), pad, 1);
         let a = conv(&x, "wa", "ba", 0);
         let r = (conv(&a, "wb", "bb", 0) + &a).unwrap();
         let c = conv(&Tensor::cat(&[&r, &a], 1).unwrap(), "wc", "bc", 0);
@@ -296,15 +302,14 @@ mod tests {
         let nodes = vec![node("Conv", &["x", "wa", "ba"], &["a"], &[]), node("Conv", &["a", "ws", "bs"], &["out"], &strided)];
         let x = tensor(&floats(&[2, 16, 9, 21], 64));
         let (engine, got) = plan_and_run(&model(nodes, &initializers), &x);
-        let convs: Vec<&super::super::ConvOp> = engine.steps.iter().filter_map(|s| if let Op::Conv(c) = &s.op { Some(c.as_ref()) } else { None }).collect();
+        let convs = conv_steps(&engine);
         // Where the stride-2 tiles read blocks (AVX2), `a` is one.
         assert!(!convs[1].blocked_output);
         assert_eq!(convs[0].blocked_output, convs[0].conv.runs_blocked() && convs[1].conv.reads_blocked());
 
-        let find = |name: &str| tensor(&initializers.iter().find(|(n, _)| *n == name).unwrap().1);
-        let with_bias = |t: Tensor, b: &str| t.broadcast_add(&find(b).reshape((1, (), 1, 1)).unwrap()).unwrap();
-        let a = with_bias(x.conv2d(&find("wa"), 0, 1, 1, 1).unwrap(), "ba");
-        let want = with_bias(a.conv2d(&find("ws"), 1, 2, 1, 1).unwrap(), "bs");
+        let conv = |t: &Tensor, w: &str, b: &str, pad: usize, stride: usize| candle_conv(t, &initializers, (w, b), pad, stride);
+        let a = conv(&x, "wa", "ba", 0, 1);
+        let want = conv(&a, "ws", "bs", 1, 2);
         assert_near(&got, &want);
     }
 
@@ -330,7 +335,7 @@ mod tests {
         ];
         let x = tensor(&floats(&[2, 16, 20, 20], 84));
         let (engine, got) = plan_and_run(&model(nodes, &initializers), &x);
-        let convs: Vec<&super::super::ConvOp> = engine.steps.iter().filter_map(|s| if let Op::Conv(c) = &s.op { Some(c.as_ref()) } else { None }).collect();
+        let convs = conv_steps(&engine);
         // Where Winograd reads and writes blocks (AVX2), `a` and `w` are, and the shape step
         // knows `a` is.
         assert_eq!(convs[0].blocked_output, convs[0].conv.runs_blocked() && convs[1].conv.reads_blocked());
@@ -338,11 +343,10 @@ mod tests {
         let shape_of_blocked = engine.steps.iter().any(|s| matches!(s.op, Op::Shape { of_blocked: true }));
         assert_eq!(shape_of_blocked, convs[0].blocked_output);
 
-        let find = |name: &str| tensor(&initializers.iter().find(|(n, _)| *n == name).unwrap().1);
-        let with_bias = |t: Tensor, b: &str| t.broadcast_add(&find(b).reshape((1, (), 1, 1)).unwrap()).unwrap();
-        let a = with_bias(x.conv2d(&find("wa"), 0, 1, 1, 1).unwrap(), "ba");
-        let w = with_bias(a.conv2d(&find("ww"), 1, 1, 1, 1).unwrap(), "bw");
-        let want = with_bias(w.conv2d(&find("wp"), 0, 1, 1, 1).unwrap(), "bp");
+        let conv = |t: &Tensor, w: &str, b: &str, pad: usize, stride: usize| candle_conv(t, &initializers, (w, b), pad, stride);
+        let a = conv(&x, "wa", "ba", 0, 1);
+        let w = conv(&a, "ww", "bw", 1, 1);
+        let want = conv(&w, "wp", "bp", 0, 1);
         assert_near(&got, &want);
     }
 
@@ -369,19 +373,18 @@ mod tests {
         ];
         let x = tensor(&floats(&[2, 16, 20, 20], 96));
         let (engine, got) = plan_and_run(&model(nodes, &initializers), &x);
-        let convs: Vec<&super::super::ConvOp> = engine.steps.iter().filter_map(|s| if let Op::Conv(c) = &s.op { Some(c.as_ref()) } else { None }).collect();
+        let convs = conv_steps(&engine);
         let split_of_blocked = engine.steps.iter().any(|s| matches!(s.op, Op::Split { of_blocked: true, .. }));
         // Where the 3x3 layer reads and writes blocks (AVX2 Winograd), the block is all blocks.
         let blocks = convs[1].conv.runs_blocked() && convs[1].conv.reads_blocked() && convs[2].conv.reads_blocked();
         assert_eq!((convs[0].blocked_output, split_of_blocked, convs[1].blocked_output), (blocks, blocks, blocks));
 
-        let find = |name: &str| tensor(&initializers.iter().find(|(n, _)| *n == name).unwrap().1);
-        let with_bias = |t: Tensor, b: &str| t.broadcast_add(&find(b).reshape((1, (), 1, 1)).unwrap()).unwrap();
-        let a = with_bias(x.conv2d(&find("wa"), 0, 1, 1, 1).unwrap(), "ba");
+        let conv = |t: &Tensor, w: &str, b: &str, pad: usize, stride: usize| candle_conv(t, &initializers, (w, b), pad, stride);
+        let a = conv(&x, "wa", "ba", 0, 1);
         let (p, q) = (a.narrow(1, 0, 24).unwrap(), a.narrow(1, 24, 24).unwrap());
-        let m = (with_bias(q.conv2d(&find("wm"), 1, 1, 1, 1).unwrap(), "bm") + &q).unwrap();
+        let m = (conv(&q, "wm", "bm", 1, 1) + &q).unwrap();
         let cat = Tensor::cat(&[&p, &q, &m], 1).unwrap();
-        let want = with_bias(cat.conv2d(&find("wo"), 0, 1, 1, 1).unwrap(), "bo");
+        let want = conv(&cat, "wo", "bo", 0, 1);
         assert_near(&got, &want);
     }
 
@@ -415,19 +418,18 @@ mod tests {
         ];
         let x = tensor(&floats(&[2, 16, 10, 22], 76));
         let (engine, got) = plan_and_run(&model(nodes, &initializers), &x);
-        let convs: Vec<&super::super::ConvOp> = engine.steps.iter().filter_map(|s| if let Op::Conv(c) = &s.op { Some(c.as_ref()) } else { None }).collect();
+        let convs = conv_steps(&engine);
         assert_eq!(convs.len(), 3);
         assert!(convs[2].upsampled.is_some());
         let marks: Vec<bool> = convs.iter().map(|c| c.blocked_output).collect();
         let in_blocks = convs[0].conv.runs_blocked() && convs[1].conv.reads_blocked();
         assert_eq!(marks, [in_blocks, false, false]);
 
-        let find = |name: &str| tensor(&initializers.iter().find(|(n, _)| *n == name).unwrap().1);
-        let with_bias = |t: Tensor, b: &str| t.broadcast_add(&find(b).reshape((1, (), 1, 1)).unwrap()).unwrap();
-        let a = with_bias(x.conv2d(&find("wa"), 0, 1, 1, 1).unwrap(), "ba");
-        let low = with_bias(a.conv2d(&find("ws"), 1, 2, 1, 1).unwrap(), "bs");
+        let conv = |t: &Tensor, w: &str, b: &str, pad: usize, stride: usize| candle_conv(t, &initializers, (w, b), pad, stride);
+        let a = conv(&x, "wa", "ba", 0, 1);
+        let low = conv(&a, "ws", "bs", 1, 2);
         let cat = Tensor::cat(&[&low.upsample_nearest2d(10, 22).unwrap(), &a], 1).unwrap();
-        let want = with_bias(cat.conv2d(&find("wn"), 0, 1, 1, 1).unwrap(), "bn");
+        let want = conv(&cat, "wn", "bn", 0, 1);
         assert_near(&got, &want);
         // A second run takes the split the first made.
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -419,25 +419,17 @@ impl Conv2d {
     }
 
     /// Whether this convolution's Winograd tiles write blocks ([`winograd`]'s output transform
-    /// stores each pixel's 8 channels after a transpose): with AVX2, output channels in whole
-    /// blocks, and not one of the small layers that put the pixels in the lanes (as
-    /// [`winograd_reads_blocks`](Self::winograd_reads_blocks)). Then the chains of 3x3 layers
+    /// stores each pixel's 8 channels after a transpose; [`winograd_blocks`](Self::winograd_blocks)).
+    /// Then the chains of 3x3 layers
     /// (a bottleneck's two, a head's box branch) pass blocks on. YOLO11n and YOLOv12n, 2
     /// threads, 60 rounds alternating with Winograd writing planes: those layers 0.80-0.96 of
     /// their time, all 3x3 layers 0.966-0.982, the calls 0.978-0.983.
     fn winograd_writes_blocks(&self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(winograd) = &self.winograd {
-            return winograd.isa() == Isa::Avx2
-                && self.spec.out_channels.is_multiple_of(BLOCK)
-                && !self.pixel_tiles.as_ref().is_some_and(pixel_tiles::PixelTiles::has_rows);
-        }
-        false
+        self.winograd_blocks(self.spec.out_channels)
     }
 
-    /// Whether this convolution's Winograd layers may be given a blocked input: with AVX2, input
-    /// channels in whole blocks, and not one of the small layers whose pixel tiles put the pixels
-    /// in the lanes on large outputs (which read planes). Its phase planes are then split from
+    /// Whether this convolution's Winograd tiles may be given a blocked input
+    /// ([`winograd_blocks`](Self::winograd_blocks)). Its phase planes are then split from
     /// blocks ([`direct::phase_planes`]), so that the layers beside it that read blocks keep
     /// them: the heads' inputs at 80x80 and 40x40, which their stride-2 layers and depthwise
     /// ones read too, and the pointwise layers that make them write. YOLO11n and YOLOv12n, 2
@@ -445,12 +437,18 @@ impl Conv2d {
     /// from 80x80 0.80-0.87 of its time, 128 -> 128 from 40x40 0.92-0.94, the depthwise layers
     /// 0.85-0.96, the Winograd layers themselves 0.93-0.96; all 3x3 layers 0.96-0.99.
     fn winograd_reads_blocks(&self) -> bool {
+        self.winograd_blocks(self.spec.in_channels)
+    }
+
+    /// Whether this convolution's Winograd tiles take `channels` (its input's or its output's)
+    /// in blocks: with AVX2, the channels in whole blocks, and not one of the small layers whose
+    /// pixel tiles put the pixels in the lanes on large outputs (those read and write planes).
+    fn winograd_blocks(&self, channels: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
         if let Some(winograd) = &self.winograd {
-            return winograd.isa() == Isa::Avx2
-                && self.spec.in_channels.is_multiple_of(BLOCK)
-                && !self.pixel_tiles.as_ref().is_some_and(pixel_tiles::PixelTiles::has_rows);
+            return winograd.isa() == Isa::Avx2 && channels.is_multiple_of(BLOCK) && !self.pixel_tiles.as_ref().is_some_and(pixel_tiles::PixelTiles::has_rows);
         }
+        let _ = channels;
         false
     }
 
