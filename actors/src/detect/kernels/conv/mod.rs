@@ -383,7 +383,7 @@ impl Conv2d {
         if !self.spec.out_channels.is_multiple_of(BLOCK) {
             return false;
         }
-        if self.winograd_writes_blocks() {
+        if self.winograd_writes_blocks() || self.stem_writes_blocks() {
             return true;
         }
         #[cfg(target_arch = "x86_64")]
@@ -426,6 +426,17 @@ impl Conv2d {
     /// their time, all 3x3 layers 0.966-0.982, the calls 0.978-0.983.
     fn winograd_writes_blocks(&self) -> bool {
         self.winograd_blocks(self.spec.out_channels)
+    }
+
+    /// Whether this convolution runs as the AVX2 stem with its output channels in whole
+    /// blocks, which it then writes (each 8 pixels' sums transposed): the stride-2 layer after
+    /// it reads them in place.
+    fn stem_writes_blocks(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(stem) = &self.stem {
+            return stem.isa() == Isa::Avx2 && self.spec.out_channels.is_multiple_of(BLOCK);
+        }
+        false
     }
 
     /// Whether this convolution's Winograd tiles may be given a blocked input
@@ -506,6 +517,14 @@ impl Conv2d {
             assert!(residual.len() >= len, "residual length");
         }
         #[cfg(target_arch = "x86_64")]
+        if let (Some(stem), None, true) = (&self.stem, residual, self.stem_writes_blocks()) {
+            let mut out: Vec<f32> = Vec::with_capacity(len);
+            self.run_stem(stem, input, OutputPlanes { oh, ow, pitch: pixels }, ChannelLayout::Blocked, &mut out.spare_capacity_mut()[..len]);
+            // SAFETY: the stem's tasks write every pixel of every block's rows of every image.
+            unsafe { out.set_len(len) };
+            return out;
+        }
+        #[cfg(target_arch = "x86_64")]
         if let Some(winograd) = self.winograd_call(n, (input.h, input.w), (oh, ow)).filter(|_| self.winograd_writes_blocks()) {
             // The input in either layout (`phase_planes` splits both).
             let mut out: Vec<f32> = Vec::with_capacity(len);
@@ -558,7 +577,7 @@ impl Conv2d {
         }
         #[cfg(target_arch = "x86_64")]
         if let (Some(stem), None) = (&self.stem, residual) {
-            return self.run_stem(stem, input, planes, out);
+            return self.run_stem(stem, input, planes, ChannelLayout::Planes, out);
         }
         #[cfg(target_arch = "x86_64")]
         if let Some(amx) = self.amx.as_ref().filter(|amx| amx.takes(oh * ow)) {
