@@ -420,10 +420,9 @@ impl Conv2d {
 
     /// Whether this convolution's Winograd tiles write blocks ([`winograd`]'s output transform
     /// stores each pixel's 8 channels after a transpose; [`winograd_blocks`](Self::winograd_blocks)).
-    /// Then the chains of 3x3 layers
-    /// (a bottleneck's two, a head's box branch) pass blocks on. YOLO11n and YOLOv12n, 2
-    /// threads, 60 rounds alternating with Winograd writing planes: those layers 0.80-0.96 of
-    /// their time, all 3x3 layers 0.966-0.982, the calls 0.978-0.983.
+    /// Then the chains of 3x3 layers (a bottleneck's two, a head's box branch) pass blocks on.
+    /// YOLO11n and YOLOv12n, 2 threads, 60 rounds alternating with Winograd writing planes:
+    /// those layers 0.80-0.96 of their time, all 3x3 layers 0.966-0.982, the calls 0.978-0.983.
     fn winograd_writes_blocks(&self) -> bool {
         self.winograd_blocks(self.spec.out_channels)
     }
