@@ -42,6 +42,7 @@
 //! went from 5.9 to 3.4 ms.
 
 use std::mem::MaybeUninit;
+use std::sync::OnceLock;
 
 use crate::detect::kernels::parallel;
 
@@ -92,6 +93,9 @@ const G: [[f64; 3]; SPAN] = [
 #[derive(Debug, Clone)]
 pub(super) struct Winograd {
     positions: Vec<PackedA>,
+    /// With AVX-512, the same matrices packed for AVX2's panels of 16 tiles, made at the first
+    /// call whose output they suit ([`Conv2d::winograd_for`]).
+    narrow: OnceLock<Box<Winograd>>,
 }
 
 impl Winograd {
@@ -127,7 +131,7 @@ impl Winograd {
             }
         }
         let positions = transformed.chunks_exact(cout * cin).map(|u| PackedA::new(isa, u, cout, cin)).collect();
-        Winograd { positions }
+        Winograd { positions, narrow: OnceLock::new() }
     }
 
     pub(super) fn isa(&self) -> Isa {
@@ -159,8 +163,23 @@ impl Conv2d {
     /// tiles times blocks of output channels give every thread one.
     pub(super) fn winograd_for(&self, n: usize, oh: usize, ow: usize) -> Option<&Winograd> {
         let winograd = self.winograd.as_ref()?;
+        let winograd = self.narrow_winograd(winograd, n, oh, ow).unwrap_or(winograd);
         let tasks = n * tile_blocks(oh, ow, winograd.isa()) * self.winograd_channel_blocks(n, oh, ow, winograd.isa(), false).1;
         (tasks >= parallel::threads()).then_some(winograd)
+    }
+
+    /// `winograd` packed for AVX2, when it is packed for AVX-512 and the output is so small
+    /// that AVX-512's panels of 32 tiles leave a thread without a block of tiles where AVX2's
+    /// panels of 16 give each one. The threads would otherwise share blocks of output
+    /// channels, and with them a transformed input made in a loop of its own first; the two
+    /// kernels run at one rate on a CPU that splits a 512-bit operation in two (AMD's Zen 4).
+    /// Measured there (`scripts/ab-steps.py`, 2 threads, 6-8 rounds): the 64 -> 64 layers at
+    /// 20x20 took 0.84-0.97 of their time, 256 -> 64 0.86-0.91 (YOLOv12n and YOLO11n).
+    fn narrow_winograd<'a>(&'a self, winograd: &'a Winograd, n: usize, oh: usize, ow: usize) -> Option<&'a Winograd> {
+        let threads = parallel::threads();
+        let narrow_fills = n * tile_blocks(oh, ow, Isa::Avx512) < threads && n * tile_blocks(oh, ow, Isa::Avx2) >= threads;
+        (winograd.isa() == Isa::Avx512 && narrow_fills && Isa::Avx2.supported())
+            .then(|| &**winograd.narrow.get_or_init(|| Box::new(Winograd::new(Isa::Avx2, &self.spec, &self.weights))))
     }
 
     /// Whether this call runs by F(4x4, 3x3): as [`winograd_for`](Self::winograd_for), unless
@@ -800,9 +819,17 @@ mod tests {
                 assert!(conv.runs_winograd(1, 80, 80).is_some(), "80x80 runs by Winograd");
                 assert!(conv.runs_winograd(1, 20, 20).is_some(), "20x20 runs by Winograd");
                 assert!(conv.winograd_for(1, 16, 16).is_some() && conv.runs_winograd(1, 16, 16).is_none(), "16x16 runs in pixel tiles");
-                let input = values(32 * 80 * 80, 7);
-                let error = worst_error(&conv.run(&input, 1, 80, 80, None), &reference(&conv, &input, 1, 80, 80));
-                assert!(error < 1e-4, "{isa:?}: relative error {error}");
+                // AVX-512's one block of tiles at 20x20 gives way to AVX2's two; at 80x80 and
+                // at batch 2 every thread has a block of 32 tiles.
+                let narrow_at_20 = if isa == Isa::Avx512 && Isa::Avx2.supported() { Isa::Avx2 } else { isa };
+                assert_eq!(conv.winograd_for(1, 20, 20).map(Winograd::isa), Some(narrow_at_20), "{isa:?} at 20x20");
+                assert_eq!(conv.winograd_for(2, 20, 20).map(Winograd::isa), Some(isa), "{isa:?} at 20x20, batch 2");
+                assert_eq!(conv.winograd_for(1, 80, 80).map(Winograd::isa), Some(isa), "{isa:?} at 80x80");
+                for size in [80, 20] {
+                    let input = values(32 * size * size, 7);
+                    let error = worst_error(&conv.run(&input, 1, size, size, None), &reference(&conv, &input, 1, size, size));
+                    assert!(error < 1e-4, "{isa:?} at {size}x{size}: relative error {error}");
+                }
             });
         }
         // Other shapes keep the direct path: strided, too few input or output channels,
