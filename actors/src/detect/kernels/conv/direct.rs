@@ -189,15 +189,21 @@ pub(super) fn phase_planes(input: &ConvInput, layout: &PhaseLayout, isa: Option<
     let mut padded: Vec<f32> = Vec::with_capacity(planes_len + MAX_NR);
     zeroed(&mut padded.spare_capacity_mut()[planes_len..planes_len + MAX_NR]);
     match input.layout() {
-        ChannelLayout::Planes => parallel::for_each_chunk_mut(&mut padded.spare_capacity_mut()[..planes_len], channel_len, |index, dst| {
-            split_channel(dst, input.plane(index / channels, index % channels), layout, isa);
-        }),
+        ChannelLayout::Planes => {
+            let padding = PhasePadding::new(layout, splits_whole_rows(isa, layout));
+            parallel::for_each_chunk_mut(&mut padded.spare_capacity_mut()[..planes_len], channel_len, |index, dst| {
+                // Only the padding is zeroed (the pixels are written next), here rather than
+                // by the allocator: in parallel, and just before the copy.
+                padding.zero(dst);
+                split_pixels(dst, input.plane(index / channels, index % channels), layout, isa);
+            })
+        }
         ChannelLayout::Blocked => {
             let (blocks, w) = (channels / BLOCK, input.w);
+            let padding = PhasePadding::new(layout, splits_whole_rows(isa, layout));
             parallel::for_each_chunk_mut(&mut padded.spare_capacity_mut()[..planes_len], BLOCK * channel_len, |index, dst| {
                 let block = input.block(index / blocks, index % blocks * BLOCK);
-                let whole_rows = splits_whole_rows(isa, layout);
-                dst.chunks_exact_mut(channel_len).for_each(|dst| zero_phase_padding(dst, layout, whole_rows));
+                dst.chunks_exact_mut(channel_len).for_each(|dst| padding.zero(dst));
                 #[cfg(target_arch = "x86_64")]
                 if isa == Some(Isa::Avx2) && layout.sw == 4 {
                     // Winograd's planes: each row of the block split for its 8 channels at once.
@@ -227,17 +233,9 @@ pub(super) fn phase_planes(input: &ConvInput, layout: &PhaseLayout, isa: Option<
         }
     }
     // SAFETY: every element was written: the padding and the pixels of each plane (which
-    // partition it, see `zero_phase_padding`) by the loop above, the slack before it.
+    // partition it, see `PhasePadding`) by the loop above, the slack before it.
     unsafe { padded.set_len(planes_len + MAX_NR) };
     padded
-}
-
-/// One channel's plane (`src`) into its zero-padded phase planes (`dst`, `layout`).
-fn split_channel(dst: &mut [MaybeUninit<f32>], src: &[f32], layout: &PhaseLayout, isa: Option<Isa>) {
-    // Only the padding is zeroed (the pixels are written next), here rather than by the
-    // allocator: in parallel, and just before the copy.
-    zero_phase_padding(dst, layout, splits_whole_rows(isa, layout));
-    split_pixels(dst, src, layout, isa);
 }
 
 /// The pixels of one channel's plane (`src`) into its phase planes (`dst`, `layout`), with
@@ -289,33 +287,50 @@ fn pixel_span(len: usize, pad: usize, stride: usize, phase: usize, places: usize
 
 /// Whether the splitter that [`phase_planes`] runs for `isa` writes every place of the phase
 /// rows that hold pixels, their padding columns included: the vector splitters for stride 4
-/// ([`split_phases_by_4`]) do.
+/// along rows and columns (`avx2::split_plane_by_4`, `avx512::split_plane_by_4`) do.
 fn splits_whole_rows(isa: Option<Isa>, layout: &PhaseLayout) -> bool {
-    cfg!(target_arch = "x86_64") && matches!(isa, Some(Isa::Avx2 | Isa::Avx512)) && layout.sw == 4
+    cfg!(target_arch = "x86_64") && matches!(isa, Some(Isa::Avx2 | Isa::Avx512)) && layout.sw == 4 && layout.sh == 4
 }
 
-/// Zeroes the padding of one channel's phase planes: every place that [`split_phases`] does
-/// not write; with `whole_rows` (the splitter writes the padding columns of the rows that hold
-/// pixels, [`splits_whole_rows`]), only the rows that hold none. Winograd's planes have 16
-/// phases of short rows, where zeroing a place or two at each end of every row took a call to
-/// `fill` each time.
-fn zero_phase_padding(dst: &mut [MaybeUninit<f32>], layout: &PhaseLayout, whole_rows: bool) {
-    let &PhaseLayout { h, w, pt, pl, sh, sw, plane, hp, wp } = layout;
-    let zero = MaybeUninit::new(0.0f32);
-    for py in 0..sh {
-        let rows = pixel_span(h, pt, sh, py, hp);
-        for px in 0..sw {
-            let cols = pixel_span(w, pl, sw, px, wp);
-            let phase = &mut dst[(py * sw + px) * plane..][..hp * wp];
-            phase[..rows.start * wp].fill(zero);
-            phase[rows.end * wp..].fill(zero);
-            if whole_rows {
-                continue;
+/// The padding of one channel's phase planes: every place that [`split_phases`] does not
+/// write; with `whole_rows` (the splitter writes the padding columns of the rows that hold
+/// pixels, [`splits_whole_rows`]), only the rows that hold none. As ranges of floats from the
+/// channel's first, adjacent ones merged, worked out once for all the channels of a layer:
+/// Winograd's planes have 16 phases of short rows, where working the ranges out again for each
+/// channel (two divisions per phase and side) took as long as zeroing them.
+struct PhasePadding(Vec<std::ops::Range<usize>>);
+
+impl PhasePadding {
+    fn new(layout: &PhaseLayout, whole_rows: bool) -> Self {
+        let &PhaseLayout { h, w, pt, pl, sh, sw, plane, hp, wp } = layout;
+        let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut push = |range: std::ops::Range<usize>| match ranges.last_mut() {
+            _ if range.is_empty() => {}
+            Some(last) if last.end == range.start => last.end = range.end,
+            _ => ranges.push(range),
+        };
+        for py in 0..sh {
+            let rows = pixel_span(h, pt, sh, py, hp);
+            for px in 0..sw {
+                let cols = pixel_span(w, pl, sw, px, wp);
+                let phase = (py * sw + px) * plane;
+                push(phase..phase + rows.start * wp);
+                if !whole_rows {
+                    for row in rows.clone() {
+                        let first = phase + row * wp;
+                        push(first..first + cols.start);
+                        push(first + cols.end..first + wp);
+                    }
+                }
+                push(phase + rows.end * wp..phase + hp * wp);
             }
-            for row in phase[rows.start * wp..rows.end * wp].chunks_exact_mut(wp) {
-                row[..cols.start].fill(zero);
-                row[cols.end..].fill(zero);
-            }
+        }
+        PhasePadding(ranges)
+    }
+
+    fn zero(&self, dst: &mut [MaybeUninit<f32>]) {
+        for range in &self.0 {
+            dst[range.clone()].fill(MaybeUninit::new(0.0));
         }
     }
 }
@@ -324,7 +339,7 @@ fn zero_phase_padding(dst: &mut [MaybeUninit<f32>], layout: &PhaseLayout, whole_
 #[target_feature(enable = "avx2")]
 fn split_phases_avx2(dst: &mut [MaybeUninit<f32>], src: &[f32], layout: &PhaseLayout) {
     match layout.sw {
-        4 => split_phases_by_4(dst, src, layout, |row, pad, out, places| x86_64::avx2::split_row_by_4(row, pad, out, places)),
+        4 if layout.sh == 4 => x86_64::avx2::split_plane_by_4(src, (layout.w, layout.pt, layout.pl), dst, (layout.plane, layout.wp)),
         _ => split_phases(dst, src, layout),
     }
 }
@@ -333,31 +348,8 @@ fn split_phases_avx2(dst: &mut [MaybeUninit<f32>], src: &[f32], layout: &PhaseLa
 #[target_feature(enable = "avx512f")]
 fn split_phases_avx512(dst: &mut [MaybeUninit<f32>], src: &[f32], layout: &PhaseLayout) {
     match layout.sw {
-        4 => split_phases_by_4(dst, src, layout, |row, pad, out, places| x86_64::avx512::split_row_by_4(row, pad, out, places)),
+        4 if layout.sh == 4 => x86_64::avx512::split_plane_by_4(src, (layout.w, layout.pt, layout.pl), dst, (layout.plane, layout.wp)),
         _ => split_phases(dst, src, layout),
-    }
-}
-
-/// [`split_phases`] for stride 4 along rows (Winograd's planes), a row at a time through
-/// `split_row`, which deinterleaves a row read in place, `pl` zeros before it and zeros after
-/// it, with vector permutes (the plain loop went one float at a time, with divisions: 4.6 % of
-/// YOLO11n's time). Every place of a row's four phase rows, padding included, comes out of
-/// it, so `zero_phase_padding` zeroes only the rows that hold no pixel ([`splits_whole_rows`]).
-/// Timed alone (one thread, the best of 200 calls), the planes of 64 channels of 80x80 took
-/// 160 us against 177 with the zero-padded copy of each row, 16 channels of 160x160 89 against
-/// 123.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn split_phases_by_4(dst: &mut [MaybeUninit<f32>], src: &[f32], layout: &PhaseLayout, split_row: impl Fn(&[f32], usize, [&mut [MaybeUninit<f32>]; 4], usize)) {
-    let &PhaseLayout { w, pt, pl, sh, sw, plane, wp, .. } = layout;
-    assert!(sw == 4 && pl + w <= 4 * wp, "every pixel of a row falls inside its phase rows");
-    for (y, row) in src.chunks_exact(w).enumerate() {
-        let (py, y2) = ((y + pt) % sh, (y + pt) / sh);
-        // The four phase rows lie in consecutive planes, `plane` floats apart.
-        let (_, rest) = dst.split_at_mut(py * sw * plane + y2 * wp);
-        let mut planes = rest.chunks_mut(plane);
-        let out = std::array::from_fn(|_| &mut planes.next().expect("four phase planes")[..wp]);
-        split_row(row, pl, out, wp);
     }
 }
 
@@ -436,7 +428,7 @@ mod tests {
             let src: Vec<f32> = (1..=h * w).map(|i| i as f32).collect();
             // NaN stands for memory nobody wrote.
             let mut dst = vec![MaybeUninit::new(f32::NAN); stride * stride * hp * wp];
-            zero_phase_padding(&mut dst, &layout, splits_whole_rows(isa, &layout));
+            PhasePadding::new(&layout, splits_whole_rows(isa, &layout)).zero(&mut dst);
             split(&mut dst, &src, &layout);
             // SAFETY: every element was initialised (with NaN) when the vector was made.
             let planes: Vec<f32> = dst.iter().map(|v| unsafe { v.assume_init() }).collect();

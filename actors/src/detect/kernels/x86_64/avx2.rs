@@ -495,60 +495,78 @@ pub(in super::super) unsafe fn pointwise_rows<const M: usize>(
     }
 }
 
-/// Deinterleaves `row` by 4 after `pad` zeros: place `i` of `out[p]` gets `row[4 i + p - pad]`,
-/// or zero where that column lies outside the row, for the first `places` places of each. 32
-/// columns at a time, read where they lie (masked at the row's ends, as the AVX-512 form does
-/// and for the same reason): a permute pairs each register's columns by phase (`[0, 4, 1, 5,
-/// 2, 6, 3, 7]`), 64-bit unpacks join the pairs of two registers, and 128-bit permutes join two
-/// registers' halves. The last places of a row are stored in whole moves of 4, 2 and 1 floats
-/// ([`store_first_lanes`]): one float at a time, from a buffer, Winograd's layers (rows of 6,
-/// 11 and 21 places at 20x20, 40x40 and 80x80) took 1.011-1.014 of their time in YOLOv12n and
-/// YOLO11n (2 threads, 60 interleaved rounds). Panics unless each `out` holds the places.
+/// Deinterleaves one channel's plane (`src`, rows of `w` floats) by 4 along rows and columns
+/// into its 16 phase planes, as `avx512::split_plane_by_4` does (the same layout, the same
+/// contract), 32 columns at a time, read where they lie (masked at the rows' ends, for the
+/// AVX-512 form's reason): a permute pairs each register's columns by phase (`[0, 4, 1, 5, 2,
+/// 6, 3, 7]`), 64-bit unpacks join the pairs of two registers, and 128-bit permutes join two
+/// registers' halves. The last places of a phase row are stored in whole moves of 4, 2 and 1
+/// floats ([`store_first_lanes`]): one float at a time, from a buffer, Winograd's layers (rows
+/// of 6, 11 and 21 places at 20x20, 40x40 and 80x80) took 1.011-1.014 of their time in
+/// YOLOv12n and YOLO11n (2 threads, 60 interleaved rounds). The loop runs down the rows for
+/// each stretch of 8 places, its masks worked out once.
+/// Panics unless `src` is whole rows, each row's pixels fall inside its phase rows, and every
+/// phase row lies inside `dst`.
 #[target_feature(enable = "avx2")]
-pub(in super::super) fn split_row_by_4(row: &[f32], pad: usize, mut out: [&mut [std::mem::MaybeUninit<f32>]; 4], places: usize) {
-    assert!(out.iter().all(|o| o.len() >= places), "split_row_by_4 bounds");
+pub(in super::super) fn split_plane_by_4(src: &[f32], (w, pt, pl): (usize, usize, usize), dst: &mut [std::mem::MaybeUninit<f32>], (plane, wp): (usize, usize)) {
+    assert!(w > 0 && src.len().is_multiple_of(w) && pl + w <= 4 * wp, "split_plane_by_4: {w}-pixel rows into {wp} places");
+    let h = src.len() / w;
+    if h == 0 {
+        return;
+    }
+    // The furthest phase row: phase 15, row `(h - 1 + pt) / 4`.
+    assert!(15 * plane + ((h - 1 + pt) / 4 + 1) * wp <= dst.len(), "split_plane_by_4: the phase rows lie inside `dst`");
     let by_phase = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     let lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let width = row.len() as isize;
-    // The 8 columns from `start` (which may lie before the row or past its end), zeros outside
-    // the row.
-    let load = |start: isize| {
-        let (inside_from, inside_to) = ((-start).clamp(0, 8) as i32, (width - start).clamp(0, 8) as i32);
-        if (inside_from, inside_to) == (0, 8) {
-            // SAFETY: columns `start..start + 8`, all inside `row`.
-            return unsafe { _mm256_loadu_ps(row.as_ptr().offset(start)) };
-        }
-        let mask =
-            _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(inside_from), lane_index), _mm256_cmpgt_epi32(_mm256_set1_epi32(inside_to), lane_index));
-        // SAFETY: the lanes loaded are columns `start + lane` for `lane` in `inside_from..
-        // inside_to`, all inside `row`; masked lanes are not read, so `start` may point
-        // outside it (the pointer is only formed, with wrapping arithmetic).
-        unsafe { _mm256_maskload_ps(row.as_ptr().wrapping_offset(start), mask) }
+    let width = w as isize;
+    // The lanes of 8 columns from `start` (which may lie before the row or past its end) that
+    // lie inside the row: `None` when all of them do.
+    let inside = |start: isize| {
+        let (from, to) = ((-start).clamp(0, 8) as i32, (width - start).clamp(0, 8) as i32);
+        ((from, to) != (0, 8))
+            .then(|| _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(from), lane_index), _mm256_cmpgt_epi32(_mm256_set1_epi32(to), lane_index)))
     };
-    for first in (0..places).step_by(8) {
-        let columns = (4 * first) as isize - pad as isize;
-        // Each register as four 64-bit pairs, pair `p` holding phase `p`.
-        let [a, b, c, d] = std::array::from_fn(|i| _mm256_castps_pd(_mm256_permutevar8x32_ps(load(columns + 8 * i as isize), by_phase)));
-        // `[a0, b0 | a2, b2]` and `[a1, b1 | a3, b3]` (pairs by phase), and the same of c, d.
-        let (ab_02, ab_13) = (_mm256_unpacklo_pd(a, b), _mm256_unpackhi_pd(a, b));
-        let (cd_02, cd_13) = (_mm256_unpacklo_pd(c, d), _mm256_unpackhi_pd(c, d));
-        let phases = [
-            _mm256_permute2f128_pd::<0x20>(ab_02, cd_02),
-            _mm256_permute2f128_pd::<0x20>(ab_13, cd_13),
-            _mm256_permute2f128_pd::<0x31>(ab_02, cd_02),
-            _mm256_permute2f128_pd::<0x31>(ab_13, cd_13),
-        ];
-        for (out, phase) in out.iter_mut().zip(phases) {
-            let phase = _mm256_castpd_ps(phase);
-            // SAFETY: places `first..first + 8` (or up to `places`, the last time), inside each
-            // `out` (checked above).
-            unsafe { store_first_lanes(phase, out.as_mut_ptr().add(first).cast::<f32>(), None, places - first) };
+    let out = dst.as_mut_ptr().cast::<f32>();
+    for first in (0..wp).step_by(8) {
+        let columns = (4 * first) as isize - pl as isize;
+        let masks: [Option<__m256i>; 4] = std::array::from_fn(|i| inside(columns + 8 * i as isize));
+        for (y, row) in src.chunks_exact(w).enumerate() {
+            let (py, y2) = ((y + pt) % 4, (y + pt) / 4);
+            // Each register as four 64-bit pairs, pair `p` holding phase `p`.
+            let [a, b, c, d] = std::array::from_fn(|i| {
+                let start = row.as_ptr().wrapping_offset(columns + 8 * i as isize);
+                // SAFETY: without a mask, columns `start..start + 8`, all inside `row`; with
+                // one, the lanes loaded are columns of `row` and masked lanes are not read, so
+                // the pointer may lie outside it (it is only formed, with wrapping arithmetic).
+                let columns = unsafe {
+                    match masks[i] {
+                        None => _mm256_loadu_ps(start),
+                        Some(mask) => _mm256_maskload_ps(start, mask),
+                    }
+                };
+                _mm256_castps_pd(_mm256_permutevar8x32_ps(columns, by_phase))
+            });
+            // `[a0, b0 | a2, b2]` and `[a1, b1 | a3, b3]` (pairs by phase), and the same of c, d.
+            let (ab_02, ab_13) = (_mm256_unpacklo_pd(a, b), _mm256_unpackhi_pd(a, b));
+            let (cd_02, cd_13) = (_mm256_unpacklo_pd(c, d), _mm256_unpackhi_pd(c, d));
+            let phases = [
+                _mm256_permute2f128_pd::<0x20>(ab_02, cd_02),
+                _mm256_permute2f128_pd::<0x20>(ab_13, cd_13),
+                _mm256_permute2f128_pd::<0x31>(ab_02, cd_02),
+                _mm256_permute2f128_pd::<0x31>(ab_13, cd_13),
+            ];
+            let at = py * 4 * plane + y2 * wp + first;
+            for (px, phase) in phases.into_iter().enumerate() {
+                // SAFETY: places `first..first + 8` (or up to `wp`, the last time) of row `y2`
+                // of phase `4 py + px`, inside `dst` (asserted above).
+                unsafe { store_first_lanes(_mm256_castpd_ps(phase), out.add(at + px * plane), None, wp - first) };
+            }
         }
     }
 }
 
 /// Deinterleaves a row of a block of 8 channels (`row`, `[w][8]`) by 4 after `pad` zeros
-/// into each channel's 4 phase rows, as [`split_row_by_4`] does a plane's row: place `i` of
+/// into each channel's 4 phase rows, as [`split_plane_by_4`] does a plane's rows: place `i` of
 /// phase `p` of channel `c` gets channel `c` of pixel `4 i + p - pad` (zero where that lies
 /// outside the row), for `places` places; channel `c`'s phase-`p` row starts at
 /// `dst[c * channel_len + p * plane + at]`. Eight places of a phase are 8 pixels' blocks (one

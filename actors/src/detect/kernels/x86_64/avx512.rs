@@ -431,46 +431,63 @@ pub(in super::super) unsafe fn pointwise_rows<const M: usize>(
     }
 }
 
-/// Deinterleaves `row` by 4 after `pad` zeros: place `i` of `out[p]` gets `row[4 i + p - pad]`,
-/// or zero where that column lies outside the row, for the first `places` places of each. 64
-/// columns at a time, read where they lie (masked at the row's ends): two permutes gather
-/// phases 0 and 1 (2 and 3) of 32 columns into the halves of a register, and a 128-bit shuffle
-/// joins two such halves. Reading the row in place rather than from a zero-padded copy: the
-/// copy's stores were still in flight when the vector loads that straddle them read it back,
-/// which the CPU cannot forward (a fifth of the splitter's samples on the first load).
-/// Panics unless each `out` holds the places.
+/// Deinterleaves one channel's plane (`src`, rows of `w` floats) by 4 along rows and columns
+/// into its 16 phase planes (`dst`, `plane` floats apart, rows of `wp` places): pixel `(y, x)`
+/// goes to phase `((y + pt) % 4, (x + pl) % 4)`, row `(y + pt) / 4`, place `(x + pl) / 4`.
+/// Each phase row that holds pixels is written whole, zeros in its padding places. 64 columns
+/// at a time, read where they lie (masked at the rows' ends): two permutes gather phases 0 and
+/// 1 (2 and 3) of 32 columns into the halves of a register, and a 128-bit shuffle joins two
+/// such halves. Reading the rows in place rather than from zero-padded copies: the copies'
+/// stores were still in flight when the vector loads that straddle them read them back, which
+/// the CPU cannot forward (a fifth of the splitter's samples on the first load). The loop runs
+/// down the rows for each stretch of 16 places, so that the masks are worked out once per
+/// stretch: on Winograd's short rows (20 to 80 pixels) the work of each row is a few vector
+/// moves, and working out its places and masks again took as long.
+/// Panics unless `src` is whole rows, each row's pixels fall inside its phase rows, and every
+/// phase row lies inside `dst`.
 #[target_feature(enable = "avx512f")]
-pub(in super::super) fn split_row_by_4(row: &[f32], pad: usize, mut out: [&mut [std::mem::MaybeUninit<f32>]; 4], places: usize) {
-    assert!(out.iter().all(|o| o.len() >= places), "split_row_by_4 bounds");
+pub(in super::super) fn split_plane_by_4(src: &[f32], (w, pt, pl): (usize, usize, usize), dst: &mut [std::mem::MaybeUninit<f32>], (plane, wp): (usize, usize)) {
+    assert!(w > 0 && src.len().is_multiple_of(w) && pl + w <= 4 * wp, "split_plane_by_4: {w}-pixel rows into {wp} places");
+    let h = src.len() / w;
+    if h == 0 {
+        return;
+    }
+    // The furthest phase row: phase 15, row `(h - 1 + pt) / 4`.
+    assert!(15 * plane + ((h - 1 + pt) / 4 + 1) * wp <= dst.len(), "split_plane_by_4: the phase rows lie inside `dst`");
     let phases_01 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
     let phases_23 = _mm512_add_epi32(phases_01, _mm512_set1_epi32(2));
-    let width = row.len() as isize;
-    // The 16 columns from `start` (which may lie before the row or past its end), zeros
-    // outside the row.
-    let load = |start: isize| {
-        let (inside_from, inside_to) = ((-start).clamp(0, 16) as u32, (width - start).clamp(0, 16) as u32);
-        let mask = if inside_to > inside_from { (((1u32 << inside_to) - 1) & !((1u32 << inside_from) - 1)) as __mmask16 } else { 0 };
-        // SAFETY: the lanes loaded are columns `start + lane` for `lane` in `inside_from..
-        // inside_to`, all inside `row`; masked lanes are not read, so `start` may point
-        // outside it (the pointer is only formed, with wrapping arithmetic).
-        unsafe { _mm512_maskz_loadu_ps(mask, row.as_ptr().wrapping_offset(start)) }
+    let width = w as isize;
+    // The lanes of 16 columns from `start` (which may lie before the row or past its end) that
+    // lie inside the row.
+    let inside = |start: isize| {
+        let (from, to) = ((-start).clamp(0, 16) as u32, (width - start).clamp(0, 16) as u32);
+        if to > from { (((1u32 << to) - 1) & !((1u32 << from) - 1)) as __mmask16 } else { 0 }
     };
-    for first in (0..places).step_by(16) {
-        let columns = (4 * first) as isize - pad as isize;
-        let [a, b, c, d] = std::array::from_fn(|i| load(columns + 16 * i as isize));
-        let (ab_01, cd_01) = (_mm512_permutex2var_ps(a, phases_01, b), _mm512_permutex2var_ps(c, phases_01, d));
-        let (ab_23, cd_23) = (_mm512_permutex2var_ps(a, phases_23, b), _mm512_permutex2var_ps(c, phases_23, d));
-        let phases = [
-            _mm512_shuffle_f32x4::<0x44>(ab_01, cd_01),
-            _mm512_shuffle_f32x4::<0xEE>(ab_01, cd_01),
-            _mm512_shuffle_f32x4::<0x44>(ab_23, cd_23),
-            _mm512_shuffle_f32x4::<0xEE>(ab_23, cd_23),
-        ];
-        let lanes = (places - first).min(16);
-        let mask = ((1u32 << lanes) - 1) as __mmask16;
-        for (out, phase) in out.iter_mut().zip(phases) {
-            // SAFETY: places `first..first + lanes`, inside each `out` (checked above).
-            unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(first).cast::<f32>(), mask, phase) };
+    let out = dst.as_mut_ptr().cast::<f32>();
+    for first in (0..wp).step_by(16) {
+        let columns = (4 * first) as isize - pl as isize;
+        let loads: [__mmask16; 4] = std::array::from_fn(|i| inside(columns + 16 * i as isize));
+        let stores = ((1u32 << (wp - first).min(16)) - 1) as __mmask16;
+        for (y, row) in src.chunks_exact(w).enumerate() {
+            let (py, y2) = ((y + pt) % 4, (y + pt) / 4);
+            // SAFETY: the lanes loaded are columns of `row` (`loads`); masked lanes are not
+            // read, so the pointer may lie outside it (it is only formed, with wrapping
+            // arithmetic).
+            let [a, b, c, d] = std::array::from_fn(|i| unsafe { _mm512_maskz_loadu_ps(loads[i], row.as_ptr().wrapping_offset(columns + 16 * i as isize)) });
+            let (ab_01, cd_01) = (_mm512_permutex2var_ps(a, phases_01, b), _mm512_permutex2var_ps(c, phases_01, d));
+            let (ab_23, cd_23) = (_mm512_permutex2var_ps(a, phases_23, b), _mm512_permutex2var_ps(c, phases_23, d));
+            let phases = [
+                _mm512_shuffle_f32x4::<0x44>(ab_01, cd_01),
+                _mm512_shuffle_f32x4::<0xEE>(ab_01, cd_01),
+                _mm512_shuffle_f32x4::<0x44>(ab_23, cd_23),
+                _mm512_shuffle_f32x4::<0xEE>(ab_23, cd_23),
+            ];
+            let at = py * 4 * plane + y2 * wp + first;
+            for (px, phase) in phases.into_iter().enumerate() {
+                // SAFETY: places `first ..` (the lanes of `stores`, at most `wp - first`) of
+                // row `y2` of phase `4 py + px`, inside `dst` (asserted above).
+                unsafe { _mm512_mask_storeu_ps(out.add(at + px * plane), stores, phase) };
+            }
         }
     }
 }
