@@ -509,13 +509,7 @@ pub(in super::super) unsafe fn pointwise_rows<const M: usize>(
 /// phase row lies inside `dst`.
 #[target_feature(enable = "avx2")]
 pub(in super::super) fn split_plane_by_4(src: &[f32], (w, pt, pl): (usize, usize, usize), dst: &mut [std::mem::MaybeUninit<f32>], (plane, wp): (usize, usize)) {
-    assert!(w > 0 && src.len().is_multiple_of(w) && pl + w <= 4 * wp, "split_plane_by_4: {w}-pixel rows into {wp} places");
-    let h = src.len() / w;
-    if h == 0 {
-        return;
-    }
-    // The furthest phase row: phase 15, row `(h - 1 + pt) / 4`.
-    assert!(15 * plane + ((h - 1 + pt) / 4 + 1) * wp <= dst.len(), "split_plane_by_4: the phase rows lie inside `dst`");
+    super::phase_rows_by_4(src.len(), (w, pt, pl), dst.len(), (plane, wp));
     let by_phase = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     let lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let width = w as isize;
@@ -558,7 +552,7 @@ pub(in super::super) fn split_plane_by_4(src: &[f32], (w, pt, pl): (usize, usize
             let at = py * 4 * plane + y2 * wp + first;
             for (px, phase) in phases.into_iter().enumerate() {
                 // SAFETY: places `first..first + 8` (or up to `wp`, the last time) of row `y2`
-                // of phase `4 py + px`, inside `dst` (asserted above).
+                // of phase `4 py + px`, inside `dst` (`phase_rows_by_4` checked it).
                 unsafe { store_first_lanes(_mm256_castpd_ps(phase), out.add(at + px * plane), None, wp - first) };
             }
         }

@@ -447,13 +447,7 @@ pub(in super::super) unsafe fn pointwise_rows<const M: usize>(
 /// phase row lies inside `dst`.
 #[target_feature(enable = "avx512f")]
 pub(in super::super) fn split_plane_by_4(src: &[f32], (w, pt, pl): (usize, usize, usize), dst: &mut [std::mem::MaybeUninit<f32>], (plane, wp): (usize, usize)) {
-    assert!(w > 0 && src.len().is_multiple_of(w) && pl + w <= 4 * wp, "split_plane_by_4: {w}-pixel rows into {wp} places");
-    let h = src.len() / w;
-    if h == 0 {
-        return;
-    }
-    // The furthest phase row: phase 15, row `(h - 1 + pt) / 4`.
-    assert!(15 * plane + ((h - 1 + pt) / 4 + 1) * wp <= dst.len(), "split_plane_by_4: the phase rows lie inside `dst`");
+    super::phase_rows_by_4(src.len(), (w, pt, pl), dst.len(), (plane, wp));
     let phases_01 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
     let phases_23 = _mm512_add_epi32(phases_01, _mm512_set1_epi32(2));
     let width = w as isize;
@@ -485,7 +479,7 @@ pub(in super::super) fn split_plane_by_4(src: &[f32], (w, pt, pl): (usize, usize
             let at = py * 4 * plane + y2 * wp + first;
             for (px, phase) in phases.into_iter().enumerate() {
                 // SAFETY: places `first ..` (the lanes of `stores`, at most `wp - first`) of
-                // row `y2` of phase `4 py + px`, inside `dst` (asserted above).
+                // row `y2` of phase `4 py + px`, inside `dst` (`phase_rows_by_4` checked it).
                 unsafe { _mm512_mask_storeu_ps(out.add(at + px * plane), stores, phase) };
             }
         }
