@@ -89,15 +89,23 @@ pub(super) struct PixelTiles {
 /// in L1).
 const COMPACT_STRIP: usize = 128;
 
-/// Weights of a block of taps, in floats (8 KiB, 64 taps of a 32-channel panel), for products
-/// of more than two such blocks: a group of tiles runs through one block (its weights in L1)
-/// before the next, their sums kept in between, where a tile running its whole product read
-/// the panel's weights (147 KiB for 128 input channels by 3x3) from L2 again for each tile.
+/// Weights of a block of taps, in floats (8 KiB, 128 taps of a 16-channel panel), for AVX2's
+/// products of more than two such blocks: a group of tiles runs through one block (its weights
+/// in L1) before the next, their sums kept in between, where a tile running its whole product
+/// read the panel's weights (74 KiB for 128 input channels by 3x3) from L2 again for each tile.
 /// YOLOv12n, 2 threads, interleaved rounds against whole products: 384 -> 256 channels
 /// pointwise at 20x20 0.84-0.92 in three sittings; the 3x3 stride-2 layers 0.84-0.91 in a
-/// sitting where the machine ran slow (128 -> 128 channels from 40x40 and 80x80, 64 -> 64 from
-/// 80x80 and 160x160) and 0.96-1.05 in one where it ran fast. Blocks of 4 KiB and of 16 KiB
-/// were slower.
+/// sitting where the machine ran slow and 0.96-1.05 in one where it ran fast. Blocks of 4 KiB
+/// and of 16 KiB were slower.
+///
+/// AVX-512's tiles run their whole products: since they fetch their input two tiles ahead
+/// (`avx512::conv_tile`), the blocks' stores and reloads of the sums cost more than reading the
+/// weights from L2. On an AMD EPYC (Zen 4), YOLOv12n and YOLO11n, 2 threads, 14 rounds
+/// alternating in each order, whole products against blocks: the stride-2 layers 0.95-0.99 of
+/// their time, 384 -> 256 and 256 -> 128 pointwise at 20x20 0.96-0.97, the calls 0.986-0.991
+/// (YOLOv12n) and 0.979-0.985 (YOLO11n; batch 4 0.974-0.995); on one thread level. With
+/// AVX2's tiles on the same machine the calls came out level (1.000, 1.008), so they keep the
+/// blocks.
 const TAP_BLOCK_FLOATS: usize = 2048;
 
 /// Tiles that run through each block of taps before the next block (4 and 16 measured the
@@ -222,6 +230,10 @@ impl PixelTiles {
             bias: self.bias[p * self.panel..].as_ptr(),
             silu,
             channels: self.panel.min(cout - p * self.panel),
+            taps_per_block: match self.isa {
+                Isa::Avx2 => Some(TAP_BLOCK_FLOATS / self.width(p)),
+                Isa::Avx512 => None,
+            },
         }
     }
 
@@ -887,6 +899,8 @@ struct Panel {
     bias: *const f32,
     silu: bool,
     channels: usize,
+    /// Taps per block of a long product ([`TAP_BLOCK_FLOATS`]); `None`: whole products.
+    taps_per_block: Option<usize>,
 }
 
 /// A run of `len` output pixels whose tap `kk` of pixel `x` is at `taps[kk] + at + x * stride`,
@@ -956,10 +970,8 @@ impl Run<'_> {
                     kernel(&taps[k0..k1], at, weights, panel.bias, panel.silu, dst.add(x * out_step), ld, residual, panel.channels, sums_in, sums_out);
                 }
             };
-            let block = TAP_BLOCK_FLOATS / panel.tap_floats;
-            if taps.len() <= 2 * block || tiles < 2 {
-                (0..tiles).for_each(|i| run_tile(i, 0, taps.len(), std::ptr::null_mut()));
-            } else {
+            let block = panel.taps_per_block.filter(|&block| taps.len() > 2 * block && tiles >= 2);
+            if let Some(block) = block {
                 // A long product: each block of taps (its weights in L1) runs through a group of
                 // tiles, whose sums wait in `sums` between blocks.
                 let per_tile = tile * panel.tap_floats;
@@ -976,6 +988,8 @@ impl Run<'_> {
                         }
                     }
                 });
+            } else {
+                (0..tiles).for_each(|i| run_tile(i, 0, taps.len(), std::ptr::null_mut()));
             }
             if compact {
                 for (c, row) in scratch.chunks_exact(width).take(panel.channels).enumerate() {
@@ -1074,11 +1088,11 @@ mod tests {
         // Channel planes of 1024 pixels (a whole number of pages): through the compact strips.
         check(8, 40, 1, 1, 1, 0, 1, 32, 32);
         check(4, 24, 1, 3, 2, 1, 2, 64, 64);
-        // Products in blocks of taps (`TAP_BLOCK_FLOATS`), the last block partial: through the
-        // compact strips, with a last panel of one register (40 = 32 + 8 channels), and
-        // pointwise in stretches of a plane, batch 2.
+        // AVX2's products in blocks of taps (`TAP_BLOCK_FLOATS`), the last block partial: through
+        // the compact strips, with a last panel of one register (40 = 16 + 16 + 8 channels), and
+        // pointwise in stretches of a plane, batch 2; AVX-512 runs the same products whole.
         check(32, 40, 1, 3, 2, 1, 1, 64, 64);
-        check(160, 48, 1, 1, 1, 0, 2, 7, 9);
+        check(288, 48, 1, 1, 1, 0, 2, 21, 21);
         check(36, 24, 1, 3, 2, 1, 1, 30, 50);
         // A long pointwise product on a small plane: with AVX2 through the channel-major
         // product instead.

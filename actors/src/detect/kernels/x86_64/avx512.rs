@@ -226,9 +226,10 @@ pub(in super::super) unsafe fn gather_rows(src: *const f32, offsets: &[usize], d
 /// With `AHEAD > 0`, the tile fetches tap `kk + AHEAD`'s first pixel into L1 as it runs tap
 /// `kk` (for taps that each read another row, as a pointwise layer's do).
 ///
-/// A product too long for its weights to stay in L1 runs in blocks of taps: the sums start
-/// from `sums_in` when it is not null, and when `sums_out` is not null they are stored there
-/// (`[P][16 NV]` floats) instead of being finished.
+/// A product may run in blocks of taps (the pixel tiles run AVX-512's whole, AVX2's long ones
+/// in blocks; the micro-benchmark stores its sums unfinished): the sums start from `sums_in`
+/// when it is not null, and when `sums_out` is not null they are stored there (`[P][16 NV]`
+/// floats) instead of being finished.
 ///
 /// # Safety
 /// The CPU has AVX-512F. `taps[kk] + at + j * SX` is a readable float of the allocation
