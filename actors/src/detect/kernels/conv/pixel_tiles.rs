@@ -93,19 +93,22 @@ const COMPACT_STRIP: usize = 128;
 /// products of more than two such blocks: a group of tiles runs through one block (its weights
 /// in L1) before the next, their sums kept in between, where a tile running its whole product
 /// read the panel's weights (74 KiB for 128 input channels by 3x3) from L2 again for each tile.
-/// YOLOv12n, 2 threads, interleaved rounds against whole products: 384 -> 256 channels
-/// pointwise at 20x20 0.84-0.92 in three sittings; the 3x3 stride-2 layers 0.84-0.91 in a
-/// sitting where the machine ran slow and 0.96-1.05 in one where it ran fast. Blocks of 4 KiB
-/// and of 16 KiB were slower.
+/// With AVX-512's tiles (blocks of 64 taps), before they fetched their input ahead: YOLOv12n, 2
+/// threads, interleaved rounds against whole products: 384 -> 256 channels pointwise at 20x20
+/// 0.84-0.92 in three sittings; the 3x3 stride-2 layers 0.84-0.91 in a sitting where the
+/// machine ran slow and 0.96-1.05 in one where it ran fast. Blocks of 4 KiB and of 16 KiB were
+/// slower.
 ///
-/// AVX-512's tiles run their whole products: since they fetch their input two tiles ahead
-/// (`avx512::conv_tile`), the blocks' stores and reloads of the sums cost more than reading the
-/// weights from L2. On an AMD EPYC (Zen 4), YOLOv12n and YOLO11n, 2 threads, 14 rounds
-/// alternating in each order, whole products against blocks: the stride-2 layers 0.95-0.99 of
-/// their time, 384 -> 256 and 256 -> 128 pointwise at 20x20 0.96-0.97, the calls 0.986-0.991
-/// (YOLOv12n) and 0.979-0.985 (YOLO11n; batch 4 0.974-0.995); on one thread level. With
-/// AVX2's tiles on the same machine the calls came out level (1.000, 1.008), so they keep the
-/// blocks.
+/// AVX-512's tiles run their whole products, reading each tile's weights from L2: with the
+/// tile as it is now (it fetches its input two tiles ahead, `avx512::conv_tile`), that measured
+/// faster than the blocks, whose sums each tile stores and reloads once per block. On an AMD
+/// EPYC (Zen 4), 2 threads, 14 rounds alternating (YOLOv12n in each order), whole products
+/// against blocks: the stride-2 layers 0.95-0.99 of their time, 384 -> 256 and 256 -> 128
+/// pointwise at 20x20 0.96-0.97, the calls 0.986-0.991 (YOLOv12n), 0.979 (YOLO11n) and
+/// 0.975-0.995 (YOLO11n at batch 4, 8 rounds in each order); at 1 thread level (0.99-1.01).
+/// Blocks of 24 KiB came out level with whole products, blocks of 16 KiB level with those of
+/// 8 KiB. With AVX2's tiles on the same machine the calls came out level (1.000, 1.008), so they
+/// keep the blocks.
 const TAP_BLOCK_FLOATS: usize = 2048;
 
 /// Tiles that run through each block of taps before the next block (4 and 16 measured the
