@@ -38,7 +38,12 @@ impl Isa {
                 "avx2" => &[Isa::Avx2],
                 _ => &[Isa::Avx512, Isa::Avx2],
             };
-            allowed.iter().copied().find(|isa| isa.supported())
+            let chosen = allowed.iter().copied().find(|isa| isa.supported());
+            #[cfg(target_arch = "x86_64")]
+            if chosen == Some(Isa::Avx512) {
+                super::x86_64::avx512::choose_division();
+            }
+            chosen
         })
     }
 

@@ -34,13 +34,15 @@ pub(super) unsafe trait Lanes: Copy {
     unsafe fn add(self, o: Self) -> Self;
     unsafe fn sub(self, o: Self) -> Self;
     unsafe fn mul(self, o: Self) -> Self;
-    /// `self / d`, by whichever of two ways is faster with this instruction set: a division
-    /// (AVX2: one instruction on a divider that works beside the other units, where the
-    /// reciprocal estimate, its refinement and the product are three on the busy ports), or
-    /// that reciprocal and product (AVX-512: a 512-bit division takes some 10 cycles a vector
-    /// on Intel's cores, Skylake to Ice Lake, longer than the dozen other instructions of a
-    /// SiLU together).
-    unsafe fn ratio(self, d: Self) -> Self;
+    /// `self / d` by the division instruction.
+    unsafe fn div(self, d: Self) -> Self;
+    /// Whether a quotient is faster as a division ([`div`](Self::div)) than as the product by
+    /// the refined reciprocal ([`recip`](Self::recip)) on this CPU: AVX2, and AVX-512 on AMD's
+    /// cores, run the division on a divider beside the other units, where the reciprocal
+    /// estimate, its refinement and the product are three instructions on the busy ports; on
+    /// Intel's cores, Skylake to Ice Lake, a 512-bit division takes some 10 cycles a vector,
+    /// longer than the dozen other instructions of a SiLU together.
+    fn divides() -> bool;
     unsafe fn max(self, o: Self) -> Self;
     unsafe fn min(self, o: Self) -> Self;
     /// `self * b + c` with one rounding.
@@ -152,6 +154,25 @@ pub(super) unsafe trait Lanes: Copy {
         }
     }
 
+    /// `n[i] / d[i]`, the way that is faster on this CPU ([`divides`](Self::divides)), chosen
+    /// once for the `N` quotients.
+    #[inline(always)]
+    unsafe fn ratio_each<const N: usize>(mut n: [Self; N], d: [Self; N]) -> [Self; N] {
+        // SAFETY: the trait's contract, passed on.
+        unsafe {
+            if Self::divides() {
+                for (n, d) in n.iter_mut().zip(&d) {
+                    *n = n.div(*d);
+                }
+            } else {
+                for (n, d) in n.iter_mut().zip(&d) {
+                    *n = n.mul(d.recip());
+                }
+            }
+            n
+        }
+    }
+
     /// `1 / (1 + e^-self)`.
     #[inline(always)]
     unsafe fn sigmoid(self) -> Self {
@@ -170,21 +191,21 @@ pub(super) unsafe trait Lanes: Copy {
     }
 
     /// The sigmoid of each of `N` vectors, side by side as in [`exp_each`](Self::exp_each):
-    /// `1 / (1 + e^-x)` ([`ratio`](Self::ratio)).
+    /// `1 / (1 + e^-x)` ([`ratio_each`](Self::ratio_each)).
     #[inline(always)]
     unsafe fn sigmoid_each<const N: usize>(v: [Self; N]) -> [Self; N] {
         // SAFETY: the trait's contract, passed on.
         unsafe {
             let mut s = Self::exp_of_negated_each(v);
             for s in &mut s {
-                *s = Self::splat(1.0).ratio(s.add(Self::splat(1.0)));
+                *s = s.add(Self::splat(1.0));
             }
-            s
+            Self::ratio_each([Self::splat(1.0); N], s)
         }
     }
 
     /// SiLU (`x * sigmoid(x)`) of each of `N` vectors, side by side as in
-    /// [`exp_each`](Self::exp_each): `x / (1 + e^-x)` ([`ratio`](Self::ratio)). Most
+    /// [`exp_each`](Self::exp_each): `x / (1 + e^-x)` ([`ratio_each`](Self::ratio_each)). Most
     /// convolutions of a YOLO model end in it: with AVX2 on a Zen 3 EPYC it took
     /// some 6 % of a call (YOLO11n and YOLOv12n, 2 threads, against `max(x, 0)` in its place).
     /// As `x * (1 / (1 + e^-x))` there, the reciprocal refined once, and with `2^k` built from
@@ -194,10 +215,10 @@ pub(super) unsafe trait Lanes: Copy {
         // SAFETY: the trait's contract, passed on.
         unsafe {
             let mut s = Self::exp_of_negated_each(v);
-            for (s, v) in s.iter_mut().zip(&v) {
-                *s = v.ratio(s.add(Self::splat(1.0)));
+            for s in &mut s {
+                *s = s.add(Self::splat(1.0));
             }
-            s
+            Self::ratio_each(v, s)
         }
     }
 }

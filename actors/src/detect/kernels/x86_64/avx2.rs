@@ -46,9 +46,13 @@ unsafe impl Lanes for Avx2 {
         Avx2(unsafe { _mm256_mul_ps(self.0, o.0) })
     }
     #[inline(always)]
-    unsafe fn ratio(self, d: Self) -> Self {
+    unsafe fn div(self, d: Self) -> Self {
         // SAFETY: AVX (the caller's contract).
         Avx2(unsafe { _mm256_div_ps(self.0, d.0) })
+    }
+    #[inline(always)]
+    fn divides() -> bool {
+        true
     }
     #[inline(always)]
     unsafe fn max(self, o: Self) -> Self {
