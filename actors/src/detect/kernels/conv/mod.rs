@@ -17,7 +17,8 @@
 //! One file per way of running a convolution: [`pointwise`] (1x1 on packed tiles, and every
 //! shape on the portable path with [`im2col`]), [`direct`] (in place over stride-phase planes),
 //! [`depthwise`], and on x86-64 Winograd's, the pixel tiles, the stem (a model's first
-//! layer) and, on CPUs with Intel AMX, its tile units ([`amx_tiles`]: strided and pointwise
+//! layer, and with AVX-512 the stride-2 layers of up to 64 input channels on wide outputs) and,
+//! on CPUs with Intel AMX, its tile units ([`amx_tiles`]: strided and pointwise
 //! layers with many channels); [`schedule`] splits the work into tasks. The input is read through
 //! [`input`].
 
@@ -214,9 +215,11 @@ impl Conv2d {
         {
             self.winograd = winograd::Winograd::applies(&self.spec).then(|| winograd::Winograd::new(isa, &self.spec, &self.weights));
             self.pixel_tiles = pixel_tiles::PixelTiles::applies(&self.spec).then(|| pixel_tiles::PixelTiles::new(isa, &self.spec, &self.weights, &self.bias));
-            self.stem = stem::Stem::applies(&self.spec).then(|| stem::Stem::new(isa, &self.spec, &self.weights, &self.bias));
             self.amx =
                 (isa == Isa::Avx512 && amx_tiles::AmxTiles::applies(&self.spec)).then(|| amx_tiles::AmxTiles::new(&self.spec, &self.weights, &self.bias));
+            // Where AMX tiles take a stride-2 layer, they run it: they were measured faster on
+            // such layers than the AVX-512 kernels.
+            self.stem = (stem::Stem::applies(&self.spec, isa) && self.amx.is_none()).then(|| stem::Stem::new(isa, &self.spec, &self.weights, &self.bias));
         }
         self
     }
@@ -575,7 +578,7 @@ impl Conv2d {
             return self.run_pixel_tiles(tiles, input, planes, ChannelLayout::Planes, residual, out);
         }
         #[cfg(target_arch = "x86_64")]
-        if let (Some(stem), None) = (&self.stem, residual) {
+        if let (Some(stem), None, true) = (&self.stem, residual, stem::Stem::takes(self.spec.in_channels, ow)) {
             return self.run_stem(stem, input, planes, ChannelLayout::Planes, out);
         }
         #[cfg(target_arch = "x86_64")]
@@ -940,6 +943,26 @@ mod tests {
         check(5, 9, 1, 3, 2, 0, 2, 12, 16); // stride 2 without padding: even columns in phase 0
         check(4, 6, 1, 3, 3, 1, 1, 10, 11); // stride 3
         check(8, 16, 1, 3, 1, 1, 2, 5, 32); // rows of whole panels, one product per row
+        check(16, 20, 1, 3, 2, 1, 1, 9, 133); // stride 2 on a wide output (the stem's kernel with AVX-512)
+    }
+
+    #[test]
+    fn stride_2_layers_of_up_to_64_channels_on_wide_outputs_run_as_the_stem_with_avx512() {
+        if !Isa::Avx512.supported() {
+            eprintln!("skipped: this CPU has no AVX-512F");
+            return;
+        }
+        let packed = |cin: usize| {
+            let spec = ConvSpec::square(cin, 32, 1, 3, 2, 1, Activation::Silu);
+            Conv2d::new(spec, values(32 * cin * 9, 1), vec![0.0; 32]).unwrap().with_weights_packed_for(Isa::Avx512).unwrap()
+        };
+        for cin in [3, 16, 64] {
+            // Where AMX tiles take a layer, they run it instead.
+            assert_eq!(packed(cin).stem.is_some(), packed(cin).amx.is_none(), "{cin} input channels");
+        }
+        assert!(packed(128).stem.is_none(), "128 input channels stay on the pixel tiles");
+        assert!(stem::Stem::takes(3, 20) && stem::Stem::takes(16, 160) && stem::Stem::takes(64, 80));
+        assert!(!stem::Stem::takes(64, 40), "a 40-pixel output stays on the pixel tiles");
     }
 
     #[test]

@@ -29,6 +29,19 @@
 //! alternating with planes: the stem level (0.95-1.01), 16 -> 32 channels from 320x320 0.89-0.90,
 //! the calls 0.992-0.993.
 //!
+//! With AVX-512 the same kernel runs the stride-2 layers of up to 64 input channels onto
+//! outputs of 64 pixels and wider: YOLO's 16 -> 32 channels from 320x320 and 64 -> 64 from
+//! 160x160. Their rows are read a vector at a time, as the stem's, where the pixel tiles
+//! broadcast each input value (10 pixels by 32 channels a tile, the weights of all the taps
+//! read per tile). YOLOv12n and YOLO11n on an AMD EPYC (Zen 4), interleaved rounds against the
+//! pixel tiles: at 2 threads 16 -> 32 took 0.81-0.83 of its time, 64 -> 64 0.91-0.93, the
+//! calls 0.986-0.992; at 1 thread (YOLOv12n) 0.83, 0.92 and 0.985. Wider inputs lost: 128 ->
+//! 128 from 80x80 1.08-1.14 (a block's weights, 72 KiB, no longer stay in the L1 cache), and
+//! outputs 40 and 20 pixels wide 1.07-1.50 (half a vector idle at the end of each row). Without
+//! fetching the rows ahead (three rows of each of 64 channels, too many streams for the
+//! hardware prefetchers), 64 -> 64 ran at 92 GFLOP/s on one thread, against 107 with it
+//! (`cargo bench --bench conv`).
+//!
 //! The output (6.5 MB at 640x640) is stored through the caches: stores that bypass them
 //! (`_mm512_stream_ps`) left the stem at 0.98 of its time and the next layer, which reads it
 //! back, at 1.06 (YOLOv12n, 2 threads, an AMD EPYC of the Zen 4 family).
@@ -46,9 +59,17 @@ use super::{BLOCK, ChannelLayout, Conv2d, ConvInput, ConvSpec, OutputPlanes};
 
 /// Taps per input channel.
 const TAPS: usize = 9;
-/// The most input channels the stem takes: beyond a few, the channel-major kernels have
-/// enough `K` to be efficient.
-const MAX_IN_CHANNELS: usize = 4;
+/// The most input channels of a model's first layer that the stem takes with either
+/// instruction set: beyond a few, the channel-major kernels have enough `K` to be efficient.
+const STEM_IN_CHANNELS: usize = 4;
+/// The most input channels a stride-2 layer may have to run here with AVX-512 (see the
+/// module's notes): a block's weights, 16 floats for each of `9 * 64` taps (36 KiB), about
+/// fill the L1 cache of the cores measured.
+const MAX_IN_CHANNELS: usize = 64;
+/// The narrowest output (in pixels) that such a layer of more than [`STEM_IN_CHANNELS`] input
+/// channels runs on here: 80 pixels are five whole vectors, where 40 leave half of the third
+/// one idle.
+const MIN_WIDE_OUTPUT: usize = 64;
 
 /// The weights rearranged for the stem: for each block of output channels (`lanes`, the ISA's
 /// floats per vector), each input channel and each tap, the block's weights (zero past the
@@ -67,14 +88,21 @@ impl Stem {
         self.isa
     }
 
-    /// Whether a convolution of `spec` runs as the stem on `isa`'s CPU.
-    pub(super) fn applies(spec: &ConvSpec) -> bool {
-        spec.kernel == (3, 3)
-            && spec.stride == (2, 2)
-            && spec.dilation == (1, 1)
-            && spec.pads == (1, 1, 1, 1)
-            && spec.groups == 1
-            && spec.in_channels <= MAX_IN_CHANNELS
+    /// Whether a convolution of `spec` may run here on `isa`'s CPU: a 3x3 stride-2 layer with
+    /// padding 1 of a few input channels (a model's first layer), or with AVX-512 up to
+    /// [`MAX_IN_CHANNELS`] ([`takes`](Self::takes) says on which outputs).
+    pub(super) fn applies(spec: &ConvSpec, isa: Isa) -> bool {
+        let most = match isa {
+            Isa::Avx512 => MAX_IN_CHANNELS,
+            Isa::Avx2 => STEM_IN_CHANNELS,
+        };
+        spec.kernel == (3, 3) && spec.stride == (2, 2) && spec.dilation == (1, 1) && spec.pads == (1, 1, 1, 1) && spec.groups == 1 && spec.in_channels <= most
+    }
+
+    /// Whether a layer of `in_channels` runs here on an output `ow` pixels wide: a stem on
+    /// any, a wider layer on one of whole vectors (the pixel tiles take the others).
+    pub(super) fn takes(in_channels: usize, ow: usize) -> bool {
+        in_channels <= STEM_IN_CHANNELS || ow >= MIN_WIDE_OUTPUT
     }
 
     /// `weights` in ONNX's `[out][in][3][3]` order, and one bias per output channel, for
@@ -164,6 +192,10 @@ fn lanes_inside(start: isize, w: usize) -> u16 {
 /// One output row of one block of up to 16 output channels: `taps[ci * 3 + ky]` is the input
 /// row `2 oy - 1 + ky` of channel `ci` (`None` in the padding), `w` floats; `weights` holds 16
 /// floats per `(ci, ky, kx)`; channel `c < channels` of the row goes to `out + c * plane`.
+/// With more than [`STEM_IN_CHANNELS`] input channels, each row's next lines are fetched ahead:
+/// the kernel then reads three rows of each input channel a vector at a time, more streams
+/// than the hardware prefetchers follow (a stem's nine they do follow, and there fetching
+/// ahead cost 5-8 % of its time).
 ///
 /// # Safety
 /// The CPU has AVX-512F. Every tap holds `w` floats, `w <= 2 ow <= w + 1`; `weights` holds
@@ -183,6 +215,7 @@ unsafe fn stem_row_avx512(
     channels: usize,
 ) {
     const LANES: usize = 16;
+    let fetch_ahead = taps.len() > 3 * STEM_IN_CHANNELS;
     let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     for x0 in (0..ow).step_by(LANES) {
@@ -195,6 +228,11 @@ unsafe fn stem_row_avx512(
             // A row of the padding adds nothing.
             let Some(row) = tap else { continue };
             let p = row.as_ptr().wrapping_add(2 * x0);
+            if fetch_ahead {
+                // The two lines this row's loads start on two vectors of pixels on.
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * LANES).cast::<i8>());
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(5 * LANES).cast::<i8>());
+            }
             // SAFETY: inside the image, `2 x0 - 1 .. 2 x0 + 32` are columns of the row; at its
             // edges the masks keep every load to the row's columns.
             let [a, b, c, d] = unsafe {
@@ -350,12 +388,16 @@ mod tests {
         // RGB into one block and into a block and a part; one channel; sizes odd and even,
         // narrower than a vector and not a multiple of one, and wide enough for blocks inside
         // the row (read in place) between the edges' (masked or copied); two images.
-        let shapes = [(3, 16, 1, 40, 64), (3, 20, 2, 9, 37), (1, 16, 1, 7, 5), (4, 8, 1, 33, 50), (3, 16, 1, 6, 101), (3, 24, 1, 5, 96)];
+        let stems = [(3, 16, 1, 40, 64), (3, 20, 2, 9, 37), (1, 16, 1, 7, 5), (4, 8, 1, 33, 50), (3, 16, 1, 6, 101), (3, 24, 1, 5, 96)];
+        // With AVX-512, wider layers on outputs of whole vectors and one ending in a partial
+        // vector (`Stem::takes`), whose rows are fetched ahead.
+        let wide: [(usize, usize, usize, usize, usize); 3] = [(16, 20, 1, 9, 133), (64, 16, 2, 6, 160), (8, 32, 1, 5, 128)];
         for isa in isas {
-            for (cin, cout, n, h, w) in shapes {
+            let shapes = stems.iter().chain(if isa == Isa::Avx512 { &wide[..] } else { &[] });
+            for &(cin, cout, n, h, w) in shapes {
                 for activation in [Activation::Silu, Activation::Identity] {
                     let spec = ConvSpec::square(cin, cout, 1, 3, 2, 1, activation);
-                    assert!(Stem::applies(&spec));
+                    assert!(Stem::applies(&spec, isa) && Stem::takes(cin, w.div_ceil(2)));
                     let weights = (0..cout * cin * 9).map(|i| ((i * 37) % 19) as f32 / 19.0 - 0.5).collect();
                     let conv = Conv2d::new(spec, weights, (0..cout).map(|c| c as f32 * 0.1 - 0.5).collect()).unwrap().with_weights_packed_for(isa).unwrap();
                     assert!(conv.stem.is_some(), "{isa:?} runs the stem");
@@ -364,7 +406,7 @@ mod tests {
                     let got = conv.run(&input, n, h, w, None);
                     assert_eq!(got.len(), want.len());
                     for (i, (g, r)) in got.iter().zip(&want).enumerate() {
-                        assert!((g - r).abs() < 1e-5, "{isa:?} {cin}->{cout} {n}x{h}x{w} {activation:?} [{i}] {g} vs {r}");
+                        assert!((g - r).abs() < 1e-5 * (1.0 + r.abs()), "{isa:?} {cin}->{cout} {n}x{h}x{w} {activation:?} [{i}] {g} vs {r}");
                     }
                     // In blocks too, where the AVX2 stem writes them.
                     if isa == Isa::Avx2 && cout.is_multiple_of(BLOCK) {
