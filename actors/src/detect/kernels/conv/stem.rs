@@ -36,7 +36,7 @@
 //! read per tile). YOLOv12n and YOLO11n on an AMD EPYC (Zen 4), interleaved rounds against the
 //! pixel tiles: at 2 threads 16 -> 32 took 0.81-0.83 of its time, 64 -> 64 0.91-0.93, the
 //! calls 0.986-0.992; at 1 thread (YOLOv12n) 0.83, 0.92 and 0.985. Wider inputs lost: 128 ->
-//! 128 from 80x80 1.08-1.14 (a block's weights, 72 KiB, no longer stay in the L1 cache), and
+//! 128 from 80x80 1.08-1.15 (a block's weights, 72 KiB, no longer stay in the L1 cache), and
 //! outputs 40 and 20 pixels wide 1.07-1.50 (half a vector idle at the end of each row). Without
 //! fetching the rows ahead (three rows of each of 64 channels, too many streams for the
 //! hardware prefetchers), 64 -> 64 ran at 92 GFLOP/s on one thread, against 107 with it

@@ -17,10 +17,10 @@ pub(in super::super) struct Avx512(pub(in super::super) __m512);
 /// until then the reciprocal, right on every CPU). A SiLU is some eleven instructions on the
 /// multiply-add units and a quotient. On an AMD EPYC of the Zen 4 family, a 512-bit division
 /// runs in the divider beside them, where the reciprocal, its refinement and the product are
-/// three more on those units: YOLOv12n's calls took 0.977-0.989 of their time with the
-/// division (2 threads, interleaved rounds), many of its pointwise layers 0.90-0.95. Intel's
-/// cores (Skylake to Ice Lake) take some 10 cycles a vector for it on a port the multiply-adds
-/// need.
+/// three more on those units: at 2 threads, interleaved rounds, YOLOv12n's calls took
+/// 0.977-0.989 of their time with the division (many of its pointwise layers 0.90-0.95) and
+/// YOLO11n's 0.979; at 1 thread the two came out level (0.996-1.007). Intel's cores (Skylake
+/// to Ice Lake) take some 10 cycles a vector for it on a port the multiply-adds need.
 static DIVIDES: AtomicBool = AtomicBool::new(false);
 
 /// Sets [`DIVIDES`] for this CPU, or as `STREAMDET_AVX512_DIVISION=on` or `=off` says (to
