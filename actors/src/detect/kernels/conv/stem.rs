@@ -100,7 +100,8 @@ impl Stem {
     }
 
     /// Whether a layer of `in_channels` runs here on an output `ow` pixels wide: a stem on
-    /// any, a wider layer on one of whole vectors (the pixel tiles take the others).
+    /// any, a wider layer on one at least [`MIN_WIDE_OUTPUT`] wide, where a partial last vector
+    /// weighs little (the pixel tiles take the others).
     pub(super) fn takes(in_channels: usize, ow: usize) -> bool {
         in_channels <= STEM_IN_CHANNELS || ow >= MIN_WIDE_OUTPUT
     }
@@ -229,7 +230,7 @@ unsafe fn stem_row_avx512(
             let Some(row) = tap else { continue };
             let p = row.as_ptr().wrapping_add(2 * x0);
             if fetch_ahead {
-                // The two lines this row's loads start on two vectors of pixels on.
+                // The two lines this row's loads begin with two vectors of pixels further on.
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * LANES).cast::<i8>());
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(5 * LANES).cast::<i8>());
             }
