@@ -271,7 +271,7 @@ unsafe fn stem_row_avx512(
         // One channel at a time: the sums of the others hold most of the registers. (Eight
         // SiLU chains side by side spilled: YOLOv12n's stem took 1.28 of its time. Nor did a
         // second pass over the finished rows, still in L1, with eight chains side by side pay:
-        // 0.90-1.04 of the stem's time on an AMD EPYC (Zen 4), level within the machine's noise.
+        // 0.96-1.11 of the stem's time on an AMD EPYC (Zen 4), three sittings of interleaved rounds.
         // With `max(x, 0)` in the SiLU's place the stem took 0.71 of its time: the SiLU is work
         // there, not waiting.)
         macro_rules! store {
