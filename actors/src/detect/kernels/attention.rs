@@ -281,7 +281,7 @@ fn attention_on(isa: Isa, q: Operand, k: Operand, v: Operand, alpha: f32, out: &
     let out_ptr = super::SendPtr(out.as_mut_ptr());
     let blocks = queries.div_ceil(BLOCK);
     parallel::for_each(batch * blocks, |task| {
-        SCRATCH.with_borrow_mut(|Scratch { queries_packed, scores, mixed, inverse_sums }| {
+        SCRATCH.with_borrow_mut(|Scratch { queries_packed, scores, inverse_sums }| {
             let (b, i0) = (task / blocks, task % blocks * BLOCK);
             let rows = BLOCK.min(queries - i0);
             pack_query_block(isa, &q, b, i0, rows, queries_packed);
@@ -302,20 +302,22 @@ fn attention_on(isa: Isa, q: Operand, k: Operand, v: Operand, alpha: f32, out: &
                 }
                 activation::softmax_numerators_block(scores_panel, keys, nr, 0..width, &mut inverse_sums[panel * nr..][..width]);
             }
-            // `V x S^T` into a compact tile, whose columns are then divided by their softmax
-            // sums: `channels x BLOCK` divisions instead of `keys x BLOCK`.
-            mixed.resize(channels * rows, 0.0);
+            // `V x S^T` straight into the output's rows (`channels x rows`, the view's columns
+            // adjacent), whose columns are then divided by their softmax sums: `channels x
+            // BLOCK` divisions instead of `keys x BLOCK`.
+            let first = ov.item_offset(b) + i0;
             // SAFETY: as above; `scores` holds the `rows.div_ceil(nr)` panels the product reads,
-            // each `keys x nr`, aligned; `mixed` holds the `channels x rows` tile, rows `rows`
-            // apart.
-            unsafe { tiling::gemm_panels(values, 0..channels, scores.as_ptr(), rows, mixed.as_mut_ptr(), rows, None) };
-            activation::scale_columns(mixed, &inverse_sums[..rows]);
-            for (c, row) in mixed.chunks_exact(rows).enumerate() {
-                // SAFETY: this task alone writes columns `i0..i0 + rows` of rows
-                // `0..channels` of item `b` of the output view: the view is injective
-                // (`OutputView`), so no other task's elements share an offset with these, and it
-                // lies inside `out` (its extent is `total`, asserted above).
-                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out_ptr.get().add(ov.item_offset(b) + c * ov.row_stride + i0), rows) };
+            // each `keys x nr`, aligned. The product writes columns `i0..i0 + rows` of rows
+            // `0..channels` of item `b` of the output view (rows `row_stride` apart, columns
+            // adjacent: `OutputView`), and only those (tiles at the edges go through a buffer):
+            // this task alone writes them, since the view is injective, and they lie inside `out`
+            // (its extent is `total`, asserted above).
+            unsafe { tiling::gemm_panels(values, 0..channels, scores.as_ptr(), rows, out_ptr.get().add(first), ov.row_stride, None) };
+            for c in 0..channels {
+                // SAFETY: row `c`'s `rows` floats of this task's columns, written just above by
+                // this task and touched by no other.
+                let row = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(first + c * ov.row_stride), rows) };
+                activation::scale_columns(row, &inverse_sums[..rows]);
             }
         })
     });
@@ -333,15 +335,13 @@ struct Scratch {
     queries_packed: PackedB,
     /// The block's softmax numerators `S^T` (packed panels too).
     scores: PackedB,
-    /// `V x S^T` (`channels x rows`), before it is divided by the sums.
-    mixed: Vec<f32>,
     /// The reciprocal of each query's softmax sum.
     inverse_sums: [f32; BLOCK],
 }
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = const {
-        std::cell::RefCell::new(Scratch { queries_packed: PackedB::new(), scores: PackedB::new(), mixed: Vec::new(), inverse_sums: [0.0; BLOCK] })
+        std::cell::RefCell::new(Scratch { queries_packed: PackedB::new(), scores: PackedB::new(), inverse_sums: [0.0; BLOCK] })
     };
 }
 
