@@ -12,8 +12,10 @@ size, in order of occurrence (a 1x1 convolution that streamdet runs before a 2x 
 quarter of the pixels, to the node at twice its input size, and counted there), and OpenVINO's
 time for that node (its name, or its name with `/WithoutBiases`) is taken: both include what
 each runtime fused into the convolution (bias, SiLU, a residual). The script prints, per kind
-and input size, both runtimes' milliseconds (the median over rounds of each layer's mean,
-summed), their ratio and GFLOP/s (2 per multiply-add), then the N layers with the largest gap.
+and input size, both runtimes' milliseconds (the median over rounds of each layer's median
+over its K calls, summed), their ratio and GFLOP/s (2 per multiply-add), then the N layers
+with the largest gap. Medians, not means: on a shared machine a thread that loses its core
+stalls the layer it is in, and a few such stalls raise a mean far more than a median.
 
 Read a ratio within one run only: on a shared machine a whole round can run slow, for both
 runtimes alike. OpenVINO's per-node times add up to its whole call (its layout reorders and
@@ -100,13 +102,14 @@ def openvino_request(args):
 
 
 def openvino_round(request, x, runs):
-    ms = collections.defaultdict(float)
+    """Each executed node's median milliseconds over `runs` calls, as streamdet's steps."""
+    ms = collections.defaultdict(list)
     for _ in range(runs):
         request.infer({0: x})
         for node in request.profiling_info:
             if node.status == node.Status.EXECUTED:
-                ms[node.node_name] += node.real_time.total_seconds() * 1000 / runs
-    return ms
+                ms[node.node_name].append(node.real_time.total_seconds() * 1000)
+    return {name: statistics.median(times) for name, times in ms.items()}
 
 
 def main():

@@ -25,9 +25,10 @@ pub struct Args {
     runs: usize,
     #[arg(long, default_value_t = 3)]
     warmup: usize,
-    /// Also print where the time goes, averaged over as many more runs: a `profile` line with
-    /// milliseconds per operator type (`--profile`), and with `--profile steps` a `steps` line
-    /// too, with each step's layer, input shape and milliseconds, to compare layer by layer.
+    /// Also print where the time goes, over as many more runs (each step's median): a
+    /// `profile` line with milliseconds per operator type (`--profile`), and with `--profile
+    /// steps` a `steps` line too, with each step's layer, input shape and milliseconds, to
+    /// compare layer by layer.
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "ops")]
     profile: Option<Profile>,
 }
@@ -44,6 +45,29 @@ enum Profile {
 fn median(sorted: &[f64]) -> f64 {
     let n = sorted.len();
     if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 }
+}
+
+/// Each step's milliseconds per call, the median over the calls `runs` (a model of fixed batch
+/// size runs its steps once per part of a larger batch: their times in a call add up). A
+/// median, not a mean: on a shared machine a thread that loses its core for a while stalls the
+/// step it is in, and a few such stalls in 20 calls raise a step's mean far above its usual
+/// time, unevenly from step to step.
+fn step_medians(runs: Vec<Vec<StepTime>>) -> BTreeMap<usize, StepTime> {
+    let calls = runs.len();
+    let mut per_call: BTreeMap<usize, (StepTime, Vec<f64>)> = BTreeMap::new();
+    for (call, steps) in runs.into_iter().enumerate() {
+        for step in steps {
+            let ms = step.ms;
+            per_call.entry(step.index).or_insert_with(|| (step, vec![0.0; calls])).1[call] += ms;
+        }
+    }
+    per_call
+        .into_iter()
+        .map(|(index, (step, mut times))| {
+            times.sort_by(f64::total_cmp);
+            (index, StepTime { ms: median(&times), ..step })
+        })
+        .collect()
 }
 
 pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
@@ -88,17 +112,10 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         })
     );
     if let Some(detail) = args.profile {
-        // Each step's milliseconds per call, averaged over the runs (a model of fixed batch
-        // size runs its steps once per part of a larger batch: their times add up). After the
-        // timed runs above, the results that follow from the input's shape are kept, so every
-        // run below runs the same steps.
-        let mut steps: BTreeMap<usize, StepTime> = BTreeMap::new();
-        for _ in 0..args.runs {
-            for step in detector.profile_steps(&input)? {
-                let ms = step.ms / args.runs as f64;
-                steps.entry(step.index).and_modify(|s| s.ms += ms).or_insert(StepTime { ms, ..step });
-            }
-        }
+        // After the timed runs above, the results that follow from the input's shape are
+        // kept, so every run below runs the same steps.
+        let runs = (0..args.runs).map(|_| detector.profile_steps(&input)).collect::<Result<Vec<_>, _>>()?;
+        let steps = step_medians(runs);
         let mut total = OpProfile::new();
         for step in steps.values() {
             let entry = total.entry(step.op.clone()).or_default();
@@ -117,4 +134,28 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(index: usize, ms: f64) -> StepTime {
+        StepTime { index, op: "Conv 1x1".into(), layer: "64->64 k1 s1".into(), input: vec![1, 64, 40, 40], ms }
+    }
+
+    #[test]
+    fn a_step_takes_its_median_call_and_adds_up_its_parts_within_a_call() {
+        // Step 3 runs twice per call (two parts of a batch); the third call stalls in step 0.
+        let runs = vec![
+            vec![step(0, 1.0), step(3, 0.5), step(3, 0.75)],
+            vec![step(0, 1.2), step(3, 0.5), step(3, 0.5)],
+            vec![step(0, 9.0), step(3, 0.5), step(3, 1.0)],
+        ];
+        let steps = step_medians(runs);
+        assert_eq!(steps.keys().copied().collect::<Vec<_>>(), [0, 3]);
+        assert_eq!(steps[&0].ms, 1.2);
+        assert_eq!(steps[&3].ms, 1.25);
+        assert_eq!((steps[&3].op.as_str(), steps[&3].input.as_slice()), ("Conv 1x1", &[1, 64, 40, 40][..]));
+    }
 }
