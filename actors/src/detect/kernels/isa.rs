@@ -86,6 +86,13 @@ impl Isa {
         }
     }
 
+    /// Whether the microkernel has tiles of fewer than [`mr`](Self::mr) rows ([`kernel`]).
+    /// AVX-512's panels of 8 rows fit the channel counts of YOLO's layers and attention heads;
+    /// AVX2's of 6 leave the last tile of 16, 32, 64 or 80 rows with 4 or 2.
+    pub(super) const fn short_tiles(self) -> bool {
+        matches!(self, Isa::Avx2)
+    }
+
     /// Depth of one pass over a `B` panel: one block of [`cache::b_block_floats`].
     pub(super) fn kc(self) -> usize {
         cache::b_block_floats() / self.nr()
@@ -135,28 +142,46 @@ pub(super) fn all_supported() -> Vec<Isa> {
     isas
 }
 
-/// `C[mr x nr] (+)= A_panel[kc x mr] * B_panel[kc x nr]` with `isa`'s microkernel, then the
-/// tile's epilogue, if any.
+/// `C[rows x nr] (+)= A_panel[kc x rows] * B_panel[kc x nr]` with `isa`'s microkernel, then
+/// the tile's epilogue, if any: `rows` is `isa.mr()`, or fewer where [`Isa::short_tiles`] says
+/// the microkernel has tiles of fewer rows (they read the first `rows` of each of the panel's
+/// `mr`).
 ///
 /// # Safety
 /// `isa` must be supported; `a` holds `kc * mr` and `b` `kc * nr` readable floats (`b` aligned
-/// to 64 bytes for AVX-512); `c` is valid for reads and writes of `mr` rows of `nr` floats,
+/// to 64 bytes for AVX-512); `c` is valid for reads and writes of `rows` rows of `nr` floats,
 /// `ldc` apart; an epilogue's residual is readable over the same tile.
 #[inline]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn kernel(isa: Isa, kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool, epilogue: Option<&TileEpilogue>) {
+pub(super) unsafe fn kernel(
+    isa: Isa,
+    rows: usize,
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    epilogue: Option<&TileEpilogue>,
+) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller's contract.
     unsafe {
         use super::x86_64::{avx2, avx512};
-        match isa {
-            Isa::Avx2 => avx2::kernel_6x16(kc, a, b, c, ldc, accumulate, epilogue),
-            Isa::Avx512 => avx512::kernel_8x32(kc, a, b, c, ldc, accumulate, epilogue),
+        match (isa, rows) {
+            (Isa::Avx2, 6) => avx2::kernel_x16::<6, 1>(kc, a, b, c, ldc, accumulate, epilogue),
+            (Isa::Avx2, 5) => avx2::kernel_x16::<5, 1>(kc, a, b, c, ldc, accumulate, epilogue),
+            (Isa::Avx2, 4) => avx2::kernel_x16::<4, 1>(kc, a, b, c, ldc, accumulate, epilogue),
+            (Isa::Avx2, 3) => avx2::kernel_x16::<3, 2>(kc, a, b, c, ldc, accumulate, epilogue),
+            (Isa::Avx2, 2) => avx2::kernel_x16::<2, 2>(kc, a, b, c, ldc, accumulate, epilogue),
+            (Isa::Avx2, 1) => avx2::kernel_x16::<1, 4>(kc, a, b, c, ldc, accumulate, epilogue),
+            (Isa::Avx512, 8) => avx512::kernel_8x32(kc, a, b, c, ldc, accumulate, epilogue),
+            _ => panic!("no {isa:?} microkernel of {rows} rows"),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (isa, kc, a, b, c, ldc, accumulate, epilogue);
+        let _ = (isa, rows, kc, a, b, c, ldc, accumulate, epilogue);
         unreachable!("no microkernel on this architecture; `Isa::detect` returns None")
     }
 }

@@ -119,31 +119,36 @@ unsafe fn tiles(
             for row in (rows.start..rows.end).step_by(mr) {
                 let ap = a.panel(row / mr)[k0 * mr..][..kc * mr].as_ptr();
                 let valid = mr.min(rows.end - row);
-                let full = valid == mr && cols == nr;
+                // A tile of fewer rows than a panel's runs on only those where the microkernel
+                // can; a tile is written in place when it has all its columns.
+                let tile_rows = if isa.short_tiles() { valid } else { mr };
+                let in_place = cols == nr && tile_rows == valid;
                 let first = row - rows.start;
-                // The epilogue of this tile, on the last pass; an edge tile adds its residual
-                // while it is copied out, since the kernel would read past the residual's rows.
+                // The epilogue of this tile, on the last pass; a tile through the buffer adds
+                // its residual while it is copied out, since the kernel would read past the
+                // residual's rows.
                 let tile_epilogue = epilogue.filter(|_| last).map(|e| {
                     let mut bias = [0f32; MAX_MR];
                     bias[..valid].copy_from_slice(&e.bias[first..first + valid]);
                     // SAFETY: the residual covers the product's rows and columns (the caller's
                     // contract); this is the tile's first element.
-                    let residual = e.residual.filter(|_| full).map(|(r, ld)| (unsafe { r.add(first * ld + q * nr) }, ld));
+                    let residual = e.residual.filter(|_| in_place).map(|(r, ld)| (unsafe { r.add(first * ld + q * nr) }, ld));
                     TileEpilogue { bias, silu: e.silu, residual }
                 });
                 // SAFETY: the caller guarantees `c` covers `rows` x `width`; `row` and `q * nr`
-                // stay inside. Full tiles are written in place, edge tiles through `edge`.
+                // stay inside. Tiles with all their columns (and, where the kernel has tiles
+                // of fewer rows, any rows) are written in place, the others through `edge`.
                 unsafe {
                     let dst = c.add(first * ldc + q * nr);
-                    if full {
-                        isa::kernel(isa, kc, ap, bq, dst, ldc, accumulate, tile_epilogue.as_ref());
+                    if in_place {
+                        isa::kernel(isa, valid, kc, ap, bq, dst, ldc, accumulate, tile_epilogue.as_ref());
                     } else {
                         if accumulate {
                             for r in 0..valid {
                                 std::ptr::copy_nonoverlapping(dst.add(r * ldc), edge.add(r * nr), cols);
                             }
                         }
-                        isa::kernel(isa, kc, ap, bq, edge, nr, accumulate, tile_epilogue.as_ref());
+                        isa::kernel(isa, tile_rows, kc, ap, bq, edge, nr, accumulate, tile_epilogue.as_ref());
                         let residual = epilogue.filter(|_| last).and_then(|e| e.residual);
                         for r in 0..valid {
                             let out = std::slice::from_raw_parts_mut(dst.add(r * ldc), cols);
@@ -194,10 +199,39 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn tiles_of_fewer_rows_apply_the_bias_silu_and_residual() {
+        for isa in isa::all_supported() {
+            for &(m, k, n) in &[(7, 3, 16), (16, 300, 32), (9, 40, 16), (11, 257, 48), (32, 64, 20)] {
+                let (a, b) = (matrix(m * k, 7, 13), matrix(k * n, 5, 11));
+                let bias: Vec<f32> = (0..m).map(|i| i as f32 * 0.1 - 0.5).collect();
+                let residual = matrix(m * n, 3, 17);
+                let packed = PackedA::new(isa, &a, m, k);
+                let mut bp = PackedB::new();
+                // SAFETY: `b` is k x n row-major; `isa` comes from `all_supported`.
+                unsafe { pack_b(isa, b.as_ptr(), n, k, n, &mut bp) };
+                let mut c = vec![f32::NAN; m * n];
+                let epilogue = Epilogue { bias: &bias, silu: true, residual: Some((residual.as_ptr(), n)) };
+                // SAFETY: `isa` is supported; `c`, the bias and the residual cover the rows.
+                unsafe { gemm(&packed, 0..m, &bp, n, c.as_mut_ptr(), n, Some(&epilogue)) };
+                for i in 0..m {
+                    for j in 0..n {
+                        let x = (0..k).map(|kk| a[i * k + kk] * b[kk * n + j]).sum::<f32>() + bias[i];
+                        let want = x / (1.0 + (-x).exp()) + residual[i * n + j];
+                        let got = c[i * n + j];
+                        assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "{isa:?} ({m},{k},{n}) [{i},{j}] {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn matches_a_naive_product_on_every_edge_shape() {
         for isa in isa::all_supported() {
             let mr = isa.mr();
-            for &(m, k, n) in &[(6, 1, 16), (7, 3, 17), (16, 300, 40), (64, 576, 100), (13, 27, 5), (32, 513, 33), (20, 129, 64)] {
+            for &(m, k, n) in
+                &[(6, 1, 16), (7, 3, 17), (16, 300, 40), (64, 576, 100), (13, 27, 5), (32, 513, 33), (20, 129, 64), (9, 601, 32), (11, 257, 16), (15, 5, 48)]
+            {
                 let (a, b) = (matrix(m * k, 7, 13), matrix(k * n, 5, 11));
                 let packed = PackedA::new(isa, &a, m, k);
                 let mut bp = PackedB::new();
