@@ -265,7 +265,7 @@ mod lanes {
             let (vmax, mut sum) = (V::splat(max), V::splat(0.0));
             let mut chunks = xs.chunks_exact_mut(V::LEN);
             for chunk in &mut chunks {
-                let e = V::load(chunk.as_ptr()).sub(vmax).exp();
+                let e = V::exp_of_nonpositive_each([V::load(chunk.as_ptr()).sub(vmax)])[0];
                 e.store(chunk.as_mut_ptr());
                 sum = sum.add(e);
             }
@@ -301,7 +301,7 @@ mod lanes {
                 for r in 1..len {
                     max = max.max(V::load(at(r)));
                 }
-                // Eight rows' exponentials side by side ([`Lanes::exp_each`]), then the rest.
+                // Eight rows' exponentials side by side ([`Lanes::exp_of_nonpositive_each`]), then the rest.
                 let mut sums = [V::splat(0.0); ROWS_AT_ONCE];
                 let whole = len / ROWS_AT_ONCE * ROWS_AT_ONCE;
                 for r0 in (0..whole).step_by(ROWS_AT_ONCE) {
@@ -309,13 +309,13 @@ mod lanes {
                     for (i, x) in x.iter_mut().enumerate() {
                         *x = V::load(at(r0 + i)).sub(max);
                     }
-                    for (i, (e, sum)) in V::exp_each(x).into_iter().zip(&mut sums).enumerate() {
+                    for (i, (e, sum)) in V::exp_of_nonpositive_each(x).into_iter().zip(&mut sums).enumerate() {
                         e.store(at(r0 + i));
                         *sum = sum.add(e);
                     }
                 }
                 for r in whole..len {
-                    let e = V::load(at(r)).sub(max).exp();
+                    let e = V::exp_of_nonpositive_each([V::load(at(r)).sub(max)])[0];
                     e.store(at(r));
                     sums[0] = sums[0].add(e);
                 }

@@ -179,7 +179,7 @@ unsafe fn dot_vectors<V: Lanes>(
             }
             let mut sum = V::splat(0.0);
             for k in 0..c {
-                let e = V::load(at(k)).sub(max).exp();
+                let e = V::exp_of_nonpositive_each([V::load(at(k)).sub(max)])[0];
                 e.store(scratch.as_mut_ptr().add(k * V::LEN));
                 sum = sum.add(e);
             }
