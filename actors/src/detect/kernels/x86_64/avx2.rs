@@ -1,5 +1,5 @@
-//! The AVX2+FMA microkernel (6x16 tiles, and fewer rows), the packing routines compiled for AVX2, and the
-//! [`Lanes`] the element-wise kernels are written in.
+//! The AVX2+FMA microkernel (6x16 tiles, and tiles of fewer rows), the packing routines
+//! compiled for AVX2, and the [`Lanes`] the element-wise kernels are written in.
 
 use std::arch::x86_64::*;
 
