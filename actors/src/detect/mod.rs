@@ -26,7 +26,7 @@ mod views;
 pub use self::image::{ImageError, decode_image};
 pub use crate::frame::{Letterbox, ModelFrame, Size, letterbox_rgb};
 pub use allocator::LineAligned;
-pub use engine::{Engine, Kernels, OpProfile, StepTime};
+pub use engine::{Engine, Kernels, OpProfile, StepTime, StepTimes};
 pub use model::ModelInfo;
 pub use postprocess::{DetectParams, Detection};
 
@@ -184,32 +184,30 @@ impl Detector {
     /// Runs like [`run_raw`](Self::run_raw) and returns the time spent per operator type.
     pub fn profile(&self, input: &Tensor) -> Result<OpProfile, DetectError> {
         let mut profile = OpProfile::new();
-        self.run_batches(
-            input,
-            Some(&mut |step: StepTime| {
-                let entry = profile.entry(step.op).or_default();
-                entry.0 += step.ms;
-                entry.1 += 1;
-            }),
-        )?;
+        for step in self.profile_steps(input)? {
+            let entry = profile.entry(step.op).or_default();
+            entry.0 += step.ms;
+            entry.1 += 1;
+        }
         Ok(profile)
     }
 
     /// Runs like [`run_raw`](Self::run_raw) and returns the time of each step, in the order
-    /// they ran (a model of fixed batch size runs its steps once per call).
+    /// they ran (a model of fixed batch size runs its steps once per call). The steps are named
+    /// here, on the caller's thread, not on the one that ran them ([`Engine::run_timed`]).
     pub fn profile_steps(&self, input: &Tensor) -> Result<Vec<StepTime>, DetectError> {
-        let mut steps = Vec::new();
-        self.run_batches(input, Some(&mut |step| steps.push(step)))?;
-        Ok(steps)
+        let mut runs = Vec::new();
+        self.run_batches(input, Some(&mut runs))?;
+        Ok(runs.iter().flat_map(|times| self.engine.describe(times)).collect())
     }
 
-    fn run_batches(&self, input: &Tensor, on_step: Option<&mut (dyn FnMut(StepTime) + Send)>) -> Result<Tensor, DetectError> {
+    fn run_batches(&self, input: &Tensor, times: Option<&mut Vec<StepTimes>>) -> Result<Tensor, DetectError> {
         let input = input.to_device(self.engine.device()).map_err(DetectError::from_candle)?;
-        self.pool.install(|| self.team.lead(|| self.run_on_team(&input, on_step)))
+        self.pool.install(|| self.team.lead(|| self.run_on_team(&input, times)))
     }
 
     /// The body of [`run_batches`](Self::run_batches), on the leader of the kernels' team.
-    fn run_on_team(&self, input: &Tensor, mut on_step: Option<&mut (dyn FnMut(StepTime) + Send)>) -> Result<Tensor, DetectError> {
+    fn run_on_team(&self, input: &Tensor, mut times: Option<&mut Vec<StepTimes>>) -> Result<Tensor, DetectError> {
         let n = input.dim(0).map_err(DetectError::from_candle)?;
         match self.frames_per_call {
             Some(size) if size != n => {
@@ -219,17 +217,21 @@ impl Detector {
                 let mut parts = Vec::with_capacity(n / size);
                 for i in 0..n / size {
                     let part = input.narrow(0, i * size, size).map_err(DetectError::from_candle)?;
-                    parts.push(self.run_part(part, on_step.as_deref_mut())?);
+                    parts.push(self.run_part(part, times.as_deref_mut())?);
                 }
                 Tensor::cat(&parts, 0).map_err(DetectError::from_candle)
             }
-            _ => self.run_part(input.clone(), on_step),
+            _ => self.run_part(input.clone(), times),
         }
     }
 
-    fn run_part<'f>(&self, input: Tensor, on_step: Option<&mut (dyn FnMut(StepTime) + Send + 'f)>) -> Result<Tensor, DetectError> {
-        match on_step {
-            Some(on_step) => self.engine.run_timed(input, on_step),
+    fn run_part(&self, input: Tensor, times: Option<&mut Vec<StepTimes>>) -> Result<Tensor, DetectError> {
+        match times {
+            Some(times) => {
+                let (output, run) = self.engine.run_timed(input)?;
+                times.push(run);
+                Ok(output)
+            }
             None => self.engine.run(input),
         }
     }

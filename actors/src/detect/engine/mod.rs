@@ -197,10 +197,10 @@ struct Step {
     release: Vec<usize>,
 }
 
-/// Milliseconds and step count per operator type, from [`Engine::run_profiled`].
+/// Milliseconds and step count per operator type.
 pub type OpProfile = std::collections::BTreeMap<String, (f64, usize)>;
 
-/// One step of a timed run ([`Engine::run_timed`]): its place in the plan, its entry in an
+/// One step of a timed run ([`Engine::describe`]): its place in the plan, its entry in an
 /// [`OpProfile`] (`op`), the layer it runs when that says more (a convolution's channels,
 /// kernel and stride: `"64->64 k3 s2"`), the shape of its first input, and its wall time.
 #[derive(Debug, Clone, PartialEq)]
@@ -210,6 +210,42 @@ pub struct StepTime {
     pub layer: String,
     pub input: Vec<usize>,
     pub ms: f64,
+}
+
+/// The wall time of each step of one run ([`Engine::run_timed`]), unnamed.
+#[derive(Debug)]
+pub struct StepTimes(Vec<RawStepTime>);
+
+/// A step's time as [`Engine::run_steps`] records it, without allocating.
+#[derive(Debug)]
+struct RawStepTime {
+    index: usize,
+    input: Dims,
+    ms: f64,
+}
+
+/// A tensor's dimensions, up to [`Dims::MAX`] of them (the engine's tensors have at most 5:
+/// a tensor in blocks of channels), without a heap allocation.
+#[derive(Debug, Default)]
+struct Dims {
+    dims: [usize; Dims::MAX],
+    len: usize,
+}
+
+impl Dims {
+    const MAX: usize = 8;
+
+    /// `dims`, the first [`Dims::MAX`] of them.
+    fn of(dims: &[usize]) -> Dims {
+        let len = dims.len().min(Self::MAX);
+        let mut out = Dims { dims: [0; Self::MAX], len };
+        out.dims[..len].copy_from_slice(&dims[..len]);
+        out
+    }
+
+    fn to_vec(&self) -> Vec<usize> {
+        self.dims[..self.len].to_vec()
+    }
 }
 
 /// A softmax over channels and the 1x1 convolution that reads it, as one step
@@ -366,29 +402,43 @@ impl Engine {
 
     /// Runs the graph on `input` and returns its first output.
     pub fn run(&self, input: Tensor) -> Result<Tensor, DetectError> {
-        self.run_profiled(input, None)
+        self.run_steps(input, None)
     }
 
-    /// Like [`run`](Self::run); when `profile` is given, adds each step's wall time to the
-    /// entry of its operator type (fused convolutions count as `Conv`).
-    pub fn run_profiled(&self, input: Tensor, profile: Option<&mut OpProfile>) -> Result<Tensor, DetectError> {
-        match profile {
-            Some(profile) => self.run_timed(input, &mut |step| {
-                let entry = profile.entry(step.op).or_default();
-                entry.0 += step.ms;
-                entry.1 += 1;
-            }),
-            None => self.run_steps(input, None),
-        }
+    /// Like [`run`](Self::run), and returns the wall time of each step it runs (steps whose
+    /// results are kept from an earlier run of the same input shape do not run), for
+    /// [`describe`](Self::describe) to name.
+    ///
+    /// The times go into a buffer allocated before the first step, and are named (strings,
+    /// shapes) only afterwards, best on another thread: allocations of their own between the
+    /// steps, or kept from one run to the next on the thread that runs them, take pieces of the
+    /// blocks that the steps' outputs free, so that later outputs no longer fit there and come
+    /// from fresh pages. Named step by step and kept on that thread (`bench-model --profile
+    /// steps`, YOLOv12n, 2 threads), the timed calls page-faulted 450-600 times each, against 12
+    /// so and 7 untimed, and the step that most often got the fresh pages (48 -> 64 channels at
+    /// 160x160) read 1.9-2.7 ms (its median in each of six processes) against 1.2-1.5 so.
+    pub fn run_timed(&self, input: Tensor) -> Result<(Tensor, StepTimes), DetectError> {
+        let mut times = Vec::with_capacity(self.steps.len());
+        let output = self.run_steps(input, Some(&mut times))?;
+        Ok((output, StepTimes(times)))
     }
 
-    /// Like [`run`](Self::run), and hands `on_step` the wall time of each step it runs (steps
-    /// whose results are kept from an earlier run of the same input shape do not run).
-    pub fn run_timed(&self, input: Tensor, on_step: &mut dyn FnMut(StepTime)) -> Result<Tensor, DetectError> {
-        self.run_steps(input, Some(on_step))
+    /// The entries of a timed run's steps ([`run_timed`](Self::run_timed)), in the order they
+    /// ran.
+    pub fn describe(&self, times: &StepTimes) -> Vec<StepTime> {
+        times
+            .0
+            .iter()
+            .map(|time| {
+                let step = &self.steps[time.index];
+                StepTime { index: time.index, op: profile_key(step), layer: layer_of(step), input: time.input.to_vec(), ms: time.ms }
+            })
+            .collect()
     }
 
-    fn run_steps(&self, input: Tensor, mut on_step: Option<&mut dyn FnMut(StepTime)>) -> Result<Tensor, DetectError> {
+    /// Runs the steps; with `times`, pushes each step's wall time there (it has room for them
+    /// all: see [`run_timed`](Self::run_timed)).
+    fn run_steps(&self, input: Tensor, mut times: Option<&mut Vec<RawStepTime>>) -> Result<Tensor, DetectError> {
         let mut values: Vec<Option<Tensor>> = vec![None; self.slot_count];
         for (slot, tensor) in &self.constants {
             values[*slot] = Some(tensor.clone());
@@ -417,7 +467,7 @@ impl Engine {
                 continue;
             }
             let args: Vec<Option<&Tensor>> = step.inputs.iter().map(|s| s.and_then(|s| values[s].as_ref())).collect();
-            let started = on_step.is_some().then(std::time::Instant::now);
+            let started = times.is_some().then(std::time::Instant::now);
             let results = match &step.op {
                 Op::Conv(c) => {
                     let cold: Vec<bool> = step.inputs.iter().map(|s| s.is_some_and(|s| written - written_at[s] > cold_after)).collect();
@@ -426,13 +476,14 @@ impl Engine {
                 op => eval::eval(op, &args, &self.target),
             }
             .map_err(|e| execution_error(step, e))?;
-            if let (Some(on_step), Some(started)) = (on_step.as_deref_mut(), started) {
+            if let (Some(times), Some(started)) = (times.as_deref_mut(), started) {
                 // A GPU runs the step's kernels after they are queued: its time is known once
                 // they have finished.
                 self.target.device.synchronize().map_err(|e| execution_error(step, e))?;
                 let ms = started.elapsed().as_secs_f64() * 1000.0;
-                let input = args.first().copied().flatten().map(|t| t.dims().to_vec()).unwrap_or_default();
-                on_step(StepTime { index, op: profile_key(step), layer: layer_of(step), input, ms });
+                let input = args.first().copied().flatten().map_or_else(Dims::default, |t| Dims::of(t.dims()));
+                debug_assert!(times.len() < times.capacity(), "room for every step");
+                times.push(RawStepTime { index, input, ms });
             }
             if derived {
                 shape_derived.extend(step.outputs.iter().copied().zip(results.iter().cloned()));
