@@ -42,13 +42,13 @@ fn fresh_seed() -> u64 {
 /// scores within 1e-3.
 fn check_raw_parity(model: &Path, batch: usize) {
     for (device, kernels) in support::engine_targets() {
-        check_raw_parity_with(model, batch, device, kernels);
+        check_raw_parity_with(model, batch, device, kernels, 0);
     }
 }
 
-fn check_raw_parity_with(model: &Path, batch: usize, device: Device, kernels: Kernels) {
+fn check_raw_parity_with(model: &Path, batch: usize, device: Device, kernels: Kernels, threads: usize) {
     let place = support::target_name(&device, kernels);
-    let detector = Detector::load_with(model, device, 0, kernels).unwrap();
+    let detector = Detector::load_with(model, device, threads, kernels).unwrap();
     let detect::Size { width: w, height: h } = detector.input_size();
     let seed = fresh_seed();
     let input = random_input(batch * 3 * h * w, seed);
@@ -100,6 +100,15 @@ fn raw_output_matches_onnx_runtime_yolo11n_dynamic_batch() {
         let detector = Detector::load(&model, Device::Cpu).unwrap();
         assert_eq!(detector.batch_mode(), detect::BatchMode::Dynamic);
         check_raw_parity(&model, 2);
+    }
+}
+
+/// Four frames on two threads run as two calls of two frames side by side, each on one
+/// thread (the CPU kernels take a dynamic batch frame by frame).
+#[test]
+fn a_batch_shared_out_among_the_threads_matches_onnx_runtime() {
+    if let Some(model) = support::shared_model("yolo11n-random-dynamic.onnx") {
+        check_raw_parity_with(&model, 4, Device::Cpu, Kernels::Native, 2);
     }
 }
 
