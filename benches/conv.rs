@@ -5,7 +5,8 @@
 //! `cargo bench --bench conv [-- THREADS [SHAPE | attention | tile] [packed]]`, where SHAPE (such
 //! as `32->64`) keeps only the convolutions whose label contains it, `attention` runs only the
 //! attention heads, `tile` only the pixel tile's loop over the taps of planes of YOLO's sizes
-//! (on one thread), and `packed` skips the portable path.
+//! (on one thread), and `packed` skips the portable path. `cores` only times a round trip
+//! between CPUs 0 and 1 (see [`cores`]).
 //! The kernels are crate-private; the `bench-internals` feature of `streamdet-actors`, enabled
 //! by this package's dev-dependency on it, makes them reachable from here.
 
@@ -23,6 +24,11 @@ fn conv(cin: usize, cout: usize, k: usize, stride: usize, groups: usize) -> Conv
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "cores") {
+        #[cfg(target_os = "linux")]
+        cores();
+        return;
+    }
     if std::env::args().len() < 3 {
         elementwise();
     }
@@ -187,4 +193,53 @@ fn elementwise() {
         data.chunks_mut(400).for_each(softmax_inplace);
     }
     println!("softmax rows of 400: {:.3} ns/element", start.elapsed().as_secs_f64() * 1e9 / (20 << 20) as f64);
+}
+
+/// The time of a round trip between CPUs 0 and 1: one thread pinned to each bounces a flag
+/// between them, 200,000 times a round, five rounds. On a cloud VM it tells how far apart the
+/// host holds the two vCPUs at the moment, which moves the team of threads' times: on the Zen 4
+/// EPYC some 70 ns close, some 340 ns apart, in spells of seconds to minutes.
+#[cfg(target_os = "linux")]
+fn cores() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    fn pin(cpu: usize) -> bool {
+        // SAFETY: `set` is a zeroed `cpu_set_t` the macros fill in place, and
+        // `sched_setaffinity` reads `size_of` of it for the calling thread (pid 0).
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+        }
+    }
+    const BOUNCES: u32 = 200_000;
+    for _ in 0..5 {
+        let ball = AtomicBool::new(false);
+        let pinned = std::thread::scope(|scope| {
+            let other = scope.spawn(|| {
+                let pinned = pin(1);
+                for _ in 0..BOUNCES {
+                    while !ball.load(Ordering::Acquire) {
+                        std::hint::spin_loop();
+                    }
+                    ball.store(false, Ordering::Release);
+                }
+                pinned
+            });
+            let pinned = pin(0);
+            let start = Instant::now();
+            for _ in 0..BOUNCES {
+                ball.store(true, Ordering::Release);
+                while ball.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+            }
+            let ns = start.elapsed().as_secs_f64() * 1e9 / f64::from(BOUNCES);
+            let pinned = pinned && other.join().expect("the other thread");
+            println!("round trip between CPUs 0 and 1: {ns:.0} ns{}", if pinned { "" } else { " (not pinned: fewer than 2 CPUs allowed)" });
+            pinned
+        });
+        if !pinned {
+            return;
+        }
+    }
 }

@@ -214,9 +214,10 @@ impl Detector {
     /// rather than one call after the other on all threads: then no thread reads what another
     /// wrote and no loop waits for another thread. On a cloud VM whose two vCPUs sometimes sat
     /// on different parts of the host (a round trip between them of some 340 ns instead of
-    /// 70), YOLO11n's four frames took 156-162 ms a call on the team against 111-116 ms for two
-    /// processes of one thread and two frames each, and 117-122 against 113-116 when the vCPUs
-    /// sat close. Profiles (`times`) keep to one call at a time, whose steps they time.
+    /// 70: `cargo bench --bench conv -- cores`), YOLO11n's four frames took 155-162 ms a call
+    /// on the team, where two processes of one thread and two frames each took 111-116 ms; side
+    /// by side they took 117-128 ms. With the vCPUs close, 117-122 ms either way. Profiles
+    /// (`times`) keep to one call at a time, whose steps they time.
     fn run_on_team(&self, input: &Tensor, mut times: Option<&mut Vec<StepTimes>>) -> Result<Tensor, DetectError> {
         let n = input.dim(0).map_err(DetectError::from_candle)?;
         let size = match self.frames_per_call {

@@ -424,14 +424,14 @@ impl Engine {
     }
 
     /// The entries of a timed run's steps ([`run_timed`](Self::run_timed)), in the order they
-    /// ran.
+    /// ran; times from another engine's run name only the steps this one has.
     pub fn describe(&self, times: &StepTimes) -> Vec<StepTime> {
         times
             .0
             .iter()
-            .map(|time| {
-                let step = &self.steps[time.index];
-                StepTime { index: time.index, op: profile_key(step), layer: layer_of(step), input: time.input.to_vec(), ms: time.ms }
+            .filter_map(|time| {
+                let step = self.steps.get(time.index)?;
+                Some(StepTime { index: time.index, op: profile_key(step), layer: layer_of(step), input: time.input.to_vec(), ms: time.ms })
             })
             .collect()
     }
