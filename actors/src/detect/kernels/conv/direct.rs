@@ -181,7 +181,11 @@ thread_local! {
 /// [`split_block_row_by_4`](x86_64::avx2::split_block_row_by_4), for all 8 channels at once;
 /// others through 8 rows taken out of the block (which stay in L1), each split as a plane's.
 /// (Taking each row out of its block and then splitting the 8 rows, Winograd's layers took
-/// 1.04-1.09 of their time on planes; split at once, 0.94-0.96.)
+/// 1.04-1.09 of their time on planes; split at once, 0.94-0.96.) The loop hands out channels:
+/// handing out bands of rows instead, each thread splitting the rows it wrote in the layer
+/// before and reads in this one, the layers that read phase planes took 1.05-1.21 of their time
+/// in YOLOv12n on 2 threads (1.3-1.5 at 20x20), with the vCPUs close on the host or apart:
+/// the short phase rows cut into bands cost more than the reads across the cores saved.
 pub(super) fn phase_planes(input: &ConvInput, layout: &PhaseLayout, isa: Option<Isa>) -> Vec<f32> {
     let channels = input.channels();
     let channel_len = layout.sh * layout.sw * layout.plane;

@@ -33,6 +33,17 @@
 //! threads, interleaved rounds) the four stride-2 layers on phase planes took 0.93-1.07 of
 //! theirs.
 //!
+//! Nor did Winograd's minimal filtering, decomposed for stride 2 (Huang et al., "DWM", 2020:
+//! the input's four stride-2 phases convolved with the kernel's corners, the ends of its middle
+//! column and row, and its centre, each by F(m, 2)) on the layers the stem does not take (128
+//! -> 128 channels from 80x80, 128 -> 256 and 128 -> 128 from 40x40, 64 -> 64 from 80x80). With
+//! F(2, 2), 25 products a 2x2 tile against 36, they took 0.93-1.07 of their time in YOLOv12n
+//! (2 threads, interleaved rounds); with F(4, 2), 81 products a 4x4 tile against 144,
+//! 1.03-1.23 (at one thread in `cargo bench --bench conv`, 0.88-1.04). The 16 and 36
+//! transformed weight matrices (1 and 2.3 MB at 128 channels each way) and the transformed
+//! tiles do not fit the L2 cache beside each other, and the transforms took the rest of what
+//! the products saved.
+//!
 //! Pointwise convolutions of few input channels on large planes turn the tile around
 //! ([`PixelTiles::pointwise_rows`], [`rows_apply`]): the pixels in the lanes, 32 a tile by 12 or
 //! 8 output channels with AVX-512 (16 by 6 or 4 with AVX2, on the largest planes only), each
