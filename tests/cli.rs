@@ -79,3 +79,34 @@ fn bench_model_profiles_operator_types_and_steps() {
         .collect();
     assert_eq!(types, ["bench", "profile"]);
 }
+
+/// `scripts/as-avx2.sh` hides AVX-512 and AMX from what it runs, threads and children included,
+/// so that streamdet, ONNX Runtime and OpenVINO compare their AVX2 kernels on an AVX-512
+/// machine: streamdet under it reports, and so runs, its AVX2 kernels.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn as_avx2_runs_the_avx2_kernels() {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if !cpuinfo.split_whitespace().any(|flag| flag == "cpuid_fault") {
+        eprintln!("SKIPPED: no CPUID faulting on this machine (cpuid_fault), which scripts/as-avx2.sh needs");
+        return;
+    }
+    if !std::arch::is_x86_feature_detected!("avx2") || !std::arch::is_x86_feature_detected!("fma") {
+        eprintln!("SKIPPED: no AVX2 and FMA on this CPU");
+        return;
+    }
+    let kernels = |cmd: &mut Command| -> String {
+        let out = cmd.args(["bench-model", "--runs", "1", "--warmup", "0"]).env_remove("STREAMDET_CPU_KERNEL").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        line["kernels"].as_str().unwrap().to_string()
+    };
+    let native = kernels(&mut streamdet());
+    let capped = kernels(Command::new("bash").current_dir(support::root()).arg("scripts/as-avx2.sh").arg(env!("CARGO_BIN_EXE_streamdet")));
+    assert_eq!(capped, "avx2", "under scripts/as-avx2.sh (natively: {native})");
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        assert!(native.starts_with("avx512"), "this CPU has AVX-512, yet streamdet runs {native}");
+    } else {
+        assert_eq!(native, "avx2");
+    }
+}

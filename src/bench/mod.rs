@@ -115,6 +115,7 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
                 cpu: peers::cpu_model(),
                 cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 threads,
+                kernels: streamdet_actors::detect::cpu_kernels().into(),
                 version: env!("CARGO_PKG_VERSION").into(),
             },
             settings: plan.describe(&stages),

@@ -54,6 +54,8 @@ pub struct Machine {
     pub cpu: String,
     pub cores: usize,
     pub threads: usize,
+    /// streamdet's CPU kernels in this run (`avx512+amx`, `avx512`, `avx2`, `portable`).
+    pub kernels: String,
     pub version: String,
 }
 
@@ -149,7 +151,7 @@ pub fn markdown(results: &Results, command: &str) -> String {
     let m = &results.machine;
     let _ = writeln!(md, "# streamdet benchmark report\n");
     let _ = writeln!(md, "Made by `{command}` (streamdet {}).\n", m.version);
-    let _ = writeln!(md, "Machine: {}, {} cores; model threads: {}.\n", m.cpu, m.cores, m.threads);
+    let _ = writeln!(md, "Machine: {}, {} cores; model threads: {}; streamdet's CPU kernels: {}.\n", m.cpu, m.cores, m.threads, m.kernels);
     let _ = writeln!(
         md,
         "Each peer ran in the same invocation as ours, interleaved; figures are medians. Ratios are ours divided by the peer's (below 1 is faster for times, above 1 is faster for rates).\n"
@@ -459,7 +461,7 @@ mod tests {
     fn sample() -> Results {
         let timeline = Timeline { sent: vec![(0.0, 0), (1.0, 2_000_000), (2.0, 4_000_000)], frames: vec![(0.4, 1), (1.2, 2), (2.5, 3)] };
         Results {
-            machine: Machine { cpu: "Test CPU".into(), cores: 2, threads: 2, version: "0.1.0".into() },
+            machine: Machine { cpu: "Test CPU".into(), cores: 2, threads: 2, kernels: "avx2".into(), version: "0.1.0".into() },
             settings: vec!["tiny inputs".into()],
             buffer: Some(BufferResult { bytes: 16 << 20, gib_per_s: 1.5, peak_rss_mib: 30.0 }),
             decode: Some(DecodeResult { clip: "1 s 1080p".into(), frames: 30, ours_fps: 175.0, ffmpeg_fps: Some(180.0) }),

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use serde_json::json;
-use streamdet_actors::detect::{OpProfile, Size, StepTime};
+use streamdet_actors::detect::{OpProfile, Size, StepTime, cpu_kernels};
 
 use super::Failure;
 use super::ModelArgs;
@@ -106,6 +106,7 @@ pub fn run(args: Args, config: &Config) -> Result<ExitCode, Failure> {
         json!({
             "type": "bench", "runtime": "streamdet", "version": env!("CARGO_PKG_VERSION"),
             "model": args.model.path(config), "device": if detector.device().is_cuda() { "cuda" } else { "cpu" },
+            "kernels": if detector.device().is_cuda() { "candle" } else { cpu_kernels() },
             "threads": threads, "batch": args.batch,
             "median_ms": round2(median(&times)), "min_ms": round2(times[0]),
             "max_ms": round2(times[times.len() - 1]), "runs": args.runs,

@@ -27,6 +27,7 @@ pub use self::image::{ImageError, decode_image};
 pub use crate::frame::{Letterbox, ModelFrame, Size, letterbox_rgb};
 pub use allocator::LineAligned;
 pub use engine::{Engine, Kernels, OpProfile, StepTime, StepTimes};
+pub use kernels::isa::cpu_kernels;
 pub use model::ModelInfo;
 pub use postprocess::{DetectParams, Detection};
 

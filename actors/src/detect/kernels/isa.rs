@@ -104,6 +104,18 @@ pub fn available() -> bool {
     Isa::detect().is_some()
 }
 
+/// The CPU kernels this process runs, as benchmark figures name them: `avx512+amx`, `avx512`,
+/// `avx2` or `portable` (after `STREAMDET_CPU_KERNEL` and `STREAMDET_AMX`).
+pub fn cpu_kernels() -> &'static str {
+    match Isa::detect() {
+        #[cfg(target_arch = "x86_64")]
+        Some(Isa::Avx512) if super::x86_64::amx::available() => "avx512+amx",
+        Some(Isa::Avx512) => "avx512",
+        Some(Isa::Avx2) => "avx2",
+        None => "portable",
+    }
+}
+
 /// The instruction sets the element-wise kernels ([`activation`](super::activation)) are
 /// compiled for, best first: the same choice as the matrix products'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
