@@ -91,9 +91,12 @@ static void on_segv(int signo, siginfo_t *info, void *context) {
         } else if (program_action.sa_handler != SIG_DFL && program_action.sa_handler != SIG_IGN) {
             program_action.sa_handler(signo);
         } else {
-            // The default action, when the instruction runs again.
+            // The default action: when the faulting instruction runs again, or, for a signal
+            // sent by kill or raise (si_code <= 0), sent again now.
             struct sigaction fallback = {.sa_handler = SIG_DFL};
             real_sigaction()(SIGSEGV, &fallback, NULL);
+            if (info->si_code <= 0)
+                raise(signo);
         }
         return;
     }
