@@ -36,6 +36,8 @@ mod schedule;
 mod stem;
 #[cfg(target_arch = "x86_64")]
 mod winograd;
+#[cfg(target_arch = "x86_64")]
+mod winograd_lanes;
 
 use std::mem::MaybeUninit;
 

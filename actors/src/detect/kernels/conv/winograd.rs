@@ -51,6 +51,7 @@ use super::super::pack::{PackedA, PackedB};
 use super::super::simd::Lanes;
 use super::super::{SendPtr, tiling};
 use super::direct::{PhaseLayout, phase_planes};
+use super::winograd_lanes::{self, LaneWeights};
 use super::{BLOCK, ChannelLayout, Conv2d, ConvInput, ConvSpec, OutputPlanes, add_assign, schedule};
 
 /// Output pixels along each side of a tile.
@@ -93,6 +94,10 @@ const G: [[f64; 3]; SPAN] = [
 #[derive(Debug, Clone)]
 pub(super) struct Winograd {
     positions: Vec<PackedA>,
+    /// With AVX2, the same matrices for [`winograd_lanes`](super::winograd_lanes), which takes
+    /// the layers whose input and output are in blocks; `None` unless both channel counts are
+    /// whole blocks.
+    lanes: Option<LaneWeights>,
     /// With AVX-512, the same matrices packed for AVX2's panels of 16 tiles, made at the first
     /// call whose output they suit ([`Conv2d::winograd_for`]).
     narrow: OnceLock<Box<Winograd>>,
@@ -131,7 +136,8 @@ impl Winograd {
             }
         }
         let positions = transformed.chunks_exact(cout * cin).map(|u| PackedA::new(isa, u, cout, cin)).collect();
-        Winograd { positions, narrow: OnceLock::new() }
+        let lanes = if isa == Isa::Avx2 { LaneWeights::new(&transformed, cin, cout) } else { None };
+        Winograd { positions, lanes, narrow: OnceLock::new() }
     }
 
     pub(super) fn isa(&self) -> Isa {
@@ -223,6 +229,9 @@ impl Conv2d {
         let (cin, cout) = (self.spec.in_channels, self.spec.out_channels);
         let isa = winograd.isa();
         let blocked_out = out_layout == ChannelLayout::Blocked;
+        if let Some(lanes) = winograd.lanes.as_ref().filter(|_| blocked_out && input.layout() == ChannelLayout::Blocked && winograd_lanes::enabled()) {
+            return self.run_winograd_lanes(lanes, input, planes, residual, out);
+        }
         assert!(
             !blocked_out || (isa == Isa::Avx2 && cout.is_multiple_of(BLOCK) && pitch == oh * ow),
             "a blocked output from Winograd's AVX2 tiles, in packed planes"
@@ -758,24 +767,43 @@ mod tests {
                 let conv = Conv2d::new(spec, values(cout * cin * 9, 1), values(cout, 2)).unwrap().with_weights_packed_for(isa).unwrap();
                 let winograd = conv.winograd.as_ref().expect("3x3 stride 1 with 16 channels or more");
                 let input = values(n * cin * h * w, 3);
+                let input_in_blocks = super::super::input::planes_to_blocks(&input, h * w);
                 let (oh, ow) = conv.output_size(h, w).unwrap();
                 let residual = values(n * cout * oh * ow, 4);
                 // In blocks too, with AVX2 and whole blocks of output channels (the residual in
                 // blocks as well).
                 let layouts = [ChannelLayout::Planes, ChannelLayout::Blocked];
                 let blocks_fit = isa == Isa::Avx2 && cout.is_multiple_of(BLOCK);
-                for (with_residual, layout) in
-                    [false, true].into_iter().flat_map(|r| layouts.map(|l| (r, l))).filter(|&(_, l)| blocks_fit || l == ChannelLayout::Planes)
+                // An input in blocks, into blocks, runs with the channels in the lanes.
+                let input_layouts: &[ChannelLayout] = if isa == Isa::Avx2 && cin.is_multiple_of(BLOCK) { &layouts } else { &layouts[..1] };
+                for (with_residual, layout, input_layout) in [false, true]
+                    .into_iter()
+                    .flat_map(|r| layouts.map(|l| (r, l)))
+                    .filter(|&(_, l)| blocks_fit || l == ChannelLayout::Planes)
+                    .flat_map(|(r, l)| input_layouts.iter().map(move |&i| (r, l, i)))
                 {
                     let pixels = oh * ow;
                     let blocked = layout == ChannelLayout::Blocked;
                     let residual_laid_out = if blocked { super::super::input::planes_to_blocks(&residual, pixels) } else { residual.clone() };
                     // NaN marks any pixel left unwritten.
                     let mut out = vec![MaybeUninit::new(f32::NAN); n * cout * pixels];
+                    let conv_input = match input_layout {
+                        ChannelLayout::Planes => ConvInput::contiguous(&input, n, cin, h, w),
+                        ChannelLayout::Blocked => {
+                            let part = super::super::input::InputPart {
+                                data: &input_in_blocks,
+                                channels: cin,
+                                image_stride: cin * h * w,
+                                plane_stride: h * w,
+                                cold: false,
+                            };
+                            ConvInput::blocked(vec![part], n, h, w).unwrap()
+                        }
+                    };
                     pool.install(|| {
                         conv.run_winograd(
                             winograd,
-                            &ConvInput::contiguous(&input, n, cin, h, w),
+                            &conv_input,
                             OutputPlanes { oh, ow, pitch: pixels },
                             layout,
                             with_residual.then_some(residual_laid_out.as_slice()),
@@ -793,7 +821,7 @@ mod tests {
                     let threads = pool.current_num_threads();
                     assert!(
                         error < 1e-4,
-                        "{isa:?} {threads} threads {cin}->{cout} {n}x{h}x{w} pad {pad} residual {with_residual} {layout:?}: relative error {error}"
+                        "{isa:?} {threads} threads {cin}->{cout} {n}x{h}x{w} pad {pad} residual {with_residual} {input_layout:?} -> {layout:?}: relative error {error}"
                     );
                 }
             }
