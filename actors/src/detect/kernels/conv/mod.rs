@@ -376,9 +376,10 @@ impl Conv2d {
 
     /// Whether this convolution reads and writes tensors in [`ChannelLayout::Blocked`] in its
     /// own kernel, without converting them, its output channels whole blocks: a pointwise one
-    /// in AVX2 pixel tiles (whose registers are one block wide), whose product is short enough
-    /// that the pixel tiles run it on any plane (on small planes, the long ones go to the
-    /// channel-major product, which reads planes: `pixel_tiles::avx2_gemm_takes`); a depthwise
+    /// in AVX2 pixel tiles (whose registers are one block wide), on any plane (on planes, the
+    /// long products on small planes go to the channel-major product instead:
+    /// `pixel_tiles::avx2_gemm_takes`; in blocks the tiles store each pixel's sums whole and
+    /// win); a depthwise
     /// one with AVX2 whose channels go in the lanes
     /// ([`channel_lanes_suit`](Self::channel_lanes_suit): stride 1, a 3x3 to 7x7 kernel); a
     /// 3x3 stride-1 one by Winograd with AVX2 ([`winograd_writes_blocks`](Self::winograd_writes_blocks)),
@@ -393,7 +394,7 @@ impl Conv2d {
         }
         #[cfg(target_arch = "x86_64")]
         if self.pixel_tiles.is_some() {
-            return self.is_pointwise() && self.tiles_take_blocks() && self.spec.in_channels < pixel_tiles::AVX2_GEMM_MIN_CHANNELS;
+            return self.is_pointwise() && self.tiles_take_blocks();
         }
         #[cfg(target_arch = "x86_64")]
         if self.is_depthwise() {

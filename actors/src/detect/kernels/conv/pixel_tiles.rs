@@ -495,13 +495,23 @@ fn rows_apply(isa: Isa, cin: usize, pixels: usize) -> bool {
 /// product (256 -> 256, 256 -> 128), 384 -> 128 and 256 -> 80 0.89-0.99, 384 -> 256 and 512 ->
 /// 256 0.96-1.05 (level); those of 64 to 128 input channels lost (1.03-1.21), as did every
 /// layer with AVX-512 (1.01-1.19).
+///
+/// That holds on planes only. In blocks ([`ChannelLayout::Blocked`]), where the tile stores
+/// each pixel's 8 sums whole, without the transposes and the scattered stores into planes,
+/// the tiles win, and such layers now keep their tensors in blocks
+/// ([`Conv2d::runs_blocked`]): on a Xeon (Sapphire Rapids) capped at AVX2
+/// (`scripts/as-avx2.sh`), 2 threads, 8 rounds alternating with the product on planes,
+/// YOLOv12n's pointwise layers at 20x20 took 0.80-0.93 of their time (256 -> 128 0.80-0.82, 384
+/// -> 256 0.82, 256 -> 80 0.68), the 3x3 and depthwise layers that read their outputs 0.91 and
+/// 0.52, all pointwise layers 0.94, the call 0.96; YOLO11n's pointwise layers at 20x20
+/// 0.76-0.93 (256 -> 256 0.76-0.82), the call 0.97, and 0.96 at batch 4.
 fn avx2_gemm_takes(cin: usize, pixels: usize) -> bool {
     cin >= AVX2_GEMM_MIN_CHANNELS && pixels <= 20 * 20
 }
 
-/// The fewest input channels of a pointwise convolution that [`avx2_gemm_takes`] to the
-/// channel-major product.
-pub(super) const AVX2_GEMM_MIN_CHANNELS: usize = 256;
+/// The fewest input channels of a pointwise convolution on planes that [`avx2_gemm_takes`]
+/// to the channel-major product.
+const AVX2_GEMM_MIN_CHANNELS: usize = 256;
 
 /// Whether a 3x3 stride-2 convolution of `spec` into `pixels` output pixels runs as the
 /// channel-major product over the phase planes ([`run_direct`](Conv2d::run_direct): the 6x16
