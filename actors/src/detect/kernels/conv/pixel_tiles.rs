@@ -212,6 +212,7 @@ impl PixelTiles {
     }
 
     /// Whether runs may put the pixels in the lanes ([`PixelTiles::rows_for`] decides per call).
+    #[cfg(any(test, feature = "bench-internals"))]
     pub(super) fn has_rows(&self) -> bool {
         self.rows
     }
