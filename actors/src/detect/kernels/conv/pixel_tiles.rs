@@ -365,6 +365,7 @@ impl PixelTiles {
             (BLOCK, true) => kernels!(8, true),
             (BLOCK, false) => kernels!(8, false),
             (16, false) => kernels!(16, false),
+            (16, true) => kernels!(16, true),
             _ => unreachable!("no blocked tile reads taps {step} floats a pixel into {blocked_out:?} blocks"),
         };
         choices.into_iter().filter(|&(pixels, _)| pixels <= run).min_by_key(|&(pixels, _)| run.div_ceil(pixels) * pixels).unwrap_or(choices[1])
@@ -840,7 +841,7 @@ impl Conv2d {
         if let Reading::InPlace { stride, interior } = reading {
             let columns: Vec<usize> = (0..interior.start).chain(interior.end..ow).collect();
             if !columns.is_empty() {
-                self.border_columns(tiles, input, output, *stride, &columns, residual, out_ptr);
+                self.border_columns(tiles, input, output, out_layout, *stride, &columns, residual, out_ptr);
             }
         }
     }
@@ -854,6 +855,7 @@ impl Conv2d {
         tiles: &PixelTiles,
         input: &ConvInput,
         OutputPlanes { oh, ow, pitch }: OutputPlanes,
+        out_layout: ChannelLayout,
         stride: usize,
         columns: &[usize],
         residual: Option<&[f32]>,
@@ -906,8 +908,13 @@ impl Conv2d {
                     // `column`, `channels` rows of `rows`, this worker's own.
                     unsafe { run.emit(&p, column.as_mut_ptr(), rows, None, false, &mut Vec::new()) };
                     for (c, values) in column.chunks_exact(rows).take(channels).enumerate() {
+                        let channel = panel * tiles.panel + c;
                         for (oy, &v) in values[..oh].iter().enumerate() {
-                            let index = (batch * cout + panel * tiles.panel + c) * pitch + oy * ow + ox;
+                            let index = match out_layout {
+                                ChannelLayout::Planes => (batch * cout + channel) * pitch + oy * ow + ox,
+                                // The block starts where its first channel's plane would.
+                                ChannelLayout::Blocked => (batch * cout + channel - channel % BLOCK) * pitch + (oy * ow + ox) * BLOCK + channel % BLOCK,
+                            };
                             let v = v + residual.map_or(0.0, |r| r[index]);
                             // SAFETY: pixel `(oy, ox)` of channel `panel * tiles.panel + c`: this
                             // task's alone (tasks differ in image, column or panels), inside `out`.
