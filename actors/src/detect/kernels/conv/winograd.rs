@@ -746,7 +746,7 @@ mod tests {
     fn matches_the_definition_on_every_edge_of_the_tiles() {
         // (in, out, images, h, w, padding): outputs that end inside a tile on either axis or
         // both, one tile, no padding, channels that fill no panel, a batch, the fewest input
-        // channels.
+        // channels; no padding in whole blocks of channels (with the channels in the lanes).
         let shapes = [
             (16, 8, 1, 8, 8, 1),
             (24, 40, 2, 7, 21, 1),
@@ -756,6 +756,7 @@ mod tests {
             (48, 70, 2, 23, 38, 1),
             (8, 16, 1, 34, 35, 1),
             (64, 64, 2, 20, 20, 1),
+            (16, 24, 1, 13, 10, 0),
         ];
         // On 2 and 3 threads, the small outputs run in blocks of output channels that share
         // their transformed input; on one, most of them do not. On 16, the input channels
