@@ -68,8 +68,9 @@ fn check_raw_parity_with(model: &Path, batch: usize, device: Device, kernels: Ke
         if row < 4 { box_diff = box_diff.max(d) } else { score_diff = score_diff.max(d) }
     }
     eprintln!(
-        "parity {} ({place}, {ms:.0} ms, batch {batch}, seed {seed}): max |box diff| {box_diff:.5} px, max |score diff| {score_diff:.2e}",
-        model.file_name().unwrap().to_string_lossy()
+        "parity {} ({place}, CPU kernels {}, {ms:.0} ms, batch {batch}, seed {seed}): max |box diff| {box_diff:.5} px, max |score diff| {score_diff:.2e}",
+        model.file_name().unwrap().to_string_lossy(),
+        detect::cpu_kernels()
     );
     assert!(box_diff <= 0.05, "boxes differ by {box_diff} px");
     assert!(score_diff <= 1e-3, "scores differ by {score_diff}");
@@ -110,6 +111,44 @@ fn a_batch_shared_out_among_the_threads_matches_onnx_runtime() {
     if let Some(model) = support::shared_model("yolo11n-random-dynamic.onnx") {
         check_raw_parity_with(&model, 4, Device::Cpu, Kernels::Native, 2);
     }
+}
+
+/// On a CPU with AVX-512, the AVX2 kernels (what a CPU without it runs: other instructions,
+/// other tiles, tensors kept in blocks of 8 channels) against ONNX Runtime as well: this test
+/// binary again, its parity tests alone, with the kernels capped at AVX2 (the choice is made
+/// once per process). A CPU without AVX-512 runs them in the other tests already.
+#[test]
+fn the_avx2_kernels_match_onnx_runtime_on_an_avx512_cpu() {
+    if std::env::var("STREAMDET_TEST_DEVICE").as_deref() == Ok("cuda") {
+        eprintln!("SKIPPED: the parity tests run on the GPU (STREAMDET_TEST_DEVICE=cuda)");
+        return;
+    }
+    if std::env::var_os("STREAMDET_CPU_KERNEL").is_some() {
+        eprintln!("SKIPPED: the kernels are capped already (STREAMDET_CPU_KERNEL), so the other tests run them");
+        return;
+    }
+    if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+        eprintln!("SKIPPED: no AVX-512 on this CPU (or no AVX2): the other tests run its best kernels, the AVX2 ones where it has them");
+        return;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["engine::raw_output_matches_onnx_runtime", "engine::photo_detections_match_onnx_runtime", "--nocapture"])
+        .env("STREAMDET_CPU_KERNEL", "avx2")
+        .env("STREAMDET_AMX", "off")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the parity tests on the AVX2 kernels failed:\n{stdout}\n{stderr}");
+    let passed: usize = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("test result: ok. ")?.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no test result in:\n{stdout}"));
+    // The four architectures' raw outputs and the photos, or the default model's alone where
+    // `../shared` is missing.
+    assert!(passed >= 2, "{passed} parity tests ran:\n{stdout}");
+    let native = stderr.lines().filter(|l| l.starts_with("parity ") && l.contains("Native kernels")).collect::<Vec<_>>();
+    assert!(!native.is_empty() && native.iter().all(|l| l.contains("CPU kernels avx2,")), "the capped run's kernels:\n{stderr}");
+    eprintln!("{}", native.join("\n"));
 }
 
 fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
