@@ -108,7 +108,7 @@ fn panels(cout: usize) -> impl Iterator<Item = (usize, usize)> {
 /// [`MOST_TILES_PER_TASK`], as many tasks as a whole multiple of the threads, as even as
 /// whole tiles allow.
 fn tiles_per_task(tiles: usize, threads: usize) -> usize {
-    let tasks = tiles.div_ceil(MOST_TILES_PER_TASK).next_multiple_of(threads.max(1));
+    let tasks = tiles.div_ceil(MOST_TILES_PER_TASK).next_multiple_of(threads.max(1)).max(1);
     tiles.div_ceil(tasks).max(1)
 }
 
@@ -145,6 +145,9 @@ impl Conv2d {
         let (pt, pl) = (self.spec.pads.0, self.spec.pads.1);
         let (th, tw) = (oh.div_ceil(TILE), ow.div_ceil(TILE));
         let tiles = th * tw;
+        if n * tiles == 0 {
+            return;
+        }
         let per_task = tiles_per_task(tiles, parallel::threads());
         let tasks = tiles.div_ceil(per_task);
         let silu = self.spec.activation == super::super::activation::Activation::Silu;
@@ -400,5 +403,29 @@ unsafe fn transform_output(m: *const f32, m_stride: usize, bias: &[f32], silu: b
                 _mm256_storeu_ps(out.add(at), pixel);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tasks_share_the_tiles_evenly_and_none_is_empty() {
+        for threads in [1, 2, 3, 16] {
+            for tiles in [0, 1, 5, 25, 100, 400, 10_000] {
+                let per_task = tiles_per_task(tiles, threads);
+                assert!(per_task >= 1 && per_task <= MOST_TILES_PER_TASK.max(1), "{tiles} tiles on {threads} threads: {per_task}");
+                let tasks = tiles.div_ceil(per_task);
+                // Every task but the last is full, and the last is not empty.
+                assert!(
+                    tasks * per_task >= tiles && (tasks == 0 || (tasks - 1) * per_task < tiles),
+                    "{tiles} tiles on {threads} threads: {tasks} x {per_task}"
+                );
+            }
+        }
+        // 20x20 (25 tiles) on two threads: two tasks, 13 and 12 tiles; 80x80 (400): 18 of 23.
+        assert_eq!(tiles_per_task(25, 2), 13);
+        assert_eq!(tiles_per_task(400, 2), 23);
     }
 }
