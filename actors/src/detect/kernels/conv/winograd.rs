@@ -184,8 +184,13 @@ impl Conv2d {
     fn narrow_winograd<'a>(&'a self, winograd: &'a Winograd, n: usize, oh: usize, ow: usize) -> Option<&'a Winograd> {
         let threads = parallel::threads();
         let narrow_fills = n * tile_blocks(oh, ow, Isa::Avx512) < threads && n * tile_blocks(oh, ow, Isa::Avx2) >= threads;
-        (winograd.isa() == Isa::Avx512 && narrow_fills && Isa::Avx2.supported())
-            .then(|| &**winograd.narrow.get_or_init(|| Box::new(Winograd::new(Isa::Avx2, &self.spec, &self.weights))))
+        (winograd.isa() == Isa::Avx512 && narrow_fills && Isa::Avx2.supported()).then(|| {
+            &**winograd.narrow.get_or_init(|| {
+                // Tensors stay in planes with AVX-512, so the lanes' weights would go unused.
+                let narrow = Winograd::new(Isa::Avx2, &self.spec, &self.weights);
+                Box::new(Winograd { lanes: None, ..narrow })
+            })
+        })
     }
 
     /// Whether this call runs by F(4x4, 3x3): as [`winograd_for`](Self::winograd_for), unless
