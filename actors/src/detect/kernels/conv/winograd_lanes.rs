@@ -159,21 +159,25 @@ impl Conv2d {
                 let (v_stride, m_stride) = (count * cin + LINE, count * cout + LINE);
                 let v = v_buffer.floats_mut(POSITIONS * v_stride).as_mut_ptr();
                 let m = m_buffer.floats_mut(POSITIONS * m_stride).as_mut_ptr();
+                // Each tile's input rows and columns `4t - pad ..` (offsets into a block), where
+                // inside: the same for every block of channels.
+                let inside = |t: usize, pad: usize, size: usize, step: usize| -> [usize; SPAN] {
+                    std::array::from_fn(|r| (TILE * t + r).checked_sub(pad).filter(|&y| y < size).map_or(OUTSIDE, |y| y * step))
+                };
+                let mut places = [([OUTSIDE; SPAN], [OUTSIDE; SPAN]); MOST_TILES_PER_TASK];
+                for (i, place) in places[..count].iter_mut().enumerate() {
+                    let (ty, tx) = ((first + i) / tw, (first + i) % tw);
+                    *place = (inside(ty, pt, h, w * BLOCK), inside(tx, pl, w, BLOCK));
+                }
                 for c in (0..cin).step_by(BLOCK) {
                     let block = input.block(image, c);
-                    for i in 0..count {
-                        let (ty, tx) = ((first + i) / tw, (first + i) % tw);
-                        // Input rows and columns `4t - pad ..` of the tile, where inside.
-                        let inside = |t: usize, pad: usize, size: usize, step: usize| -> [usize; SPAN] {
-                            std::array::from_fn(|r| (TILE * t + r).checked_sub(pad).filter(|&y| y < size).map_or(OUTSIDE, |y| y * step))
-                        };
-                        let (rows, columns) = (inside(ty, pt, h, w * BLOCK), inside(tx, pl, w, BLOCK));
+                    for (i, (rows, columns)) in places[..count].iter().enumerate() {
                         // SAFETY: AVX2 and FMA are supported (asserted); every row and column
                         // offset not `OUTSIDE` is a pixel of the block (`h x w` pixels of 8
                         // floats); `V` holds `POSITIONS` matrices of `count x cin` floats,
                         // `v_stride` apart, and this writes the 8 floats of tile `i`'s channels
                         // `c..c + 8` in each.
-                        unsafe { transform_input(block.as_ptr(), &rows, &columns, v.add(i * cin + c), v_stride) };
+                        unsafe { transform_input(block.as_ptr(), rows, columns, v.add(i * cin + c), v_stride) };
                     }
                 }
                 for p in 0..POSITIONS {
